@@ -1,0 +1,17 @@
+//! forge-models: target LLMs (Llama family, Qwen2/2.5/3, Mistral) loaded from Hugging Face
+//! folders, the layers every drafter shares, and decoding with a KV cache.
+//!
+//! Weight names equal the names on disk: every module is built under a tch `nn::Path`
+//! whose segments are the Hugging Face names (`model.layers.0.self_attn.q_proj.weight`),
+//! so loading is name-for-name and needs no conversion table.
+
+pub mod dtype;
+pub mod error;
+pub mod generate;
+pub mod layers;
+pub mod safetensors_io;
+pub mod target;
+
+pub use dtype::{parse_device, DType};
+pub use error::{ModelError, Result};
+pub use target::{Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};

@@ -1,0 +1,213 @@
+use crate::error::{io_err, ModelError, Result};
+use crate::layers::RopeScaling;
+use serde::Deserialize;
+use std::path::Path;
+
+/// Architecture family, from `model_type` in config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2/3, SmolLM2, Mistral (same layer layout).
+    Llama,
+    Mistral,
+    /// Qwen2 / Qwen2.5: bias on q/k/v projections.
+    Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k.
+    Qwen3,
+}
+
+impl Family {
+    pub const MODEL_TYPES: &'static [&'static str] = &["llama", "mistral", "qwen2", "qwen3"];
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RawRopeScaling {
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// The fields of a HF `config.json` forge reads (unknown fields are ignored: config.json
+/// files carry many fields irrelevant to the forward pass).
+#[derive(Debug, Clone, Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<RawRopeScaling>,
+    vocab_size: i64,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: bool,
+    sliding_window: Option<i64>,
+    use_sliding_window: Option<bool>,
+    max_position_embeddings: Option<i64>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+/// A validated target configuration.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub family: Family,
+    pub model_type: String,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub vocab_size: i64,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub sliding_window: Option<i64>,
+    pub max_position_embeddings: Option<i64>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    /// The config.json as read, kept for exports that copy target fields.
+    pub raw: serde_json::Value,
+}
+
+fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl TargetConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::from_value(value).map_err(|msg| ModelError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    pub fn from_value(value: serde_json::Value) -> std::result::Result<Self, String> {
+        let raw: RawConfig = serde_json::from_value(value.clone())
+            .map_err(|e| format!("unsupported config: {e}"))?;
+        let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
+        let family = match model_type.as_str() {
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            other => {
+                return Err(format!(
+                    "model_type '{other}' is not supported; forge loads {:?}",
+                    Family::MODEL_TYPES
+                ))
+            }
+        };
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act '{act}' is not supported (only silu)"));
+            }
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if raw.num_attention_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                raw.num_attention_heads, num_kv_heads
+            ));
+        }
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let rope_scaling =
+            match &raw.rope_scaling {
+                None => RopeScaling::None,
+                Some(s) => match s.rope_type.as_deref().unwrap_or("default") {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear {
+                        factor: s.factor.ok_or("rope_scaling.factor missing")?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: s.factor.ok_or("rope_scaling.factor missing")?,
+                        low_freq_factor: s
+                            .low_freq_factor
+                            .ok_or("rope_scaling.low_freq_factor missing")?,
+                        high_freq_factor: s
+                            .high_freq_factor
+                            .ok_or("rope_scaling.high_freq_factor missing")?,
+                        original_max_position_embeddings: s
+                            .original_max_position_embeddings
+                            .ok_or("rope_scaling.original_max_position_embeddings missing")?,
+                    },
+                    other => return Err(format!(
+                        "rope_scaling type '{other}' is not supported (default, linear, llama3)"
+                    )),
+                },
+            };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let sliding_window = match family {
+            Family::Mistral => raw.sliding_window,
+            Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
+                raw.sliding_window
+            }
+            _ => None,
+        };
+        Ok(TargetConfig {
+            family,
+            model_type,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta,
+            rope_scaling,
+            vocab_size: raw.vocab_size,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            // Qwen2 always has q/k/v bias (its config has no attention_bias key).
+            qkv_bias: attention_bias || family == Family::Qwen2,
+            o_bias: attention_bias,
+            mlp_bias: raw.mlp_bias,
+            sliding_window,
+            max_position_embeddings: raw.max_position_embeddings,
+            bos_token_id: ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: ids(&raw.eos_token_id),
+            raw: value,
+        })
+    }
+
+    /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
+    pub fn default_aux_layers(&self) -> Vec<i64> {
+        let l = self.num_layers;
+        vec![1, l / 2 - 1, l - 4]
+    }
+}

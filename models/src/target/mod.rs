@@ -1,0 +1,10 @@
+//! Frozen target LLMs loaded from Hugging Face folders, with hidden-state capture and a
+//! KV cache for decoding.
+
+mod config;
+mod load;
+mod model;
+
+pub use config::{Family, TargetConfig};
+pub use load::weight_files;
+pub use model::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};

@@ -1,0 +1,349 @@
+use super::config::{Family, TargetConfig};
+use super::load::{load_var_store, weight_files};
+use crate::dtype::DType;
+use crate::error::{ModelError, Result};
+use crate::layers::attention::build_mask;
+use crate::layers::{
+    AttentionConfig, AttnMask, DecoderLayer, DecoderLayerConfig, LayerKv, ParamInit, RmsNorm,
+    Rotary,
+};
+use crate::safetensors_io::write_safetensors;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// What a forward pass should return besides the final hidden state.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    /// Indices of layers whose *outputs* to return (0-based; output of layer i = input of i+1).
+    pub layers: Vec<i64>,
+    /// Compute logits: `None`, for every position, or for the last position only.
+    pub logits: LogitsMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogitsMode {
+    #[default]
+    None,
+    All,
+    Last,
+}
+
+impl Capture {
+    pub fn logits(mode: LogitsMode) -> Self {
+        Self {
+            layers: Vec::new(),
+            logits: mode,
+        }
+    }
+}
+
+/// Result of a target forward pass.
+#[derive(Debug)]
+pub struct TargetOutput {
+    /// `[B, T, V]` (or `[B, 1, V]` for `LogitsMode::Last`) when requested.
+    pub logits: Option<Tensor>,
+    /// Last hidden state before the final norm `[B, T, H]`.
+    pub hidden: Tensor,
+    /// Last hidden state after the final norm (what lm_head reads) `[B, T, H]`.
+    pub hidden_normed: Tensor,
+    /// Outputs of the layers listed in `Capture::layers`, in that order.
+    pub layers: Vec<Tensor>,
+}
+
+/// KV cache for all layers of a target.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: i64) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        self.layers.first().map(|l| l.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Drops cached positions past `len` (rollback after rejected speculative tokens).
+    pub fn truncate(&mut self, len: i64) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
+    }
+}
+
+/// A frozen Llama-family target model (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3).
+pub struct TargetModel {
+    pub config: TargetConfig,
+    pub vs: nn::VarStore,
+    embed_tokens: nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<nn::Linear>,
+    rotary: Rotary,
+    kind: Kind,
+}
+
+impl TargetModel {
+    /// Builds the module tree under a fresh VarStore (weights zero or randomly initialised).
+    pub fn build(config: TargetConfig, dtype: DType, device: Device, init: ParamInit) -> Self {
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(dtype.kind());
+        let root = vs.root();
+        let model = &root / "model";
+        let embed_cfg = match init {
+            ParamInit::Zeros => nn::EmbeddingConfig {
+                ws_init: nn::Init::Const(0.),
+                ..Default::default()
+            },
+            ParamInit::Default => nn::EmbeddingConfig {
+                ws_init: nn::Init::Randn {
+                    mean: 0.,
+                    stdev: 0.02,
+                },
+                ..Default::default()
+            },
+        };
+        let embed_tokens = nn::embedding(
+            &model / "embed_tokens",
+            config.vocab_size,
+            config.hidden_size,
+            embed_cfg,
+        );
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                let attn = AttentionConfig {
+                    in_dim: config.hidden_size,
+                    out_dim: config.hidden_size,
+                    num_heads: config.num_heads,
+                    num_kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                    qkv_bias: config.qkv_bias,
+                    o_bias: config.o_bias,
+                    qk_norm_eps: (config.family == Family::Qwen3).then_some(config.rms_norm_eps),
+                };
+                let cfg = DecoderLayerConfig {
+                    attn,
+                    intermediate: config.intermediate_size,
+                    mlp_bias: config.mlp_bias,
+                    eps: config.rms_norm_eps,
+                    input_norm: true,
+                };
+                DecoderLayer::new(&model / "layers" / i, cfg, init)
+            })
+            .collect();
+        let norm = RmsNorm::new(
+            &model / "norm",
+            config.hidden_size,
+            config.rms_norm_eps,
+            init,
+        );
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            crate::layers::linear(
+                &root / "lm_head",
+                config.hidden_size,
+                config.vocab_size,
+                false,
+                init,
+            )
+        });
+        let rotary = Rotary::new(
+            config.head_dim,
+            config.rope_theta,
+            &config.rope_scaling,
+            device,
+        );
+        vs.freeze();
+        Self {
+            config,
+            vs,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            kind: dtype.kind(),
+        }
+    }
+
+    /// Loads a HF model folder (config.json + safetensors, single or sharded).
+    pub fn load(dir: &Path, dtype: DType, device: Device) -> Result<Self> {
+        let config = TargetConfig::from_file(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        let mut model = Self::build(config, dtype, device, ParamInit::Zeros);
+        // Tied checkpoints sometimes still carry lm_head.weight; rotary buffers are derived.
+        let ignore: &[&str] = if model.config.tie_word_embeddings {
+            &["rotary_emb.inv_freq", "lm_head.weight"]
+        } else {
+            &["rotary_emb.inv_freq"]
+        };
+        let unused = load_var_store(&mut model.vs, dir, &files, ignore)?;
+        if !unused.is_empty() {
+            return Err(ModelError::Config {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "weights not used by a {} model: {:?} (is config.json right for these weights?)",
+                    model.config.model_type,
+                    unused.iter().take(10).collect::<Vec<_>>()
+                ),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Writes the model as a HF folder (config.json + model.safetensors).
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
+        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_safetensors(&dir.join("model.safetensors"), &tensors, &meta)?;
+        let cfg_path = dir.join("config.json");
+        let text =
+            serde_json::to_string_pretty(&self.config.raw).map_err(|source| ModelError::Json {
+                path: cfg_path.clone(),
+                source,
+            })?;
+        std::fs::write(&cfg_path, text).map_err(crate::error::io_err(&cfg_path))?;
+        Ok(())
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn num_layers(&self) -> i64 {
+        self.config.num_layers
+    }
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers)
+    }
+
+    /// Token embeddings `[B, T, H]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        self.embed_tokens.forward(input_ids)
+    }
+    /// The embedding matrix `[V, H]`.
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed_tokens.ws
+    }
+    /// The lm_head matrix `[V, H]` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        match &self.lm_head {
+            Some(l) => &l.ws,
+            None => &self.embed_tokens.ws,
+        }
+    }
+    /// Logits for already-normed hidden states `[.., H]` -> `[.., V]`.
+    pub fn logits(&self, hidden_normed: &Tensor) -> Tensor {
+        hidden_normed.matmul(&self.lm_head_weight().tr())
+    }
+    /// The final norm.
+    pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        self.norm.forward(hidden)
+    }
+    pub fn rotary(&self) -> &Rotary {
+        &self.rotary
+    }
+
+    /// Runs the model on `input_ids` `[B, T]`.
+    ///
+    /// - `positions` `[B, T]`: defaults to `past .. past+T` for every row.
+    /// - `key_valid` `[B, past+T]`: 1 for real tokens, 0 for padding (defaults to all real).
+    /// - `cache`: appended to; its length is `past`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: Option<&Tensor>,
+        key_valid: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        capture: &Capture,
+    ) -> Result<TargetOutput> {
+        let size = input_ids.size();
+        if size.len() != 2 {
+            return Err(ModelError::Invalid(format!(
+                "input_ids must be [batch, seq], got {size:?}"
+            )));
+        }
+        let (b, t) = (size[0], size[1]);
+        let device = self.device();
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if let Some(kv) = key_valid {
+            if kv.size() != [b, past + t] {
+                return Err(ModelError::Invalid(format!(
+                    "key_valid must be [{b}, {}] (batch, cached + new positions), got {:?}",
+                    past + t,
+                    kv.size()
+                )));
+            }
+        }
+        for &l in &capture.layers {
+            if l < 0 || l >= self.config.num_layers {
+                return Err(ModelError::Invalid(format!(
+                    "cannot capture layer {l}: the target has layers 0..{}",
+                    self.config.num_layers - 1
+                )));
+            }
+        }
+        let input_ids = input_ids.to_device(device);
+        let default_pos;
+        let positions = match positions {
+            Some(p) => p.to_device(device),
+            None => {
+                default_pos = Tensor::arange_start(past, past + t, (Kind::Int64, device))
+                    .view([1, t])
+                    .expand([b, t], false);
+                default_pos
+            }
+        };
+        let window = self.config.sliding_window.filter(|&w| past + t > w);
+        let mask = if key_valid.is_none() && window.is_none() {
+            match (past, t) {
+                (0, 1) | (_, 1) => AttnMask::Full,
+                (0, _) => AttnMask::Causal,
+                _ => AttnMask::Explicit(build_mask(b, past, t, None, None, device)),
+            }
+        } else {
+            let kv = key_valid.map(|k| k.to_device(device));
+            AttnMask::Explicit(build_mask(b, past, t, kv.as_ref(), window, device))
+        };
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.kind);
+        let mut x = self.embed_tokens.forward(&input_ids);
+        let mut captured: Vec<(i64, Tensor)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, &mask, layer_cache);
+            if capture.layers.contains(&(i as i64)) {
+                captured.push((i as i64, x.shallow_clone()));
+            }
+        }
+        let layers = capture
+            .layers
+            .iter()
+            .filter_map(|l| {
+                captured
+                    .iter()
+                    .find(|(i, _)| i == l)
+                    .map(|(_, t)| t.shallow_clone())
+            })
+            .collect();
+        let hidden_normed = self.norm.forward(&x);
+        let logits = match capture.logits {
+            LogitsMode::None => None,
+            LogitsMode::All => Some(self.logits(&hidden_normed)),
+            LogitsMode::Last => Some(self.logits(&hidden_normed.narrow(1, t - 1, 1))),
+        };
+        Ok(TargetOutput {
+            logits,
+            hidden: x,
+            hidden_normed,
+            layers,
+        })
+    }
+}

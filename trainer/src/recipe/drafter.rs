@@ -1,0 +1,218 @@
+//! The `drafter:` section: `kind` picks the algorithm; the remaining keys are that kind's.
+
+use super::schema::{choice, join, section, type_issue, Ctx, FromNode};
+use super::yaml::{Node, NodeKind};
+
+choice! {
+    /// Alignment loss of the SpAF alignment head.
+    pub enum AlignLoss { Mse = "mse", Cosine = "cosine" }
+}
+
+section! {
+    /// Medusa heads on the target's last hidden state (SEEDS.md §5).
+    pub struct MedusaConfig {
+        /// Number of heads; head k (1-based) predicts token t+k+1.
+        num_heads: i64 = 4,
+        /// ResBlocks (x + SiLU(Linear(x))) per head.
+        num_layers: i64 = 1,
+        /// Share the target's lm_head (frozen) instead of one trainable copy per head.
+        original_lm_head: bool = false,
+        /// Loss weight of head k is loss_decay^k.
+        loss_decay: f64 = 0.8,
+        /// Accuracy@k logged per head besides top-1.
+        top_k: i64 = 3,
+    }
+}
+
+section! {
+    /// EAGLE-1: one decoder layer over cat(embed(t+1), feature_t).
+    pub struct Eagle1Config {
+        /// Weight of the SmoothL1 feature-regression loss.
+        feature_weight: f64 = 1.0,
+        /// Weight of the soft cross-entropy against the target distribution.
+        token_weight: f64 = 0.1,
+        /// Half-width of uniform noise added to input features during training (0 = off).
+        feature_noise: f64 = 0.0,
+    }
+}
+
+section! {
+    /// EAGLE-3 with training-time test.
+    pub struct Eagle3Config {
+        /// Unrolled training-time-test steps.
+        ttt_length: i64 = 7,
+        /// Loss weight of step i is step_decay^i.
+        step_decay: f64 = 0.8,
+        /// Draft vocabulary size (capped at the target's vocabulary).
+        draft_vocab_size: i64 = 32000,
+        /// Target layers whose outputs feed the draft (default: 1, L/2-1, L-4).
+        aux_layers: Option<Vec<i64>> = None,
+        /// Draft hidden size (default: the target's).
+        hidden_size: Option<i64> = None,
+        /// Draft attention heads (default: the target's).
+        num_heads: Option<i64> = None,
+        /// Draft KV heads (default: the target's).
+        num_kv_heads: Option<i64> = None,
+        /// Draft MLP width (default: the target's).
+        intermediate_size: Option<i64> = None,
+    }
+}
+
+section! {
+    /// Gated hybrid drafter: a gate picks between MLP and transformer blocks (SEEDS.md §1).
+    pub struct HybridConfig {
+        num_mlp_blocks: i64 = 2,
+        num_transformer_blocks: i64 = 3,
+        /// Gumbel-Softmax temperature (lower = more discrete).
+        gumbel_temperature: f64 = 1.0,
+        /// Straight-through hard samples in training instead of soft ones.
+        hard: bool = false,
+        mlp_cost: f64 = 1.0,
+        transformer_cost: f64 = 5.0,
+        /// Weight of the expected compute cost in the loss.
+        cost_lambda: f64 = 0.01,
+    }
+}
+
+section! {
+    /// SpAF adapters inside the frozen target plus an alignment head (SEEDS.md §3).
+    pub struct SpafConfig {
+        /// First layer with an adapter (default: num_layers / 2).
+        cutoff_layer: Option<i64> = None,
+        /// Adapter bottleneck width as a fraction of the hidden size.
+        adapter_dim_ratio: f64 = 0.25,
+        /// MLP layers of the alignment head.
+        align_num_layers: i64 = 2,
+        /// Alignment head width as a multiple of the hidden size.
+        align_hidden_dim_ratio: f64 = 2.0,
+        align_loss: AlignLoss = AlignLoss::Mse,
+        adapter_loss_weight: f64 = 1.0,
+        align_loss_weight: f64 = 1.0,
+        num_draft_tokens: i64 = 5,
+        serial_parallel_transition: i64 = 2,
+    }
+}
+
+section! {
+    /// Knowledge-enhanced, KL-distilled drafter built from sampled target layers (SEEDS.md §4).
+    pub struct KnowledgeConfig {
+        /// Target layers copied into the draft (default: num_sampled_layers spread uniformly).
+        layers: Option<Vec<i64>> = None,
+        num_sampled_layers: i64 = 6,
+        /// Conversations whose answers form the knowledge cache (ShareGPT JSON/JSONL).
+        knowledge_data: Option<std::path::PathBuf> = None,
+        num_knowledge_entries: i64 = 15,
+        kl_weight: f64 = 0.8,
+        acceptance_weight: f64 = 0.3,
+    }
+}
+
+/// The drafter kinds, one variant per algorithm.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DrafterSection {
+    Medusa(MedusaConfig),
+    Eagle1(Eagle1Config),
+    Eagle3(Eagle3Config),
+    Hybrid(HybridConfig),
+    Spaf(SpafConfig),
+    Knowledge(KnowledgeConfig),
+}
+
+impl DrafterSection {
+    pub const KINDS: &'static [&'static str] =
+        &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DrafterSection::Medusa(_) => "medusa",
+            DrafterSection::Eagle1(_) => "eagle1",
+            DrafterSection::Eagle3(_) => "eagle3",
+            DrafterSection::Hybrid(_) => "hybrid",
+            DrafterSection::Spaf(_) => "spaf",
+            DrafterSection::Knowledge(_) => "knowledge",
+        }
+    }
+
+    /// The valid keys of a kind (besides `kind`), for the reference docs.
+    pub fn field_docs(kind: &str) -> Vec<(&'static str, String)> {
+        match kind {
+            "medusa" => MedusaConfig::field_docs(),
+            "eagle1" => Eagle1Config::field_docs(),
+            "eagle3" => Eagle3Config::field_docs(),
+            "hybrid" => HybridConfig::field_docs(),
+            "spaf" => SpafConfig::field_docs(),
+            "knowledge" => KnowledgeConfig::field_docs(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn parse_kind<T: FromNode + Default>(rest: &Node, path: &str, cx: &mut Ctx) -> T {
+    T::from_node(rest, path, cx).unwrap_or_default()
+}
+
+impl FromNode for DrafterSection {
+    const EXPECTED: &'static str = "a mapping with 'kind'";
+    fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self> {
+        let entries = match &node.kind {
+            NodeKind::Map(e) => e,
+            _ => {
+                type_issue::<Self>(node, path, cx);
+                return None;
+            }
+        };
+        let kind_path = join(path, "kind");
+        let kind = match entries.iter().find(|(k, _, _)| k == "kind") {
+            None => {
+                cx.issue(
+                    &kind_path,
+                    &node.loc,
+                    format!(
+                        "missing; set drafter.kind to one of {}",
+                        Self::KINDS.join(", ")
+                    ),
+                );
+                return None;
+            }
+            Some((_, _, v)) => {
+                cx.locs.insert(kind_path.clone(), v.loc.clone());
+                String::from_node(v, &kind_path, cx)?
+            }
+        };
+        let rest = Node {
+            kind: NodeKind::Map(
+                entries
+                    .iter()
+                    .filter(|(k, _, _)| k != "kind")
+                    .cloned()
+                    .collect(),
+            ),
+            loc: node.loc.clone(),
+        };
+        Some(match kind.as_str() {
+            "medusa" => DrafterSection::Medusa(parse_kind(&rest, path, cx)),
+            "eagle1" => DrafterSection::Eagle1(parse_kind(&rest, path, cx)),
+            "eagle3" => DrafterSection::Eagle3(parse_kind(&rest, path, cx)),
+            "hybrid" => DrafterSection::Hybrid(parse_kind(&rest, path, cx)),
+            "spaf" => DrafterSection::Spaf(parse_kind(&rest, path, cx)),
+            "knowledge" => DrafterSection::Knowledge(parse_kind(&rest, path, cx)),
+            other => {
+                let loc = cx.locs.get(&kind_path).cloned().unwrap_or(node.loc.clone());
+                let hint = match super::schema::suggest(other, Self::KINDS) {
+                    Some(s) => format!(" (did you mean '{s}'?)"),
+                    None => String::new(),
+                };
+                cx.issue(
+                    &kind_path,
+                    &loc,
+                    format!(
+                        "unknown drafter kind '{other}'{hint}; kinds: {}",
+                        Self::KINDS.join(", ")
+                    ),
+                );
+                return None;
+            }
+        })
+    }
+}
