@@ -1,1 +1,132 @@
+//! Helpers shared by the integration tests: tiny random targets, paths, the forge binary.
 
+use forge_models::layers::ParamInit;
+use forge_models::{DType, TargetConfig, TargetModel};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind, Tensor};
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh temporary folder under target/test-tmp (kept small; removed at the start).
+pub fn tmp_dir(name: &str) -> PathBuf {
+    let d = root().join("target").join("test-tmp").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create test tmp dir");
+    d
+}
+
+/// The `forge` binary built by `make build` / `cargo build --release -p forge-trainer`
+/// (same profile folder as this test binary).
+pub fn forge_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let bin = profile_dir.join("forge");
+    assert!(bin.is_file(), "{} not found: build it first (make build, or cargo build -p forge-trainer with the same profile)", bin.display());
+    bin
+}
+
+pub fn forge(args: &[&str]) -> Output {
+    Command::new(forge_bin())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run forge")
+}
+
+/// config.json of a tiny random target: hidden 64, 2 layers, 4 heads / 2 KV heads (GQA).
+pub fn tiny_config(model_type: &str) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": 96,
+        "tie_word_embeddings": true,
+        "max_position_embeddings": 256,
+        "hidden_act": "silu",
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+    });
+    match model_type {
+        // Qwen3: q/k norm, explicit head_dim different from hidden/heads, untied lm_head.
+        "qwen3" => {
+            c["head_dim"] = 32.into();
+            c["tie_word_embeddings"] = false.into();
+            c["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+        }
+        // Qwen2: q/k/v bias, untied.
+        "qwen2" => {
+            c["tie_word_embeddings"] = false.into();
+            c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        }
+        _ => {}
+    }
+    c
+}
+
+/// Builds a tiny target with random weights (norm weights random around 1, biases random)
+/// so that every tensor matters in comparisons.
+pub fn random_target(model_type: &str, seed: i64) -> TargetModel {
+    tch::manual_seed(seed);
+    let cfg = TargetConfig::from_value(tiny_config(model_type)).expect("tiny config");
+    let model = TargetModel::build(cfg, DType::F32, Device::Cpu, ParamInit::Default);
+    tch::no_grad(|| {
+        for (name, mut v) in model.vs.variables() {
+            let r = if name.ends_with("norm.weight") {
+                Tensor::rand_like(&v) + 0.5
+            } else {
+                Tensor::randn_like(&v) * 0.15
+            };
+            v.copy_(&r);
+        }
+    });
+    model
+}
+
+/// Saves a random tiny target as a HF folder and returns its path.
+pub fn saved_tiny_target(model_type: &str, seed: i64, dir: &Path) -> PathBuf {
+    let model = random_target(model_type, seed);
+    model.save_hf(dir).expect("save tiny target");
+    dir.to_path_buf()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// The demo target folder (fetched by `make demo-model`).
+pub fn demo_model() -> PathBuf {
+    let p = root().join(".forge/models/SmolLM2-135M-Instruct");
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "demo target missing at {}: run `make demo-model` (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// The python with numpy + safetensors that scripts/get-demo-model.sh sets up.
+pub fn reference_python() -> PathBuf {
+    let p = root().join(".forge/venv/bin/python");
+    assert!(
+        p.is_file(),
+        "{} missing: run `make demo-model` (make test does)",
+        p.display()
+    );
+    p
+}

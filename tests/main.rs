@@ -1,1 +1,5 @@
+//! forge's integration tests: one binary, a module per area.
 
+mod cli;
+mod recipes;
+mod target;

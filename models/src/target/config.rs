@@ -146,31 +146,32 @@ impl TargetConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        let rope_scaling =
-            match &raw.rope_scaling {
-                None => RopeScaling::None,
-                Some(s) => match s.rope_type.as_deref().unwrap_or("default") {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: s.factor.ok_or("rope_scaling.factor missing")?,
-                    },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: s.factor.ok_or("rope_scaling.factor missing")?,
-                        low_freq_factor: s
-                            .low_freq_factor
-                            .ok_or("rope_scaling.low_freq_factor missing")?,
-                        high_freq_factor: s
-                            .high_freq_factor
-                            .ok_or("rope_scaling.high_freq_factor missing")?,
-                        original_max_position_embeddings: s
-                            .original_max_position_embeddings
-                            .ok_or("rope_scaling.original_max_position_embeddings missing")?,
-                    },
-                    other => return Err(format!(
-                        "rope_scaling type '{other}' is not supported (default, linear, llama3)"
-                    )),
+        let rope_scaling = match &raw.rope_scaling {
+            None => RopeScaling::None,
+            Some(s) => match s.rope_type.as_deref().unwrap_or("default") {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: s.factor.ok_or("rope_scaling.factor missing")?,
                 },
-            };
+                "llama3" => RopeScaling::Llama3 {
+                    factor: s.factor.ok_or("rope_scaling.factor missing")?,
+                    low_freq_factor: s
+                        .low_freq_factor
+                        .ok_or("rope_scaling.low_freq_factor missing")?,
+                    high_freq_factor: s
+                        .high_freq_factor
+                        .ok_or("rope_scaling.high_freq_factor missing")?,
+                    original_max_position_embeddings: s
+                        .original_max_position_embeddings
+                        .ok_or("rope_scaling.original_max_position_embeddings missing")?,
+                },
+                other => {
+                    return Err(format!(
+                        "rope_scaling type '{other}' is not supported (default, linear, llama3)"
+                    ))
+                }
+            },
+        };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match family {
             Family::Mistral => raw.sliding_window,

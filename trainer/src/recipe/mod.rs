@@ -283,6 +283,12 @@ impl Recipe {
             recipe.validate_common(&mut cx);
         }
         issues.extend(cx.issues);
+        // File positions in reading order, then command-line overrides, then defaults.
+        issues.sort_by_key(|i| match &i.loc {
+            Loc::File { line, col } => (0, *line, *col),
+            Loc::Override(_) => (1, 0, 0),
+            Loc::Default => (2, 0, 0),
+        });
         if issues.is_empty() {
             Ok(recipe)
         } else {

@@ -100,7 +100,7 @@ fn plain(node: &Node) -> Option<&str> {
 macro_rules! int_from_node {
     ($($t:ty),*) => {$(
         impl FromNode for $t {
-            const EXPECTED: &'static str = concat!("an integer (", stringify!($t), ")");
+            const EXPECTED: &'static str = if <$t>::MIN == 0 { "a non-negative integer" } else { "an integer" };
             fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self> {
                 match plain(node).and_then(|s| s.replace('_', "").parse::<$t>().ok()) {
                     Some(v) => Some(v),

@@ -1,0 +1,203 @@
+use forge_tests::{forge, root};
+use forge_trainer::recipe::{DrafterSection, Recipe, Schedule};
+
+fn errors(text: &str, overrides: &[&str]) -> Vec<String> {
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    match Recipe::from_str(text, &o) {
+        Ok(_) => panic!("recipe unexpectedly valid:\n{text}"),
+        Err(issues) => issues
+            .iter()
+            .map(|i| format!("{} @ {}", i, i.loc))
+            .collect(),
+    }
+}
+
+const BASE: &str = "drafter:\n  kind: medusa\ntarget:\n  path: m\ndata:\n  train: d.jsonl\ncheckpoint:\n  dir: out\n";
+
+#[test]
+fn every_recipe_passes_forge_check() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(root().join("recipes")).expect("recipes/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        n += 1;
+        Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let out = forge(&["check", path.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "forge check {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        n >= 6,
+        "expected the real-scale, demo and tiny recipes, found {n}"
+    );
+}
+
+#[test]
+fn defaults_and_kind_fields() {
+    let r = Recipe::from_str(BASE, &[]).expect("valid");
+    match &r.drafter {
+        DrafterSection::Medusa(m) => {
+            assert_eq!(m.num_heads, 4);
+            assert_eq!(m.loss_decay, 0.8);
+        }
+        other => panic!("wrong kind {other:?}"),
+    }
+    assert_eq!(r.train.schedule, Schedule::Cosine);
+    assert_eq!(r.data.train, vec![std::path::PathBuf::from("d.jsonl")]);
+    let e3 = Recipe::from_str(
+        &BASE.replace(
+            "kind: medusa",
+            "kind: eagle3\n  ttt_length: 5\n  aux_layers: [1, 2, 3]",
+        ),
+        &[],
+    )
+    .expect("valid");
+    match e3.drafter {
+        DrafterSection::Eagle3(e) => {
+            assert_eq!(e.ttt_length, 5);
+            assert_eq!(e.aux_layers, Some(vec![1, 2, 3]));
+            assert_eq!(e.draft_vocab_size, 32000);
+        }
+        other => panic!("wrong kind {other:?}"),
+    }
+}
+
+#[test]
+fn misspelt_key_names_path_line_and_suggestion() {
+    let text = BASE.replace("  train: d.jsonl", "  train: d.jsonl\n  max_lenght: 128");
+    let e = errors(&text, &[]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("data.max_lenght")
+            && e[0].contains("did you mean 'max_length'")
+            && e[0].contains("line 7"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn wrong_type_names_path_and_line() {
+    let text = format!("{BASE}train:\n  lr: fast\n  micro_batch_size: 1.5\n");
+    let e = errors(&text, &[]);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].contains("train.lr") && e[0].contains("expected a number") && e[0].contains("line 10"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].contains("train.micro_batch_size")
+            && e[1].contains("integer")
+            && e[1].contains("line 11"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn unknown_kind_lists_the_kinds() {
+    let e = errors(&BASE.replace("kind: medusa", "kind: medussa"), &[]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("drafter.kind")
+            && e[0].contains("did you mean 'medusa'")
+            && e[0].contains("eagle3")
+            && e[0].contains("line 2"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn kind_specific_keys_are_checked_against_the_kind() {
+    // ttt_length belongs to eagle3, not medusa.
+    let e = errors(
+        &BASE.replace("kind: medusa", "kind: medusa\n  ttt_length: 7"),
+        &[],
+    );
+    assert!(
+        e.len() == 1 && e[0].contains("drafter.ttt_length") && e[0].contains("num_heads"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn all_problems_reported_at_once() {
+    let text = "drafter:\n  kind: medusa\n  num_heads: 0\ntarget: {}\ndata:\n  max_length: 1\ntrain:\n  lr: -1\n  warmup_ratio: 1.5\n  schedul: cosine\nextra: 1\n";
+    let e = errors(text, &[]);
+    let joined = e.join("\n");
+    for needle in [
+        "drafter.num_heads",
+        "target.path",
+        "data.train",
+        "data.max_length",
+        "train.lr",
+        "train.warmup_ratio",
+        "train.schedul",
+        "extra",
+        "checkpoint.dir",
+    ] {
+        assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+    }
+}
+
+#[test]
+fn overrides_apply_and_are_validated() {
+    let r = Recipe::from_str(
+        BASE,
+        &[
+            "train.max_steps=20".into(),
+            "drafter.num_heads=3".into(),
+            "data.train=[a.jsonl, b.jsonl]".into(),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(r.train.max_steps, Some(20));
+    assert_eq!(r.data.train.len(), 2);
+    match r.drafter {
+        DrafterSection::Medusa(m) => assert_eq!(m.num_heads, 3),
+        other => panic!("{other:?}"),
+    }
+    let e = errors(BASE, &["train.lr=abc", "train.nope=1", "garbage"]);
+    let joined = e.join("\n");
+    assert!(
+        joined.contains("train.lr") && joined.contains("--set train.lr=abc"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("train.nope") && joined.contains("unknown key"),
+        "{joined}"
+    );
+    assert!(joined.contains("key.path=value"), "{joined}");
+}
+
+#[test]
+fn resolved_recipe_round_trips() {
+    let r = Recipe::from_str(BASE, &["train.lr=3e-4".into()]).expect("valid");
+    let yaml = r.to_yaml().expect("yaml");
+    let again = Recipe::from_str(&yaml, &[]).unwrap_or_else(|e| panic!("{e:?}\n{yaml}"));
+    assert_eq!(r, again);
+}
+
+#[test]
+fn forge_check_reports_errors_with_file_and_line() {
+    let dir = forge_tests::tmp_dir("recipe-check");
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        BASE.replace("kind: medusa", "kind: medusa\n  num_haeds: 4"),
+    )
+    .expect("write");
+    let out = forge(&["check", path.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:3:3")
+            && err.contains("drafter.num_haeds")
+            && err.contains("num_heads"),
+        "{err}"
+    );
+}
