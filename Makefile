@@ -25,7 +25,7 @@ demo: build demo-model
 
 ## Everything the tests need, then the whole test suite (unit + integration).
 test: build demo-model
-	$(CARGO) test --release --workspace
+	@bash scripts/test.sh
 
 clean:
 	$(CARGO) clean

@@ -201,3 +201,20 @@ fn forge_check_reports_errors_with_file_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn docs_recipe_reference_is_current() {
+    let generated = forge_trainer::recipe::reference::markdown();
+    let on_disk = std::fs::read_to_string(root().join("docs/recipes.md")).expect("docs/recipes.md");
+    assert!(generated == on_disk, "docs/recipes.md is stale: regenerate with `target/release/forge recipe-reference > docs/recipes.md`");
+    // Every section and kind is documented.
+    for needle in [
+        "`kind: medusa`",
+        "`kind: eagle3`",
+        "`kind: knowledge`",
+        "## `train`",
+        "| `max_grad_norm` | `0.5` |",
+    ] {
+        assert!(generated.contains(needle), "{needle}");
+    }
+}

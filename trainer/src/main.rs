@@ -49,6 +49,9 @@ enum Command {
         #[arg(long, value_name = "auto|DIR")]
         resume: Option<String>,
     },
+    /// Print the recipe reference (docs/recipes.md) generated from the schema.
+    #[command(hide = true)]
+    RecipeReference,
     /// Launch data-parallel workers like torchrun (not yet implemented: issue #5).
     Launch {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
@@ -263,6 +266,10 @@ fn main() {
             set,
             resume,
         } => run_train(recipe, set, resume),
+        Command::RecipeReference => {
+            print!("{}", forge_trainer::recipe::reference::markdown());
+            Ok(())
+        }
         Command::Launch { .. } => not_yet("launch", 5),
         Command::Export { .. } => not_yet("export", 4),
         Command::Eval { .. } => not_yet("eval", 7),

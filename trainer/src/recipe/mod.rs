@@ -5,6 +5,7 @@
 //! All problems are reported at once, each with its key path and line.
 
 pub mod drafter;
+pub mod reference;
 pub mod schema;
 pub mod yaml;
 
