@@ -130,3 +130,49 @@ pub fn reference_python() -> PathBuf {
     );
     p
 }
+
+/// A tiny random Llama target (hidden 64, 2 layers) that uses the demo target's tokenizer and
+/// chat template (so its vocabulary is 49152), saved as a HF folder under `dir`.
+pub fn tiny_target_with_demo_tokenizer(dir: &Path, seed: i64) -> PathBuf {
+    let mut cfg = tiny_config("llama");
+    cfg["vocab_size"] = 49152.into();
+    tch::manual_seed(seed);
+    let cfg = TargetConfig::from_value(cfg).expect("tiny config");
+    let model = TargetModel::build(cfg, DType::F32, Device::Cpu, ParamInit::Default);
+    tch::no_grad(|| {
+        for (name, mut v) in model.vs.variables() {
+            let r = if name.ends_with("norm.weight") {
+                Tensor::rand_like(&v) + 0.5
+            } else {
+                Tensor::randn_like(&v) * 0.15
+            };
+            v.copy_(&r);
+        }
+    });
+    model.save_hf(dir).expect("save tiny target");
+    let demo = demo_model();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(demo.join(f), dir.join(f)).expect("copy tokenizer");
+    }
+    dir.to_path_buf()
+}
+
+/// The first `n` conversations of the committed demo set (recipes/data/demo_conversations.jsonl)
+/// written to `path`.
+pub fn demo_conversations_subset(path: &Path, n: usize) -> PathBuf {
+    let src = root().join("recipes/data/demo_conversations.jsonl");
+    let text = std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let lines: Vec<&str> = text.lines().take(n).collect();
+    std::fs::write(path, lines.join("\n") + "\n").expect("write subset");
+    path.to_path_buf()
+}
+
+/// Rows of a metrics.jsonl file.
+pub fn metrics_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("metrics row"))
+        .collect()
+}

@@ -1,5 +1,9 @@
 //! forge's integration tests: one binary, a module per area.
 
 mod cli;
+mod data;
 mod recipes;
+mod train;
+mod regenerate;
 mod target;
+mod templates;

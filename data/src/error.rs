@@ -18,6 +18,11 @@ pub enum DataError {
     Template { path: PathBuf, msg: String },
     #[error("{0}")]
     Invalid(String),
+    /// A malformed data record (the message names file:line).
+    #[error("{0}")]
+    Record(String),
+    #[error("{path}: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;

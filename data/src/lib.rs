@@ -1,9 +1,21 @@
-//! forge-data: conversations, chat templates and tokenisation (no tch in the public API).
+//! forge-data: conversations, chat templates, loss masks, tokenisation, token caches,
+//! batching, vocabulary mapping and hidden-state datasets (no tch in the public API).
 
+pub mod batch;
 pub mod chat;
+pub mod conversation;
+pub mod dataset;
 pub mod error;
+pub mod hash;
+pub mod hidden;
 pub mod tokenizer;
+pub mod vocab;
 
-pub use chat::{ChatTemplate, Message, Role};
+pub use batch::{Batch, PlanOptions};
+pub use chat::{ChatTemplate, Message, RenderedChat, Role};
+pub use conversation::{read_conversations, Conversation, InvalidRecord};
+pub use dataset::{load_dataset, CacheStatus, DataStats, LoadedDataset, TokenDataset, TokenizeOptions};
 pub use error::{DataError, Result};
+pub use hidden::{HiddenDataset, HiddenManifest, HiddenSettings, HiddenWriter};
 pub use tokenizer::TextTokenizer;
+pub use vocab::VocabMapping;

@@ -3,6 +3,9 @@
 use crate::error::{DataError, Result};
 use std::path::{Path, PathBuf};
 
+/// Byte range of each token in the encoded text.
+pub type ByteOffsets = Vec<(usize, usize)>;
+
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -40,6 +43,19 @@ impl TextTokenizer {
                 msg: e.to_string(),
             })?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Encodes text (no special tokens added) and returns the ids with each token's byte
+    /// range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteOffsets)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {

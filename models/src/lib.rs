@@ -5,6 +5,7 @@
 //! whose segments are the Hugging Face names (`model.layers.0.self_attn.q_proj.weight`),
 //! so loading is name-for-name and needs no conversion table.
 
+pub mod drafters;
 pub mod dtype;
 pub mod error;
 pub mod generate;

@@ -1,4 +1,13 @@
 //! forge-trainer: recipes, the training loop, checkpoints, export, and the `forge` CLI.
 
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod export;
+pub mod metrics;
+pub mod optim;
 pub mod recipe;
+pub mod schedule;
+pub mod regenerate;
 pub mod target_check;
+pub mod train;

@@ -10,6 +10,9 @@ use forge_trainer::target_check;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod prepare;
+mod train_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "forge",
@@ -57,26 +60,56 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
-    /// Export a checkpoint for vLLM / SGLang / HF (not yet implemented: issue #4).
+    /// Export a checkpoint for an inference engine (vLLM, SGLang, original Medusa) or forge.
     Export {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        /// A step_<N> checkpoint folder, a checkpoint.dir (its newest checkpoint), or a forge export.
+        checkpoint: PathBuf,
+        /// vllm | sglang | medusa | forge (which ones fit depends on the drafter kind).
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype of the export: bf16, fp16 or fp32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
     },
     /// Speculative decoding with a trained draft: acceptance length and speedup (not yet implemented: issue #7).
     Eval {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
-    /// Tokenise a recipe's data into the token cache (not yet implemented: issue #3).
+    /// Tokenise a recipe's data into the token cache and print what it holds.
     PrepareData {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        set: Vec<String>,
+        /// Print the counts as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Precompute target hidden states for offline training (not yet implemented: issue #3).
-    PrepareHidden {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Run the frozen target over the recipe's data and write hidden-state shards (offline mode).
+    PrepareHidden(PrepareHiddenArgs),
+    /// Answer every user turn of a conversation set with the target itself (batched), as ShareGPT JSONL.
+    Regenerate(forge_trainer::regenerate::RegenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareHiddenArgs {
+    recipe: PathBuf,
+    /// Output folder (shards + manifest.json); an interrupted run continues in it.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    set: Vec<String>,
+    /// Samples per target forward.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Samples per shard file.
+    #[arg(long, default_value_t = 256)]
+    samples_per_shard: usize,
+    /// Also store the target's top-k log-probabilities per token (0 = no).
+    #[arg(long, default_value_t = 0)]
+    topk: usize,
 }
 
 #[derive(clap::Args)]
@@ -219,7 +252,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_recipe(path: &PathBuf, set: &[String]) -> Result<Recipe> {
+pub(crate) fn load_recipe(path: &std::path::Path, set: &[String]) -> Result<Recipe> {
     match Recipe::load(path, set) {
         Ok(r) => Ok(r),
         Err(e) => bail!("{e}"),
@@ -239,19 +272,6 @@ fn run_check(path: PathBuf, set: Vec<String>, print: bool) -> Result<()> {
     Ok(())
 }
 
-fn run_train(path: PathBuf, set: Vec<String>, _resume: Option<String>) -> Result<()> {
-    let recipe = load_recipe(&path, &set)?;
-    let notes = target_check::check_against_target(&recipe)?;
-    for n in &notes {
-        eprintln!("note: {n}");
-    }
-    bail!(
-        "{}: recipe is valid, but the training loop and the {} trainer are not implemented yet (issue #4 lands the training core)",
-        path.display(),
-        recipe.drafter.kind()
-    )
-}
-
 fn not_yet(cmd: &str, issue: u32) -> Result<()> {
     bail!("`forge {cmd}` is not implemented yet (tracked in issue #{issue})")
 }
@@ -265,16 +285,32 @@ fn main() {
             recipe,
             set,
             resume,
-        } => run_train(recipe, set, resume),
+        } => train_cmd::run_train(recipe, set, resume),
         Command::RecipeReference => {
             print!("{}", forge_trainer::recipe::reference::markdown());
             Ok(())
         }
         Command::Launch { .. } => not_yet("launch", 5),
-        Command::Export { .. } => not_yet("export", 4),
+        Command::Export {
+            checkpoint,
+            format,
+            out,
+            dtype,
+        } => train_cmd::run_export(checkpoint, format, out, dtype),
         Command::Eval { .. } => not_yet("eval", 7),
-        Command::PrepareData { .. } => not_yet("prepare-data", 3),
-        Command::PrepareHidden { .. } => not_yet("prepare-hidden", 3),
+        Command::PrepareData { recipe, set, json } => prepare::run_prepare_data(recipe, set, json),
+        Command::Regenerate(a) => forge_trainer::regenerate::run(a),
+        Command::PrepareHidden(a) => prepare::run_prepare_hidden(
+            a.recipe,
+            a.set,
+            forge_trainer::data::HiddenOptions {
+                out: a.out,
+                batch_size: a.batch_size,
+                samples_per_shard: a.samples_per_shard,
+                topk: a.topk,
+                show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            },
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

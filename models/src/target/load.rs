@@ -92,3 +92,39 @@ pub fn load_var_store(
     }
     Ok(unused)
 }
+
+/// Reads single tensors of a HF model folder by name without building the model (e.g. the
+/// lm_head and embedding a drafter needs in offline training or export). Names not found are
+/// `None`. Uses the shard index when there is one, so only the shards holding them are read.
+pub fn read_named_tensors(dir: &Path, names: &[&str]) -> Result<Vec<Option<tch::Tensor>>> {
+    let index = dir.join("model.safetensors.index.json");
+    let mut wanted_files: Vec<PathBuf> = Vec::new();
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.clone(),
+            source,
+        })?;
+        for n in names {
+            if let Some(f) = v.get("weight_map").and_then(|m| m.get(*n)).and_then(|f| f.as_str()) {
+                let p = dir.join(f);
+                if !wanted_files.contains(&p) {
+                    wanted_files.push(p);
+                }
+            }
+        }
+    } else {
+        wanted_files = weight_files(dir)?;
+    }
+    let mut out: Vec<Option<tch::Tensor>> = names.iter().map(|_| None).collect();
+    for f in wanted_files {
+        let file = SafetensorsFile::open(&f)?;
+        let present = file.names()?;
+        for (i, n) in names.iter().enumerate() {
+            if out[i].is_none() && present.iter().any(|p| p == n) {
+                out[i] = Some(file.tensor(n)?);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -6,5 +6,5 @@ mod load;
 mod model;
 
 pub use config::{Family, TargetConfig};
-pub use load::weight_files;
+pub use load::{read_named_tensors, weight_files};
 pub use model::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};

@@ -214,7 +214,7 @@ impl Recipe {
                 msg: format!("cannot read the recipe: {e}"),
             }])
         })?;
-        Self::from_str(&text, overrides).map_err(|issues| fail(issues))
+        Self::from_str(&text, overrides).map_err(fail)
     }
 
     /// Like [`Recipe::load`] on text already read.

@@ -1,0 +1,335 @@
+//! Medusa (Cai et al. 2024; SEEDS.md §5): K heads on the target's last normed hidden state.
+//! Head k (1-based) = ResBlock^L (x + SiLU(Linear(x)), weight zero-initialised, with bias) ->
+//! Linear(H, V, bias=False) initialised from the target's lm_head (or the target's lm_head
+//! itself, frozen and shared, with `original_lm_head`). Head k at position t predicts token
+//! t+k+1; loss = sum_k decay^k * CE_k over positions whose label is a trained token.
+//!
+//! Weight names (VarStore = forge checkpoint = vLLM names): `blocks.{k}.layers.{j}.weight|bias`
+//! `[H, H]|[H]`, `lm_heads.{k}.weight` `[V, H]` (0-based k).
+
+use super::{
+    ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds,
+    Features, LossOutput, Metric, TargetTensors,
+};
+use crate::error::{ModelError, Result};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// Medusa's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MedusaSpec {
+    pub num_heads: i64,
+    pub num_layers: i64,
+    pub original_lm_head: bool,
+    pub loss_decay: f64,
+    pub top_k: i64,
+    pub hidden_size: i64,
+    pub vocab_size: i64,
+}
+
+pub struct Medusa {
+    spec: DrafterSpec,
+    m: MedusaSpec,
+    vs: nn::VarStore,
+    blocks: Vec<Vec<nn::Linear>>,
+    /// Own heads, or empty when the target's lm_head is shared.
+    lm_heads: Vec<nn::Linear>,
+    shared_lm_head: Option<Tensor>,
+    compute: Kind,
+}
+
+impl Medusa {
+    pub fn new(m: MedusaSpec, target: &TargetTensors, device: Device) -> Result<Self> {
+        if m.num_heads < 1 || m.num_layers < 0 {
+            return Err(ModelError::Invalid(format!(
+                "medusa: num_heads must be >= 1 and num_layers >= 0, got {} and {}",
+                m.num_heads, m.num_layers
+            )));
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (h, v) = (m.hidden_size, m.vocab_size);
+        let blocks = (0..m.num_heads)
+            .map(|k| {
+                (0..m.num_layers)
+                    .map(|j| {
+                        let cfg = nn::LinearConfig {
+                            ws_init: nn::Init::Const(0.),
+                            ..Default::default()
+                        };
+                        nn::linear(&root / "blocks" / k / "layers" / j, h, h, cfg)
+                    })
+                    .collect()
+            })
+            .collect();
+        let head_init = target.lm_head.as_ref();
+        if let Some(w) = head_init {
+            if w.size() != [v, h] {
+                return Err(ModelError::Invalid(format!(
+                    "medusa: the target lm_head is {:?}, expected [{v}, {h}]",
+                    w.size()
+                )));
+            }
+        }
+        let (lm_heads, shared_lm_head) = if m.original_lm_head {
+            let w = head_init.ok_or_else(|| {
+                ModelError::Invalid("medusa with original_lm_head needs the target's lm_head".into())
+            })?;
+            (Vec::new(), Some(w.detach().to_device(device).to_kind(Kind::Float)))
+        } else {
+            let heads = (0..m.num_heads)
+                .map(|k| {
+                    let p = &root / "lm_heads" / k;
+                    let ws = match head_init {
+                        Some(w) => p.add("weight", w.detach().to_device(device).to_kind(Kind::Float), true),
+                        None => p.zeros("weight", &[v, h]),
+                    };
+                    nn::Linear { ws, bs: None }
+                })
+                .collect();
+            (heads, None)
+        };
+        Ok(Medusa {
+            spec: DrafterSpec::Medusa(m.clone()),
+            m,
+            vs,
+            blocks,
+            lm_heads,
+            shared_lm_head,
+            compute: Kind::Float,
+        })
+    }
+
+    fn head_logits(&self, k: usize, x: &Tensor) -> Tensor {
+        let c = self.compute;
+        let mut x = x.to_kind(c);
+        for l in &self.blocks[k] {
+            let y = if c == Kind::Float {
+                l.forward(&x)
+            } else {
+                let b = l.bs.as_ref().map(|b| b.to_kind(c));
+                x.linear(&l.ws.to_kind(c), b.as_ref())
+            };
+            x = &x + y.silu();
+        }
+        let w = match &self.shared_lm_head {
+            Some(w) => w.shallow_clone(),
+            None => self.lm_heads[k].ws.shallow_clone(),
+        };
+        if c == Kind::Float {
+            x.matmul(&w.tr())
+        } else {
+            x.matmul(&w.to_kind(c).tr())
+        }
+    }
+
+    /// Logits of every head at the given positions: `[K, N, V]` for hidden `[N, H]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let hs: Vec<Tensor> = (0..self.m.num_heads as usize)
+            .map(|k| self.head_logits(k, hidden))
+            .collect();
+        Tensor::stack(&hs, 0)
+    }
+
+    fn expected_vllm(&self) -> Vec<(String, Vec<i64>)> {
+        let (h, v) = (self.m.hidden_size, self.m.vocab_size);
+        let mut e = Vec::new();
+        for k in 0..self.m.num_heads {
+            for j in 0..self.m.num_layers {
+                e.push((format!("blocks.{k}.layers.{j}.weight"), vec![h, h]));
+                e.push((format!("blocks.{k}.layers.{j}.bias"), vec![h]));
+            }
+            if !self.m.original_lm_head {
+                e.push((format!("lm_heads.{k}.weight"), vec![v, h]));
+            }
+        }
+        if self.m.original_lm_head {
+            e.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        e
+    }
+
+    fn expected_medusa(&self) -> Vec<(String, Vec<i64>)> {
+        let (h, v, l) = (self.m.hidden_size, self.m.vocab_size, self.m.num_layers);
+        let mut e = Vec::new();
+        for k in 0..self.m.num_heads {
+            for j in 0..l {
+                e.push((format!("{k}.{j}.linear.weight"), vec![h, h]));
+                e.push((format!("{k}.{j}.linear.bias"), vec![h]));
+            }
+            e.push((format!("{k}.{l}.weight"), vec![v, h]));
+        }
+        e
+    }
+
+    /// The lm_head weight of head k (own or shared).
+    fn lm_head_weight(&self, k: usize) -> Tensor {
+        match &self.shared_lm_head {
+            Some(w) => w.shallow_clone(),
+            None => self.lm_heads[k].ws.shallow_clone(),
+        }
+    }
+}
+
+impl Drafter for Medusa {
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    fn needs(&self) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            aux_layers: Vec::new(),
+        }
+    }
+
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute = kind;
+    }
+
+    fn loss(&self, f: &Features, _train: bool) -> Result<LossOutput> {
+        let hidden = f.hidden_normed()?.to_kind(Kind::Float);
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let h = self.m.hidden_size;
+        let device = hidden.device();
+        let mut total = Tensor::zeros([], (Kind::Float, device));
+        let mut parts = Vec::new();
+        let mut metrics = Vec::new();
+        for k in 0..self.m.num_heads {
+            // head k (0-based) at position p predicts token p + k + 2
+            let shift = k + 2;
+            let weight = self.m.loss_decay.powi(k as i32 + 1);
+            let name = format!("head{}", k + 1);
+            if t <= shift {
+                continue;
+            }
+            let n = t - shift;
+            let labels = f.input_ids.narrow(1, shift, n);
+            let mask = f.loss_mask.narrow(1, shift, n).ne(0);
+            let idx = mask.reshape([-1]).nonzero().squeeze_dim(-1);
+            let count = idx.size()[0];
+            if count == 0 {
+                continue;
+            }
+            let x = hidden.narrow(1, 0, n).reshape([b * n, h]).index_select(0, &idx);
+            let y = labels.reshape([-1]).index_select(0, &idx);
+            let logits = self.head_logits(k as usize, &x);
+            let (ce, top1, topk) = ce_and_hits(&logits, &y, self.m.top_k);
+            total += &ce * weight;
+            let c = count as f64;
+            parts.push(Metric {
+                name: format!("ce/{name}"),
+                sum: ce.double_value(&[]) * c,
+                count: c,
+            });
+            metrics.push(Metric {
+                name: format!("acc/{name}"),
+                sum: top1,
+                count: c,
+            });
+            metrics.push(Metric {
+                name: format!("top{}/{name}", self.m.top_k),
+                sum: topk,
+                count: c,
+            });
+        }
+        Ok(LossOutput {
+            loss: total,
+            parts,
+            metrics,
+        })
+    }
+
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[ExportFormat::Vllm, ExportFormat::Medusa]
+    }
+
+    fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
+        let m = &self.m;
+        let vars = self.vs.variables();
+        let var = |name: &str| -> Result<Tensor> {
+            vars.get(name)
+                .map(|t| t.detach())
+                .ok_or_else(|| ModelError::Invalid(format!("medusa: no variable {name}")))
+        };
+        match format {
+            ExportFormat::Vllm => {
+                // One explicit table: forge names are vLLM's, plus the shared head when used.
+                let mut tensors = Vec::new();
+                for k in 0..m.num_heads {
+                    for j in 0..m.num_layers {
+                        for p in ["weight", "bias"] {
+                            let n = format!("blocks.{k}.layers.{j}.{p}");
+                            tensors.push((n.clone(), var(&n)?));
+                        }
+                    }
+                    if !m.original_lm_head {
+                        let n = format!("lm_heads.{k}.weight");
+                        tensors.push((n.clone(), var(&n)?));
+                    }
+                }
+                if m.original_lm_head {
+                    tensors.push(("lm_head.weight".into(), self.lm_head_weight(0).detach()));
+                }
+                check_names_and_shapes("vllm medusa", &tensors, &self.expected_vllm())?;
+                let config = serde_json::json!({
+                    "architectures": ["MedusaModel"],
+                    "model_type": "medusa",
+                    "num_heads": m.num_heads,
+                    "num_hidden_layers": m.num_layers,
+                    "hidden_size": m.hidden_size,
+                    "vocab_size": m.vocab_size,
+                    "truncated_vocab_size": m.vocab_size,
+                    "original_lm_head": m.original_lm_head,
+                    "medusa_fc_bias": true,
+                });
+                Ok(ExportBundle {
+                    tensor_files: vec![("model.safetensors".into(), tensors)],
+                    json_files: vec![("config.json".into(), config)],
+                })
+            }
+            ExportFormat::Medusa => {
+                // Table: blocks.{k}.layers.{j}.{p} -> {k}.{j}.linear.{p}; head k -> {k}.{L}.weight
+                let mut tensors = Vec::new();
+                for k in 0..m.num_heads {
+                    for j in 0..m.num_layers {
+                        for p in ["weight", "bias"] {
+                            tensors.push((
+                                format!("{k}.{j}.linear.{p}"),
+                                var(&format!("blocks.{k}.layers.{j}.{p}"))?,
+                            ));
+                        }
+                    }
+                    tensors.push((format!("{k}.{}.weight", m.num_layers), self.lm_head_weight(k as usize).detach()));
+                }
+                check_names_and_shapes("original medusa", &tensors, &self.expected_medusa())?;
+                let base = target_config
+                    .get("_name_or_path")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null);
+                let config = serde_json::json!({
+                    "medusa_num_heads": m.num_heads,
+                    "medusa_num_layers": m.num_layers,
+                    "base_model_name_or_path": base,
+                    "hidden_size": m.hidden_size,
+                    "vocab_size": m.vocab_size,
+                });
+                Ok(ExportBundle {
+                    tensor_files: vec![("medusa_lm_head.safetensors".into(), tensors)],
+                    json_files: vec![("config.json".into(), config)],
+                })
+            }
+            other => Err(ModelError::Invalid(format!(
+                "medusa drafters export to vllm, medusa or forge, not {}",
+                other.name()
+            ))),
+        }
+    }
+}

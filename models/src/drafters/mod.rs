@@ -1,0 +1,188 @@
+//! Draft models. One file per algorithm; `registry.rs` holds the one enum of all kinds.
+//!
+//! Every drafter owns its VarStore (only its weights are trained, checkpointed and exported),
+//! reads a batch of target features, returns its loss with named parts and metrics, and says
+//! how it is exported for each inference engine.
+
+pub mod medusa;
+pub mod registry;
+
+pub use registry::DrafterSpec;
+
+use crate::error::{ModelError, Result};
+use tch::{nn, Kind, Tensor};
+
+/// What a drafter reads from the frozen target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeatureNeeds {
+    /// The last hidden state after the final norm (`[B, T, H]`).
+    pub last_hidden: bool,
+    /// Outputs of these target layers, concatenated (`[B, T, A*H]`).
+    pub aux_layers: Vec<i64>,
+}
+
+/// A batch of target features (all on the drafter's device).
+#[derive(Debug)]
+pub struct Features {
+    /// `[B, T]` int64.
+    pub input_ids: Tensor,
+    /// `[B, T]` int64, 1 on real tokens.
+    pub attention_mask: Tensor,
+    /// `[B, T]` int64.
+    pub position_ids: Tensor,
+    /// `[B, T]` int64, 1 where the token is trained on (assistant tokens).
+    pub loss_mask: Tensor,
+    pub hidden_normed: Option<Tensor>,
+    pub aux_hidden: Option<Tensor>,
+}
+
+impl Features {
+    pub fn hidden_normed(&self) -> Result<&Tensor> {
+        self.hidden_normed
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("the drafter needs the target's last hidden state".into()))
+    }
+}
+
+/// A metric as a (sum, count) pair so it aggregates exactly over micro-batches and ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Metric {
+    pub fn value(&self) -> f64 {
+        if self.count > 0.0 {
+            self.sum / self.count
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The loss of one micro-batch.
+#[derive(Debug)]
+pub struct LossOutput {
+    /// Scalar loss to back-propagate.
+    pub loss: Tensor,
+    /// Named parts of the loss (already weighted as in `loss`), as (sum, count) metrics.
+    pub parts: Vec<Metric>,
+    /// Accuracies and other metrics.
+    pub metrics: Vec<Metric>,
+}
+
+/// Export formats forge writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// forge's own reloadable format (internal names + the drafter spec).
+    Forge,
+    Vllm,
+    /// The original FasterDecoding Medusa / TensorRT-LLM layout.
+    Medusa,
+    Sglang,
+}
+
+impl ExportFormat {
+    pub const NAMES: &'static [&'static str] = &["forge", "vllm", "sglang", "medusa"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "forge" => Self::Forge,
+            "vllm" => Self::Vllm,
+            "medusa" => Self::Medusa,
+            "sglang" => Self::Sglang,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forge => "forge",
+            Self::Vllm => "vllm",
+            Self::Medusa => "medusa",
+            Self::Sglang => "sglang",
+        }
+    }
+}
+
+/// What an export writes: safetensors files of named tensors and JSON files.
+#[derive(Debug)]
+pub struct ExportBundle {
+    pub tensor_files: Vec<(String, Vec<(String, Tensor)>)>,
+    pub json_files: Vec<(String, serde_json::Value)>,
+}
+
+/// The frozen target tensors drafters read or initialise from.
+#[derive(Debug)]
+pub struct TargetTensors {
+    /// `[V, H]` (the embedding when the target ties them).
+    pub lm_head: Option<Tensor>,
+    /// `[V, H]` input embedding.
+    pub embed: Option<Tensor>,
+}
+
+/// Every draft algorithm implements this.
+pub trait Drafter {
+    fn spec(&self) -> &DrafterSpec;
+    fn var_store(&self) -> &nn::VarStore;
+    fn var_store_mut(&mut self) -> &mut nn::VarStore;
+    fn needs(&self) -> FeatureNeeds;
+    /// Compute precision (weights stay fp32 masters; they are cast where used, autocast-style).
+    fn set_compute_kind(&mut self, kind: Kind);
+    /// Loss on a batch (`train` enables training-only behaviour such as noise).
+    fn loss(&self, f: &Features, train: bool) -> Result<LossOutput>;
+    /// Formats this drafter can be exported to (besides `forge`).
+    fn export_formats(&self) -> &'static [ExportFormat];
+    /// Tensors and configs for an engine format, named as the engine expects.
+    fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle>;
+}
+
+/// Checks exported names and shapes against an expectation computed independently from the
+/// config (the engine's view), before anything is written.
+pub fn check_names_and_shapes(
+    what: &str,
+    got: &[(String, Tensor)],
+    expected: &[(String, Vec<i64>)],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected {
+        match got.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!("missing {name}")),
+            Some((_, t)) if &t.size() != shape => {
+                problems.push(format!("{name} has shape {:?}, expected {shape:?}", t.size()))
+            }
+            _ => {}
+        }
+    }
+    for (name, _) in got {
+        if !expected.iter().any(|(n, _)| n == name) {
+            problems.push(format!("unexpected {name}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelError::Invalid(format!("{what} export does not match what the engine loads: {}", problems.join("; "))))
+    }
+}
+
+/// Mean cross-entropy and top-1 / top-k hits of `logits` `[N, V]` against `labels` `[N]`.
+pub fn ce_and_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, f64, f64) {
+    let ce = logits
+        .to_kind(Kind::Float)
+        .cross_entropy_for_logits(labels);
+    let (top1, topk) = tch::no_grad(|| {
+        let top1 = logits.argmax(-1, false).eq_tensor(labels).sum(Kind::Float).double_value(&[]);
+        let k = k.min(logits.size()[1]).max(1);
+        let (_, idx) = logits.topk(k, -1, true, false);
+        let topk = idx
+            .eq_tensor(&labels.unsqueeze(-1))
+            .any_dim(-1, false)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        (top1, topk)
+    });
+    (ce, top1, topk)
+}

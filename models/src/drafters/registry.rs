@@ -1,0 +1,37 @@
+//! The one enum of drafter kinds: a spec (hyper-parameters + the target dimensions it was
+//! built for) that builds its drafter. Specs are stored in checkpoints and forge exports, so a
+//! drafter is rebuilt from them name for name. A new drafter adds one arm here.
+
+use super::medusa::{Medusa, MedusaSpec};
+use super::{Drafter, TargetTensors};
+use crate::error::Result;
+use tch::Device;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DrafterSpec {
+    Medusa(MedusaSpec),
+}
+
+impl DrafterSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DrafterSpec::Medusa(_) => "medusa",
+        }
+    }
+
+    /// Builds the drafter; `target` supplies the frozen tensors it initialises from or shares
+    /// (`None` fields are fine when weights are loaded right after, unless shared).
+    pub fn build(&self, target: &TargetTensors, device: Device) -> Result<Box<dyn Drafter>> {
+        Ok(match self {
+            DrafterSpec::Medusa(m) => Box::new(Medusa::new(m.clone(), target, device)?),
+        })
+    }
+
+    /// Whether building needs the target's lm_head / embedding even when weights are loaded.
+    pub fn shares_target_tensors(&self) -> (bool, bool) {
+        match self {
+            DrafterSpec::Medusa(m) => (m.original_lm_head, false),
+        }
+    }
+}

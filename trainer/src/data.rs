@@ -1,0 +1,385 @@
+//! The recipe's data, ready for training: tokenised conversations (cached), the EAGLE-3
+//! vocabulary mapping, and hidden-state datasets for offline training (`forge prepare-hidden`).
+
+use crate::error::{Result, TrainerError};
+use crate::recipe::{DrafterSection, Precision, Recipe};
+use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
+use forge_data::hash::ContentHash;
+use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
+use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
+use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// The target folder of a recipe (validation guarantees it is set).
+pub fn target_dir(recipe: &Recipe) -> Result<&Path> {
+    recipe.target.path.as_deref().ok_or_else(|| {
+        TrainerError::Config("target.path is not set: set it to the target's Hugging Face folder".into())
+    })
+}
+
+pub fn tokenize_options(recipe: &Recipe) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: recipe.data.max_length.max(1) as usize,
+        train_only_last_turn: recipe.data.train_only_last_turn,
+        skip_invalid: recipe.data.skip_invalid,
+    }
+}
+
+/// The chat template a recipe asks for (`auto` reads the target's tokenizer_config.json).
+pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
+    Ok(ChatTemplate::from_name(
+        recipe.data.chat_template.as_str(),
+        target_dir(recipe)?,
+    )?)
+}
+
+/// A progress bar on stderr (hidden when `show` is false).
+pub fn progress_bar(total: u64, what: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Tokenised train (and eval) data with the tokenizer and template that made it.
+pub struct TokenData {
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub train: LoadedDataset,
+    pub eval: Option<LoadedDataset>,
+    pub seconds: f64,
+}
+
+fn load_files(
+    files: &[PathBuf],
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    opts: &TokenizeOptions,
+    cache_dir: &Path,
+    what: &str,
+    show_progress: bool,
+) -> Result<LoadedDataset> {
+    let pb = progress_bar(0, what, show_progress);
+    let progress = |done: u64, total: u64| {
+        if pb.length() != Some(total) {
+            pb.set_length(total);
+            pb.set_position(0);
+        }
+        pb.set_position(done);
+    };
+    let r = load_dataset(files, tok, template, opts, Some(cache_dir), &progress);
+    pb.finish_and_clear();
+    Ok(r?)
+}
+
+/// Loads the recipe's conversations from the token cache, tokenising what is not cached.
+pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData> {
+    let t0 = Instant::now();
+    let dir = target_dir(recipe)?;
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    let template = chat_template(recipe)?;
+    let opts = tokenize_options(recipe);
+    let cache = &recipe.data.cache_dir;
+    let train = load_files(&recipe.data.train, &tokenizer, &template, &opts, cache, "tokenising", show_progress)?;
+    if train.dataset.is_empty() {
+        return Err(TrainerError::Config(format!(
+            "data.train ({}) gives no trainable sample: {} conversations read, {} without assistant tokens, {} with none within max_length {}",
+            recipe.data.train.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            train.dataset.stats.conversations,
+            train.dataset.stats.dropped_no_assistant,
+            train.dataset.stats.dropped_truncated_away,
+            opts.max_length,
+        )));
+    }
+    let eval = if recipe.data.eval.is_empty() {
+        None
+    } else {
+        Some(load_files(&recipe.data.eval, &tokenizer, &template, &opts, cache, "eval data", show_progress)?)
+    };
+    Ok(TokenData {
+        tokenizer,
+        template,
+        train,
+        eval,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Only the eval conversations (offline runs evaluate through the target).
+pub fn load_eval_data(recipe: &Recipe) -> Result<Option<LoadedDataset>> {
+    if recipe.data.eval.is_empty() {
+        return Ok(None);
+    }
+    let dir = target_dir(recipe)?;
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    let template = chat_template(recipe)?;
+    let opts = tokenize_options(recipe);
+    Ok(Some(load_files(&recipe.data.eval, &tokenizer, &template, &opts, &recipe.data.cache_dir, "eval data", false)?))
+}
+
+/// The target's config.json.
+pub fn target_config(recipe: &Recipe) -> Result<TargetConfig> {
+    Ok(TargetConfig::from_file(&target_dir(recipe)?.join("config.json"))?)
+}
+
+/// EAGLE-3's draft vocabulary size for a target (the recipe's, capped at the target's).
+pub fn draft_vocab_size(recipe: &Recipe, cfg: &TargetConfig) -> Option<usize> {
+    match &recipe.drafter {
+        DrafterSection::Eagle3(e) => Some(e.draft_vocab_size.min(cfg.vocab_size).max(1) as usize),
+        _ => None,
+    }
+}
+
+/// Loads (or builds and caches beside the token cache) the EAGLE-3 vocabulary mapping.
+pub fn vocab_mapping(
+    recipe: &Recipe,
+    cfg: &TargetConfig,
+    data: &LoadedDataset,
+) -> Result<Option<(VocabMapping, CacheStatus)>> {
+    let Some(draft) = draft_vocab_size(recipe, cfg) else {
+        return Ok(None);
+    };
+    Ok(Some(VocabMapping::load_or_build(
+        &data.dataset,
+        &data.key,
+        Some(&recipe.data.cache_dir),
+        cfg.vocab_size as usize,
+        draft,
+    )?))
+}
+
+/// What a drafter reads from the target, and so what `prepare-hidden` stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HiddenNeeds {
+    /// The normed last hidden state (the lm_head input; target logits are recomputed from it).
+    pub last_hidden: bool,
+    /// Layers whose outputs the drafter reads.
+    pub aux_layers: Vec<usize>,
+}
+
+pub fn hidden_needs(recipe: &Recipe, cfg: &TargetConfig) -> Result<HiddenNeeds> {
+    match &recipe.drafter {
+        DrafterSection::Medusa(_) | DrafterSection::Eagle1(_) => Ok(HiddenNeeds {
+            last_hidden: true,
+            aux_layers: Vec::new(),
+        }),
+        DrafterSection::Eagle3(e) => {
+            let layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
+            let mut aux = Vec::with_capacity(layers.len());
+            for l in layers {
+                if l < 0 || l >= cfg.num_layers {
+                    return Err(TrainerError::Config(format!(
+                        "drafter.aux_layers: layer {l} does not exist (the target has layers 0..{})",
+                        cfg.num_layers - 1
+                    )));
+                }
+                aux.push(l as usize);
+            }
+            Ok(HiddenNeeds {
+                last_hidden: true,
+                aux_layers: aux,
+            })
+        }
+        other => Err(TrainerError::Config(format!(
+            "drafter kind '{}' trains online only (it runs inside or beside the target's layers): set data.mode: online",
+            other.kind()
+        ))),
+    }
+}
+
+/// A cheap fingerprint of a target folder: config.json and the weight files' names and sizes.
+pub fn target_fingerprint(dir: &Path) -> Result<String> {
+    let mut h = ContentHash::new();
+    let cfg = dir.join("config.json");
+    let bytes = std::fs::read(&cfg).map_err(|source| TrainerError::Io {
+        path: cfg.clone(),
+        source,
+    })?;
+    h.field(&bytes);
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map_err(|source| TrainerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok()?.len();
+            name.ends_with(".safetensors").then_some((name, len))
+        })
+        .collect();
+    files.sort();
+    for (name, len) in files {
+        h.field(name.as_bytes()).field(&len.to_le_bytes());
+    }
+    Ok(h.hex())
+}
+
+/// The target dtype and device a recipe asks for (auto: bf16 on CUDA, fp32 on CPU).
+pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
+    let device = parse_device(&recipe.target.device)?;
+    let dtype = match recipe.target.dtype {
+        Precision::Auto => {
+            if device.is_cuda() {
+                DType::BF16
+            } else {
+                DType::F32
+            }
+        }
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp16 => DType::F16,
+    };
+    Ok((dtype, device))
+}
+
+/// Options of `forge prepare-hidden`.
+#[derive(Debug, Clone)]
+pub struct HiddenOptions {
+    pub out: PathBuf,
+    pub batch_size: usize,
+    pub samples_per_shard: usize,
+    pub topk: usize,
+    pub show_progress: bool,
+}
+
+/// What `prepare-hidden` did.
+#[derive(Debug, Clone)]
+pub struct HiddenReport {
+    pub samples: usize,
+    pub shards_total: usize,
+    pub shards_written: usize,
+    pub tokens_written: u64,
+    pub seconds: f64,
+    pub bytes_total: u64,
+    pub tokens_total: u64,
+    pub bytes_per_token: f64,
+}
+
+/// bf16 bytes of a tensor (any float kind), row-major.
+pub fn bf16_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_kind(Kind::BFloat16).contiguous().to_device(tch::Device::Cpu);
+    let n = t.numel();
+    let mut out = vec![0u8; n * 2];
+    t.copy_data_u8(&mut out, n);
+    out
+}
+
+/// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
+/// Finished shards of an interrupted run with the same settings are kept.
+pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenReport> {
+    let t0 = Instant::now();
+    let dir = target_dir(recipe)?;
+    let cfg = target_config(recipe)?;
+    let needs = hidden_needs(recipe, &cfg)?;
+    let data = load_token_data(recipe, opts.show_progress)?;
+    let ds = &data.train.dataset;
+    let settings = HiddenSettings {
+        format: HIDDEN_FORMAT.into(),
+        target: dir.display().to_string(),
+        target_fingerprint: target_fingerprint(dir)?,
+        data_key: data.train.key.clone(),
+        hidden_size: cfg.hidden_size as usize,
+        last_hidden: needs.last_hidden,
+        aux_layers: needs.aux_layers.clone(),
+        topk: opts.topk,
+        dtype: "bf16".into(),
+        samples_per_shard: opts.samples_per_shard.max(1),
+        num_samples: ds.len(),
+    };
+    let mut writer = HiddenWriter::open(&opts.out, settings)?;
+    let pending = writer.pending_shards();
+    let shards_total = writer.manifest().num_shards();
+    let mut tokens_written = 0u64;
+    let mut shards_written = 0usize;
+    if !pending.is_empty() {
+        let (dtype, device) = target_placement(recipe)?;
+        let model = TargetModel::load(dir, dtype, device)?;
+        let todo: u64 = pending
+            .iter()
+            .map(|&k| writer.shard_range(k).map(|i| ds.sample_len(i) as u64).sum::<u64>())
+            .sum();
+        let pb = progress_bar(todo, "hidden states", opts.show_progress);
+        let capture = Capture {
+            layers: needs.aux_layers.iter().map(|&l| l as i64).collect(),
+            logits: forge_models::LogitsMode::None,
+        };
+        for k in pending {
+            let range = writer.shard_range(k);
+            let mut rows: Vec<SampleRows> = vec![SampleRows::default(); range.len()];
+            // batch neighbours of similar length to pad little; rows keep dataset order
+            let mut order: Vec<usize> = range.clone().collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(ds.sample_len(i)));
+            for chunk in order.chunks(opts.batch_size.max(1)) {
+                let samples: Vec<(&[u32], &[u8])> =
+                    chunk.iter().map(|&i| (ds.input_ids(i), ds.mask(i))).collect();
+                let batch = forge_data::Batch::collate(&samples, 0);
+                let (b, l) = (batch.batch as i64, batch.len as i64);
+                let ids = Tensor::from_slice(&batch.input_ids).view([b, l]);
+                // Right padding under a causal mask: real tokens never see the padding.
+                let out = tch::no_grad(|| model.forward(&ids, None, None, None, &capture))?;
+                let aux = if out.layers.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::cat(&out.layers, -1))
+                };
+                let topk = (opts.topk > 0).then(|| {
+                    let logp = model
+                        .logits(&out.hidden_normed)
+                        .to_kind(Kind::Float)
+                        .log_softmax(-1, Kind::Float);
+                    logp.topk(opts.topk as i64, -1, true, true)
+                });
+                for (r, &i) in chunk.iter().enumerate() {
+                    let n = ds.sample_len(i) as i64;
+                    let row = |t: &Tensor| t.get(r as i64).narrow(0, 0, n);
+                    let mut s = SampleRows {
+                        id: ds.ids[i].clone(),
+                        input_ids: ds.input_ids(i).to_vec(),
+                        loss_mask: ds.mask(i).to_vec(),
+                        ..Default::default()
+                    };
+                    if needs.last_hidden {
+                        s.hidden_state = bf16_bytes(&row(&out.hidden_normed));
+                    }
+                    if let Some(a) = &aux {
+                        s.aux_hidden_state = bf16_bytes(&row(a));
+                    }
+                    if let Some((vals, idx)) = &topk {
+                        s.topk_logprobs = bf16_bytes(&row(vals));
+                        let idx = row(idx).to_kind(Kind::Int).contiguous().view([-1]);
+                        s.topk_ids = Vec::<i32>::try_from(&idx)?;
+                    }
+                    tokens_written += n as u64;
+                    pb.inc(n as u64);
+                    rows[i - range.start] = s;
+                }
+            }
+            writer.write_shard(k, &rows)?;
+            shards_written += 1;
+        }
+        pb.finish_and_clear();
+    }
+    let m = writer.manifest();
+    Ok(HiddenReport {
+        samples: ds.len(),
+        shards_total,
+        shards_written,
+        tokens_written,
+        seconds: t0.elapsed().as_secs_f64(),
+        bytes_total: m.bytes,
+        tokens_total: m.tokens,
+        bytes_per_token: m.bytes_per_token,
+    })
+}

@@ -1,0 +1,26 @@
+//! Errors of the trainer library (the binary adds context with anyhow).
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Data(#[from] forge_data::DataError),
+    #[error(transparent)]
+    Model(#[from] forge_models::ModelError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A recipe value that cannot work with this target or data (names the field and the fix).
+    #[error("{0}")]
+    Config(String),
+    /// Optimizer state that does not fit the parameters (names the tensor).
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+}
+
+pub type Result<T> = std::result::Result<T, TrainerError>;

@@ -1,0 +1,214 @@
+//! `forge export`: a checkpoint (or a forge export) to the layout an inference engine loads.
+//! Names, shapes and config fields per format live in each drafter's `export` (one explicit
+//! table per format) and are checked against the engine's expectations before writing.
+
+use crate::checkpoint::{self, Manifest};
+use crate::error::{Result, TrainerError};
+use crate::train::target_tensors;
+use forge_models::drafters::{Drafter, DrafterSpec, ExportFormat, TargetTensors};
+use forge_models::safetensors_io::{write_safetensors, SafetensorsFile};
+use forge_models::{DType, TargetConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+/// The description stored beside a forge-format export.
+pub const FORGE_EXPORT: &str = "forge_drafter.json";
+
+/// A drafter loaded from a checkpoint folder, a checkpoint.dir (newest checkpoint) or a forge
+/// export, with where it came from.
+pub struct LoadedDrafter {
+    pub drafter: Box<dyn Drafter>,
+    pub spec: DrafterSpec,
+    pub target: PathBuf,
+    pub target_config: serde_json::Value,
+    pub source: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ForgeExport {
+    format: String,
+    drafter: DrafterSpec,
+    target: String,
+    target_config: serde_json::Value,
+    forge_version: String,
+}
+
+fn shared_tensors(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value) -> Result<TargetTensors> {
+    let (lm, embed) = spec.shares_target_tensors();
+    if !lm && !embed {
+        return Ok(TargetTensors {
+            lm_head: None,
+            embed: None,
+        });
+    }
+    let cfg = TargetConfig::from_value(cfg.clone()).map_err(TrainerError::Config)?;
+    target_tensors(target, &cfg).map_err(|e| {
+        TrainerError::Config(format!(
+            "this {} drafter shares tensors with its target, which could not be read from {}: {e}",
+            spec.kind(),
+            target.display()
+        ))
+    })
+}
+
+/// Loads a drafter from a checkpoint folder, a checkpoint.dir or a forge export.
+pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
+    let forge_desc = path.join(FORGE_EXPORT);
+    if forge_desc.is_file() {
+        let text = std::fs::read_to_string(&forge_desc).map_err(|source| TrainerError::Io {
+            path: forge_desc.clone(),
+            source,
+        })?;
+        let d: ForgeExport = serde_json::from_str(&text)
+            .map_err(|e| TrainerError::Config(format!("{}: {e}", forge_desc.display())))?;
+        let target = PathBuf::from(&d.target);
+        let tensors = shared_tensors(&d.drafter, &target, &d.target_config)?;
+        let drafter = d.drafter.build(&tensors, device)?;
+        let weights = SafetensorsFile::open(&path.join("model.safetensors"))?.tensors()?;
+        checkpoint::load_into_var_store(drafter.var_store(), &weights, path)?;
+        return Ok(LoadedDrafter {
+            drafter,
+            spec: d.drafter,
+            target,
+            target_config: d.target_config,
+            source: path.to_path_buf(),
+        });
+    }
+    let ckpt = if path.join(checkpoint::MANIFEST).is_file() {
+        path.to_path_buf()
+    } else {
+        checkpoint::latest(path).ok_or_else(|| {
+            TrainerError::Config(format!(
+                "{}: no forge checkpoint here (expected a step_<N> folder, a checkpoint.dir holding them, or a forge export)",
+                path.display()
+            ))
+        })?
+    };
+    let loaded = checkpoint::load(&ckpt)?;
+    let Manifest {
+        drafter: spec,
+        target,
+        target_config,
+        ..
+    } = loaded.manifest;
+    let target = PathBuf::from(target);
+    let tensors = shared_tensors(&spec, &target, &target_config)?;
+    let drafter = spec.build(&tensors, device)?;
+    checkpoint::load_into_var_store(drafter.var_store(), &loaded.weights, &ckpt)?;
+    Ok(LoadedDrafter {
+        drafter,
+        spec,
+        target,
+        target_config,
+        source: ckpt,
+    })
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub files: Vec<(PathBuf, u64)>,
+    pub tensors: usize,
+    pub source: PathBuf,
+}
+
+fn cast(t: &Tensor, dtype: DType) -> Tensor {
+    if t.is_floating_point() {
+        t.to_kind(dtype.kind())
+    } else {
+        t.shallow_clone()
+    }
+}
+
+/// Exports a checkpoint to `out` in `format` with float tensors in `dtype`.
+pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<ExportReport> {
+    let fmt = ExportFormat::parse(format).ok_or_else(|| {
+        TrainerError::Config(format!(
+            "--format {format} is not one of {}",
+            ExportFormat::NAMES.join(", ")
+        ))
+    })?;
+    let l = load_drafter(path, Device::Cpu)?;
+    if fmt != ExportFormat::Forge && !l.drafter.export_formats().contains(&fmt) {
+        let ok: Vec<&str> = l.drafter.export_formats().iter().map(|f| f.name()).collect();
+        return Err(TrainerError::Config(format!(
+            "a {} drafter cannot be exported as {}: that format holds {} drafters; use one of forge, {}",
+            l.spec.kind(),
+            fmt.name(),
+            match fmt {
+                ExportFormat::Medusa => "Medusa",
+                ExportFormat::Sglang => "EAGLE",
+                _ => "other",
+            },
+            ok.join(", ")
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|source| TrainerError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), fmt.name().to_string());
+    meta.insert("algorithm".to_string(), l.spec.kind().to_string());
+    meta.insert("forge_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    meta.insert("source".to_string(), l.source.display().to_string());
+    let (tensor_files, json_files) = if fmt == ExportFormat::Forge {
+        let mut w: Vec<(String, Tensor)> = l.drafter.var_store().variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        let desc = ForgeExport {
+            format: "forge-drafter-v1".into(),
+            drafter: l.spec.clone(),
+            target: l.target.display().to_string(),
+            target_config: l.target_config.clone(),
+            forge_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let v = serde_json::to_value(&desc).map_err(|e| TrainerError::Config(e.to_string()))?;
+        (vec![("model.safetensors".to_string(), w)], vec![(FORGE_EXPORT.to_string(), v)])
+    } else {
+        let b = l.drafter.export(fmt, &l.target_config)?;
+        (b.tensor_files, b.json_files)
+    };
+    let mut files = Vec::new();
+    let mut count = 0;
+    for (name, tensors) in tensor_files {
+        let cast: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), cast(t, dtype))).collect();
+        count += cast.len();
+        let p = out.join(&name);
+        write_safetensors(&p, &cast, &meta)?;
+        files.push(p);
+    }
+    for (name, mut value) in json_files {
+        if name == "config.json" {
+            if let Some(o) = value.as_object_mut() {
+                o.insert(
+                    "torch_dtype".into(),
+                    serde_json::Value::String(
+                        match dtype {
+                            DType::F32 => "float32",
+                            DType::BF16 => "bfloat16",
+                            DType::F16 => "float16",
+                        }
+                        .into(),
+                    ),
+                );
+            }
+        }
+        let p = out.join(&name);
+        let text = serde_json::to_string_pretty(&value).map_err(|e| TrainerError::Config(e.to_string()))?;
+        std::fs::write(&p, text + "\n").map_err(|source| TrainerError::Io { path: p.clone(), source })?;
+        files.push(p);
+    }
+    let files = files
+        .into_iter()
+        .map(|p| {
+            let n = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            (p, n)
+        })
+        .collect();
+    Ok(ExportReport {
+        files,
+        tensors: count,
+        source: l.source,
+    })
+}

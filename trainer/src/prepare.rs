@@ -1,0 +1,169 @@
+//! `forge prepare-data` and `forge prepare-hidden`.
+
+use crate::load_recipe;
+use anyhow::{Context, Result};
+use forge_data::dataset::{CacheStatus, LoadedDataset};
+use forge_trainer::data::{self, HiddenOptions};
+use forge_trainer::recipe::Recipe;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+fn show_progress(recipe: &Recipe) -> bool {
+    recipe
+        .log
+        .progress
+        .unwrap_or_else(|| std::io::stderr().is_terminal())
+}
+
+fn status_json(s: &CacheStatus) -> serde_json::Value {
+    match s {
+        CacheStatus::Hit(p) => serde_json::json!({"cache": "hit", "path": p}),
+        CacheStatus::Built(p) => serde_json::json!({"cache": "built", "path": p}),
+        CacheStatus::Off => serde_json::json!({"cache": "off"}),
+    }
+}
+
+fn summary(name: &str, files: &[PathBuf], d: &LoadedDataset, seconds: f64) -> serde_json::Value {
+    let s = &d.dataset.stats;
+    serde_json::json!({
+        "split": name,
+        "files": files,
+        "conversations": s.conversations,
+        "samples": s.samples,
+        "tokens": s.tokens,
+        "trainable_tokens": s.trainable_tokens,
+        "truncated_to_max_length": s.truncated,
+        "dropped": {
+            "no_assistant_tokens": s.dropped_no_assistant,
+            "no_assistant_tokens_within_max_length": s.dropped_truncated_away,
+            "invalid_records_skipped": s.skipped_invalid.len(),
+        },
+        "skipped_records": s.skipped_invalid,
+        "caches": d.statuses.iter().map(status_json).collect::<Vec<_>>(),
+        "seconds": seconds,
+        "tokens_per_second": if seconds > 0.0 { s.tokens as f64 / seconds } else { 0.0 },
+    })
+}
+
+fn print_summary(v: &serde_json::Value) {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let d = &v["dropped"];
+    let dn = |k: &str| d[k].as_u64().unwrap_or(0);
+    let hits = v["caches"]
+        .as_array()
+        .map(|a| a.iter().filter(|c| c["cache"] == "hit").count())
+        .unwrap_or(0);
+    let files = v["caches"].as_array().map_or(0, |a| a.len());
+    println!(
+        "{}: {} conversations -> {} samples, {} tokens ({} trainable, {:.1}%), {} truncated to max_length",
+        v["split"].as_str().unwrap_or(""),
+        n("conversations"),
+        n("samples"),
+        n("tokens"),
+        n("trainable_tokens"),
+        100.0 * n("trainable_tokens") as f64 / n("tokens").max(1) as f64,
+        n("truncated_to_max_length"),
+    );
+    println!(
+        "  dropped: {} with no assistant tokens, {} with none within max_length, {} malformed records skipped",
+        dn("no_assistant_tokens"),
+        dn("no_assistant_tokens_within_max_length"),
+        dn("invalid_records_skipped"),
+    );
+    if let Some(skipped) = v["skipped_records"].as_array() {
+        for s in skipped.iter().take(10) {
+            println!("    skipped {}", s.as_str().unwrap_or(""));
+        }
+        if skipped.len() > 10 {
+            println!("    ... and {} more", skipped.len() - 10);
+        }
+    }
+    println!(
+        "  token cache: {hits}/{files} file(s) from cache; {:.2}s ({:.0} tokens/s)",
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["tokens_per_second"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(c) = v["caches"].as_array() {
+        for c in c {
+            println!(
+                "    {} {}",
+                c["cache"].as_str().unwrap_or(""),
+                c["path"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<()> {
+    let recipe = load_recipe(&path, &set)?;
+    let progress = show_progress(&recipe) && !json;
+    let t0 = std::time::Instant::now();
+    let td = data::load_token_data(&recipe, progress)
+        .with_context(|| format!("preparing the data of {}", path.display()))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut out = vec![summary("train", &recipe.data.train, &td.train, seconds)];
+    if let Some(e) = &td.eval {
+        out.push(summary("eval", &recipe.data.eval, e, seconds));
+    }
+    let cfg = data::target_config(&recipe)?;
+    let vocab = data::vocab_mapping(&recipe, &cfg, &td.train)?;
+    let vocab_json = vocab.as_ref().map(|(m, st)| {
+        serde_json::json!({
+            "draft_vocab_size": m.draft_vocab(),
+            "target_vocab_size": m.t2d.len(),
+            "coverage_of_trainable_tokens": m.coverage(),
+            "cache": status_json(st),
+        })
+    });
+    if json {
+        let v = serde_json::json!({"recipe": path, "data": out, "vocab_mapping": vocab_json});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for v in &out {
+        print_summary(v);
+    }
+    if let Some(v) = vocab_json {
+        println!(
+            "vocab mapping: draft vocabulary {} of {} covers {:.2}% of trainable tokens ({} {})",
+            v["draft_vocab_size"],
+            v["target_vocab_size"],
+            100.0 * v["coverage_of_trainable_tokens"].as_f64().unwrap_or(0.0),
+            v["cache"]["cache"].as_str().unwrap_or(""),
+            v["cache"]["path"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+pub fn run_prepare_hidden(path: PathBuf, set: Vec<String>, mut opts: HiddenOptions) -> Result<()> {
+    let recipe = load_recipe(&path, &set)?;
+    opts.show_progress = recipe.log.progress.unwrap_or(opts.show_progress);
+    let r = data::prepare_hidden(&recipe, &opts)
+        .with_context(|| format!("preparing hidden states for {}", path.display()))?;
+    let already = r.shards_total - r.shards_written;
+    println!(
+        "{}: {} samples in {} shard(s) ({} written now, {} already there), {} tokens, {:.1} MB, {:.0} bytes/token",
+        opts.out.display(),
+        r.samples,
+        r.shards_total,
+        r.shards_written,
+        already,
+        r.tokens_total,
+        r.bytes_total as f64 / 1e6,
+        r.bytes_per_token
+    );
+    if r.tokens_written > 0 {
+        println!(
+            "  target forward: {} tokens in {:.1}s ({:.0} tokens/s, data loading included)",
+            r.tokens_written,
+            r.seconds,
+            r.tokens_written as f64 / r.seconds.max(1e-9)
+        );
+    }
+    println!(
+        "  train offline with: data.mode: offline, data.hidden_dir: {}",
+        opts.out.display()
+    );
+    Ok(())
+}

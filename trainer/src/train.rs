@@ -1,0 +1,668 @@
+//! The training loop: any drafter, online (frozen target inside the step) or offline
+//! (hidden-state shards), with gradient accumulation, clipping, AdamW, LR schedules, logging,
+//! periodic evaluation and atomic, exactly-resumable checkpoints.
+
+use crate::checkpoint::{self, CheckpointData, TrainerState};
+use crate::data::{self, target_dir, target_placement};
+use crate::error::{Result, TrainerError};
+use crate::metrics::MetricsLogger;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::recipe::{DataMode, DrafterSection, Precision, Recipe, Schedule};
+use crate::schedule::{LrSchedule, ScheduleKind};
+use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
+use forge_data::hidden::HiddenDataset;
+use forge_data::{Batch, TokenDataset};
+use forge_models::drafters::medusa::MedusaSpec;
+use forge_models::drafters::{Drafter, DrafterSpec, Features, Metric, TargetTensors};
+use forge_models::target::read_named_tensors;
+use forge_models::{Capture, LogitsMode, TargetConfig, TargetModel};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Gradient and metric synchronisation across data-parallel ranks. The single-process
+/// implementation does nothing; the distributed one (c10d) plugs in here.
+pub trait DataParallel {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Averages gradients over ranks (in place).
+    fn average_grads(&mut self, grads: &[Tensor]) -> Result<()>;
+    /// Sums values over ranks (in place).
+    fn sum(&mut self, values: &mut [f64]) -> Result<()>;
+}
+
+/// One process: nothing to synchronise.
+pub struct SingleProcess;
+
+impl DataParallel for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn average_grads(&mut self, _grads: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+    fn sum(&mut self, _values: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The drafter spec a recipe describes for a target.
+pub fn drafter_spec(recipe: &Recipe, cfg: &TargetConfig) -> Result<DrafterSpec> {
+    match &recipe.drafter {
+        DrafterSection::Medusa(m) => Ok(DrafterSpec::Medusa(MedusaSpec {
+            num_heads: m.num_heads,
+            num_layers: m.num_layers,
+            original_lm_head: m.original_lm_head,
+            loss_decay: m.loss_decay,
+            top_k: m.top_k,
+            hidden_size: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+        })),
+        other => Err(TrainerError::Config(format!(
+            "drafter kind '{}' has no trainer yet (this build trains: medusa)",
+            other.kind()
+        ))),
+    }
+}
+
+/// The target's lm_head and embedding read from its files (no full model load).
+pub fn target_tensors(dir: &Path, cfg: &TargetConfig) -> Result<TargetTensors> {
+    let got = read_named_tensors(dir, &["lm_head.weight", "model.embed_tokens.weight"])?;
+    let mut it = got.into_iter();
+    let lm = it.next().flatten();
+    let embed = it.next().flatten();
+    let lm_head = if cfg.tie_word_embeddings {
+        embed.as_ref().map(|e| e.shallow_clone())
+    } else {
+        lm
+    };
+    Ok(TargetTensors { lm_head, embed })
+}
+
+/// Options of `forge train` besides the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// `auto` (newest complete checkpoint, or a fresh start if none) or a checkpoint folder.
+    pub resume: Option<String>,
+    pub show_progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub start_step: u64,
+    pub steps: u64,
+    pub last_loss: f64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub last_checkpoint: Option<PathBuf>,
+    pub peak_rss_mb: f64,
+    pub eval: Vec<(u64, BTreeMap<String, f64>)>,
+}
+
+/// Peak resident memory of this process in MB (Linux VmHWM).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+enum Source {
+    Online { target: TargetModel, data: TokenDataset, aux: Vec<i64> },
+    Offline { data: HiddenDataset },
+}
+
+/// Sums of loss parts and metrics over micro-batches (and ranks).
+#[derive(Default)]
+struct Accum {
+    loss_sum: f64,
+    batches: f64,
+    tokens: f64,
+    values: BTreeMap<String, (f64, f64)>,
+}
+
+impl Accum {
+    fn add(&mut self, loss: f64, parts: &[Metric], metrics: &[Metric], tokens: usize) {
+        self.loss_sum += loss;
+        self.batches += 1.0;
+        self.tokens += tokens as f64;
+        for m in parts.iter().chain(metrics) {
+            let e = self.values.entry(m.name.clone()).or_default();
+            e.0 += m.sum;
+            e.1 += m.count;
+        }
+    }
+
+    /// Flat vector for an all-reduce, and back.
+    fn to_vec(&self) -> Vec<f64> {
+        let mut v = vec![self.loss_sum, self.batches, self.tokens];
+        for (s, c) in self.values.values() {
+            v.push(*s);
+            v.push(*c);
+        }
+        v
+    }
+
+    fn set_from_vec(&mut self, v: &[f64]) {
+        self.loss_sum = v[0];
+        self.batches = v[1];
+        self.tokens = v[2];
+        for (i, val) in self.values.values_mut().enumerate() {
+            *val = (v[3 + 2 * i], v[4 + 2 * i]);
+        }
+    }
+
+    fn scalars(&self, prefix: &str) -> Vec<(String, f64)> {
+        let mut out = vec![(format!("{prefix}loss"), self.loss_sum / self.batches.max(1.0))];
+        for (k, (s, c)) in &self.values {
+            out.push((format!("{prefix}{k}"), if *c > 0.0 { s / c } else { 0.0 }));
+        }
+        out
+    }
+}
+
+struct Trainer<'a> {
+    recipe: &'a Recipe,
+    drafter: Box<dyn Drafter>,
+    source: Source,
+    device: Device,
+    eval_data: Option<TokenDataset>,
+    /// Offline runs with eval data load the target for evaluation only.
+    eval_target: Option<(TargetModel, Vec<i64>)>,
+}
+
+impl Trainer<'_> {
+    fn lengths(&self) -> Vec<usize> {
+        match &self.source {
+            Source::Online { data, .. } => data.lengths(),
+            Source::Offline { data } => data.lengths(),
+        }
+    }
+
+    fn plan(&self, epoch: u64, dp: &dyn DataParallel) -> Vec<Vec<usize>> {
+        let t = &self.recipe.train;
+        let opts = PlanOptions {
+            micro_batch_size: t.micro_batch_size.max(1) as usize,
+            seed: t.seed,
+            shuffle: true,
+            length_grouping: true,
+        };
+        let lengths = self.lengths();
+        let global = match &self.source {
+            Source::Online { .. } => global_plan(&lengths, epoch, &opts),
+            Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
+        };
+        shard_plan(global, dp.rank(), dp.world())
+    }
+
+    /// Target features of a micro-batch of token samples (online).
+    fn online_features(
+        target: &TargetModel,
+        aux: &[i64],
+        data: &TokenDataset,
+        idx: &[usize],
+        device: Device,
+    ) -> Result<(Features, usize)> {
+        let samples: Vec<(&[u32], &[u8])> = idx.iter().map(|&i| (data.input_ids(i), data.mask(i))).collect();
+        let batch = Batch::collate(&samples, 0);
+        let (ids, am, pos, lm) = batch_tensors(&batch, device);
+        let capture = Capture {
+            layers: aux.to_vec(),
+            logits: LogitsMode::None,
+        };
+        // Right padding under a causal mask: real tokens never attend to padding.
+        let out = tch::no_grad(|| target.forward(&ids, None, None, None, &capture))?;
+        let aux_hidden = (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1));
+        Ok((
+            Features {
+                input_ids: ids,
+                attention_mask: am,
+                position_ids: pos,
+                loss_mask: lm,
+                hidden_normed: Some(out.hidden_normed),
+                aux_hidden,
+            },
+            batch.tokens(),
+        ))
+    }
+
+    fn offline_features(data: &mut HiddenDataset, idx: &[usize], device: Device) -> Result<(Features, usize)> {
+        let s = data.settings().clone();
+        let h = s.hidden_size as i64;
+        let a = (s.aux_layers.len() * s.hidden_size) as i64;
+        let mut rows = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let v = data.sample(i)?;
+            let t = v.input_ids.len() as i64;
+            let hid = (!v.hidden_state.is_empty())
+                .then(|| Tensor::from_data_size(v.hidden_state, &[t, h], Kind::BFloat16));
+            let aux = (!v.aux_hidden_state.is_empty())
+                .then(|| Tensor::from_data_size(v.aux_hidden_state, &[t, a], Kind::BFloat16));
+            rows.push((v.input_ids.to_vec(), v.loss_mask.to_vec(), hid, aux));
+        }
+        let samples: Vec<(&[u32], &[u8])> = rows.iter().map(|r| (&r.0[..], &r.1[..])).collect();
+        let batch = Batch::collate(&samples, 0);
+        let l = batch.len as i64;
+        let pad = |parts: Vec<Option<&Tensor>>, width: i64| -> Option<Tensor> {
+            if parts.iter().any(|p| p.is_none()) {
+                return None;
+            }
+            let padded: Vec<Tensor> = parts
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let n = t.size()[0];
+                    if n == l {
+                        t.shallow_clone()
+                    } else {
+                        Tensor::cat(&[t.shallow_clone(), Tensor::zeros([l - n, width], (Kind::BFloat16, Device::Cpu))], 0)
+                    }
+                })
+                .collect();
+            Some(Tensor::stack(&padded, 0).to_device(device).to_kind(Kind::Float))
+        };
+        let hidden = pad(rows.iter().map(|r| r.2.as_ref()).collect(), h);
+        let aux = pad(rows.iter().map(|r| r.3.as_ref()).collect(), a);
+        let (ids, am, pos, lm) = batch_tensors(&batch, device);
+        Ok((
+            Features {
+                input_ids: ids,
+                attention_mask: am,
+                position_ids: pos,
+                loss_mask: lm,
+                hidden_normed: hidden,
+                aux_hidden: aux,
+            },
+            batch.tokens(),
+        ))
+    }
+
+    fn features(&mut self, idx: &[usize]) -> Result<(Features, usize)> {
+        let device = self.device;
+        match &mut self.source {
+            Source::Online { target, data, aux } => Self::online_features(target, aux, data, idx, device),
+            Source::Offline { data } => Self::offline_features(data, idx, device),
+        }
+    }
+
+    /// Loss and metrics on the eval conversations (no gradients).
+    fn evaluate(&mut self, dp: &mut dyn DataParallel) -> Result<Option<BTreeMap<String, f64>>> {
+        let Some(eval) = &self.eval_data else {
+            return Ok(None);
+        };
+        let (target, aux) = match (&self.source, &self.eval_target) {
+            (Source::Online { target, aux, .. }, _) => (target, aux),
+            (Source::Offline { .. }, Some((t, a))) => (t, a),
+            _ => return Ok(None),
+        };
+        let mb = self.recipe.train.micro_batch_size.max(1) as usize;
+        let mut acc = Accum::default();
+        let all: Vec<usize> = (0..eval.len()).collect();
+        let mine: Vec<&[usize]> = all.chunks(mb).skip(dp.rank()).step_by(dp.world()).collect();
+        for idx in mine {
+            let (f, tokens) = Self::online_features(target, aux, eval, idx, self.device)?;
+            let out = tch::no_grad(|| self.drafter.loss(&f, false))?;
+            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
+        }
+        let mut v = acc.to_vec();
+        dp.sum(&mut v)?;
+        acc.set_from_vec(&v);
+        Ok(Some(acc.scalars("eval/").into_iter().collect()))
+    }
+}
+
+fn batch_tensors(b: &Batch, device: Device) -> (Tensor, Tensor, Tensor, Tensor) {
+    let shape = [b.batch as i64, b.len as i64];
+    let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+    (t(&b.input_ids), t(&b.attention_mask), t(&b.position_ids), t(&b.loss_mask))
+}
+
+fn schedule_kind(s: Schedule) -> ScheduleKind {
+    match s {
+        Schedule::Constant => ScheduleKind::Constant,
+        Schedule::Linear => ScheduleKind::Linear,
+        Schedule::Cosine => ScheduleKind::Cosine,
+    }
+}
+
+fn compute_kind(recipe: &Recipe, device: Device) -> Kind {
+    match recipe.train.dtype {
+        Precision::Auto if device.is_cuda() => Kind::BFloat16,
+        Precision::Auto | Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Fp16 => Kind::Half,
+    }
+}
+
+/// The checkpoint to resume from, if any.
+fn resume_from(recipe: &Recipe, resume: &Option<String>) -> Result<Option<PathBuf>> {
+    let dir = recipe
+        .checkpoint
+        .dir
+        .clone()
+        .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set".into()))?;
+    Ok(match resume.as_deref() {
+        None => None,
+        Some("auto") => checkpoint::latest(&dir),
+        Some(p) => {
+            let p = PathBuf::from(p);
+            checkpoint::read_manifest(&p)?;
+            Some(p)
+        }
+    })
+}
+
+/// Trains the recipe's drafter.
+pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) -> Result<TrainSummary> {
+    let t_start = Instant::now();
+    let t = &recipe.train;
+    let ckpt_dir = recipe
+        .checkpoint
+        .dir
+        .clone()
+        .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set: set it to the output folder".into()))?;
+    let dir = target_dir(recipe)?.to_path_buf();
+    let cfg = data::target_config(recipe)?;
+    let spec = drafter_spec(recipe, &cfg)?;
+    let (target_dtype, device) = target_placement(recipe)?;
+    tch::manual_seed(t.seed as i64);
+
+    // Data (and the target, online).
+    let eval_tokens;
+    let source = match recipe.data.mode {
+        DataMode::Online => {
+            let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
+            eval_tokens = td.eval.map(|e| e.dataset);
+            let target = TargetModel::load(&dir, target_dtype, device)?;
+            let needs = data::hidden_needs(recipe, &cfg)?;
+            Source::Online {
+                target,
+                data: td.train.dataset,
+                aux: needs.aux_layers.iter().map(|&l| l as i64).collect(),
+            }
+        }
+        DataMode::Offline => {
+            let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
+                TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
+            })?;
+            let ds = HiddenDataset::open(hd)?;
+            let needs = data::hidden_needs(recipe, &cfg)?;
+            let s = ds.settings();
+            if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != s.aux_layers {
+                return Err(TrainerError::Config(format!(
+                    "{}: holds last_hidden={} aux_layers={:?}, the drafter needs last_hidden={} aux_layers={:?}: run forge prepare-hidden with this recipe",
+                    hd.display(), s.last_hidden, s.aux_layers, needs.last_hidden, needs.aux_layers
+                )));
+            }
+            if s.hidden_size != cfg.hidden_size as usize {
+                return Err(TrainerError::Config(format!(
+                    "{}: hidden size {} does not match the target's {}",
+                    hd.display(),
+                    s.hidden_size,
+                    cfg.hidden_size
+                )));
+            }
+            // evaluation reads conversations through the target, also in offline mode
+            eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
+            Source::Offline { data: ds }
+        }
+    };
+
+    // The drafter (its own VarStore, fp32 master weights).
+    let tensors = target_tensors(&dir, &cfg)?;
+    let mut drafter = spec.build(&tensors, device)?;
+    drop(tensors);
+    drafter.set_compute_kind(compute_kind(recipe, device));
+    let params: Vec<(String, Tensor)> = {
+        let mut v: Vec<(String, Tensor)> = drafter
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let grads_of = |params: &[(String, Tensor)]| -> Vec<Tensor> { params.iter().map(|(_, p)| p.grad()).collect() };
+    let mut opt = AdamW::new(
+        params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+        AdamWConfig {
+            lr: t.lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+        },
+    );
+
+    let mut trainer = Trainer {
+        recipe,
+        drafter,
+        source,
+        device,
+        eval_data: eval_tokens,
+        eval_target: None,
+    };
+    if matches!(trainer.source, Source::Offline { .. }) && trainer.eval_data.is_some() {
+        let needs = data::hidden_needs(recipe, &cfg)?;
+        let target = TargetModel::load(&dir, target_dtype, device)?;
+        trainer.eval_target = Some((target, needs.aux_layers.iter().map(|&l| l as i64).collect()));
+    }
+
+    // Steps.
+    let accum = t.grad_accum.max(1);
+    let per_epoch = trainer.plan(0, dp).len() as u64;
+    let total = match t.max_steps {
+        Some(s) => s,
+        None => (t.epochs * per_epoch).div_ceil(accum).max(1),
+    };
+    let warmup = crate::schedule::LrSchedule::warmup_from(t.warmup_ratio, t.warmup_steps, total);
+    let sched = LrSchedule {
+        kind: schedule_kind(t.schedule),
+        base_lr: t.lr,
+        warmup_steps: warmup,
+        total_steps: total,
+        min_lr_ratio: t.min_lr_ratio,
+    };
+
+    // Resume.
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: total,
+        epoch: 0,
+        batch_in_epoch: 0,
+        tokens_seen: 0,
+        samples_seen: 0,
+        seed: t.seed,
+        world_size: dp.world(),
+        lr: 0.0,
+    };
+    if let Some(ck) = resume_from(recipe, &opts.resume)? {
+        let loaded = checkpoint::load(&ck)?;
+        if loaded.manifest.drafter != spec {
+            return Err(TrainerError::Config(format!(
+                "{}: was trained with another drafter configuration ({:?}); the recipe now gives {:?}",
+                ck.display(),
+                loaded.manifest.drafter,
+                spec
+            )));
+        }
+        if loaded.state.world_size != dp.world() {
+            return Err(TrainerError::Config(format!(
+                "{}: was written by {} rank(s), this run has {}: resume with the same world size",
+                ck.display(),
+                loaded.state.world_size,
+                dp.world()
+            )));
+        }
+        checkpoint::load_into_var_store(trainer.drafter.var_store(), &loaded.weights, &ck)?;
+        opt.load_state(&loaded.optimizer, loaded.state.step)?;
+        state = loaded.state;
+        state.total_steps = total;
+        if dp.rank() == 0 {
+            eprintln!("resuming from {} (step {})", ck.display(), state.step);
+        }
+    }
+    let start_step = state.step;
+
+    let rank0 = dp.rank() == 0;
+    if rank0 {
+        std::fs::create_dir_all(&ckpt_dir).map_err(|source| TrainerError::Io {
+            path: ckpt_dir.clone(),
+            source,
+        })?;
+        let yaml = recipe.to_yaml().map_err(TrainerError::Config)?;
+        let p = ckpt_dir.join("recipe.resolved.yaml");
+        std::fs::write(&p, yaml).map_err(|source| TrainerError::Io { path: p, source })?;
+    }
+    let mut logger = if rank0 {
+        Some(if start_step == 0 {
+            MetricsLogger::new(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
+        } else {
+            MetricsLogger::open_resume(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl, start_step)?
+        })
+    } else {
+        None
+    };
+
+    let pb = data::progress_bar(total, "training", opts.show_progress && rank0);
+    pb.set_position(start_step);
+    let mut plan = trainer.plan(state.epoch, dp);
+    let mut window = Accum::default();
+    let mut window_start = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut last_ckpt = None;
+    let mut evals = Vec::new();
+    let mut run_tokens = 0u64;
+    let eval_every = t.eval_every.unwrap_or(0);
+    if start_step == 0 && eval_every > 0 {
+        if let Some(e) = trainer.evaluate(dp)? {
+            if let Some(l) = logger.as_mut() {
+                let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                l.log(0, &rows)?;
+            }
+            evals.push((0, e));
+        }
+    }
+
+    for step in start_step..total {
+        tch::manual_seed((t.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
+        let lr = sched.lr_at(step);
+        let mut acc = Accum::default();
+        for _ in 0..accum {
+            if state.batch_in_epoch >= plan.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                plan = trainer.plan(state.epoch, dp);
+            }
+            let idx = plan[state.batch_in_epoch].clone();
+            state.batch_in_epoch += 1;
+            if idx.is_empty() {
+                continue;
+            }
+            let (f, tokens) = trainer.features(&idx)?;
+            let out = trainer.drafter.loss(&f, true)?;
+            (&out.loss / accum as f64).backward();
+            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
+            state.samples_seen += idx.len() as u64;
+        }
+        let grads = grads_of(&params);
+        dp.average_grads(&grads)?;
+        let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+        opt.step(lr);
+        opt.zero_grad();
+        let mut v = acc.to_vec();
+        dp.sum(&mut v)?;
+        acc.set_from_vec(&v);
+        state.step = step + 1;
+        state.lr = lr;
+        state.tokens_seen += acc.tokens as u64;
+        run_tokens += acc.tokens as u64;
+        last_loss = acc.loss_sum / acc.batches.max(1.0);
+        // window of steps since the last log row
+        window.loss_sum += acc.loss_sum;
+        window.batches += acc.batches;
+        window.tokens += acc.tokens;
+        for (k, (s, c)) in &acc.values {
+            let e = window.values.entry(k.clone()).or_default();
+            e.0 += s;
+            e.1 += c;
+        }
+        let secs = window_start.elapsed().as_secs_f64();
+        let tps = window.tokens / secs.max(1e-9);
+        pb.set_position(state.step);
+        pb.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        let log_now = state.step.is_multiple_of(recipe.log.every_steps.max(1)) || state.step == total;
+        if log_now {
+            if let Some(l) = logger.as_mut() {
+                let mut rows = window.scalars("train/");
+                rows.push(("train/lr".into(), lr));
+                rows.push(("train/grad_norm".into(), grad_norm));
+                rows.push(("train/tokens_per_second".into(), tps));
+                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
+                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                l.log(state.step, &rows)?;
+            }
+            window = Accum::default();
+            window_start = Instant::now();
+        }
+        if eval_every > 0 && (state.step.is_multiple_of(eval_every) || state.step == total) {
+            if let Some(e) = trainer.evaluate(dp)? {
+                if let Some(l) = logger.as_mut() {
+                    let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                    l.log(state.step, &rows)?;
+                }
+                evals.push((state.step, e));
+            }
+        }
+        let every = recipe.checkpoint.every_steps.max(1);
+        if state.step.is_multiple_of(every) || state.step == total {
+            if rank0 {
+                let weights: Vec<(String, Tensor)> = {
+                    let mut w: Vec<(String, Tensor)> = trainer.drafter.var_store().variables().into_iter().collect();
+                    w.sort_by(|a, b| a.0.cmp(&b.0));
+                    w
+                };
+                let path = checkpoint::save(
+                    &ckpt_dir,
+                    &CheckpointData {
+                        weights,
+                        optimizer: opt.state_tensors(),
+                        state: &state,
+                        drafter: &spec,
+                        target: &dir,
+                        target_config: &cfg.raw,
+                    },
+                )?;
+                checkpoint::prune(&ckpt_dir, recipe.checkpoint.keep_last.max(1) as usize)?;
+                last_ckpt = Some(path);
+            }
+            if let Some(l) = logger.as_mut() {
+                l.flush();
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(l) = logger.as_mut() {
+        l.flush();
+    }
+    Ok(TrainSummary {
+        start_step,
+        steps: total,
+        last_loss,
+        tokens: run_tokens,
+        seconds: t_start.elapsed().as_secs_f64(),
+        last_checkpoint: last_ckpt,
+        peak_rss_mb: peak_rss_mb(),
+        eval: evals,
+    })
+}
