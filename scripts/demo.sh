@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# The demo job (run by `make demo` after the build and the demo model are ready):
-# greedy chat generation with the demo target, and validation of the demo recipes.
+# The demo job (run by `make demo` after the build and the demo model are ready): chat with the
+# demo target, tokenise the demo conversations, train Medusa heads on the demo target, export
+# them for vLLM, and print where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FORGE=target/release/forge
 MODEL=.forge/models/SmolLM2-135M-Instruct
+RECIPE=recipes/medusa-smollm2.yaml
+RUN=runs/medusa-smollm2
 echo "== forge generate (demo target: SmolLM2-135M-Instruct, greedy, KV cache)"
 "$FORGE" generate --target "$MODEL" --chat --prompt "What is the capital of France?" --max-new-tokens 32
 echo
 echo "== forge check on every recipe"
 for r in recipes/*.yaml; do "$FORGE" check "$r"; done
 echo
-echo "demo: done. Training (forge train recipes/medusa-smollm2.yaml) arrives with the training core (issue #4)."
+echo "== forge prepare-data $RECIPE (token cache)"
+"$FORGE" prepare-data "$RECIPE"
+echo
+echo "== forge train $RECIPE (Medusa, 4 heads; resumes if interrupted)"
+"$FORGE" train "$RECIPE" --resume auto
+echo
+echo "== forge export $RUN --format vllm"
+"$FORGE" export "$RUN" --format vllm --out "$RUN/export-vllm"
+echo
+echo "demo: done."
+echo "  checkpoints:   $RUN/step_*/"
+echo "  metrics:       $RUN/metrics.jsonl, TensorBoard: tensorboard --logdir $RUN/tb"
+echo "  vLLM export:   $RUN/export-vllm/ (config.json + model.safetensors)"

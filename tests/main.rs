@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod eagle;
 mod recipes;
 mod train;
 mod regenerate;

@@ -106,8 +106,7 @@ fn batched_equals_single_on_tiny_targets() {
         .expect("empty batch")
         .is_empty());
     let err = generate_batch(&model, &[vec![5], vec![]], &GenerateOptions::default())
-        .err()
-        .expect("empty prompt");
+        .expect_err("empty prompt");
     assert!(err.to_string().contains("row 1"), "{err}");
 }
 
@@ -417,9 +416,7 @@ fn input_formats() {
     assert_eq!(ctx[2].content, "A0");
     let ctx = convs[3].context(0, &[], Some("Default"));
     assert_eq!(ctx[0], Message::new(Role::System, "Default"));
-    let err = parse_input("[{\"prompt\": 1}]", Path::new("y.json"))
-        .err()
-        .expect("bad prompt");
+    let err = parse_input("[{\"prompt\": 1}]", Path::new("y.json")).expect_err("bad prompt");
     assert!(
         err.to_string()
             .starts_with("y.json:1: \"prompt\" must be a string"),

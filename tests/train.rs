@@ -391,3 +391,43 @@ fn offline_training_on_hidden_shards_matches_online() {
     }
     assert_ne!(a, b, "offline really read the bf16 shards");
 }
+
+#[test]
+fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
+    let run = setup("train-bf16");
+    let a = run.dir.join("fp32");
+    let b = run.dir.join("bf16");
+    train(&run, &a, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    train(&run, &b, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "train.dtype=bf16"]);
+    let (la, lb) = (losses(&a), losses(&b));
+    for ((_, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() < 3e-2 * x.abs(), "fp32 {x} vs bf16 {y}");
+    }
+    assert_ne!(la, lb, "the bf16 run computed in bf16");
+    // master weights and optimizer state stay fp32
+    for (n, t) in weights(&b.join("step_3")) {
+        assert_eq!(t.kind(), Kind::Float, "{n}");
+    }
+}
+
+#[test]
+fn a_second_run_without_resume_does_not_overwrite_the_first() {
+    let run = setup("train-no-overwrite");
+    let ckpt = run.dir.join("run");
+    train(&run, &ckpt, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
+    let before = std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read");
+    let out = forge(&[
+        "train",
+        run.recipe.to_str().expect("utf8"),
+        "--set",
+        &format!("target.path={}", run.target.display()),
+        "--set",
+        &format!("data.train=[{}]", run.data.display()),
+        "--set",
+        &format!("checkpoint.dir={}", ckpt.display()),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds checkpoints") && err.contains("--resume auto"), "{err}");
+    assert_eq!(std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read"), before);
+}

@@ -12,6 +12,9 @@ use crate::schedule::{LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
 use forge_data::hidden::HiddenDataset;
 use forge_data::{Batch, TokenDataset};
+use forge_models::drafters::eagle::DraftLayerSpec;
+use forge_models::drafters::eagle1::Eagle1Spec;
+use forge_models::drafters::eagle3::{self, Eagle3Spec};
 use forge_models::drafters::medusa::MedusaSpec;
 use forge_models::drafters::{Drafter, DrafterSpec, Features, Metric, TargetTensors};
 use forge_models::target::read_named_tensors;
@@ -62,8 +65,24 @@ pub fn drafter_spec(recipe: &Recipe, cfg: &TargetConfig) -> Result<DrafterSpec> 
             hidden_size: cfg.hidden_size,
             vocab_size: cfg.vocab_size,
         })),
+        DrafterSection::Eagle1(e) => Ok(DrafterSpec::Eagle1(Eagle1Spec {
+            feature_weight: e.feature_weight,
+            token_weight: e.token_weight,
+            feature_noise: e.feature_noise,
+            vocab_size: cfg.vocab_size,
+            layer: DraftLayerSpec::from_target(cfg, None, None, None, None)?,
+        })),
+        DrafterSection::Eagle3(e) => Ok(DrafterSpec::Eagle3(Eagle3Spec {
+            ttt_length: e.ttt_length,
+            step_decay: e.step_decay,
+            aux_layers: data::hidden_needs(recipe, cfg)?.aux_layers.iter().map(|&l| l as i64).collect(),
+            draft_vocab_size: data::draft_vocab_size(recipe, cfg).unwrap_or(1) as i64,
+            target_hidden_size: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
+        })),
         other => Err(TrainerError::Config(format!(
-            "drafter kind '{}' has no trainer yet (this build trains: medusa)",
+            "drafter kind '{}' has no trainer yet (this build trains: medusa, eagle1, eagle3)",
             other.kind()
         ))),
     }
@@ -351,7 +370,16 @@ fn resume_from(recipe: &Recipe, resume: &Option<String>) -> Result<Option<PathBu
         .clone()
         .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set".into()))?;
     Ok(match resume.as_deref() {
-        None => None,
+        None => {
+            if let Some(existing) = checkpoint::latest(&dir) {
+                return Err(TrainerError::Config(format!(
+                    "checkpoint.dir {} already holds checkpoints (newest: {}): pass --resume auto to continue that run, or set another checkpoint.dir (nothing was overwritten)",
+                    dir.display(),
+                    existing.display()
+                )));
+            }
+            None
+        }
         Some("auto") => checkpoint::latest(&dir),
         Some(p) => {
             let p = PathBuf::from(p);
@@ -373,14 +401,18 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
     let spec = drafter_spec(recipe, &cfg)?;
+    // decided before any expensive loading: refuses to overwrite an earlier run
+    let resume_ck = resume_from(recipe, &opts.resume)?;
     let (target_dtype, device) = target_placement(recipe)?;
     tch::manual_seed(t.seed as i64);
 
     // Data (and the target, online).
     let eval_tokens;
+    let vocab; // EAGLE-3's draft vocabulary mapping (None for other drafters)
     let source = match recipe.data.mode {
         DataMode::Online => {
             let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
+            vocab = data::vocab_mapping(recipe, &cfg, &td.train)?.map(|(m, _)| m);
             eval_tokens = td.eval.map(|e| e.dataset);
             let target = TargetModel::load(&dir, target_dtype, device)?;
             let needs = data::hidden_needs(recipe, &cfg)?;
@@ -395,6 +427,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
                 TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
             })?;
             let ds = HiddenDataset::open(hd)?;
+            vocab = offline_vocab_mapping(recipe, &cfg, &ds)?;
             let needs = data::hidden_needs(recipe, &cfg)?;
             let s = ds.settings();
             if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != s.aux_layers {
@@ -420,6 +453,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
     // The drafter (its own VarStore, fp32 master weights).
     let tensors = target_tensors(&dir, &cfg)?;
     let mut drafter = spec.build(&tensors, device)?;
+    if let Some(m) = &vocab {
+        eagle3::install_vocab_mapping(drafter.var_store(), &m.d2t, &m.t2d, tensors.lm_head.as_ref())?;
+    }
     drop(tensors);
     drafter.set_compute_kind(compute_kind(recipe, device));
     let params: Vec<(String, Tensor)> = {
@@ -486,7 +522,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         world_size: dp.world(),
         lr: 0.0,
     };
-    if let Some(ck) = resume_from(recipe, &opts.resume)? {
+    if let Some(ck) = resume_ck {
         let loaded = checkpoint::load(&ck)?;
         if loaded.manifest.drafter != spec {
             return Err(TrainerError::Config(format!(
@@ -665,4 +701,29 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         peak_rss_mb: peak_rss_mb(),
         eval: evals,
     })
+}
+
+// ---- EAGLE-3 vocabulary mapping for offline runs -------------------------------------------
+
+/// The mapping an online run on the same data would build: the one cached for the shards'
+/// data key, or built from the (cached) tokenised data when the keys match.
+fn offline_vocab_mapping(recipe: &Recipe, cfg: &TargetConfig, ds: &HiddenDataset) -> Result<Option<forge_data::VocabMapping>> {
+    let Some(draft) = data::draft_vocab_size(recipe, cfg) else {
+        return Ok(None);
+    };
+    let key = &ds.settings().data_key;
+    let cached = forge_data::VocabMapping::cache_path(&recipe.data.cache_dir, key, cfg.vocab_size as usize, draft);
+    if let Ok(m) = forge_data::VocabMapping::load(&cached) {
+        if m.d2t.len() == draft && m.t2d.len() == cfg.vocab_size as usize {
+            return Ok(Some(m));
+        }
+    }
+    let td = data::load_token_data(recipe, false)?;
+    if &td.train.key != key {
+        return Err(TrainerError::Config(format!(
+            "the EAGLE-3 vocabulary mapping is built from data.train, which is not the data the hidden states in {} were computed from: point data.train at that data",
+            recipe.data.hidden_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        )));
+    }
+    Ok(data::vocab_mapping(recipe, cfg, &td.train)?.map(|(m, _)| m))
 }

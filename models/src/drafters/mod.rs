@@ -4,6 +4,9 @@
 //! reads a batch of target features, returns its loss with named parts and metrics, and says
 //! how it is exported for each inference engine.
 
+pub mod eagle;
+pub mod eagle1;
+pub mod eagle3;
 pub mod medusa;
 pub mod registry;
 

@@ -2,6 +2,8 @@
 //! built for) that builds its drafter. Specs are stored in checkpoints and forge exports, so a
 //! drafter is rebuilt from them name for name. A new drafter adds one arm here.
 
+use super::eagle1::{Eagle1, Eagle1Spec};
+use super::eagle3::{Eagle3, Eagle3Spec};
 use super::medusa::{Medusa, MedusaSpec};
 use super::{Drafter, TargetTensors};
 use crate::error::Result;
@@ -11,12 +13,16 @@ use tch::Device;
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DrafterSpec {
     Medusa(MedusaSpec),
+    Eagle1(Eagle1Spec),
+    Eagle3(Eagle3Spec),
 }
 
 impl DrafterSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             DrafterSpec::Medusa(_) => "medusa",
+            DrafterSpec::Eagle1(_) => "eagle1",
+            DrafterSpec::Eagle3(_) => "eagle3",
         }
     }
 
@@ -25,6 +31,8 @@ impl DrafterSpec {
     pub fn build(&self, target: &TargetTensors, device: Device) -> Result<Box<dyn Drafter>> {
         Ok(match self {
             DrafterSpec::Medusa(m) => Box::new(Medusa::new(m.clone(), target, device)?),
+            DrafterSpec::Eagle1(e) => Box::new(Eagle1::new(e.clone(), target, device)?),
+            DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device)?),
         })
     }
 
@@ -32,6 +40,8 @@ impl DrafterSpec {
     pub fn shares_target_tensors(&self) -> (bool, bool) {
         match self {
             DrafterSpec::Medusa(m) => (m.original_lm_head, false),
+            // the frozen embedding and the target lm_head (target probabilities) are shared
+            DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) => (true, true),
         }
     }
 }

@@ -1,0 +1,259 @@
+//! EAGLE-1 (Li et al. 2024; DESIGN.md §6): feature-level autoregression.
+//!
+//! At position t the draft reads the target's feature f_t (its last hidden state after the
+//! final norm, what lm_head reads) and the embedding of token t+1:
+//! `fc(cat(embed(x_{t+1}), f_t))` `[h, 2h]` with bias -> one Llama decoder layer without
+//! input_layernorm -> the predicted feature of position t+1, read out by the target's lm_head
+//! (frozen). Loss over positions whose predicted token x_{t+2} is a trained token:
+//! `feature_weight * SmoothL1(pred_t, f_{t+1}) + token_weight * soft-CE(lm_head(pred_t),
+//! softmax(lm_head(f_{t+1})))`; optional uniform noise of half-width `feature_noise` on the
+//! input features in training. The embedding and lm_head are the target's, outside the
+//! VarStore.
+//!
+//! Weight names = SGLang `LlamaForCausalLMEagle`: `fc.weight` `[h, 2h]`, `fc.bias` `[h]`,
+//! `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
+//! `layers.0.post_attention_layernorm.weight`. vLLM's `EagleLlamaForCausalLM` has no fc bias.
+
+use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec, RopeScalingSpec};
+use super::{
+    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
+    Metric, TargetTensors,
+};
+use crate::error::{ModelError, Result};
+use crate::layers::attention::build_mask;
+use crate::layers::rotary::apply_rotary;
+use crate::layers::{linear, DecoderLayer, ParamInit, Rotary};
+use tch::{nn, Device, Kind, Tensor};
+
+/// EAGLE-1's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Eagle1Spec {
+    pub feature_weight: f64,
+    pub token_weight: f64,
+    pub feature_noise: f64,
+    /// The target's vocabulary size.
+    pub vocab_size: i64,
+    /// The draft layer; its hidden size is the target's.
+    pub layer: DraftLayerSpec,
+}
+
+pub struct Eagle1 {
+    spec: DrafterSpec,
+    e: Eagle1Spec,
+    vs: nn::VarStore,
+    fc: nn::Linear,
+    layer: DecoderLayer,
+    embed: Option<Tensor>,
+    lm_head: Option<Tensor>,
+    rotary: Rotary,
+    compute: Kind,
+}
+
+impl Eagle1 {
+    pub fn new(e: Eagle1Spec, target: &TargetTensors, device: Device) -> Result<Self> {
+        let l = &e.layer;
+        l.validate()?;
+        let (h, v) = (l.hidden_size, e.vocab_size);
+        let check = |t: &Option<Tensor>, what: &str| -> Result<Option<Tensor>> {
+            match t {
+                Some(w) if w.size() != [v, h] => Err(ModelError::Invalid(format!(
+                    "eagle1: the target {what} is {:?}, expected [{v}, {h}] (the draft's hidden size is the target's)",
+                    w.size()
+                ))),
+                Some(w) => Ok(Some(w.detach().to_device(device).to_kind(Kind::Float))),
+                None => Ok(None),
+            }
+        };
+        let embed = check(&target.embed, "embedding")?;
+        let lm_head = check(&target.lm_head, "lm_head")?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let init = ParamInit::Default;
+        let fc = linear(&root / "fc", 2 * h, h, true, init);
+        let layer = DecoderLayer::new(&root / "layers" / 0, l.layer_config(h), init);
+        let rotary = Rotary::new(l.head_dim, l.rope_theta, &RopeScalingSpec::scaling(&l.rope_scaling), device);
+        Ok(Self {
+            spec: DrafterSpec::Eagle1(e.clone()),
+            e,
+            vs,
+            fc,
+            layer,
+            embed,
+            lm_head,
+            rotary,
+            compute: Kind::Float,
+        })
+    }
+
+    fn shared(&self) -> Result<(&Tensor, &Tensor)> {
+        match (&self.embed, &self.lm_head) {
+            (Some(e), Some(l)) => Ok((e, l)),
+            _ => Err(ModelError::Invalid("eagle1 needs the target's embedding and lm_head".into())),
+        }
+    }
+
+    /// The predicted next features `[B, T, h]` for input features `[B, T, h]`.
+    pub fn predict(&self, f: &Features, features: &Tensor) -> Result<Tensor> {
+        let c = self.compute;
+        let l = &self.e.layer;
+        let (embed, _) = self.shared()?;
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let h = l.hidden_size;
+        let ids = shift_left(&f.input_ids, 1);
+        let emb = embed.index_select(0, &ids.reshape([-1])).view([b, t, h]);
+        let x = lin(&self.fc, &Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1), c);
+        let at = &self.layer.self_attn;
+        let (nh, kvh, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
+        let (cos, sin) = self.rotary.cos_sin(&f.position_ids, c);
+        let q = apply_rotary(&lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2), &cos, &sin);
+        let k = apply_rotary(&lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2), &cos, &sin);
+        let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
+        let (k, v) = (repeat_kv(&k, nh / kvh), repeat_kv(&v, nh / kvh));
+        let mask = build_mask(b, 0, t, Some(&f.attention_mask), None, x.device());
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
+            .transpose(1, 2)
+            .reshape([b, t, nh * d]);
+        let h1 = x + lin(&at.o_proj, &y, c);
+        let mlp = &self.layer.mlp;
+        let z = rms(&self.layer.post_attention_layernorm, &h1, c);
+        let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
+        Ok(h1 + z)
+    }
+
+    fn expected(&self, bias: bool) -> Vec<(String, Vec<i64>)> {
+        let l = &self.e.layer;
+        let h = l.hidden_size;
+        let (q, kv, i) = (l.num_heads * l.head_dim, l.num_kv_heads * l.head_dim, l.intermediate_size);
+        let mut e: Vec<(String, Vec<i64>)> = vec![("fc.weight".into(), vec![h, 2 * h])];
+        if bias {
+            e.push(("fc.bias".into(), vec![h]));
+        }
+        e.extend([
+            ("layers.0.self_attn.q_proj.weight".into(), vec![q, h]),
+            ("layers.0.self_attn.k_proj.weight".into(), vec![kv, h]),
+            ("layers.0.self_attn.v_proj.weight".into(), vec![kv, h]),
+            ("layers.0.self_attn.o_proj.weight".into(), vec![h, q]),
+            ("layers.0.mlp.gate_proj.weight".into(), vec![i, h]),
+            ("layers.0.mlp.up_proj.weight".into(), vec![i, h]),
+            ("layers.0.mlp.down_proj.weight".into(), vec![h, i]),
+            ("layers.0.post_attention_layernorm.weight".into(), vec![h]),
+        ]);
+        e
+    }
+}
+
+impl Drafter for Eagle1 {
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    fn needs(&self) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            aux_layers: Vec::new(),
+        }
+    }
+
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute = kind;
+        self.embed = self.embed.as_ref().map(|t| t.to_kind(kind));
+        self.lm_head = self.lm_head.as_ref().map(|t| t.to_kind(kind));
+    }
+
+    fn loss(&self, f: &Features, train: bool) -> Result<LossOutput> {
+        let c = self.compute;
+        let feats = f.hidden_normed()?.to_kind(Kind::Float);
+        let (_, head) = self.shared()?;
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let h = self.e.layer.hidden_size;
+        let input = if train && self.e.feature_noise > 0.0 {
+            &feats + (feats.rand_like() * 2.0 - 1.0) * self.e.feature_noise
+        } else {
+            feats.shallow_clone()
+        };
+        let pred = self.predict(f, &input)?;
+        // zero with a graph: a batch without trained positions still back-propagates
+        let mut total = self.fc.ws.sum(Kind::Float) * 0.0;
+        // every metric every time (count 0 without trained positions): metric sets agree
+        // across micro-batches and ranks
+        let (mut fl, mut cev, mut hits, mut cnt) = (0.0, 0.0, 0.0, 0.0);
+        let n = t - 2;
+        if n > 0 {
+            // position p predicts feature p+1 and so token p+2
+            let idx = rows(&f.loss_mask.narrow(1, 2, n).ne(0));
+            let count = idx.size()[0];
+            if count > 0 {
+                let x = pred.narrow(1, 0, n).reshape([b * n, h]).index_select(0, &idx);
+                let y = feats.narrow(1, 1, n).reshape([b * n, h]).index_select(0, &idx);
+                let feature = x
+                    .to_kind(Kind::Float)
+                    .smooth_l1_loss(&y, tch::Reduction::None, 1.0)
+                    .mean_dim(-1, false, Kind::Float)
+                    .mean(Kind::Float);
+                let logits = x.to_kind(c).matmul(&head.tr()).to_kind(Kind::Float);
+                let p = tch::no_grad(|| y.to_kind(c).matmul(&head.tr()).to_kind(Kind::Float).softmax(-1, Kind::Float));
+                let (ce, hit) = soft_ce_and_hits(&logits, &p);
+                total = total + &feature * self.e.feature_weight + &ce * self.e.token_weight;
+                cnt = count as f64;
+                fl = feature.double_value(&[]);
+                cev = ce.double_value(&[]);
+                hits = hit;
+            }
+        }
+        let m = |name: &str, sum: f64| Metric {
+            name: name.into(),
+            sum,
+            count: cnt,
+        };
+        let parts = vec![m("feature/smooth_l1", fl * cnt), m("token/ce", cev * cnt)];
+        let metrics = vec![m("acc/step0", hits)];
+        Ok(LossOutput {
+            loss: total,
+            parts,
+            metrics,
+        })
+    }
+
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[ExportFormat::Sglang, ExportFormat::Vllm]
+    }
+
+    fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
+        // SGLang's LlamaForCausalLMEagle keeps fc's bias; vLLM's EagleLlamaForCausalLM has none
+        // (and is found under that architecture name).
+        let (bias, arch) = match format {
+            ExportFormat::Sglang => (true, "LlamaForCausalLMEagle"),
+            ExportFormat::Vllm => (false, "EagleLlamaForCausalLM"),
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "eagle1 drafters export to sglang, vllm or forge, not {}",
+                    other.name()
+                )))
+            }
+        };
+        let expected = self.expected(bias);
+        let vars = self.vs.variables();
+        let mut tensors = Vec::new();
+        for (name, _) in &expected {
+            let t = vars
+                .get(name)
+                .ok_or_else(|| ModelError::Invalid(format!("eagle1: no variable {name}")))?;
+            tensors.push((name.clone(), t.detach()));
+        }
+        check_names_and_shapes(&format!("{} eagle1", format.name()), &tensors, &expected)?;
+        let mut config = self.e.layer.llama_config(arch, target_config);
+        config["vocab_size"] = self.e.vocab_size.into();
+        Ok(ExportBundle {
+            tensor_files: vec![("model.safetensors".into(), tensors)],
+            json_files: vec![("config.json".into(), config)],
+        })
+    }
+}

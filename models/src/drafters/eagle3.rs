@@ -1,0 +1,451 @@
+//! EAGLE-3 (Li et al. 2025) with training-time test (DESIGN.md §6).
+//!
+//! - `fc`: Linear(A * H_t -> h, no bias) over the concatenated auxiliary target layers.
+//! - `midlayer`: one decoder layer whose attention reads
+//!   `cat(input_layernorm(embed(token)), hidden_norm(h))` (width 2h); residual on h; then
+//!   post_attention_layernorm + SwiGLU MLP.
+//! - `norm` -> `lm_head` `[draft_vocab, h]`. `d2t` (int64, target id = i + d2t[i]) and `t2d`
+//!   (bool over the target vocabulary) are buffers. The embedding is the target's, frozen,
+//!   held outside the VarStore (never trained, checkpointed or exported).
+//!
+//! Training-time test (ttt_length steps): step 0 reads h = fc(aux) at position t and the token
+//! t+1; step i reads its own previous output hidden state and the token t+i+1, RoPE position
+//! t+i. Attention in step i: causal over the step-0 keys plus, for each step 1..=i, that
+//! step's key at the same position (a per-step K/V list). Step i at position t is matched to
+//! the target's distribution at position t+i+1 (the prediction of token t+i+2), restricted and
+//! renormalised to the draft vocabulary; positions are trained where that token is a trained
+//! token (loss_mask) and the target's arg-max is in the draft vocabulary. Loss =
+//! sum_i step_decay^i * mean soft-CE_i; acc/step{i} = draft arg-max == target arg-max.
+//!
+//! Weight names = SGLang / vLLM `LlamaForCausalLMEagle3`: `fc.weight`,
+//! `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj.weight`,
+//! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
+//! `lm_head.weight`, `d2t`, `t2d`.
+
+use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec, RopeScalingSpec};
+use super::{
+    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
+    Metric, TargetTensors,
+};
+use crate::error::{ModelError, Result};
+use crate::layers::attention::build_mask;
+use crate::layers::rotary::apply_rotary;
+use crate::layers::{linear, DecoderLayer, ParamInit, RmsNorm, Rotary};
+use tch::{nn, Device, Kind, Tensor};
+
+/// EAGLE-3's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Eagle3Spec {
+    pub ttt_length: i64,
+    pub step_decay: f64,
+    /// Target layers whose outputs are concatenated into fc's input.
+    pub aux_layers: Vec<i64>,
+    pub draft_vocab_size: i64,
+    pub target_hidden_size: i64,
+    /// The target's vocabulary size.
+    pub vocab_size: i64,
+    pub layer: DraftLayerSpec,
+}
+
+pub struct Eagle3 {
+    spec: DrafterSpec,
+    e: Eagle3Spec,
+    vs: nn::VarStore,
+    fc: nn::Linear,
+    hidden_norm: RmsNorm,
+    input_layernorm: RmsNorm,
+    midlayer: DecoderLayer,
+    norm: RmsNorm,
+    lm_head: nn::Linear,
+    d2t: Tensor,
+    t2d: Tensor,
+    /// The target's embedding `[V, h]` and lm_head `[V, H_t]`, frozen (compute kind).
+    embed: Option<Tensor>,
+    target_lm_head: Option<Tensor>,
+    rotary: Rotary,
+    compute: Kind,
+}
+
+/// Writes a vocabulary mapping into an EAGLE-3 VarStore's `d2t` / `t2d` buffers and, when the
+/// target's lm_head is given, initialises `lm_head` from its rows at the draft vocabulary.
+pub fn install_vocab_mapping(vs: &nn::VarStore, d2t: &[i64], t2d: &[bool], target_lm_head: Option<&Tensor>) -> Result<()> {
+    let vars = vs.variables();
+    let (Some(d), Some(t)) = (vars.get("d2t"), vars.get("t2d")) else {
+        return Err(ModelError::Invalid("this drafter has no d2t/t2d buffers".into()));
+    };
+    if d.size() != [d2t.len() as i64] || t.size() != [t2d.len() as i64] {
+        return Err(ModelError::Invalid(format!(
+            "vocabulary mapping of {} draft / {} target tokens does not fit d2t {:?} / t2d {:?}",
+            d2t.len(),
+            t2d.len(),
+            d.size(),
+            t.size()
+        )));
+    }
+    let dev = d.device();
+    let new_d = Tensor::from_slice(d2t).to_device(dev);
+    let ids = Tensor::arange(d2t.len() as i64, (Kind::Int64, dev)) + &new_d;
+    let target_ids: Vec<i64> = d2t.iter().enumerate().map(|(i, d)| i as i64 + d).collect();
+    if target_ids.iter().any(|&id| id < 0 || id >= t2d.len() as i64) || target_ids.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(ModelError::Invalid(
+            "vocabulary mapping: d2t must map draft ids to ascending target ids inside the target vocabulary".into(),
+        ));
+    }
+    let mut new_t = Tensor::zeros([t2d.len() as i64], (Kind::Bool, dev));
+    let _ = new_t.index_fill_(0, &ids, 1);
+    let given: Vec<bool> = t2d.to_vec();
+    let given = Tensor::from_slice(&given.iter().map(|&b| b as u8).collect::<Vec<u8>>()).to_device(dev).to_kind(Kind::Bool);
+    if !given.equal(&new_t) {
+        return Err(ModelError::Invalid("vocabulary mapping: t2d does not mark exactly the d2t targets".into()));
+    }
+    tch::no_grad(|| {
+        d.shallow_clone().copy_(&new_d);
+        t.shallow_clone().copy_(&new_t);
+        if let (Some(w), Some(head)) = (target_lm_head, vars.get("lm_head.weight")) {
+            if w.size()[1] == head.size()[1] {
+                head.shallow_clone().copy_(&w.to_device(dev).to_kind(Kind::Float).index_select(0, &ids));
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The explicit TTT attention mask of step `step` (0-based) for `t` positions: `[t, t*(step+1)]`,
+/// `true` = attend; key block 0 = step-0 keys (causal), block j = step j's keys (diagonal).
+pub fn ttt_mask(t: i64, step: i64, device: Device) -> Tensor {
+    let pos = Tensor::arange(t, (Kind::Int64, device));
+    let causal = pos.view([1, t]).le_tensor(&pos.view([t, 1]));
+    let eye = pos.view([1, t]).eq_tensor(&pos.view([t, 1]));
+    let mut blocks = vec![causal];
+    for _ in 0..step {
+        blocks.push(eye.shallow_clone());
+    }
+    Tensor::cat(&blocks, 1)
+}
+
+/// TTT attention: `q` `[B, h, T, d]`; `ks`/`vs` one `[B, h, T, d]` per step so far (step 0
+/// first); `mask0` `[B, 1, T, T]` (bool) over the step-0 keys. Query t of the current step sees
+/// the step-0 keys `mask0` allows plus key t of every later step (SpecForge's formulation: a
+/// full score block for step 0, one diagonal score per later step).
+pub fn ttt_attention(q: &Tensor, ks: &[Tensor], vs: &[Tensor], mask0: &Tensor) -> Tensor {
+    let d = q.size()[3];
+    let scale = 1.0 / (d as f64).sqrt();
+    let s0 = q.matmul(&ks[0].transpose(-1, -2)) * scale;
+    let s0 = s0.masked_fill(&mask0.logical_not(), f64::NEG_INFINITY);
+    let mut scores = vec![s0];
+    for k in &ks[1..] {
+        scores.push((q * k).sum_dim_intlist(-1, true, q.kind()) * scale);
+    }
+    let t = q.size()[2];
+    let sk = if q.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let w = Tensor::cat(&scores, -1).softmax(-1, sk).to_kind(q.kind());
+    let mut out = w.narrow(-1, 0, t).matmul(&vs[0]);
+    for (j, v) in vs.iter().enumerate().skip(1) {
+        out = w.narrow(-1, t + j as i64 - 1, 1) * v + out;
+    }
+    out
+}
+
+impl Eagle3 {
+    pub fn new(e: Eagle3Spec, target: &TargetTensors, device: Device) -> Result<Self> {
+        let l = &e.layer;
+        l.validate()?;
+        if e.ttt_length < 1 || e.aux_layers.is_empty() || e.draft_vocab_size < 1 || e.draft_vocab_size > e.vocab_size {
+            return Err(ModelError::Invalid(format!(
+                "eagle3: ttt_length must be >= 1, aux_layers non-empty, draft_vocab_size in 1..={} (got {}, {:?}, {})",
+                e.vocab_size, e.ttt_length, e.aux_layers, e.draft_vocab_size
+            )));
+        }
+        if l.hidden_size != e.target_hidden_size {
+            return Err(ModelError::Invalid(format!(
+                "eagle3: the draft reads the target's (frozen, shared) embedding, so its hidden_size must be the target's {} (got {})",
+                e.target_hidden_size, l.hidden_size
+            )));
+        }
+        let (h, v, vd) = (l.hidden_size, e.vocab_size, e.draft_vocab_size);
+        let check = |t: &Option<Tensor>, what: &str, width: i64| -> Result<Option<Tensor>> {
+            match t {
+                Some(w) if w.size() != [v, width] => Err(ModelError::Invalid(format!(
+                    "eagle3: the target {what} is {:?}, expected [{v}, {width}]",
+                    w.size()
+                ))),
+                Some(w) => Ok(Some(w.detach().to_device(device).to_kind(Kind::Float))),
+                None => Ok(None),
+            }
+        };
+        let embed = check(&target.embed, "embedding", h)?;
+        let target_lm_head = check(&target.lm_head, "lm_head", e.target_hidden_size)?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let init = ParamInit::Default;
+        let a = e.aux_layers.len() as i64 * e.target_hidden_size;
+        let fc = linear(&root / "fc", a, h, false, init);
+        let mid = &root / "midlayer";
+        let hidden_norm = RmsNorm::new(&mid / "hidden_norm", h, l.rms_norm_eps, init);
+        let input_layernorm = RmsNorm::new(&mid / "input_layernorm", h, l.rms_norm_eps, init);
+        let midlayer = DecoderLayer::new(mid, l.layer_config(2 * h), init);
+        let norm = RmsNorm::new(&root / "norm", h, l.rms_norm_eps, init);
+        let lm_head = linear(&root / "lm_head", h, vd, false, init);
+        let d2t = root.add("d2t", Tensor::zeros([vd], (Kind::Int64, device)), false);
+        let t2d = root.add("t2d", Tensor::arange(v, (Kind::Int64, device)).lt(vd), false);
+        let rotary = Rotary::new(l.head_dim, l.rope_theta, &RopeScalingSpec::scaling(&l.rope_scaling), device);
+        Ok(Self {
+            spec: DrafterSpec::Eagle3(e.clone()),
+            e,
+            vs,
+            fc,
+            hidden_norm,
+            input_layernorm,
+            midlayer,
+            norm,
+            lm_head,
+            d2t,
+            t2d,
+            embed,
+            target_lm_head,
+            rotary,
+            compute: Kind::Float,
+        })
+    }
+
+    pub fn eagle3_spec(&self) -> &Eagle3Spec {
+        &self.e
+    }
+
+    /// Target ids of the draft vocabulary `[draft_vocab]`.
+    pub fn draft_ids(&self) -> Tensor {
+        Tensor::arange(self.e.draft_vocab_size, (Kind::Int64, self.d2t.device())) + &self.d2t
+    }
+
+    fn embed(&self) -> Result<&Tensor> {
+        self.embed
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's embedding".into()))
+    }
+
+    /// Target side, no gradients: for every position p, the target's distribution at p over
+    /// the draft vocabulary `[B, T, Vd]` (fp32, zero rows where unused) and whether position p
+    /// is trained `[B, T]`: token p+1 is a trained token and the target's arg-max at p is in
+    /// the draft vocabulary.
+    pub fn target_probs(&self, f: &Features) -> Result<(Tensor, Tensor)> {
+        let hidden = f.hidden_normed()?;
+        let head = self
+            .target_lm_head
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's lm_head".into()))?;
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let device = hidden.device();
+        let vd = self.e.draft_vocab_size;
+        Ok(tch::no_grad(|| {
+            let next = shift_left(&f.loss_mask.ne(0).to_kind(Kind::Int64), 1).ne(0); // [B, T]
+            let idx = rows(&next);
+            let mut probs = Tensor::zeros([b * t, vd], (Kind::Float, device));
+            let mut keep = Tensor::zeros([b * t], (Kind::Bool, device));
+            let n = idx.size()[0];
+            let ids = self.draft_ids();
+            let flat = hidden.reshape([b * t, -1]);
+            let kind = head.kind();
+            let chunk = 1024;
+            let mut s = 0;
+            while s < n {
+                let m = chunk.min(n - s);
+                let sel = idx.narrow(0, s, m);
+                let logits = flat.index_select(0, &sel).to_kind(kind).matmul(&head.tr()).to_kind(Kind::Float);
+                let arg = logits.argmax(-1, false);
+                let ok = self.t2d.index_select(0, &arg);
+                let p = logits.index_select(1, &ids).softmax(-1, Kind::Float);
+                let _ = probs.index_copy_(0, &sel, &p);
+                let _ = keep.index_copy_(0, &sel, &ok);
+                s += m;
+            }
+            (probs.view([b, t, vd]), keep.view([b, t]))
+        }))
+    }
+
+    /// The midlayer on `emb` (token embeddings) and `hidden`, appending this step's keys and
+    /// values to `ks`/`vs`; returns the output hidden state `[B, T, h]` (before `norm`).
+    #[allow(clippy::too_many_arguments)]
+    fn midlayer_step(
+        &self,
+        emb: &Tensor,
+        hidden: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask0: &Tensor,
+        ks: &mut Vec<Tensor>,
+        vs: &mut Vec<Tensor>,
+    ) -> Tensor {
+        let c = self.compute;
+        let l = &self.e.layer;
+        let (b, t) = (hidden.size()[0], hidden.size()[1]);
+        let x = Tensor::cat(&[rms(&self.input_layernorm, emb, c), rms(&self.hidden_norm, hidden, c)], -1);
+        let at = &self.midlayer.self_attn;
+        let (nh, kvh, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
+        let q = lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2);
+        let k = lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
+        let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        ks.push(repeat_kv(&k, nh / kvh));
+        vs.push(repeat_kv(&v, nh / kvh));
+        let y = ttt_attention(&q, ks, vs, mask0).transpose(1, 2).reshape([b, t, nh * d]);
+        let h1 = hidden.to_kind(c) + lin(&at.o_proj, &y, c);
+        let mlp = &self.midlayer.mlp;
+        let z = rms(&self.midlayer.post_attention_layernorm, &h1, c);
+        let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
+        h1 + z
+    }
+
+    /// The training-time-test unroll: the output hidden state `[B, T, h]` (before `norm`) of
+    /// every step (at most ttt_length; steps with no position left to predict are skipped).
+    pub fn step_hidden(&self, f: &Features) -> Result<Vec<Tensor>> {
+        let c = self.compute;
+        let aux = f
+            .aux_hidden
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's auxiliary hidden states".into()))?;
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let h = self.e.layer.hidden_size;
+        let embed = self.embed()?;
+        let mask0 = build_mask(b, 0, t, Some(&f.attention_mask), None, aux.device());
+        let mut hidden = lin(&self.fc, aux, c);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let mut out = Vec::new();
+        for i in 0..self.e.ttt_length.min(t - 1) {
+            // step i at position p reads token p+i+1 at RoPE position p+i
+            let ids = shift_left(&f.input_ids, i + 1);
+            let emb = embed.index_select(0, &ids.reshape([-1])).view([b, t, h]);
+            let (cos, sin) = self.rotary.cos_sin(&(&f.position_ids + i), c);
+            hidden = self.midlayer_step(&emb, &hidden, &cos, &sin, &mask0, &mut ks, &mut vs);
+            out.push(hidden.shallow_clone());
+        }
+        Ok(out)
+    }
+
+    /// Draft logits `[N, Vd]` (fp32) of hidden states `[N, h]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let c = self.compute;
+        lin(&self.lm_head, &rms(&self.norm, hidden, c), c).to_kind(Kind::Float)
+    }
+}
+
+impl Drafter for Eagle3 {
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    fn needs(&self) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            aux_layers: self.e.aux_layers.clone(),
+        }
+    }
+
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute = kind;
+        self.embed = self.embed.as_ref().map(|t| t.to_kind(kind));
+        self.target_lm_head = self.target_lm_head.as_ref().map(|t| t.to_kind(kind));
+    }
+
+    fn loss(&self, f: &Features, _train: bool) -> Result<LossOutput> {
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let h = self.e.layer.hidden_size;
+        let (probs, keep) = self.target_probs(f)?;
+        let steps = self.step_hidden(f)?;
+        // zero with a graph: a batch without trained positions still back-propagates
+        let mut total = self.lm_head.ws.sum(Kind::Float) * 0.0;
+        let (mut parts, mut metrics) = (Vec::new(), Vec::new());
+        // Every step reports every metric (count 0 when it has no trained position), so that
+        // metric sets agree across micro-batches and ranks.
+        for i in 0..self.e.ttt_length {
+            let (mut ce_v, mut hits, mut kl_v, mut cnt) = (0.0, 0.0, 0.0, 0.0);
+            if let Some(hidden) = steps.get(i as usize) {
+                // step i at position p is matched to the target's distribution at p + i + 1
+                let n = t - i - 1;
+                let idx = rows(&keep.narrow(1, i + 1, n));
+                let count = idx.size()[0];
+                if count > 0 {
+                    let x = hidden.narrow(1, 0, n).reshape([b * n, h]).index_select(0, &idx);
+                    let p = probs.narrow(1, i + 1, n).reshape([b * n, -1]).index_select(0, &idx);
+                    let (ce, hit) = soft_ce_and_hits(&self.logits(&x), &p);
+                    total += &ce * self.e.step_decay.powi(i as i32);
+                    cnt = count as f64;
+                    ce_v = ce.double_value(&[]);
+                    hits = hit;
+                    // KL(target || draft) = soft-CE - target entropy: 0 for a perfect draft
+                    let ent = tch::no_grad(|| -(&p * p.clamp_min(1e-30).log()).sum(Kind::Float).double_value(&[]) / cnt);
+                    kl_v = ce_v - ent;
+                }
+            }
+            let m = |name: String, sum: f64| Metric { name, sum, count: cnt };
+            parts.push(m(format!("ce/step{i}"), ce_v * cnt));
+            metrics.push(m(format!("acc/step{i}"), hits));
+            metrics.push(m(format!("kl/step{i}"), kl_v * cnt));
+        }
+        Ok(LossOutput {
+            loss: total,
+            parts,
+            metrics,
+        })
+    }
+
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[ExportFormat::Sglang, ExportFormat::Vllm]
+    }
+
+    fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
+        if !matches!(format, ExportFormat::Sglang | ExportFormat::Vllm) {
+            return Err(ModelError::Invalid(format!(
+                "eagle3 drafters export to sglang, vllm or forge, not {}",
+                format.name()
+            )));
+        }
+        let e = &self.e;
+        let l = &e.layer;
+        let (h, vd) = (l.hidden_size, e.draft_vocab_size);
+        let (q, kv) = (l.num_heads * l.head_dim, l.num_kv_heads * l.head_dim);
+        // One table for both engines: forge names are the engines' names.
+        let expected: Vec<(String, Vec<i64>)> = vec![
+            ("fc.weight".into(), vec![h, e.aux_layers.len() as i64 * e.target_hidden_size]),
+            ("midlayer.hidden_norm.weight".into(), vec![h]),
+            ("midlayer.input_layernorm.weight".into(), vec![h]),
+            ("midlayer.self_attn.q_proj.weight".into(), vec![q, 2 * h]),
+            ("midlayer.self_attn.k_proj.weight".into(), vec![kv, 2 * h]),
+            ("midlayer.self_attn.v_proj.weight".into(), vec![kv, 2 * h]),
+            ("midlayer.self_attn.o_proj.weight".into(), vec![h, q]),
+            ("midlayer.post_attention_layernorm.weight".into(), vec![h]),
+            ("midlayer.mlp.gate_proj.weight".into(), vec![l.intermediate_size, h]),
+            ("midlayer.mlp.up_proj.weight".into(), vec![l.intermediate_size, h]),
+            ("midlayer.mlp.down_proj.weight".into(), vec![h, l.intermediate_size]),
+            ("norm.weight".into(), vec![h]),
+            ("lm_head.weight".into(), vec![vd, h]),
+            ("d2t".into(), vec![vd]),
+            ("t2d".into(), vec![e.vocab_size]),
+        ];
+        let vars = self.vs.variables();
+        let mut tensors = Vec::new();
+        for (name, _) in &expected {
+            let t = vars
+                .get(name)
+                .ok_or_else(|| ModelError::Invalid(format!("eagle3: no variable {name}")))?;
+            tensors.push((name.clone(), t.detach()));
+        }
+        check_names_and_shapes(&format!("{} eagle3", format.name()), &tensors, &expected)?;
+        let mut config = l.llama_config("LlamaForCausalLMEagle3", target_config);
+        config["vocab_size"] = e.vocab_size.into();
+        config["draft_vocab_size"] = vd.into();
+        config["target_hidden_size"] = e.target_hidden_size.into();
+        Ok(ExportBundle {
+            tensor_files: vec![("model.safetensors".into(), tensors)],
+            json_files: vec![("config.json".into(), config)],
+        })
+    }
+}
