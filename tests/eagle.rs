@@ -649,3 +649,123 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
         assert_eq!(cfg["hidden_size"], h);
     }
 }
+
+/// EAGLE-3's TTT loss from the description alone, in f64 with per-query loops: step i reads
+/// token p+i+1 at RoPE position p+i and its previous output; query p attends the valid step-0
+/// keys s <= p and key p of each later step; it is matched to the target's distribution at
+/// p+i+1 over the draft vocabulary where token p+i+2 is trained and the arg-max is drafted.
+fn eagle3_reference(m: &Eagle3, f: &Features, embed: &Tensor, target_lm: &Tensor, used: &[i64], ttt: i64) -> (f64, Vec<(f64, f64)>) {
+    let vars = m.var_store().variables();
+    let w = |n: &str| vars[n].to_kind(Kind::Double);
+    let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+    let (hh, nh, d) = (16i64, 4i64, 4i64);
+    let ids: Vec<i64> = Vec::try_from(&f.input_ids.reshape([-1])).expect("ids");
+    let lm: Vec<i64> = Vec::try_from(&f.loss_mask.reshape([-1])).expect("mask");
+    let am: Vec<i64> = Vec::try_from(&f.attention_mask.reshape([-1])).expect("am");
+    let tlog = f.hidden_normed.as_ref().expect("h").to_kind(Kind::Double).matmul(&target_lm.to_kind(Kind::Double).tr());
+    let mut hidden = f.aux_hidden.as_ref().expect("aux").to_kind(Kind::Double).matmul(&w("fc.weight").tr());
+    let (mut kl, mut vl): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
+    let mut total = 0.0;
+    let mut steps = Vec::new();
+    for i in 0..ttt {
+        let tok: Vec<i64> = (0..b * t).map(|k| if k % t + i + 1 < t { ids[(k + i + 1) as usize] } else { 0 }).collect();
+        let emb = embed.to_kind(Kind::Double).index_select(0, &Tensor::from_slice(&tok)).view([b, t, hh]);
+        let x = Tensor::cat(&[rms_ref(&emb, &w("midlayer.input_layernorm.weight")), rms_ref(&hidden, &w("midlayer.hidden_norm.weight"))], -1);
+        let proj = |n: &str, heads: i64| x.matmul(&w(&format!("midlayer.self_attn.{n}_proj.weight")).tr()).view([b, t, heads, d]).transpose(1, 2);
+        let pos = &f.position_ids + i;
+        let q = rope_ref(&proj("q", nh), &pos, 10000.0);
+        kl.push(rope_ref(&proj("k", 2), &pos, 10000.0).repeat_interleave_self_int(2, 1, None));
+        vl.push(proj("v", 2).repeat_interleave_self_int(2, 1, None));
+        let att = Tensor::zeros([b, nh, t, d], CPU);
+        for bi in 0..b {
+            for h in 0..nh {
+                for p in 0..t {
+                    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                    for s in 0..=p {
+                        if am[(bi * t + s) as usize] != 0 || s == p {
+                            ks.push(kl[0].get(bi).get(h).get(s));
+                            vs.push(vl[0].get(bi).get(h).get(s));
+                        }
+                    }
+                    for j in 1..=i as usize {
+                        ks.push(kl[j].get(bi).get(h).get(p));
+                        vs.push(vl[j].get(bi).get(h).get(p));
+                    }
+                    let kk = Tensor::stack(&ks, 0);
+                    let wts = (kk.mv(&q.get(bi).get(h).get(p)) / (d as f64).sqrt()).softmax(0, Kind::Double);
+                    att.get(bi).get(h).get(p).copy_(&Tensor::stack(&vs, 0).tr().mv(&wts));
+                }
+            }
+        }
+        let att = att.transpose(1, 2).reshape([b, t, nh * d]);
+        let h1 = &hidden + att.matmul(&w("midlayer.self_attn.o_proj.weight").tr());
+        let z = rms_ref(&h1, &w("midlayer.post_attention_layernorm.weight"));
+        let mlp = (z.matmul(&w("midlayer.mlp.gate_proj.weight").tr()).silu() * z.matmul(&w("midlayer.mlp.up_proj.weight").tr()))
+            .matmul(&w("midlayer.mlp.down_proj.weight").tr());
+        hidden = h1 + mlp;
+        let logits = rms_ref(&hidden, &w("norm.weight")).matmul(&w("lm_head.weight").tr());
+        let (mut ce, mut n) = (0.0f64, 0.0f64);
+        for bi in 0..b {
+            for p in 0..t {
+                let tp = p + i + 1; // the target position this query is matched to
+                if tp + 1 >= t || lm[(bi * t + tp + 1) as usize] == 0 {
+                    continue;
+                }
+                let tl = tlog.get(bi).get(tp);
+                if !used.contains(&tl.argmax(0, false).int64_value(&[])) {
+                    continue;
+                }
+                let probs = tl.index_select(0, &Tensor::from_slice(used)).softmax(0, Kind::Double);
+                let lp = logits.get(bi).get(p).log_softmax(0, Kind::Double);
+                ce += -(probs * lp).sum(Kind::Double).double_value(&[]);
+                n += 1.0;
+            }
+        }
+        if n > 0.0 {
+            total += 0.8f64.powi(i as i32) * ce / n;
+        }
+        steps.push((if n > 0.0 { ce / n } else { 0.0 }, n));
+    }
+    (total, steps)
+}
+
+#[test]
+fn eagle3_ttt_loss_equals_a_per_step_reference() {
+    tch::manual_seed(9);
+    let (b, t, hh, v) = (2i64, 8i64, 16i64, 20i64);
+    let embed = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
+    let target_lm = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
+    let target = TargetTensors {
+        lm_head: Some(target_lm.shallow_clone()),
+        embed: Some(embed.shallow_clone()),
+    };
+    let used: Vec<i64> = vec![0, 1, 2, 3, 5, 7, 8, 11, 12, 13, 17, 19];
+    let mut spec = small_spec(4);
+    spec.draft_vocab_size = used.len() as i64;
+    let m = Eagle3::new(spec, &target, Device::Cpu).expect("eagle3");
+    let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &u)| u - i as i64).collect();
+    let mut t2d = vec![false; v as usize];
+    used.iter().for_each(|&u| t2d[u as usize] = true);
+    install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(&target_lm)).expect("mapping");
+    let ids_v: Vec<i64> = vec![1, 4, 7, 2, 9, 3, 5, 5, 10, 0, 6, 8, 13, 0, 2, 0];
+    let mask_v: Vec<i64> = vec![0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0];
+    let am_v: Vec<i64> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let f = Features {
+        input_ids: Tensor::from_slice(&ids_v).view([b, t]),
+        attention_mask: Tensor::from_slice(&am_v).view([b, t]),
+        position_ids: Tensor::arange(t, (Kind::Int64, Device::Cpu)).repeat([b, 1]),
+        loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
+        hidden_normed: Some(Tensor::randn([b, t, hh], (Kind::Float, Device::Cpu))),
+        aux_hidden: Some(Tensor::randn([b, t, 3 * hh], (Kind::Float, Device::Cpu))),
+    };
+    let out = m.loss(&f, true).expect("loss");
+    let (want, steps) = eagle3_reference(&m, &f, &embed, &target_lm, &used, 4);
+    assert!(steps.iter().filter(|s| s.1 > 0.0).count() >= 3, "most steps train something: {steps:?}");
+    for (i, (ce, n)) in steps.iter().enumerate() {
+        let part = out.parts.iter().find(|p| p.name == format!("ce/step{i}")).expect("part");
+        assert_eq!(part.count, *n, "step {i} positions");
+        assert!((part.value() - ce).abs() < 1e-4, "step {i}: {} vs reference {ce}", part.value());
+    }
+    let got = out.loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-4, "loss {got} vs reference {want}");
+}

@@ -79,8 +79,13 @@ pub fn tiny_config(model_type: &str) -> serde_json::Value {
 /// Builds a tiny target with random weights (norm weights random around 1, biases random)
 /// so that every tensor matters in comparisons.
 pub fn random_target(model_type: &str, seed: i64) -> TargetModel {
+    random_target_from(tiny_config(model_type), seed)
+}
+
+/// A target with random weights for any config.json value (see [`random_target`]).
+pub fn random_target_from(config: serde_json::Value, seed: i64) -> TargetModel {
     tch::manual_seed(seed);
-    let cfg = TargetConfig::from_value(tiny_config(model_type)).expect("tiny config");
+    let cfg = TargetConfig::from_value(config).expect("tiny config");
     let model = TargetModel::build(cfg, DType::F32, Device::Cpu, ParamInit::Default);
     tch::no_grad(|| {
         for (name, mut v) in model.vs.variables() {
@@ -136,19 +141,7 @@ pub fn reference_python() -> PathBuf {
 pub fn tiny_target_with_demo_tokenizer(dir: &Path, seed: i64) -> PathBuf {
     let mut cfg = tiny_config("llama");
     cfg["vocab_size"] = 49152.into();
-    tch::manual_seed(seed);
-    let cfg = TargetConfig::from_value(cfg).expect("tiny config");
-    let model = TargetModel::build(cfg, DType::F32, Device::Cpu, ParamInit::Default);
-    tch::no_grad(|| {
-        for (name, mut v) in model.vs.variables() {
-            let r = if name.ends_with("norm.weight") {
-                Tensor::rand_like(&v) + 0.5
-            } else {
-                Tensor::randn_like(&v) * 0.15
-            };
-            v.copy_(&r);
-        }
-    });
+    let model = random_target_from(cfg, seed);
     model.save_hf(dir).expect("save tiny target");
     let demo = demo_model();
     for f in ["tokenizer.json", "tokenizer_config.json"] {

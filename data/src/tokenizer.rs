@@ -35,14 +35,7 @@ impl TextTokenizer {
     /// Encodes text without adding special tokens (templates write them as text, and
     /// special tokens written as text are recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        Ok(self.encode_with_offsets(text)?.0.into_iter().map(i64::from).collect())
     }
 
     /// Encodes text (no special tokens added) and returns the ids with each token's byte

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
-use forge_models::{parse_device, DType, TargetModel};
+use forge_models::{parse_device, TargetModel};
 use forge_trainer::recipe::Recipe;
 use forge_trainer::target_check;
 use std::io::Write;
@@ -147,21 +147,7 @@ struct GenerateArgs {
     json: bool,
 }
 
-fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
-    if name == "auto" {
-        return Ok(if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        });
-    }
-    DType::parse(name).with_context(|| {
-        format!(
-            "--dtype '{name}' is not one of auto, {}",
-            DType::NAMES.join(", ")
-        )
-    })
-}
+use forge_trainer::regenerate::resolve_dtype;
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {

@@ -23,7 +23,7 @@ fn status_json(s: &CacheStatus) -> serde_json::Value {
     }
 }
 
-fn summary(name: &str, files: &[PathBuf], d: &LoadedDataset, seconds: f64) -> serde_json::Value {
+fn summary(name: &str, files: &[PathBuf], d: &LoadedDataset) -> serde_json::Value {
     let s = &d.dataset.stats;
     serde_json::json!({
         "split": name,
@@ -40,8 +40,6 @@ fn summary(name: &str, files: &[PathBuf], d: &LoadedDataset, seconds: f64) -> se
         },
         "skipped_records": s.skipped_invalid,
         "caches": d.statuses.iter().map(status_json).collect::<Vec<_>>(),
-        "seconds": seconds,
-        "tokens_per_second": if seconds > 0.0 { s.tokens as f64 / seconds } else { 0.0 },
     })
 }
 
@@ -78,11 +76,7 @@ fn print_summary(v: &serde_json::Value) {
             println!("    ... and {} more", skipped.len() - 10);
         }
     }
-    println!(
-        "  token cache: {hits}/{files} file(s) from cache; {:.2}s ({:.0} tokens/s)",
-        v["seconds"].as_f64().unwrap_or(0.0),
-        v["tokens_per_second"].as_f64().unwrap_or(0.0),
-    );
+    println!("  token cache: {hits}/{files} file(s) from cache");
     if let Some(c) = v["caches"].as_array() {
         for c in c {
             println!(
@@ -101,9 +95,9 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
     let td = data::load_token_data(&recipe, progress)
         .with_context(|| format!("preparing the data of {}", path.display()))?;
     let seconds = t0.elapsed().as_secs_f64();
-    let mut out = vec![summary("train", &recipe.data.train, &td.train, seconds)];
+    let mut out = vec![summary("train", &recipe.data.train, &td.train)];
     if let Some(e) = &td.eval {
-        out.push(summary("eval", &recipe.data.eval, e, seconds));
+        out.push(summary("eval", &recipe.data.eval, e));
     }
     let cfg = data::target_config(&recipe)?;
     let vocab = data::vocab_mapping(&recipe, &cfg, &td.train)?;
@@ -116,13 +110,25 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
         })
     });
     if json {
-        let v = serde_json::json!({"recipe": path, "data": out, "vocab_mapping": vocab_json});
+        let tokens: u64 = out.iter().map(|v| v["tokens"].as_u64().unwrap_or(0)).sum();
+        let v = serde_json::json!({
+            "recipe": path,
+            "data": out,
+            "vocab_mapping": vocab_json,
+            "seconds": seconds,
+            "tokens_per_second": tokens as f64 / seconds.max(1e-9),
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     for v in &out {
         print_summary(v);
     }
+    let tokens: u64 = out.iter().map(|v| v["tokens"].as_u64().unwrap_or(0)).sum();
+    println!(
+        "loaded in {seconds:.2}s ({:.0} tokens/s, tokenizer loading included)",
+        tokens as f64 / seconds.max(1e-9)
+    );
     if let Some(v) = vocab_json {
         println!(
             "vocab mapping: draft vocabulary {} of {} covers {:.2}% of trainable tokens ({} {})",

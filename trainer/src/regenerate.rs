@@ -510,7 +510,8 @@ impl Regenerator<'_> {
     }
 }
 
-fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
+/// `--dtype`: auto (bf16 on CUDA, fp32 on CPU) or a named dtype.
+pub fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
     if name == "auto" {
         return Ok(if device.is_cuda() {
             DType::BF16

@@ -23,6 +23,14 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     let s = forge_trainer::train::train(&recipe, &opts, &mut forge_trainer::train::SingleProcess)
         .with_context(|| format!("training {}", path.display()))?;
     let ran = s.steps - s.start_step;
+    if ran == 0 {
+        println!(
+            "{}: already trained to step {} (checkpoint.dir holds the finished run; raise train.max_steps to continue)",
+            path.display(),
+            s.steps
+        );
+        return Ok(());
+    }
     println!(
         "trained {} steps ({}..{}) in {:.1}s: last loss {:.4}, {:.0} tokens/s, peak memory {:.0} MB",
         ran,
