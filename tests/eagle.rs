@@ -96,7 +96,7 @@ fn small_spec(ttt: i64) -> Eagle3Spec {
             intermediate_size: 24,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
-            rope_scaling: None,
+            rope_scaling: forge_models::layers::RopeScaling::None,
         },
     }
 }

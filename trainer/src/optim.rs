@@ -172,31 +172,16 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                if s.param.kind() == Kind::Float {
-                    adamw_update(
-                        &mut s.param,
-                        &g,
-                        &mut s.exp_avg,
-                        &mut s.exp_avg_sq,
-                        step,
-                        lr,
-                        &cfg,
-                        s.decay,
-                    );
+                // Non-fp32 parameters are updated through an fp32 copy written back after.
+                let fp32 = s.param.kind() == Kind::Float;
+                let mut p = if fp32 {
+                    s.param.shallow_clone()
                 } else {
-                    // Update an fp32 copy, then write it back in the parameter's kind.
-                    let mut p32 = s.param.to_kind(Kind::Float);
-                    adamw_update(
-                        &mut p32,
-                        &g,
-                        &mut s.exp_avg,
-                        &mut s.exp_avg_sq,
-                        step,
-                        lr,
-                        &cfg,
-                        s.decay,
-                    );
-                    s.param.copy_(&p32);
+                    s.param.to_kind(Kind::Float)
+                };
+                adamw_update(&mut p, &g, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, s.decay);
+                if !fp32 {
+                    s.param.copy_(&p);
                 }
             }
         })

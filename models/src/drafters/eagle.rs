@@ -8,59 +8,6 @@ use crate::layers::{AttentionConfig, DecoderLayerConfig, RmsNorm, RopeScaling};
 use crate::target::TargetConfig;
 use tch::{nn, nn::Module, Kind, Tensor};
 
-/// RoPE scaling as stored in a drafter spec (serialisable mirror of [`RopeScaling`]).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "rope_type", rename_all = "lowercase")]
-pub enum RopeScalingSpec {
-    Linear {
-        factor: f64,
-    },
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
-}
-
-impl RopeScalingSpec {
-    pub fn from_scaling(s: &RopeScaling) -> Option<Self> {
-        match *s {
-            RopeScaling::None => None,
-            RopeScaling::Linear { factor } => Some(Self::Linear { factor }),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => Some(Self::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }),
-        }
-    }
-
-    pub fn scaling(s: &Option<Self>) -> RopeScaling {
-        match s {
-            None => RopeScaling::None,
-            Some(Self::Linear { factor }) => RopeScaling::Linear { factor: *factor },
-            Some(Self::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => RopeScaling::Llama3 {
-                factor: *factor,
-                low_freq_factor: *low_freq_factor,
-                high_freq_factor: *high_freq_factor,
-                original_max_position_embeddings: *original_max_position_embeddings,
-            },
-        }
-    }
-}
-
 /// Shape of the one draft decoder layer (Llama layout, no biases).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DraftLayerSpec {
@@ -71,7 +18,7 @@ pub struct DraftLayerSpec {
     pub intermediate_size: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    pub rope_scaling: Option<RopeScalingSpec>,
+    pub rope_scaling: RopeScaling,
 }
 
 impl DraftLayerSpec {
@@ -97,7 +44,7 @@ impl DraftLayerSpec {
             intermediate_size: intermediate_size.unwrap_or(cfg.intermediate_size),
             rms_norm_eps: cfg.rms_norm_eps,
             rope_theta: cfg.rope_theta,
-            rope_scaling: RopeScalingSpec::from_scaling(&cfg.rope_scaling),
+            rope_scaling: cfg.rope_scaling.clone(),
         };
         s.validate()?;
         Ok(s)

@@ -14,7 +14,7 @@
 //! `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
 //! `layers.0.post_attention_layernorm.weight`. vLLM's `EagleLlamaForCausalLM` has no fc bias.
 
-use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec, RopeScalingSpec};
+use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
     Metric, TargetTensors,
@@ -71,7 +71,7 @@ impl Eagle1 {
         let init = ParamInit::Default;
         let fc = linear(&root / "fc", 2 * h, h, true, init);
         let layer = DecoderLayer::new(&root / "layers" / 0, l.layer_config(h), init);
-        let rotary = Rotary::new(l.head_dim, l.rope_theta, &RopeScalingSpec::scaling(&l.rope_scaling), device);
+        let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
         Ok(Self {
             spec: DrafterSpec::Eagle1(e.clone()),
             e,

@@ -22,7 +22,7 @@
 //! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
 //! `lm_head.weight`, `d2t`, `t2d`.
 
-use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec, RopeScalingSpec};
+use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
     Metric, TargetTensors,
@@ -188,7 +188,7 @@ impl Eagle3 {
         let lm_head = linear(&root / "lm_head", h, vd, false, init);
         let d2t = root.add("d2t", Tensor::zeros([vd], (Kind::Int64, device)), false);
         let t2d = root.add("t2d", Tensor::arange(v, (Kind::Int64, device)).lt(vd), false);
-        let rotary = Rotary::new(l.head_dim, l.rope_theta, &RopeScalingSpec::scaling(&l.rope_scaling), device);
+        let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
         Ok(Self {
             spec: DrafterSpec::Eagle3(e.clone()),
             e,

@@ -1,7 +1,9 @@
 use tch::{Device, Kind, Tensor};
 
-/// RoPE frequency scaling from HF `rope_scaling`.
-#[derive(Debug, Clone, PartialEq)]
+/// RoPE frequency scaling from HF `rope_scaling` (serialised in drafter specs as
+/// `{"rope_type": "none" | "linear" | "llama3", ...}`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
 pub enum RopeScaling {
     None,
     /// positions divided by `factor`.
