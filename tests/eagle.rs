@@ -5,8 +5,8 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_mask, Eagle3, Eagle3Spec};
 use forge_models::drafters::{Drafter, Features, TargetTensors};
-use forge_models::safetensors_io::{write_safetensors, SafetensorsFile};
-use forge_tests::{demo_conversations_subset, forge, metrics_rows, tiny_target_with_demo_tokenizer, tmp_dir};
+use forge_models::safetensors_io::SafetensorsFile;
+use forge_tests::{forge, losses, metrics_rows, TinyRun};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -251,70 +251,8 @@ fn eagle3_later_steps_see_only_what_the_mask_allows() {
     }
 }
 
-struct Run {
-    dir: PathBuf,
-    recipe: PathBuf,
-    target: PathBuf,
-    data: PathBuf,
-}
-
-/// The tiny random target with its (tied) embedding scaled up: a random target's next-token
-/// distributions are nearly flat, which leaves little for a drafter to match; sharper ones
-/// make learning visible in a few steps.
-fn sharp_tiny_target(dir: &Path) -> PathBuf {
-    let target = tiny_target_with_demo_tokenizer(dir, 5);
-    let file = target.join("model.safetensors");
-    let mut w = SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
-    for (n, t) in w.iter_mut() {
-        if n == "model.embed_tokens.weight" {
-            *t = &*t * 4.0;
-        }
-    }
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&file, &w, &meta).expect("write");
-    target
-}
-
-fn setup(name: &str, recipe: &str) -> Run {
-    let dir = tmp_dir(name);
-    let target = sharp_tiny_target(&dir.join("target"));
-    let data = demo_conversations_subset(&dir.join("convs.jsonl"), 48);
-    Run {
-        recipe: forge_tests::root().join(recipe),
-        dir,
-        target,
-        data,
-    }
-}
-
-fn common_sets(run: &Run) -> Vec<String> {
-    vec![
-        format!("target.path={}", run.target.display()),
-        format!("data.train=[{}]", run.data.display()),
-        format!("data.cache_dir={}", run.dir.join("cache").display()),
-    ]
-}
-
-fn train(run: &Run, ckpt: &Path, extra: &[&str]) -> std::process::Output {
-    let mut sets = common_sets(run);
-    sets.push(format!("checkpoint.dir={}", ckpt.display()));
-    let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
-    for s in &sets {
-        args.push("--set".into());
-        args.push(s.clone());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = forge(&refs);
-    assert!(out.status.success(), "forge {}\n{}", refs.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn losses(ckpt: &Path) -> Vec<(u64, f64)> {
-    metrics_rows(&ckpt.join("metrics.jsonl"))
-        .iter()
-        .filter_map(|r| Some((r["step"].as_u64()?, r["train/loss"].as_f64()?)))
-        .collect()
+fn setup(name: &str, recipe: &str) -> TinyRun {
+    TinyRun::new(name, recipe, true)
 }
 
 fn assert_falls(l: &[(u64, f64)]) {
@@ -328,7 +266,7 @@ fn assert_falls(l: &[(u64, f64)]) {
 fn eagle3_trains_on_a_tiny_target_and_its_loss_falls() {
     let run = setup("eagle3-falls", "recipes/eagle3-tiny.yaml");
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40);
     let rows = metrics_rows(&ckpt.join("metrics.jsonl"));
@@ -361,7 +299,7 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn eagle3_exports_for_sglang_and_vllm() {
     let run = setup("eagle3-export", "recipes/eagle3-tiny.yaml");
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
     let (h, v, vd) = (64i64, 49152i64, 16384i64);
     let bf = Kind::BFloat16;
     let mut want: Vec<(String, Vec<i64>, Kind)> = vec![
@@ -442,7 +380,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert!(a.equal(b), "{na}");
     }
     // resuming keeps the mapping and continues
-    let out = train(&run, &ckpt, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=1", "--resume", "auto"]);
+    let out = run.train(&ckpt, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=1", "--resume", "auto"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"));
     let resumed = SafetensorsFile::open(&ckpt.join("step_3/model.safetensors")).expect("step 3");
     assert!(resumed.tensor("d2t").expect("d2t").equal(&ck.tensor("d2t").expect("d2t")));
@@ -455,7 +393,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
 fn eagle3_offline_training_on_hidden_shards_matches_online() {
     let run = setup("eagle3-offline", "recipes/eagle3-tiny.yaml");
     let online = run.dir.join("online");
-    train(&run, &online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    run.train(&online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
     let hidden = run.dir.join("hidden");
     let mut args = vec![
         "prepare-hidden".to_string(),
@@ -465,7 +403,7 @@ fn eagle3_offline_training_on_hidden_shards_matches_online() {
         "--samples-per-shard".into(),
         "1000".into(),
     ];
-    for s in common_sets(&run) {
+    for s in run.sets() {
         args.push("--set".into());
         args.push(s);
     }
@@ -474,8 +412,7 @@ fn eagle3_offline_training_on_hidden_shards_matches_online() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let offline = run.dir.join("offline");
     let hd = format!("data.hidden_dir={}", hidden.display());
-    train(
-        &run,
+    run.train(
         &offline,
         &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "data.mode=offline", "--set", &hd],
     );
@@ -613,7 +550,7 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
     let mut run = setup("eagle1-train", "recipes/eagle3-tiny.yaml");
     run.recipe = eagle1_tiny_recipe(&run.dir);
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40);
     assert_falls(&l);

@@ -3,6 +3,7 @@
 mod cli;
 mod data;
 mod eagle;
+mod eval;
 mod recipes;
 mod train;
 mod regenerate;

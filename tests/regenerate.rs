@@ -184,6 +184,7 @@ fn batched_equals_single_on_demo_target_and_multi_turn_context() {
             Message::new(Role::User, "What is the capital of France?"),
             Message::new(Role::User, "And what is the capital of Italy?"),
         ],
+        category: None,
     };
     let regen = Regenerator {
         model: &model,

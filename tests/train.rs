@@ -4,8 +4,8 @@
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, Features, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
-use forge_tests::{demo_conversations_subset, forge, metrics_rows, tiny_target_with_demo_tokenizer, tmp_dir};
-use std::path::{Path, PathBuf};
+use forge_tests::{forge, losses, metrics_rows, TinyRun};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -96,54 +96,8 @@ fn medusa_loss_equals_a_hand_computed_reference() {
     assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
 }
 
-struct Run {
-    dir: PathBuf,
-    recipe: PathBuf,
-    target: PathBuf,
-    data: PathBuf,
-}
-
-fn setup(name: &str) -> Run {
-    let dir = tmp_dir(name);
-    let target = tiny_target_with_demo_tokenizer(&dir.join("target"), 5);
-    let data = demo_conversations_subset(&dir.join("convs.jsonl"), 48);
-    Run {
-        recipe: forge_tests::root().join("recipes/medusa-tiny.yaml"),
-        dir,
-        target,
-        data,
-    }
-}
-
-fn train(run: &Run, ckpt: &Path, extra: &[&str]) -> std::process::Output {
-    let sets = [
-        format!("target.path={}", run.target.display()),
-        format!("data.train=[{}]", run.data.display()),
-        format!("data.cache_dir={}", run.dir.join("cache").display()),
-        format!("checkpoint.dir={}", ckpt.display()),
-    ];
-    let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
-    for s in &sets {
-        args.push("--set".into());
-        args.push(s.clone());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = forge(&refs);
-    assert!(
-        out.status.success(),
-        "forge {}\n{}",
-        refs.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn losses(ckpt: &Path) -> Vec<(u64, f64)> {
-    metrics_rows(&ckpt.join("metrics.jsonl"))
-        .iter()
-        .filter_map(|r| Some((r["step"].as_u64()?, r["train/loss"].as_f64()?)))
-        .collect()
+fn setup(name: &str) -> TinyRun {
+    TinyRun::new(name, "recipes/medusa-tiny.yaml", false)
 }
 
 fn weights(step_dir: &Path) -> Vec<(String, Tensor)> {
@@ -159,7 +113,7 @@ fn weights(step_dir: &Path) -> Vec<(String, Tensor)> {
 fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
     let run = setup("train-medusa-falls");
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40, "a row per step (log.every_steps 1)");
     let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
@@ -179,7 +133,7 @@ fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
 fn resume_reproduces_the_uninterrupted_run_and_skips_broken_checkpoints() {
     let run = setup("train-resume");
     let straight = run.dir.join("straight");
-    train(&run, &straight, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5"]);
+    run.train(&straight, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5"]);
     let l_straight = losses(&straight);
     assert_eq!(l_straight.len(), 10);
     // keep_last 2: steps 5 and 10
@@ -210,7 +164,7 @@ fn resume_reproduces_the_uninterrupted_run_and_skips_broken_checkpoints() {
     let w = cut.join("step_9/model.safetensors");
     let bytes = std::fs::read(&w).expect("read");
     std::fs::write(&w, &bytes[..bytes.len() / 2]).expect("truncate");
-    let out = train(&run, &cut, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5", "--resume", "auto"]);
+    let out = run.train(&cut, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5", "--resume", "auto"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("step_5 (step 5)"), "resumed from step 5: {err}");
     let l_cut = losses(&cut);
@@ -245,7 +199,7 @@ fn keys_and_shapes(p: &Path) -> Vec<(String, Vec<i64>)> {
 fn medusa_exports_for_vllm_original_medusa_and_forge() {
     let run = setup("train-export");
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
     let (h, v) = (64i64, 49152i64);
     // vLLM
     let vllm = run.dir.join("vllm");
@@ -331,8 +285,7 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
 fn medusa_with_the_shared_target_lm_head_exports_it_for_vllm() {
     let run = setup("train-shared-head");
     let ckpt = run.dir.join("run");
-    train(
-        &run,
+    run.train(
         &ckpt,
         &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.original_lm_head=true"],
     );
@@ -355,7 +308,7 @@ fn medusa_with_the_shared_target_lm_head_exports_it_for_vllm() {
 fn offline_training_on_hidden_shards_matches_online() {
     let run = setup("train-offline");
     let online = run.dir.join("online");
-    train(&run, &online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    run.train(&online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
     // one shard holding every sample: the epoch plan is the same as online
     let hidden = run.dir.join("hidden");
     let args = [
@@ -377,8 +330,7 @@ fn offline_training_on_hidden_shards_matches_online() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let offline = run.dir.join("offline");
     let hd = format!("data.hidden_dir={}", hidden.display());
-    train(
-        &run,
+    run.train(
         &offline,
         &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "data.mode=offline", "--set", &hd],
     );
@@ -397,8 +349,8 @@ fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
     let run = setup("train-bf16");
     let a = run.dir.join("fp32");
     let b = run.dir.join("bf16");
-    train(&run, &a, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
-    train(&run, &b, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "train.dtype=bf16"]);
+    run.train(&a, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    run.train(&b, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "train.dtype=bf16"]);
     let (la, lb) = (losses(&a), losses(&b));
     for ((_, x), (_, y)) in la.iter().zip(&lb) {
         assert!((x - y).abs() < 3e-2 * x.abs(), "fp32 {x} vs bf16 {y}");
@@ -414,7 +366,7 @@ fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
 fn a_second_run_without_resume_does_not_overwrite_the_first() {
     let run = setup("train-no-overwrite");
     let ckpt = run.dir.join("run");
-    train(&run, &ckpt, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
+    run.train(&ckpt, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
     let before = std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read");
     let out = forge(&[
         "train",

@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod layers;
 pub mod safetensors_io;
+pub mod speculative;
 pub mod target;
 
 pub use dtype::{parse_device, DType};

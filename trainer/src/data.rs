@@ -38,17 +38,22 @@ pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
 
 /// A progress bar on stderr (hidden when `show` is false).
 pub fn progress_bar(total: u64, what: &str, show: bool) -> ProgressBar {
+    let pb = styled_bar(total, "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}", show);
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// A progress bar on stderr with an indicatif template, or a hidden one when `show` is false.
+pub fn styled_bar(total: u64, template: &str, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(total);
-    let style = ProgressStyle::with_template(
-        "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    pb.set_style(style);
-    pb.set_message(what.to_string());
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
     pb
 }
 

@@ -54,6 +54,12 @@ fn shared_tensors(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value) ->
 
 /// Loads a drafter from a checkpoint folder, a checkpoint.dir or a forge export.
 pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
+    load_drafter_with_target(path, device, None)
+}
+
+/// [`load_drafter`], reading the tensors the drafter shares with its target (embedding,
+/// lm_head) from `target` instead of the target folder the checkpoint records.
+pub fn load_drafter_with_target(path: &Path, device: Device, target: Option<&Path>) -> Result<LoadedDrafter> {
     let forge_desc = path.join(FORGE_EXPORT);
     if forge_desc.is_file() {
         let text = std::fs::read_to_string(&forge_desc).map_err(|source| TrainerError::Io {
@@ -62,7 +68,7 @@ pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
         })?;
         let d: ForgeExport = serde_json::from_str(&text)
             .map_err(|e| TrainerError::Config(format!("{}: {e}", forge_desc.display())))?;
-        let target = PathBuf::from(&d.target);
+        let target = target.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&d.target));
         let tensors = shared_tensors(&d.drafter, &target, &d.target_config)?;
         let drafter = d.drafter.build(&tensors, device)?;
         let weights = SafetensorsFile::open(&path.join("model.safetensors"))?.tensors()?;
@@ -88,11 +94,11 @@ pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
     let loaded = checkpoint::load(&ckpt)?;
     let Manifest {
         drafter: spec,
-        target,
+        target: recorded,
         target_config,
         ..
     } = loaded.manifest;
-    let target = PathBuf::from(target);
+    let target = target.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(recorded));
     let tensors = shared_tensors(&spec, &target, &target_config)?;
     let drafter = spec.build(&tensors, device)?;
     checkpoint::load_into_var_store(drafter.var_store(), &loaded.weights, &ckpt)?;

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod metrics;
 pub mod optim;

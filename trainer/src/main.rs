@@ -73,11 +73,9 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
-    /// Speculative decoding with a trained draft: acceptance length and speedup (not yet implemented: issue #7).
-    Eval {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Speculative decoding with a trained draft against its target: acceptance length tau,
+    /// acceptance per draft position, speedup over plain decoding, and the greedy lossless check.
+    Eval(forge_trainer::eval::EvalArgs),
     /// Tokenise a recipe's data into the token cache and print what it holds.
     PrepareData {
         recipe: PathBuf,
@@ -283,7 +281,7 @@ fn main() {
             out,
             dtype,
         } => train_cmd::run_export(checkpoint, format, out, dtype),
-        Command::Eval { .. } => not_yet("eval", 7),
+        Command::Eval(a) => forge_trainer::eval::run(a),
         Command::PrepareData { recipe, set, json } => prepare::run_prepare_data(recipe, set, json),
         Command::Regenerate(a) => forge_trainer::regenerate::run(a),
         Command::PrepareHidden(a) => prepare::run_prepare_hidden(

@@ -17,7 +17,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate_batch_seeded, GenerateOptions};
 use forge_models::{parse_device, DType, TargetModel};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
@@ -80,6 +79,8 @@ pub struct InputConversation {
     pub line: usize,
     /// System and user messages in order; an answer is generated after every user message.
     pub messages: Vec<Message>,
+    /// MT-Bench `category`, when the record has one.
+    pub category: Option<String>,
 }
 
 impl InputConversation {
@@ -303,11 +304,21 @@ pub fn parse_input(text: &str, path: &Path) -> Result<Vec<InputConversation>> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (index, (line, v)) in records.into_iter().enumerate() {
         let (id, messages) = parse_record(&v).map_err(|e| anyhow!("{p}:{line}: {e}"))?;
+        let category = match v.get("category") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) => Some(c.clone()),
+            Some(other) => bail!("{p}:{line}: \"category\" must be a string, got {}", short(other)),
+        };
         let id = id.unwrap_or_else(|| format!("regen-{index}"));
         if let Some(first) = seen.insert(id.clone(), line) {
             bail!("{p}:{line}: id '{id}' is already used on line {first} (ids must be unique: the output is resumed by id)");
         }
-        out.push(InputConversation { id, line, messages });
+        out.push(InputConversation {
+            id,
+            line,
+            messages,
+            category,
+        });
     }
     Ok(out)
 }
@@ -527,6 +538,29 @@ pub fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
     })
 }
 
+/// The ids an answer ends at: the target's eos ids and the chat template's end-of-turn token
+/// (`template_flag` is the --chat-template value, for the error message).
+pub fn stop_ids(model: &TargetModel, tokenizer: &TextTokenizer, template: &ChatTemplate, template_flag: &str) -> Result<Vec<i64>> {
+    let mut stop_ids = model.config.eos_token_ids.clone();
+    match tokenizer.token_id(template.end_of_turn()) {
+        Some(id) => stop_ids.push(id),
+        None => bail!(
+            "the target's tokenizer has no token for the chat template's end of turn {:?} (--chat-template {template_flag})",
+            template.end_of_turn(),
+        ),
+    }
+    Ok(stop_ids)
+}
+
+/// `--progress auto|always|never`: whether to draw a progress bar.
+pub fn show_progress(flag: &str) -> bool {
+    match flag {
+        "always" => true,
+        "never" => false,
+        _ => std::io::stderr().is_terminal(),
+    }
+}
+
 fn check_args(a: &RegenerateArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -584,15 +618,7 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
     let model = TargetModel::load(&a.target, dtype, device)
         .with_context(|| format!("loading target {}", a.target.display()))?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let mut stop_ids = model.config.eos_token_ids.clone();
-    match tokenizer.token_id(template.end_of_turn()) {
-        Some(id) => stop_ids.push(id),
-        None => bail!(
-            "the target's tokenizer has no token for the chat template's end of turn {:?} (--chat-template {})",
-            template.end_of_turn(),
-            a.chat_template
-        ),
-    }
+    let stop_ids = stop_ids(&model, &tokenizer, &template, &a.chat_template)?;
     let regen = Regenerator {
         model: &model,
         tokenizer: &tokenizer,
@@ -624,24 +650,12 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
         writeln!(file)?;
     }
 
-    let show = match a.progress.as_str() {
-        "always" => true,
-        "never" => false,
-        _ => std::io::stderr().is_terminal(),
-    };
-    let pb = if show {
-        let pb = ProgressBar::new(pending.len() as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "regenerate [{bar:30}] {pos}/{len} conversations {msg} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let show = show_progress(&a.progress);
+    let pb = crate::data::styled_bar(
+        pending.len() as u64,
+        "regenerate [{bar:30}] {pos}/{len} conversations {msg} eta {eta}",
+        show,
+    );
     eprintln!(
         "forge regenerate: {} conversations to answer ({} in {}, {} already in {}), batch {}, {} on {:?} ({}), load {:.1}s",
         pending.len(),

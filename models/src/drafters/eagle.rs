@@ -4,7 +4,8 @@
 //! cross-entropy against the target distribution.
 
 use crate::error::{ModelError, Result};
-use crate::layers::{AttentionConfig, DecoderLayerConfig, RmsNorm, RopeScaling};
+use crate::layers::attention::build_mask;
+use crate::layers::{AttentionConfig, DecoderLayerConfig, LayerKv, RmsNorm, RopeScaling};
 use crate::target::TargetConfig;
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -18,7 +19,13 @@ pub struct DraftLayerSpec {
     pub intermediate_size: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// `null` (as HF configs write "no scaling") reads as `RopeScaling::None`.
+    #[serde(deserialize_with = "rope_scaling_or_null")]
     pub rope_scaling: RopeScaling,
+}
+
+fn rope_scaling_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<RopeScaling, D::Error> {
+    Ok(<Option<RopeScaling> as serde::Deserialize>::deserialize(d)?.unwrap_or(RopeScaling::None))
 }
 
 impl DraftLayerSpec {
@@ -145,6 +152,29 @@ pub(crate) fn repeat_kv(x: &Tensor, rep: i64) -> Tensor {
     x.unsqueeze(2)
         .expand([s[0], s[1], rep, s[2], s[3]], false)
         .reshape([s[0], s[1] * rep, s[2], s[3]])
+}
+
+/// Scaled-dot-product attention of `q` `[B, nh, T, d]` over keys/values `[B, kvh, T, d]`,
+/// returned as `[B, T, nh * d]`. Without a cache, `mask` (`[B, 1, T, T]`, true = attend)
+/// applies; with one, the new keys/values are appended to it and the queries attend causally
+/// over everything cached (decoding).
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, cache: Option<&mut LayerKv>, mask: Option<&Tensor>) -> Tensor {
+    let s = q.size();
+    let (b, nh, t, d) = (s[0], s[1], s[2], s[3]);
+    let rep = nh / k.size()[1];
+    let (k, v, mask) = match cache {
+        Some(c) => {
+            let past = c.len();
+            let (k, v) = c.append(k, v);
+            let m = (t > 1).then(|| build_mask(b, past, t, None, None, q.device()));
+            (k, v, m)
+        }
+        None => (k.shallow_clone(), v.shallow_clone(), mask.map(|m| m.shallow_clone())),
+    };
+    let (k, v) = (repeat_kv(&k, rep), repeat_kv(&v, rep));
+    Tensor::scaled_dot_product_attention(q, &k, &v, mask.as_ref(), 0.0, false, None, false)
+        .transpose(1, 2)
+        .reshape([b, t, nh * d])
 }
 
 /// Soft cross-entropy `-sum p log softmax(logits)` averaged over rows, and the rows where the

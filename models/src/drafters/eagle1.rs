@@ -14,7 +14,7 @@
 //! `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
 //! `layers.0.post_attention_layernorm.weight`. vLLM's `EagleLlamaForCausalLM` has no fc bias.
 
-use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::eagle::{attend, lin, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
     Metric, TargetTensors,
@@ -22,7 +22,9 @@ use super::{
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
 use crate::layers::rotary::apply_rotary;
-use crate::layers::{linear, DecoderLayer, ParamInit, Rotary};
+use crate::generate::RowRng;
+use crate::layers::{linear, DecoderLayer, LayerKv, ParamInit, Rotary};
+use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-1's hyper-parameters plus the target dimensions it is built for.
@@ -94,30 +96,48 @@ impl Eagle1 {
 
     /// The predicted next features `[B, T, h]` for input features `[B, T, h]`.
     pub fn predict(&self, f: &Features, features: &Tensor) -> Result<Tensor> {
+        let b = f.input_ids.size()[0];
+        let t = f.input_ids.size()[1];
+        let mask = build_mask(b, 0, t, Some(&f.attention_mask), None, features.device());
+        self.layer(features, &shift_left(&f.input_ids, 1), &f.position_ids, Some(&mask), None)
+    }
+
+    /// The draft layer: at each position the input feature `[B, T, h]` and the embedding of
+    /// the token that follows it (`next_ids` `[B, T]`), RoPE at `positions`; attention masked
+    /// by `mask`, or over `cache` (appended to) when decoding.
+    fn layer(
+        &self,
+        features: &Tensor,
+        next_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let c = self.compute;
         let l = &self.e.layer;
         let (embed, _) = self.shared()?;
-        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
         let h = l.hidden_size;
-        let ids = shift_left(&f.input_ids, 1);
-        let emb = embed.index_select(0, &ids.reshape([-1])).view([b, t, h]);
+        let emb = embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
         let x = lin(&self.fc, &Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1), c);
         let at = &self.layer.self_attn;
         let (nh, kvh, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
-        let (cos, sin) = self.rotary.cos_sin(&f.position_ids, c);
+        let (cos, sin) = self.rotary.cos_sin(positions, c);
         let q = apply_rotary(&lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2), &cos, &sin);
         let k = apply_rotary(&lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2), &cos, &sin);
         let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
-        let (k, v) = (repeat_kv(&k, nh / kvh), repeat_kv(&v, nh / kvh));
-        let mask = build_mask(b, 0, t, Some(&f.attention_mask), None, x.device());
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
-            .transpose(1, 2)
-            .reshape([b, t, nh * d]);
+        let y = attend(&q, &k, &v, cache, mask);
         let h1 = x + lin(&at.o_proj, &y, c);
         let mlp = &self.layer.mlp;
         let z = rms(&self.layer.post_attention_layernorm, &h1, c);
         let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
         Ok(h1 + z)
+    }
+
+    /// Logits `[N, V]` (fp32) of predicted features `[N, h]` through the target's lm_head.
+    fn readout(&self, features: &Tensor) -> Result<Tensor> {
+        let (_, head) = self.shared()?;
+        Ok(features.to_kind(self.compute).matmul(&head.tr()).to_kind(Kind::Float))
     }
 
     fn expected(&self, bias: bool) -> Vec<(String, Vec<i64>)> {
@@ -254,6 +274,70 @@ impl Drafter for Eagle1 {
         Ok(ExportBundle {
             tensor_files: vec![("model.safetensors".into(), tensors)],
             json_files: vec![("config.json".into(), config)],
+        })
+    }
+
+    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+        Ok(Box::new(Eagle1Session {
+            m: self,
+            cache: LayerKv::default(),
+            committed: 0,
+            last: None,
+        }))
+    }
+}
+
+/// Speculative decoding with EAGLE-1: committed positions run the draft layer on the target's
+/// features (keys/values kept in the draft's cache); a proposal continues autoregressively on
+/// the draft's own predicted features, and those cache entries are dropped at the next commit.
+struct Eagle1Session<'a> {
+    m: &'a Eagle1,
+    cache: LayerKv,
+    /// Positions whose keys in `cache` come from the target's features.
+    committed: i64,
+    /// The predicted feature after the last committed position `[1, 1, h]`.
+    last: Option<Tensor>,
+}
+
+impl Eagle1Session<'_> {
+    fn step(&mut self, features: &Tensor, next: &[i64], start: i64) -> Result<Tensor> {
+        let device = features.device();
+        let k = next.len() as i64;
+        let ids = Tensor::from_slice(next).view([1, k]).to_device(device);
+        let pos = Tensor::arange_start(start, start + k, (Kind::Int64, device)).view([1, k]);
+        self.m.layer(features, &ids, &pos, None, Some(&mut self.cache))
+    }
+}
+
+impl DraftSession for Eagle1Session<'_> {
+    fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
+        if start != self.committed {
+            return Err(ModelError::Invalid(format!("eagle1: commit at {start}, {} positions committed", self.committed)));
+        }
+        self.cache.truncate(start);
+        let k = next.len() as i64;
+        let out = self.step(&features.hidden_normed.unsqueeze(0), next, start)?;
+        self.committed = start + k;
+        self.last = Some(out.narrow(1, k - 1, 1));
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?.shallow_clone();
+        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        for i in 0..gamma {
+            let l = self.m.readout(&feature.view([1, -1]))?.view([-1]);
+            let token = pick(&l, temperature, rng)?;
+            tokens.push(token);
+            logits.push(l);
+            if i + 1 < gamma {
+                // the predicted feature of position committed + i, followed by `token`
+                feature = self.step(&feature, &[token], self.committed + i as i64)?;
+            }
+        }
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
         })
     }
 }

@@ -22,7 +22,7 @@
 //! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
 //! `lm_head.weight`, `d2t`, `t2d`.
 
-use super::eagle::{lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::eagle::{attend, lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
     Metric, TargetTensors,
@@ -30,7 +30,9 @@ use super::{
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
 use crate::layers::rotary::apply_rotary;
-use crate::layers::{linear, DecoderLayer, ParamInit, RmsNorm, Rotary};
+use crate::generate::RowRng;
+use crate::layers::{linear, DecoderLayer, LayerKv, ParamInit, RmsNorm, Rotary};
+use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-3's hyper-parameters plus the target dimensions it is built for.
@@ -275,6 +277,19 @@ impl Eagle3 {
         ks: &mut Vec<Tensor>,
         vs: &mut Vec<Tensor>,
     ) -> Tensor {
+        let l = &self.e.layer;
+        let (b, t) = (hidden.size()[0], hidden.size()[1]);
+        let (q, k, v) = self.midlayer_qkv(emb, hidden, cos, sin);
+        let rep = l.num_heads / l.num_kv_heads;
+        ks.push(repeat_kv(&k, rep));
+        vs.push(repeat_kv(&v, rep));
+        let y = ttt_attention(&q, ks, vs, mask0).transpose(1, 2).reshape([b, t, l.num_heads * l.head_dim]);
+        self.midlayer_out(hidden, &y)
+    }
+
+    /// Queries, keys and values `[B, heads, T, d]` (RoPE applied) of the midlayer's attention
+    /// input `cat(input_layernorm(emb), hidden_norm(hidden))`.
+    fn midlayer_qkv(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
         let c = self.compute;
         let l = &self.e.layer;
         let (b, t) = (hidden.size()[0], hidden.size()[1]);
@@ -284,16 +299,34 @@ impl Eagle3 {
         let q = lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2);
         let k = lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
         let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
-        let q = apply_rotary(&q, cos, sin);
-        let k = apply_rotary(&k, cos, sin);
-        ks.push(repeat_kv(&k, nh / kvh));
-        vs.push(repeat_kv(&v, nh / kvh));
-        let y = ttt_attention(&q, ks, vs, mask0).transpose(1, 2).reshape([b, t, nh * d]);
-        let h1 = hidden.to_kind(c) + lin(&at.o_proj, &y, c);
+        (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
+    }
+
+    /// The rest of the midlayer after attention (`y` `[B, T, heads * d]`): o_proj with the
+    /// residual on `hidden`, then post_attention_layernorm + SwiGLU MLP with its residual.
+    fn midlayer_out(&self, hidden: &Tensor, y: &Tensor) -> Tensor {
+        let c = self.compute;
+        let at = &self.midlayer.self_attn;
+        let h1 = hidden.to_kind(c) + lin(&at.o_proj, y, c);
         let mlp = &self.midlayer.mlp;
         let z = rms(&self.midlayer.post_attention_layernorm, &h1, c);
         let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
         h1 + z
+    }
+
+    /// One midlayer pass while decoding: attention over `cache` (appended to) at RoPE
+    /// positions `start..start+T`; `next` are the tokens whose embeddings are read.
+    fn midlayer_cached(&self, hidden: &Tensor, next: &[i64], start: i64, cache: &mut LayerKv) -> Result<Tensor> {
+        let device = hidden.device();
+        let h = self.e.layer.hidden_size;
+        let k = next.len() as i64;
+        let ids = Tensor::from_slice(next).to_device(device);
+        let emb = self.embed()?.index_select(0, &ids).view([1, k, h]);
+        let pos = Tensor::arange_start(start, start + k, (Kind::Int64, device)).view([1, k]);
+        let (cos, sin) = self.rotary.cos_sin(&pos, self.compute);
+        let (q, kk, v) = self.midlayer_qkv(&emb, hidden, &cos, &sin);
+        let y = attend(&q, &kk, &v, Some(cache), None);
+        Ok(self.midlayer_out(hidden, &y))
     }
 
     /// The training-time-test unroll: the output hidden state `[B, T, h]` (before `norm`) of
@@ -446,6 +479,76 @@ impl Drafter for Eagle3 {
         Ok(ExportBundle {
             tensor_files: vec![("model.safetensors".into(), tensors)],
             json_files: vec![("config.json".into(), config)],
+        })
+    }
+
+    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+        Ok(Box::new(Eagle3Session {
+            m: self,
+            draft_ids: self.draft_ids(),
+            cache: LayerKv::default(),
+            committed: 0,
+            last: None,
+        }))
+    }
+}
+
+/// Speculative decoding with EAGLE-3, the inference form of training-time test: committed
+/// positions run the midlayer on fc(auxiliary target layers) with their keys/values kept in
+/// the draft's cache (step 0 of TTT); proposal step i runs on the previous step's output
+/// hidden state at RoPE position committed - 1 + i, attending to the committed keys and the
+/// earlier steps' keys, exactly as TTT's mask lets step i attend in training. Draft-vocabulary
+/// ids map to target ids through d2t.
+struct Eagle3Session<'a> {
+    m: &'a Eagle3,
+    /// Target ids of the draft vocabulary `[Vd]`.
+    draft_ids: Tensor,
+    cache: LayerKv,
+    committed: i64,
+    /// The midlayer output at the last committed position `[1, 1, h]`.
+    last: Option<Tensor>,
+}
+
+impl DraftSession for Eagle3Session<'_> {
+    fn aux_layers(&self) -> Vec<i64> {
+        self.m.e.aux_layers.clone()
+    }
+
+    fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
+        if start != self.committed {
+            return Err(ModelError::Invalid(format!("eagle3: commit at {start}, {} positions committed", self.committed)));
+        }
+        let aux = features
+            .aux
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's auxiliary hidden states".into()))?;
+        self.cache.truncate(start);
+        let hidden = lin(&self.m.fc, &aux.unsqueeze(0), self.m.compute);
+        let out = self.m.midlayer_cached(&hidden, next, start, &mut self.cache)?;
+        let k = next.len() as i64;
+        self.committed = start + k;
+        self.last = Some(out.narrow(1, k - 1, 1));
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        let mut hidden = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle3: propose before commit".into()))?.shallow_clone();
+        let v = self.m.e.vocab_size;
+        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        for i in 0..gamma {
+            let draft = self.m.logits(&hidden.view([1, -1])).view([-1]);
+            let full = Tensor::full([v], f64::NEG_INFINITY, (Kind::Float, draft.device())).index_copy(0, &self.draft_ids, &draft);
+            let token = pick(&full, temperature, rng)?;
+            tokens.push(token);
+            logits.push(full);
+            if i + 1 < gamma {
+                hidden = self.m.midlayer_cached(&hidden, &[token], self.committed + i as i64, &mut self.cache)?;
+            }
+        }
+        self.cache.truncate(self.committed);
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
         })
     }
 }

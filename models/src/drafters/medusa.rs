@@ -12,6 +12,8 @@ use super::{
     Features, LossOutput, Metric, TargetTensors,
 };
 use crate::error::{ModelError, Result};
+use crate::generate::RowRng;
+use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// Medusa's hyper-parameters plus the target dimensions it is built for.
@@ -331,5 +333,42 @@ impl Drafter for Medusa {
                 other.name()
             ))),
         }
+    }
+
+    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+        Ok(Box::new(MedusaSession { m: self, last: None }))
+    }
+}
+
+/// Speculative decoding with Medusa heads: the chain is head k's choice for token k + 2
+/// after the last committed position (one proposal per head, so gamma <= num_heads).
+struct MedusaSession<'a> {
+    m: &'a Medusa,
+    /// The target's normed hidden state at the last committed position `[1, H]`.
+    last: Option<Tensor>,
+}
+
+impl DraftSession for MedusaSession<'_> {
+    fn max_gamma(&self) -> Option<usize> {
+        Some(self.m.m.num_heads as usize)
+    }
+
+    fn commit(&mut self, _start: i64, features: &StepFeatures, _next: &[i64]) -> Result<()> {
+        let k = features.hidden_normed.size()[0];
+        self.last = Some(features.hidden_normed.narrow(0, k - 1, 1).to_kind(Kind::Float));
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        let h = self.last.as_ref().ok_or_else(|| ModelError::Invalid("medusa: propose before commit".into()))?;
+        if gamma > self.m.m.num_heads as usize {
+            return Err(ModelError::Invalid(format!("medusa has {} heads, {gamma} proposals asked", self.m.m.num_heads)));
+        }
+        let logits: Vec<Tensor> = (0..gamma).map(|k| self.m.head_logits(k, h).to_kind(Kind::Float).view([-1])).collect();
+        let tokens = logits.iter().map(|l| pick(l, temperature, rng)).collect::<Result<Vec<_>>>()?;
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
+        })
     }
 }

@@ -13,6 +13,7 @@ pub mod registry;
 pub use registry::DrafterSpec;
 
 use crate::error::{ModelError, Result};
+use crate::speculative::DraftSession;
 use tch::{nn, Kind, Tensor};
 
 /// What a drafter reads from the frozen target.
@@ -140,6 +141,8 @@ pub trait Drafter {
     fn export_formats(&self) -> &'static [ExportFormat];
     /// Tensors and configs for an engine format, named as the engine expects.
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle>;
+    /// A speculative-decoding session over one sequence (`forge eval`, `speculative.rs`).
+    fn session(&self) -> Result<Box<dyn DraftSession + '_>>;
 }
 
 /// Checks exported names and shapes against an expectation computed independently from the

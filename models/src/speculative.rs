@@ -1,0 +1,325 @@
+//! Speculative decoding (DESIGN.md §8, SEEDS.md §2): a draft proposes a chain of gamma
+//! tokens, the target verifies all of them in one forward with its KV cache, and the cache is
+//! rolled back past the first rejected token.
+//!
+//! State between rounds: the target's cache holds every committed token but the last one
+//! (`last`); the draft has been told ([`DraftSession::commit`]) the target's features at every
+//! cached position. A round feeds `[last, d_1..d_g]` to the target, which gives g + 1
+//! next-token distributions:
+//! - greedy (temperature 0): d_i is accepted iff it equals the target's arg-max after d_1..d_{i-1};
+//! - sampling: d_i is accepted with probability min(1, p(d_i) / q(d_i)); on the first
+//!   rejection a token is drawn from norm(max(0, p - q)) instead;
+//! - after a accepted drafts the target's token at position a (the correction, or the bonus
+//!   token when all g were accepted) is emitted too, so a round emits a + 1 tokens.
+//!
+//! Greedy output equals plain greedy decoding token for token; sampled output follows the
+//! target's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
+
+use crate::error::{ModelError, Result};
+use crate::generate::{sample_rows, RowRng};
+use crate::target::{Capture, LogitsMode, TargetModel};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// The target's features at consecutive positions, as a draft reads them.
+#[derive(Debug)]
+pub struct StepFeatures {
+    /// Last hidden state after the final norm, `[k, H]`.
+    pub hidden_normed: Tensor,
+    /// Outputs of the draft's auxiliary target layers, concatenated, `[k, A*H]`.
+    pub aux: Option<Tensor>,
+}
+
+/// A chain of proposed tokens.
+#[derive(Debug)]
+pub struct Proposal {
+    /// Target-vocabulary ids `d_1..d_g`.
+    pub tokens: Vec<i64>,
+    /// The draft's logits over the target vocabulary for each proposed position, `[g, V]`
+    /// fp32 (-inf outside a reduced draft vocabulary). With temperature T the draft sampled
+    /// d_i from softmax(logits_i / T); verification uses the same distribution as q.
+    pub logits: Tensor,
+}
+
+/// The draft side of speculative decoding for one sequence. Each drafter kind implements it
+/// in its own file (`Drafter::session`).
+pub trait DraftSession {
+    /// Target layers whose outputs the draft reads (`StepFeatures::aux`), in order.
+    fn aux_layers(&self) -> Vec<i64> {
+        Vec::new()
+    }
+    /// The most tokens one proposal can hold (Medusa: its number of heads).
+    fn max_gamma(&self) -> Option<usize> {
+        None
+    }
+    /// Positions `start..start+k` are final: `features` are the target's there and `next[i]`
+    /// is the token at position `start + i + 1`. Called with consecutive ranges; anything the
+    /// draft computed past `start` during earlier proposals is discarded.
+    fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()>;
+    /// Proposes `gamma` tokens to follow the committed sequence (whose last token is the
+    /// `next` of the latest commit). Greedy (arg-max) when `temperature <= 0`, otherwise each
+    /// token sampled from softmax(logits / temperature) with uniforms from `rng`.
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal>;
+}
+
+/// Dynamic gamma (SEEDS.md §2, AIMD): +1 after a round whose proposals were all accepted,
+/// otherwise halved, never below `min_gamma`.
+pub fn next_gamma(gamma: usize, all_accepted: bool, min_gamma: usize) -> usize {
+    if all_accepted {
+        gamma + 1
+    } else {
+        (gamma / 2).max(min_gamma)
+    }
+}
+
+/// How to decode.
+#[derive(Debug, Clone)]
+pub struct SpecOptions {
+    /// Draft length (the starting length with dynamic gamma).
+    pub gamma: usize,
+    /// Dynamic gamma with this floor (`None` = fixed gamma).
+    pub dynamic_min_gamma: Option<usize>,
+    /// Upper bound on any draft length (dynamic gamma grows up to it).
+    pub max_gamma: usize,
+    pub temperature: f64,
+    pub max_new_tokens: usize,
+    /// Decoding stops after emitting any of these ids (kept in the output).
+    pub stop_ids: Vec<i64>,
+    pub seed: u64,
+}
+
+impl Default for SpecOptions {
+    fn default() -> Self {
+        Self {
+            gamma: 5,
+            dynamic_min_gamma: None,
+            max_gamma: 32,
+            temperature: 0.0,
+            max_new_tokens: 128,
+            stop_ids: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+/// One verification round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Round {
+    /// The gamma in force for this round (dynamic gamma's state).
+    pub gamma: usize,
+    /// Tokens actually proposed (gamma capped by the draft and the tokens left).
+    pub proposed: usize,
+    /// Leading proposals the target accepted.
+    pub accepted: usize,
+    /// Tokens this round added to the output (accepted + 1, fewer at a stop or the limit).
+    pub emitted: usize,
+}
+
+/// The result of [`speculative_generate`].
+#[derive(Debug, Clone)]
+pub struct SpecOutput {
+    pub tokens: Vec<i64>,
+    /// Ended at a stop id (rather than at `max_new_tokens`).
+    pub stopped: bool,
+    /// One per verification forward (the prefill forward, which emits the first token, is
+    /// not a round).
+    pub rounds: Vec<Round>,
+    pub prefill_seconds: f64,
+    /// Time in the draft (commit + propose).
+    pub draft_seconds: f64,
+    /// Time in target verification forwards and acceptance.
+    pub target_seconds: f64,
+    pub total_seconds: f64,
+}
+
+impl SpecOutput {
+    /// Mean acceptance length: tokens emitted per verification forward (bonus included).
+    pub fn tau(&self) -> f64 {
+        let emitted: usize = self.rounds.iter().map(|r| r.emitted).sum();
+        if self.rounds.is_empty() {
+            0.0
+        } else {
+            emitted as f64 / self.rounds.len() as f64
+        }
+    }
+}
+
+/// Picks from logits `[V]` with temperature (arg-max at 0) using one uniform from `rng`.
+pub fn pick(logits: &Tensor, temperature: f64, rng: &mut RowRng) -> Result<i64> {
+    let u = if temperature > 0.0 { rng.next_f64() } else { 0.0 };
+    let ids = sample_rows(&logits.reshape([1, -1]), temperature, 1.0, &[u])?;
+    ids.first().copied().ok_or_else(|| ModelError::Invalid("pick: no token".into()))
+}
+
+/// Draws from an unnormalised distribution `[V]` (non-negative weights).
+fn draw(weights: &Tensor, rng: &mut RowRng) -> Result<i64> {
+    pick(&weights.clamp_min(0.0).log(), 1.0, rng)
+}
+
+fn features_at(out: &crate::target::TargetOutput, start: i64, len: i64) -> StepFeatures {
+    StepFeatures {
+        hidden_normed: out.hidden_normed.get(0).narrow(0, start, len),
+        aux: (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1).get(0).narrow(0, start, len)),
+    }
+}
+
+/// Speculative decoding of one sequence after `prompt` with a draft session.
+pub fn speculative_generate(
+    target: &TargetModel,
+    draft: &mut dyn DraftSession,
+    prompt: &[i64],
+    opts: &SpecOptions,
+) -> Result<SpecOutput> {
+    if prompt.is_empty() {
+        return Err(ModelError::Invalid("cannot decode from an empty prompt".into()));
+    }
+    if opts.gamma == 0 || opts.max_gamma == 0 {
+        return Err(ModelError::Invalid("gamma must be at least 1".into()));
+    }
+    if opts.dynamic_min_gamma == Some(0) {
+        return Err(ModelError::Invalid("the minimum gamma must be at least 1".into()));
+    }
+    let t_start = Instant::now();
+    let device = target.device();
+    let temp = opts.temperature;
+    let mut rng = RowRng::new(opts.seed);
+    let cap = draft.max_gamma().unwrap_or(usize::MAX).min(opts.max_gamma).max(1);
+    let mut gamma = opts.gamma.min(cap);
+    let capture_last = Capture {
+        layers: draft.aux_layers(),
+        logits: LogitsMode::Last,
+    };
+    let capture_all = Capture {
+        layers: draft.aux_layers(),
+        logits: LogitsMode::All,
+    };
+    let mut cache = target.new_cache();
+    let (mut draft_s, mut target_s) = (0.0, 0.0);
+    let mut out = SpecOutput {
+        tokens: Vec::new(),
+        stopped: false,
+        rounds: Vec::new(),
+        prefill_seconds: 0.0,
+        draft_seconds: 0.0,
+        target_seconds: 0.0,
+        total_seconds: 0.0,
+    };
+
+    // prefill: the whole prompt, the first new token from the target alone
+    let ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
+    let pre = tch::no_grad(|| target.forward(&ids, None, None, Some(&mut cache), &capture_last))?;
+    let logits = pre.logits.as_ref().ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
+    let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;
+    out.prefill_seconds = t_start.elapsed().as_secs_f64();
+    out.tokens.push(last);
+    if opts.stop_ids.contains(&last) {
+        out.stopped = true;
+    }
+    if !out.stopped && out.tokens.len() < opts.max_new_tokens {
+        let t = Instant::now();
+        let mut next: Vec<i64> = prompt[1..].to_vec();
+        next.push(last);
+        draft.commit(0, &features_at(&pre, 0, prompt.len() as i64), &next)?;
+        draft_s += t.elapsed().as_secs_f64();
+    }
+    drop(pre);
+
+    while !out.stopped && out.tokens.len() < opts.max_new_tokens {
+        let left = opts.max_new_tokens - out.tokens.len();
+        let g = gamma.min(left - 1);
+        let t = Instant::now();
+        let proposal = if g > 0 {
+            let p = tch::no_grad(|| draft.propose(g, temp, &mut rng))?;
+            if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
+                return Err(ModelError::Invalid(format!(
+                    "the draft proposed {} tokens with {:?} logits, {g} were asked for",
+                    p.tokens.len(),
+                    p.logits.size()
+                )));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        draft_s += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let start = cache.len();
+        let mut input = vec![last];
+        if let Some(p) = &proposal {
+            input.extend_from_slice(&p.tokens);
+        }
+        let ids = Tensor::from_slice(&input).view([1, -1]).to_device(device);
+        let ver = tch::no_grad(|| target.forward(&ids, None, None, Some(&mut cache), &capture_all))?;
+        let logits = ver
+            .logits
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("verification gave no logits".into()))?
+            .get(0)
+            .to_kind(Kind::Float); // [g+1, V]
+        let (accepted, new) = match &proposal {
+            None => (0, pick(&logits.get(0), temp, &mut rng)?),
+            Some(p) if temp <= 0.0 => {
+                let best = Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+                let a = p.tokens.iter().zip(&best).take_while(|(d, b)| d == b).count();
+                (a, best[a])
+            }
+            Some(p) => {
+                let pt = (&logits / temp).softmax(-1, Kind::Float);
+                let q = (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
+                let mut a = 0;
+                let mut new = None;
+                for (i, &d) in p.tokens.iter().enumerate() {
+                    let (pi, qi) = (pt.get(i as i64), q.get(i as i64));
+                    let (pd, qd) = (pi.double_value(&[d]), qi.double_value(&[d]));
+                    let u = rng.next_f64();
+                    // accept with probability min(1, p/q); q(d) > 0 since d was drawn from q
+                    if u * qd < pd {
+                        a += 1;
+                        continue;
+                    }
+                    let residual = (&pi - &qi).clamp_min(0.0);
+                    let mass = residual.sum(Kind::Double).double_value(&[]);
+                    new = Some(if mass > 0.0 { draw(&residual, &mut rng)? } else { draw(&pi, &mut rng)? });
+                    break;
+                }
+                match new {
+                    Some(n) => (a, n),
+                    None => (a, draw(&pt.get(a as i64), &mut rng)?),
+                }
+            }
+        };
+        // keep `last` and the accepted drafts in the cache
+        cache.truncate(start + accepted as i64 + 1);
+        target_s += t.elapsed().as_secs_f64();
+
+        let mut emitted: Vec<i64> = proposal.as_ref().map(|p| p.tokens[..accepted].to_vec()).unwrap_or_default();
+        emitted.push(new);
+        let mut keep = emitted.len().min(left);
+        if let Some(i) = emitted[..keep].iter().position(|id| opts.stop_ids.contains(id)) {
+            keep = i + 1;
+            out.stopped = true;
+        }
+        out.tokens.extend_from_slice(&emitted[..keep]);
+        out.rounds.push(Round {
+            gamma,
+            proposed: g,
+            accepted,
+            emitted: keep,
+        });
+        if out.stopped || out.tokens.len() >= opts.max_new_tokens {
+            break;
+        }
+        let t = Instant::now();
+        draft.commit(start, &features_at(&ver, 0, accepted as i64 + 1), &emitted)?;
+        draft_s += t.elapsed().as_secs_f64();
+        last = new;
+        if let Some(min) = opts.dynamic_min_gamma {
+            gamma = next_gamma(gamma, g > 0 && accepted == g, min).min(cap);
+        }
+    }
+    out.draft_seconds = draft_s;
+    out.target_seconds = target_s;
+    out.total_seconds = t_start.elapsed().as_secs_f64();
+    Ok(out)
+}

@@ -1,0 +1,579 @@
+//! Speculative decoding (`forge_models::speculative`, `forge eval`): greedy output equals plain
+//! greedy output for every drafter kind (with rollback across rejections), the verification
+//! forward's features after rollback equal a full forward's, each drafter's decoding session
+//! computes what its training forward computes, speculative sampling follows the target's
+//! distribution (chi-square), dynamic gamma follows its rule, and the CLI report.
+
+use forge_models::drafters::eagle::DraftLayerSpec;
+use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
+use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
+use forge_models::drafters::medusa::{Medusa, MedusaSpec};
+use forge_models::drafters::{Drafter, Features, TargetTensors};
+use forge_models::generate::{generate, GenerateOptions, RowRng};
+use forge_models::speculative::{next_gamma, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
+use forge_models::{Capture, LogitsMode, TargetModel};
+use forge_tests::{forge, max_abs_diff, random_target, TinyRun};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+const V: i64 = 96;
+
+fn tensors(t: &TargetModel) -> TargetTensors {
+    TargetTensors {
+        lm_head: Some(t.lm_head_weight().detach()),
+        embed: Some(t.embed_weight().detach()),
+    }
+}
+
+fn medusa(t: &TargetModel) -> Medusa {
+    tch::manual_seed(11);
+    let m = Medusa::new(
+        MedusaSpec {
+            num_heads: 4,
+            num_layers: 1,
+            original_lm_head: false,
+            loss_decay: 0.8,
+            top_k: 3,
+            hidden_size: 64,
+            vocab_size: V,
+        },
+        &tensors(t),
+        Device::Cpu,
+    )
+    .expect("medusa");
+    // non-zero residual blocks so that heads differ from the target's head
+    tch::no_grad(|| {
+        for (n, mut v) in m.var_store().variables() {
+            if n.starts_with("blocks") {
+                v.copy_(&(Tensor::randn_like(&v) * 0.2));
+            }
+        }
+    });
+    m
+}
+
+fn eagle1(t: &TargetModel) -> Eagle1 {
+    tch::manual_seed(12);
+    Eagle1::new(
+        Eagle1Spec {
+            feature_weight: 1.0,
+            token_weight: 0.1,
+            feature_noise: 0.0,
+            vocab_size: V,
+            layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
+        },
+        &tensors(t),
+        Device::Cpu,
+    )
+    .expect("eagle1")
+}
+
+/// EAGLE-3 over the two tiny layers with a draft vocabulary of the even target ids.
+fn eagle3(t: &TargetModel) -> Eagle3 {
+    tch::manual_seed(13);
+    let m = Eagle3::new(
+        Eagle3Spec {
+            ttt_length: 3,
+            step_decay: 0.8,
+            aux_layers: vec![0, 1],
+            draft_vocab_size: V / 2,
+            target_hidden_size: 64,
+            vocab_size: V,
+            layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
+        },
+        &tensors(t),
+        Device::Cpu,
+    )
+    .expect("eagle3");
+    let d2t: Vec<i64> = (0..V / 2).collect(); // draft id i -> target id 2i
+    let t2d: Vec<bool> = (0..V).map(|i| i % 2 == 0).collect();
+    install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
+    m
+}
+
+fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        stop_ids: stop.to_vec(),
+        ..Default::default()
+    };
+    generate(t, prompt, &opts, |_| {}).expect("generate").tokens
+}
+
+fn prompts() -> Vec<Vec<i64>> {
+    vec![vec![1, 17, 42, 5, 66, 23], vec![1, 9], vec![3, 80, 80, 12, 7, 7, 31, 55, 60, 2, 44]]
+}
+
+#[test]
+fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
+    let t = random_target("llama", 21);
+    let drafters: Vec<(&str, Box<dyn Drafter>)> =
+        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t)))];
+    for (name, d) in &drafters {
+        for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
+            for (i, p) in prompts().iter().enumerate() {
+                let want = plain(&t, p, 40, &[]);
+                let mut s = d.session().expect("session");
+                let opts = SpecOptions {
+                    gamma,
+                    dynamic_min_gamma: dynamic,
+                    max_new_tokens: 40,
+                    ..Default::default()
+                };
+                let got = speculative_generate(&t, s.as_mut(), p, &opts).expect("speculative");
+                assert_eq!(got.tokens, want, "{name} gamma {gamma} dynamic {dynamic:?} prompt {i}");
+                let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
+                assert_eq!(emitted + 1, got.tokens.len(), "{name}: the prefill token plus every round's tokens");
+                for r in &got.rounds {
+                    assert!(r.accepted <= r.proposed && r.proposed <= r.gamma);
+                }
+            }
+        }
+    }
+}
+
+/// A draft that proposes the known greedy continuation with one wrong token at a position
+/// chosen per round (or none), and checks everything the engine commits against a full
+/// forward of the final sequence.
+struct Scripted {
+    prompt: Vec<i64>,
+    answer: Vec<i64>,
+    /// The target's normed hidden states over prompt + answer `[T, H]` (one full forward).
+    reference: Tensor,
+    committed: i64,
+    round: usize,
+    /// Per round, the index of the wrong proposal (>= gamma: all right).
+    errors: Vec<usize>,
+    max_feature_diff: f64,
+}
+
+impl Scripted {
+    fn token_at(&self, pos: usize) -> Option<i64> {
+        if pos < self.prompt.len() {
+            Some(self.prompt[pos])
+        } else {
+            self.answer.get(pos - self.prompt.len()).copied()
+        }
+    }
+}
+
+impl DraftSession for Scripted {
+    fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
+        assert_eq!(start, self.committed, "commits are consecutive");
+        for (i, &n) in next.iter().enumerate() {
+            assert_eq!(Some(n), self.token_at(start as usize + i + 1), "next token of position {}", start as usize + i);
+        }
+        let k = next.len() as i64;
+        let want = self.reference.narrow(0, start, k);
+        self.max_feature_diff = self.max_feature_diff.max(max_abs_diff(&f.hidden_normed, &want));
+        self.committed = start + k;
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, _t: f64, _rng: &mut RowRng) -> forge_models::Result<Proposal> {
+        let wrong = self.errors[self.round % self.errors.len()];
+        self.round += 1;
+        // the committed sequence ends with token `committed` (not yet in the cache)
+        let tokens: Vec<i64> = (0..gamma)
+            .map(|i| {
+                let right = self.token_at(self.committed as usize + 1 + i).unwrap_or(0);
+                if i == wrong {
+                    (right + 1) % V
+                } else {
+                    right
+                }
+            })
+            .collect();
+        let logits = Tensor::zeros([gamma as i64, V], (Kind::Float, Device::Cpu));
+        Ok(Proposal { tokens, logits })
+    }
+}
+
+fn reference_hidden(t: &TargetModel, seq: &[i64]) -> Tensor {
+    let ids = Tensor::from_slice(seq).view([1, -1]);
+    let out = tch::no_grad(|| t.forward(&ids, None, None, None, &Capture::logits(LogitsMode::None))).expect("forward");
+    out.hidden_normed.get(0)
+}
+
+#[test]
+fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exact() {
+    let t = random_target("llama", 22);
+    let prompt = prompts()[0].clone();
+    let answer = plain(&t, &prompt, 60, &[]);
+    let seq: Vec<i64> = prompt.iter().chain(&answer).copied().collect();
+    let errors = vec![0, 2, 9, 1, 4, 9, 3];
+    let mut s = Scripted {
+        reference: reference_hidden(&t, &seq),
+        prompt: prompt.clone(),
+        answer: answer.clone(),
+        committed: 0,
+        round: 0,
+        errors: errors.clone(),
+        max_feature_diff: 0.0,
+    };
+    let opts = SpecOptions {
+        gamma: 4,
+        max_new_tokens: 60,
+        ..Default::default()
+    };
+    let got = speculative_generate(&t, &mut s, &prompt, &opts).expect("speculative");
+    assert_eq!(got.tokens, answer);
+    // every round accepts exactly up to the scripted error (all 4 and a bonus when none)
+    for (r, round) in got.rounds.iter().enumerate() {
+        let want = errors[r % errors.len()].min(round.proposed);
+        assert_eq!(round.accepted, want, "round {r}: {round:?}");
+        if r + 1 < got.rounds.len() {
+            assert_eq!(round.emitted, want + 1, "round {r}");
+        }
+    }
+    assert!(got.rounds.iter().any(|r| r.accepted == 4), "some rounds accept everything (bonus token)");
+    assert!(s.max_feature_diff < 1e-4, "features after rollback differ from a full forward by {}", s.max_feature_diff);
+    // tau = tokens per verification forward
+    let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
+    assert!((got.tau() - emitted as f64 / got.rounds.len() as f64).abs() < 1e-12);
+
+    // a stop id inside an accepted chain ends the output right after it
+    let stop = answer[17];
+    let want = plain(&t, &prompt, 60, &[stop]);
+    let mut s2 = Scripted {
+        reference: reference_hidden(&t, &seq),
+        prompt: prompt.clone(),
+        answer: answer.clone(),
+        committed: 0,
+        round: 0,
+        errors: vec![9],
+        max_feature_diff: 0.0,
+    };
+    let got = speculative_generate(&t, &mut s2, &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
+    assert_eq!(got.tokens, want);
+    assert!(got.stopped);
+}
+
+#[test]
+fn dynamic_gamma_follows_its_rule() {
+    assert_eq!(next_gamma(5, true, 4), 6);
+    assert_eq!(next_gamma(9, false, 4), 4);
+    assert_eq!(next_gamma(12, false, 4), 6);
+    assert_eq!(next_gamma(4, false, 4), 4);
+    assert_eq!(next_gamma(3, false, 1), 1);
+
+    let t = random_target("llama", 22);
+    let prompt = prompts()[0].clone();
+    let answer = plain(&t, &prompt, 80, &[]);
+    let seq: Vec<i64> = prompt.iter().chain(&answer).copied().collect();
+    let mut s = Scripted {
+        reference: reference_hidden(&t, &seq),
+        prompt: prompt.clone(),
+        answer: answer.clone(),
+        committed: 0,
+        round: 0,
+        errors: vec![99, 99, 99, 1, 99, 0, 99, 99, 2],
+        max_feature_diff: 0.0,
+    };
+    let opts = SpecOptions {
+        gamma: 3,
+        dynamic_min_gamma: Some(2),
+        max_gamma: 6,
+        max_new_tokens: 80,
+        ..Default::default()
+    };
+    let got = speculative_generate(&t, &mut s, &prompt, &opts).expect("speculative");
+    assert_eq!(got.tokens, answer);
+    assert_eq!(got.rounds[0].gamma, 3);
+    let mut grew = false;
+    for w in got.rounds.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let want = next_gamma(a.gamma, a.accepted == a.proposed, 2).min(6);
+        assert_eq!(b.gamma, want, "{a:?} -> {b:?}");
+        grew |= b.gamma > a.gamma;
+    }
+    assert!(grew && got.rounds.iter().any(|r| r.gamma == 6), "gamma grows to its ceiling: {:?}", got.rounds);
+}
+
+fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {
+    let n = seq.len() as i64;
+    let ids = Tensor::from_slice(seq).view([1, n]);
+    let cap = Capture {
+        layers: aux.to_vec(),
+        logits: LogitsMode::None,
+    };
+    let out = tch::no_grad(|| t.forward(&ids, None, None, None, &cap)).expect("forward");
+    Features {
+        input_ids: ids.shallow_clone(),
+        attention_mask: ids.ones_like(),
+        position_ids: Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]),
+        loss_mask: ids.ones_like(),
+        hidden_normed: Some(out.hidden_normed),
+        aux_hidden: (!aux.is_empty()).then(|| Tensor::cat(&out.layers, -1)),
+    }
+}
+
+fn step_features(f: &Features, len: i64) -> StepFeatures {
+    StepFeatures {
+        hidden_normed: f.hidden_normed.as_ref().expect("hidden").get(0).narrow(0, 0, len),
+        aux: f.aux_hidden.as_ref().map(|a| a.get(0).narrow(0, 0, len)),
+    }
+}
+
+#[test]
+fn eagle3_decoding_session_computes_what_training_time_test_computes() {
+    let t = random_target("llama", 23);
+    let m = eagle3(&t);
+    let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
+    let n = 8; // committed positions 0..8; seq[8] is the last token (not yet verified)
+    let f = features(&t, &seq[..n], &[0, 1]);
+    let mut s = m.session().expect("session");
+    s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
+    let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
+    // the training unroll over the sequence continued with the proposals
+    let full: Vec<i64> = seq.iter().copied().chain(p.tokens[..2].iter().copied()).collect();
+    let ff = features(&t, &full, &[0, 1]);
+    let steps = tch::no_grad(|| m.step_hidden(&ff)).expect("steps");
+    let ids = m.draft_ids();
+    for i in 0..3 {
+        let h = steps[i].get(0).narrow(0, n as i64 - 1, 1);
+        let want = tch::no_grad(|| m.logits(&h)).view([-1]);
+        let got = p.logits.get(i as i64).index_select(0, &ids);
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "step {i}: decoding logits differ from the TTT unroll by {d}");
+        let best = ids.int64_value(&[want.argmax(0, false).int64_value(&[])]);
+        assert_eq!(p.tokens[i], best, "step {i} proposes the arg-max mapped through d2t");
+        assert_eq!(p.tokens[i] % 2, 0, "only draft-vocabulary (even) ids");
+    }
+    // outside the draft vocabulary the proposal has no mass
+    assert_eq!(p.logits.get(0).double_value(&[1]), f64::NEG_INFINITY);
+
+    // a second commit (after a partial acceptance) drops the proposal's cache entries
+    s.commit(n as i64, &step_features(&ff, n as i64 + 2).narrowed(n as i64, 2), &full[n + 1..n + 3]).expect("commit");
+    let p2 = tch::no_grad(|| s.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
+    let mut fresh = m.session().expect("session");
+    let all = step_features(&ff, n as i64 + 2);
+    fresh.commit(0, &all, &full[1..n + 3]).expect("commit");
+    let p3 = tch::no_grad(|| fresh.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
+    let d = max_abs_diff(&p2.logits.index_select(1, &ids), &p3.logits.index_select(1, &ids));
+    assert!(d < 1e-4, "incremental commits equal one commit: {d}");
+}
+
+trait Narrow {
+    fn narrowed(&self, start: i64, len: i64) -> StepFeatures;
+}
+
+impl Narrow for StepFeatures {
+    fn narrowed(&self, start: i64, len: i64) -> StepFeatures {
+        StepFeatures {
+            hidden_normed: self.hidden_normed.narrow(0, start, len),
+            aux: self.aux.as_ref().map(|a| a.narrow(0, start, len)),
+        }
+    }
+}
+
+#[test]
+fn eagle1_decoding_session_computes_what_the_training_forward_computes() {
+    let t = random_target("llama", 24);
+    let m = eagle1(&t);
+    let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
+    let n = 8;
+    let f = features(&t, &seq[..n], &[]);
+    let mut s = m.session().expect("session");
+    s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
+    let p = tch::no_grad(|| s.propose(2, 0.0, &mut RowRng::new(0))).expect("propose");
+    let head = t.lm_head_weight();
+    // proposal 1: the predicted feature at the last committed position, read out
+    let full: Vec<i64> = seq.iter().copied().chain([p.tokens[0]]).collect();
+    let ff = features(&t, &full, &[]);
+    let true_feats = ff.hidden_normed.as_ref().expect("hidden").shallow_clone();
+    let pred = tch::no_grad(|| m.predict(&ff, &true_feats)).expect("predict");
+    let f_hat = pred.get(0).get(n as i64 - 1);
+    let want0 = f_hat.matmul(&head.tr());
+    assert!(max_abs_diff(&p.logits.get(0), &want0) < 1e-4);
+    // proposal 2: the same layer at position n reading the predicted feature and proposal 1
+    let feats2 = true_feats.copy();
+    tch::no_grad(|| feats2.get(0).get(n as i64).copy_(&f_hat));
+    let pred2 = tch::no_grad(|| m.predict(&ff, &feats2)).expect("predict");
+    let want1 = pred2.get(0).get(n as i64).matmul(&head.tr());
+    let d = max_abs_diff(&p.logits.get(1), &want1);
+    assert!(d < 1e-4, "second proposal differs from the training forward on predicted features by {d}");
+}
+
+/// Pearson's chi-square of counts against probabilities, bins with expectation < 5 pooled;
+/// returns (statistic, degrees of freedom).
+fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
+    let n: f64 = counts.iter().sum();
+    let (mut stat, mut bins) = (0.0, 0);
+    let (mut pool_o, mut pool_e) = (0.0, 0.0);
+    for (&o, &p) in counts.iter().zip(probs) {
+        let e = n * p;
+        if e < 5.0 {
+            pool_o += o;
+            pool_e += e;
+        } else {
+            stat += (o - e).powi(2) / e;
+            bins += 1;
+        }
+    }
+    if pool_e > 0.0 {
+        stat += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+        bins += 1;
+    }
+    (stat, bins - 1)
+}
+
+/// The chi-square quantile at 1 - 1e-4 (Wilson-Hilferty).
+fn chi_square_critical(dof: usize) -> f64 {
+    let k = dof as f64;
+    let z = 3.719;
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+fn softmax_rows(t: &TargetModel, seqs: &[Vec<i64>]) -> Tensor {
+    let ids = Tensor::from_slice(&seqs.concat()).view([seqs.len() as i64, -1]);
+    let out = tch::no_grad(|| t.forward(&ids, None, None, None, &Capture::logits(LogitsMode::Last))).expect("forward");
+    out.logits.expect("logits").squeeze_dim(1).softmax(-1, Kind::Double)
+}
+
+#[test]
+fn speculative_sampling_follows_the_target_distribution() {
+    let t = random_target("llama", 25);
+    let m = eagle1(&t);
+    let prompt: Vec<i64> = vec![1, 17, 42, 5];
+    // exact marginals of the 2nd and 3rd sampled tokens under the target
+    let p1 = softmax_rows(&t, &[prompt.clone()]).get(0);
+    let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
+    let p2_given = softmax_rows(&t, &ctx1); // [V, V]
+    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
+    let ctx2: Vec<Vec<i64>> = (0..V * V).map(|i| prompt.iter().copied().chain([i / V, i % V]).collect()).collect();
+    let p3_given = softmax_rows(&t, &ctx2).view([V, V, V]);
+    let p12 = p1.unsqueeze(1) * &p2_given; // [V, V]
+    let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
+    // the draft's own marginal of its first proposal (what a broken verifier would emit)
+    let q2: Vec<f64> = {
+        let mut q = Tensor::zeros([V], (Kind::Double, Device::Cpu));
+        for a in 0..V {
+            let mut s = m.session().expect("session");
+            let seq: Vec<i64> = prompt.iter().copied().chain([a]).collect();
+            let f = features(&t, &prompt, &[]);
+            s.commit(0, &step_features(&f, prompt.len() as i64), &seq[1..]).expect("commit");
+            let pr = tch::no_grad(|| s.propose(1, 1.0, &mut RowRng::new(0))).expect("propose");
+            q += pr.logits.get(0).softmax(-1, Kind::Double) * p1.double_value(&[a]);
+        }
+        Vec::<f64>::try_from(&q).expect("q")
+    };
+
+    let samples = 3000;
+    let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
+    let (mut accepted, mut rejected) = (0, 0);
+    for seed in 0..samples {
+        let mut s = m.session().expect("session");
+        let opts = SpecOptions {
+            gamma: 2,
+            temperature: 1.0,
+            max_new_tokens: 3,
+            seed: seed as u64,
+            ..Default::default()
+        };
+        let out = speculative_generate(&t, s.as_mut(), &prompt, &opts).expect("speculative");
+        assert_eq!(out.tokens.len(), 3);
+        c2[out.tokens[1] as usize] += 1.0;
+        c3[out.tokens[2] as usize] += 1.0;
+        for r in &out.rounds {
+            accepted += r.accepted;
+            rejected += (r.accepted < r.proposed) as usize;
+        }
+    }
+    assert!(accepted > samples / 10 && rejected > samples / 10, "both acceptance and resampling happen: {accepted} accepted, {rejected} rejections");
+    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
+    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
+    for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
+        let (stat, dof) = chi_square(counts, probs);
+        assert!(stat < chi_square_critical(dof), "{what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}", chi_square_critical(dof));
+    }
+    // the test has power: the draft's distribution is far from the samples
+    let (stat, dof) = chi_square(&c2, &q2);
+    assert!(stat > 3.0 * chi_square_critical(dof), "the draft's distribution should be rejected: {stat:.1} ({dof} dof)");
+}
+
+fn run_eval(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    forge(&all)
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).expect("read")).expect("json")
+}
+
+#[test]
+fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
+    let run = TinyRun::new("eval-cli", "recipes/medusa-tiny.yaml", true);
+    let ckpt = run.dir.join("run");
+    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    let prompts = run.dir.join("questions.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n",
+            "{\"question_id\": 2, \"category\": \"math\", \"turns\": [\"What is 12 times 7?\"]}\n",
+        ),
+    )
+    .expect("write");
+    let json = run.dir.join("report.json");
+    let target = run.target.display().to_string();
+    let out = run_eval(&[
+        "--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
+        "--max-new-tokens", "12", "--gamma", "2", "--verify", "--json", json.to_str().expect("utf8"), "--progress", "never",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_json(&json);
+    let s = &r["summary"];
+    assert_eq!(s["turns"], 3);
+    assert_eq!(s["greedy_compared"], 3);
+    assert_eq!(s["greedy_mismatches"], 0);
+    assert_eq!(s["new_tokens"], s["baseline"]["new_tokens"], "greedy: same tokens as plain decoding");
+    let tau = s["tau"].as_f64().expect("tau");
+    let forwards = s["target_forwards"].as_f64().expect("forwards");
+    let tokens = s["new_tokens"].as_f64().expect("tokens");
+    // each turn's first token comes from the prefill, the rest from verification forwards
+    assert!((tau - (tokens - 3.0) / forwards).abs() < 1e-3, "tau {tau} = (tokens - prefill tokens) / forwards");
+    assert!((1.0..=3.0).contains(&tau));
+    let rates = s["accept_rate_per_position"].as_array().expect("rates");
+    assert_eq!(rates.len(), 2);
+    assert!(rates.iter().all(|x| (0.0..=1.0).contains(&x.as_f64().expect("rate"))));
+    assert!(s["speedup"].as_f64().expect("speedup") > 0.0);
+    let share = s["draft_time_share"].as_f64().expect("share");
+    assert!(share > 0.0 && share < 1.0);
+    let cats = r["files"][0]["categories"].as_object().expect("categories");
+    assert_eq!(cats.keys().collect::<Vec<_>>(), ["math", "writing"]);
+    assert_eq!(cats["writing"]["turns"], 2);
+    let recs = r["files"][0]["prompts"].as_array().expect("prompts");
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[1]["turn"], 2, "the second turn of question 1");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tau"));
+
+    // dynamic gamma and sampling run too (Medusa caps gamma at its 2 heads)
+    let json2 = run.dir.join("report2.json");
+    let out = run_eval(&[
+        "--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
+        "--max-new-tokens", "8", "--dynamic-gamma", "--min-gamma", "1", "--temperature", "0.8", "--json",
+        json2.to_str().expect("utf8"), "--no-baseline",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_json(&json2);
+    let hist = r["summary"]["gamma_histogram"].as_object().expect("histogram");
+    assert!(hist.keys().all(|g| g.parse::<usize>().expect("gamma") <= 2), "{hist:?}");
+    assert!(r["summary"].get("speedup").is_none());
+
+    // bad input: the line is named; a draft for another target is refused
+    let bad = run.dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"question_id\": 1, \"turns\": [\"hi\"]}\n{\"question_id\": 2, \"turns\": 5}\n").expect("write");
+    let out = run_eval(&["--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", bad.to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.jsonl:2"), "{err}");
+    let other = forge_tests::saved_tiny_target("qwen3", 3, &run.dir.join("other"));
+    let out = run_eval(&[
+        "--target", other.to_str().expect("utf8"), "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("different target"), "{err}");
+    let out = run_eval(&["--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"), "--verify", "--temperature", "1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--verify"));
+}
