@@ -94,12 +94,18 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// Every collective with known numbers (JSON per rank); `fail_rank` exits with an error
-/// right after the rendezvous instead (to test how the others and `forge launch` react).
-pub fn run_selftest(comm: CommArgs, fail_rank: Option<usize>) -> Result<()> {
+/// Every collective with known numbers (JSON per rank). `fail_rank` exits with an error
+/// instead: before the rendezvous (the others wait in it), or with `fail_after_rendezvous`
+/// right after it (the others' first collective fails). Used by the tests of how the other
+/// ranks and `forge launch` react.
+pub fn run_selftest(comm: CommArgs, fail_rank: Option<usize>, fail_after_rendezvous: bool) -> Result<()> {
+    let rank = forge_trainer::dist::DistEnv::from_env()?.map_or(0, |e| e.rank);
+    if fail_rank == Some(rank) && !fail_after_rendezvous {
+        bail!("rank {rank} fails on purpose before the rendezvous (--fail-rank)");
+    }
     let (mut c, device) = open_comm(&comm)?;
     if fail_rank == Some(c.rank()) {
-        bail!("rank {} fails on purpose (--fail-rank)", c.rank());
+        bail!("rank {} fails on purpose after the rendezvous (--fail-rank --fail-after-rendezvous)", c.rank());
     }
     let v = bench::selftest(c.as_mut(), device)?;
     println!("{}", serde_json::to_string(&v)?);

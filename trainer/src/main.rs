@@ -66,9 +66,12 @@ enum Command {
     DistSelftest {
         #[command(flatten)]
         comm: dist_cmd::CommArgs,
-        /// This rank exits with an error right after the rendezvous.
+        /// This rank exits with an error before the rendezvous.
         #[arg(long)]
         fail_rank: Option<usize>,
+        /// With --fail-rank: fail right after the rendezvous instead.
+        #[arg(long)]
+        fail_after_rendezvous: bool,
     },
     /// Export a checkpoint for an inference engine (vLLM, SGLang, original Medusa) or forge.
     Export {
@@ -288,7 +291,11 @@ fn main() {
         }
         Command::Launch(a) => dist_cmd::run_launch(a),
         Command::Bench(b) => dist_cmd::run_bench(b),
-        Command::DistSelftest { comm, fail_rank } => dist_cmd::run_selftest(comm, fail_rank),
+        Command::DistSelftest {
+            comm,
+            fail_rank,
+            fail_after_rendezvous,
+        } => dist_cmd::run_selftest(comm, fail_rank, fail_after_rendezvous),
         Command::Export {
             checkpoint,
             format,

@@ -88,8 +88,12 @@ pub fn selftest(comm: &mut dyn Comm, device: Device) -> Result<serde_json::Value
     let input: Vec<f64> = (0..2 * w).map(|i| i as f64 + 100.0 * r).collect();
     let mut scattered = Tensor::zeros([2], (Kind::Float, device));
     comm.reduce_scatter(&mut scattered, &f32s(&input), ReduceOp::Sum)?;
+    // metric-name agreement: rank r knows {"loss", "rank<r>"}
+    let mine: std::collections::BTreeSet<String> = ["loss".to_string(), format!("rank{}", comm.rank())].into_iter().collect();
+    let union = super::keys::union_keys(comm, &mine)?;
     comm.barrier()?;
     Ok(serde_json::json!({
+        "union_keys": union,
         "rank": comm.rank(),
         "world": comm.world(),
         "all_reduce_sum": values(&sum)?,
