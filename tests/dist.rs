@@ -178,19 +178,25 @@ struct Run {
     dir: PathBuf,
     target: PathBuf,
     data: PathBuf,
+    recipe: PathBuf,
 }
 
 fn setup(name: &str) -> Run {
     let dir = tmp_dir(name);
     let target = tiny_target_with_demo_tokenizer(&dir.join("target"), 7);
     let data = demo_conversations_subset(&dir.join("convs.jsonl"), 40);
-    Run { dir, target, data }
+    Run {
+        dir,
+        target,
+        data,
+        recipe: root().join("recipes/medusa-tiny.yaml"),
+    }
 }
 
-/// `forge train recipes/medusa-tiny.yaml` (through `forge launch --nproc world` when world > 1)
+/// `forge train <run.recipe>` (through `forge launch --nproc world` when world > 1)
 /// with the run's target/data, a checkpoint folder and extra `--set`s.
 fn train(run: &Run, world: usize, ckpt: &Path, sets: &[&str], extra: &[&str]) -> String {
-    let mut args: Vec<String> = vec!["train".into(), root().join("recipes/medusa-tiny.yaml").display().to_string()];
+    let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
     let base = [
         format!("target.path={}", run.target.display()),
         format!("data.train=[{}]", run.data.display()),
@@ -356,4 +362,20 @@ fn resuming_where_the_new_world_cannot_split_the_data_position_is_refused() {
         err.contains("written by 1 rank(s) after 3 micro-batches") && err.contains("resume with 1 rank(s)"),
         "{err}"
     );
+}
+
+#[test]
+fn eagle1_feature_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one() {
+    let mut run = setup("dist-eagle1-noise");
+    // the tiny EAGLE-3 recipe with its drafter swapped for EAGLE-1 with feature noise
+    let text = std::fs::read_to_string(root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
+    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let recipe = run.dir.join("eagle1-noise.yaml");
+    std::fs::write(&recipe, format!("{}drafter:\n  kind: eagle1\n  feature_noise: 0.2\n{}", &text[..a], &text[b..])).expect("write");
+    run.recipe = recipe;
+    let one = run.dir.join("one");
+    train(&run, 1, &one, &["train.max_steps=4", "train.grad_accum=2", "checkpoint.every_steps=4"], &[]);
+    let two = run.dir.join("two");
+    train(&run, 2, &two, &["train.max_steps=4", "checkpoint.every_steps=4", "dist.zero_stage=1"], &[]);
+    assert_same_run(&one, &two, 4, "eagle1 with feature noise");
 }
