@@ -240,6 +240,16 @@ fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
         assert_eq!(sa, sb);
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{what}: step {sa}: loss {x} vs {y}");
     }
+    // counters are global (summed over ranks)
+    let state = |d: &Path| -> serde_json::Value {
+        let p = d.join(format!("step_{step}")).join("trainer_state.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("trainer_state.json")).expect("json")
+    };
+    let (sa, sb) = (state(a), state(b));
+    for key in ["samples_seen", "tokens_seen", "epoch"] {
+        assert_eq!(sa[key], sb[key], "{what}: {key}");
+    }
+    assert!(sa["samples_seen"].as_u64().unwrap_or(0) > 0);
     let (wa, wb) = (weights(&a.join(format!("step_{step}"))), weights(&b.join(format!("step_{step}"))));
     assert_eq!(wa.len(), wb.len());
     for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=FORGE_GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=FORGE_NVIDIA_DIR");
+    println!("cargo:rerun-if-env-changed=FORGE_NCCL");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
     println!("cargo::rustc-check-cfg=cfg(forge_nccl)");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -25,27 +27,35 @@ fn main() {
     build_shim(&lib);
 }
 
-/// NCCL and CUDA runtime include folders of a full CUDA wheel install (nvidia-nccl-cu13,
-/// nvidia-cuda-runtime, -crt, -cccl under site-packages/nvidia), if all are there.
+/// Headers the NCCL translation unit needs (ProcessGroupNCCL.hpp pulls in ATen's CUDA context).
+const NCCL_HEADERS: &[&str] = &[
+    "nccl.h",
+    "cuda_runtime_api.h",
+    "crt/host_config.h",
+    "nv/target",
+    "cublas_v2.h",
+    "cusparse.h",
+    "cusolverDn.h",
+];
+
+/// Include folders of a full CUDA wheel install (site-packages/nvidia/*/include: nvidia-nccl-cu13,
+/// nvidia-cuda-runtime, -crt, -cccl, cuBLAS, cuSPARSE, cuSOLVER), when libtorch_cuda is present
+/// and every header NCCL needs is found. FORGE_NVIDIA_DIR overrides the nvidia folder;
+/// FORGE_NCCL=0 turns NCCL off.
 fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
-    if !lib.join("libtorch_cuda.so").exists() {
+    if std::env::var("FORGE_NCCL").is_ok_and(|v| v == "0") || !lib.join("libtorch_cuda.so").exists() {
         return None;
     }
-    let nvidia = lib.join("../../nvidia");
-    let nccl = [nvidia.join("nccl/include"), nvidia.join("cu13/include")]
-        .into_iter()
-        .find(|d| d.join("nccl.h").exists())?;
-    let cudart = [nvidia.join("cuda_runtime/include"), nvidia.join("cu13/include")]
-        .into_iter()
-        .find(|d| d.join("cuda_runtime_api.h").exists())?;
-    let mut dirs = vec![nccl, cudart];
-    for extra in ["cuda_crt/include", "cuda_cccl/include", "cu13/include/cccl"] {
-        let d = nvidia.join(extra);
-        if d.is_dir() {
-            dirs.push(d);
-        }
-    }
-    Some(dirs)
+    let nvidia = std::env::var("FORGE_NVIDIA_DIR").map(PathBuf::from).unwrap_or_else(|_| lib.join("../../nvidia"));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&nvidia)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .filter(|d| d.is_dir())
+        .collect();
+    dirs.sort();
+    let all_found = NCCL_HEADERS.iter().all(|h| dirs.iter().any(|d| d.join(h).exists()));
+    all_found.then_some(dirs)
 }
 
 fn build_shim(lib: &Path) {
@@ -68,7 +78,8 @@ fn build_shim(lib: &Path) {
         .include(&gloo)
         .warnings(false)
         .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations");
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .flag_if_supported("-Wno-interference-size");
     if let Some(dirs) = nccl_includes(lib) {
         b.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
         for d in dirs {
@@ -83,5 +94,6 @@ fn build_shim(lib: &Path) {
     println!("cargo:rustc-link-lib=dylib=c10");
     if nccl_includes(lib).is_some() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
 }

@@ -97,6 +97,8 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     pub peak_rss_mb: f64,
     pub eval: Vec<(u64, BTreeMap<String, f64>)>,
+    /// Seconds spent in the steps themselves (no loading, no initial evaluation).
+    pub step_seconds: f64,
     /// Optimizer-state bytes held by this rank (both AdamW moments, fp32).
     pub optimizer_state_bytes: u64,
     pub rank: usize,
@@ -126,6 +128,8 @@ struct Accum {
     loss_sum: f64,
     batches: f64,
     tokens: f64,
+    /// Samples (rows) trained on.
+    samples: f64,
     values: BTreeMap<String, (f64, f64)>,
 }
 
@@ -143,7 +147,7 @@ impl Accum {
 
     /// Flat vector for an all-reduce, and back.
     fn to_vec(&self) -> Vec<f64> {
-        let mut v = vec![self.loss_sum, self.batches, self.tokens];
+        let mut v = vec![self.loss_sum, self.batches, self.tokens, self.samples];
         for (s, c) in self.values.values() {
             v.push(*s);
             v.push(*c);
@@ -155,8 +159,9 @@ impl Accum {
         self.loss_sum = v[0];
         self.batches = v[1];
         self.tokens = v[2];
+        self.samples = v[3];
         for (i, val) in self.values.values_mut().enumerate() {
-            *val = (v[3 + 2 * i], v[4 + 2 * i]);
+            *val = (v[4 + 2 * i], v[5 + 2 * i]);
         }
     }
 
@@ -171,9 +176,9 @@ impl Accum {
         for k in keys::union_keys(comm, &mine)? {
             self.values.entry(k).or_default();
         }
-        let mut t = Tensor::from_slice(&self.to_vec());
+        let mut t = Tensor::from_slice(&self.to_vec()).to_device(comm.device());
         comm.all_reduce(&mut t, ReduceOp::Sum)?;
-        let v = Vec::<f64>::try_from(&t)?;
+        let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
         self.set_from_vec(&v);
         Ok(())
     }
@@ -482,7 +487,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let rank = dp.rank();
     // rank 0's process id names the temporary checkpoint folders all ranks write into
     let ckpt_tag = {
-        let mut pid = Tensor::from_slice(&[std::process::id() as i64]);
+        let mut pid = Tensor::from_slice(&[std::process::id() as i64]).to_device(dp.device());
         dp.broadcast(&mut pid, 0)?;
         pid.int64_value(&[0]) as u32
     };
@@ -613,6 +618,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     }
 
     let check_every = recipe.dist.check_weights_every;
+    let loop_start = Instant::now();
     for step in start_step..total {
         let step_seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
         tch::manual_seed(step_seed as i64);
@@ -638,7 +644,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
             let out = trainer.drafter.loss(&f, true)?;
             (&out.loss / accum as f64).backward();
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
-            state.samples_seen += idx.len() as u64;
+            acc.samples += idx.len() as f64;
         }
         let grad_norm = opt.step(dp, lr, t.max_grad_norm)?;
         opt.zero_grad();
@@ -649,6 +655,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         state.step = step + 1;
         state.lr = lr;
         state.tokens_seen += acc.tokens as u64;
+        // summed over ranks by the sync above
+        state.samples_seen += acc.samples as u64;
         run_tokens += acc.tokens as u64;
         last_loss = acc.loss_sum / acc.batches.max(1.0);
         // window of steps since the last log row
@@ -744,6 +752,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         last_checkpoint: last_ckpt,
         peak_rss_mb: peak_rss_mb(),
         eval: evals,
+        step_seconds: loop_start.elapsed().as_secs_f64(),
         optimizer_state_bytes: opt.state_bytes(),
         rank,
         world,
@@ -762,9 +771,9 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
             q += d.square().sum(Kind::Double).double_value(&[]);
         }
     });
-    let mut t = Tensor::from_slice(&[s, q, -s, -q]);
+    let mut t = Tensor::from_slice(&[s, q, -s, -q]).to_device(dp.device());
     dp.all_reduce(&mut t, ReduceOp::Max)?;
-    let v = Vec::<f64>::try_from(&t)?;
+    let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
     if v[0] != -v[2] || v[1] != -v[3] {
         return Err(TrainerError::Dist {
             op: "weight check".into(),

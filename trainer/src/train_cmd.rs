@@ -54,7 +54,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         s.optimizer_state_bytes,
         s.world,
         recipe.dist.zero_stage,
-        s.seconds / ran.max(1) as f64
+        s.step_seconds / ran.max(1) as f64
     );
     for (step, e) in &s.eval {
         let parts: Vec<String> = e.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

@@ -83,12 +83,22 @@ pub struct ProcessGroup {
     rank: usize,
     world: usize,
     kind: BackendKind,
+    device: tch::Device,
 }
 
 impl ProcessGroup {
     /// Rendezvous at `host:port` (rank 0 hosts the store and waits for `world` workers), then
-    /// creates the backend. `timeout` bounds the rendezvous and every collective.
-    pub fn new(host: &str, port: u16, rank: usize, world: usize, timeout: Duration, kind: BackendKind) -> Result<Self> {
+    /// creates the backend. `timeout` bounds the rendezvous and every collective; `device`
+    /// is where this rank's tensors live (the CPU for Gloo, its GPU for NCCL).
+    pub fn new(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        kind: BackendKind,
+        device: tch::Device,
+    ) -> Result<Self> {
         let fail = |message: String| TrainerError::Dist {
             op: "init".into(),
             message,
@@ -131,6 +141,7 @@ impl ProcessGroup {
             rank,
             world,
             kind,
+            device,
         })
     }
 
@@ -203,5 +214,8 @@ impl Comm for ProcessGroup {
     }
     fn describe(&self) -> String {
         format!("{}, rank {} of {}", self.kind.name(), self.rank, self.world)
+    }
+    fn device(&self) -> tch::Device {
+        self.device
     }
 }

@@ -29,22 +29,23 @@ pub fn union_keys(comm: &mut dyn Comm, keys: &BTreeSet<String>) -> Result<BTreeS
     }
     let h = fingerprint(keys);
     // max(h) and max(!h) = !min(h): every rank agrees iff max == min
-    let mut t = Tensor::from_slice(&[h, !h]);
+    let dev = comm.device();
+    let mut t = Tensor::from_slice(&[h, !h]).to_device(dev);
     comm.all_reduce(&mut t, ReduceOp::Max)?;
     let (mx, not_mn) = (t.int64_value(&[0]), t.int64_value(&[1]));
     if mx == !not_mn {
         return Ok(keys.clone());
     }
     let joined: Vec<u8> = keys.iter().map(String::as_str).collect::<Vec<_>>().join("\n").into_bytes();
-    let mut len = Tensor::from_slice(&[joined.len() as i64]);
+    let mut len = Tensor::from_slice(&[joined.len() as i64]).to_device(dev);
     comm.all_reduce(&mut len, ReduceOp::Max)?;
     let max_len = len.int64_value(&[0]).max(1);
     let mut mine = joined.clone();
     mine.resize(max_len as usize, 0);
-    let input = Tensor::from_slice(&mine);
-    let mut all = Tensor::zeros([max_len * world as i64], (Kind::Uint8, Device::Cpu));
+    let input = Tensor::from_slice(&mine).to_device(dev);
+    let mut all = Tensor::zeros([max_len * world as i64], (Kind::Uint8, dev));
     comm.all_gather(&mut all, &input)?;
-    let bytes = Vec::<u8>::try_from(&all).map_err(TrainerError::Torch)?;
+    let bytes = Vec::<u8>::try_from(&all.to_device(Device::Cpu)).map_err(TrainerError::Torch)?;
     let mut out = BTreeSet::new();
     for chunk in bytes.chunks(max_len as usize) {
         let end = chunk.iter().position(|&b| b == 0).unwrap_or(chunk.len());

@@ -38,8 +38,13 @@ pub trait Comm {
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
-    /// Short description for logs ("single process", "gloo, 2 ranks").
+    /// Short description for logs ("single process", "gloo, rank 0 of 2").
     fn describe(&self) -> String;
+    /// Where small bookkeeping tensors (metric sums, checks) must live for this backend:
+    /// the CPU for Gloo, the rank's GPU for NCCL.
+    fn device(&self) -> tch::Device {
+        tch::Device::Cpu
+    }
 }
 
 /// Checks the shapes of a reduce-scatter / all-gather pair: `big` has `world` times the
@@ -181,6 +186,10 @@ pub fn from_env(backend: Backend, device: tch::Device, timeout_s: u64) -> Result
         None => Ok(Box::new(SingleProcess)),
         Some(env) => {
             let kind = resolve_backend(backend, device);
+            let comm_device = match kind {
+                c10d::BackendKind::Gloo => tch::Device::Cpu,
+                c10d::BackendKind::Nccl => device,
+            };
             let pg = c10d::ProcessGroup::new(
                 &env.master_addr,
                 env.master_port,
@@ -188,6 +197,7 @@ pub fn from_env(backend: Backend, device: tch::Device, timeout_s: u64) -> Result
                 env.world,
                 std::time::Duration::from_secs(timeout_s),
                 kind,
+                comm_device,
             )?;
             Ok(Box::new(pg))
         }
