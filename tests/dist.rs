@@ -389,3 +389,55 @@ fn eagle1_feature_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one()
     train(&run, 2, &two, &["train.max_steps=4", "checkpoint.every_steps=4", "dist.zero_stage=1"], &[]);
     assert_same_run(&one, &two, 4, "eagle1 with feature noise");
 }
+
+#[test]
+fn two_launchers_as_two_nodes_rendezvous_on_the_master_address() {
+    // the multi-node code path on one machine: node 0 and node 1, one CPU worker each
+    let port = free_port().to_string();
+    let node = |r: &str| {
+        Command::new(forge_bin())
+            .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", r])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .args(["--", "dist-selftest", "--timeout-s", "60"])
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn forge launch")
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    let (o0, o1) = (n0.wait_with_output().expect("node 0"), n1.wait_with_output().expect("node 1"));
+    let (s0, s1) = (ok(&o0, "node 0"), ok(&o1, "node 1"));
+    // node r's worker is rank r of 2 and got the same all-reduce as everyone
+    for (r, s) in [(0usize, &s0), (1, &s1)] {
+        let prefix = format!("[rank {r}] {{");
+        let line = s.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("node {r}: {s}"));
+        let v: serde_json::Value = serde_json::from_str(&line[prefix.len() - 1..]).expect("json");
+        assert_eq!(v["world"].as_u64(), Some(2));
+        assert_eq!(floats(&v["all_reduce_sum"]), vec![3.0, 30.0, -1.0]);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_every_worker() {
+    // node 0 of 2 with no node 1: its worker waits in the rendezvous (timeout 120 s)
+    let port = free_port().to_string();
+    let child = Command::new(forge_bin())
+        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .args(["--", "dist-selftest", "--timeout-s", "120"])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forge launch");
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("launch");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted: stopped all workers"), "{err}");
+}
