@@ -1,6 +1,7 @@
 //! `forge launch`: starts data-parallel workers like torchrun. Each worker is this same
 //! `forge` binary running the given subcommand with RANK, LOCAL_RANK, WORLD_SIZE,
-//! LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; their output lines are prefixed with
+//! LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (and OMP_NUM_THREADS = cores / workers
+//! unless already set); their output lines are prefixed with
 //! the rank; when one fails the others are stopped and launch reports the rank and status;
 //! Ctrl-C (SIGINT) or SIGTERM stops them all.
 
@@ -241,6 +242,11 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         plan.master_addr,
         plan.master_port
     );
+    // like torchrun: workers share this node's cores instead of each taking all of them
+    let threads = std::env::var("OMP_NUM_THREADS").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / plan.nproc).max(1).to_string()
+    });
     let mut children: Vec<(usize, Child, Option<ExitStatus>)> = Vec::new();
     let mut pumps = Vec::new();
     for local in 0..plan.nproc {
@@ -254,6 +260,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             .env("GROUP_RANK", args.node_rank.to_string())
             .env("MASTER_ADDR", &plan.master_addr)
             .env("MASTER_PORT", plan.master_port.to_string())
+            .env("OMP_NUM_THREADS", &threads)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         // rank 0 keeps the terminal for its progress bar; other output is prefixed
