@@ -158,7 +158,8 @@ fn c10d_errors_name_the_collective_under_torchrun_style_variables() {
 
 #[test]
 fn launch_flags_are_checked_with_the_fix() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (&["launch", "--gpus", "64", "--", "train", "x.yaml"], "use --nproc N for CPU workers"),
         (&["launch", "--", "train", "x.yaml"], "--gpus N (one per GPU) or --nproc N"),
         (&["launch", "--nproc", "2", "--gpus", "1", "--", "train", "x.yaml"], "not both"),
         (&["launch", "--nproc", "2", "--nnodes", "2", "--", "train", "x.yaml"], "--master-addr"),

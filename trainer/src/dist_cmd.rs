@@ -64,7 +64,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
             json,
             comm,
         } => {
-            if sizes_mb.iter().any(|&s| !(s > 0.0)) {
+            if sizes_mb.iter().any(|s| s.is_nan() || *s <= 0.0) {
                 bail!("--sizes-mb: every size must be > 0 MiB");
             }
             let (mut c, device) = open_comm(&comm)?;
