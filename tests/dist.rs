@@ -13,6 +13,9 @@ use tch::Tensor;
 fn run_forge(args: &[String]) -> Output {
     Command::new(forge_bin())
         .args(args)
+        // the same intra-op thread count for 1-rank and 2-rank runs, so that they can be
+        // compared tightly on any machine
+        .env("OMP_NUM_THREADS", "1")
         .current_dir(root())
         .output()
         .expect("run forge")
