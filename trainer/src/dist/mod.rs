@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod c10d;
 pub mod keys;
+pub mod layout;
 pub mod zero;
 
 use crate::error::{Result, TrainerError};
