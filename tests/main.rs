@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod dist;
 mod eagle;
 mod eval;
 mod recipes;

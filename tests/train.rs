@@ -383,3 +383,36 @@ fn a_second_run_without_resume_does_not_overwrite_the_first() {
     assert!(err.contains("already holds checkpoints") && err.contains("--resume auto"), "{err}");
     assert_eq!(std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read"), before);
 }
+
+/// Medusa's per-head lm_heads start as copies of the target's head: each owns its storage
+/// (an fp32 target head on the same device must not be shared by the heads, or one AdamW
+/// step would update the same tensor once per head).
+#[test]
+fn medusa_heads_own_their_storage() {
+    let (h, v) = (8i64, 11i64);
+    let lm = Tensor::randn([v, h], (Kind::Float, Device::Cpu));
+    let spec = MedusaSpec {
+        num_heads: 2,
+        num_layers: 1,
+        original_lm_head: false,
+        loss_decay: 0.8,
+        top_k: 3,
+        hidden_size: h,
+        vocab_size: v,
+    };
+    let target = TargetTensors {
+        lm_head: Some(lm.shallow_clone()),
+        embed: None,
+    };
+    let m = Medusa::new(spec, &target, Device::Cpu).expect("medusa");
+    let vars = m.var_store().variables();
+    let (a, b) = (&vars["lm_heads.0.weight"], &vars["lm_heads.1.weight"]);
+    assert!(a.equal(&lm) && b.equal(&lm), "heads start from the target's lm_head");
+    assert_ne!(a.data_ptr(), b.data_ptr());
+    assert_ne!(a.data_ptr(), lm.data_ptr());
+    tch::no_grad(|| {
+        let mut x = a.shallow_clone();
+        let _ = x.g_add_scalar_(1.0);
+    });
+    assert!(b.equal(&lm), "changing head 0 left head 1 alone");
+}

@@ -16,6 +16,11 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "trainer_state.json";
 pub const MANIFEST: &str = "manifest.json";
 
+/// File of rank r's optimizer shard (ZeRO stages 1-2).
+pub fn optimizer_shard_file(rank: usize) -> String {
+    format!("optimizer.rank{rank}.safetensors")
+}
+
 /// Where training stands (enough to continue exactly).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerState {
@@ -45,6 +50,13 @@ pub struct Manifest {
     /// File name -> size in bytes.
     pub files: BTreeMap<String, u64>,
     pub forge_version: String,
+    /// 0: the optimizer state is one file (optimizer.safetensors); N: one shard per rank,
+    /// optimizer.rank<r>.safetensors for r < N (ZeRO stages 1-2).
+    #[serde(default)]
+    pub optimizer_shards: usize,
+    /// dist.zero_stage of the run that wrote it.
+    #[serde(default)]
+    pub zero_stage: u32,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
@@ -61,32 +73,72 @@ pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
 /// Everything a checkpoint holds.
 pub struct CheckpointData<'a> {
     pub weights: Vec<(String, Tensor)>,
+    /// The whole optimizer state (empty when every rank wrote a shard with [`write_shard`]).
     pub optimizer: Vec<(String, Tensor)>,
+    /// Shard files written by the ranks (0 = none: `optimizer` is the whole state).
+    pub optimizer_shards: usize,
+    pub zero_stage: u32,
     pub state: &'a TrainerState,
     pub drafter: &'a DrafterSpec,
     pub target: &'a Path,
     pub target_config: &'a serde_json::Value,
 }
 
-/// Writes `<dir>/step_<N>` atomically and returns its path.
-pub fn save(dir: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
-    let final_dir = step_dir(dir, c.state.step);
-    let tmp = dir.join(format!(".step_{}.tmp.{}", c.state.step, std::process::id()));
+/// The temporary folder a checkpoint of `step` is assembled in; `tag` makes it unique to the
+/// run (the process id of rank 0).
+pub fn tmp_dir(dir: &Path, step: u64, tag: u32) -> PathBuf {
+    dir.join(format!(".step_{step}.tmp.{tag}"))
+}
+
+/// Creates a fresh, empty temporary folder for a checkpoint of `step` (rank 0, before the
+/// ranks write their shards).
+pub fn begin(dir: &Path, step: u64, tag: u32) -> Result<PathBuf> {
+    let tmp = tmp_dir(dir, step, tag);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// Writes one rank's optimizer shard into the temporary folder made by [`begin`].
+pub fn write_shard(tmp: &Path, rank: usize, step: u64, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+    meta.insert("step".to_string(), step.to_string());
+    meta.insert("rank".to_string(), rank.to_string());
+    write_safetensors(&tmp.join(optimizer_shard_file(rank)), tensors, &meta)?;
+    Ok(())
+}
+
+/// Writes `<dir>/step_<N>` atomically and returns its path (single process).
+pub fn save(dir: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
+    let tmp = begin(dir, c.state.step, std::process::id())?;
+    finish(dir, &tmp, c)
+}
+
+/// Writes the weights, state (and the whole optimizer state when not sharded) into `tmp`,
+/// then the manifest listing every file with its size (shards included), and renames the
+/// folder to `<dir>/step_<N>`.
+pub fn finish(dir: &Path, tmp: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
+    let final_dir = step_dir(dir, c.state.step);
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
     meta.insert("step".to_string(), c.state.step.to_string());
     write_safetensors(&tmp.join(WEIGHTS), &c.weights, &meta)?;
-    write_safetensors(&tmp.join(OPTIMIZER), &c.optimizer, &meta)?;
+    let mut names: Vec<String> = vec![WEIGHTS.into(), STATE.into()];
+    if c.optimizer_shards == 0 {
+        write_safetensors(&tmp.join(OPTIMIZER), &c.optimizer, &meta)?;
+        names.push(OPTIMIZER.into());
+    } else {
+        names.extend((0..c.optimizer_shards).map(optimizer_shard_file));
+    }
     let state = serde_json::to_string_pretty(c.state).map_err(|e| TrainerError::Config(e.to_string()))?;
-    std::fs::write(tmp.join(STATE), state).map_err(io(&tmp))?;
+    std::fs::write(tmp.join(STATE), state).map_err(io(tmp))?;
     let mut files = BTreeMap::new();
-    for f in [WEIGHTS, OPTIMIZER, STATE] {
-        let p = tmp.join(f);
-        files.insert(f.to_string(), std::fs::metadata(&p).map_err(io(&p))?.len());
+    for f in names {
+        let p = tmp.join(&f);
+        files.insert(f, std::fs::metadata(&p).map_err(io(&p))?.len());
     }
     let manifest = Manifest {
         format: CHECKPOINT_FORMAT.into(),
@@ -96,14 +148,16 @@ pub fn save(dir: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
         target_config: c.target_config.clone(),
         files,
         forge_version: env!("CARGO_PKG_VERSION").into(),
+        optimizer_shards: c.optimizer_shards,
+        zero_stage: c.zero_stage,
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| TrainerError::Config(e.to_string()))?;
-    std::fs::write(tmp.join(MANIFEST), text).map_err(io(&tmp))?;
+    std::fs::write(tmp.join(MANIFEST), text).map_err(io(tmp))?;
     if final_dir.exists() {
         // a checkpoint of the same step (e.g. re-run after resume): replace it
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    std::fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
     Ok(final_dir)
 }
 
@@ -192,6 +246,7 @@ pub struct Loaded {
     pub manifest: Manifest,
     pub state: TrainerState,
     pub weights: Vec<(String, Tensor)>,
+    /// The whole state, or every rank's pieces for a sharded checkpoint.
     pub optimizer: Vec<(String, Tensor)>,
 }
 
@@ -202,7 +257,16 @@ pub fn load(ckpt: &Path) -> Result<Loaded> {
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| TrainerError::Config(format!("{}: {e}", sp.display())))?;
     let weights = SafetensorsFile::open(&ckpt.join(WEIGHTS))?.tensors()?;
-    let optimizer = SafetensorsFile::open(&ckpt.join(OPTIMIZER))?.tensors()?;
+    // sharded state: every rank's pieces (see dist::zero::assemble_full_state)
+    let optimizer = if manifest.optimizer_shards == 0 {
+        SafetensorsFile::open(&ckpt.join(OPTIMIZER))?.tensors()?
+    } else {
+        let mut all = Vec::new();
+        for r in 0..manifest.optimizer_shards {
+            all.extend(SafetensorsFile::open(&ckpt.join(optimizer_shard_file(r)))?.tensors()?);
+        }
+        all
+    };
     Ok(Loaded {
         manifest,
         state,

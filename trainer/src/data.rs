@@ -233,7 +233,13 @@ pub fn target_fingerprint(dir: &Path) -> Result<String> {
 
 /// The target dtype and device a recipe asks for (auto: bf16 on CUDA, fp32 on CPU).
 pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
-    let device = parse_device(&recipe.target.device)?;
+    let mut device = parse_device(&recipe.target.device)?;
+    // Under `forge launch --gpus N` each worker takes the GPU of its LOCAL_RANK.
+    if device.is_cuda() && matches!(recipe.target.device.as_str(), "auto" | "cuda") {
+        if let Some(local) = std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+            device = parse_device(&format!("cuda:{local}"))?;
+        }
+    }
     let dtype = match recipe.target.dtype {
         Precision::Auto => {
             if device.is_cuda() {

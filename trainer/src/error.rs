@@ -21,6 +21,12 @@ pub enum TrainerError {
     /// Optimizer state that does not fit the parameters (names the tensor).
     #[error("optimizer state: {0}")]
     OptimizerState(String),
+    /// A collective (or the rendezvous) failed; `op` names it (all_reduce, barrier, init...).
+    #[error("distributed {op} failed: {message}")]
+    Dist { op: String, message: String },
+    /// `forge launch`: a worker failed or the launch was interrupted.
+    #[error("forge launch: {0}")]
+    Launch(String),
 }
 
 pub type Result<T> = std::result::Result<T, TrainerError>;

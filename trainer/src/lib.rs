@@ -2,9 +2,11 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod launch;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;

@@ -10,6 +10,7 @@ use forge_trainer::target_check;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod dist_cmd;
 mod prepare;
 mod train_cmd;
 
@@ -55,10 +56,22 @@ enum Command {
     /// Print the recipe reference (docs/recipes.md) generated from the schema.
     #[command(hide = true)]
     RecipeReference,
-    /// Launch data-parallel workers like torchrun (not yet implemented: issue #5).
-    Launch {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+    /// Launch data-parallel workers like torchrun: `forge launch --nproc 2 -- train recipe.yaml`.
+    Launch(forge_trainer::launch::LaunchArgs),
+    /// Benchmarks (run under `forge launch`): `forge launch --nproc 2 -- bench allreduce`.
+    #[command(subcommand)]
+    Bench(dist_cmd::BenchCommand),
+    /// Runs every collective with known numbers and prints them as JSON (for the tests).
+    #[command(hide = true)]
+    DistSelftest {
+        #[command(flatten)]
+        comm: dist_cmd::CommArgs,
+        /// This rank exits with an error before the rendezvous.
+        #[arg(long)]
+        fail_rank: Option<usize>,
+        /// With --fail-rank: fail right after the rendezvous instead.
+        #[arg(long)]
+        fail_after_rendezvous: bool,
     },
     /// Export a checkpoint for an inference engine (vLLM, SGLang, original Medusa) or forge.
     Export {
@@ -256,10 +269,6 @@ fn run_check(path: PathBuf, set: Vec<String>, print: bool) -> Result<()> {
     Ok(())
 }
 
-fn not_yet(cmd: &str, issue: u32) -> Result<()> {
-    bail!("`forge {cmd}` is not implemented yet (tracked in issue #{issue})")
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -274,7 +283,13 @@ fn main() {
             print!("{}", forge_trainer::recipe::reference::markdown());
             Ok(())
         }
-        Command::Launch { .. } => not_yet("launch", 5),
+        Command::Launch(a) => dist_cmd::run_launch(a),
+        Command::Bench(b) => dist_cmd::run_bench(b),
+        Command::DistSelftest {
+            comm,
+            fail_rank,
+            fail_after_rendezvous,
+        } => dist_cmd::run_selftest(comm, fail_rank, fail_after_rendezvous),
         Command::Export {
             checkpoint,
             format,

@@ -6,7 +6,9 @@ use crate::checkpoint::{self, CheckpointData, TrainerState};
 use crate::data::{self, target_dir, target_placement};
 use crate::error::{Result, TrainerError};
 use crate::metrics::MetricsLogger;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::dist::zero::{assemble_full_state, DistAdamW};
+use crate::dist::{keys, Comm, ReduceOp};
+use crate::optim::AdamWConfig;
 use crate::recipe::{DataMode, DrafterSection, Precision, Recipe, Schedule};
 use crate::schedule::{LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
@@ -19,39 +21,13 @@ use forge_models::drafters::medusa::MedusaSpec;
 use forge_models::drafters::{Drafter, DrafterSpec, Features, Metric, TargetTensors};
 use forge_models::target::read_named_tensors;
 use forge_models::{Capture, LogitsMode, TargetConfig, TargetModel};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Gradient and metric synchronisation across data-parallel ranks. The single-process
-/// implementation does nothing; the distributed one (c10d) plugs in here.
-pub trait DataParallel {
-    fn rank(&self) -> usize;
-    fn world(&self) -> usize;
-    /// Averages gradients over ranks (in place).
-    fn average_grads(&mut self, grads: &[Tensor]) -> Result<()>;
-    /// Sums values over ranks (in place).
-    fn sum(&mut self, values: &mut [f64]) -> Result<()>;
-}
-
-/// One process: nothing to synchronise.
-pub struct SingleProcess;
-
-impl DataParallel for SingleProcess {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world(&self) -> usize {
-        1
-    }
-    fn average_grads(&mut self, _grads: &[Tensor]) -> Result<()> {
-        Ok(())
-    }
-    fn sum(&mut self, _values: &mut [f64]) -> Result<()> {
-        Ok(())
-    }
-}
+/// The single-process communicator (what `forge train` uses outside `forge launch`).
+pub use crate::dist::SingleProcess;
 
 /// The drafter spec a recipe describes for a target.
 pub fn drafter_spec(recipe: &Recipe, cfg: &TargetConfig) -> Result<DrafterSpec> {
@@ -121,6 +97,12 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     pub peak_rss_mb: f64,
     pub eval: Vec<(u64, BTreeMap<String, f64>)>,
+    /// Seconds spent in the steps themselves (no loading, no initial evaluation).
+    pub step_seconds: f64,
+    /// Optimizer-state bytes held by this rank (both AdamW moments, fp32).
+    pub optimizer_state_bytes: u64,
+    pub rank: usize,
+    pub world: usize,
 }
 
 /// Peak resident memory of this process in MB (Linux VmHWM).
@@ -146,6 +128,8 @@ struct Accum {
     loss_sum: f64,
     batches: f64,
     tokens: f64,
+    /// Samples (rows) trained on.
+    samples: f64,
     values: BTreeMap<String, (f64, f64)>,
 }
 
@@ -163,7 +147,7 @@ impl Accum {
 
     /// Flat vector for an all-reduce, and back.
     fn to_vec(&self) -> Vec<f64> {
-        let mut v = vec![self.loss_sum, self.batches, self.tokens];
+        let mut v = vec![self.loss_sum, self.batches, self.tokens, self.samples];
         for (s, c) in self.values.values() {
             v.push(*s);
             v.push(*c);
@@ -175,9 +159,28 @@ impl Accum {
         self.loss_sum = v[0];
         self.batches = v[1];
         self.tokens = v[2];
+        self.samples = v[3];
         for (i, val) in self.values.values_mut().enumerate() {
-            *val = (v[3 + 2 * i], v[4 + 2 * i]);
+            *val = (v[4 + 2 * i], v[5 + 2 * i]);
         }
+    }
+
+    /// Sums over ranks: first agree on the union of metric names (a rank may lack some,
+    /// e.g. a Medusa head without loss positions, or an empty padded micro-batch), then one
+    /// all-reduce of every value.
+    fn sync(&mut self, comm: &mut dyn Comm) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let mine: BTreeSet<String> = self.values.keys().cloned().collect();
+        for k in keys::union_keys(comm, &mine)? {
+            self.values.entry(k).or_default();
+        }
+        let mut t = Tensor::from_slice(&self.to_vec()).to_device(comm.device());
+        comm.all_reduce(&mut t, ReduceOp::Sum)?;
+        let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+        self.set_from_vec(&v);
+        Ok(())
     }
 
     fn scalars(&self, prefix: &str) -> Vec<(String, f64)> {
@@ -207,7 +210,7 @@ impl Trainer<'_> {
         }
     }
 
-    fn plan(&self, epoch: u64, dp: &dyn DataParallel) -> Vec<Vec<usize>> {
+    fn plan(&self, epoch: u64, dp: &dyn Comm) -> Vec<Vec<usize>> {
         let t = &self.recipe.train;
         let opts = PlanOptions {
             micro_batch_size: t.micro_batch_size.max(1) as usize,
@@ -314,7 +317,7 @@ impl Trainer<'_> {
     }
 
     /// Loss and metrics on the eval conversations (no gradients).
-    fn evaluate(&mut self, dp: &mut dyn DataParallel) -> Result<Option<BTreeMap<String, f64>>> {
+    fn evaluate(&mut self, dp: &mut dyn Comm) -> Result<Option<BTreeMap<String, f64>>> {
         let Some(eval) = &self.eval_data else {
             return Ok(None);
         };
@@ -332,9 +335,7 @@ impl Trainer<'_> {
             let out = tch::no_grad(|| self.drafter.loss(&f, false))?;
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
         }
-        let mut v = acc.to_vec();
-        dp.sum(&mut v)?;
-        acc.set_from_vec(&v);
+        acc.sync(dp)?;
         Ok(Some(acc.scalars("eval/").into_iter().collect()))
     }
 }
@@ -390,7 +391,7 @@ fn resume_from(recipe: &Recipe, resume: &Option<String>) -> Result<Option<PathBu
 }
 
 /// Trains the recipe's drafter.
-pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) -> Result<TrainSummary> {
+pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<TrainSummary> {
     let t_start = Instant::now();
     let t = &recipe.train;
     let ckpt_dir = recipe
@@ -468,8 +469,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let grads_of = |params: &[(String, Tensor)]| -> Vec<Tensor> { params.iter().map(|(_, p)| p.grad()).collect() };
-    let mut opt = AdamW::new(
+    let param_shapes: BTreeMap<String, Vec<i64>> = params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+    let mut opt = DistAdamW::new(
         params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
         AdamWConfig {
             lr: t.lr,
@@ -478,7 +479,18 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
         },
-    );
+        recipe.dist.zero_stage,
+        recipe.dist.bucket_mb,
+        dp,
+    )?;
+    let world = dp.world();
+    let rank = dp.rank();
+    // rank 0's process id names the temporary checkpoint folders all ranks write into
+    let ckpt_tag = {
+        let mut pid = Tensor::from_slice(&[std::process::id() as i64]).to_device(dp.device());
+        dp.broadcast(&mut pid, 0)?;
+        pid.int64_value(&[0]) as u32
+    };
 
     let mut trainer = Trainer {
         recipe,
@@ -532,17 +544,32 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
                 spec
             )));
         }
-        if loaded.state.world_size != dp.world() {
-            return Err(TrainerError::Config(format!(
-                "{}: was written by {} rank(s), this run has {}: resume with the same world size",
-                ck.display(),
-                loaded.state.world_size,
-                dp.world()
-            )));
+        let old_world = loaded.state.world_size.max(1);
+        let mut resumed = loaded.state.clone();
+        if old_world != world {
+            // every rank had consumed batch_in_epoch micro-batches of its shard, i.e. the
+            // first batch_in_epoch * old_world micro-batches of the epoch's global plan
+            let global = resumed.batch_in_epoch * old_world;
+            if global % world != 0 {
+                return Err(TrainerError::Config(format!(
+                    "{}: was written by {old_world} rank(s) after {global} micro-batches of epoch {}, which {world} ranks cannot split evenly: resume with {old_world} rank(s) (or a world size dividing {global}), or start a new run",
+                    ck.display(),
+                    resumed.epoch,
+                )));
+            }
+            resumed.batch_in_epoch = global / world;
+            resumed.world_size = world;
+            if rank == 0 {
+                eprintln!(
+                    "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
+                    ck.display()
+                );
+            }
         }
         checkpoint::load_into_var_store(trainer.drafter.var_store(), &loaded.weights, &ck)?;
-        opt.load_state(&loaded.optimizer, loaded.state.step)?;
-        state = loaded.state;
+        let full = assemble_full_state(loaded.optimizer, &param_shapes)?;
+        opt.load_full_state(&full, loaded.state.step)?;
+        state = resumed;
         state.total_steps = total;
         if dp.rank() == 0 {
             eprintln!("resuming from {} (step {})", ck.display(), state.step);
@@ -590,11 +617,19 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         }
     }
 
+    let check_every = recipe.dist.check_weights_every;
+    let loop_start = Instant::now();
     for step in start_step..total {
-        tch::manual_seed((t.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
+        let step_seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
+        tch::manual_seed(step_seed as i64);
         let lr = sched.lr_at(step);
         let mut acc = Accum::default();
-        for _ in 0..accum {
+        for a in 0..accum {
+            // Randomness (e.g. EAGLE-1 feature noise) depends on the micro-batch's index in
+            // the step's global batch, not on the rank: 2 ranks x grad_accum 1 draw what
+            // 1 rank x grad_accum 2 draws.
+            let global_mb = a * world as u64 + rank as u64;
+            tch::manual_seed(step_seed.wrapping_mul(8191).wrapping_add(global_mb) as i64);
             if state.batch_in_epoch >= plan.len() {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
@@ -609,19 +644,19 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
             let out = trainer.drafter.loss(&f, true)?;
             (&out.loss / accum as f64).backward();
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
-            state.samples_seen += idx.len() as u64;
+            acc.samples += idx.len() as f64;
         }
-        let grads = grads_of(&params);
-        dp.average_grads(&grads)?;
-        let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-        opt.step(lr);
+        let grad_norm = opt.step(dp, lr, t.max_grad_norm)?;
         opt.zero_grad();
-        let mut v = acc.to_vec();
-        dp.sum(&mut v)?;
-        acc.set_from_vec(&v);
+        if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
+            check_same_weights(dp, &params, step + 1)?;
+        }
+        acc.sync(dp)?;
         state.step = step + 1;
         state.lr = lr;
         state.tokens_seen += acc.tokens as u64;
+        // summed over ranks by the sync above
+        state.samples_seen += acc.samples as u64;
         run_tokens += acc.tokens as u64;
         last_loss = acc.loss_sum / acc.batches.max(1.0);
         // window of steps since the last log row
@@ -662,17 +697,31 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         }
         let every = recipe.checkpoint.every_steps.max(1);
         if state.step.is_multiple_of(every) || state.step == total {
+            // sharded state: every rank writes its shard into rank 0's temporary folder
+            let sharded = opt.stage() > 0;
+            let tmp = checkpoint::tmp_dir(&ckpt_dir, state.step, ckpt_tag);
+            if rank0 {
+                checkpoint::begin(&ckpt_dir, state.step, ckpt_tag)?;
+            }
+            if sharded {
+                dp.barrier()?;
+                checkpoint::write_shard(&tmp, rank, state.step, &opt.state_tensors())?;
+                dp.barrier()?;
+            }
             if rank0 {
                 let weights: Vec<(String, Tensor)> = {
                     let mut w: Vec<(String, Tensor)> = trainer.drafter.var_store().variables().into_iter().collect();
                     w.sort_by(|a, b| a.0.cmp(&b.0));
                     w
                 };
-                let path = checkpoint::save(
+                let path = checkpoint::finish(
                     &ckpt_dir,
+                    &tmp,
                     &CheckpointData {
                         weights,
-                        optimizer: opt.state_tensors(),
+                        optimizer: if sharded { Vec::new() } else { opt.state_tensors() },
+                        optimizer_shards: if sharded { world } else { 0 },
+                        zero_stage: opt.stage(),
                         state: &state,
                         drafter: &spec,
                         target: &dir,
@@ -681,6 +730,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
                 )?;
                 checkpoint::prune(&ckpt_dir, recipe.checkpoint.keep_last.max(1) as usize)?;
                 last_ckpt = Some(path);
+            }
+            if sharded {
+                dp.barrier()?;
             }
             if let Some(l) = logger.as_mut() {
                 l.flush();
@@ -700,7 +752,38 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn DataParallel) ->
         last_checkpoint: last_ckpt,
         peak_rss_mb: peak_rss_mb(),
         eval: evals,
+        step_seconds: loop_start.elapsed().as_secs_f64(),
+        optimizer_state_bytes: opt.state_bytes(),
+        rank,
+        world,
     })
+}
+
+/// Checks that every rank holds the same weights (fp64 sum and sum of squares of all
+/// parameters, compared by all-reducing their max and min): ranks that diverged would
+/// silently train different models.
+fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64) -> Result<()> {
+    let (mut s, mut q) = (0.0f64, 0.0f64);
+    tch::no_grad(|| {
+        for (_, p) in params {
+            let d = p.to_kind(Kind::Double);
+            s += d.sum(Kind::Double).double_value(&[]);
+            q += d.square().sum(Kind::Double).double_value(&[]);
+        }
+    });
+    let mut t = Tensor::from_slice(&[s, q, -s, -q]).to_device(dp.device());
+    dp.all_reduce(&mut t, ReduceOp::Max)?;
+    let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    if v[0] != -v[2] || v[1] != -v[3] {
+        return Err(TrainerError::Dist {
+            op: "weight check".into(),
+            message: format!(
+                "ranks hold different weights after step {step} (sum of weights from {} to {}, sum of squares from {} to {})",
+                -v[2], v[0], -v[3], v[1]
+            ),
+        });
+    }
+    Ok(())
 }
 
 // ---- EAGLE-3 vocabulary mapping for offline runs -------------------------------------------

@@ -20,8 +20,16 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         resume,
         show_progress,
     };
-    let s = forge_trainer::train::train(&recipe, &opts, &mut forge_trainer::train::SingleProcess)
+    // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks.
+    let (_, device) = forge_trainer::data::target_placement(&recipe)?;
+    let mut comm = forge_trainer::dist::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
+        .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
+    let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut())
         .with_context(|| format!("training {}", path.display()))?;
+    if s.rank != 0 {
+        // rank 0 reports for everyone
+        return Ok(());
+    }
     let ran = s.steps - s.start_step;
     if ran == 0 {
         println!(
@@ -40,6 +48,13 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         s.last_loss,
         s.tokens as f64 / s.seconds.max(1e-9),
         s.peak_rss_mb
+    );
+    println!(
+        "optimizer state: {} bytes per rank (world {}, dist.zero_stage {}), {:.3}s per step",
+        s.optimizer_state_bytes,
+        s.world,
+        recipe.dist.zero_stage,
+        s.step_seconds / ran.max(1) as f64
     );
     for (step, e) in &s.eval {
         let parts: Vec<String> = e.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

@@ -82,7 +82,9 @@ impl Medusa {
                 .map(|k| {
                     let p = &root / "lm_heads" / k;
                     let ws = match head_init {
-                        Some(w) => p.add("weight", w.detach().to_device(device).to_kind(Kind::Float), true),
+                        // copy(): each head owns its storage (to_device/to_kind return the
+                        // target's own tensor when it is already fp32 on `device`)
+                        Some(w) => p.add("weight", w.detach().to_device(device).to_kind(Kind::Float).copy(), true),
                         None => p.zeros("weight", &[v, h]),
                     };
                     nn::Linear { ws, bs: None }

@@ -110,8 +110,10 @@ section! {
         backend: Backend = Backend::Auto,
         /// Gradient all-reduce bucket size in MiB.
         bucket_mb: f64 = 25.0,
-        /// Collective timeout in seconds.
+        /// Collective (and rendezvous) timeout in seconds.
         timeout_s: u64 = 600,
+        /// Check that all ranks hold identical weights every this many steps (0 = never).
+        check_weights_every: u64 = 1,
     }
 }
 

@@ -1,0 +1,447 @@
+//! Distributed training over Gloo on 127.0.0.1 with 2 processes: every collective's numbers,
+//! 2 ranks = 1 rank with the same global batch for ZeRO stages 0, 1 and 2, resume of a
+//! sharded run (same and different world size), `forge launch` stopping the other worker
+//! when one fails, c10d errors naming the collective, and launch flag checks.
+
+use forge_models::safetensors_io::SafetensorsFile;
+use forge_tests::{demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, tiny_target_with_demo_tokenizer, tmp_dir};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+fn run_forge(args: &[String]) -> Output {
+    Command::new(forge_bin())
+        .args(args)
+        // the same intra-op thread count for 1-rank and 2-rank runs, so that they can be
+        // compared tightly on any machine
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(root())
+        .output()
+        .expect("run forge")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A free TCP port (bind port 0), so that tests running in parallel do not collide.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn launch_args(nproc: usize, rest: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "launch".into(),
+        "--nproc".into(),
+        nproc.to_string(),
+        "--master-port".into(),
+        free_port().to_string(),
+        "--".into(),
+    ];
+    a.extend(rest.iter().cloned());
+    a
+}
+
+/// The JSON line each rank printed (lines "[rank r] {...}").
+fn rank_json(stdout: &str, world: usize) -> Vec<serde_json::Value> {
+    (0..world)
+        .map(|r| {
+            let prefix = format!("[rank {r}] {{");
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no JSON line from rank {r} in:\n{stdout}"));
+            serde_json::from_str(&line[prefix.len() - 1..]).expect("selftest json")
+        })
+        .collect()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+#[test]
+fn every_collective_gives_the_expected_numbers_over_gloo() {
+    let out = run_forge(&launch_args(2, &["dist-selftest".into(), "--backend".into(), "gloo".into()]));
+    let stdout = ok(&out, "forge launch --nproc 2 -- dist-selftest");
+    let rows = rank_json(&stdout, 2);
+    let w = 2.0;
+    for (r, v) in rows.iter().enumerate() {
+        assert_eq!(v["rank"].as_u64(), Some(r as u64));
+        assert_eq!(v["world"].as_u64(), Some(2));
+        // rank q contributes [q+1, 10(q+1), -q]
+        let contrib = |q: f64| [q + 1.0, 10.0 * (q + 1.0), -q];
+        let (c0, c1) = (contrib(0.0), contrib(1.0));
+        let sum: Vec<f64> = (0..3).map(|i| c0[i] + c1[i]).collect();
+        assert_eq!(floats(&v["all_reduce_sum"]), sum, "rank {r}");
+        assert_eq!(floats(&v["all_reduce_sum"]), vec![3.0, 30.0, -1.0]);
+        assert_eq!(floats(&v["all_reduce_max"]), vec![2.0, 20.0, 0.0]);
+        assert_eq!(floats(&v["all_reduce_min"]), vec![1.0, 10.0, -1.0]);
+        // bf16 [0.5(q+1), 2^q] summed: [1.5, 3] (exact in bf16)
+        assert_eq!(floats(&v["all_reduce_bf16"]), vec![1.5, 3.0]);
+        // int64 [q, 1]
+        assert_eq!(floats(&v["all_reduce_int64"]), vec![1.0, w]);
+        // broadcast from the last rank (1): [101, 1]
+        assert_eq!(floats(&v["broadcast"]), vec![101.0, 1.0]);
+        // all_gather of [q, q + 0.5]
+        assert_eq!(floats(&v["all_gather"]), vec![0.0, 0.5, 1.0, 1.5]);
+        // reduce_scatter of [i + 100 q], i in 0..4: sum = [100, 102, 104, 106], chunk r
+        let full = [100.0, 102.0, 104.0, 106.0];
+        assert_eq!(floats(&v["reduce_scatter"]), full[2 * r..2 * r + 2].to_vec(), "rank {r}");
+        // metric names: the union of {"loss", "rank0"} and {"loss", "rank1"}
+        assert_eq!(v["union_keys"], serde_json::json!(["loss", "rank0", "rank1"]));
+    }
+}
+
+#[test]
+fn a_failing_worker_stops_the_launch_within_seconds() {
+    // rank 1 fails before the rendezvous; rank 0 would wait there for 120 s
+    let t0 = Instant::now();
+    let out = run_forge(&launch_args(
+        2,
+        &["dist-selftest".into(), "--timeout-s".into(), "120".into(), "--fail-rank".into(), "1".into()],
+    ));
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(!out.status.success(), "launch must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(secs < 20.0, "launch took {secs:.1}s to stop:\n{err}");
+    assert!(
+        err.contains("rank 1 exited with exit status 1") && err.contains("stopped the other 1 worker(s)"),
+        "{err}"
+    );
+    assert!(err.contains("[rank 1] error: rank 1 fails on purpose"), "worker output is prefixed with its rank:\n{err}");
+}
+
+#[test]
+fn c10d_errors_name_the_collective_under_torchrun_style_variables() {
+    // two plain `forge dist-selftest` processes with RANK/WORLD_SIZE/... (no launcher); rank 1
+    // leaves right after the rendezvous, so rank 0's first all_reduce fails
+    let port = free_port().to_string();
+    let spawn = |rank: &str, extra: &[&str]| {
+        Command::new(forge_bin())
+            .arg("dist-selftest")
+            .args(["--timeout-s", "30"])
+            .args(extra)
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", rank)
+            .env("LOCAL_WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn forge")
+    };
+    let t0 = Instant::now();
+    let r0 = spawn("0", &[]);
+    let r1 = spawn("1", &["--fail-rank", "1", "--fail-after-rendezvous"]);
+    let o1 = r1.wait_with_output().expect("rank 1");
+    let o0 = r0.wait_with_output().expect("rank 0");
+    assert!(!o1.status.success() && !o0.status.success());
+    let e0 = String::from_utf8_lossy(&o0.stderr);
+    assert!(e0.contains("distributed all_reduce failed"), "rank 0: {e0}");
+    assert!(t0.elapsed() < Duration::from_secs(25), "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn launch_flags_are_checked_with_the_fix() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["launch", "--gpus", "64", "--", "train", "x.yaml"], "use --nproc N for CPU workers"),
+        (&["launch", "--", "train", "x.yaml"], "--gpus N (one per GPU) or --nproc N"),
+        (&["launch", "--nproc", "2", "--gpus", "1", "--", "train", "x.yaml"], "not both"),
+        (&["launch", "--nproc", "2", "--nnodes", "2", "--", "train", "x.yaml"], "--master-addr"),
+        (&["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--", "train", "x.yaml"], "--node-rank"),
+    ];
+    for (args, want) in cases {
+        let out = run_forge(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+// ---- training ------------------------------------------------------------------------------
+
+struct Run {
+    dir: PathBuf,
+    target: PathBuf,
+    data: PathBuf,
+    recipe: PathBuf,
+}
+
+fn setup(name: &str) -> Run {
+    let dir = tmp_dir(name);
+    let target = tiny_target_with_demo_tokenizer(&dir.join("target"), 7);
+    let data = demo_conversations_subset(&dir.join("convs.jsonl"), 40);
+    Run {
+        dir,
+        target,
+        data,
+        recipe: root().join("recipes/medusa-tiny.yaml"),
+    }
+}
+
+/// `forge train <run.recipe>` (through `forge launch --nproc world` when world > 1)
+/// with the run's target/data, a checkpoint folder and extra `--set`s.
+fn train(run: &Run, world: usize, ckpt: &Path, sets: &[&str], extra: &[&str]) -> String {
+    let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
+    let base = [
+        format!("target.path={}", run.target.display()),
+        format!("data.train=[{}]", run.data.display()),
+        format!("data.cache_dir={}", run.dir.join("cache").display()),
+        format!("checkpoint.dir={}", ckpt.display()),
+        "checkpoint.every_steps=3".into(),
+        "log.every_steps=1".into(),
+        // a loss with two heads and clipping active (the grad norm is ~3.5)
+        "train.max_grad_norm=1.0".into(),
+        "train.weight_decay=0.1".into(),
+    ];
+    for s in base.iter().map(String::as_str).chain(sets.iter().copied()) {
+        args.push("--set".into());
+        args.push(s.into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args = if world > 1 { launch_args(world, &args) } else { args };
+    ok(&run_forge(&args), &format!("forge {}", args.join(" ")))
+}
+
+fn losses(ckpt: &Path) -> Vec<(u64, f64)> {
+    metrics_rows(&ckpt.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r["train/loss"].as_f64()?)))
+        .collect()
+}
+
+fn weights(step_dir: &Path) -> Vec<(String, Tensor)> {
+    let mut w = SafetensorsFile::open(&step_dir.join("model.safetensors"))
+        .expect("open")
+        .tensors()
+        .expect("tensors");
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.len(), lb.len(), "{what}: {la:?} vs {lb:?}");
+    for ((sa, x), (sb, y)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb);
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{what}: step {sa}: loss {x} vs {y}");
+    }
+    // counters are global (summed over ranks)
+    let state = |d: &Path| -> serde_json::Value {
+        let p = d.join(format!("step_{step}")).join("trainer_state.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("trainer_state.json")).expect("json")
+    };
+    let (sa, sb) = (state(a), state(b));
+    for key in ["samples_seen", "tokens_seen", "epoch"] {
+        assert_eq!(sa[key], sb[key], "{what}: {key}");
+    }
+    assert!(sa["samples_seen"].as_u64().unwrap_or(0) > 0);
+    let (wa, wb) = (weights(&a.join(format!("step_{step}"))), weights(&b.join(format!("step_{step}"))));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let d = max_abs_diff(ta, tb);
+        assert!(d <= 1e-5, "{what}: {na} differs by {d}");
+    }
+}
+
+fn state_bytes(stdout: &str) -> u64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("optimizer state: "))
+        .unwrap_or_else(|| panic!("no optimizer state line in:\n{stdout}"));
+    line.split("optimizer state: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("bytes")
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_the_same_global_batch_for_every_zero_stage() {
+    let run = setup("dist-equal");
+    let one = run.dir.join("one");
+    // 1 rank x grad_accum 2 = 2 ranks x grad_accum 1 (micro-batch 2 each)
+    let out1 = train(&run, 1, &one, &["train.max_steps=6", "train.grad_accum=2"], &[]);
+    let bytes1 = state_bytes(&out1);
+    let l1 = losses(&one);
+    assert_eq!(l1.len(), 6);
+    // the weights moved: a run that did nothing would also "match"
+    let w0 = weights(&one.join("step_3"));
+    let w6 = weights(&one.join("step_6"));
+    assert!(w0.iter().zip(&w6).any(|((_, a), (_, b))| max_abs_diff(a, b) > 1e-4));
+    for stage in [0, 1, 2] {
+        let two = run.dir.join(format!("two-z{stage}"));
+        let zs = format!("dist.zero_stage={stage}");
+        // small buckets: several buckets, each split between the ranks
+        let out2 = train(&run, 2, &two, &["train.max_steps=6", &zs, "dist.bucket_mb=0.5"], &[]);
+        assert_same_run(&one, &two, 6, &format!("zero_stage {stage}"));
+        // only rank 0 logs: one metrics row per step, its summary line alone
+        assert_eq!(losses(&two).len(), 6);
+        assert!(out2.contains("[rank 0] trained 6 steps") && !out2.contains("[rank 1] trained"), "{out2}");
+        // optimizer state per rank: all of it at stage 0, half (plus < 1 element of padding) at 1-2
+        let bytes2 = state_bytes(&out2);
+        if stage == 0 {
+            assert_eq!(bytes2, bytes1);
+        } else {
+            assert!(bytes2 >= bytes1 / 2 && bytes2 <= bytes1 / 2 + 8, "stage {stage}: {bytes2} vs {bytes1}");
+            let ck = two.join("step_6");
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(ck.join("manifest.json")).expect("manifest")).expect("json");
+            assert_eq!(m["optimizer_shards"], 2);
+            assert!(ck.join("optimizer.rank0.safetensors").is_file() && ck.join("optimizer.rank1.safetensors").is_file());
+            assert!(!ck.join("optimizer.safetensors").exists());
+        }
+    }
+}
+
+#[test]
+fn a_sharded_two_rank_run_resumes_exactly_and_reshards_to_one_rank() {
+    let run = setup("dist-resume");
+    let sets_full = ["train.max_steps=6", "dist.zero_stage=2", "dist.bucket_mb=0.5"];
+    let full = run.dir.join("full");
+    train(&run, 2, &full, &sets_full, &[]);
+    // interrupted after step 3, resumed on 2 ranks
+    let part = run.dir.join("part");
+    train(&run, 2, &part, &["train.max_steps=3", "dist.zero_stage=2", "dist.bucket_mb=0.5"], &[]);
+    let copy = run.dir.join("part-1rank");
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for entry in ["step_3", "metrics.jsonl", "recipe.resolved.yaml"] {
+        let src = part.join(entry);
+        let dst = copy.join(entry);
+        if src.is_dir() {
+            std::fs::create_dir_all(&dst).expect("mkdir");
+            for f in std::fs::read_dir(&src).expect("read_dir").flatten() {
+                std::fs::copy(f.path(), dst.join(f.file_name())).expect("copy");
+            }
+        } else {
+            std::fs::copy(&src, &dst).expect("copy");
+        }
+    }
+    let out = train(&run, 2, &part, &sets_full, &["--resume", "auto"]);
+    assert!(out.contains("trained 3 steps (3..6)"), "{out}");
+    assert_same_run(&full, &part, 6, "2-rank ZeRO-2 resume");
+    // the same checkpoint on 1 rank (grad_accum 2: the same global batch), ZeRO-1: re-sharded
+    let out = train(
+        &run,
+        1,
+        &copy,
+        &["train.max_steps=6", "train.grad_accum=2", "dist.zero_stage=1"],
+        &["--resume", "auto"],
+    );
+    assert!(out.contains("trained 3 steps (3..6)"), "{out}");
+    assert_same_run(&full, &copy, 6, "2-rank ZeRO-2 checkpoint resumed on 1 rank with ZeRO-1");
+}
+
+#[test]
+fn resuming_where_the_new_world_cannot_split_the_data_position_is_refused() {
+    let run = setup("dist-refuse");
+    let ck = run.dir.join("run");
+    // 1 rank, 3 steps of 1 micro-batch: 3 micro-batches consumed, which 2 ranks cannot split
+    train(&run, 1, &ck, &["train.max_steps=3"], &[]);
+    let mut args: Vec<String> = vec!["train".into(), root().join("recipes/medusa-tiny.yaml").display().to_string()];
+    for s in [
+        format!("target.path={}", run.target.display()),
+        format!("data.train=[{}]", run.data.display()),
+        format!("data.cache_dir={}", run.dir.join("cache").display()),
+        format!("checkpoint.dir={}", ck.display()),
+        "train.max_steps=6".into(),
+    ] {
+        args.push("--set".into());
+        args.push(s);
+    }
+    args.extend(["--resume".into(), "auto".into()]);
+    let out = run_forge(&launch_args(2, &args));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("written by 1 rank(s) after 3 micro-batches") && err.contains("resume with 1 rank(s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eagle1_feature_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one() {
+    let mut run = setup("dist-eagle1-noise");
+    // the tiny EAGLE-3 recipe with its drafter swapped for EAGLE-1 with feature noise
+    let text = std::fs::read_to_string(root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
+    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let recipe = run.dir.join("eagle1-noise.yaml");
+    std::fs::write(&recipe, format!("{}drafter:\n  kind: eagle1\n  feature_noise: 0.2\n{}", &text[..a], &text[b..])).expect("write");
+    run.recipe = recipe;
+    let one = run.dir.join("one");
+    train(&run, 1, &one, &["train.max_steps=4", "train.grad_accum=2", "checkpoint.every_steps=4"], &[]);
+    let two = run.dir.join("two");
+    train(&run, 2, &two, &["train.max_steps=4", "checkpoint.every_steps=4", "dist.zero_stage=1"], &[]);
+    assert_same_run(&one, &two, 4, "eagle1 with feature noise");
+}
+
+#[test]
+fn two_launchers_as_two_nodes_rendezvous_on_the_master_address() {
+    // the multi-node code path on one machine: node 0 and node 1, one CPU worker each
+    let port = free_port().to_string();
+    let node = |r: &str| {
+        Command::new(forge_bin())
+            .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", r])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .args(["--", "dist-selftest", "--timeout-s", "60"])
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn forge launch")
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    let (o0, o1) = (n0.wait_with_output().expect("node 0"), n1.wait_with_output().expect("node 1"));
+    let (s0, s1) = (ok(&o0, "node 0"), ok(&o1, "node 1"));
+    // node r's worker is rank r of 2 and got the same all-reduce as everyone
+    for (r, s) in [(0usize, &s0), (1, &s1)] {
+        let prefix = format!("[rank {r}] {{");
+        let line = s.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("node {r}: {s}"));
+        let v: serde_json::Value = serde_json::from_str(&line[prefix.len() - 1..]).expect("json");
+        assert_eq!(v["world"].as_u64(), Some(2));
+        assert_eq!(floats(&v["all_reduce_sum"]), vec![3.0, 30.0, -1.0]);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_every_worker() {
+    // node 0 of 2 with no node 1: its worker waits in the rendezvous (timeout 120 s)
+    let port = free_port().to_string();
+    let child = Command::new(forge_bin())
+        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .args(["--", "dist-selftest", "--timeout-s", "120"])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forge launch");
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("launch");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted: stopped all workers"), "{err}");
+}

@@ -1,0 +1,176 @@
+// A C interface to libtorch's c10d (TCPStore rendezvous + ProcessGroupGloo, and
+// ProcessGroupNCCL when built with USE_C10D_NCCL) for forge's Rust trainer.
+//
+// Every entry point catches C++ exceptions and returns them as a malloc'd error string
+// (NULL on success) that the caller frees with forge_c10d_free_error: no exception ever
+// unwinds into Rust. Tensors arrive as `at::Tensor*` (tch's C_tensor).
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+char* dup_error(const std::string& what) {
+  char* out = static_cast<char*>(std::malloc(what.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, what.c_str(), what.size() + 1);
+  }
+  return out;
+}
+
+template <typename F>
+char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return dup_error(e.what());
+  } catch (...) {
+    return dup_error("unknown C++ exception");
+  }
+}
+
+c10d::ReduceOp reduce_op(int op) {
+  switch (op) {
+    case 0:
+      return c10d::ReduceOp::SUM;
+    case 1:
+      return c10d::ReduceOp::MAX;
+    case 2:
+      return c10d::ReduceOp::MIN;
+    default:
+      throw std::invalid_argument("unknown reduce op " + std::to_string(op));
+  }
+}
+
+void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait(g->timeout);
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this shim was built with the NCCL backend.
+int forge_c10d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void forge_c10d_free_error(char* e) { std::free(e); }
+
+// Rendezvous at host:port (rank 0 hosts the TCPStore) and create the process group.
+// backend: 0 = gloo, 1 = nccl.
+char* forge_c10d_new(const char* host, int port, int rank, int world, long long timeout_ms,
+                     int backend, void** out) {
+  return guarded([&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = static_cast<std::size_t>(world);
+    opts.waitWorkers = true;
+    opts.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto g = std::make_unique<Group>();
+    g->store = store;
+    g->timeout = timeout;
+    if (backend == 0) {
+      auto o = c10d::ProcessGroupGloo::Options::create(timeout);
+      o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, o);
+    } else if (backend == 1) {
+#ifdef USE_C10D_NCCL
+      auto o = c10d::ProcessGroupNCCL::Options::create();
+      o->timeout = timeout;
+      g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, o);
+#else
+      throw std::runtime_error(
+          "this forge build has no NCCL backend (built against a libtorch without "
+          "libtorch_cuda/NCCL headers): use dist.backend gloo");
+#endif
+    } else {
+      throw std::invalid_argument("unknown backend " + std::to_string(backend));
+    }
+    *out = g.release();
+  });
+}
+
+void forge_c10d_free(void* group) { delete static_cast<Group*>(group); }
+
+char* forge_c10d_all_reduce(void* group, at::Tensor* t, int op) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::vector<at::Tensor> ts{*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = reduce_op(op);
+    o.timeout = g->timeout;
+    wait(g, g->backend->allreduce(ts, o));
+  });
+}
+
+char* forge_c10d_broadcast(void* group, at::Tensor* t, int root) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::vector<at::Tensor> ts{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.rootTensor = 0;
+    o.timeout = g->timeout;
+    wait(g, g->backend->broadcast(ts, o));
+  });
+}
+
+// out has world * numel(input) elements; rank r's input lands at [r*n, (r+1)*n).
+char* forge_c10d_all_gather(void* group, at::Tensor* out, at::Tensor* input) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    c10d::AllgatherOptions o;
+    o.timeout = g->timeout;
+    wait(g, g->backend->_allgather_base(*out, *input, o));
+  });
+}
+
+// input has world * numel(out) elements; out receives the reduction of chunk `rank`.
+char* forge_c10d_reduce_scatter(void* group, at::Tensor* out, at::Tensor* input, int op) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    c10d::ReduceScatterOptions o;
+    o.reduceOp = reduce_op(op);
+    o.timeout = g->timeout;
+    wait(g, g->backend->_reduce_scatter_base(*out, *input, o));
+  });
+}
+
+char* forge_c10d_barrier(void* group) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    c10d::BarrierOptions o;
+    o.timeout = g->timeout;
+    wait(g, g->backend->barrier(o));
+  });
+}
+
+}  // extern "C"

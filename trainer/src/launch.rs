@@ -1,0 +1,332 @@
+//! `forge launch`: starts data-parallel workers like torchrun. Each worker is this same
+//! `forge` binary running the given subcommand with RANK, LOCAL_RANK, WORLD_SIZE,
+//! LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (and OMP_NUM_THREADS = cores / workers
+//! unless already set); their output lines are prefixed with
+//! the rank; when one fails the others are stopped and launch reports the rank and status;
+//! Ctrl-C (SIGINT) or SIGTERM stops them all.
+
+use crate::error::{Result, TrainerError};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LaunchArgs {
+    /// One worker per GPU on this node; worker i uses cuda:<LOCAL_RANK>.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+    /// N CPU workers on this node (Gloo).
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// Number of nodes (machines) taking part.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes (node 0 hosts the rendezvous).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, reachable from every node (default 127.0.0.1 on one node).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// TCP port on node 0 for the rendezvous (default on one node: a free port).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Seconds the other workers get to exit after a failure or Ctrl-C before being killed.
+    #[arg(long, default_value_t = 5)]
+    pub grace_s: u64,
+    /// The forge command each worker runs, after `--`, e.g. `-- train recipe.yaml`.
+    #[arg(last = true, required = true, value_name = "FORGE_ARGS")]
+    pub command: Vec<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+fn bad(flag: &str, msg: String) -> TrainerError {
+    TrainerError::Config(format!("forge launch {flag}: {msg}"))
+}
+
+/// A free TCP port on this machine (bind port 0, read it back, release it).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| TrainerError::Io {
+        path: "127.0.0.1:0".into(),
+        source,
+    })?;
+    let port = l.local_addr().map_err(|source| TrainerError::Io {
+        path: "127.0.0.1:0".into(),
+        source,
+    })?;
+    Ok(port.port())
+}
+
+/// The resolved placement of this node's workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub nproc: usize,
+    pub gpus: bool,
+    pub world: usize,
+    pub first_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl LaunchArgs {
+    /// Checks the flags and fills the defaults; errors name the flag and the fix.
+    pub fn plan(&self) -> Result<Plan> {
+        let (nproc, gpus) = match (self.gpus, self.nproc) {
+            (Some(_), Some(_)) => return Err(bad("--gpus/--nproc", "give one of them, not both".into())),
+            (None, None) => {
+                return Err(bad(
+                    "--gpus/--nproc",
+                    "say how many workers to start on this node: --gpus N (one per GPU) or --nproc N (CPU)".into(),
+                ))
+            }
+            (Some(n), None) => (n, true),
+            (None, Some(n)) => (n, false),
+        };
+        if nproc == 0 {
+            return Err(bad(if gpus { "--gpus" } else { "--nproc" }, "must be at least 1".into()));
+        }
+        if gpus {
+            let have = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+            if have < nproc {
+                return Err(bad(
+                    "--gpus",
+                    format!("{nproc} GPU workers requested but this machine/build sees {have} CUDA device(s): use --nproc N for CPU workers"),
+                ));
+            }
+        }
+        if self.nnodes == 0 {
+            return Err(bad("--nnodes", "must be at least 1".into()));
+        }
+        if self.node_rank >= self.nnodes {
+            return Err(bad(
+                "--node-rank",
+                format!("{} is not below --nnodes {} (nodes are numbered 0..nnodes)", self.node_rank, self.nnodes),
+            ));
+        }
+        let (master_addr, master_port) = if self.nnodes > 1 {
+            let addr = self.master_addr.clone().ok_or_else(|| {
+                bad("--master-addr", "is required with --nnodes > 1: the address of node 0, reachable from every node".into())
+            })?;
+            let port = self.master_port.ok_or_else(|| {
+                bad("--master-port", "is required with --nnodes > 1: a free TCP port on node 0, the same on every node".into())
+            })?;
+            (addr, port)
+        } else {
+            let addr = self.master_addr.clone().unwrap_or_else(|| "127.0.0.1".into());
+            let port = match self.master_port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            (addr, port)
+        };
+        if self.command.is_empty() {
+            return Err(bad("--", "give the forge command to run after --, e.g. `forge launch --nproc 2 -- train recipe.yaml`".into()));
+        }
+        Ok(Plan {
+            nproc,
+            gpus,
+            world: self.nnodes * nproc,
+            first_rank: self.node_rank * nproc,
+            master_addr,
+            master_port,
+        })
+    }
+}
+
+/// Copies `from` line by line to the launcher's stdout or stderr, each line prefixed.
+fn pump(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if !line.ends_with(b"\n") {
+                        line.push(b'\n');
+                    }
+                    let mut buf = prefix.clone().into_bytes();
+                    buf.extend_from_slice(&line);
+                    let _ = if to_stderr {
+                        std::io::stderr().lock().write_all(&buf)
+                    } else {
+                        std::io::stdout().lock().write_all(&buf)
+                    };
+                }
+            }
+        }
+    })
+}
+
+fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "an unknown status".into(),
+    }
+}
+
+/// Asks every still-running worker to stop (SIGTERM), then kills those still alive after
+/// `grace`.
+fn stop_all(children: &mut [(usize, Child, Option<ExitStatus>)], grace: Duration) {
+    for (_, c, st) in children.iter_mut() {
+        if st.is_none() {
+            // SAFETY: signalling a child process we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut alive = false;
+        for (_, c, st) in children.iter_mut() {
+            if st.is_none() {
+                match c.try_wait() {
+                    Ok(Some(s)) => *st = Some(s),
+                    _ => alive = true,
+                }
+            }
+        }
+        if !alive {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for (_, c, st) in children.iter_mut() {
+                if st.is_none() {
+                    let _ = c.kill();
+                    *st = c.wait().ok();
+                }
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the workers to completion. Ok when all exit 0; otherwise an error naming the first
+/// rank that failed and its status (or the interruption).
+pub fn run(args: &LaunchArgs) -> Result<()> {
+    let plan = args.plan()?;
+    let exe = std::env::current_exe().map_err(|source| TrainerError::Io {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    install_signal_handlers();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    eprintln!(
+        "forge launch: {} {} worker(s) on node {} of {} (ranks {}..{} of {}), rendezvous {}:{}",
+        plan.nproc,
+        if plan.gpus { "GPU" } else { "CPU" },
+        args.node_rank,
+        args.nnodes,
+        plan.first_rank,
+        plan.first_rank + plan.nproc - 1,
+        plan.world,
+        plan.master_addr,
+        plan.master_port
+    );
+    // like torchrun: workers share this node's cores instead of each taking all of them
+    let threads = std::env::var("OMP_NUM_THREADS").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / plan.nproc).max(1).to_string()
+    });
+    let mut children: Vec<(usize, Child, Option<ExitStatus>)> = Vec::new();
+    let mut pumps = Vec::new();
+    for local in 0..plan.nproc {
+        let rank = plan.first_rank + local;
+        let mut cmd = Command::new(&exe);
+        cmd.args(&args.command)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", plan.world.to_string())
+            .env("LOCAL_WORLD_SIZE", plan.nproc.to_string())
+            .env("GROUP_RANK", args.node_rank.to_string())
+            .env("MASTER_ADDR", &plan.master_addr)
+            .env("MASTER_PORT", plan.master_port.to_string())
+            .env("OMP_NUM_THREADS", &threads)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        // rank 0 keeps the terminal for its progress bar; other output is prefixed
+        if rank == 0 && tty {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            cmd.stderr(Stdio::piped());
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                stop_all(&mut children, Duration::from_secs(args.grace_s));
+                return Err(TrainerError::Io { path: exe, source });
+            }
+        };
+        let prefix = format!("[rank {rank}] ");
+        if let Some(out) = child.stdout.take() {
+            pumps.push(pump(out, prefix.clone(), false));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(pump(err, prefix, true));
+        }
+        children.push((rank, child, None));
+    }
+    let mut failure: Option<String> = None;
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            failure = Some("interrupted: stopped all workers".into());
+            break;
+        }
+        let mut running = 0;
+        for (rank, c, st) in children.iter_mut() {
+            if st.is_some() {
+                continue;
+            }
+            match c.try_wait() {
+                Ok(Some(s)) => {
+                    *st = Some(s);
+                    if !s.success() && failure.is_none() {
+                        failure = Some(format!("rank {rank} exited with {}", describe(&s)));
+                    }
+                }
+                Ok(None) => running += 1,
+                Err(e) => {
+                    if failure.is_none() {
+                        failure = Some(format!("rank {rank}: cannot wait for the worker: {e}"));
+                    }
+                }
+            }
+        }
+        if failure.is_some() || running == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = children.iter().filter(|(_, _, st)| st.is_none()).count();
+    stop_all(&mut children, Duration::from_secs(args.grace_s));
+    for p in pumps {
+        let _ = p.join();
+    }
+    match failure {
+        None => Ok(()),
+        Some(f) => Err(TrainerError::Launch(if stopped > 0 {
+            format!("{f}; stopped the other {stopped} worker(s)")
+        } else {
+            f
+        })),
+    }
+}
