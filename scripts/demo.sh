@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo job (run by `make demo` after the build and the demo model are ready): chat with the
 # demo target, tokenise the demo conversations, train Medusa heads on the demo target, export
-# them for vLLM, and print where everything is.
+# them for vLLM, measure them with speculative decoding, and print where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FORGE=target/release/forge
@@ -23,7 +23,12 @@ echo
 echo "== forge export $RUN --format vllm"
 "$FORGE" export "$RUN" --format vllm --out "$RUN/export-vllm"
 echo
+echo "== forge eval: speculative decoding with the trained heads vs plain decoding (held-out prompts)"
+"$FORGE" eval --draft "$RUN" --prompts recipes/data/demo_eval_prompts.jsonl --limit 4 \
+  --max-new-tokens 64 --verify --json "$RUN/eval.json"
+echo
 echo "demo: done."
 echo "  checkpoints:   $RUN/step_*/"
 echo "  metrics:       $RUN/metrics.jsonl, TensorBoard: tensorboard --logdir $RUN/tb"
 echo "  vLLM export:   $RUN/export-vllm/ (config.json + model.safetensors)"
+echo "  eval report:   $RUN/eval.json (tau, acceptance per position, speedup)"
