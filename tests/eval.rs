@@ -148,6 +148,19 @@ struct Scripted {
 }
 
 impl Scripted {
+    fn new(t: &TargetModel, prompt: &[i64], answer: &[i64], errors: Vec<usize>) -> Scripted {
+        let seq: Vec<i64> = prompt.iter().chain(answer).copied().collect();
+        Scripted {
+            reference: reference_hidden(t, &seq),
+            prompt: prompt.to_vec(),
+            answer: answer.to_vec(),
+            committed: 0,
+            round: 0,
+            errors,
+            max_feature_diff: 0.0,
+        }
+    }
+
     fn token_at(&self, pos: usize) -> Option<i64> {
         if pos < self.prompt.len() {
             Some(self.prompt[pos])
@@ -200,17 +213,8 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     let t = random_target("llama", 22);
     let prompt = prompts()[0].clone();
     let answer = plain(&t, &prompt, 60, &[]);
-    let seq: Vec<i64> = prompt.iter().chain(&answer).copied().collect();
     let errors = vec![0, 2, 9, 1, 4, 9, 3];
-    let mut s = Scripted {
-        reference: reference_hidden(&t, &seq),
-        prompt: prompt.clone(),
-        answer: answer.clone(),
-        committed: 0,
-        round: 0,
-        errors: errors.clone(),
-        max_feature_diff: 0.0,
-    };
+    let mut s = Scripted::new(&t, &prompt, &answer, errors.clone());
     let opts = SpecOptions {
         gamma: 4,
         max_new_tokens: 60,
@@ -235,15 +239,7 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     // a stop id inside an accepted chain ends the output right after it
     let stop = answer[17];
     let want = plain(&t, &prompt, 60, &[stop]);
-    let mut s2 = Scripted {
-        reference: reference_hidden(&t, &seq),
-        prompt: prompt.clone(),
-        answer: answer.clone(),
-        committed: 0,
-        round: 0,
-        errors: vec![9],
-        max_feature_diff: 0.0,
-    };
+    let mut s2 = Scripted::new(&t, &prompt, &answer, vec![9]);
     let got = speculative_generate(&t, &mut s2, &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
     assert_eq!(got.tokens, want);
     assert!(got.stopped);
@@ -260,16 +256,7 @@ fn dynamic_gamma_follows_its_rule() {
     let t = random_target("llama", 22);
     let prompt = prompts()[0].clone();
     let answer = plain(&t, &prompt, 80, &[]);
-    let seq: Vec<i64> = prompt.iter().chain(&answer).copied().collect();
-    let mut s = Scripted {
-        reference: reference_hidden(&t, &seq),
-        prompt: prompt.clone(),
-        answer: answer.clone(),
-        committed: 0,
-        round: 0,
-        errors: vec![99, 99, 99, 1, 99, 0, 99, 99, 2],
-        max_feature_diff: 0.0,
-    };
+    let mut s = Scripted::new(&t, &prompt, &answer, vec![99, 99, 99, 1, 99, 0, 99, 99, 2]);
     let opts = SpecOptions {
         gamma: 3,
         dynamic_min_gamma: Some(2),

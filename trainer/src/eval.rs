@@ -8,7 +8,7 @@
 //! speculative run's for the speculative run, the plain run's for the plain run).
 
 use crate::export::load_drafter_with_target;
-use crate::regenerate::{read_input, resolve_dtype, show_progress, stop_ids, turn_seed, InputConversation};
+use crate::regenerate::{read_input, ChatArgs, resolve_dtype, show_progress, stop_ids, turn_seed, InputConversation};
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
@@ -64,21 +64,8 @@ pub struct EvalArgs {
     /// Only the first N prompts of each file.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// System message for prompts that have none (default: the template's own, if any).
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Chat template: auto (from the target's tokenizer_config.json), chatml, llama3, llama3.1, qwen3.
-    #[arg(long, default_value = "auto")]
-    pub chat_template: String,
-    /// Weight format of the target: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Progress bar on stderr: auto (when stderr is a terminal), always, never.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
-    pub progress: String,
+    #[command(flatten)]
+    pub chat: ChatArgs,
 }
 
 fn check_args(a: &EvalArgs) -> Result<()> {
@@ -290,7 +277,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn encode(&self, conv: &InputConversation, k: usize, answers: &[String]) -> Result<Vec<i64>> {
-        let msgs: Vec<Message> = conv.context(k, answers, self.a.system.as_deref());
+        let msgs: Vec<Message> = conv.context(k, answers, self.a.chat.system.as_deref());
         Ok(self.tokenizer.encode(&self.template.render(&msgs, true))?)
     }
 
@@ -426,8 +413,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         files.push((p.clone(), convs));
     }
-    let device = parse_device(&a.device).context("--device")?;
-    let dtype = resolve_dtype(&a.dtype, device)?;
+    let device = parse_device(&a.chat.device).context("--device")?;
+    let dtype = resolve_dtype(&a.chat.dtype, device)?;
     let loaded = load_drafter_with_target(&a.draft, device, a.target.as_deref())
         .with_context(|| format!("--draft {}", a.draft.display()))?;
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
@@ -436,8 +423,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut drafter = loaded.drafter;
     drafter.set_compute_kind(dtype.kind());
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
-    let template = ChatTemplate::from_name(&a.chat_template, &target_dir).with_context(|| format!("--chat-template {}", a.chat_template))?;
-    let stop = stop_ids(&model, &tokenizer, &template, &a.chat_template)?;
+    let template = ChatTemplate::from_name(&a.chat.chat_template, &target_dir).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
+    let stop = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
     let ctx = Ctx {
         a: &a,
         model: &model,
@@ -476,7 +463,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         warm_ctx.conversation(&warm, &mut Tally::default(), &mut Vec::new())?;
     }
 
-    let pb = crate::data::styled_bar(total_turns as u64, "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}", show_progress(&a.progress));
+    let pb = crate::data::styled_bar(total_turns as u64, "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}", show_progress(&a.chat.progress));
     let mut overall = Tally::default();
     let mut file_reports = Vec::new();
     println!("forge eval: {} draft {}", loaded.spec.kind(), loaded.source.display());

@@ -51,16 +51,23 @@ pub struct RegenerateArgs {
     /// Sampling seed (each conversation turn draws from its own stream: seed, id, turn).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// System message for conversations that have none (default: the template's own, if any).
-    #[arg(long)]
-    pub system: Option<String>,
     /// Only the first N input conversations.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Chat template: auto (from the target's tokenizer_config.json), chatml, llama3, qwen3.
+    #[command(flatten)]
+    pub chat: ChatArgs,
+}
+
+/// How a target is run on chat prompts: the flags `forge regenerate` and `forge eval` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChatArgs {
+    /// System message for conversations that have none (default: the template's own, if any).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Chat template: auto (from the target's tokenizer_config.json), chatml, llama3, llama3.1, qwen3.
     #[arg(long, default_value = "auto")]
     pub chat_template: String,
-    /// Weight format: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
+    /// Weight format of the target: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// auto, cpu, cuda, cuda:N.
@@ -609,21 +616,21 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
         return Ok(());
     }
 
-    let device = parse_device(&a.device).context("--device")?;
-    let dtype = resolve_dtype(&a.dtype, device)?;
+    let device = parse_device(&a.chat.device).context("--device")?;
+    let dtype = resolve_dtype(&a.chat.dtype, device)?;
     let tokenizer = TextTokenizer::from_dir(&a.target)?;
-    let template = ChatTemplate::from_name(&a.chat_template, &a.target)
-        .with_context(|| format!("--chat-template {}", a.chat_template))?;
+    let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target)
+        .with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let t_load = Instant::now();
     let model = TargetModel::load(&a.target, dtype, device)
         .with_context(|| format!("loading target {}", a.target.display()))?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let stop_ids = stop_ids(&model, &tokenizer, &template, &a.chat_template)?;
+    let stop_ids = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
     let regen = Regenerator {
         model: &model,
         tokenizer: &tokenizer,
         template: &template,
-        system: a.system.clone(),
+        system: a.chat.system.clone(),
         opts: GenerateOptions {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -650,7 +657,7 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
         writeln!(file)?;
     }
 
-    let show = show_progress(&a.progress);
+    let show = show_progress(&a.chat.progress);
     let pb = crate::data::styled_bar(
         pending.len() as u64,
         "regenerate [{bar:30}] {pos}/{len} conversations {msg} eta {eta}",
