@@ -6,7 +6,7 @@ use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_mask, Eagle3, Eagle3Spec};
 use forge_models::drafters::{Drafter, Features, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
-use forge_tests::{forge, losses, metrics_rows, TinyRun};
+use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -33,11 +33,11 @@ fn ttt_mask_matches_a_per_step_reference() {
 
 #[test]
 fn ttt_attention_equals_attention_over_all_step_keys_with_the_explicit_mask() {
-    tch::manual_seed(11);
+    let mut rng = TestRng::new(11);
     let (b, h, t, d) = (2i64, 3i64, 6i64, 4i64);
-    let q = Tensor::randn([b, h, t, d], CPU);
-    let ks: Vec<Tensor> = (0..4).map(|_| Tensor::randn([b, h, t, d], CPU)).collect();
-    let vs: Vec<Tensor> = (0..4).map(|_| Tensor::randn([b, h, t, d], CPU)).collect();
+    let q = rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double);
+    let ks: Vec<Tensor> = (0..4).map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double)).collect();
+    let vs: Vec<Tensor> = (0..4).map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double)).collect();
     let causal = ttt_mask(t, 0, Device::Cpu).view([1, 1, t, t]).expand([b, 1, t, t], false);
     for step in 0..4usize {
         let got = ttt_attention(&q, &ks[..=step], &vs[..=step], &causal);
@@ -103,15 +103,16 @@ fn small_spec(ttt: i64) -> Eagle3Spec {
 
 #[test]
 fn eagle3_with_one_step_equals_a_hand_computed_forward() {
-    tch::manual_seed(5);
+    let mut rng = TestRng::new(5);
     let (b, t, hh, v) = (2i64, 7i64, 16i64, 20i64);
-    let embed = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
-    let target_lm = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
+    let embed = rng.normal_tensor(&[v, hh], 1.0);
+    let target_lm = rng.normal_tensor(&[v, hh], 1.0);
     let target = TargetTensors {
         lm_head: Some(target_lm.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };
     let m = Eagle3::new(small_spec(1), &target, Device::Cpu).expect("eagle3");
+    reinit_trainable(m.var_store(), 7);
     let used: Vec<i64> = vec![0, 2, 3, 5, 7, 11, 13, 17];
     let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &u)| u - i as i64).collect();
     let mut t2d = vec![false; v as usize];
@@ -120,7 +121,7 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
     tch::no_grad(|| {
         for (name, mut p) in m.var_store().variables() {
             if name.ends_with("norm.weight") {
-                p.copy_(&(Tensor::rand_like(&p) + 0.5));
+                p.copy_(&TestRng::for_name(1, &name).uniform_tensor(&p.size(), 0.5, 1.5));
             }
         }
     });
@@ -133,8 +134,8 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
         attention_mask: Tensor::from_slice(&am_v).view([b, t]),
         position_ids: Tensor::arange(t, (Kind::Int64, Device::Cpu)).repeat([b, 1]),
         loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
-        hidden_normed: Some(Tensor::randn([b, t, hh], (Kind::Float, Device::Cpu))),
-        aux_hidden: Some(Tensor::randn([b, t, 3 * hh], (Kind::Float, Device::Cpu))),
+        hidden_normed: Some(rng.normal_tensor(&[b, t, hh], 1.0)),
+        aux_hidden: Some(rng.normal_tensor(&[b, t, 3 * hh], 1.0)),
     };
     let out = m.loss(&f, true).expect("loss");
 
@@ -209,15 +210,16 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
 #[test]
 fn eagle3_later_steps_see_only_what_the_mask_allows() {
     // Step i at position t must not depend on tokens after t+i+1 nor on aux features after t.
-    tch::manual_seed(8);
+    let mut rng = TestRng::new(8);
     let (b, t, hh, v) = (1i64, 8i64, 16i64, 20i64);
     let target = TargetTensors {
-        lm_head: Some(Tensor::randn([v, hh], (Kind::Float, Device::Cpu))),
-        embed: Some(Tensor::randn([v, hh], (Kind::Float, Device::Cpu))),
+        lm_head: Some(rng.normal_tensor(&[v, hh], 1.0)),
+        embed: Some(rng.normal_tensor(&[v, hh], 1.0)),
     };
     let m = Eagle3::new(small_spec(3), &target, Device::Cpu).expect("eagle3");
+    reinit_trainable(m.var_store(), 7);
     let ids: Vec<i64> = vec![1, 4, 7, 2, 9, 3, 5, 6];
-    let aux = Tensor::randn([b, t, 3 * hh], (Kind::Float, Device::Cpu));
+    let aux = rng.normal_tensor(&[b, t, 3 * hh], 1.0);
     let run = |ids: &[i64], aux: &Tensor| -> Vec<Tensor> {
         let f = Features {
             input_ids: Tensor::from_slice(ids).view([b, t]),
@@ -433,10 +435,10 @@ fn eagle3_offline_training_on_hidden_shards_matches_online() {
 
 #[test]
 fn eagle1_loss_equals_a_hand_computed_reference() {
-    tch::manual_seed(21);
+    let mut rng = TestRng::new(21);
     let (b, t, hh, v) = (2i64, 6i64, 16i64, 20i64);
-    let embed = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
-    let head = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
+    let embed = rng.normal_tensor(&[v, hh], 1.0);
+    let head = rng.normal_tensor(&[v, hh], 1.0);
     let spec = Eagle1Spec {
         feature_weight: 1.0,
         token_weight: 0.1,
@@ -449,16 +451,17 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
         embed: Some(embed.shallow_clone()),
     };
     let m = Eagle1::new(spec, &target, Device::Cpu).expect("eagle1");
+    reinit_trainable(m.var_store(), 7);
     tch::no_grad(|| {
         for (name, mut p) in m.var_store().variables() {
             if name.ends_with("norm.weight") {
-                p.copy_(&(Tensor::rand_like(&p) + 0.5));
+                p.copy_(&TestRng::for_name(1, &name).uniform_tensor(&p.size(), 0.5, 1.5));
             }
         }
     });
     let ids_v: Vec<i64> = vec![1, 4, 7, 2, 9, 3, 5, 5, 10, 0, 6, 8];
     let mask_v: Vec<i64> = vec![0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 1, 0];
-    let feats = Tensor::randn([b, t, hh], (Kind::Float, Device::Cpu));
+    let feats = rng.normal_tensor(&[b, t, hh], 1.0);
     let f = Features {
         input_ids: Tensor::from_slice(&ids_v).view([b, t]),
         attention_mask: Tensor::ones([b, t], (Kind::Int64, Device::Cpu)),
@@ -668,10 +671,10 @@ fn eagle3_reference(m: &Eagle3, f: &Features, embed: &Tensor, target_lm: &Tensor
 
 #[test]
 fn eagle3_ttt_loss_equals_a_per_step_reference() {
-    tch::manual_seed(9);
+    let mut rng = TestRng::new(9);
     let (b, t, hh, v) = (2i64, 8i64, 16i64, 20i64);
-    let embed = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
-    let target_lm = Tensor::randn([v, hh], (Kind::Float, Device::Cpu));
+    let embed = rng.normal_tensor(&[v, hh], 1.0);
+    let target_lm = rng.normal_tensor(&[v, hh], 1.0);
     let target = TargetTensors {
         lm_head: Some(target_lm.shallow_clone()),
         embed: Some(embed.shallow_clone()),
@@ -680,6 +683,7 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
     let mut spec = small_spec(4);
     spec.draft_vocab_size = used.len() as i64;
     let m = Eagle3::new(spec, &target, Device::Cpu).expect("eagle3");
+    reinit_trainable(m.var_store(), 7);
     let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &u)| u - i as i64).collect();
     let mut t2d = vec![false; v as usize];
     used.iter().for_each(|&u| t2d[u as usize] = true);
@@ -692,8 +696,8 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
         attention_mask: Tensor::from_slice(&am_v).view([b, t]),
         position_ids: Tensor::arange(t, (Kind::Int64, Device::Cpu)).repeat([b, 1]),
         loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
-        hidden_normed: Some(Tensor::randn([b, t, hh], (Kind::Float, Device::Cpu))),
-        aux_hidden: Some(Tensor::randn([b, t, 3 * hh], (Kind::Float, Device::Cpu))),
+        hidden_normed: Some(rng.normal_tensor(&[b, t, hh], 1.0)),
+        aux_hidden: Some(rng.normal_tensor(&[b, t, 3 * hh], 1.0)),
     };
     let out = m.loss(&f, true).expect("loss");
     let (want, steps) = eagle3_reference(&m, &f, &embed, &target_lm, &used, 4);

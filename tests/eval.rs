@@ -12,7 +12,7 @@ use forge_models::drafters::{Drafter, Features, TargetTensors};
 use forge_models::generate::{generate, GenerateOptions, RowRng};
 use forge_models::speculative::{next_gamma, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
-use forge_tests::{forge, max_abs_diff, random_target, TinyRun};
+use forge_tests::{forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -26,7 +26,6 @@ fn tensors(t: &TargetModel) -> TargetTensors {
 }
 
 fn medusa(t: &TargetModel) -> Medusa {
-    tch::manual_seed(11);
     let m = Medusa::new(
         MedusaSpec {
             num_heads: 4,
@@ -45,7 +44,7 @@ fn medusa(t: &TargetModel) -> Medusa {
     tch::no_grad(|| {
         for (n, mut v) in m.var_store().variables() {
             if n.starts_with("blocks") {
-                v.copy_(&(Tensor::randn_like(&v) * 0.2));
+                v.copy_(&TestRng::for_name(11, &n).normal_tensor(&v.size(), 0.2));
             }
         }
     });
@@ -53,8 +52,7 @@ fn medusa(t: &TargetModel) -> Medusa {
 }
 
 fn eagle1(t: &TargetModel) -> Eagle1 {
-    tch::manual_seed(12);
-    Eagle1::new(
+    let m = Eagle1::new(
         Eagle1Spec {
             feature_weight: 1.0,
             token_weight: 0.1,
@@ -65,12 +63,13 @@ fn eagle1(t: &TargetModel) -> Eagle1 {
         &tensors(t),
         Device::Cpu,
     )
-    .expect("eagle1")
+    .expect("eagle1");
+    reinit_trainable(m.var_store(), 12);
+    m
 }
 
 /// EAGLE-3 over the two tiny layers with a draft vocabulary of the even target ids.
 fn eagle3(t: &TargetModel) -> Eagle3 {
-    tch::manual_seed(13);
     let m = Eagle3::new(
         Eagle3Spec {
             ttt_length: 3,
@@ -85,6 +84,7 @@ fn eagle3(t: &TargetModel) -> Eagle3 {
         Device::Cpu,
     )
     .expect("eagle3");
+    reinit_trainable(m.var_store(), 13);
     let d2t: Vec<i64> = (0..V / 2).collect(); // draft id i -> target id 2i
     let t2d: Vec<bool> = (0..V).map(|i| i % 2 == 0).collect();
     install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");

@@ -77,25 +77,103 @@ pub fn tiny_config(model_type: &str) -> serde_json::Value {
     c
 }
 
+/// Random numbers that do not come from libtorch's generator (splitmix64 + Box-Muller).
+///
+/// libtorch has one CPU generator per process and the tests run on parallel threads in one
+/// process: `tch::manual_seed` followed by draws is not reproducible while another test draws
+/// (and every model construction draws). Test models whose values an assertion depends on
+/// take their weights from here, seeded per tensor name so that the order does not matter.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn new(seed: u64) -> Self {
+        TestRng(seed)
+    }
+
+    /// A generator for one named tensor: the seed mixed with the name's FNV-1a hash.
+    pub fn for_name(seed: u64, name: &str) -> Self {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        TestRng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ h)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// A float tensor of `shape` uniform in [lo, hi).
+    pub fn uniform_tensor(&mut self, shape: &[i64], lo: f64, hi: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * self.uniform()) as f32).collect();
+        Tensor::from_slice(&v).view(shape)
+    }
+
+    /// A float tensor of `shape` normal with mean 0 and standard deviation `std`.
+    pub fn normal_tensor(&mut self, shape: &[i64], std: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (std * self.normal()) as f32).collect();
+        Tensor::from_slice(&v).view(shape)
+    }
+}
+
+/// Overwrites the trainable floating-point variables of `vs` that are not constant (norm
+/// weights of ones and zero biases stay) with uniform values in +-1/sqrt(fan_in), like the
+/// default linear initialisation, drawn from [`TestRng`] per name: a drafter built by a test
+/// then has the same weights in every run, whatever the other tests draw meanwhile.
+pub fn reinit_trainable(vs: &tch::nn::VarStore, seed: u64) {
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if !v.requires_grad() || !v.is_floating_point() || v.numel() < 2 {
+                continue;
+            }
+            let constant = (v.max() - v.min()).double_value(&[]) == 0.0;
+            if constant {
+                continue;
+            }
+            let shape = v.size();
+            let fan_in = *shape.last().unwrap_or(&1) as f64;
+            let b = 1.0 / fan_in.sqrt();
+            let r = TestRng::for_name(seed, &name).uniform_tensor(&shape, -b, b);
+            v.copy_(&r.to_kind(v.kind()));
+        }
+    });
+}
+
 /// Builds a tiny target with random weights (norm weights random around 1, biases random)
-/// so that every tensor matters in comparisons.
+/// so that every tensor matters in comparisons. The weights depend only on the seed (see
+/// [`TestRng`]).
 pub fn random_target(model_type: &str, seed: i64) -> TargetModel {
     random_target_from(tiny_config(model_type), seed)
 }
 
 /// A target with random weights for any config.json value (see [`random_target`]).
 pub fn random_target_from(config: serde_json::Value, seed: i64) -> TargetModel {
-    tch::manual_seed(seed);
     let cfg = TargetConfig::from_value(config).expect("tiny config");
     let model = TargetModel::build(cfg, DType::F32, Device::Cpu, ParamInit::Default);
     tch::no_grad(|| {
         for (name, mut v) in model.vs.variables() {
+            let mut rng = TestRng::for_name(seed as u64, &name);
             let r = if name.ends_with("norm.weight") {
-                Tensor::rand_like(&v) + 0.5
+                rng.uniform_tensor(&v.size(), 0.5, 1.5)
             } else {
-                Tensor::randn_like(&v) * 0.15
+                rng.normal_tensor(&v.size(), 0.15)
             };
-            v.copy_(&r);
+            v.copy_(&r.to_kind(v.kind()));
         }
     });
     model

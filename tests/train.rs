@@ -4,15 +4,15 @@
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, Features, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
-use forge_tests::{forge, losses, metrics_rows, TinyRun};
+use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 #[test]
 fn medusa_loss_equals_a_hand_computed_reference() {
-    tch::manual_seed(3);
+    let mut rng = TestRng::new(3);
     let (h, v, b, t) = (8i64, 11i64, 2i64, 6i64);
-    let lm = Tensor::randn([v, h], (Kind::Float, Device::Cpu));
+    let lm = rng.normal_tensor(&[v, h], 1.0);
     let spec = MedusaSpec {
         num_heads: 2,
         num_layers: 1,
@@ -27,15 +27,16 @@ fn medusa_loss_equals_a_hand_computed_reference() {
         embed: None,
     };
     let m = Medusa::new(spec, &target, Device::Cpu).expect("medusa");
+    reinit_trainable(m.var_store(), 7);
     // give the ResBlocks non-zero weights so they matter
     tch::no_grad(|| {
-        for (_, mut p) in m.var_store().variables() {
-            let r = Tensor::randn_like(&p) * 0.3;
+        for (name, mut p) in m.var_store().variables() {
+            let r = TestRng::for_name(3, &name).normal_tensor(&p.size(), 0.3);
             p.copy_(&(&p + r));
         }
     });
     let vars = m.var_store().variables();
-    let hidden = Tensor::randn([b, t, h], (Kind::Float, Device::Cpu));
+    let hidden = rng.normal_tensor(&[b, t, h], 1.0);
     let ids_v: Vec<i64> = vec![1, 4, 7, 2, 9, 3, 5, 5, 10, 0, 6, 8];
     let mask_v: Vec<i64> = vec![0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1];
     let ids = Tensor::from_slice(&ids_v).view([b, t]);
@@ -389,8 +390,9 @@ fn a_second_run_without_resume_does_not_overwrite_the_first() {
 /// step would update the same tensor once per head).
 #[test]
 fn medusa_heads_own_their_storage() {
+    let mut rng = TestRng::new(4);
     let (h, v) = (8i64, 11i64);
-    let lm = Tensor::randn([v, h], (Kind::Float, Device::Cpu));
+    let lm = rng.normal_tensor(&[v, h], 1.0);
     let spec = MedusaSpec {
         num_heads: 2,
         num_layers: 1,
