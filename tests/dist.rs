@@ -3,12 +3,10 @@
 //! sharded run (same and different world size), `forge launch` stopping the other worker
 //! when one fails, c10d errors naming the collective, and launch flag checks.
 
-use forge_models::safetensors_io::SafetensorsFile;
-use forge_tests::{demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, tiny_target_with_demo_tokenizer, tmp_dir};
+use forge_tests::{demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, step_weights, tiny_target_with_demo_tokenizer, tmp_dir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tch::Tensor;
 
 fn run_forge(args: &[String]) -> Output {
     Command::new(forge_bin())
@@ -228,15 +226,6 @@ fn losses(ckpt: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn weights(step_dir: &Path) -> Vec<(String, Tensor)> {
-    let mut w = SafetensorsFile::open(&step_dir.join("model.safetensors"))
-        .expect("open")
-        .tensors()
-        .expect("tensors");
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
 fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
     let (la, lb) = (losses(a), losses(b));
     assert_eq!(la.len(), lb.len(), "{what}: {la:?} vs {lb:?}");
@@ -254,7 +243,7 @@ fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
         assert_eq!(sa[key], sb[key], "{what}: {key}");
     }
     assert!(sa["samples_seen"].as_u64().unwrap_or(0) > 0);
-    let (wa, wb) = (weights(&a.join(format!("step_{step}"))), weights(&b.join(format!("step_{step}"))));
+    let (wa, wb) = (step_weights(&a.join(format!("step_{step}"))), step_weights(&b.join(format!("step_{step}"))));
     assert_eq!(wa.len(), wb.len());
     for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
@@ -285,8 +274,8 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch_for_every_zero_stage() {
     let l1 = losses(&one);
     assert_eq!(l1.len(), 6);
     // the weights moved: a run that did nothing would also "match"
-    let w0 = weights(&one.join("step_3"));
-    let w6 = weights(&one.join("step_6"));
+    let w0 = step_weights(&one.join("step_3"));
+    let w6 = step_weights(&one.join("step_6"));
     assert!(w0.iter().zip(&w6).any(|((_, a), (_, b))| max_abs_diff(a, b) > 1e-4));
     for stage in [0, 1, 2] {
         let two = run.dir.join(format!("two-z{stage}"));

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: tiny random targets, paths, the forge binary.
 
+use forge_models::generate::RowRng;
 use forge_models::layers::ParamInit;
 use forge_models::safetensors_io::{write_safetensors, SafetensorsFile};
 use forge_models::{DType, TargetConfig, TargetModel};
@@ -83,30 +84,26 @@ pub fn tiny_config(model_type: &str) -> serde_json::Value {
 /// process: `tch::manual_seed` followed by draws is not reproducible while another test draws
 /// (and every model construction draws). Test models whose values an assertion depends on
 /// take their weights from here, seeded per tensor name so that the order does not matter.
-pub struct TestRng(u64);
+pub struct TestRng(RowRng);
 
 impl TestRng {
     pub fn new(seed: u64) -> Self {
-        TestRng(seed)
+        TestRng(RowRng::new(seed))
     }
 
     /// A generator for one named tensor: the seed mixed with the name's FNV-1a hash.
     pub fn for_name(seed: u64, name: &str) -> Self {
         let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        TestRng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ h)
+        TestRng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ h)
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
     }
 
     /// Standard normal.
@@ -184,6 +181,16 @@ pub fn saved_tiny_target(model_type: &str, seed: i64, dir: &Path) -> PathBuf {
     let model = random_target(model_type, seed);
     model.save_hf(dir).expect("save tiny target");
     dir.to_path_buf()
+}
+
+/// The weights of a checkpoint's `step_N` folder, sorted by name.
+pub fn step_weights(step_dir: &Path) -> Vec<(String, Tensor)> {
+    let mut w = SafetensorsFile::open(&step_dir.join("model.safetensors"))
+        .expect("open")
+        .tensors()
+        .expect("tensors");
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

@@ -1,6 +1,6 @@
 use forge_models::layers::{RopeScaling, Rotary};
 use forge_models::{Capture, DType, LogitsMode, TargetConfig, TargetModel};
-use forge_tests::{max_abs_diff, TestRng, random_target, reference_python, saved_tiny_target, tmp_dir};
+use forge_tests::{max_abs_diff, random_target, reference_python, saved_tiny_target, tmp_dir, TestRng};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 

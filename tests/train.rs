@@ -4,14 +4,13 @@
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, Features, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
-use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
+use forge_tests::{forge, losses, metrics_rows, reinit_trainable, step_weights, TestRng, TinyRun};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-#[test]
-fn medusa_loss_equals_a_hand_computed_reference() {
-    let mut rng = TestRng::new(3);
-    let (h, v, b, t) = (8i64, 11i64, 2i64, 6i64);
+/// Two Medusa heads of one ResBlock over hidden `h` and vocabulary `v`, with a random target
+/// head (returned too) that the per-head lm_heads start from.
+fn small_medusa(rng: &mut TestRng, h: i64, v: i64) -> (Medusa, Tensor) {
     let lm = rng.normal_tensor(&[v, h], 1.0);
     let spec = MedusaSpec {
         num_heads: 2,
@@ -26,7 +25,14 @@ fn medusa_loss_equals_a_hand_computed_reference() {
         lm_head: Some(lm.shallow_clone()),
         embed: None,
     };
-    let m = Medusa::new(spec, &target, Device::Cpu).expect("medusa");
+    (Medusa::new(spec, &target, Device::Cpu).expect("medusa"), lm)
+}
+
+#[test]
+fn medusa_loss_equals_a_hand_computed_reference() {
+    let mut rng = TestRng::new(3);
+    let (h, v, b, t) = (8i64, 11i64, 2i64, 6i64);
+    let (m, _) = small_medusa(&mut rng, h, v);
     reinit_trainable(m.var_store(), 7);
     // give the ResBlocks non-zero weights so they matter
     tch::no_grad(|| {
@@ -101,15 +107,6 @@ fn setup(name: &str) -> TinyRun {
     TinyRun::new(name, "recipes/medusa-tiny.yaml", false)
 }
 
-fn weights(step_dir: &Path) -> Vec<(String, Tensor)> {
-    let mut w = SafetensorsFile::open(&step_dir.join("model.safetensors"))
-        .expect("open")
-        .tensors()
-        .expect("tensors");
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
 #[test]
 fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
     let run = setup("train-medusa-falls");
@@ -170,7 +167,7 @@ fn resume_reproduces_the_uninterrupted_run_and_skips_broken_checkpoints() {
     assert!(err.contains("step_5 (step 5)"), "resumed from step 5: {err}");
     let l_cut = losses(&cut);
     assert_eq!(l_cut, l_straight, "same losses step for step");
-    for ((na, a), (nb, b)) in weights(&straight.join("step_10")).iter().zip(weights(&cut.join("step_10")).iter()) {
+    for ((na, a), (nb, b)) in step_weights(&straight.join("step_10")).iter().zip(step_weights(&cut.join("step_10")).iter()) {
         assert_eq!(na, nb);
         assert!(a.equal(b), "{na} differs after resume");
     }
@@ -257,7 +254,7 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
     assert!(cfg.get("base_model_name_or_path").is_some());
     // the fp32 export holds exactly the checkpoint's weights under the renamed keys
     let step = ckpt.join("step_2");
-    let ck = weights(&step);
+    let ck = step_weights(&step);
     let ex = SafetensorsFile::open(&orig.join("medusa_lm_head.safetensors")).expect("open");
     let w = ck.iter().find(|(n, _)| n == "blocks.1.layers.0.weight").expect("w");
     assert!(ex.tensor("1.0.linear.weight").expect("t").equal(&w.1));
@@ -291,7 +288,7 @@ fn medusa_with_the_shared_target_lm_head_exports_it_for_vllm() {
         &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.original_lm_head=true"],
     );
     // only the ResBlocks are trained and checkpointed
-    let names: Vec<String> = weights(&ckpt.join("step_2")).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = step_weights(&ckpt.join("step_2")).into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().all(|n| n.starts_with("blocks.")), "{names:?}");
     let vllm = run.dir.join("vllm");
     let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "vllm", "--out", vllm.to_str().expect("utf8"), "--dtype", "fp32"]);
@@ -358,7 +355,7 @@ fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
     }
     assert_ne!(la, lb, "the bf16 run computed in bf16");
     // master weights and optimizer state stay fp32
-    for (n, t) in weights(&b.join("step_3")) {
+    for (n, t) in step_weights(&b.join("step_3")) {
         assert_eq!(t.kind(), Kind::Float, "{n}");
     }
 }
@@ -390,23 +387,7 @@ fn a_second_run_without_resume_does_not_overwrite_the_first() {
 /// step would update the same tensor once per head).
 #[test]
 fn medusa_heads_own_their_storage() {
-    let mut rng = TestRng::new(4);
-    let (h, v) = (8i64, 11i64);
-    let lm = rng.normal_tensor(&[v, h], 1.0);
-    let spec = MedusaSpec {
-        num_heads: 2,
-        num_layers: 1,
-        original_lm_head: false,
-        loss_decay: 0.8,
-        top_k: 3,
-        hidden_size: h,
-        vocab_size: v,
-    };
-    let target = TargetTensors {
-        lm_head: Some(lm.shallow_clone()),
-        embed: None,
-    };
-    let m = Medusa::new(spec, &target, Device::Cpu).expect("medusa");
+    let (m, lm) = small_medusa(&mut TestRng::new(4), 8, 11);
     let vars = m.var_store().variables();
     let (a, b) = (&vars["lm_heads.0.weight"], &vars["lm_heads.1.weight"]);
     assert!(a.equal(&lm) && b.equal(&lm), "heads start from the target's lm_head");
