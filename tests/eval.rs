@@ -243,6 +243,14 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     let got = speculative_generate(&t, &mut s2, &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
     assert_eq!(got.tokens, want);
     assert!(got.stopped);
+    // the drafts accepted after the stop do not count as proposed or accepted
+    let last = got.rounds.last().expect("rounds");
+    assert!(last.accepted <= last.emitted && last.proposed <= last.emitted, "{last:?}");
+
+    // no new tokens asked, none given (as plain decoding)
+    let mut s3 = Scripted::new(&t, &prompt, &answer, vec![9]);
+    let none = speculative_generate(&t, &mut s3, &prompt, &SpecOptions { max_new_tokens: 0, ..opts }).expect("speculative");
+    assert!(none.tokens.is_empty() && none.rounds.is_empty());
 }
 
 #[test]
@@ -275,6 +283,13 @@ fn dynamic_gamma_follows_its_rule() {
         grew |= b.gamma > a.gamma;
     }
     assert!(grew && got.rounds.iter().any(|r| r.gamma == 6), "gamma grows to its ceiling: {:?}", got.rounds);
+
+    // a starting gamma below the minimum starts at the minimum (a rejection never raises it)
+    let mut s = Scripted::new(&t, &prompt, &answer, vec![0]);
+    let low = SpecOptions { gamma: 1, max_new_tokens: 12, ..opts };
+    let got = speculative_generate(&t, &mut s, &prompt, &low).expect("speculative");
+    assert_eq!(got.tokens, answer[..12]);
+    assert!(got.rounds.iter().all(|r| r.gamma == 2), "{:?}", got.rounds);
 }
 
 fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {

@@ -107,16 +107,17 @@ impl Default for SpecOptions {
 pub struct Round {
     /// The gamma in force for this round (dynamic gamma's state).
     pub gamma: usize,
-    /// Tokens actually proposed (gamma capped by the draft and the tokens left).
+    /// Tokens actually proposed (gamma capped by the draft and the tokens left; when a stop
+    /// id among the accepted proposals ends the answer, only those up to it).
     pub proposed: usize,
-    /// Leading proposals the target accepted.
+    /// Leading proposals the target accepted (up to a stop id, as `proposed`).
     pub accepted: usize,
     /// Tokens this round added to the output (accepted + 1, fewer at a stop or the limit).
     pub emitted: usize,
 }
 
 /// The result of [`speculative_generate`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpecOutput {
     pub tokens: Vec<i64>,
     /// Ended at a stop id (rather than at `max_new_tokens`).
@@ -179,12 +180,16 @@ pub fn speculative_generate(
     if opts.dynamic_min_gamma == Some(0) {
         return Err(ModelError::Invalid("the minimum gamma must be at least 1".into()));
     }
+    if opts.max_new_tokens == 0 {
+        return Ok(SpecOutput::default());
+    }
     let t_start = Instant::now();
     let device = target.device();
     let temp = opts.temperature;
     let mut rng = RowRng::new(opts.seed);
     let cap = draft.max_gamma().unwrap_or(usize::MAX).min(opts.max_gamma).max(1);
-    let mut gamma = opts.gamma.min(cap);
+    // dynamic gamma never goes below its minimum, so it starts there at least
+    let mut gamma = opts.gamma.max(opts.dynamic_min_gamma.unwrap_or(1)).min(cap);
     let capture_last = Capture {
         layers: draft.aux_layers(),
         logits: LogitsMode::Last,
@@ -195,15 +200,7 @@ pub fn speculative_generate(
     };
     let mut cache = target.new_cache();
     let (mut draft_s, mut target_s) = (0.0, 0.0);
-    let mut out = SpecOutput {
-        tokens: Vec::new(),
-        stopped: false,
-        rounds: Vec::new(),
-        prefill_seconds: 0.0,
-        draft_seconds: 0.0,
-        target_seconds: 0.0,
-        total_seconds: 0.0,
-    };
+    let mut out = SpecOutput::default();
 
     // prefill: the whole prompt, the first new token from the target alone
     let ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
@@ -219,7 +216,7 @@ pub fn speculative_generate(
         let t = Instant::now();
         let mut next: Vec<i64> = prompt[1..].to_vec();
         next.push(last);
-        draft.commit(0, &features_at(&pre, 0, prompt.len() as i64), &next)?;
+        tch::no_grad(|| draft.commit(0, &features_at(&pre, 0, prompt.len() as i64), &next))?;
         draft_s += t.elapsed().as_secs_f64();
     }
     drop(pre);
@@ -301,17 +298,18 @@ pub fn speculative_generate(
             out.stopped = true;
         }
         out.tokens.extend_from_slice(&emitted[..keep]);
+        // a stop among the accepted drafts ends the answer: the drafts after it do not count
         out.rounds.push(Round {
             gamma,
-            proposed: g,
-            accepted,
+            proposed: g.min(keep),
+            accepted: accepted.min(keep),
             emitted: keep,
         });
         if out.stopped || out.tokens.len() >= opts.max_new_tokens {
             break;
         }
         let t = Instant::now();
-        draft.commit(start, &features_at(&ver, 0, accepted as i64 + 1), &emitted)?;
+        tch::no_grad(|| draft.commit(start, &features_at(&ver, 0, accepted as i64 + 1), &emitted))?;
         draft_s += t.elapsed().as_secs_f64();
         last = new;
         if let Some(min) = opts.dynamic_min_gamma {

@@ -34,7 +34,7 @@ pub struct EvalArgs {
     /// Most new tokens per answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Draft length (the starting length with --dynamic-gamma). Medusa proposes at most one token per head.
+    /// Draft length (with --dynamic-gamma the starting length, at least --min-gamma). Medusa proposes at most one token per head.
     #[arg(long, default_value_t = 5)]
     pub gamma: usize,
     /// Dynamic gamma: +1 after a round with every proposal accepted, else max(--min-gamma, gamma / 2).
