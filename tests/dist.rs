@@ -122,6 +122,109 @@ fn a_failing_worker_stops_the_launch_within_seconds() {
         "{err}"
     );
     assert!(err.contains("[rank 1] error: rank 1 fails on purpose"), "worker output is prefixed with its rank:\n{err}");
+
+    // rank 1 fails after the rendezvous, so rank 0's next collective fails too and rank 0 may
+    // exit first: the launcher names the first error message, rank 1's
+    let out = run_forge(&launch_args(
+        2,
+        &["dist-selftest", "--timeout-s", "60", "--fail-rank", "1", "--fail-after-rendezvous"].map(String::from),
+    ));
+    assert!(!out.status.success(), "launch must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("forge launch: rank")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("(the first error came from rank 1: rank 1 fails on purpose after the rendezvous"),
+        "{line}"
+    );
+}
+
+/// The state letter of a process (`Z` for a zombie), None when it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim().chars().next()
+}
+
+#[test]
+fn workers_die_with_a_launcher_killed_by_sigkill() {
+    // node 0 of 2 with no node 1: its worker waits in the rendezvous (timeout 120 s)
+    let port = free_port().to_string();
+    let mut child = Command::new(forge_bin())
+        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .args(["--", "dist-selftest", "--timeout-s", "120"])
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn forge launch");
+    let children = format!("/proc/{0}/task/{0}/children", child.id());
+    let t0 = Instant::now();
+    let worker: u32 = loop {
+        let list = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = list.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            break pid;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the launcher started no worker");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().expect("SIGKILL the launcher");
+    let _ = child.wait();
+    let t0 = Instant::now();
+    while matches!(process_state(worker), Some(s) if s != 'Z') {
+        assert!(t0.elapsed() < Duration::from_secs(15), "worker {worker} outlived its launcher");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ranks_that_resume_from_different_checkpoints_are_stopped() {
+    // rank 0 sees a checkpoint at step 4, rank 1 a checkpoint.dir of its own with none (not
+    // one shared folder): both refuse instead of training different models
+    let run = setup("dist-resume-mismatch");
+    let shared = run.dir.join("run");
+    train(&run, 1, &shared, &["train.max_steps=4", "checkpoint.every_steps=4"], &[]);
+    let port = free_port().to_string();
+    let spawn = |rank: &str, ckpt: &Path| {
+        let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
+        for s in [
+            format!("target.path={}", run.target.display()),
+            format!("data.train=[{}]", run.data.display()),
+            format!("data.cache_dir={}", run.dir.join("cache").display()),
+            format!("checkpoint.dir={}", ckpt.display()),
+            "train.max_steps=6".into(),
+            "dist.timeout_s=60".into(),
+        ] {
+            args.push("--set".into());
+            args.push(s);
+        }
+        args.extend(["--resume".into(), "auto".into()]);
+        Command::new(forge_bin())
+            .args(&args)
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", rank)
+            .env("LOCAL_WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn forge train")
+    };
+    let r0 = spawn("0", &shared);
+    let r1 = spawn("1", &run.dir.join("elsewhere"));
+    let (o0, o1) = (r0.wait_with_output().expect("rank 0"), r1.wait_with_output().expect("rank 1"));
+    for (r, o) in [(0, &o0), (1, &o1)] {
+        assert!(!o.status.success(), "rank {r} must refuse");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("resumed from different checkpoints") && err.contains("step 0 to 4"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(!shared.join("step_6").exists(), "nothing trained");
 }
 
 #[test]

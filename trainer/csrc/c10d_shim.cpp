@@ -81,15 +81,16 @@ int forge_c10d_has_nccl() {
 
 void forge_c10d_free_error(char* e) { std::free(e); }
 
-// Rendezvous at host:port (rank 0 hosts the TCPStore) and create the process group.
+// Rendezvous at host:port and create the process group. Rank 0 hosts the TCPStore, unless
+// agent_store is set (torchrun's agent already hosts it there: every rank is a client).
 // backend: 0 = gloo, 1 = nccl.
 char* forge_c10d_new(const char* host, int port, int rank, int world, long long timeout_ms,
-                     int backend, void** out) {
+                     int backend, int agent_store, void** out) {
   return guarded([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
-    opts.isServer = rank == 0;
+    opts.isServer = rank == 0 && agent_store == 0;
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = timeout;
@@ -99,7 +100,30 @@ char* forge_c10d_new(const char* host, int port, int rank, int world, long long 
     g->timeout = timeout;
     if (backend == 0) {
       auto o = c10d::ProcessGroupGloo::Options::create(timeout);
-      o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+      // The interface(s) Gloo binds to: GLOO_SOCKET_IFNAME (comma-separated) as in PyTorch;
+      // else MASTER_ADDR when it is an address of this machine (node 0, or one node);
+      // else the address this machine's hostname resolves to (the other nodes).
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      if (ifname != nullptr && ifname[0] != '\0') {
+        std::string names(ifname);
+        std::size_t begin = 0;
+        while (begin <= names.size()) {
+          std::size_t end = names.find(',', begin);
+          if (end == std::string::npos) end = names.size();
+          if (end > begin) {
+            o->devices.push_back(
+                c10d::ProcessGroupGloo::createDeviceForInterface(names.substr(begin, end - begin)));
+          }
+          begin = end + 1;
+        }
+      }
+      if (o->devices.empty()) {
+        try {
+          o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+        } catch (const std::exception&) {
+          o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+        }
+      }
       g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, o);
     } else if (backend == 1) {
 #ifdef USE_C10D_NCCL

@@ -233,7 +233,13 @@ pub fn target_fingerprint(dir: &Path) -> Result<String> {
 
 /// The target dtype and device a recipe asks for (auto: bf16 on CUDA, fp32 on CPU).
 pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
-    let mut device = parse_device(&recipe.target.device)?;
+    // Under `forge launch --nproc N` the workers are CPU workers: `auto` means the CPU.
+    let cpu_workers = std::env::var(crate::launch::LAUNCH_DEVICE_VAR).as_deref() == Ok("cpu");
+    let mut device = if cpu_workers && recipe.target.device == "auto" {
+        tch::Device::Cpu
+    } else {
+        parse_device(&recipe.target.device)?
+    };
     // Under `forge launch --gpus N` each worker takes the GPU of its LOCAL_RANK.
     if device.is_cuda() && matches!(recipe.target.device.as_str(), "auto" | "cuda") {
         if let Some(local) = std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()) {

@@ -3,11 +3,12 @@
 //! LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (and OMP_NUM_THREADS = cores / workers
 //! unless already set); their output lines are prefixed with
 //! the rank; when one fails the others are stopped and launch reports the rank and status;
-//! Ctrl-C (SIGINT) or SIGTERM stops them all.
+//! Ctrl-C (SIGINT), SIGTERM or SIGHUP stops them all, and workers get SIGTERM if the
+//! launcher itself dies.
 
 use crate::error::{Result, TrainerError};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,10 @@ pub struct LaunchArgs {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Set in each worker's environment: `cpu` under `--nproc` (a recipe's `target.device: auto`
+/// then means the CPU, even on a machine with GPUs), `cuda` under `--gpus`.
+pub const LAUNCH_DEVICE_VAR: &str = "FORGE_LAUNCH_DEVICE";
+
 extern "C" fn on_signal(_sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
@@ -51,6 +56,7 @@ fn install_signal_handlers() {
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGHUP, handler);
     }
 }
 
@@ -147,8 +153,16 @@ impl LaunchArgs {
     }
 }
 
-/// Copies `from` line by line to the launcher's stdout or stderr, each line prefixed.
-fn pump(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> std::thread::JoinHandle<()> {
+/// The first `error: ...` line any worker printed on stderr, with its rank.
+type FirstError = std::sync::Arc<std::sync::Mutex<Option<(usize, String)>>>;
+
+/// Copies `from` line by line to the launcher's stdout or stderr, each line prefixed; on
+/// stderr, the first line starting with `error:` of any worker is kept in `first_error`.
+fn pump(
+    from: impl Read + Send + 'static,
+    prefix: String,
+    to_stderr: Option<(usize, FirstError)>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut r = BufReader::new(from);
         let mut line = Vec::new();
@@ -162,10 +176,19 @@ fn pump(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> st
                     }
                     let mut buf = prefix.clone().into_bytes();
                     buf.extend_from_slice(&line);
-                    let _ = if to_stderr {
-                        std::io::stderr().lock().write_all(&buf)
-                    } else {
-                        std::io::stdout().lock().write_all(&buf)
+                    let _ = match &to_stderr {
+                        Some((rank, first)) => {
+                            if line.starts_with(b"error:") {
+                                if let Ok(mut f) = first.lock() {
+                                    if f.is_none() {
+                                        let text = String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
+                                        *f = Some((*rank, text));
+                                    }
+                                }
+                            }
+                            std::io::stderr().lock().write_all(&buf)
+                        }
+                        None => std::io::stdout().lock().write_all(&buf),
                     };
                 }
             }
@@ -182,46 +205,57 @@ fn describe(status: &ExitStatus) -> String {
     }
 }
 
-/// Asks every still-running worker to stop (SIGTERM), then kills those still alive after
-/// `grace`.
-fn stop_all(children: &mut [(usize, Child, Option<ExitStatus>)], grace: Duration) {
-    for (_, c, st) in children.iter_mut() {
-        if st.is_none() {
-            // SAFETY: signalling a child process we spawned and have not reaped.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-        }
+/// A worker: its rank, pid, and its exit status once its waiter thread reported it.
+struct Worker {
+    rank: usize,
+    pid: u32,
+    status: Option<ExitStatus>,
+}
+
+type Exit = (usize, std::io::Result<ExitStatus>);
+
+/// Records a waiter thread's report.
+fn record(workers: &mut [Worker], (rank, status): &Exit) {
+    if let Some(w) = workers.iter_mut().find(|w| w.rank == *rank) {
+        // a worker that could not be waited for counts as gone (nothing more can be done)
+        w.status = Some(match status {
+            Ok(s) => *s,
+            Err(_) => std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+        });
     }
+}
+
+/// Asks every still-running worker to stop (SIGTERM), then kills those still alive after
+/// `grace`; returns when every waiter thread has reported.
+fn stop_all(workers: &mut [Worker], exits: &std::sync::mpsc::Receiver<Exit>, grace: Duration) {
+    let signal_running = |workers: &[Worker], sig: libc::c_int| {
+        for w in workers.iter().filter(|w| w.status.is_none()) {
+            // SAFETY: signalling a child we spawned whose waiter has not reaped it yet.
+            unsafe {
+                libc::kill(w.pid as libc::pid_t, sig);
+            }
+        }
+    };
+    signal_running(workers, libc::SIGTERM);
     let deadline = Instant::now() + grace;
-    loop {
-        let mut alive = false;
-        for (_, c, st) in children.iter_mut() {
-            if st.is_none() {
-                match c.try_wait() {
-                    Ok(Some(s)) => *st = Some(s),
-                    _ => alive = true,
-                }
+    let mut killed = false;
+    while workers.iter().any(|w| w.status.is_none()) {
+        let wait = if killed { Duration::from_secs(1) } else { deadline.saturating_duration_since(Instant::now()) };
+        match exits.recv_timeout(wait) {
+            Ok(e) => record(workers, &e),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !killed => {
+                signal_running(workers, libc::SIGKILL);
+                killed = true;
             }
+            Err(_) => return,
         }
-        if !alive {
-            return;
-        }
-        if Instant::now() >= deadline {
-            for (_, c, st) in children.iter_mut() {
-                if st.is_none() {
-                    let _ = c.kill();
-                    *st = c.wait().ok();
-                }
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Runs the workers to completion. Ok when all exit 0; otherwise an error naming the first
-/// rank that failed and its status (or the interruption).
+/// rank whose failure the launcher saw and its status, plus the first `error:` line any
+/// worker printed (when one rank fails, the others' collectives fail moments later and may
+/// exit first; the first error message names the cause), or the interruption.
 pub fn run(args: &LaunchArgs) -> Result<()> {
     let plan = args.plan()?;
     let exe = std::env::current_exe().map_err(|source| TrainerError::Io {
@@ -247,8 +281,11 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / plan.nproc).max(1).to_string()
     });
-    let mut children: Vec<(usize, Child, Option<ExitStatus>)> = Vec::new();
+    let (tx, exits) = std::sync::mpsc::channel::<Exit>();
+    let first_error: FirstError = Default::default();
+    let mut workers: Vec<Worker> = Vec::new();
     let mut pumps = Vec::new();
+    let mut spawn_error = None;
     for local in 0..plan.nproc {
         let rank = plan.first_rank + local;
         let mut cmd = Command::new(&exe);
@@ -261,6 +298,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             .env("MASTER_ADDR", &plan.master_addr)
             .env("MASTER_PORT", plan.master_port.to_string())
             .env("OMP_NUM_THREADS", &threads)
+            .env(LAUNCH_DEVICE_VAR, if plan.gpus { "cuda" } else { "cpu" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         // rank 0 keeps the terminal for its progress bar; other output is prefixed
@@ -269,57 +307,77 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         } else {
             cmd.stderr(Stdio::piped());
         }
+        // a worker gets SIGTERM when the launcher dies, even by SIGKILL (no orphans)
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
-                stop_all(&mut children, Duration::from_secs(args.grace_s));
-                return Err(TrainerError::Io { path: exe, source });
+                spawn_error = Some(TrainerError::Io { path: exe.clone(), source });
+                break;
             }
         };
         let prefix = format!("[rank {rank}] ");
         if let Some(out) = child.stdout.take() {
-            pumps.push(pump(out, prefix.clone(), false));
+            pumps.push(pump(out, prefix.clone(), None));
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, prefix, true));
+            pumps.push(pump(err, prefix, Some((rank, first_error.clone()))));
         }
-        children.push((rank, child, None));
+        workers.push(Worker {
+            rank,
+            pid: child.id(),
+            status: None,
+        });
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let status = child.wait();
+            let _ = tx.send((rank, status));
+        });
     }
+    drop(tx);
     let mut failure: Option<String> = None;
-    loop {
-        if STOP.load(Ordering::SeqCst) {
-            failure = Some("interrupted: stopped all workers".into());
-            break;
-        }
-        let mut running = 0;
-        for (rank, c, st) in children.iter_mut() {
-            if st.is_some() {
-                continue;
+    if spawn_error.is_none() {
+        while workers.iter().any(|w| w.status.is_none()) {
+            if STOP.load(Ordering::SeqCst) {
+                failure = Some("interrupted: stopped all workers".into());
+                break;
             }
-            match c.try_wait() {
-                Ok(Some(s)) => {
-                    *st = Some(s);
-                    if !s.success() && failure.is_none() {
-                        failure = Some(format!("rank {rank} exited with {}", describe(&s)));
+            match exits.recv_timeout(Duration::from_millis(50)) {
+                Ok(e) => {
+                    record(&mut workers, &e);
+                    let (rank, status) = e;
+                    match status {
+                        Ok(s) if s.success() => {}
+                        Ok(s) => failure = Some(format!("rank {rank} exited with {}", describe(&s))),
+                        Err(err) => failure = Some(format!("rank {rank}: cannot wait for the worker: {err}")),
+                    }
+                    if failure.is_some() {
+                        break;
                     }
                 }
-                Ok(None) => running += 1,
-                Err(e) => {
-                    if failure.is_none() {
-                        failure = Some(format!("rank {rank}: cannot wait for the worker: {e}"));
-                    }
-                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        if failure.is_some() || running == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let stopped = children.iter().filter(|(_, _, st)| st.is_none()).count();
-    stop_all(&mut children, Duration::from_secs(args.grace_s));
+    let stopped = workers.iter().filter(|w| w.status.is_none()).count();
+    stop_all(&mut workers, &exits, Duration::from_secs(args.grace_s));
     for p in pumps {
         let _ = p.join();
+    }
+    if let (Some(f), Some((rank, line))) = (failure.as_mut(), first_error.lock().ok().and_then(|e| e.clone())) {
+        // when one rank fails, the others' collectives fail moments later and one of them may
+        // exit first: the first error message names the cause
+        f.push_str(&format!(" (the first error came from rank {rank}: {line})"));
+    }
+    if let Some(e) = spawn_error {
+        return Err(e);
     }
     match failure {
         None => Ok(()),

@@ -211,6 +211,11 @@ impl Trainer<'_> {
     }
 
     fn plan(&self, epoch: u64, dp: &dyn Comm) -> Vec<Vec<usize>> {
+        shard_plan(self.global_plan(epoch), dp.rank(), dp.world())
+    }
+
+    /// The epoch's micro-batches in their global order (before sharding over ranks).
+    fn global_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         let t = &self.recipe.train;
         let opts = PlanOptions {
             micro_batch_size: t.micro_batch_size.max(1) as usize,
@@ -219,11 +224,10 @@ impl Trainer<'_> {
             length_grouping: true,
         };
         let lengths = self.lengths();
-        let global = match &self.source {
+        match &self.source {
             Source::Online { .. } => global_plan(&lengths, epoch, &opts),
             Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
-        };
-        shard_plan(global, dp.rank(), dp.world())
+        }
     }
 
     /// Target features of a micro-batch of token samples (online).
@@ -546,6 +550,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         }
         let old_world = loaded.state.world_size.max(1);
         let mut resumed = loaded.state.clone();
+        // a checkpoint taken after the last micro-batch of an epoch resumes at the next one
+        // (the loop moves on lazily, when it needs the next micro-batch)
+        if old_world != world && resumed.batch_in_epoch >= trainer.global_plan(resumed.epoch).len().div_ceil(old_world) {
+            resumed.epoch += 1;
+            resumed.batch_in_epoch = 0;
+        }
         if old_world != world {
             // every rank had consumed batch_in_epoch micro-batches of its shard, i.e. the
             // first batch_in_epoch * old_world micro-batches of the epoch's global plan
@@ -576,6 +586,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         }
     }
     let start_step = state.step;
+    same_start_on_every_rank(dp, &state)?;
 
     let rank0 = dp.rank() == 0;
     if rank0 {
@@ -759,6 +770,29 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     })
 }
 
+/// Checks that every rank starts from the same step and data position: ranks that resumed
+/// from different checkpoints (a `checkpoint.dir` that is not one folder all ranks see)
+/// would otherwise train different models and pair up their collectives wrongly.
+fn same_start_on_every_rank(dp: &mut dyn Comm, state: &TrainerState) -> Result<()> {
+    if dp.world() < 2 {
+        return Ok(());
+    }
+    let v = [state.step as f64, state.epoch as f64, state.batch_in_epoch as f64];
+    let mut t = Tensor::from_slice(&[v[0], v[1], v[2], -v[0], -v[1], -v[2]]).to_device(dp.device());
+    dp.all_reduce(&mut t, ReduceOp::Max)?;
+    let r = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    if r[0] != -r[3] || r[1] != -r[4] || r[2] != -r[5] {
+        return Err(TrainerError::Dist {
+            op: "resume check".into(),
+            message: format!(
+                "the ranks start from different points (step {} to {}, epoch {} to {}, micro-batch {} to {}; this rank: step {}): they resumed from different checkpoints. checkpoint.dir must be one folder every rank sees (on several nodes: a shared filesystem)",
+                -r[3], r[0], -r[4], r[1], -r[5], r[2], state.step
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that every rank holds the same weights (fp64 sum and sum of squares of all
 /// parameters, compared by all-reducing their max and min): ranks that diverged would
 /// silently train different models.
@@ -774,6 +808,13 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
     let mut t = Tensor::from_slice(&[s, q, -s, -q]).to_device(dp.device());
     dp.all_reduce(&mut t, ReduceOp::Max)?;
     let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    // NaN is never equal to itself: say what happened rather than "different weights"
+    if !s.is_finite() || !q.is_finite() {
+        return Err(TrainerError::Dist {
+            op: "weight check".into(),
+            message: format!("the weights are not finite after step {step} (training diverged: lower the learning rate or clip gradients with train.max_grad_norm)"),
+        });
+    }
     if v[0] != -v[2] || v[1] != -v[3] {
         return Err(TrainerError::Dist {
             op: "weight check".into(),

@@ -19,6 +19,7 @@ extern "C" {
         world: c_int,
         timeout_ms: c_longlong,
         backend: c_int,
+        agent_store: c_int,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn forge_c10d_free(group: *mut c_void);
@@ -87,9 +88,11 @@ pub struct ProcessGroup {
 }
 
 impl ProcessGroup {
-    /// Rendezvous at `host:port` (rank 0 hosts the store and waits for `world` workers), then
-    /// creates the backend. `timeout` bounds the rendezvous and every collective; `device`
-    /// is where this rank's tensors live (the CPU for Gloo, its GPU for NCCL).
+    /// Rendezvous at `host:port` (rank 0 hosts the store and waits for `world` workers; with
+    /// `agent_store` a launcher such as torchrun's agent hosts it and every rank connects),
+    /// then creates the backend. `timeout` bounds the rendezvous and every collective;
+    /// `device` is where this rank's tensors live (the CPU for Gloo, its GPU for NCCL).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: &str,
         port: u16,
@@ -97,6 +100,7 @@ impl ProcessGroup {
         world: usize,
         timeout: Duration,
         kind: BackendKind,
+        agent_store: bool,
         device: tch::Device,
     ) -> Result<Self> {
         let fail = |message: String| TrainerError::Dist {
@@ -126,6 +130,7 @@ impl ProcessGroup {
                     BackendKind::Gloo => 0,
                     BackendKind::Nccl => 1,
                 },
+                agent_store as c_int,
                 &mut handle,
             )
         };

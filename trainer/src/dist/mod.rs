@@ -115,6 +115,9 @@ pub struct DistEnv {
     pub local_world: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// TORCHELASTIC_USE_AGENT_STORE=True: torchrun's agent hosts the TCPStore on
+    /// MASTER_ADDR:MASTER_PORT, so rank 0 connects to it instead of hosting its own.
+    pub agent_store: bool,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -166,6 +169,7 @@ impl DistEnv {
             local_world,
             master_addr,
             master_port,
+            agent_store: env_var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
         }))
     }
 }
@@ -198,6 +202,7 @@ pub fn from_env(backend: Backend, device: tch::Device, timeout_s: u64) -> Result
                 env.world,
                 std::time::Duration::from_secs(timeout_s),
                 kind,
+                env.agent_store,
                 comm_device,
             )?;
             Ok(Box::new(pg))
