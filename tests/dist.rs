@@ -138,6 +138,21 @@ fn a_failing_worker_stops_the_launch_within_seconds() {
     );
 }
 
+/// `forge launch` as node 0 of 2 with no node 1: its one worker waits in the rendezvous
+/// (timeout 120 s) until the launcher stops it.
+fn lonely_node0() -> std::process::Child {
+    let port = free_port().to_string();
+    Command::new(forge_bin())
+        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .args(["--", "dist-selftest", "--timeout-s", "120"])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forge launch")
+}
+
 /// The state letter of a process (`Z` for a zombie), None when it is gone.
 fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -146,17 +161,7 @@ fn process_state(pid: u32) -> Option<char> {
 
 #[test]
 fn workers_die_with_a_launcher_killed_by_sigkill() {
-    // node 0 of 2 with no node 1: its worker waits in the rendezvous (timeout 120 s)
-    let port = free_port().to_string();
-    let mut child = Command::new(forge_bin())
-        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
-        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-        .args(["--", "dist-selftest", "--timeout-s", "120"])
-        .current_dir(root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn forge launch");
+    let mut child = lonely_node0();
     let children = format!("/proc/{0}/task/{0}/children", child.id());
     let t0 = Instant::now();
     let worker: u32 = loop {
@@ -516,17 +521,7 @@ fn two_launchers_as_two_nodes_rendezvous_on_the_master_address() {
 
 #[test]
 fn ctrl_c_stops_every_worker() {
-    // node 0 of 2 with no node 1: its worker waits in the rendezvous (timeout 120 s)
-    let port = free_port().to_string();
-    let child = Command::new(forge_bin())
-        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
-        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-        .args(["--", "dist-selftest", "--timeout-s", "120"])
-        .current_dir(root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn forge launch");
+    let child = lonely_node0();
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
