@@ -223,7 +223,11 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     let got = speculative_generate(&t, &mut s, &prompt, &opts).expect("speculative");
     assert_eq!(got.tokens, answer);
     // every round accepts exactly up to the scripted error (all 4 and a bonus when none)
+    let mut made = 1; // the prefill's token
     for (r, round) in got.rounds.iter().enumerate() {
+        // gamma 4 unless fewer tokens are left (the round's bonus token needs one)
+        assert_eq!(round.proposed, 4.min(60 - made - 1), "round {r}: {round:?}");
+        made += round.emitted;
         let want = errors[r % errors.len()].min(round.proposed);
         assert_eq!(round.accepted, want, "round {r}: {round:?}");
         if r + 1 < got.rounds.len() {
@@ -244,8 +248,9 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     assert_eq!(got.tokens, want);
     assert!(got.stopped);
     // the drafts accepted after the stop do not count as proposed or accepted
-    let last = got.rounds.last().expect("rounds");
+    let (last, rest) = got.rounds.split_last().expect("rounds");
     assert!(last.accepted <= last.emitted && last.proposed <= last.emitted, "{last:?}");
+    assert!(rest.iter().all(|r| r.proposed == 4 && r.accepted == 4), "{rest:?}");
 
     // no new tokens asked, none given (as plain decoding)
     let mut s3 = Scripted::new(&t, &prompt, &answer, vec![9]);

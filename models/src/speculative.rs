@@ -299,10 +299,11 @@ pub fn speculative_generate(
         }
         out.tokens.extend_from_slice(&emitted[..keep]);
         // a stop among the accepted drafts ends the answer: the drafts after it do not count
+        let stop_in_drafts = out.stopped && keep <= accepted;
         out.rounds.push(Round {
             gamma,
-            proposed: g.min(keep),
-            accepted: accepted.min(keep),
+            proposed: if stop_in_drafts { keep } else { g },
+            accepted: if stop_in_drafts { keep } else { accepted },
             emitted: keep,
         });
         if out.stopped || out.tokens.len() >= opts.max_new_tokens {
