@@ -5,7 +5,7 @@
 
 use forge_tests::{demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, step_weights, tiny_target_with_demo_tokenizer, tmp_dir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn run_forge(args: &[String]) -> Output {
@@ -138,19 +138,43 @@ fn a_failing_worker_stops_the_launch_within_seconds() {
     );
 }
 
-/// `forge launch` as node 0 of 2 with no node 1: its one worker waits in the rendezvous
-/// (timeout 120 s) until the launcher stops it.
-fn lonely_node0() -> std::process::Child {
-    let port = free_port().to_string();
+/// `forge launch` as node `node_rank` of 2 (one CPU worker running `dist-selftest`),
+/// rendezvous at 127.0.0.1:`port`.
+fn launch_node(node_rank: &str, port: &str, timeout_s: &str) -> Child {
     Command::new(forge_bin())
-        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "0"])
-        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-        .args(["--", "dist-selftest", "--timeout-s", "120"])
+        .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", node_rank])
+        .args(["--master-addr", "127.0.0.1", "--master-port", port])
+        .args(["--", "dist-selftest", "--timeout-s", timeout_s])
         .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn forge launch")
+}
+
+/// Node 0 of 2 with no node 1: its one worker waits in the rendezvous (timeout 120 s) until
+/// the launcher stops it.
+fn lonely_node0() -> Child {
+    launch_node("0", &free_port().to_string(), "120")
+}
+
+/// `forge ARGS` as rank `rank` of 2 with torchrun-style variables (no launcher), rendezvous
+/// at 127.0.0.1:`port`.
+fn torchrun_style(args: &[String], rank: &str, port: &str) -> Child {
+    Command::new(forge_bin())
+        .args(args)
+        .env("RANK", rank)
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", rank)
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forge")
 }
 
 /// The state letter of a process (`Z` for a zombie), None when it is gone.
@@ -190,33 +214,8 @@ fn ranks_that_resume_from_different_checkpoints_are_stopped() {
     train(&run, 1, &shared, &["train.max_steps=4", "checkpoint.every_steps=4"], &[]);
     let port = free_port().to_string();
     let spawn = |rank: &str, ckpt: &Path| {
-        let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
-        for s in [
-            format!("target.path={}", run.target.display()),
-            format!("data.train=[{}]", run.data.display()),
-            format!("data.cache_dir={}", run.dir.join("cache").display()),
-            format!("checkpoint.dir={}", ckpt.display()),
-            "train.max_steps=6".into(),
-            "dist.timeout_s=60".into(),
-        ] {
-            args.push("--set".into());
-            args.push(s);
-        }
-        args.extend(["--resume".into(), "auto".into()]);
-        Command::new(forge_bin())
-            .args(&args)
-            .env("RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("LOCAL_RANK", rank)
-            .env("LOCAL_WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .env("OMP_NUM_THREADS", "1")
-            .current_dir(root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn forge train")
+        let args = train_args(&run, ckpt, &["train.max_steps=6", "dist.timeout_s=60"], &["--resume", "auto"]);
+        torchrun_style(&args, rank, &port)
     };
     let r0 = spawn("0", &shared);
     let r1 = spawn("1", &run.dir.join("elsewhere"));
@@ -238,21 +237,8 @@ fn c10d_errors_name_the_collective_under_torchrun_style_variables() {
     // leaves right after the rendezvous, so rank 0's first all_reduce fails
     let port = free_port().to_string();
     let spawn = |rank: &str, extra: &[&str]| {
-        Command::new(forge_bin())
-            .arg("dist-selftest")
-            .args(["--timeout-s", "30"])
-            .args(extra)
-            .env("RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("LOCAL_RANK", rank)
-            .env("LOCAL_WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .current_dir(root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn forge")
+        let args: Vec<String> = ["dist-selftest", "--timeout-s", "30"].iter().chain(extra).map(|s| s.to_string()).collect();
+        torchrun_style(&args, rank, &port)
     };
     let t0 = Instant::now();
     let r0 = spawn("0", &[]);
@@ -306,6 +292,14 @@ fn setup(name: &str) -> Run {
 /// `forge train <run.recipe>` (through `forge launch --nproc world` when world > 1)
 /// with the run's target/data, a checkpoint folder and extra `--set`s.
 fn train(run: &Run, world: usize, ckpt: &Path, sets: &[&str], extra: &[&str]) -> String {
+    let args = train_args(run, ckpt, sets, extra);
+    let args = if world > 1 { launch_args(world, &args) } else { args };
+    ok(&run_forge(&args), &format!("forge {}", args.join(" ")))
+}
+
+/// The arguments of `forge train <run.recipe>` with the run's target/data, a checkpoint
+/// folder, the tests' common settings and extra `--set`s.
+fn train_args(run: &Run, ckpt: &Path, sets: &[&str], extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["train".into(), run.recipe.display().to_string()];
     let base = [
         format!("target.path={}", run.target.display()),
@@ -323,8 +317,7 @@ fn train(run: &Run, world: usize, ckpt: &Path, sets: &[&str], extra: &[&str]) ->
         args.push(s.into());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let args = if world > 1 { launch_args(world, &args) } else { args };
-    ok(&run_forge(&args), &format!("forge {}", args.join(" ")))
+    args
 }
 
 fn losses(ckpt: &Path) -> Vec<(u64, f64)> {
@@ -454,18 +447,7 @@ fn resuming_where_the_new_world_cannot_split_the_data_position_is_refused() {
     let ck = run.dir.join("run");
     // 1 rank, 3 steps of 1 micro-batch: 3 micro-batches consumed, which 2 ranks cannot split
     train(&run, 1, &ck, &["train.max_steps=3"], &[]);
-    let mut args: Vec<String> = vec!["train".into(), root().join("recipes/medusa-tiny.yaml").display().to_string()];
-    for s in [
-        format!("target.path={}", run.target.display()),
-        format!("data.train=[{}]", run.data.display()),
-        format!("data.cache_dir={}", run.dir.join("cache").display()),
-        format!("checkpoint.dir={}", ck.display()),
-        "train.max_steps=6".into(),
-    ] {
-        args.push("--set".into());
-        args.push(s);
-    }
-    args.extend(["--resume".into(), "auto".into()]);
+    let args = train_args(&run, &ck, &["train.max_steps=6"], &["--resume", "auto"]);
     let out = run_forge(&launch_args(2, &args));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -495,18 +477,7 @@ fn eagle1_feature_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one()
 fn two_launchers_as_two_nodes_rendezvous_on_the_master_address() {
     // the multi-node code path on one machine: node 0 and node 1, one CPU worker each
     let port = free_port().to_string();
-    let node = |r: &str| {
-        Command::new(forge_bin())
-            .args(["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", r])
-            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-            .args(["--", "dist-selftest", "--timeout-s", "60"])
-            .current_dir(root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn forge launch")
-    };
-    let (n0, n1) = (node("0"), node("1"));
+    let (n0, n1) = (launch_node("0", &port, "60"), launch_node("1", &port, "60"));
     let (o0, o1) = (n0.wait_with_output().expect("node 0"), n1.wait_with_output().expect("node 1"));
     let (s0, s1) = (ok(&o0, "node 0"), ok(&o1, "node 1"));
     // node r's worker is rank r of 2 and got the same all-reduce as everyone

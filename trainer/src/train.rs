@@ -550,13 +550,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         }
         let old_world = loaded.state.world_size.max(1);
         let mut resumed = loaded.state.clone();
-        // a checkpoint taken after the last micro-batch of an epoch resumes at the next one
-        // (the loop moves on lazily, when it needs the next micro-batch)
-        if old_world != world && resumed.batch_in_epoch >= trainer.global_plan(resumed.epoch).len().div_ceil(old_world) {
-            resumed.epoch += 1;
-            resumed.batch_in_epoch = 0;
-        }
         if old_world != world {
+            // a checkpoint taken after the last micro-batch of an epoch resumes at the next one
+            // (the loop moves on lazily, when it needs the next micro-batch)
+            if resumed.batch_in_epoch >= trainer.global_plan(resumed.epoch).len().div_ceil(old_world) {
+                resumed.epoch += 1;
+                resumed.batch_in_epoch = 0;
+            }
             // every rank had consumed batch_in_epoch micro-batches of its shard, i.e. the
             // first batch_in_epoch * old_world micro-batches of the epoch's global plan
             let global = resumed.batch_in_epoch * old_world;
@@ -777,24 +777,32 @@ fn same_start_on_every_rank(dp: &mut dyn Comm, state: &TrainerState) -> Result<(
     if dp.world() < 2 {
         return Ok(());
     }
-    let v = [state.step as f64, state.epoch as f64, state.batch_in_epoch as f64];
-    let mut t = Tensor::from_slice(&[v[0], v[1], v[2], -v[0], -v[1], -v[2]]).to_device(dp.device());
-    dp.all_reduce(&mut t, ReduceOp::Max)?;
-    let r = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-    if r[0] != -r[3] || r[1] != -r[4] || r[2] != -r[5] {
+    let r = min_max_over_ranks(dp, &[state.step as f64, state.epoch as f64, state.batch_in_epoch as f64])?;
+    if r.iter().any(|(lo, hi)| lo != hi) {
         return Err(TrainerError::Dist {
             op: "resume check".into(),
             message: format!(
                 "the ranks start from different points (step {} to {}, epoch {} to {}, micro-batch {} to {}; this rank: step {}): they resumed from different checkpoints. checkpoint.dir must be one folder every rank sees (on several nodes: a shared filesystem)",
-                -r[3], r[0], -r[4], r[1], -r[5], r[2], state.step
+                r[0].0, r[0].1, r[1].0, r[1].1, r[2].0, r[2].1, state.step
             ),
         });
     }
     Ok(())
 }
 
+/// (min, max) over the ranks of each of `values` (one all-reduce of the values and their
+/// negatives with max).
+fn min_max_over_ranks(dp: &mut dyn Comm, values: &[f64]) -> Result<Vec<(f64, f64)>> {
+    let both: Vec<f64> = values.iter().copied().chain(values.iter().map(|v| -v)).collect();
+    let mut t = Tensor::from_slice(&both).to_device(dp.device());
+    dp.all_reduce(&mut t, ReduceOp::Max)?;
+    let r = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    let n = values.len();
+    Ok((0..n).map(|i| (-r[n + i], r[i])).collect())
+}
+
 /// Checks that every rank holds the same weights (fp64 sum and sum of squares of all
-/// parameters, compared by all-reducing their max and min): ranks that diverged would
+/// parameters, compared through their min and max over the ranks): ranks that diverged would
 /// silently train different models.
 fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64) -> Result<()> {
     let (mut s, mut q) = (0.0f64, 0.0f64);
@@ -805,9 +813,7 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
             q += d.square().sum(Kind::Double).double_value(&[]);
         }
     });
-    let mut t = Tensor::from_slice(&[s, q, -s, -q]).to_device(dp.device());
-    dp.all_reduce(&mut t, ReduceOp::Max)?;
-    let v = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+    let r = min_max_over_ranks(dp, &[s, q])?;
     // NaN is never equal to itself: say what happened rather than "different weights"
     if !s.is_finite() || !q.is_finite() {
         return Err(TrainerError::Dist {
@@ -815,12 +821,12 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
             message: format!("the weights are not finite after step {step} (training diverged: lower the learning rate or clip gradients with train.max_grad_norm)"),
         });
     }
-    if v[0] != -v[2] || v[1] != -v[3] {
+    if r.iter().any(|(lo, hi)| lo != hi) {
         return Err(TrainerError::Dist {
             op: "weight check".into(),
             message: format!(
                 "ranks hold different weights after step {step} (sum of weights from {} to {}, sum of squares from {} to {})",
-                -v[2], v[0], -v[3], v[1]
+                r[0].0, r[0].1, r[1].0, r[1].1
             ),
         });
     }
