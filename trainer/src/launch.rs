@@ -153,15 +153,15 @@ impl LaunchArgs {
     }
 }
 
-/// The first `error: ...` line any worker printed on stderr, with its rank.
-type FirstError = std::sync::Arc<std::sync::Mutex<Option<(usize, String)>>>;
+/// Each worker's first `error: ...` line on stderr, with its rank, in the order seen.
+type ErrorLines = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
 
 /// Copies `from` line by line to the launcher's stdout or stderr, each line prefixed; on
-/// stderr, the first line starting with `error:` of any worker is kept in `first_error`.
+/// stderr, the worker's first line starting with `error:` is kept in the shared list.
 fn pump(
     from: impl Read + Send + 'static,
     prefix: String,
-    to_stderr: Option<(usize, FirstError)>,
+    to_stderr: Option<(usize, ErrorLines)>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut r = BufReader::new(from);
@@ -177,12 +177,12 @@ fn pump(
                     let mut buf = prefix.clone().into_bytes();
                     buf.extend_from_slice(&line);
                     let _ = match &to_stderr {
-                        Some((rank, first)) => {
+                        Some((rank, errors)) => {
                             if line.starts_with(b"error:") {
-                                if let Ok(mut f) = first.lock() {
-                                    if f.is_none() {
+                                if let Ok(mut e) = errors.lock() {
+                                    if !e.iter().any(|(r, _)| r == rank) {
                                         let text = String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
-                                        *f = Some((*rank, text));
+                                        e.push((*rank, text));
                                     }
                                 }
                             }
@@ -253,9 +253,9 @@ fn stop_all(workers: &mut [Worker], exits: &std::sync::mpsc::Receiver<Exit>, gra
 }
 
 /// Runs the workers to completion. Ok when all exit 0; otherwise an error naming the first
-/// rank whose failure the launcher saw and its status, plus the first `error:` line any
-/// worker printed (when one rank fails, the others' collectives fail moments later and may
-/// exit first; the first error message names the cause), or the interruption.
+/// rank whose failure the launcher saw and its status, plus each worker's first `error:`
+/// line (when one rank fails, the others' collectives fail moments later and may exit first;
+/// the errors together name the cause), or the interruption.
 pub fn run(args: &LaunchArgs) -> Result<()> {
     let plan = args.plan()?;
     let exe = std::env::current_exe().map_err(|source| TrainerError::Io {
@@ -282,7 +282,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         (cores / plan.nproc).max(1).to_string()
     });
     let (tx, exits) = std::sync::mpsc::channel::<Exit>();
-    let first_error: FirstError = Default::default();
+    let error_lines: ErrorLines = Default::default();
     let mut workers: Vec<Worker> = Vec::new();
     let mut pumps = Vec::new();
     let mut spawn_error = None;
@@ -327,7 +327,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             pumps.push(pump(out, prefix.clone(), None));
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, prefix, Some((rank, first_error.clone()))));
+            pumps.push(pump(err, prefix, Some((rank, error_lines.clone()))));
         }
         workers.push(Worker {
             rank,
@@ -371,10 +371,12 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     for p in pumps {
         let _ = p.join();
     }
-    if let (Some(f), Some((rank, line))) = (failure.as_mut(), first_error.lock().ok().and_then(|e| e.clone())) {
+    let errors = error_lines.lock().map(|e| e.clone()).unwrap_or_default();
+    if let (Some(f), false) = (failure.as_mut(), errors.is_empty()) {
         // when one rank fails, the others' collectives fail moments later and one of them may
-        // exit first: the first error message names the cause
-        f.push_str(&format!(" (the first error came from rank {rank}: {line})"));
+        // exit (and even print) first: every rank's error names the cause among them
+        let each: Vec<String> = errors.iter().map(|(rank, line)| format!("rank {rank}: {line}")).collect();
+        f.push_str(&format!(" (errors: {})", each.join("; ")));
     }
     if let Some(e) = spawn_error {
         return Err(e);
