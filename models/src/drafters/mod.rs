@@ -127,8 +127,38 @@ pub struct TargetTensors {
     pub embed: Option<Tensor>,
 }
 
+/// An optimizer parameter group a drafter declares: the trainable variables whose names start
+/// with `prefix` (the longest matching prefix wins; `""` matches every name) get the recipe's
+/// learning rate times `lr_scale`, and the recipe's weight decay when `weight_decay` is true
+/// (applied, as always, only to parameters of two or more dimensions: never to norms, biases
+/// or other vectors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGroup {
+    pub name: String,
+    pub prefix: String,
+    pub lr_scale: f64,
+    pub weight_decay: bool,
+}
+
+impl ParamGroup {
+    /// Every parameter at the recipe's learning rate and weight decay.
+    pub fn all() -> Self {
+        Self {
+            name: "all".into(),
+            prefix: String::new(),
+            lr_scale: 1.0,
+            weight_decay: true,
+        }
+    }
+}
+
 /// Every draft algorithm implements this.
 pub trait Drafter {
+    /// The optimizer groups of this drafter's trainable variables (default: one group, the
+    /// recipe's learning rate and weight decay for everything).
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        vec![ParamGroup::all()]
+    }
     fn spec(&self) -> &DrafterSpec;
     fn var_store(&self) -> &nn::VarStore;
     fn var_store_mut(&mut self) -> &mut nn::VarStore;
