@@ -4,7 +4,8 @@
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_mask, Eagle3, Eagle3Spec};
-use forge_models::drafters::{Drafter, Features, TargetTensors};
+use forge_models::drafters::{Drafter, Features};
+use forge_tests::{eval_ctx, train_ctx, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::{Path, PathBuf};
@@ -111,7 +112,7 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
         lm_head: Some(target_lm.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };
-    let m = Eagle3::new(small_spec(1), &target, Device::Cpu).expect("eagle3");
+    let m = Eagle3::new(small_spec(1), &target.access(), Device::Cpu, Kind::Float).expect("eagle3");
     reinit_trainable(m.var_store(), 7);
     let used: Vec<i64> = vec![0, 2, 3, 5, 7, 11, 13, 17];
     let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &u)| u - i as i64).collect();
@@ -136,8 +137,9 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
         loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
         hidden_normed: Some(rng.normal_tensor(&[b, t, hh], 1.0)),
         aux_hidden: Some(rng.normal_tensor(&[b, t, 3 * hh], 1.0)),
+        target_topk: None,
     };
-    let out = m.loss(&f, true).expect("loss");
+    let out = m.loss(&f, &train_ctx()).expect("loss");
 
     // by hand, in f64
     let vars = m.var_store().variables();
@@ -216,7 +218,7 @@ fn eagle3_later_steps_see_only_what_the_mask_allows() {
         lm_head: Some(rng.normal_tensor(&[v, hh], 1.0)),
         embed: Some(rng.normal_tensor(&[v, hh], 1.0)),
     };
-    let m = Eagle3::new(small_spec(3), &target, Device::Cpu).expect("eagle3");
+    let m = Eagle3::new(small_spec(3), &target.access(), Device::Cpu, Kind::Float).expect("eagle3");
     reinit_trainable(m.var_store(), 7);
     let ids: Vec<i64> = vec![1, 4, 7, 2, 9, 3, 5, 6];
     let aux = rng.normal_tensor(&[b, t, 3 * hh], 1.0);
@@ -228,6 +230,7 @@ fn eagle3_later_steps_see_only_what_the_mask_allows() {
             loss_mask: Tensor::ones([b, t], (Kind::Int64, Device::Cpu)),
             hidden_normed: Some(Tensor::zeros([b, t, hh], (Kind::Float, Device::Cpu))),
             aux_hidden: Some(aux.shallow_clone()),
+            target_topk: None,
         };
         m.step_hidden(&f).expect("steps")
     };
@@ -450,7 +453,7 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
         lm_head: Some(head.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };
-    let m = Eagle1::new(spec, &target, Device::Cpu).expect("eagle1");
+    let m = Eagle1::new(spec, &target.access(), Device::Cpu, Kind::Float).expect("eagle1");
     reinit_trainable(m.var_store(), 7);
     tch::no_grad(|| {
         for (name, mut p) in m.var_store().variables() {
@@ -469,8 +472,9 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
         loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
         hidden_normed: Some(feats.shallow_clone()),
         aux_hidden: None,
+        target_topk: None,
     };
-    let out = m.loss(&f, true).expect("loss");
+    let out = m.loss(&f, &train_ctx()).expect("loss");
     let vars = m.var_store().variables();
     let w = |n: &str| vars[n].to_kind(Kind::Double);
     let fd = feats.to_kind(Kind::Double);
@@ -522,8 +526,9 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
                 _ => unreachable!(),
             }
         },
-        &target,
+        &target.access(),
         Device::Cpu,
+        Kind::Float,
     )
     .expect("eagle1");
     tch::no_grad(|| {
@@ -532,9 +537,9 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
             p.copy_(&src[&name]);
         }
     });
-    let eval = m2.loss(&f, false).expect("loss").loss.double_value(&[]);
+    let eval = m2.loss(&f, &eval_ctx()).expect("loss").loss.double_value(&[]);
     assert!((eval - got).abs() < 1e-6, "no noise in evaluation");
-    let noisy = m2.loss(&f, true).expect("loss").loss.double_value(&[]);
+    let noisy = m2.loss(&f, &train_ctx()).expect("loss").loss.double_value(&[]);
     assert!((noisy - got).abs() > 1e-6, "noise in training");
 }
 
@@ -682,7 +687,7 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
     let used: Vec<i64> = vec![0, 1, 2, 3, 5, 7, 8, 11, 12, 13, 17, 19];
     let mut spec = small_spec(4);
     spec.draft_vocab_size = used.len() as i64;
-    let m = Eagle3::new(spec, &target, Device::Cpu).expect("eagle3");
+    let m = Eagle3::new(spec, &target.access(), Device::Cpu, Kind::Float).expect("eagle3");
     reinit_trainable(m.var_store(), 7);
     let d2t: Vec<i64> = used.iter().enumerate().map(|(i, &u)| u - i as i64).collect();
     let mut t2d = vec![false; v as usize];
@@ -698,8 +703,9 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
         loss_mask: Tensor::from_slice(&mask_v).view([b, t]),
         hidden_normed: Some(rng.normal_tensor(&[b, t, hh], 1.0)),
         aux_hidden: Some(rng.normal_tensor(&[b, t, 3 * hh], 1.0)),
+        target_topk: None,
     };
-    let out = m.loss(&f, true).expect("loss");
+    let out = m.loss(&f, &train_ctx()).expect("loss");
     let (want, steps) = eagle3_reference(&m, &f, &embed, &target_lm, &used, 4);
     assert!(steps.iter().filter(|s| s.1 > 0.0).count() >= 3, "most steps train something: {steps:?}");
     for (i, (ce, n)) in steps.iter().enumerate() {

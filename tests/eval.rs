@@ -8,7 +8,8 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
-use forge_models::drafters::{Drafter, Features, TargetTensors};
+use forge_models::drafters::{Drafter, FeatureNeeds, Features};
+use forge_tests::TargetTensors;
 use forge_models::generate::{generate, GenerateOptions, RowRng};
 use forge_models::speculative::{next_gamma, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
@@ -36,8 +37,9 @@ fn medusa(t: &TargetModel) -> Medusa {
             hidden_size: 64,
             vocab_size: V,
         },
-        &tensors(t),
+        &tensors(t).access(),
         Device::Cpu,
+        Kind::Float,
     )
     .expect("medusa");
     // non-zero residual blocks so that heads differ from the target's head
@@ -60,8 +62,9 @@ fn eagle1(t: &TargetModel) -> Eagle1 {
             vocab_size: V,
             layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
         },
-        &tensors(t),
+        &tensors(t).access(),
         Device::Cpu,
+        Kind::Float,
     )
     .expect("eagle1");
     reinit_trainable(m.var_store(), 12);
@@ -80,8 +83,9 @@ fn eagle3(t: &TargetModel) -> Eagle3 {
             vocab_size: V,
             layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
         },
-        &tensors(t),
+        &tensors(t).access(),
         Device::Cpu,
+        Kind::Float,
     )
     .expect("eagle3");
     reinit_trainable(m.var_store(), 13);
@@ -120,7 +124,7 @@ fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
                     max_new_tokens: 40,
                     ..Default::default()
                 };
-                let got = speculative_generate(&t, s.as_mut(), p, &opts).expect("speculative");
+                let got = speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), p, &opts).expect("speculative");
                 assert_eq!(got.tokens, want, "{name} gamma {gamma} dynamic {dynamic:?} prompt {i}");
                 let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
                 assert_eq!(emitted + 1, got.tokens.len(), "{name}: the prefill token plus every round's tokens");
@@ -220,7 +224,7 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
         max_new_tokens: 60,
         ..Default::default()
     };
-    let got = speculative_generate(&t, &mut s, &prompt, &opts).expect("speculative");
+    let got = speculative_generate(&t, &mut s, &FeatureNeeds::default(), &prompt, &opts).expect("speculative");
     assert_eq!(got.tokens, answer);
     // every round accepts exactly up to the scripted error (all 4 and a bonus when none)
     let mut made = 1; // the prefill's token
@@ -244,7 +248,7 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     let stop = answer[17];
     let want = plain(&t, &prompt, 60, &[stop]);
     let mut s2 = Scripted::new(&t, &prompt, &answer, vec![9]);
-    let got = speculative_generate(&t, &mut s2, &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
+    let got = speculative_generate(&t, &mut s2, &FeatureNeeds::default(), &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
     assert_eq!(got.tokens, want);
     assert!(got.stopped);
     // the drafts accepted after the stop do not count as proposed or accepted
@@ -254,7 +258,7 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
 
     // no new tokens asked, none given (as plain decoding)
     let mut s3 = Scripted::new(&t, &prompt, &answer, vec![9]);
-    let none = speculative_generate(&t, &mut s3, &prompt, &SpecOptions { max_new_tokens: 0, ..opts }).expect("speculative");
+    let none = speculative_generate(&t, &mut s3, &FeatureNeeds::default(), &prompt, &SpecOptions { max_new_tokens: 0, ..opts }).expect("speculative");
     assert!(none.tokens.is_empty() && none.rounds.is_empty());
 }
 
@@ -277,7 +281,7 @@ fn dynamic_gamma_follows_its_rule() {
         max_new_tokens: 80,
         ..Default::default()
     };
-    let got = speculative_generate(&t, &mut s, &prompt, &opts).expect("speculative");
+    let got = speculative_generate(&t, &mut s, &FeatureNeeds::default(), &prompt, &opts).expect("speculative");
     assert_eq!(got.tokens, answer);
     assert_eq!(got.rounds[0].gamma, 3);
     let mut grew = false;
@@ -292,7 +296,7 @@ fn dynamic_gamma_follows_its_rule() {
     // a starting gamma below the minimum starts at the minimum (a rejection never raises it)
     let mut s = Scripted::new(&t, &prompt, &answer, vec![0]);
     let low = SpecOptions { gamma: 1, max_new_tokens: 12, ..opts };
-    let got = speculative_generate(&t, &mut s, &prompt, &low).expect("speculative");
+    let got = speculative_generate(&t, &mut s, &FeatureNeeds::default(), &prompt, &low).expect("speculative");
     assert_eq!(got.tokens, answer[..12]);
     assert!(got.rounds.iter().all(|r| r.gamma == 2), "{:?}", got.rounds);
 }
@@ -312,6 +316,7 @@ fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {
         loss_mask: ids.ones_like(),
         hidden_normed: Some(out.hidden_normed),
         aux_hidden: (!aux.is_empty()).then(|| Tensor::cat(&out.layers, -1)),
+        target_topk: None,
     }
 }
 
@@ -478,7 +483,7 @@ fn speculative_sampling_follows_the_target_distribution() {
             seed: seed as u64,
             ..Default::default()
         };
-        let out = speculative_generate(&t, s.as_mut(), &prompt, &opts).expect("speculative");
+        let out = speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &prompt, &opts).expect("speculative");
         assert_eq!(out.tokens.len(), 3);
         c2[out.tokens[1] as usize] += 1.0;
         c3[out.tokens[2] as usize] += 1.0;

@@ -325,3 +325,33 @@ pub fn metrics_rows(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("metrics row"))
         .collect()
 }
+
+/// The target's lm_head and embedding as a drafter is given them (either may be left out).
+pub struct TargetTensors {
+    pub lm_head: Option<Tensor>,
+    pub embed: Option<Tensor>,
+}
+
+impl TargetTensors {
+    pub fn access(&self) -> forge_models::drafters::TargetAccess<'static> {
+        use forge_models::drafters::{EMBED, LM_HEAD};
+        let mut m = std::collections::BTreeMap::new();
+        if let Some(t) = &self.lm_head {
+            m.insert(LM_HEAD.to_string(), t.shallow_clone());
+        }
+        if let Some(t) = &self.embed {
+            m.insert(EMBED.to_string(), t.shallow_clone());
+        }
+        forge_models::drafters::TargetAccess::Tensors(m)
+    }
+}
+
+/// A training step context (step 0 of 1, micro-batch 0, seed 0).
+pub fn train_ctx() -> forge_models::drafters::StepContext<'static> {
+    forge_models::drafters::StepContext::train(0, 0, 1, 0)
+}
+
+/// An evaluation context.
+pub fn eval_ctx() -> forge_models::drafters::StepContext<'static> {
+    forge_models::drafters::StepContext::eval(0, 0, 1)
+}

@@ -2,7 +2,8 @@
 //! resume, interrupted checkpoints, exports.
 
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
-use forge_models::drafters::{Drafter, Features, TargetTensors};
+use forge_models::drafters::{Drafter, Features};
+use forge_tests::{train_ctx, TargetTensors};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, step_weights, TestRng, TinyRun};
 use std::path::Path;
@@ -25,7 +26,7 @@ fn small_medusa(rng: &mut TestRng, h: i64, v: i64) -> (Medusa, Tensor) {
         lm_head: Some(lm.shallow_clone()),
         embed: None,
     };
-    (Medusa::new(spec, &target, Device::Cpu).expect("medusa"), lm)
+    (Medusa::new(spec, &target.access(), Device::Cpu, Kind::Float).expect("medusa"), lm)
 }
 
 #[test]
@@ -54,8 +55,9 @@ fn medusa_loss_equals_a_hand_computed_reference() {
         loss_mask: mask.shallow_clone(),
         hidden_normed: Some(hidden.shallow_clone()),
         aux_hidden: None,
+        target_topk: None,
     };
-    let out = m.loss(&f, true).expect("loss");
+    let out = m.loss(&f, &train_ctx()).expect("loss");
     // reference: position by position, f64
     let get = |name: &str| vars[name].to_kind(Kind::Double);
     let hid = hidden.to_kind(Kind::Double);

@@ -1,4 +1,4 @@
-//! Speculative decoding (DESIGN.md §8, SEEDS.md §2): a draft proposes a chain of gamma
+//! Speculative decoding (docs/eval.md): a draft proposes a chain of gamma
 //! tokens, the target verifies all of them in one forward with its KV cache, and the cache is
 //! rolled back past the first rejected token.
 //!
@@ -15,6 +15,7 @@
 //! Greedy output equals plain greedy decoding token for token; sampled output follows the
 //! target's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
 
+use crate::drafters::FeatureNeeds;
 use crate::error::{ModelError, Result};
 use crate::generate::{sample_rows, RowRng};
 use crate::target::{Capture, LogitsMode, TargetModel};
@@ -44,10 +45,6 @@ pub struct Proposal {
 /// The draft side of speculative decoding for one sequence. Each drafter kind implements it
 /// in its own file (`Drafter::session`).
 pub trait DraftSession {
-    /// Target layers whose outputs the draft reads (`StepFeatures::aux`), in order.
-    fn aux_layers(&self) -> Vec<i64> {
-        Vec::new()
-    }
     /// The most tokens one proposal can hold (Medusa: its number of heads).
     fn max_gamma(&self) -> Option<usize> {
         None
@@ -62,7 +59,7 @@ pub trait DraftSession {
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal>;
 }
 
-/// Dynamic gamma (SEEDS.md §2, AIMD): +1 after a round whose proposals were all accepted,
+/// Dynamic gamma (AIMD, docs/eval.md): +1 after a round whose proposals were all accepted,
 /// otherwise halved, never below `min_gamma`.
 pub fn next_gamma(gamma: usize, all_accepted: bool, min_gamma: usize) -> usize {
     if all_accepted {
@@ -164,10 +161,12 @@ fn features_at(out: &crate::target::TargetOutput, start: i64, len: i64) -> StepF
     }
 }
 
-/// Speculative decoding of one sequence after `prompt` with a draft session.
+/// Speculative decoding of one sequence after `prompt` with a draft session that reads the
+/// target features `needs` says (its spec's `feature_needs()`).
 pub fn speculative_generate(
     target: &TargetModel,
     draft: &mut dyn DraftSession,
+    needs: &FeatureNeeds,
     prompt: &[i64],
     opts: &SpecOptions,
 ) -> Result<SpecOutput> {
@@ -191,11 +190,11 @@ pub fn speculative_generate(
     // dynamic gamma never goes below its minimum, so it starts there at least
     let mut gamma = opts.gamma.max(opts.dynamic_min_gamma.unwrap_or(1)).min(cap);
     let capture_last = Capture {
-        layers: draft.aux_layers(),
+        layers: needs.aux_layers.clone(),
         logits: LogitsMode::Last,
     };
     let capture_all = Capture {
-        layers: draft.aux_layers(),
+        layers: needs.aux_layers.clone(),
         logits: LogitsMode::All,
     };
     let mut cache = target.new_cache();

@@ -2,7 +2,7 @@
 //! vocabulary mapping, and hidden-state datasets for offline training (`forge prepare-hidden`).
 
 use crate::error::{Result, TrainerError};
-use crate::recipe::{DrafterSection, Precision, Recipe};
+use crate::recipe::{Precision, Recipe};
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
 use forge_data::hash::ContentHash;
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
@@ -138,69 +138,21 @@ pub fn target_config(recipe: &Recipe) -> Result<TargetConfig> {
     Ok(TargetConfig::from_file(&target_dir(recipe)?.join("config.json"))?)
 }
 
-/// EAGLE-3's draft vocabulary size for a target (the recipe's, capped at the target's).
-pub fn draft_vocab_size(recipe: &Recipe, cfg: &TargetConfig) -> Option<usize> {
-    match &recipe.drafter {
-        DrafterSection::Eagle3(e) => Some(e.draft_vocab_size.min(cfg.vocab_size).max(1) as usize),
-        _ => None,
-    }
-}
-
-/// Loads (or builds and caches beside the token cache) the EAGLE-3 vocabulary mapping.
+/// Loads (or builds and caches beside the token cache) a draft vocabulary of `size` tokens
+/// from the training data (`Drafter::prepare` asks for it through `drafter::Prepare`).
 pub fn vocab_mapping(
     recipe: &Recipe,
     cfg: &TargetConfig,
     data: &LoadedDataset,
-) -> Result<Option<(VocabMapping, CacheStatus)>> {
-    let Some(draft) = draft_vocab_size(recipe, cfg) else {
-        return Ok(None);
-    };
-    Ok(Some(VocabMapping::load_or_build(
+    size: usize,
+) -> Result<(VocabMapping, CacheStatus)> {
+    Ok(VocabMapping::load_or_build(
         &data.dataset,
         &data.key,
         Some(&recipe.data.cache_dir),
         cfg.vocab_size as usize,
-        draft,
-    )?))
-}
-
-/// What a drafter reads from the target, and so what `prepare-hidden` stores.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HiddenNeeds {
-    /// The normed last hidden state (the lm_head input; target logits are recomputed from it).
-    pub last_hidden: bool,
-    /// Layers whose outputs the drafter reads.
-    pub aux_layers: Vec<usize>,
-}
-
-pub fn hidden_needs(recipe: &Recipe, cfg: &TargetConfig) -> Result<HiddenNeeds> {
-    match &recipe.drafter {
-        DrafterSection::Medusa(_) | DrafterSection::Eagle1(_) => Ok(HiddenNeeds {
-            last_hidden: true,
-            aux_layers: Vec::new(),
-        }),
-        DrafterSection::Eagle3(e) => {
-            let layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
-            let mut aux = Vec::with_capacity(layers.len());
-            for l in layers {
-                if l < 0 || l >= cfg.num_layers {
-                    return Err(TrainerError::Config(format!(
-                        "drafter.aux_layers: layer {l} does not exist (the target has layers 0..{})",
-                        cfg.num_layers - 1
-                    )));
-                }
-                aux.push(l as usize);
-            }
-            Ok(HiddenNeeds {
-                last_hidden: true,
-                aux_layers: aux,
-            })
-        }
-        other => Err(TrainerError::Config(format!(
-            "drafter kind '{}' trains online only (it runs inside or beside the target's layers): set data.mode: online",
-            other.kind()
-        ))),
-    }
+        size,
+    )?)
 }
 
 /// A cheap fingerprint of a target folder: config.json and the weight files' names and sizes.
@@ -299,7 +251,10 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
-    let needs = hidden_needs(recipe, &cfg)?;
+    let needs = recipe.drafter.to_spec(&cfg)?.feature_needs();
+    let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
+    // the drafter's own top-k need, or more when asked on the command line
+    let topk = opts.topk.max(needs.target_topk);
     let data = load_token_data(recipe, opts.show_progress)?;
     let ds = &data.train.dataset;
     let settings = HiddenSettings {
@@ -309,8 +264,8 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
         data_key: data.train.key.clone(),
         hidden_size: cfg.hidden_size as usize,
         last_hidden: needs.last_hidden,
-        aux_layers: needs.aux_layers.clone(),
-        topk: opts.topk,
+        aux_layers,
+        topk,
         dtype: "bf16".into(),
         samples_per_shard: opts.samples_per_shard.max(1),
         num_samples: ds.len(),
@@ -329,7 +284,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
             .sum();
         let pb = progress_bar(todo, "hidden states", opts.show_progress);
         let capture = Capture {
-            layers: needs.aux_layers.iter().map(|&l| l as i64).collect(),
+            layers: needs.aux_layers.clone(),
             logits: forge_models::LogitsMode::None,
         };
         for k in pending {
@@ -351,12 +306,12 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
                 } else {
                     Some(Tensor::cat(&out.layers, -1))
                 };
-                let topk = (opts.topk > 0).then(|| {
+                let topk = (topk > 0).then(|| {
                     let logp = model
                         .logits(&out.hidden_normed)
                         .to_kind(Kind::Float)
                         .log_softmax(-1, Kind::Float);
-                    logp.topk(opts.topk as i64, -1, true, true)
+                    logp.topk(topk as i64, -1, true, true)
                 });
                 for (r, &i) in chunk.iter().enumerate() {
                     let n = ds.sample_len(i) as i64;

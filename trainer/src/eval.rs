@@ -317,7 +317,8 @@ impl Ctx<'_> {
             let seed = turn_seed(self.a.seed, &conv.id, k);
             let prompt = self.encode(conv, k, &spec_answers)?;
             let mut session = self.drafter.session()?;
-            let s = speculative_generate(self.model, session.as_mut(), &prompt, &self.spec_opts(seed))
+            let needs = self.drafter.spec().feature_needs();
+            let s = speculative_generate(self.model, session.as_mut(), &needs, &prompt, &self.spec_opts(seed))
                 .with_context(|| format!("speculative decoding of prompt {} turn {}", conv.id, k + 1))?;
             drop(session);
             let mut t = Tally {
@@ -415,13 +416,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let device = parse_device(&a.chat.device).context("--device")?;
     let dtype = resolve_dtype(&a.chat.dtype, device)?;
-    let loaded = load_drafter_with_target(&a.draft, device, a.target.as_deref())
+    let loaded = load_drafter_with_target(&a.draft, device, dtype.kind(), a.target.as_deref())
         .with_context(|| format!("--draft {}", a.draft.display()))?;
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
     let model = TargetModel::load(&target_dir, dtype, device).with_context(|| format!("loading target {}", target_dir.display()))?;
     check_fit(&loaded.target_config, &loaded.source, &model.config, &target_dir)?;
-    let mut drafter = loaded.drafter;
-    drafter.set_compute_kind(dtype.kind());
+    let drafter = loaded.drafter;
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
     let template = ChatTemplate::from_name(&a.chat.chat_template, &target_dir).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let stop = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;

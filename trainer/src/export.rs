@@ -3,14 +3,14 @@
 //! table per format) and are checked against the engine's expectations before writing.
 
 use crate::checkpoint::{self, Manifest};
+use crate::drafter::target_access;
 use crate::error::{Result, TrainerError};
-use crate::train::target_tensors;
-use forge_models::drafters::{Drafter, DrafterSpec, ExportFormat, TargetTensors};
+use forge_models::drafters::{Drafter, DrafterSpec, ExportFormat, TargetAccess, TargetNeeds};
 use forge_models::safetensors_io::{write_safetensors, SafetensorsFile};
 use forge_models::{DType, TargetConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The description stored beside a forge-format export.
 pub const FORGE_EXPORT: &str = "forge_drafter.json";
@@ -34,16 +34,15 @@ struct ForgeExport {
     forge_version: String,
 }
 
-fn shared_tensors(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value) -> Result<TargetTensors> {
-    let (lm, embed) = spec.shares_target_tensors();
-    if !lm && !embed {
-        return Ok(TargetTensors {
-            lm_head: None,
-            embed: None,
-        });
+/// What a drafter whose weights are loaded right after building needs of its target (what it
+/// shares with it), read from the target folder.
+fn shared_with_target(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value) -> Result<TargetAccess<'static>> {
+    let needs = spec.target_needs(false);
+    if needs == TargetNeeds::Nothing {
+        return Ok(TargetAccess::Nothing);
     }
     let cfg = TargetConfig::from_value(cfg.clone()).map_err(TrainerError::Config)?;
-    target_tensors(target, &cfg).map_err(|e| {
+    target_access(target, &cfg, &needs).map_err(|e| {
         TrainerError::Config(format!(
             "this {} drafter shares tensors with its target, which could not be read from {}: {e}",
             spec.kind(),
@@ -52,14 +51,16 @@ fn shared_tensors(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value) ->
     })
 }
 
-/// Loads a drafter from a checkpoint folder, a checkpoint.dir or a forge export.
+/// Loads a drafter (computing in fp32) from a checkpoint folder, a checkpoint.dir or a forge
+/// export.
 pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
-    load_drafter_with_target(path, device, None)
+    load_drafter_with_target(path, device, Kind::Float, None)
 }
 
-/// [`load_drafter`], reading the tensors the drafter shares with its target (embedding,
-/// lm_head) from `target` instead of the target folder the checkpoint records.
-pub fn load_drafter_with_target(path: &Path, device: Device, target: Option<&Path>) -> Result<LoadedDrafter> {
+/// [`load_drafter`] computing in `compute`, reading the tensors the drafter shares with its
+/// target (embedding, lm_head) from `target` instead of the target folder the checkpoint
+/// records.
+pub fn load_drafter_with_target(path: &Path, device: Device, compute: Kind, target: Option<&Path>) -> Result<LoadedDrafter> {
     let forge_desc = path.join(FORGE_EXPORT);
     if forge_desc.is_file() {
         let text = std::fs::read_to_string(&forge_desc).map_err(|source| TrainerError::Io {
@@ -69,8 +70,8 @@ pub fn load_drafter_with_target(path: &Path, device: Device, target: Option<&Pat
         let d: ForgeExport = serde_json::from_str(&text)
             .map_err(|e| TrainerError::Config(format!("{}: {e}", forge_desc.display())))?;
         let target = target.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&d.target));
-        let tensors = shared_tensors(&d.drafter, &target, &d.target_config)?;
-        let drafter = d.drafter.build(&tensors, device)?;
+        let access = shared_with_target(&d.drafter, &target, &d.target_config)?;
+        let drafter = d.drafter.build(&access, device, compute)?;
         let weights = SafetensorsFile::open(&path.join("model.safetensors"))?.tensors()?;
         checkpoint::load_into_var_store(drafter.var_store(), &weights, path)?;
         return Ok(LoadedDrafter {
@@ -99,8 +100,8 @@ pub fn load_drafter_with_target(path: &Path, device: Device, target: Option<&Pat
         ..
     } = loaded.manifest;
     let target = target.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(recorded));
-    let tensors = shared_tensors(&spec, &target, &target_config)?;
-    let drafter = spec.build(&tensors, device)?;
+    let access = shared_with_target(&spec, &target, &target_config)?;
+    let drafter = spec.build(&access, device, compute)?;
     checkpoint::load_into_var_store(drafter.var_store(), &loaded.weights, &ckpt)?;
     Ok(LoadedDrafter {
         drafter,

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod drafter;
 pub mod dist;
 pub mod error;
 pub mod eval;

@@ -4,6 +4,7 @@ use crate::load_recipe;
 use anyhow::{Context, Result};
 use forge_data::dataset::{CacheStatus, LoadedDataset};
 use forge_trainer::data::{self, HiddenOptions};
+use forge_trainer::drafter;
 use forge_trainer::recipe::Recipe;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -99,8 +100,14 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
     if let Some(e) = &td.eval {
         out.push(summary("eval", &recipe.data.eval, e));
     }
+    // what the drafter prepares from the data (EAGLE-3: its draft vocabulary), cached
     let cfg = data::target_config(&recipe)?;
-    let vocab = data::vocab_mapping(&recipe, &cfg, &td.train)?;
+    let spec = recipe.drafter.to_spec(&cfg)?;
+    let access = drafter::target_access(data::target_dir(&recipe)?, &cfg, &spec.target_needs(true))?;
+    let mut built = spec.build(&access, tch::Device::Cpu, tch::Kind::Float)?;
+    let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train));
+    built.prepare(&mut prep, &access)?;
+    let vocab = prep.vocab;
     let vocab_json = vocab.as_ref().map(|(m, st)| {
         serde_json::json!({
             "draft_vocab_size": m.draft_vocab(),

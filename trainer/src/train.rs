@@ -9,74 +9,21 @@ use crate::metrics::MetricsLogger;
 use crate::dist::zero::{assemble_full_state, DistAdamW};
 use crate::dist::{keys, Comm, ReduceOp};
 use crate::optim::AdamWConfig;
-use crate::recipe::{DataMode, DrafterSection, Precision, Recipe, Schedule};
+use crate::recipe::{DataMode, Precision, Recipe, Schedule};
 use crate::schedule::{LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
 use forge_data::hidden::HiddenDataset;
 use forge_data::{Batch, TokenDataset};
-use forge_models::drafters::eagle::DraftLayerSpec;
-use forge_models::drafters::eagle1::Eagle1Spec;
-use forge_models::drafters::eagle3::{self, Eagle3Spec};
-use forge_models::drafters::medusa::MedusaSpec;
-use forge_models::drafters::{Drafter, DrafterSpec, Features, Metric, TargetTensors};
-use forge_models::target::read_named_tensors;
-use forge_models::{Capture, LogitsMode, TargetConfig, TargetModel};
+use crate::drafter::{target_access, Prepare, PrepareSource};
+use forge_models::drafters::{Drafter, FeatureNeeds, Features, Metric, StepContext};
+use forge_models::{Capture, LogitsMode, TargetModel};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// The single-process communicator (what `forge train` uses outside `forge launch`).
 pub use crate::dist::SingleProcess;
-
-/// The drafter spec a recipe describes for a target.
-pub fn drafter_spec(recipe: &Recipe, cfg: &TargetConfig) -> Result<DrafterSpec> {
-    match &recipe.drafter {
-        DrafterSection::Medusa(m) => Ok(DrafterSpec::Medusa(MedusaSpec {
-            num_heads: m.num_heads,
-            num_layers: m.num_layers,
-            original_lm_head: m.original_lm_head,
-            loss_decay: m.loss_decay,
-            top_k: m.top_k,
-            hidden_size: cfg.hidden_size,
-            vocab_size: cfg.vocab_size,
-        })),
-        DrafterSection::Eagle1(e) => Ok(DrafterSpec::Eagle1(Eagle1Spec {
-            feature_weight: e.feature_weight,
-            token_weight: e.token_weight,
-            feature_noise: e.feature_noise,
-            vocab_size: cfg.vocab_size,
-            layer: DraftLayerSpec::from_target(cfg, None, None, None, None)?,
-        })),
-        DrafterSection::Eagle3(e) => Ok(DrafterSpec::Eagle3(Eagle3Spec {
-            ttt_length: e.ttt_length,
-            step_decay: e.step_decay,
-            aux_layers: data::hidden_needs(recipe, cfg)?.aux_layers.iter().map(|&l| l as i64).collect(),
-            draft_vocab_size: data::draft_vocab_size(recipe, cfg).unwrap_or(1) as i64,
-            target_hidden_size: cfg.hidden_size,
-            vocab_size: cfg.vocab_size,
-            layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
-        })),
-        other => Err(TrainerError::Config(format!(
-            "drafter kind '{}' has no trainer yet (this build trains: medusa, eagle1, eagle3)",
-            other.kind()
-        ))),
-    }
-}
-
-/// The target's lm_head and embedding read from its files (no full model load).
-pub fn target_tensors(dir: &Path, cfg: &TargetConfig) -> Result<TargetTensors> {
-    let got = read_named_tensors(dir, &["lm_head.weight", "model.embed_tokens.weight"])?;
-    let mut it = got.into_iter();
-    let lm = it.next().flatten();
-    let embed = it.next().flatten();
-    let lm_head = if cfg.tie_word_embeddings {
-        embed.as_ref().map(|e| e.shallow_clone())
-    } else {
-        lm
-    };
-    Ok(TargetTensors { lm_head, embed })
-}
 
 /// Options of `forge train` besides the recipe.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +65,7 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 enum Source {
-    Online { target: TargetModel, data: TokenDataset, aux: Vec<i64> },
+    Online { target: TargetModel, data: TokenDataset },
     Offline { data: HiddenDataset },
 }
 
@@ -197,9 +144,11 @@ struct Trainer<'a> {
     drafter: Box<dyn Drafter>,
     source: Source,
     device: Device,
+    /// What the drafter reads from the target (its spec's feature needs).
+    needs: FeatureNeeds,
     eval_data: Option<TokenDataset>,
     /// Offline runs with eval data load the target for evaluation only.
-    eval_target: Option<(TargetModel, Vec<i64>)>,
+    eval_target: Option<TargetModel>,
 }
 
 impl Trainer<'_> {
@@ -233,7 +182,7 @@ impl Trainer<'_> {
     /// Target features of a micro-batch of token samples (online).
     fn online_features(
         target: &TargetModel,
-        aux: &[i64],
+        needs: &FeatureNeeds,
         data: &TokenDataset,
         idx: &[usize],
         device: Device,
@@ -242,12 +191,18 @@ impl Trainer<'_> {
         let batch = Batch::collate(&samples, 0);
         let (ids, am, pos, lm) = batch_tensors(&batch, device);
         let capture = Capture {
-            layers: aux.to_vec(),
+            layers: needs.aux_layers.clone(),
             logits: LogitsMode::None,
         };
         // Right padding under a causal mask: real tokens never attend to padding.
         let out = tch::no_grad(|| target.forward(&ids, None, None, None, &capture))?;
         let aux_hidden = (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1));
+        let target_topk = (needs.target_topk > 0).then(|| {
+            tch::no_grad(|| {
+                let logp = target.logits(&out.hidden_normed).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+                logp.topk(needs.target_topk as i64, -1, true, true)
+            })
+        });
         Ok((
             Features {
                 input_ids: ids,
@@ -256,15 +211,17 @@ impl Trainer<'_> {
                 loss_mask: lm,
                 hidden_normed: Some(out.hidden_normed),
                 aux_hidden,
+                target_topk,
             },
             batch.tokens(),
         ))
     }
 
-    fn offline_features(data: &mut HiddenDataset, idx: &[usize], device: Device) -> Result<(Features, usize)> {
+    fn offline_features(data: &mut HiddenDataset, needs: &FeatureNeeds, idx: &[usize], device: Device) -> Result<(Features, usize)> {
         let s = data.settings().clone();
         let h = s.hidden_size as i64;
         let a = (s.aux_layers.len() * s.hidden_size) as i64;
+        let k = s.topk as i64;
         let mut rows = Vec::with_capacity(idx.len());
         for &i in idx {
             let v = data.sample(i)?;
@@ -273,7 +230,12 @@ impl Trainer<'_> {
                 .then(|| Tensor::from_data_size(v.hidden_state, &[t, h], Kind::BFloat16));
             let aux = (!v.aux_hidden_state.is_empty())
                 .then(|| Tensor::from_data_size(v.aux_hidden_state, &[t, a], Kind::BFloat16));
-            rows.push((v.input_ids.to_vec(), v.loss_mask.to_vec(), hid, aux));
+            let topk = (needs.target_topk > 0 && k > 0).then(|| {
+                let lp = Tensor::from_data_size(v.topk_logprobs, &[t, k], Kind::BFloat16);
+                let ids = Tensor::from_slice(v.topk_ids).view([t, k]).to_kind(Kind::Int64);
+                (lp, ids)
+            });
+            rows.push((v.input_ids.to_vec(), v.loss_mask.to_vec(), hid, aux, topk));
         }
         let samples: Vec<(&[u32], &[u8])> = rows.iter().map(|r| (&r.0[..], &r.1[..])).collect();
         let batch = Batch::collate(&samples, 0);
@@ -298,6 +260,24 @@ impl Trainer<'_> {
         };
         let hidden = pad(rows.iter().map(|r| r.2.as_ref()).collect(), h);
         let aux = pad(rows.iter().map(|r| r.3.as_ref()).collect(), a);
+        // the drafter's top-k (the shards may hold more); padded rows: log-prob 0, id 0
+        let want = needs.target_topk as i64;
+        let target_topk = if want > 0 {
+            let (mut lps, mut idss) = (Vec::new(), Vec::new());
+            for r in &rows {
+                let (lp, ids) = r.4.as_ref().ok_or_else(|| {
+                    TrainerError::Config("the hidden-state shards hold no target top-k: run forge prepare-hidden with this recipe".into())
+                })?;
+                let n = lp.size()[0];
+                lps.push(Tensor::cat(&[lp.to_kind(Kind::Float), Tensor::zeros([l - n, k], (Kind::Float, Device::Cpu))], 0));
+                idss.push(Tensor::cat(&[ids.shallow_clone(), Tensor::zeros([l - n, k], (Kind::Int64, Device::Cpu))], 0));
+            }
+            let lp = Tensor::stack(&lps, 0).narrow(2, 0, want).to_device(device);
+            let ids = Tensor::stack(&idss, 0).narrow(2, 0, want).to_device(device);
+            Some((lp, ids))
+        } else {
+            None
+        };
         let (ids, am, pos, lm) = batch_tensors(&batch, device);
         Ok((
             Features {
@@ -307,6 +287,7 @@ impl Trainer<'_> {
                 loss_mask: lm,
                 hidden_normed: hidden,
                 aux_hidden: aux,
+                target_topk,
             },
             batch.tokens(),
         ))
@@ -315,19 +296,19 @@ impl Trainer<'_> {
     fn features(&mut self, idx: &[usize]) -> Result<(Features, usize)> {
         let device = self.device;
         match &mut self.source {
-            Source::Online { target, data, aux } => Self::online_features(target, aux, data, idx, device),
-            Source::Offline { data } => Self::offline_features(data, idx, device),
+            Source::Online { target, data } => Self::online_features(target, &self.needs, data, idx, device),
+            Source::Offline { data } => Self::offline_features(data, &self.needs, idx, device),
         }
     }
 
     /// Loss and metrics on the eval conversations (no gradients).
-    fn evaluate(&mut self, dp: &mut dyn Comm) -> Result<Option<BTreeMap<String, f64>>> {
+    fn evaluate(&mut self, dp: &mut dyn Comm, step: u64, total: u64) -> Result<Option<BTreeMap<String, f64>>> {
         let Some(eval) = &self.eval_data else {
             return Ok(None);
         };
-        let (target, aux) = match (&self.source, &self.eval_target) {
-            (Source::Online { target, aux, .. }, _) => (target, aux),
-            (Source::Offline { .. }, Some((t, a))) => (t, a),
+        let target = match (&self.source, &self.eval_target) {
+            (Source::Online { target, .. }, _) => target,
+            (Source::Offline { .. }, Some(t)) => t,
             _ => return Ok(None),
         };
         let mb = self.recipe.train.micro_batch_size.max(1) as usize;
@@ -335,8 +316,9 @@ impl Trainer<'_> {
         let all: Vec<usize> = (0..eval.len()).collect();
         let mine: Vec<&[usize]> = all.chunks(mb).skip(dp.rank()).step_by(dp.world()).collect();
         for idx in mine {
-            let (f, tokens) = Self::online_features(target, aux, eval, idx, self.device)?;
-            let out = tch::no_grad(|| self.drafter.loss(&f, false))?;
+            let (f, tokens) = Self::online_features(target, &self.needs, eval, idx, self.device)?;
+            let ctx = StepContext::eval(self.recipe.train.seed, step, total).with_target(Some(target));
+            let out = tch::no_grad(|| self.drafter.loss(&f, &ctx))?;
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
         }
         acc.sync(dp)?;
@@ -405,40 +387,36 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set: set it to the output folder".into()))?;
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
-    let spec = drafter_spec(recipe, &cfg)?;
+    let spec = recipe.drafter.to_spec(&cfg)?;
+    let needs = spec.feature_needs();
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume_from(recipe, &opts.resume)?;
     let (target_dtype, device) = target_placement(recipe)?;
     tch::manual_seed(t.seed as i64);
 
     // Data (and the target, online).
+    enum TrainData {
+        Tokens(Box<forge_data::LoadedDataset>),
+        Shards(HiddenDataset),
+    }
     let eval_tokens;
-    let vocab; // EAGLE-3's draft vocabulary mapping (None for other drafters)
-    let source = match recipe.data.mode {
+    let train_data = match recipe.data.mode {
         DataMode::Online => {
             let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
-            vocab = data::vocab_mapping(recipe, &cfg, &td.train)?.map(|(m, _)| m);
             eval_tokens = td.eval.map(|e| e.dataset);
-            let target = TargetModel::load(&dir, target_dtype, device)?;
-            let needs = data::hidden_needs(recipe, &cfg)?;
-            Source::Online {
-                target,
-                data: td.train.dataset,
-                aux: needs.aux_layers.iter().map(|&l| l as i64).collect(),
-            }
+            TrainData::Tokens(Box::new(td.train))
         }
         DataMode::Offline => {
             let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
                 TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
             })?;
             let ds = HiddenDataset::open(hd)?;
-            vocab = offline_vocab_mapping(recipe, &cfg, &ds)?;
-            let needs = data::hidden_needs(recipe, &cfg)?;
             let s = ds.settings();
-            if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != s.aux_layers {
+            let aux: Vec<i64> = s.aux_layers.iter().map(|&l| l as i64).collect();
+            if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != aux || needs.target_topk > s.topk {
                 return Err(TrainerError::Config(format!(
-                    "{}: holds last_hidden={} aux_layers={:?}, the drafter needs last_hidden={} aux_layers={:?}: run forge prepare-hidden with this recipe",
-                    hd.display(), s.last_hidden, s.aux_layers, needs.last_hidden, needs.aux_layers
+                    "{}: holds last_hidden={} aux_layers={:?} topk={}, the drafter needs last_hidden={} aux_layers={:?} topk={}: run forge prepare-hidden with this recipe",
+                    hd.display(), s.last_hidden, s.aux_layers, s.topk, needs.last_hidden, needs.aux_layers, needs.target_topk
                 )));
             }
             if s.hidden_size != cfg.hidden_size as usize {
@@ -451,18 +429,28 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
             }
             // evaluation reads conversations through the target, also in offline mode
             eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
-            Source::Offline { data: ds }
+            TrainData::Shards(ds)
         }
     };
 
-    // The drafter (its own VarStore, fp32 master weights).
-    let tensors = target_tensors(&dir, &cfg)?;
-    let mut drafter = spec.build(&tensors, device)?;
-    if let Some(m) = &vocab {
-        eagle3::install_vocab_mapping(drafter.var_store(), &m.d2t, &m.t2d, tensors.lm_head.as_ref())?;
+    // The drafter (its own VarStore, fp32 master weights), prepared from the data when fresh.
+    let access = target_access(&dir, &cfg, &spec.target_needs(true))?;
+    let mut drafter = spec.build(&access, device, compute_kind(recipe, device))?;
+    if resume_ck.is_none() {
+        let src = match &train_data {
+            TrainData::Tokens(td) => PrepareSource::Tokens(td),
+            TrainData::Shards(ds) => PrepareSource::Shards(ds),
+        };
+        drafter.prepare(&mut Prepare::new(recipe, &cfg, src), &access)?;
     }
-    drop(tensors);
-    drafter.set_compute_kind(compute_kind(recipe, device));
+    drop(access);
+    let source = match train_data {
+        TrainData::Tokens(td) => Source::Online {
+            target: TargetModel::load(&dir, target_dtype, device)?,
+            data: td.dataset,
+        },
+        TrainData::Shards(ds) => Source::Offline { data: ds },
+    };
     let params: Vec<(String, Tensor)> = {
         let mut v: Vec<(String, Tensor)> = drafter
             .var_store()
@@ -501,13 +489,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         drafter,
         source,
         device,
+        needs,
         eval_data: eval_tokens,
         eval_target: None,
     };
     if matches!(trainer.source, Source::Offline { .. }) && trainer.eval_data.is_some() {
-        let needs = data::hidden_needs(recipe, &cfg)?;
-        let target = TargetModel::load(&dir, target_dtype, device)?;
-        trainer.eval_target = Some((target, needs.aux_layers.iter().map(|&l| l as i64).collect()));
+        trainer.eval_target = Some(TargetModel::load(&dir, target_dtype, device)?);
     }
 
     // Steps.
@@ -619,7 +606,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let mut run_tokens = 0u64;
     let eval_every = t.eval_every.unwrap_or(0);
     if start_step == 0 && eval_every > 0 {
-        if let Some(e) = trainer.evaluate(dp)? {
+        if let Some(e) = trainer.evaluate(dp, 0, total)? {
             if let Some(l) = logger.as_mut() {
                 let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                 l.log(0, &rows)?;
@@ -631,16 +618,13 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let check_every = recipe.dist.check_weights_every;
     let loop_start = Instant::now();
     for step in start_step..total {
-        let step_seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
-        tch::manual_seed(step_seed as i64);
         let lr = sched.lr_at(step);
         let mut acc = Accum::default();
         for a in 0..accum {
-            // Randomness (e.g. EAGLE-1 feature noise) depends on the micro-batch's index in
-            // the step's global batch, not on the rank: 2 ranks x grad_accum 1 draw what
-            // 1 rank x grad_accum 2 draws.
+            // Randomness (e.g. EAGLE-1 feature noise) comes from the step context's generator,
+            // keyed by the micro-batch's index in the step's global batch, not by the rank:
+            // 2 ranks x grad_accum 1 draw what 1 rank x grad_accum 2 draws.
             let global_mb = a * world as u64 + rank as u64;
-            tch::manual_seed(step_seed.wrapping_mul(8191).wrapping_add(global_mb) as i64);
             if state.batch_in_epoch >= plan.len() {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
@@ -652,7 +636,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
                 continue;
             }
             let (f, tokens) = trainer.features(&idx)?;
-            let out = trainer.drafter.loss(&f, true)?;
+            let live = match &trainer.source {
+                Source::Online { target, .. } => Some(target),
+                Source::Offline { .. } => None,
+            };
+            let ctx = StepContext::train(t.seed, step, total, global_mb).with_target(live);
+            let out = trainer.drafter.loss(&f, &ctx)?;
             (&out.loss / accum as f64).backward();
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
             acc.samples += idx.len() as f64;
@@ -698,7 +687,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
             window_start = Instant::now();
         }
         if eval_every > 0 && (state.step.is_multiple_of(eval_every) || state.step == total) {
-            if let Some(e) = trainer.evaluate(dp)? {
+            if let Some(e) = trainer.evaluate(dp, state.step, total)? {
                 if let Some(l) = logger.as_mut() {
                     let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                     l.log(state.step, &rows)?;
@@ -831,29 +820,4 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
         });
     }
     Ok(())
-}
-
-// ---- EAGLE-3 vocabulary mapping for offline runs -------------------------------------------
-
-/// The mapping an online run on the same data would build: the one cached for the shards'
-/// data key, or built from the (cached) tokenised data when the keys match.
-fn offline_vocab_mapping(recipe: &Recipe, cfg: &TargetConfig, ds: &HiddenDataset) -> Result<Option<forge_data::VocabMapping>> {
-    let Some(draft) = data::draft_vocab_size(recipe, cfg) else {
-        return Ok(None);
-    };
-    let key = &ds.settings().data_key;
-    let cached = forge_data::VocabMapping::cache_path(&recipe.data.cache_dir, key, cfg.vocab_size as usize, draft);
-    if let Ok(m) = forge_data::VocabMapping::load(&cached) {
-        if m.d2t.len() == draft && m.t2d.len() == cfg.vocab_size as usize {
-            return Ok(Some(m));
-        }
-    }
-    let td = data::load_token_data(recipe, false)?;
-    if &td.train.key != key {
-        return Err(TrainerError::Config(format!(
-            "the EAGLE-3 vocabulary mapping is built from data.train, which is not the data the hidden states in {} were computed from: point data.train at that data",
-            recipe.data.hidden_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-        )));
-    }
-    Ok(data::vocab_mapping(recipe, cfg, &td.train)?.map(|(m, _)| m))
 }

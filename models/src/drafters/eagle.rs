@@ -1,13 +1,38 @@
 //! Pieces shared by EAGLE-1 (`eagle1.rs`) and EAGLE-3 (`eagle3.rs`): the draft decoder
-//! layer's shape (defaults from the target, recipe overrides), compute-kind casts of fp32
-//! master weights (autocast-style), the Llama `config.json` an engine reads, and soft
-//! cross-entropy against the target distribution.
+//! layer's shape (defaults from the target, recipe overrides), what they take from the
+//! target (its frozen embedding and lm_head), the Llama `config.json` an engine reads, and
+//! soft cross-entropy against the target distribution. Methods: docs/methods/eagle1.md and
+//! docs/methods/eagle3.md.
 
+use super::{TargetAccess, TargetNeeds, EMBED, LM_HEAD};
 use crate::error::{ModelError, Result};
-use crate::layers::attention::build_mask;
-use crate::layers::{AttentionConfig, DecoderLayerConfig, LayerKv, RmsNorm, RopeScaling};
+use crate::layers::{AttentionConfig, DecoderLayerConfig, RopeScaling};
 use crate::target::TargetConfig;
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// EAGLE drafters read the target's embedding and lm_head (frozen, shared, never saved).
+pub(crate) fn target_needs() -> TargetNeeds {
+    TargetNeeds::Tensors(vec![LM_HEAD.into(), EMBED.into()])
+}
+
+/// A frozen target matrix `[rows, cols]` (`name` from `target`) on `device` in `compute`.
+pub(crate) fn frozen(
+    target: &TargetAccess,
+    name: &str,
+    shape: [i64; 2],
+    device: Device,
+    compute: Kind,
+    who: &str,
+) -> Result<Tensor> {
+    let w = target.require(name, who)?;
+    if w.size() != shape {
+        return Err(ModelError::Invalid(format!(
+            "{who}: the target's {name} is {:?}, expected {shape:?} (the draft's hidden size is the target's)",
+            w.size()
+        )));
+    }
+    Ok(w.detach().to_device(device).to_kind(Kind::Float).to_kind(compute))
+}
 
 /// Shape of the one draft decoder layer (Llama layout, no biases).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,7 +102,7 @@ impl DraftLayerSpec {
 
     /// The decoder-layer config with attention input width `in_dim`; no input_layernorm
     /// (EAGLE-1 has none; EAGLE-3 creates its own two norms).
-    pub fn layer_config(&self, in_dim: i64) -> DecoderLayerConfig {
+    pub fn layer_config(&self, in_dim: i64, compute: Kind) -> DecoderLayerConfig {
         DecoderLayerConfig {
             attn: AttentionConfig {
                 in_dim,
@@ -88,11 +113,13 @@ impl DraftLayerSpec {
                 qkv_bias: false,
                 o_bias: false,
                 qk_norm_eps: None,
+                repeat_kv: true,
             },
             intermediate: self.intermediate_size,
             mlp_bias: false,
             eps: self.rms_norm_eps,
             input_norm: false,
+            compute,
         }
     }
 
@@ -124,57 +151,6 @@ impl DraftLayerSpec {
         }
         c
     }
-}
-
-/// `x @ l.weight^T + bias` in `kind` (weights are fp32 masters).
-pub(crate) fn lin(l: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
-    if kind == Kind::Float && x.kind() == Kind::Float {
-        l.forward(x)
-    } else {
-        let b = l.bs.as_ref().map(|b| b.to_kind(kind));
-        x.to_kind(kind).linear(&l.ws.to_kind(kind), b.as_ref())
-    }
-}
-
-/// RMSNorm computed in fp32, returned in `kind`.
-pub(crate) fn rms(n: &RmsNorm, x: &Tensor, kind: Kind) -> Tensor {
-    let xf = x.to_kind(Kind::Float);
-    let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    ((xf * (var + n.eps).rsqrt()) * &n.weight).to_kind(kind)
-}
-
-/// `[B, kvh, T, d]` -> `[B, kvh * rep, T, d]` (HF `repeat_kv`).
-pub(crate) fn repeat_kv(x: &Tensor, rep: i64) -> Tensor {
-    if rep == 1 {
-        return x.shallow_clone();
-    }
-    let s = x.size();
-    x.unsqueeze(2)
-        .expand([s[0], s[1], rep, s[2], s[3]], false)
-        .reshape([s[0], s[1] * rep, s[2], s[3]])
-}
-
-/// Scaled-dot-product attention of `q` `[B, nh, T, d]` over keys/values `[B, kvh, T, d]`,
-/// returned as `[B, T, nh * d]`. Without a cache, `mask` (`[B, 1, T, T]`, true = attend)
-/// applies; with one, the new keys/values are appended to it and the queries attend causally
-/// over everything cached (decoding).
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, cache: Option<&mut LayerKv>, mask: Option<&Tensor>) -> Tensor {
-    let s = q.size();
-    let (b, nh, t, d) = (s[0], s[1], s[2], s[3]);
-    let rep = nh / k.size()[1];
-    let (k, v, mask) = match cache {
-        Some(c) => {
-            let past = c.len();
-            let (k, v) = c.append(k, v);
-            let m = (t > 1).then(|| build_mask(b, past, t, None, None, q.device()));
-            (k, v, m)
-        }
-        None => (k.shallow_clone(), v.shallow_clone(), mask.map(|m| m.shallow_clone())),
-    };
-    let (k, v) = (repeat_kv(&k, rep), repeat_kv(&v, rep));
-    Tensor::scaled_dot_product_attention(q, &k, &v, mask.as_ref(), 0.0, false, None, false)
-        .transpose(1, 2)
-        .reshape([b, t, nh * d])
 }
 
 /// Soft cross-entropy `-sum p log softmax(logits)` averaged over rows, and the rows where the

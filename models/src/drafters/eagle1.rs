@@ -1,4 +1,4 @@
-//! EAGLE-1 (Li et al. 2024; DESIGN.md §6): feature-level autoregression.
+//! EAGLE-1 (Li et al. 2024): feature-level autoregression. Method: docs/methods/eagle1.md.
 //!
 //! At position t the draft reads the target's feature f_t (its last hidden state after the
 //! final norm, what lm_head reads) and the embedding of token t+1:
@@ -14,16 +14,15 @@
 //! `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
 //! `layers.0.post_attention_layernorm.weight`. vLLM's `EagleLlamaForCausalLM` has no fc bias.
 
-use super::eagle::{attend, lin, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
-    Metric, TargetTensors,
+    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
+    StepContext, TargetAccess, EMBED, LM_HEAD,
 };
 use crate::error::{ModelError, Result};
-use crate::layers::attention::build_mask;
-use crate::layers::rotary::apply_rotary;
 use crate::generate::RowRng;
-use crate::layers::{linear, DecoderLayer, LayerKv, ParamInit, Rotary};
+use crate::layers::attention::build_mask;
+use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -43,36 +42,27 @@ pub struct Eagle1 {
     spec: DrafterSpec,
     e: Eagle1Spec,
     vs: nn::VarStore,
-    fc: nn::Linear,
+    fc: Linear,
     layer: DecoderLayer,
-    embed: Option<Tensor>,
-    lm_head: Option<Tensor>,
+    /// The target's embedding and lm_head `[V, h]`, frozen, in the compute kind.
+    embed: Tensor,
+    lm_head: Tensor,
     rotary: Rotary,
     compute: Kind,
 }
 
 impl Eagle1 {
-    pub fn new(e: Eagle1Spec, target: &TargetTensors, device: Device) -> Result<Self> {
+    pub fn new(e: Eagle1Spec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
         let l = &e.layer;
         l.validate()?;
         let (h, v) = (l.hidden_size, e.vocab_size);
-        let check = |t: &Option<Tensor>, what: &str| -> Result<Option<Tensor>> {
-            match t {
-                Some(w) if w.size() != [v, h] => Err(ModelError::Invalid(format!(
-                    "eagle1: the target {what} is {:?}, expected [{v}, {h}] (the draft's hidden size is the target's)",
-                    w.size()
-                ))),
-                Some(w) => Ok(Some(w.detach().to_device(device).to_kind(Kind::Float))),
-                None => Ok(None),
-            }
-        };
-        let embed = check(&target.embed, "embedding")?;
-        let lm_head = check(&target.lm_head, "lm_head")?;
+        let embed = frozen(target, EMBED, [v, h], device, compute, "eagle1")?;
+        let lm_head = frozen(target, LM_HEAD, [v, h], device, compute, "eagle1")?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let init = ParamInit::Default;
-        let fc = linear(&root / "fc", 2 * h, h, true, init);
-        let layer = DecoderLayer::new(&root / "layers" / 0, l.layer_config(h), init);
+        let fc = linear(&root / "fc", 2 * h, h, true, init, compute);
+        let layer = DecoderLayer::new(&root / "layers" / 0, l.layer_config(h, compute), init);
         let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
         Ok(Self {
             spec: DrafterSpec::Eagle1(e.clone()),
@@ -83,15 +73,8 @@ impl Eagle1 {
             embed,
             lm_head,
             rotary,
-            compute: Kind::Float,
+            compute,
         })
-    }
-
-    fn shared(&self) -> Result<(&Tensor, &Tensor)> {
-        match (&self.embed, &self.lm_head) {
-            (Some(e), Some(l)) => Ok((e, l)),
-            _ => Err(ModelError::Invalid("eagle1 needs the target's embedding and lm_head".into())),
-        }
     }
 
     /// The predicted next features `[B, T, h]` for input features `[B, T, h]`.
@@ -99,45 +82,25 @@ impl Eagle1 {
         let b = f.input_ids.size()[0];
         let t = f.input_ids.size()[1];
         let mask = build_mask(b, 0, t, Some(&f.attention_mask), None, features.device());
-        self.layer(features, &shift_left(&f.input_ids, 1), &f.position_ids, Some(&mask), None)
+        Ok(self.layer(features, &shift_left(&f.input_ids, 1), &f.position_ids, &AttnMask::Explicit(mask), Keys::Own))
     }
 
     /// The draft layer: at each position the input feature `[B, T, h]` and the embedding of
-    /// the token that follows it (`next_ids` `[B, T]`), RoPE at `positions`; attention masked
-    /// by `mask`, or over `cache` (appended to) when decoding.
-    fn layer(
-        &self,
-        features: &Tensor,
-        next_ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<&mut LayerKv>,
-    ) -> Result<Tensor> {
+    /// the token that follows it (`next_ids` `[B, T]`), RoPE at `positions`; attention over
+    /// `keys` under `mask`.
+    fn layer(&self, features: &Tensor, next_ids: &Tensor, positions: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
         let c = self.compute;
-        let l = &self.e.layer;
-        let (embed, _) = self.shared()?;
         let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
-        let h = l.hidden_size;
-        let emb = embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
-        let x = lin(&self.fc, &Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1), c);
-        let at = &self.layer.self_attn;
-        let (nh, kvh, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
+        let h = self.e.layer.hidden_size;
+        let emb = self.embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
+        let x = self.fc.forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1));
         let (cos, sin) = self.rotary.cos_sin(positions, c);
-        let q = apply_rotary(&lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2), &cos, &sin);
-        let k = apply_rotary(&lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2), &cos, &sin);
-        let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
-        let y = attend(&q, &k, &v, cache, mask);
-        let h1 = x + lin(&at.o_proj, &y, c);
-        let mlp = &self.layer.mlp;
-        let z = rms(&self.layer.post_attention_layernorm, &h1, c);
-        let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
-        Ok(h1 + z)
+        self.layer.forward(&x, &cos, &sin, mask, keys)
     }
 
     /// Logits `[N, V]` (fp32) of predicted features `[N, h]` through the target's lm_head.
-    fn readout(&self, features: &Tensor) -> Result<Tensor> {
-        let (_, head) = self.shared()?;
-        Ok(features.to_kind(self.compute).matmul(&head.tr()).to_kind(Kind::Float))
+    fn readout(&self, features: &Tensor) -> Tensor {
+        project(features, &self.lm_head, self.compute).to_kind(Kind::Float)
     }
 
     fn expected(&self, bias: bool) -> Vec<(String, Vec<i64>)> {
@@ -175,27 +138,14 @@ impl Drafter for Eagle1 {
         &mut self.vs
     }
 
-    fn needs(&self) -> FeatureNeeds {
-        FeatureNeeds {
-            last_hidden: true,
-            aux_layers: Vec::new(),
-        }
-    }
-
-    fn set_compute_kind(&mut self, kind: Kind) {
-        self.compute = kind;
-        self.embed = self.embed.as_ref().map(|t| t.to_kind(kind));
-        self.lm_head = self.lm_head.as_ref().map(|t| t.to_kind(kind));
-    }
-
-    fn loss(&self, f: &Features, train: bool) -> Result<LossOutput> {
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
         let c = self.compute;
         let feats = f.hidden_normed()?.to_kind(Kind::Float);
-        let (_, head) = self.shared()?;
+        let head = &self.lm_head;
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.e.layer.hidden_size;
-        let input = if train && self.e.feature_noise > 0.0 {
-            &feats + (feats.rand_like() * 2.0 - 1.0) * self.e.feature_noise
+        let input = if ctx.train && self.e.feature_noise > 0.0 {
+            &feats + (ctx.rng.uniform(&feats.size(), feats.device()) * 2.0 - 1.0) * self.e.feature_noise
         } else {
             feats.shallow_clone()
         };
@@ -305,7 +255,8 @@ impl Eagle1Session<'_> {
         let k = next.len() as i64;
         let ids = Tensor::from_slice(next).view([1, k]).to_device(device);
         let pos = Tensor::arange_start(start, start + k, (Kind::Int64, device)).view([1, k]);
-        self.m.layer(features, &ids, &pos, None, Some(&mut self.cache))
+        let mask = AttnMask::for_cache(1, self.cache.len(), k, device);
+        Ok(self.m.layer(features, &ids, &pos, &mask, Keys::Cache(&mut self.cache)))
     }
 }
 
@@ -326,7 +277,7 @@ impl DraftSession for Eagle1Session<'_> {
         let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?.shallow_clone();
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
-            let l = self.m.readout(&feature.view([1, -1]))?.view([-1]);
+            let l = self.m.readout(&feature.view([1, -1])).view([-1]);
             let token = pick(&l, temperature, rng)?;
             tokens.push(token);
             logits.push(l);

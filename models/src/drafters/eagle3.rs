@@ -1,4 +1,4 @@
-//! EAGLE-3 (Li et al. 2025) with training-time test (DESIGN.md §6).
+//! EAGLE-3 (Li et al. 2025) with training-time test. Method: docs/methods/eagle3.md.
 //!
 //! - `fc`: Linear(A * H_t -> h, no bias) over the concatenated auxiliary target layers.
 //! - `midlayer`: one decoder layer whose attention reads
@@ -22,16 +22,16 @@
 //! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
 //! `lm_head.weight`, `d2t`, `t2d`.
 
-use super::eagle::{attend, lin, repeat_kv, rms, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput,
-    Metric, TargetTensors,
+    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
+    PrepareData, StepContext, TargetAccess, EMBED, LM_HEAD,
 };
 use crate::error::{ModelError, Result};
-use crate::layers::attention::build_mask;
-use crate::layers::rotary::apply_rotary;
 use crate::generate::RowRng;
-use crate::layers::{linear, DecoderLayer, LayerKv, ParamInit, RmsNorm, Rotary};
+use crate::layers::attention::build_mask;
+pub use crate::layers::attention::{ttt_attention, ttt_mask};
+use crate::layers::{linear, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, RmsNorm, Rotary, TttKv};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -53,17 +53,17 @@ pub struct Eagle3 {
     spec: DrafterSpec,
     e: Eagle3Spec,
     vs: nn::VarStore,
-    fc: nn::Linear,
+    fc: Linear,
     hidden_norm: RmsNorm,
     input_layernorm: RmsNorm,
     midlayer: DecoderLayer,
     norm: RmsNorm,
-    lm_head: nn::Linear,
+    lm_head: Linear,
     d2t: Tensor,
     t2d: Tensor,
     /// The target's embedding `[V, h]` and lm_head `[V, H_t]`, frozen (compute kind).
-    embed: Option<Tensor>,
-    target_lm_head: Option<Tensor>,
+    embed: Tensor,
+    target_lm_head: Tensor,
     rotary: Rotary,
     compute: Kind,
 }
@@ -112,44 +112,8 @@ pub fn install_vocab_mapping(vs: &nn::VarStore, d2t: &[i64], t2d: &[bool], targe
     Ok(())
 }
 
-/// The explicit TTT attention mask of step `step` (0-based) for `t` positions: `[t, t*(step+1)]`,
-/// `true` = attend; key block 0 = step-0 keys (causal), block j = step j's keys (diagonal).
-pub fn ttt_mask(t: i64, step: i64, device: Device) -> Tensor {
-    let pos = Tensor::arange(t, (Kind::Int64, device));
-    let causal = pos.view([1, t]).le_tensor(&pos.view([t, 1]));
-    let eye = pos.view([1, t]).eq_tensor(&pos.view([t, 1]));
-    let mut blocks = vec![causal];
-    for _ in 0..step {
-        blocks.push(eye.shallow_clone());
-    }
-    Tensor::cat(&blocks, 1)
-}
-
-/// TTT attention: `q` `[B, h, T, d]`; `ks`/`vs` one `[B, h, T, d]` per step so far (step 0
-/// first); `mask0` `[B, 1, T, T]` (bool) over the step-0 keys. Query t of the current step sees
-/// the step-0 keys `mask0` allows plus key t of every later step (SpecForge's formulation: a
-/// full score block for step 0, one diagonal score per later step).
-pub fn ttt_attention(q: &Tensor, ks: &[Tensor], vs: &[Tensor], mask0: &Tensor) -> Tensor {
-    let d = q.size()[3];
-    let scale = 1.0 / (d as f64).sqrt();
-    let s0 = q.matmul(&ks[0].transpose(-1, -2)) * scale;
-    let s0 = s0.masked_fill(&mask0.logical_not(), f64::NEG_INFINITY);
-    let mut scores = vec![s0];
-    for k in &ks[1..] {
-        scores.push((q * k).sum_dim_intlist(-1, true, q.kind()) * scale);
-    }
-    let t = q.size()[2];
-    let sk = if q.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-    let w = Tensor::cat(&scores, -1).softmax(-1, sk).to_kind(q.kind());
-    let mut out = w.narrow(-1, 0, t).matmul(&vs[0]);
-    for (j, v) in vs.iter().enumerate().skip(1) {
-        out = w.narrow(-1, t + j as i64 - 1, 1) * v + out;
-    }
-    out
-}
-
 impl Eagle3 {
-    pub fn new(e: Eagle3Spec, target: &TargetTensors, device: Device) -> Result<Self> {
+    pub fn new(e: Eagle3Spec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
         let l = &e.layer;
         l.validate()?;
         if e.ttt_length < 1 || e.aux_layers.is_empty() || e.draft_vocab_size < 1 || e.draft_vocab_size > e.vocab_size {
@@ -165,29 +129,19 @@ impl Eagle3 {
             )));
         }
         let (h, v, vd) = (l.hidden_size, e.vocab_size, e.draft_vocab_size);
-        let check = |t: &Option<Tensor>, what: &str, width: i64| -> Result<Option<Tensor>> {
-            match t {
-                Some(w) if w.size() != [v, width] => Err(ModelError::Invalid(format!(
-                    "eagle3: the target {what} is {:?}, expected [{v}, {width}]",
-                    w.size()
-                ))),
-                Some(w) => Ok(Some(w.detach().to_device(device).to_kind(Kind::Float))),
-                None => Ok(None),
-            }
-        };
-        let embed = check(&target.embed, "embedding", h)?;
-        let target_lm_head = check(&target.lm_head, "lm_head", e.target_hidden_size)?;
+        let embed = frozen(target, EMBED, [v, h], device, compute, "eagle3")?;
+        let target_lm_head = frozen(target, LM_HEAD, [v, e.target_hidden_size], device, compute, "eagle3")?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let init = ParamInit::Default;
         let a = e.aux_layers.len() as i64 * e.target_hidden_size;
-        let fc = linear(&root / "fc", a, h, false, init);
+        let fc = linear(&root / "fc", a, h, false, init, compute);
         let mid = &root / "midlayer";
         let hidden_norm = RmsNorm::new(&mid / "hidden_norm", h, l.rms_norm_eps, init);
         let input_layernorm = RmsNorm::new(&mid / "input_layernorm", h, l.rms_norm_eps, init);
-        let midlayer = DecoderLayer::new(mid, l.layer_config(2 * h), init);
+        let midlayer = DecoderLayer::new(mid, l.layer_config(2 * h, compute), init);
         let norm = RmsNorm::new(&root / "norm", h, l.rms_norm_eps, init);
-        let lm_head = linear(&root / "lm_head", h, vd, false, init);
+        let lm_head = linear(&root / "lm_head", h, vd, false, init, compute);
         let d2t = root.add("d2t", Tensor::zeros([vd], (Kind::Int64, device)), false);
         let t2d = root.add("t2d", Tensor::arange(v, (Kind::Int64, device)).lt(vd), false);
         let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
@@ -206,7 +160,7 @@ impl Eagle3 {
             embed,
             target_lm_head,
             rotary,
-            compute: Kind::Float,
+            compute,
         })
     }
 
@@ -219,22 +173,13 @@ impl Eagle3 {
         Tensor::arange(self.e.draft_vocab_size, (Kind::Int64, self.d2t.device())) + &self.d2t
     }
 
-    fn embed(&self) -> Result<&Tensor> {
-        self.embed
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's embedding".into()))
-    }
-
     /// Target side, no gradients: for every position p, the target's distribution at p over
     /// the draft vocabulary `[B, T, Vd]` (fp32, zero rows where unused) and whether position p
     /// is trained `[B, T]`: token p+1 is a trained token and the target's arg-max at p is in
     /// the draft vocabulary.
     pub fn target_probs(&self, f: &Features) -> Result<(Tensor, Tensor)> {
         let hidden = f.hidden_normed()?;
-        let head = self
-            .target_lm_head
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's lm_head".into()))?;
+        let head = &self.target_lm_head;
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let device = hidden.device();
         let vd = self.e.draft_vocab_size;
@@ -264,69 +209,27 @@ impl Eagle3 {
         }))
     }
 
-    /// The midlayer on `emb` (token embeddings) and `hidden`, appending this step's keys and
-    /// values to `ks`/`vs`; returns the output hidden state `[B, T, h]` (before `norm`).
-    #[allow(clippy::too_many_arguments)]
-    fn midlayer_step(
-        &self,
-        emb: &Tensor,
-        hidden: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask0: &Tensor,
-        ks: &mut Vec<Tensor>,
-        vs: &mut Vec<Tensor>,
-    ) -> Tensor {
-        let l = &self.e.layer;
-        let (b, t) = (hidden.size()[0], hidden.size()[1]);
-        let (q, k, v) = self.midlayer_qkv(emb, hidden, cos, sin);
-        let rep = l.num_heads / l.num_kv_heads;
-        ks.push(repeat_kv(&k, rep));
-        vs.push(repeat_kv(&v, rep));
-        let y = ttt_attention(&q, ks, vs, mask0).transpose(1, 2).reshape([b, t, l.num_heads * l.head_dim]);
-        self.midlayer_out(hidden, &y)
-    }
-
-    /// Queries, keys and values `[B, heads, T, d]` (RoPE applied) of the midlayer's attention
-    /// input `cat(input_layernorm(emb), hidden_norm(hidden))`.
-    fn midlayer_qkv(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let c = self.compute;
-        let l = &self.e.layer;
-        let (b, t) = (hidden.size()[0], hidden.size()[1]);
-        let x = Tensor::cat(&[rms(&self.input_layernorm, emb, c), rms(&self.hidden_norm, hidden, c)], -1);
-        let at = &self.midlayer.self_attn;
-        let (nh, kvh, d) = (l.num_heads, l.num_kv_heads, l.head_dim);
-        let q = lin(&at.q_proj, &x, c).view([b, t, nh, d]).transpose(1, 2);
-        let k = lin(&at.k_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
-        let v = lin(&at.v_proj, &x, c).view([b, t, kvh, d]).transpose(1, 2);
-        (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
-    }
-
-    /// The rest of the midlayer after attention (`y` `[B, T, heads * d]`): o_proj with the
-    /// residual on `hidden`, then post_attention_layernorm + SwiGLU MLP with its residual.
-    fn midlayer_out(&self, hidden: &Tensor, y: &Tensor) -> Tensor {
-        let c = self.compute;
-        let at = &self.midlayer.self_attn;
-        let h1 = hidden.to_kind(c) + lin(&at.o_proj, y, c);
-        let mlp = &self.midlayer.mlp;
-        let z = rms(&self.midlayer.post_attention_layernorm, &h1, c);
-        let z = lin(&mlp.down_proj, &(lin(&mlp.gate_proj, &z, c).silu() * lin(&mlp.up_proj, &z, c)), c);
-        h1 + z
+    /// The midlayer on `emb` (token embeddings) and `hidden` at RoPE `cos`/`sin`: the shared
+    /// decoder layer with attention input `cat(input_layernorm(emb), hidden_norm(hidden))`
+    /// (2h wide) and residual `hidden`; returns the output hidden state `[B, T, h]` (before
+    /// `norm`).
+    fn midlayer(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
+        let x = Tensor::cat(&[self.input_layernorm.forward(emb), self.hidden_norm.forward(hidden)], -1);
+        self.midlayer.forward_split(hidden, &x, cos, sin, mask, keys)
     }
 
     /// One midlayer pass while decoding: attention over `cache` (appended to) at RoPE
     /// positions `start..start+T`; `next` are the tokens whose embeddings are read.
-    fn midlayer_cached(&self, hidden: &Tensor, next: &[i64], start: i64, cache: &mut LayerKv) -> Result<Tensor> {
+    fn midlayer_cached(&self, hidden: &Tensor, next: &[i64], start: i64, cache: &mut LayerKv) -> Tensor {
         let device = hidden.device();
         let h = self.e.layer.hidden_size;
         let k = next.len() as i64;
         let ids = Tensor::from_slice(next).to_device(device);
-        let emb = self.embed()?.index_select(0, &ids).view([1, k, h]);
+        let emb = self.embed.index_select(0, &ids).view([1, k, h]);
         let pos = Tensor::arange_start(start, start + k, (Kind::Int64, device)).view([1, k]);
         let (cos, sin) = self.rotary.cos_sin(&pos, self.compute);
-        let (q, kk, v) = self.midlayer_qkv(&emb, hidden, &cos, &sin);
-        let y = attend(&q, &kk, &v, Some(cache), None);
-        Ok(self.midlayer_out(hidden, &y))
+        let mask = AttnMask::for_cache(1, cache.len(), k, device);
+        self.midlayer(&emb, hidden, &cos, &sin, &mask, Keys::Cache(cache))
     }
 
     /// The training-time-test unroll: the output hidden state `[B, T, h]` (before `norm`) of
@@ -339,17 +242,17 @@ impl Eagle3 {
             .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's auxiliary hidden states".into()))?;
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.e.layer.hidden_size;
-        let embed = self.embed()?;
-        let mask0 = build_mask(b, 0, t, Some(&f.attention_mask), None, aux.device());
-        let mut hidden = lin(&self.fc, aux, c);
-        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let embed = &self.embed;
+        let mask0 = AttnMask::Explicit(build_mask(b, 0, t, Some(&f.attention_mask), None, aux.device()));
+        let mut hidden = self.fc.forward(aux);
+        let mut kv = TttKv::default();
         let mut out = Vec::new();
         for i in 0..self.e.ttt_length.min(t - 1) {
             // step i at position p reads token p+i+1 at RoPE position p+i
             let ids = shift_left(&f.input_ids, i + 1);
             let emb = embed.index_select(0, &ids.reshape([-1])).view([b, t, h]);
             let (cos, sin) = self.rotary.cos_sin(&(&f.position_ids + i), c);
-            hidden = self.midlayer_step(&emb, &hidden, &cos, &sin, &mask0, &mut ks, &mut vs);
+            hidden = self.midlayer(&emb, &hidden, &cos, &sin, &mask0, Keys::Ttt(&mut kv));
             out.push(hidden.shallow_clone());
         }
         Ok(out)
@@ -357,8 +260,7 @@ impl Eagle3 {
 
     /// Draft logits `[N, Vd]` (fp32) of hidden states `[N, h]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let c = self.compute;
-        lin(&self.lm_head, &rms(&self.norm, hidden, c), c).to_kind(Kind::Float)
+        self.lm_head.forward(&self.norm.forward(hidden)).to_kind(Kind::Float)
     }
 }
 
@@ -375,20 +277,14 @@ impl Drafter for Eagle3 {
         &mut self.vs
     }
 
-    fn needs(&self) -> FeatureNeeds {
-        FeatureNeeds {
-            last_hidden: true,
-            aux_layers: self.e.aux_layers.clone(),
-        }
+    /// The draft vocabulary from the training data, and `lm_head` initialised from the
+    /// target's lm_head rows at it.
+    fn prepare(&mut self, data: &mut dyn PrepareData, target: &TargetAccess) -> Result<()> {
+        let (d2t, t2d) = data.vocab_mapping(self.e.draft_vocab_size as usize)?;
+        install_vocab_mapping(&self.vs, &d2t, &t2d, target.tensor(LM_HEAD).as_ref())
     }
 
-    fn set_compute_kind(&mut self, kind: Kind) {
-        self.compute = kind;
-        self.embed = self.embed.as_ref().map(|t| t.to_kind(kind));
-        self.target_lm_head = self.target_lm_head.as_ref().map(|t| t.to_kind(kind));
-    }
-
-    fn loss(&self, f: &Features, _train: bool) -> Result<LossOutput> {
+    fn loss(&self, f: &Features, _ctx: &StepContext) -> Result<LossOutput> {
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.e.layer.hidden_size;
         let (probs, keep) = self.target_probs(f)?;
@@ -510,10 +406,6 @@ struct Eagle3Session<'a> {
 }
 
 impl DraftSession for Eagle3Session<'_> {
-    fn aux_layers(&self) -> Vec<i64> {
-        self.m.e.aux_layers.clone()
-    }
-
     fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
         if start != self.committed {
             return Err(ModelError::Invalid(format!("eagle3: commit at {start}, {} positions committed", self.committed)));
@@ -523,8 +415,8 @@ impl DraftSession for Eagle3Session<'_> {
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("eagle3 needs the target's auxiliary hidden states".into()))?;
         self.cache.truncate(start);
-        let hidden = lin(&self.m.fc, &aux.unsqueeze(0), self.m.compute);
-        let out = self.m.midlayer_cached(&hidden, next, start, &mut self.cache)?;
+        let hidden = self.m.fc.forward(&aux.unsqueeze(0));
+        let out = self.m.midlayer_cached(&hidden, next, start, &mut self.cache);
         let k = next.len() as i64;
         self.committed = start + k;
         self.last = Some(out.narrow(1, k - 1, 1));
@@ -542,7 +434,7 @@ impl DraftSession for Eagle3Session<'_> {
             tokens.push(token);
             logits.push(full);
             if i + 1 < gamma {
-                hidden = self.m.midlayer_cached(&hidden, &[token], self.committed + i as i64, &mut self.cache)?;
+                hidden = self.m.midlayer_cached(&hidden, &[token], self.committed + i as i64, &mut self.cache);
             }
         }
         self.cache.truncate(self.committed);

@@ -1,4 +1,4 @@
-//! Medusa (Cai et al. 2024; SEEDS.md §5): K heads on the target's last normed hidden state.
+//! Medusa (Cai et al. 2024; method: docs/methods/medusa.md): K heads on the target's last normed hidden state.
 //! Head k (1-based) = ResBlock^L (x + SiLU(Linear(x)), weight zero-initialised, with bias) ->
 //! Linear(H, V, bias=False) initialised from the target's lm_head (or the target's lm_head
 //! itself, frozen and shared, with `original_lm_head`). Head k at position t predicts token
@@ -8,13 +8,14 @@
 //! `[H, H]|[H]`, `lm_heads.{k}.weight` `[V, H]` (0-based k).
 
 use super::{
-    ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, FeatureNeeds,
-    Features, LossOutput, Metric, TargetTensors,
+    ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput,
+    Metric, StepContext, TargetAccess, TargetNeeds, LM_HEAD,
 };
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
+use crate::layers::{project, Linear};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Medusa's hyper-parameters plus the target dimensions it is built for.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -28,19 +29,31 @@ pub struct MedusaSpec {
     pub vocab_size: i64,
 }
 
+impl MedusaSpec {
+    /// A fresh drafter initialises its heads from the target's lm_head; a loaded one needs it
+    /// only when it shares it (`original_lm_head`).
+    pub fn target_needs(&self, fresh: bool) -> TargetNeeds {
+        if fresh || self.original_lm_head {
+            TargetNeeds::Tensors(vec![LM_HEAD.into()])
+        } else {
+            TargetNeeds::Nothing
+        }
+    }
+}
+
 pub struct Medusa {
     spec: DrafterSpec,
     m: MedusaSpec,
     vs: nn::VarStore,
-    blocks: Vec<Vec<nn::Linear>>,
-    /// Own heads, or empty when the target's lm_head is shared.
-    lm_heads: Vec<nn::Linear>,
+    blocks: Vec<Vec<Linear>>,
+    /// Own heads' weights, or empty when the target's lm_head is shared.
+    lm_heads: Vec<Tensor>,
     shared_lm_head: Option<Tensor>,
     compute: Kind,
 }
 
 impl Medusa {
-    pub fn new(m: MedusaSpec, target: &TargetTensors, device: Device) -> Result<Self> {
+    pub fn new(m: MedusaSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
         if m.num_heads < 1 || m.num_layers < 0 {
             return Err(ModelError::Invalid(format!(
                 "medusa: num_heads must be >= 1 and num_layers >= 0, got {} and {}",
@@ -58,12 +71,14 @@ impl Medusa {
                             ws_init: nn::Init::Const(0.),
                             ..Default::default()
                         };
-                        nn::linear(&root / "blocks" / k / "layers" / j, h, h, cfg)
+                        let l = nn::linear(&root / "blocks" / k / "layers" / j, h, h, cfg);
+                        Linear::from_weights(l.ws, l.bs, compute)
                     })
                     .collect()
             })
             .collect();
-        let head_init = target.lm_head.as_ref();
+        let head_init = target.tensor(LM_HEAD);
+        let head_init = head_init.as_ref();
         if let Some(w) = head_init {
             if w.size() != [v, h] {
                 return Err(ModelError::Invalid(format!(
@@ -81,13 +96,12 @@ impl Medusa {
             let heads = (0..m.num_heads)
                 .map(|k| {
                     let p = &root / "lm_heads" / k;
-                    let ws = match head_init {
+                    match head_init {
                         // copy(): each head owns its storage (to_device/to_kind return the
                         // target's own tensor when it is already fp32 on `device`)
                         Some(w) => p.add("weight", w.detach().to_device(device).to_kind(Kind::Float).copy(), true),
                         None => p.zeros("weight", &[v, h]),
-                    };
-                    nn::Linear { ws, bs: None }
+                    }
                 })
                 .collect();
             (heads, None)
@@ -99,31 +113,16 @@ impl Medusa {
             blocks,
             lm_heads,
             shared_lm_head,
-            compute: Kind::Float,
+            compute,
         })
     }
 
     fn head_logits(&self, k: usize, x: &Tensor) -> Tensor {
-        let c = self.compute;
-        let mut x = x.to_kind(c);
+        let mut x = x.to_kind(self.compute);
         for l in &self.blocks[k] {
-            let y = if c == Kind::Float {
-                l.forward(&x)
-            } else {
-                let b = l.bs.as_ref().map(|b| b.to_kind(c));
-                x.linear(&l.ws.to_kind(c), b.as_ref())
-            };
-            x = &x + y.silu();
+            x = &x + l.forward(&x).silu();
         }
-        let w = match &self.shared_lm_head {
-            Some(w) => w.shallow_clone(),
-            None => self.lm_heads[k].ws.shallow_clone(),
-        };
-        if c == Kind::Float {
-            x.matmul(&w.tr())
-        } else {
-            x.matmul(&w.to_kind(c).tr())
-        }
+        project(&x, &self.lm_head_weight(k), self.compute)
     }
 
     /// Logits of every head at the given positions: `[K, N, V]` for hidden `[N, H]`.
@@ -169,7 +168,7 @@ impl Medusa {
     fn lm_head_weight(&self, k: usize) -> Tensor {
         match &self.shared_lm_head {
             Some(w) => w.shallow_clone(),
-            None => self.lm_heads[k].ws.shallow_clone(),
+            None => self.lm_heads[k].shallow_clone(),
         }
     }
 }
@@ -187,18 +186,7 @@ impl Drafter for Medusa {
         &mut self.vs
     }
 
-    fn needs(&self) -> FeatureNeeds {
-        FeatureNeeds {
-            last_hidden: true,
-            aux_layers: Vec::new(),
-        }
-    }
-
-    fn set_compute_kind(&mut self, kind: Kind) {
-        self.compute = kind;
-    }
-
-    fn loss(&self, f: &Features, _train: bool) -> Result<LossOutput> {
+    fn loss(&self, f: &Features, _ctx: &StepContext) -> Result<LossOutput> {
         let hidden = f.hidden_normed()?.to_kind(Kind::Float);
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.m.hidden_size;

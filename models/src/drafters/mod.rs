@@ -2,27 +2,96 @@
 //!
 //! Every drafter owns its VarStore (only its weights are trained, checkpointed and exported),
 //! reads a batch of target features, returns its loss with named parts and metrics, and says
-//! how it is exported for each inference engine.
+//! how it is exported for each inference engine. Its spec ([`DrafterSpec`]) is the single
+//! source of what it needs: the target features it reads ([`FeatureNeeds`], online and
+//! offline alike), what of the target it is built from ([`TargetNeeds`]), and its
+//! data-dependent initialisation ([`Drafter::prepare`]). The methods are described in
+//! `docs/methods/`.
 
+pub mod context;
 pub mod eagle;
 pub mod eagle1;
 pub mod eagle3;
 pub mod medusa;
 pub mod registry;
 
+pub use context::{StepContext, StepRng};
 pub use registry::DrafterSpec;
 
 use crate::error::{ModelError, Result};
 use crate::speculative::DraftSession;
+use crate::target::TargetModel;
+use std::collections::BTreeMap;
 use tch::{nn, Kind, Tensor};
 
-/// What a drafter reads from the frozen target.
+/// What a drafter reads from the frozen target's forward, per batch. Online training computes
+/// exactly this; offline shards must hold it (`forge prepare-hidden` writes it); decoding
+/// captures it at verified positions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FeatureNeeds {
     /// The last hidden state after the final norm (`[B, T, H]`).
     pub last_hidden: bool,
     /// Outputs of these target layers, concatenated (`[B, T, A*H]`).
     pub aux_layers: Vec<i64>,
+    /// The target's top-k next-token log-probabilities and ids at every position (0 = none).
+    pub target_topk: usize,
+}
+
+/// The target's HF name of its output projection; [`TargetAccess`] resolves it to the
+/// embedding when the target ties them.
+pub const LM_HEAD: &str = "lm_head.weight";
+/// The target's HF name of its input embedding.
+pub const EMBED: &str = "model.embed_tokens.weight";
+
+/// What a drafter is built from, besides its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetNeeds {
+    /// Nothing of the target.
+    Nothing,
+    /// Frozen target tensors by their HF names ([`LM_HEAD`], [`EMBED`], or a layer's weights
+    /// such as `model.layers.5.self_attn.q_proj.weight`), read from the target's files
+    /// without loading the model.
+    Tensors(Vec<String>),
+    /// The live target model (a drafter that runs inside the target's layers); it is passed
+    /// to every loss in [`StepContext::target`].
+    Model,
+}
+
+/// The target as given to [`DrafterSpec::build`] and [`Drafter::prepare`], per [`TargetNeeds`].
+pub enum TargetAccess<'a> {
+    Nothing,
+    /// Named frozen tensors (as read, in the target's stored kind and device).
+    Tensors(BTreeMap<String, Tensor>),
+    Model(&'a TargetModel),
+}
+
+impl TargetAccess<'_> {
+    /// A target tensor by HF name ([`LM_HEAD`] is the embedding for tied targets), if given.
+    pub fn tensor(&self, name: &str) -> Option<Tensor> {
+        match self {
+            TargetAccess::Nothing => None,
+            TargetAccess::Tensors(m) => m.get(name).map(|t| t.shallow_clone()),
+            TargetAccess::Model(t) => match name {
+                LM_HEAD => Some(t.lm_head_weight().shallow_clone()),
+                EMBED => Some(t.embed_weight().shallow_clone()),
+                _ => t.vs.variables().get(name).map(|t| t.shallow_clone()),
+            },
+        }
+    }
+
+    /// A target tensor the drafter cannot do without: a clear error when it was not given.
+    pub fn require(&self, name: &str, who: &str) -> Result<Tensor> {
+        self.tensor(name)
+            .ok_or_else(|| ModelError::Invalid(format!("{who} needs the target's {name}, which was not provided")))
+    }
+}
+
+/// Data-dependent initialisation services the trainer offers [`Drafter::prepare`].
+pub trait PrepareData {
+    /// A draft vocabulary of `size` tokens: the most frequent target tokens among the trained
+    /// tokens (loss mask 1) of the training data, ascending by id, as (`d2t`, `t2d`): target
+    /// id = i + d2t[i], t2d[target id] = in the draft vocabulary.
+    fn vocab_mapping(&mut self, size: usize) -> Result<(Vec<i64>, Vec<bool>)>;
 }
 
 /// A batch of target features (all on the drafter's device).
@@ -38,6 +107,9 @@ pub struct Features {
     pub loss_mask: Tensor,
     pub hidden_normed: Option<Tensor>,
     pub aux_hidden: Option<Tensor>,
+    /// The target's top-k log-probabilities `[B, T, k]` (fp32) and ids `[B, T, k]` (int64)
+    /// when the drafter asks for them (`FeatureNeeds::target_topk`).
+    pub target_topk: Option<(Tensor, Tensor)>,
 }
 
 impl Features {
@@ -118,15 +190,6 @@ pub struct ExportBundle {
     pub json_files: Vec<(String, serde_json::Value)>,
 }
 
-/// The frozen target tensors drafters read or initialise from.
-#[derive(Debug)]
-pub struct TargetTensors {
-    /// `[V, H]` (the embedding when the target ties them).
-    pub lm_head: Option<Tensor>,
-    /// `[V, H]` input embedding.
-    pub embed: Option<Tensor>,
-}
-
 /// An optimizer parameter group a drafter declares: the trainable variables whose names start
 /// with `prefix` (the longest matching prefix wins; `""` matches every name) get the recipe's
 /// learning rate times `lr_scale`, and the recipe's weight decay when `weight_decay` is true
@@ -162,11 +225,15 @@ pub trait Drafter {
     fn spec(&self) -> &DrafterSpec;
     fn var_store(&self) -> &nn::VarStore;
     fn var_store_mut(&mut self) -> &mut nn::VarStore;
-    fn needs(&self) -> FeatureNeeds;
-    /// Compute precision (weights stay fp32 masters; they are cast where used, autocast-style).
-    fn set_compute_kind(&mut self, kind: Kind);
-    /// Loss on a batch (`train` enables training-only behaviour such as noise).
-    fn loss(&self, f: &Features, train: bool) -> Result<LossOutput>;
+    /// Data-dependent initialisation of a fresh drafter, before training (not on resume,
+    /// where the checkpoint holds the result): e.g. EAGLE-3's draft vocabulary. `target` is
+    /// what [`DrafterSpec::target_needs`] asked for.
+    fn prepare(&mut self, _data: &mut dyn PrepareData, _target: &TargetAccess) -> Result<()> {
+        Ok(())
+    }
+    /// Loss on a batch; `ctx` says which step it is and carries the step's random generator
+    /// (training-only behaviour such as noise runs when `ctx.train`).
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput>;
     /// Formats this drafter can be exported to (besides `forge`).
     fn export_formats(&self) -> &'static [ExportFormat];
     /// Tensors and configs for an engine format, named as the engine expects.

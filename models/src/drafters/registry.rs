@@ -1,13 +1,14 @@
 //! The one enum of drafter kinds: a spec (hyper-parameters + the target dimensions it was
-//! built for) that builds its drafter. Specs are stored in checkpoints and forge exports, so a
-//! drafter is rebuilt from them name for name. A new drafter adds one arm here.
+//! built for) that builds its drafter and says what it needs. Specs are stored in checkpoints
+//! and forge exports, so a drafter is rebuilt from them name for name. A new drafter adds one
+//! arm to each match here.
 
 use super::eagle1::{Eagle1, Eagle1Spec};
 use super::eagle3::{Eagle3, Eagle3Spec};
 use super::medusa::{Medusa, MedusaSpec};
-use super::{Drafter, TargetTensors};
+use super::{Drafter, FeatureNeeds, TargetAccess, TargetNeeds};
 use crate::error::Result;
-use tch::Device;
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -26,22 +27,37 @@ impl DrafterSpec {
         }
     }
 
-    /// Builds the drafter; `target` supplies the frozen tensors it initialises from or shares
-    /// (`None` fields are fine when weights are loaded right after, unless shared).
-    pub fn build(&self, target: &TargetTensors, device: Device) -> Result<Box<dyn Drafter>> {
+    /// Builds the drafter on `device` computing in `compute` (its weights are fp32 masters,
+    /// cast where used). `target` holds what [`DrafterSpec::target_needs`] asked for.
+    pub fn build(&self, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
         Ok(match self {
-            DrafterSpec::Medusa(m) => Box::new(Medusa::new(m.clone(), target, device)?),
-            DrafterSpec::Eagle1(e) => Box::new(Eagle1::new(e.clone(), target, device)?),
-            DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device)?),
+            DrafterSpec::Medusa(m) => Box::new(Medusa::new(m.clone(), target, device, compute)?),
+            DrafterSpec::Eagle1(e) => Box::new(Eagle1::new(e.clone(), target, device, compute)?),
+            DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device, compute)?),
         })
     }
 
-    /// Whether building needs the target's lm_head / embedding even when weights are loaded.
-    pub fn shares_target_tensors(&self) -> (bool, bool) {
+    /// What of the target building needs: `fresh` for a new drafter (initialised from the
+    /// target), otherwise for one whose weights are loaded right after (only what it shares).
+    pub fn target_needs(&self, fresh: bool) -> TargetNeeds {
         match self {
-            DrafterSpec::Medusa(m) => (m.original_lm_head, false),
-            // the frozen embedding and the target lm_head (target probabilities) are shared
-            DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) => (true, true),
+            DrafterSpec::Medusa(m) => m.target_needs(fresh),
+            DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) => super::eagle::target_needs(),
+        }
+    }
+
+    /// The target features the drafter reads (training, online and offline, and decoding).
+    pub fn feature_needs(&self) -> FeatureNeeds {
+        match self {
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) => FeatureNeeds {
+                last_hidden: true,
+                ..FeatureNeeds::default()
+            },
+            DrafterSpec::Eagle3(e) => FeatureNeeds {
+                last_hidden: true,
+                aux_layers: e.aux_layers.clone(),
+                target_topk: 0,
+            },
         }
     }
 }

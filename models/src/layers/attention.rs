@@ -1,6 +1,6 @@
 use super::rotary::apply_rotary;
-use super::{linear, ParamInit, RmsNorm};
-use tch::{nn, nn::Module, Kind, Tensor};
+use super::{linear, Linear, ParamInit, RmsNorm};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Shape of a multi-head attention block (GQA when `num_kv_heads < num_heads`).
 #[derive(Debug, Clone)]
@@ -18,6 +18,11 @@ pub struct AttentionConfig {
     pub o_bias: bool,
     /// Per-head RMSNorm on q and k before RoPE (Qwen3), with this epsilon.
     pub qk_norm_eps: Option<f64>,
+    /// Repeat the KV heads up to the query heads before attention (HF `repeat_kv`) instead of
+    /// grouped-query SDPA. On CPU this selects libtorch's fused kernel (its GQA path falls
+    /// back to the unfused one); drafters use it, targets use native GQA. The two agree to
+    /// rounding, not bit for bit, so each keeps the numbers it was measured with.
+    pub repeat_kv: bool,
 }
 
 /// Which keys each query may attend to.
@@ -83,24 +88,42 @@ impl LayerKv {
     }
 }
 
+/// Which keys and values a query attends to, besides the mask.
+pub enum Keys<'a> {
+    /// Only the keys of this call's own tokens.
+    Own,
+    /// This call's keys and values are appended to the cache; queries attend over all of it.
+    Cache(&'a mut LayerKv),
+    /// Training-time test (EAGLE-3): this step's keys and values are pushed onto the per-step
+    /// lists; see [`ttt_attention`] for the pattern.
+    Ttt(&'a mut TttKv),
+}
+
+/// The per-step keys and values of a training-time-test unroll (KV heads already expanded).
+#[derive(Debug, Default)]
+pub struct TttKv {
+    pub ks: Vec<Tensor>,
+    pub vs: Vec<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct Attention {
     pub cfg: AttentionConfig,
-    pub q_proj: nn::Linear,
-    pub k_proj: nn::Linear,
-    pub v_proj: nn::Linear,
-    pub o_proj: nn::Linear,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
 }
 
 impl Attention {
-    pub fn new(p: nn::Path, cfg: AttentionConfig, init: ParamInit) -> Self {
+    pub fn new(p: nn::Path, cfg: AttentionConfig, init: ParamInit, compute: Kind) -> Self {
         let (h, kv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let q_proj = linear(&p / "q_proj", cfg.in_dim, h * d, cfg.qkv_bias, init);
-        let k_proj = linear(&p / "k_proj", cfg.in_dim, kv * d, cfg.qkv_bias, init);
-        let v_proj = linear(&p / "v_proj", cfg.in_dim, kv * d, cfg.qkv_bias, init);
-        let o_proj = linear(&p / "o_proj", h * d, cfg.out_dim, cfg.o_bias, init);
+        let q_proj = linear(&p / "q_proj", cfg.in_dim, h * d, cfg.qkv_bias, init, compute);
+        let k_proj = linear(&p / "k_proj", cfg.in_dim, kv * d, cfg.qkv_bias, init, compute);
+        let v_proj = linear(&p / "v_proj", cfg.in_dim, kv * d, cfg.qkv_bias, init, compute);
+        let o_proj = linear(&p / "o_proj", h * d, cfg.out_dim, cfg.o_bias, init, compute);
         let (q_norm, k_norm) = match cfg.qk_norm_eps {
             Some(eps) => (
                 Some(RmsNorm::new(&p / "q_norm", d, eps, init)),
@@ -141,41 +164,133 @@ impl Attention {
         (q, k, v)
     }
 
-    /// Attention over (optionally cached) keys; `q` `[B,h,T,d]`, `k`/`v` `[B,kvh,S,d]`.
+    /// Scaled-dot-product attention of `q` `[B,h,T,d]` over keys/values `[B,kvh,S,d]`
+    /// (grouped-query heads as the config says), then o_proj: `[B, T, out_dim]`.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Tensor {
-        let (b, t) = (q.size()[0], q.size()[2]);
-        let gqa = self.cfg.num_heads != self.cfg.num_kv_heads;
+        let (k, v) = (self.expand_kv(k), self.expand_kv(v));
+        let gqa = self.cfg.num_heads != k.size()[1];
         let y = match mask {
             AttnMask::Full => {
-                Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, gqa)
+                Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, false, None, gqa)
             }
             AttnMask::Causal => {
-                Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa)
+                Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, true, None, gqa)
             }
             AttnMask::Explicit(m) => {
-                Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, None, gqa)
+                Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, None, gqa)
             }
         };
-        let y = y
-            .transpose(1, 2)
-            .reshape([b, t, self.cfg.num_heads * self.cfg.head_dim]);
+        self.output(&y)
+    }
+
+    /// `[B, h, T, d]` attention values -> o_proj `[B, T, out_dim]`.
+    fn output(&self, y: &Tensor) -> Tensor {
+        let (b, t) = (y.size()[0], y.size()[2]);
+        let y = y.transpose(1, 2).reshape([b, t, self.cfg.num_heads * self.cfg.head_dim]);
         self.o_proj.forward(&y)
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttnMask,
-        cache: Option<&mut LayerKv>,
-    ) -> Tensor {
+    /// KV heads repeated up to the query heads when the config asks for it (`repeat_kv`).
+    fn expand_kv(&self, x: &Tensor) -> Tensor {
+        if self.cfg.repeat_kv {
+            repeat_kv(x, self.cfg.num_heads / self.cfg.num_kv_heads)
+        } else {
+            x.shallow_clone()
+        }
+    }
+
+    /// The whole block: projections, RoPE, attention over `keys` under `mask`, o_proj.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
         let (q, k, v) = self.qkv(x, cos, sin);
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v),
-            None => (k, v),
-        };
-        self.attend(&q, &k, &v, mask)
+        match keys {
+            Keys::Own => self.attend(&q, &k, &v, mask),
+            Keys::Cache(c) => {
+                let (k, v) = c.append(&k, &v);
+                self.attend(&q, &k, &v, mask)
+            }
+            Keys::Ttt(kv) => {
+                let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
+                kv.ks.push(repeat_kv(&k, rep));
+                kv.vs.push(repeat_kv(&v, rep));
+                let mask0 = match mask {
+                    AttnMask::Explicit(m) => m.shallow_clone(),
+                    // full or causal over the step-0 keys
+                    other => {
+                        let t = q.size()[2];
+                        let causal = matches!(other, AttnMask::Causal);
+                        let pos = Tensor::arange(t, (Kind::Int64, q.device()));
+                        let m = if causal {
+                            pos.view([1, t]).le_tensor(&pos.view([t, 1]))
+                        } else {
+                            Tensor::ones([t, t], (Kind::Bool, q.device()))
+                        };
+                        m.view([1, 1, t, t])
+                    }
+                };
+                self.output(&ttt_attention(&q, &kv.ks, &kv.vs, &mask0))
+            }
+        }
+    }
+}
+
+/// `[B, kvh, T, d]` -> `[B, kvh * rep, T, d]` (HF `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, rep: i64) -> Tensor {
+    if rep == 1 {
+        return x.shallow_clone();
+    }
+    let s = x.size();
+    x.unsqueeze(2)
+        .expand([s[0], s[1], rep, s[2], s[3]], false)
+        .reshape([s[0], s[1] * rep, s[2], s[3]])
+}
+
+/// The explicit TTT attention mask of step `step` (0-based) for `t` positions: `[t, t*(step+1)]`,
+/// `true` = attend; key block 0 = step-0 keys (causal), block j = step j's keys (diagonal).
+pub fn ttt_mask(t: i64, step: i64, device: Device) -> Tensor {
+    let pos = Tensor::arange(t, (Kind::Int64, device));
+    let causal = pos.view([1, t]).le_tensor(&pos.view([t, 1]));
+    let eye = pos.view([1, t]).eq_tensor(&pos.view([t, 1]));
+    let mut blocks = vec![causal];
+    for _ in 0..step {
+        blocks.push(eye.shallow_clone());
+    }
+    Tensor::cat(&blocks, 1)
+}
+
+/// Training-time-test attention (EAGLE-3): `q` `[B, h, T, d]`; `ks`/`vs` one `[B, h, T, d]`
+/// per step so far (step 0 first); `mask0` `[B, 1, T, T]` (bool) over the step-0 keys. Query
+/// t of the current step sees the step-0 keys `mask0` allows plus key t of every later step:
+/// the pattern of [`ttt_mask`], computed as a full score block for step 0 and one diagonal
+/// score per later step instead of a `[T, T * steps]` mask. Returns `[B, h, T, d]`.
+pub fn ttt_attention(q: &Tensor, ks: &[Tensor], vs: &[Tensor], mask0: &Tensor) -> Tensor {
+    let d = q.size()[3];
+    let scale = 1.0 / (d as f64).sqrt();
+    let s0 = q.matmul(&ks[0].transpose(-1, -2)) * scale;
+    let s0 = s0.masked_fill(&mask0.logical_not(), f64::NEG_INFINITY);
+    let mut scores = vec![s0];
+    for k in &ks[1..] {
+        scores.push((q * k).sum_dim_intlist(-1, true, q.kind()) * scale);
+    }
+    let t = q.size()[2];
+    let sk = if q.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let w = Tensor::cat(&scores, -1).softmax(-1, sk).to_kind(q.kind());
+    let mut out = w.narrow(-1, 0, t).matmul(&vs[0]);
+    for (j, v) in vs.iter().enumerate().skip(1) {
+        out = w.narrow(-1, t + j as i64 - 1, 1) * v + out;
+    }
+    out
+}
+
+impl AttnMask {
+    /// The mask for `t` new tokens after `past` cached ones, without padding: every key for
+    /// one token, causal from an empty cache, an explicit causal mask over cache + new keys
+    /// otherwise.
+    pub fn for_cache(batch: i64, past: i64, t: i64, device: Device) -> AttnMask {
+        match (past, t) {
+            (_, 1) => AttnMask::Full,
+            (0, _) => AttnMask::Causal,
+            _ => AttnMask::Explicit(build_mask(batch, past, t, None, None, device)),
+        }
     }
 }
 

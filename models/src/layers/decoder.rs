@@ -1,8 +1,14 @@
-use super::{Attention, AttentionConfig, AttnMask, LayerKv, Mlp, ParamInit, RmsNorm};
-use tch::{nn, Tensor};
+use super::{Attention, AttentionConfig, AttnMask, Keys, Mlp, ParamInit, RmsNorm};
+use tch::{nn, Kind, Tensor};
 
-/// A pre-norm Llama decoder layer: x + attn(norm(x)), then + mlp(norm(.)).
-/// `input_layernorm` is optional because EAGLE-1's layer 0 has none.
+/// A pre-norm Llama decoder layer: h = residual + attn(attention input), then
+/// h + mlp(post_attention_layernorm(h)). The one decoder block of forge: the target's layers,
+/// EAGLE-1's draft layer and EAGLE-3's midlayer are all this struct.
+///
+/// In the plain form ([`DecoderLayer::forward`]) the residual is the input `x` and the
+/// attention input is `input_layernorm(x)` (or `x` itself without an input norm: EAGLE-1's
+/// layer 0). [`DecoderLayer::forward_split`] takes the two separately: EAGLE-3's midlayer
+/// attends over `cat(input_layernorm(embed), hidden_norm(h))`, 2h wide, with `h` as residual.
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: Option<RmsNorm>,
@@ -17,6 +23,8 @@ pub struct DecoderLayerConfig {
     pub mlp_bias: bool,
     pub eps: f64,
     pub input_norm: bool,
+    /// The kind every projection computes in (see `layers::Linear`).
+    pub compute: Kind,
 }
 
 impl DecoderLayer {
@@ -25,10 +33,10 @@ impl DecoderLayer {
         let input_layernorm = cfg
             .input_norm
             .then(|| RmsNorm::new(&p / "input_layernorm", cfg.attn.in_dim, cfg.eps, init));
-        let self_attn = Attention::new(&p / "self_attn", cfg.attn, init);
+        let self_attn = Attention::new(&p / "self_attn", cfg.attn, init, cfg.compute);
         let post_attention_layernorm =
             RmsNorm::new(&p / "post_attention_layernorm", hidden, cfg.eps, init);
-        let mlp = Mlp::new(&p / "mlp", hidden, cfg.intermediate, cfg.mlp_bias, init);
+        let mlp = Mlp::new(&p / "mlp", hidden, cfg.intermediate, cfg.mlp_bias, init, cfg.compute);
         Self {
             input_layernorm,
             self_attn,
@@ -37,19 +45,26 @@ impl DecoderLayer {
         }
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttnMask,
-        cache: Option<&mut LayerKv>,
-    ) -> Tensor {
+    /// `x` `[B, T, H]` through the layer; RoPE `cos`/`sin` for its positions.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
         let normed = match &self.input_layernorm {
             Some(n) => n.forward(x),
             None => x.shallow_clone(),
         };
-        let h = x + self.self_attn.forward(&normed, cos, sin, mask, cache);
+        self.forward_split(x, &normed, cos, sin, mask, keys)
+    }
+
+    /// The layer with its residual stream and its attention input given separately.
+    pub fn forward_split(
+        &self,
+        residual: &Tensor,
+        attn_input: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        keys: Keys,
+    ) -> Tensor {
+        let h = residual + self.self_attn.forward(attn_input, cos, sin, mask, keys);
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }

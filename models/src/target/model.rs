@@ -4,13 +4,27 @@ use crate::dtype::DType;
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
 use crate::layers::{
-    AttentionConfig, AttnMask, DecoderLayer, DecoderLayerConfig, LayerKv, ParamInit, RmsNorm,
+    AttentionConfig, AttnMask, DecoderLayer, DecoderLayerConfig, Keys, LayerKv, ParamInit, RmsNorm,
     Rotary,
 };
 use crate::safetensors_io::write_safetensors;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// What every layer of one forward shares: RoPE tables for the new positions and the mask.
+#[derive(Debug)]
+pub struct LayerInputs {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: AttnMask,
+}
+
+/// Called after each layer of [`TargetModel::run_layers`] with the layer's index and output;
+/// returning `Some(t)` replaces the output (what the next layer and the final norm read).
+/// Adapters inside the target (SpAF) are hooks; so is capturing layer outputs.
+pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<Option<Tensor>>;
 
 /// What a forward pass should return besides the final hidden state.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +97,7 @@ pub struct TargetModel {
     embed_tokens: nn::Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Option<nn::Linear>,
+    lm_head: Option<Tensor>,
     rotary: Rotary,
     kind: Kind,
 }
@@ -125,6 +139,7 @@ impl TargetModel {
                     qkv_bias: config.qkv_bias,
                     o_bias: config.o_bias,
                     qk_norm_eps: (config.family == Family::Qwen3).then_some(config.rms_norm_eps),
+                    repeat_kv: false,
                 };
                 let cfg = DecoderLayerConfig {
                     attn,
@@ -132,6 +147,7 @@ impl TargetModel {
                     mlp_bias: config.mlp_bias,
                     eps: config.rms_norm_eps,
                     input_norm: true,
+                    compute: dtype.kind(),
                 };
                 DecoderLayer::new(&model / "layers" / i, cfg, init)
             })
@@ -149,7 +165,9 @@ impl TargetModel {
                 config.vocab_size,
                 false,
                 init,
+                dtype.kind(),
             )
+            .ws
         });
         let rotary = Rotary::new(
             config.head_dim,
@@ -236,7 +254,7 @@ impl TargetModel {
     /// The lm_head matrix `[V, H]` (the embedding matrix when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         match &self.lm_head {
-            Some(l) => &l.ws,
+            Some(w) => w,
             None => &self.embed_tokens.ws,
         }
     }
@@ -252,7 +270,86 @@ impl TargetModel {
         &self.rotary
     }
 
-    /// Runs the model on `input_ids` `[B, T]`.
+    /// The decoder layers (read-only: a drafter may run or copy them).
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// RoPE and mask for `t` new tokens of `batch` rows after `past` cached positions.
+    ///
+    /// - `positions` `[B, T]`: defaults to `past .. past+T` for every row.
+    /// - `key_valid` `[B, past+T]`: 1 for real tokens, 0 for padding (defaults to all real).
+    pub fn layer_inputs(
+        &self,
+        batch: i64,
+        t: i64,
+        past: i64,
+        positions: Option<&Tensor>,
+        key_valid: Option<&Tensor>,
+    ) -> Result<LayerInputs> {
+        let device = self.device();
+        if let Some(kv) = key_valid {
+            if kv.size() != [batch, past + t] {
+                return Err(ModelError::Invalid(format!(
+                    "key_valid must be [{batch}, {}] (batch, cached + new positions), got {:?}",
+                    past + t,
+                    kv.size()
+                )));
+            }
+        }
+        let positions = match positions {
+            Some(p) => p.to_device(device),
+            None => Tensor::arange_start(past, past + t, (Kind::Int64, device))
+                .view([1, t])
+                .expand([batch, t], false),
+        };
+        let window = self.config.sliding_window.filter(|&w| past + t > w);
+        let mask = if key_valid.is_none() && window.is_none() {
+            AttnMask::for_cache(batch, past, t, device)
+        } else {
+            let kv = key_valid.map(|k| k.to_device(device));
+            AttnMask::Explicit(build_mask(batch, past, t, kv.as_ref(), window, device))
+        };
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.kind);
+        Ok(LayerInputs { cos, sin, mask })
+    }
+
+    /// Runs layers `range` on `x` `[B, T, H]` (the embeddings, or the output of the layer
+    /// before `range.start`), appending to `cache` when given, calling `hook` after each layer.
+    /// Gradients flow through the frozen layers to `x` and to whatever a hook adds unless the
+    /// caller runs it under `no_grad`.
+    pub fn run_layers(
+        &self,
+        x: Tensor,
+        range: Range<usize>,
+        inputs: &LayerInputs,
+        mut cache: Option<&mut KvCache>,
+        mut hook: Option<LayerHook>,
+    ) -> Result<Tensor> {
+        if range.end > self.layers.len() || range.start > range.end {
+            return Err(ModelError::Invalid(format!(
+                "layer range {range:?} is outside the target's layers 0..{}",
+                self.layers.len()
+            )));
+        }
+        let mut x = x;
+        for i in range {
+            let keys = match cache.as_deref_mut() {
+                Some(c) => Keys::Cache(&mut c.layers[i]),
+                None => Keys::Own,
+            };
+            x = self.layers[i].forward(&x, &inputs.cos, &inputs.sin, &inputs.mask, keys);
+            if let Some(h) = hook.as_mut() {
+                if let Some(replaced) = h(i, &x)? {
+                    x = replaced;
+                }
+            }
+        }
+        Ok(x)
+    }
+
+    /// Runs the model on `input_ids` `[B, T]`: embed, every layer, final norm, logits as
+    /// `capture` asks (the staged pieces above, in order).
     ///
     /// - `positions` `[B, T]`: defaults to `past .. past+T` for every row.
     /// - `key_valid` `[B, past+T]`: 1 for real tokens, 0 for padding (defaults to all real).
@@ -262,7 +359,7 @@ impl TargetModel {
         input_ids: &Tensor,
         positions: Option<&Tensor>,
         key_valid: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         capture: &Capture,
     ) -> Result<TargetOutput> {
         let size = input_ids.size();
@@ -272,17 +369,7 @@ impl TargetModel {
             )));
         }
         let (b, t) = (size[0], size[1]);
-        let device = self.device();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        if let Some(kv) = key_valid {
-            if kv.size() != [b, past + t] {
-                return Err(ModelError::Invalid(format!(
-                    "key_valid must be [{b}, {}] (batch, cached + new positions), got {:?}",
-                    past + t,
-                    kv.size()
-                )));
-            }
-        }
         for &l in &capture.layers {
             if l < 0 || l >= self.config.num_layers {
                 return Err(ModelError::Invalid(format!(
@@ -291,38 +378,16 @@ impl TargetModel {
                 )));
             }
         }
-        let input_ids = input_ids.to_device(device);
-        let default_pos;
-        let positions = match positions {
-            Some(p) => p.to_device(device),
-            None => {
-                default_pos = Tensor::arange_start(past, past + t, (Kind::Int64, device))
-                    .view([1, t])
-                    .expand([b, t], false);
-                default_pos
-            }
-        };
-        let window = self.config.sliding_window.filter(|&w| past + t > w);
-        let mask = if key_valid.is_none() && window.is_none() {
-            match (past, t) {
-                (0, 1) | (_, 1) => AttnMask::Full,
-                (0, _) => AttnMask::Causal,
-                _ => AttnMask::Explicit(build_mask(b, past, t, None, None, device)),
-            }
-        } else {
-            let kv = key_valid.map(|k| k.to_device(device));
-            AttnMask::Explicit(build_mask(b, past, t, kv.as_ref(), window, device))
-        };
-        let (cos, sin) = self.rotary.cos_sin(&positions, self.kind);
-        let mut x = self.embed_tokens.forward(&input_ids);
+        let inputs = self.layer_inputs(b, t, past, positions, key_valid)?;
+        let x = self.embed_tokens.forward(&input_ids.to_device(self.device()));
         let mut captured: Vec<(i64, Tensor)> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, &mask, layer_cache);
+        let mut keep = |i: usize, out: &Tensor| -> Result<Option<Tensor>> {
             if capture.layers.contains(&(i as i64)) {
-                captured.push((i as i64, x.shallow_clone()));
+                captured.push((i as i64, out.shallow_clone()));
             }
-        }
+            Ok(None)
+        };
+        let x = self.run_layers(x, 0..self.layers.len(), &inputs, cache, Some(&mut keep))?;
         let layers = capture
             .layers
             .iter()

@@ -1,7 +1,16 @@
 //! The `drafter:` section: `kind` picks the algorithm; the remaining keys are that kind's.
+//! Each kind's section turns into its drafter spec here ([`DrafterSection::to_spec`]), next to
+//! its keys: the spec then says everything else (features, target tensors, preparation).
 
 use super::schema::{choice, join, section, type_issue, Ctx, FromNode};
 use super::yaml::{Node, NodeKind};
+use crate::error::TrainerError;
+use forge_models::drafters::eagle::DraftLayerSpec;
+use forge_models::drafters::eagle1::Eagle1Spec;
+use forge_models::drafters::eagle3::Eagle3Spec;
+use forge_models::drafters::medusa::MedusaSpec;
+use forge_models::drafters::DrafterSpec;
+use forge_models::TargetConfig;
 
 choice! {
     /// Alignment loss of the SpAF alignment head.
@@ -9,7 +18,7 @@ choice! {
 }
 
 section! {
-    /// Medusa heads on the target's last hidden state (SEEDS.md §5).
+    /// Medusa heads on the target's last hidden state (docs/methods/medusa.md).
     pub struct MedusaConfig {
         /// Number of heads; head k (1-based) predicts token t+k+1.
         num_heads: i64 = 4,
@@ -59,7 +68,7 @@ section! {
 }
 
 section! {
-    /// Gated hybrid drafter: a gate picks between MLP and transformer blocks (SEEDS.md §1).
+    /// Gated hybrid drafter: a gate picks between MLP and transformer blocks (not implemented yet).
     pub struct HybridConfig {
         num_mlp_blocks: i64 = 2,
         num_transformer_blocks: i64 = 3,
@@ -75,7 +84,7 @@ section! {
 }
 
 section! {
-    /// SpAF adapters inside the frozen target plus an alignment head (SEEDS.md §3).
+    /// SpAF adapters inside the frozen target plus an alignment head (not implemented yet).
     pub struct SpafConfig {
         /// First layer with an adapter (default: num_layers / 2).
         cutoff_layer: Option<i64> = None,
@@ -94,7 +103,7 @@ section! {
 }
 
 section! {
-    /// Knowledge-enhanced, KL-distilled drafter built from sampled target layers (SEEDS.md §4).
+    /// Knowledge-enhanced, KL-distilled drafter built from sampled target layers (not implemented yet).
     pub struct KnowledgeConfig {
         /// Target layers copied into the draft (default: num_sampled_layers spread uniformly).
         layers: Option<Vec<i64>> = None,
@@ -122,6 +131,58 @@ pub enum DrafterSection {
 impl DrafterSection {
     pub const KINDS: &'static [&'static str] =
         &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
+    /// The kinds this build trains (the others parse, and are refused by validation).
+    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3"];
+
+    /// The drafter spec this section describes for a target: the recipe's hyper-parameters
+    /// plus the target's dimensions, with the recipe's defaults resolved against the target.
+    pub fn to_spec(&self, cfg: &TargetConfig) -> crate::error::Result<DrafterSpec> {
+        Ok(match self {
+            DrafterSection::Medusa(m) => DrafterSpec::Medusa(MedusaSpec {
+                num_heads: m.num_heads,
+                num_layers: m.num_layers,
+                original_lm_head: m.original_lm_head,
+                loss_decay: m.loss_decay,
+                top_k: m.top_k,
+                hidden_size: cfg.hidden_size,
+                vocab_size: cfg.vocab_size,
+            }),
+            DrafterSection::Eagle1(e) => DrafterSpec::Eagle1(Eagle1Spec {
+                feature_weight: e.feature_weight,
+                token_weight: e.token_weight,
+                feature_noise: e.feature_noise,
+                vocab_size: cfg.vocab_size,
+                layer: DraftLayerSpec::from_target(cfg, None, None, None, None)?,
+            }),
+            DrafterSection::Eagle3(e) => {
+                let aux_layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
+                if let Some(l) = aux_layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
+                    return Err(TrainerError::Config(format!(
+                        "drafter.aux_layers: layer {l} does not exist (the target has layers 0..{})",
+                        cfg.num_layers - 1
+                    )));
+                }
+                DrafterSpec::Eagle3(Eagle3Spec {
+                    ttt_length: e.ttt_length,
+                    step_decay: e.step_decay,
+                    aux_layers,
+                    draft_vocab_size: e.draft_vocab_size.min(cfg.vocab_size).max(1),
+                    target_hidden_size: cfg.hidden_size,
+                    vocab_size: cfg.vocab_size,
+                    layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
+                })
+            }
+            other => return Err(TrainerError::Config(Self::not_implemented(other.kind()))),
+        })
+    }
+
+    /// Why a kind cannot be trained by this build.
+    pub fn not_implemented(kind: &str) -> String {
+        format!(
+            "drafter kind '{kind}' is not implemented yet (this build trains: {}); see docs/methods/README.md",
+            Self::IMPLEMENTED.join(", ")
+        )
+    }
 
     pub fn kind(&self) -> &'static str {
         match self {

@@ -422,6 +422,10 @@ impl Recipe {
                 non_negative(cx, "drafter.acceptance_weight", k.acceptance_weight);
             }
         }
+        let kind = self.drafter.kind();
+        if !DrafterSection::IMPLEMENTED.contains(&kind) {
+            cx.issue_at("drafter.kind", DrafterSection::not_implemented(kind));
+        }
     }
 
     fn validate_common(&self, cx: &mut Ctx) {

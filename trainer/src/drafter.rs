@@ -1,0 +1,105 @@
+//! Building a drafter from its spec, kind-blind: the target tensors its spec asks for
+//! (`TargetNeeds`), and the data-dependent preparation services it may call
+//! (`PrepareData`: the draft vocabulary, cached beside the token cache).
+
+use crate::data;
+use crate::error::{Result, TrainerError};
+use crate::recipe::Recipe;
+use forge_data::hidden::HiddenDataset;
+use forge_data::{CacheStatus, LoadedDataset, VocabMapping};
+use forge_models::drafters::{PrepareData, TargetAccess, TargetNeeds, EMBED, LM_HEAD};
+use forge_models::target::read_named_tensors;
+use forge_models::{ModelError, TargetConfig};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The target as `needs` asks for it, read from the target folder `dir` (tensors by name,
+/// without loading the model). `TargetNeeds::Model` is refused here: such drafters are built
+/// where the live model is (online training, decoding).
+pub fn target_access(dir: &Path, cfg: &TargetConfig, needs: &TargetNeeds) -> Result<TargetAccess<'static>> {
+    match needs {
+        TargetNeeds::Nothing => Ok(TargetAccess::Nothing),
+        TargetNeeds::Model => Err(TrainerError::Config(
+            "this drafter runs inside the live target model, which is not loaded here".into(),
+        )),
+        TargetNeeds::Tensors(names) => {
+            // a tied target's output projection is its embedding
+            let on_disk: Vec<&str> = names
+                .iter()
+                .map(|n| if n == LM_HEAD && cfg.tie_word_embeddings { EMBED } else { n.as_str() })
+                .collect();
+            let got = read_named_tensors(dir, &on_disk)?;
+            let mut map = BTreeMap::new();
+            for ((name, file_name), t) in names.iter().zip(&on_disk).zip(got) {
+                let t = t.ok_or_else(|| {
+                    TrainerError::Config(format!("{}: the target has no tensor {file_name} (the drafter needs it)", dir.display()))
+                })?;
+                map.insert(name.clone(), t);
+            }
+            Ok(TargetAccess::Tensors(map))
+        }
+    }
+}
+
+/// Where a training run's data is, for [`Prepare`].
+pub enum PrepareSource<'a> {
+    /// Tokenised training data (online runs, `forge prepare-data`).
+    Tokens(&'a LoadedDataset),
+    /// Hidden-state shards (offline runs): the mapping is the one an online run on the same
+    /// data would build (cached for the shards' data key, or built from `data.train` when it
+    /// is that data).
+    Shards(&'a HiddenDataset),
+}
+
+/// [`PrepareData`] over a recipe's training data; remembers what it built for reports.
+pub struct Prepare<'a> {
+    pub recipe: &'a Recipe,
+    pub cfg: &'a TargetConfig,
+    pub source: PrepareSource<'a>,
+    /// The vocabulary mapping handed out, and whether it came from the cache.
+    pub vocab: Option<(VocabMapping, CacheStatus)>,
+}
+
+impl<'a> Prepare<'a> {
+    pub fn new(recipe: &'a Recipe, cfg: &'a TargetConfig, source: PrepareSource<'a>) -> Self {
+        Self {
+            recipe,
+            cfg,
+            source,
+            vocab: None,
+        }
+    }
+
+    fn mapping(&self, size: usize) -> Result<(VocabMapping, CacheStatus)> {
+        let (recipe, cfg) = (self.recipe, self.cfg);
+        match &self.source {
+            PrepareSource::Tokens(d) => data::vocab_mapping(recipe, cfg, d, size),
+            PrepareSource::Shards(ds) => {
+                let key = &ds.settings().data_key;
+                let cached = VocabMapping::cache_path(&recipe.data.cache_dir, key, cfg.vocab_size as usize, size);
+                if let Ok(m) = VocabMapping::load(&cached) {
+                    if m.d2t.len() == size && m.t2d.len() == cfg.vocab_size as usize {
+                        return Ok((m, CacheStatus::Hit(cached)));
+                    }
+                }
+                let td = data::load_token_data(recipe, false)?;
+                if &td.train.key != key {
+                    return Err(TrainerError::Config(format!(
+                        "the draft vocabulary is built from data.train, which is not the data the hidden states in {} were computed from: point data.train at that data",
+                        recipe.data.hidden_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                    )));
+                }
+                data::vocab_mapping(recipe, cfg, &td.train, size)
+            }
+        }
+    }
+}
+
+impl PrepareData for Prepare<'_> {
+    fn vocab_mapping(&mut self, size: usize) -> forge_models::Result<(Vec<i64>, Vec<bool>)> {
+        let (m, st) = self.mapping(size).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let out = (m.d2t.clone(), m.t2d.clone());
+        self.vocab = Some((m, st));
+        Ok(out)
+    }
+}
