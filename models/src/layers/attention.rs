@@ -320,3 +320,91 @@ pub fn build_mask(
     let diag = kpos.eq_tensor(&qpos).view([1, 1, t, s]);
     m.logical_or(&diag)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Rotary;
+
+    fn attention(repeat_kv: bool) -> (nn::VarStore, Attention) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = AttentionConfig {
+            in_dim: 16,
+            out_dim: 16,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm_eps: None,
+            repeat_kv,
+        };
+        let a = Attention::new(vs.root() / "attn", cfg, ParamInit::Default, Kind::Float);
+        (vs, a)
+    }
+
+    fn rope(start: i64, t: i64) -> (Tensor, Tensor) {
+        let pos = Tensor::arange_start(start, start + t, (Kind::Int64, Device::Cpu)).view([1, t]);
+        Rotary::new(4, 10000.0, &crate::layers::RopeScaling::None, Device::Cpu).cos_sin(&pos, Kind::Float)
+    }
+
+    #[test]
+    fn cached_attention_in_pieces_equals_causal_attention_over_the_whole_sequence() {
+        for repeat_kv in [false, true] {
+            let (_vs, a) = attention(repeat_kv);
+            let x = Tensor::randn([1, 7, 16], (Kind::Float, Device::Cpu));
+            let (cos, sin) = rope(0, 7);
+            let full = a.forward(&x, &cos, &sin, &AttnMask::Causal, Keys::Own);
+            let mut cache = LayerKv::default();
+            let mut outs = Vec::new();
+            for (s, n) in [(0, 4), (4, 1), (5, 2)] {
+                let (c, sn) = rope(s, n);
+                let mask = AttnMask::for_cache(1, cache.len(), n, Device::Cpu);
+                outs.push(a.forward(&x.narrow(1, s, n), &c, &sn, &mask, Keys::Cache(&mut cache)));
+            }
+            let diff = (Tensor::cat(&outs, 1) - full).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "repeat_kv {repeat_kv}: {diff}");
+            // a rollback is a truncation: re-appending gives the same again
+            cache.truncate(5);
+            let (c, sn) = rope(5, 2);
+            let again = a.forward(&x.narrow(1, 5, 2), &c, &sn, &AttnMask::for_cache(1, 5, 2, Device::Cpu), Keys::Cache(&mut cache));
+            assert!(again.equal(&outs[2]));
+        }
+    }
+
+    #[test]
+    fn ttt_keys_equal_attention_over_every_step_with_the_explicit_ttt_mask() {
+        let (_vs, a) = attention(true);
+        let t = 5;
+        let mask0 = AttnMask::Explicit(build_mask(1, 0, t, None, None, Device::Cpu));
+        let mut kv = TttKv::default();
+        let (cos, sin) = rope(0, t);
+        let xs: Vec<Tensor> = (0..3).map(|_| Tensor::randn([1, t, 16], (Kind::Float, Device::Cpu))).collect();
+        for (step, x) in xs.iter().enumerate() {
+            let got = a.forward(x, &cos, &sin, &mask0, Keys::Ttt(&mut kv));
+            // reference: queries of this step over the concatenated keys of every step so far
+            let (q, _, _) = a.qkv(x, &cos, &sin);
+            let k = Tensor::cat(&kv.ks, 2);
+            let v = Tensor::cat(&kv.vs, 2);
+            let m = ttt_mask(t, step as i64, Device::Cpu).view([1, 1, t, t * (step as i64 + 1)]);
+            let y = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&m), 0.0, false, None, false);
+            let want = a.output(&y);
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "step {step}: {diff}");
+        }
+        assert_eq!(kv.ks.len(), 3);
+    }
+
+    #[test]
+    fn masks_for_a_cache() {
+        assert!(matches!(AttnMask::for_cache(1, 0, 1, Device::Cpu), AttnMask::Full));
+        assert!(matches!(AttnMask::for_cache(1, 9, 1, Device::Cpu), AttnMask::Full));
+        assert!(matches!(AttnMask::for_cache(1, 0, 4, Device::Cpu), AttnMask::Causal));
+        let AttnMask::Explicit(m) = AttnMask::for_cache(1, 2, 3, Device::Cpu) else {
+            panic!("explicit mask expected")
+        };
+        // query 0 (position 2) sees keys 0..=2, query 2 (position 4) sees all 5
+        let want = Tensor::from_slice(&[1u8, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]).view([1, 1, 3, 5]).to_kind(Kind::Bool);
+        assert!(m.equal(&want));
+    }
+}

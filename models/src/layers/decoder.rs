@@ -69,3 +69,117 @@ impl DecoderLayer {
         h + out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::attention::build_mask;
+    use crate::layers::Rotary;
+    use tch::Device;
+
+    fn layer(compute: Kind, input_norm: bool, in_dim: i64, repeat_kv: bool) -> (nn::VarStore, DecoderLayer) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = DecoderLayerConfig {
+            attn: AttentionConfig {
+                in_dim,
+                out_dim: 32,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 8,
+                qkv_bias: false,
+                o_bias: false,
+                qk_norm_eps: None,
+                repeat_kv,
+            },
+            intermediate: 48,
+            mlp_bias: false,
+            eps: 1e-6,
+            input_norm,
+            compute,
+        };
+        let l = DecoderLayer::new(vs.root() / "layer", cfg, ParamInit::Default);
+        (vs, l)
+    }
+
+    /// The Llama block written out op by op (fp64), with an explicit causal mask.
+    fn reference(l: &DecoderLayer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let d = |t: &Tensor| t.to_kind(Kind::Double);
+        let rms = |n: &RmsNorm, x: &Tensor| {
+            let x = d(x);
+            &x * (x.square().mean_dim(-1, true, Kind::Double) + n.eps).rsqrt() * d(&n.weight)
+        };
+        let lin = |w: &crate::layers::Linear, x: &Tensor| x.matmul(&d(&w.ws).tr());
+        let rot = |x: &Tensor| {
+            let half = x.size()[3] / 2;
+            let r = Tensor::cat(&[x.narrow(3, half, half).neg(), x.narrow(3, 0, half)], 3);
+            x * d(cos) + r * d(sin)
+        };
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let a = &l.self_attn;
+        let h = match &l.input_layernorm {
+            Some(n) => rms(n, x),
+            None => d(x),
+        };
+        let q = rot(&lin(&a.q_proj, &h).view([b, t, 4, 8]).transpose(1, 2));
+        let k = rot(&lin(&a.k_proj, &h).view([b, t, 2, 8]).transpose(1, 2)).repeat_interleave_self_int(2, 1, None);
+        let v = lin(&a.v_proj, &h).view([b, t, 2, 8]).transpose(1, 2).repeat_interleave_self_int(2, 1, None);
+        let s = q.matmul(&k.transpose(-1, -2)) / 8f64.sqrt();
+        let causal = build_mask(b, 0, t, None, None, Device::Cpu);
+        let w = s.masked_fill(&causal.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double);
+        let y = w.matmul(&v).transpose(1, 2).reshape([b, t, 32]);
+        let h1 = d(x) + lin(&a.o_proj, &y);
+        let z = rms(&l.post_attention_layernorm, &h1);
+        let m = &l.mlp;
+        h1.shallow_clone() + lin(&m.down_proj, &(lin(&m.gate_proj, &z).silu() * lin(&m.up_proj, &z)))
+    }
+
+    fn rope(t: i64) -> (Tensor, Tensor) {
+        let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]);
+        Rotary::new(8, 10000.0, &crate::layers::RopeScaling::None, Device::Cpu).cos_sin(&pos, Kind::Float)
+    }
+
+    #[test]
+    fn the_block_equals_a_written_out_llama_layer_with_native_or_repeated_kv_heads() {
+        for repeat_kv in [false, true] {
+            let (_vs, l) = layer(Kind::Float, true, 32, repeat_kv);
+            let x = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu));
+            let (cos, sin) = rope(6);
+            let got = l.forward(&x, &cos, &sin, &AttnMask::Causal, Keys::Own);
+            let want = reference(&l, &x, &cos, &sin);
+            let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "repeat_kv {repeat_kv}: {diff}");
+        }
+    }
+
+    #[test]
+    fn forward_is_forward_split_with_the_input_norm_and_no_norm_passes_the_input() {
+        let (_vs, l) = layer(Kind::Float, true, 32, true);
+        let x = Tensor::randn([1, 4, 32], (Kind::Float, Device::Cpu));
+        let (cos, sin) = rope(4);
+        let norm = l.input_layernorm.as_ref().expect("norm").forward(&x);
+        let a = l.forward(&x, &cos, &sin, &AttnMask::Causal, Keys::Own);
+        let b = l.forward_split(&x, &norm, &cos, &sin, &AttnMask::Causal, Keys::Own);
+        assert!(a.equal(&b));
+        let (_vs, l) = layer(Kind::Float, false, 32, true);
+        let a = l.forward(&x, &cos, &sin, &AttnMask::Causal, Keys::Own);
+        let b = l.forward_split(&x, &x, &cos, &sin, &AttnMask::Causal, Keys::Own);
+        assert!(a.equal(&b));
+        // a 2h-wide attention input (EAGLE-3's midlayer) with an h-wide residual
+        let (_vs, wide) = layer(Kind::Float, false, 64, true);
+        let y = wide.forward_split(&x, &Tensor::cat(&[&x, &x], -1), &cos, &sin, &AttnMask::Causal, Keys::Own);
+        assert_eq!(y.size(), [1, 4, 32]);
+    }
+
+    #[test]
+    fn bf16_compute_casts_fp32_masters_at_the_leaves() {
+        let (_vs, l) = layer(Kind::BFloat16, true, 32, true);
+        assert_eq!(l.self_attn.q_proj.ws.kind(), Kind::Float, "masters stay fp32");
+        let x = Tensor::randn([1, 5, 32], (Kind::Float, Device::Cpu));
+        let (cos, sin) = rope(5);
+        let y = l.forward(&x.to_kind(Kind::BFloat16), &cos.to_kind(Kind::BFloat16), &sin.to_kind(Kind::BFloat16), &AttnMask::Causal, Keys::Own);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let want = reference(&l, &x, &cos, &sin);
+        let rel = (y.to_kind(Kind::Double) - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+        assert!(rel < 0.05, "bf16 block off by {rel} (relative)");
+    }
+}

@@ -82,3 +82,53 @@ pub fn project(x: &Tensor, w: &Tensor, compute: Kind) -> Tensor {
         xc.matmul(&w.to_kind(compute).tr())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn linear_casts_weights_and_input_to_its_compute_kind_only_where_needed() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let l32 = linear(vs.root() / "a", 8, 4, true, ParamInit::Default, Kind::Float);
+        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        // fp32 everywhere: exactly x W^T + b
+        let want = x.matmul(&l32.ws.tr()) + l32.bs.as_ref().expect("bias");
+        let got = l32.forward(&x);
+        assert!((&got - &want).abs().max().double_value(&[]) < 1e-6);
+        // bf16 compute over the same fp32 masters: bf16 out, weights untouched
+        let l16 = Linear::from_weights(l32.ws.shallow_clone(), l32.bs.as_ref().map(|b| b.shallow_clone()), Kind::BFloat16);
+        let y = l16.forward(&x);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        assert_eq!(l16.ws.kind(), Kind::Float);
+        let manual = x.to_kind(Kind::BFloat16).linear(
+            &l32.ws.to_kind(Kind::BFloat16),
+            l32.bs.as_ref().map(|b| b.to_kind(Kind::BFloat16)).as_ref(),
+        );
+        assert!(y.equal(&manual));
+        // the projection helper agrees with a bias-free linear
+        assert!(project(&x, &l32.ws, Kind::Float).equal(&x.linear::<Tensor>(&l32.ws, None)));
+    }
+
+    #[test]
+    fn rms_norm_computes_in_fp32_and_returns_the_input_kind() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let n = RmsNorm::new(vs.root() / "n", 6, 1e-6, ParamInit::Default);
+        tch::no_grad(|| n.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, 1.0, 1.5, 2.0, -1.0, 3.0])));
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5, 0.0, 4.0]).view([1, 6]);
+        let ms: f64 = [1.0f64, 4.0, 9.0, 0.25, 0.0, 16.0].iter().sum::<f64>() / 6.0;
+        let w = [0.5, 1.0, 1.5, 2.0, -1.0, 3.0];
+        let xs = [1.0, -2.0, 3.0, 0.5, 0.0, 4.0];
+        let got = n.forward(&x);
+        for i in 0..6 {
+            let want = xs[i] / (ms + 1e-6).sqrt() * w[i];
+            assert!((got.double_value(&[0, i as i64]) - want).abs() < 1e-5, "element {i}");
+        }
+        let y = n.forward(&x.to_kind(Kind::BFloat16));
+        assert_eq!(y.kind(), Kind::BFloat16);
+        // bf16 in: fp32 normalisation, rounded once to bf16, then scaled in bf16
+        let normed = (&x * (ms + 1e-6).powf(-0.5)).to_kind(Kind::BFloat16);
+        assert!(y.equal(&(normed * n.weight.to_kind(Kind::BFloat16))));
+    }
+}
