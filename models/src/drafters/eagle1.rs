@@ -16,7 +16,7 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
+    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
     StepContext, TargetAccess, EMBED, LM_HEAD,
 };
 use crate::error::{ModelError, Result};
@@ -210,15 +210,7 @@ impl Drafter for Eagle1 {
             }
         };
         let expected = self.expected(bias);
-        let vars = self.vs.variables();
-        let mut tensors = Vec::new();
-        for (name, _) in &expected {
-            let t = vars
-                .get(name)
-                .ok_or_else(|| ModelError::Invalid(format!("eagle1: no variable {name}")))?;
-            tensors.push((name.clone(), t.detach()));
-        }
-        check_names_and_shapes(&format!("{} eagle1", format.name()), &tensors, &expected)?;
+        let tensors = export_same_names(&self.vs, &expected, &format!("{} eagle1", format.name()))?;
         let mut config = self.e.layer.llama_config(arch, target_config);
         config["vocab_size"] = self.e.vocab_size.into();
         Ok(ExportBundle {

@@ -24,7 +24,7 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
+    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
     PrepareData, StepContext, TargetAccess, EMBED, LM_HEAD,
 };
 use crate::error::{ModelError, Result};
@@ -359,15 +359,7 @@ impl Drafter for Eagle3 {
             ("d2t".into(), vec![vd]),
             ("t2d".into(), vec![e.vocab_size]),
         ];
-        let vars = self.vs.variables();
-        let mut tensors = Vec::new();
-        for (name, _) in &expected {
-            let t = vars
-                .get(name)
-                .ok_or_else(|| ModelError::Invalid(format!("eagle3: no variable {name}")))?;
-            tensors.push((name.clone(), t.detach()));
-        }
-        check_names_and_shapes(&format!("{} eagle3", format.name()), &tensors, &expected)?;
+        let tensors = export_same_names(&self.vs, &expected, &format!("{} eagle3", format.name()))?;
         let mut config = l.llama_config("LlamaForCausalLMEagle3", target_config);
         config["vocab_size"] = e.vocab_size.into();
         config["draft_vocab_size"] = vd.into();

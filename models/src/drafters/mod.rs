@@ -271,6 +271,21 @@ pub fn check_names_and_shapes(
     }
 }
 
+/// The variables of `vs` named in `expected` (an export whose names are the VarStore's own),
+/// detached, checked against the expected names and shapes.
+pub fn export_same_names(vs: &nn::VarStore, expected: &[(String, Vec<i64>)], what: &str) -> Result<Vec<(String, Tensor)>> {
+    let vars = vs.variables();
+    let mut tensors = Vec::new();
+    for (name, _) in expected {
+        let t = vars
+            .get(name)
+            .ok_or_else(|| ModelError::Invalid(format!("{what}: no variable {name}")))?;
+        tensors.push((name.clone(), t.detach()));
+    }
+    check_names_and_shapes(what, &tensors, expected)?;
+    Ok(tensors)
+}
+
 /// Mean cross-entropy and top-1 / top-k hits of `logits` `[N, V]` against `labels` `[N]`.
 pub fn ce_and_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, f64, f64) {
     let ce = logits
