@@ -19,52 +19,18 @@ pub fn check_against_target(recipe: &Recipe) -> Result<Vec<String>> {
         return Ok(notes);
     }
     let cfg = TargetConfig::from_file(&cfg_path)?;
-    let l = cfg.num_layers;
     let mut problems = Vec::new();
-    match &recipe.drafter {
-        DrafterSection::Eagle3(e) => {
-            if let Some(layers) = &e.aux_layers {
-                for &x in layers {
-                    if x >= l {
-                        problems.push(format!("drafter.aux_layers: layer {x} does not exist (target has layers 0..{})", l - 1));
-                    }
-                }
-            }
-            if e.draft_vocab_size > cfg.vocab_size {
-                notes.push(format!(
-                    "drafter.draft_vocab_size {} is capped at the target vocabulary {}",
-                    e.draft_vocab_size, cfg.vocab_size
-                ));
-            }
+    // the drafter spec resolved against this target: layer indices, head shapes, ...
+    if let Err(e) = recipe.drafter.to_spec(&cfg) {
+        problems.push(e.to_string());
+    }
+    if let DrafterSection::Eagle3(e) = &recipe.drafter {
+        if e.draft_vocab_size > cfg.vocab_size {
+            notes.push(format!(
+                "drafter.draft_vocab_size {} is capped at the target vocabulary {}",
+                e.draft_vocab_size, cfg.vocab_size
+            ));
         }
-        DrafterSection::Spaf(s) => {
-            if let Some(k) = s.cutoff_layer {
-                if k >= l {
-                    problems.push(format!(
-                        "drafter.cutoff_layer {k} must be below the target's {l} layers"
-                    ));
-                }
-            }
-        }
-        DrafterSection::Knowledge(k) => {
-            if let Some(layers) = &k.layers {
-                for &x in layers {
-                    if x >= l {
-                        problems.push(format!(
-                            "drafter.layers: layer {x} does not exist (target has layers 0..{})",
-                            l - 1
-                        ));
-                    }
-                }
-            }
-            if k.num_sampled_layers > l {
-                problems.push(format!(
-                    "drafter.num_sampled_layers {} exceeds the target's {l} layers",
-                    k.num_sampled_layers
-                ));
-            }
-        }
-        _ => {}
     }
     for f in &recipe.data.train {
         if !f.exists() {
