@@ -66,6 +66,17 @@ pub fn adamw_update(
     })
 }
 
+/// The factor that clips gradients of global L2 norm `norm` to `max_norm`:
+/// `max_norm / (norm + 1e-6)` when `norm > max_norm`, else 1 (also when `max_norm <= 0`,
+/// clipping off, and when `norm` is not finite: then nothing is scaled).
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 struct Slot {
     name: String,
     param: Tensor,
@@ -150,8 +161,8 @@ impl AdamW {
                 .sum(Kind::Double)
                 .sqrt()
                 .double_value(&[]);
-            if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-                let coef = max_norm / (norm + 1e-6);
+            let coef = clip_coef(norm, max_norm);
+            if coef != 1.0 {
                 for mut g in grads {
                     let _ = g.g_mul_scalar_(coef);
                 }

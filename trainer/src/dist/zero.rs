@@ -22,21 +22,12 @@
 use super::layout::{gather_flat, scatter_flat, Layout, Segment};
 use super::{Comm, ReduceOp};
 use crate::error::{Result, TrainerError};
-use crate::optim::{adamw_update, AdamW, AdamWConfig};
+use crate::optim::{adamw_update, clip_coef, AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 const EXP_AVG: &str = "exp_avg/";
 const EXP_AVG_SQ: &str = "exp_avg_sq/";
-
-/// Global L2 norm (fp64) of `grads` and the clip coefficient for `max_norm` (1 = none).
-fn clip_coef(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
-}
 
 /// Gives every parameter a defined (zero) gradient, so that every rank takes part in every
 /// collective with the same tensors even when a parameter got no gradient on some rank.
