@@ -8,7 +8,7 @@ use crate::error::{Result, TrainerError};
 use crate::metrics::MetricsLogger;
 use crate::dist::zero::{assemble_full_state, DistAdamW};
 use crate::dist::{keys, Comm, ReduceOp};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, ParamPolicy};
 use crate::recipe::{DataMode, DrafterSection, Precision, Recipe, Schedule};
 use crate::schedule::{LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
@@ -474,6 +474,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         v
     };
     let param_shapes: BTreeMap<String, Vec<i64>> = params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+    let policy = ParamPolicy::new(drafter.param_groups())?;
+    if dp.rank() == 0 {
+        for g in policy.summary(&params)? {
+            eprintln!("{g}");
+        }
+    }
     let mut opt = DistAdamW::new(
         params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
         AdamWConfig {
@@ -483,6 +489,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
         },
+        &policy,
         recipe.dist.zero_stage,
         recipe.dist.bucket_mb,
         dp,
