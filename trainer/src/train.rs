@@ -394,6 +394,73 @@ fn resume_from(recipe: &Recipe, resume: &Option<String>) -> Result<Option<PathBu
     })
 }
 
+/// A data position that another world size cannot take over (see [`reshard_position`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReshardError {
+    pub old_world: usize,
+    pub new_world: usize,
+    /// Micro-batches of the epoch's global plan consumed.
+    pub global: usize,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for ReshardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ReshardError {
+            old_world,
+            new_world,
+            global,
+            epoch,
+        } = self;
+        write!(
+            f,
+            "was written by {old_world} rank(s) after {global} micro-batches of epoch {epoch}, which {new_world} ranks cannot split evenly: resume with {old_world} rank(s) (or a world size dividing {global}), or start a new run"
+        )
+    }
+}
+
+impl ReshardError {
+    /// The error about checkpoint `ckpt`.
+    pub fn at(&self, ckpt: &Path) -> TrainerError {
+        TrainerError::Config(format!("{}: {self}", ckpt.display()))
+    }
+}
+
+/// Where a run that `old_world` ranks left at (`epoch`, `batch_in_epoch`: the micro-batches
+/// each rank had consumed of its shard of the epoch's global plan, `global_plan_len` long)
+/// continues on `new_world` ranks, as (epoch, batch_in_epoch). Same world: unchanged.
+/// Every rank had consumed `batch_in_epoch` micro-batches of its shard, i.e. the first
+/// `batch_in_epoch * old_world` of the global plan, which the new ranks must split evenly.
+/// A position after the last micro-batch of an epoch moves to the start of the next one
+/// (the loop moves on lazily, when it needs the next micro-batch).
+pub fn reshard_position(
+    batch_in_epoch: usize,
+    epoch: u64,
+    old_world: usize,
+    new_world: usize,
+    global_plan_len: usize,
+) -> std::result::Result<(u64, usize), ReshardError> {
+    let (old_world, new_world) = (old_world.max(1), new_world.max(1));
+    if old_world == new_world {
+        return Ok((epoch, batch_in_epoch));
+    }
+    let (epoch, batch_in_epoch) = if batch_in_epoch >= global_plan_len.div_ceil(old_world) {
+        (epoch + 1, 0)
+    } else {
+        (epoch, batch_in_epoch)
+    };
+    let global = batch_in_epoch * old_world;
+    if global % new_world != 0 {
+        return Err(ReshardError {
+            old_world,
+            new_world,
+            global,
+            epoch,
+        });
+    }
+    Ok((epoch, global / new_world))
+}
+
 /// Trains the recipe's drafter.
 pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<TrainSummary> {
     let t_start = Instant::now();
@@ -558,23 +625,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         let old_world = loaded.state.world_size.max(1);
         let mut resumed = loaded.state.clone();
         if old_world != world {
-            // a checkpoint taken after the last micro-batch of an epoch resumes at the next one
-            // (the loop moves on lazily, when it needs the next micro-batch)
-            if resumed.batch_in_epoch >= trainer.global_plan(resumed.epoch).len().div_ceil(old_world) {
-                resumed.epoch += 1;
-                resumed.batch_in_epoch = 0;
-            }
-            // every rank had consumed batch_in_epoch micro-batches of its shard, i.e. the
-            // first batch_in_epoch * old_world micro-batches of the epoch's global plan
-            let global = resumed.batch_in_epoch * old_world;
-            if global % world != 0 {
-                return Err(TrainerError::Config(format!(
-                    "{}: was written by {old_world} rank(s) after {global} micro-batches of epoch {}, which {world} ranks cannot split evenly: resume with {old_world} rank(s) (or a world size dividing {global}), or start a new run",
-                    ck.display(),
-                    resumed.epoch,
-                )));
-            }
-            resumed.batch_in_epoch = global / world;
+            let plan_len = trainer.global_plan(resumed.epoch).len();
+            (resumed.epoch, resumed.batch_in_epoch) =
+                reshard_position(resumed.batch_in_epoch, resumed.epoch, old_world, world, plan_len)
+                    .map_err(|e| e.at(&ck))?;
             resumed.world_size = world;
             if rank == 0 {
                 eprintln!(
@@ -863,4 +917,65 @@ fn offline_vocab_mapping(recipe: &Recipe, cfg: &TargetConfig, ds: &HiddenDataset
         )));
     }
     Ok(data::vocab_mapping(recipe, cfg, &td.train)?.map(|(m, _)| m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshard_same_world_keeps_the_position() {
+        assert_eq!(reshard_position(3, 1, 2, 2, 10), Ok((1, 3)));
+        // even at the end of an epoch: the loop moves on by itself
+        assert_eq!(reshard_position(5, 1, 2, 2, 10), Ok((1, 5)));
+        assert_eq!(reshard_position(0, 0, 1, 1, 0), Ok((0, 0)));
+    }
+
+    #[test]
+    fn reshard_two_ranks_to_one_takes_the_global_count() {
+        // 2 ranks had each run 3 micro-batches: the first 6 of the global plan
+        assert_eq!(reshard_position(3, 0, 2, 1, 10), Ok((0, 6)));
+        assert_eq!(reshard_position(0, 2, 2, 1, 10), Ok((2, 0)));
+    }
+
+    #[test]
+    fn reshard_one_rank_to_two_needs_an_even_count() {
+        assert_eq!(reshard_position(4, 0, 1, 2, 10), Ok((0, 2)));
+        let e = reshard_position(3, 1, 1, 2, 10).expect_err("3 micro-batches over 2 ranks");
+        assert_eq!(
+            e,
+            ReshardError {
+                old_world: 1,
+                new_world: 2,
+                global: 3,
+                epoch: 1
+            }
+        );
+        let msg = e.at(Path::new("/runs/x/step_3")).to_string();
+        assert!(
+            msg.contains("/runs/x/step_3: was written by 1 rank(s) after 3 micro-batches of epoch 1, which 2 ranks cannot split evenly")
+                && msg.contains("resume with 1 rank(s) (or a world size dividing 3), or start a new run"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn reshard_four_ranks_to_two() {
+        // 4 ranks x 3 = 12 global micro-batches = 6 per rank on 2
+        assert_eq!(reshard_position(3, 0, 4, 2, 20), Ok((0, 6)));
+        // and 4 -> 3 cannot split 4 x 1
+        assert_eq!(reshard_position(1, 0, 4, 3, 20).map_err(|e| e.global), Err(4));
+    }
+
+    #[test]
+    fn reshard_at_the_end_of_an_epoch_moves_to_the_next() {
+        // a global plan of 7: 2 ranks run 4 each (the last one padded); after all 4 the
+        // checkpoint resumes at the start of epoch 1, whatever the new world
+        assert_eq!(reshard_position(4, 0, 2, 1, 7), Ok((1, 0)));
+        assert_eq!(reshard_position(4, 0, 2, 3, 7), Ok((1, 0)));
+        // one micro-batch before the end it stays (3 x 2 = 6 of 7 consumed)
+        assert_eq!(reshard_position(3, 0, 2, 1, 7), Ok((0, 6)));
+        // 1 rank at the end of a 5-long epoch, onto 2
+        assert_eq!(reshard_position(5, 3, 1, 2, 5), Ok((4, 0)));
+    }
 }
