@@ -2,7 +2,8 @@
 //! (hidden-state shards), with gradient accumulation, clipping, AdamW, LR schedules, logging,
 //! periodic evaluation and atomic, exactly-resumable checkpoints.
 
-use crate::checkpoint::{self, CheckpointData, TrainerState};
+use crate::checkpoint::{self, TrainerState};
+use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir, target_placement};
 use crate::error::{Result, TrainerError};
 use crate::metrics::MetricsLogger;
@@ -563,12 +564,6 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     )?;
     let world = dp.world();
     let rank = dp.rank();
-    // rank 0's process id names the temporary checkpoint folders all ranks write into
-    let ckpt_tag = {
-        let mut pid = Tensor::from_slice(&[std::process::id() as i64]).to_device(dp.device());
-        dp.broadcast(&mut pid, 0)?;
-        pid.int64_value(&[0]) as u32
-    };
 
     let mut trainer = Trainer {
         recipe,
@@ -599,6 +594,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         total_steps: total,
         min_lr_ratio: t.min_lr_ratio,
     };
+    let checkpointer = Checkpointer::new(recipe, ckpt_dir.clone(), total, spec.clone(), dir.clone(), cfg.raw.clone(), dp)?;
 
     // Resume.
     let mut state = TrainerState {
@@ -767,44 +763,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
                 evals.push((state.step, e));
             }
         }
-        let every = recipe.checkpoint.every_steps.max(1);
-        if state.step.is_multiple_of(every) || state.step == total {
-            // sharded state: every rank writes its shard into rank 0's temporary folder
-            let sharded = opt.stage() > 0;
-            let tmp = checkpoint::tmp_dir(&ckpt_dir, state.step, ckpt_tag);
-            if rank0 {
-                checkpoint::begin(&ckpt_dir, state.step, ckpt_tag)?;
-            }
-            if sharded {
-                dp.barrier()?;
-                checkpoint::write_shard(&tmp, rank, state.step, &opt.state_tensors())?;
-                dp.barrier()?;
-            }
-            if rank0 {
-                let weights: Vec<(String, Tensor)> = {
-                    let mut w: Vec<(String, Tensor)> = trainer.drafter.var_store().variables().into_iter().collect();
-                    w.sort_by(|a, b| a.0.cmp(&b.0));
-                    w
-                };
-                let path = checkpoint::finish(
-                    &ckpt_dir,
-                    &tmp,
-                    &CheckpointData {
-                        weights,
-                        optimizer: if sharded { Vec::new() } else { opt.state_tensors() },
-                        optimizer_shards: if sharded { world } else { 0 },
-                        zero_stage: opt.stage(),
-                        state: &state,
-                        drafter: &spec,
-                        target: &dir,
-                        target_config: &cfg.raw,
-                    },
-                )?;
-                checkpoint::prune(&ckpt_dir, recipe.checkpoint.keep_last.max(1) as usize)?;
+        if checkpointer.due(state.step) {
+            if let Some(path) = checkpointer.save(dp, &state, trainer.drafter.var_store(), &opt)? {
                 last_ckpt = Some(path);
-            }
-            if sharded {
-                dp.barrier()?;
             }
             if let Some(l) = logger.as_mut() {
                 l.flush();
