@@ -11,7 +11,7 @@ use crate::dist::zero::{assemble_full_state, DistAdamW};
 use crate::dist::{keys, Comm, ReduceOp};
 use crate::optim::{AdamWConfig, ParamPolicy};
 use crate::recipe::{DataMode, DrafterSection, Precision, Recipe, Schedule};
-use crate::schedule::{LrSchedule, ScheduleKind};
+use crate::schedule::{Cadence, LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
 use forge_data::hidden::HiddenDataset;
 use forge_data::{Batch, TokenDataset};
@@ -184,6 +184,19 @@ impl Accum {
         Ok(())
     }
 
+    /// Adds another sum (e.g. a step's into the window since the last log row).
+    fn merge(&mut self, o: &Accum) {
+        self.loss_sum += o.loss_sum;
+        self.batches += o.batches;
+        self.tokens += o.tokens;
+        self.samples += o.samples;
+        for (k, (s, c)) in &o.values {
+            let e = self.values.entry(k.clone()).or_default();
+            e.0 += s;
+            e.1 += c;
+        }
+    }
+
     fn scalars(&self, prefix: &str) -> Vec<(String, f64)> {
         let mut out = vec![(format!("{prefix}loss"), self.loss_sum / self.batches.max(1.0))];
         for (k, (s, c)) in &self.values {
@@ -191,6 +204,16 @@ impl Accum {
         }
         out
     }
+}
+
+/// What one optimizer step did.
+struct StepMetrics {
+    /// Loss parts, metrics, tokens and samples summed over the step's micro-batches and the
+    /// ranks.
+    acc: Accum,
+    lr: f64,
+    /// Global gradient norm before clipping.
+    grad_norm: f64,
 }
 
 struct Trainer<'a> {
@@ -462,6 +485,126 @@ pub fn reshard_position(
     Ok((epoch, global / new_world))
 }
 
+/// What rank 0 reports while training: a metric row every `log.every_steps` steps (and
+/// after the last; averaged over the steps since the previous row), the evaluations every
+/// `train.eval_every` steps, and the progress bar. Other ranks keep no logger.
+struct RunLog {
+    logger: Option<MetricsLogger>,
+    pb: indicatif::ProgressBar,
+    rows: Cadence,
+    evals_at: Cadence,
+    /// The steps since the last row.
+    window: Accum,
+    window_start: Instant,
+    evals: Vec<(u64, BTreeMap<String, f64>)>,
+    last_loss: f64,
+    /// Tokens trained on in this run (all ranks).
+    run_tokens: u64,
+}
+
+impl RunLog {
+    /// The metric files in `ckpt_dir` (new, or continued at `start_step`) on rank 0.
+    fn open(recipe: &Recipe, ckpt_dir: &Path, start_step: u64, total: u64, show_progress: bool, rank0: bool) -> Result<RunLog> {
+        let logger = if rank0 {
+            Some(if start_step == 0 {
+                MetricsLogger::new(ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
+            } else {
+                MetricsLogger::open_resume(ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl, start_step)?
+            })
+        } else {
+            None
+        };
+        let pb = data::progress_bar(total, "training", show_progress && rank0);
+        pb.set_position(start_step);
+        Ok(RunLog {
+            logger,
+            pb,
+            rows: Cadence {
+                every: recipe.log.every_steps.max(1),
+                last: total,
+            },
+            evals_at: Cadence {
+                every: recipe.train.eval_every.unwrap_or(0),
+                last: total,
+            },
+            window: Accum::default(),
+            window_start: Instant::now(),
+            evals: Vec::new(),
+            last_loss: f64::NAN,
+            run_tokens: 0,
+        })
+    }
+
+    /// Whether to evaluate before the first step of a run starting at `start_step`.
+    fn eval_at_start(&self, start_step: u64) -> bool {
+        start_step == 0 && self.evals_at.enabled()
+    }
+
+    /// Whether to evaluate after `step` steps.
+    fn eval_due(&self, step: u64) -> bool {
+        self.evals_at.due(step)
+    }
+
+    /// Records the step that brought the run to `step` steps done.
+    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<()> {
+        let acc = &m.acc;
+        self.run_tokens += acc.tokens as u64;
+        self.last_loss = acc.loss_sum / acc.batches.max(1.0);
+        self.window.merge(acc);
+        let secs = self.window_start.elapsed().as_secs_f64();
+        let tps = self.window.tokens / secs.max(1e-9);
+        self.pb.set_position(step);
+        self.pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", self.last_loss, m.lr));
+        if self.rows.due(step) {
+            if let Some(l) = self.logger.as_mut() {
+                let mut rows = self.window.scalars("train/");
+                rows.push(("train/lr".into(), m.lr));
+                rows.push(("train/grad_norm".into(), m.grad_norm));
+                rows.push(("train/tokens_per_second".into(), tps));
+                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
+                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                l.log(step, &rows)?;
+            }
+            self.window = Accum::default();
+            self.window_start = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Records an evaluation after `step` steps.
+    fn eval(&mut self, step: u64, e: BTreeMap<String, f64>) -> Result<()> {
+        if let Some(l) = self.logger.as_mut() {
+            let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            l.log(step, &rows)?;
+        }
+        self.evals.push((step, e));
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    fn finish(&mut self) {
+        self.pb.finish_and_clear();
+        self.flush();
+    }
+}
+
+/// Creates the run folder and writes the resolved recipe into it (rank 0).
+fn write_run_folder(recipe: &Recipe, ckpt_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(ckpt_dir).map_err(|source| TrainerError::Io {
+        path: ckpt_dir.to_path_buf(),
+        source,
+    })?;
+    let yaml = recipe.to_yaml().map_err(TrainerError::Config)?;
+    let p = ckpt_dir.join("recipe.resolved.yaml");
+    std::fs::write(&p, yaml).map_err(|source| TrainerError::Io { path: p, source })?;
+    Ok(())
+}
+
 /// Trains the recipe's drafter.
 pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<TrainSummary> {
     let t_start = Instant::now();
@@ -647,41 +790,14 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
 
     let rank0 = dp.rank() == 0;
     if rank0 {
-        std::fs::create_dir_all(&ckpt_dir).map_err(|source| TrainerError::Io {
-            path: ckpt_dir.clone(),
-            source,
-        })?;
-        let yaml = recipe.to_yaml().map_err(TrainerError::Config)?;
-        let p = ckpt_dir.join("recipe.resolved.yaml");
-        std::fs::write(&p, yaml).map_err(|source| TrainerError::Io { path: p, source })?;
+        write_run_folder(recipe, &ckpt_dir)?;
     }
-    let mut logger = if rank0 {
-        Some(if start_step == 0 {
-            MetricsLogger::new(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
-        } else {
-            MetricsLogger::open_resume(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl, start_step)?
-        })
-    } else {
-        None
-    };
-
-    let pb = data::progress_bar(total, "training", opts.show_progress && rank0);
-    pb.set_position(start_step);
+    let mut log = RunLog::open(recipe, &ckpt_dir, start_step, total, opts.show_progress, rank0)?;
     let mut plan = trainer.plan(state.epoch, dp);
-    let mut window = Accum::default();
-    let mut window_start = Instant::now();
-    let mut last_loss = f64::NAN;
     let mut last_ckpt = None;
-    let mut evals = Vec::new();
-    let mut run_tokens = 0u64;
-    let eval_every = t.eval_every.unwrap_or(0);
-    if start_step == 0 && eval_every > 0 {
+    if log.eval_at_start(start_step) {
         if let Some(e) = trainer.evaluate(dp)? {
-            if let Some(l) = logger.as_mut() {
-                let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                l.log(0, &rows)?;
-            }
-            evals.push((0, e));
+            log.eval(0, e)?;
         }
     }
 
@@ -725,66 +841,29 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         state.tokens_seen += acc.tokens as u64;
         // summed over ranks by the sync above
         state.samples_seen += acc.samples as u64;
-        run_tokens += acc.tokens as u64;
-        last_loss = acc.loss_sum / acc.batches.max(1.0);
-        // window of steps since the last log row
-        window.loss_sum += acc.loss_sum;
-        window.batches += acc.batches;
-        window.tokens += acc.tokens;
-        for (k, (s, c)) in &acc.values {
-            let e = window.values.entry(k.clone()).or_default();
-            e.0 += s;
-            e.1 += c;
-        }
-        let secs = window_start.elapsed().as_secs_f64();
-        let tps = window.tokens / secs.max(1e-9);
-        pb.set_position(state.step);
-        pb.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        let log_now = state.step.is_multiple_of(recipe.log.every_steps.max(1)) || state.step == total;
-        if log_now {
-            if let Some(l) = logger.as_mut() {
-                let mut rows = window.scalars("train/");
-                rows.push(("train/lr".into(), lr));
-                rows.push(("train/grad_norm".into(), grad_norm));
-                rows.push(("train/tokens_per_second".into(), tps));
-                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
-                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                l.log(state.step, &rows)?;
-            }
-            window = Accum::default();
-            window_start = Instant::now();
-        }
-        if eval_every > 0 && (state.step.is_multiple_of(eval_every) || state.step == total) {
+        log.step(state.step, &StepMetrics { acc, lr, grad_norm })?;
+        if log.eval_due(state.step) {
             if let Some(e) = trainer.evaluate(dp)? {
-                if let Some(l) = logger.as_mut() {
-                    let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                    l.log(state.step, &rows)?;
-                }
-                evals.push((state.step, e));
+                log.eval(state.step, e)?;
             }
         }
         if checkpointer.due(state.step) {
             if let Some(path) = checkpointer.save(dp, &state, trainer.drafter.var_store(), &opt)? {
                 last_ckpt = Some(path);
             }
-            if let Some(l) = logger.as_mut() {
-                l.flush();
-            }
+            log.flush();
         }
     }
-    pb.finish_and_clear();
-    if let Some(l) = logger.as_mut() {
-        l.flush();
-    }
+    log.finish();
     Ok(TrainSummary {
         start_step,
         steps: total,
-        last_loss,
-        tokens: run_tokens,
+        last_loss: log.last_loss,
+        tokens: log.run_tokens,
         seconds: t_start.elapsed().as_secs_f64(),
         last_checkpoint: last_ckpt,
         peak_rss_mb: peak_rss_mb(),
-        eval: evals,
+        eval: log.evals,
         step_seconds: loop_start.elapsed().as_secs_f64(),
         optimizer_state_bytes: opt.state_bytes(),
         rank,
