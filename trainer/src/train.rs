@@ -1,6 +1,11 @@
 //! The training loop: any drafter, online (frozen target inside the step) or offline
 //! (hidden-state shards), with gradient accumulation, clipping, AdamW, LR schedules, logging,
 //! periodic evaluation and atomic, exactly-resumable checkpoints.
+//!
+//! [`train`] is a short loop over the parts: `Trainer` (the drafter, its data and optimizer;
+//! `train_step` runs one optimizer step), `RunLog` (metric rows, evaluations, progress),
+//! [`Checkpointer`] (when and how checkpoints are written) and [`reshard_position`] (where
+//! a checkpoint continues on another number of ranks).
 
 use crate::checkpoint::{self, TrainerState};
 use crate::checkpointer::Checkpointer;
@@ -206,6 +211,31 @@ impl Accum {
     }
 }
 
+impl Source {
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            Source::Online { data, .. } => data.lengths(),
+            Source::Offline { data } => data.lengths(),
+        }
+    }
+
+    /// The epoch's micro-batches in their global order (before sharding over ranks).
+    fn global_plan(&self, recipe: &Recipe, epoch: u64) -> Vec<Vec<usize>> {
+        let t = &recipe.train;
+        let opts = PlanOptions {
+            micro_batch_size: t.micro_batch_size.max(1) as usize,
+            seed: t.seed,
+            shuffle: true,
+            length_grouping: true,
+        };
+        let lengths = self.lengths();
+        match self {
+            Source::Online { .. } => global_plan(&lengths, epoch, &opts),
+            Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
+        }
+    }
+}
+
 /// What one optimizer step did.
 struct StepMetrics {
     /// Loss parts, metrics, tokens and samples summed over the step's micro-batches and the
@@ -216,6 +246,7 @@ struct StepMetrics {
     grad_norm: f64,
 }
 
+/// The drafter, its data and its optimizer, and where training stands.
 struct Trainer<'a> {
     recipe: &'a Recipe,
     drafter: Box<dyn Drafter>,
@@ -224,34 +255,259 @@ struct Trainer<'a> {
     eval_data: Option<TokenDataset>,
     /// Offline runs with eval data load the target for evaluation only.
     eval_target: Option<(TargetModel, Vec<i64>)>,
+    /// The trainable parameters, sorted by name (what `opt` updates).
+    params: Vec<(String, Tensor)>,
+    opt: DistAdamW,
+    sched: LrSchedule,
+    /// Micro-batches per optimizer step on each rank.
+    grad_accum: u64,
+    /// Steps done, data position and counters (what a checkpoint saves).
+    state: TrainerState,
+    /// This rank's micro-batches of epoch `state.epoch`.
+    epoch_plan: Vec<Vec<usize>>,
 }
 
-impl Trainer<'_> {
-    fn lengths(&self) -> Vec<usize> {
-        match &self.source {
-            Source::Online { data, .. } => data.lengths(),
-            Source::Offline { data } => data.lengths(),
+impl<'a> Trainer<'a> {
+    /// Loads the data (and the target, online), builds the drafter and its optimizer: a fresh
+    /// run at step 0 of the recipe's steps.
+    fn new(
+        recipe: &'a Recipe,
+        cfg: &TargetConfig,
+        spec: &DrafterSpec,
+        dir: &Path,
+        opts: &TrainOptions,
+        dp: &mut dyn Comm,
+    ) -> Result<Self> {
+        let t = &recipe.train;
+        let (target_dtype, device) = target_placement(recipe)?;
+        tch::manual_seed(t.seed as i64);
+
+        // Data (and the target, online).
+        let eval_tokens;
+        let vocab; // EAGLE-3's draft vocabulary mapping (None for other drafters)
+        let source = match recipe.data.mode {
+            DataMode::Online => {
+                let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
+                vocab = data::vocab_mapping(recipe, cfg, &td.train)?.map(|(m, _)| m);
+                eval_tokens = td.eval.map(|e| e.dataset);
+                let target = TargetModel::load(dir, target_dtype, device)?;
+                let needs = data::hidden_needs(recipe, cfg)?;
+                Source::Online {
+                    target,
+                    data: td.train.dataset,
+                    aux: needs.aux_layers.iter().map(|&l| l as i64).collect(),
+                }
+            }
+            DataMode::Offline => {
+                let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
+                    TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
+                })?;
+                let ds = HiddenDataset::open(hd)?;
+                vocab = offline_vocab_mapping(recipe, cfg, &ds)?;
+                let needs = data::hidden_needs(recipe, cfg)?;
+                let s = ds.settings();
+                if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != s.aux_layers {
+                    return Err(TrainerError::Config(format!(
+                        "{}: holds last_hidden={} aux_layers={:?}, the drafter needs last_hidden={} aux_layers={:?}: run forge prepare-hidden with this recipe",
+                        hd.display(), s.last_hidden, s.aux_layers, needs.last_hidden, needs.aux_layers
+                    )));
+                }
+                if s.hidden_size != cfg.hidden_size as usize {
+                    return Err(TrainerError::Config(format!(
+                        "{}: hidden size {} does not match the target's {}",
+                        hd.display(),
+                        s.hidden_size,
+                        cfg.hidden_size
+                    )));
+                }
+                // evaluation reads conversations through the target, also in offline mode
+                eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
+                Source::Offline { data: ds }
+            }
+        };
+
+        // The drafter (its own VarStore, fp32 master weights).
+        let tensors = target_tensors(dir, cfg)?;
+        let mut drafter = spec.build(&tensors, device)?;
+        if let Some(m) = &vocab {
+            eagle3::install_vocab_mapping(drafter.var_store(), &m.d2t, &m.t2d, tensors.lm_head.as_ref())?;
         }
+        drop(tensors);
+        drafter.set_compute_kind(compute_kind(recipe, device));
+        let params: Vec<(String, Tensor)> = {
+            let mut v: Vec<(String, Tensor)> = drafter
+                .var_store()
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let policy = ParamPolicy::new(drafter.param_groups())?;
+        if dp.rank() == 0 {
+            for g in policy.summary(&params)? {
+                eprintln!("{g}");
+            }
+        }
+        let opt = DistAdamW::new(
+            params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            AdamWConfig {
+                lr: t.lr,
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_eps,
+                weight_decay: t.weight_decay,
+            },
+            &policy,
+            recipe.dist.zero_stage,
+            recipe.dist.bucket_mb,
+            dp,
+        )?;
+        let eval_target = if matches!(source, Source::Offline { .. }) && eval_tokens.is_some() {
+            let needs = data::hidden_needs(recipe, cfg)?;
+            let target = TargetModel::load(dir, target_dtype, device)?;
+            Some((target, needs.aux_layers.iter().map(|&l| l as i64).collect()))
+        } else {
+            None
+        };
+
+        // Steps.
+        let grad_accum = t.grad_accum.max(1);
+        let epoch_plan = shard_plan(source.global_plan(recipe, 0), dp.rank(), dp.world());
+        let per_epoch = epoch_plan.len() as u64;
+        let total = match t.max_steps {
+            Some(s) => s,
+            None => (t.epochs * per_epoch).div_ceil(grad_accum).max(1),
+        };
+        let warmup = crate::schedule::LrSchedule::warmup_from(t.warmup_ratio, t.warmup_steps, total);
+        let sched = LrSchedule {
+            kind: schedule_kind(t.schedule),
+            base_lr: t.lr,
+            warmup_steps: warmup,
+            total_steps: total,
+            min_lr_ratio: t.min_lr_ratio,
+        };
+        let state = TrainerState {
+            step: 0,
+            total_steps: total,
+            epoch: 0,
+            batch_in_epoch: 0,
+            tokens_seen: 0,
+            samples_seen: 0,
+            seed: t.seed,
+            world_size: dp.world(),
+            lr: 0.0,
+        };
+        Ok(Trainer {
+            recipe,
+            drafter,
+            source,
+            device,
+            eval_data: eval_tokens,
+            eval_target,
+            params,
+            opt,
+            sched,
+            grad_accum,
+            state,
+            epoch_plan,
+        })
+    }
+
+    /// Continues from checkpoint `ck` (of drafter `spec`): its weights, optimizer state and
+    /// data position, re-sharded when it was written by another number of ranks.
+    fn resume(&mut self, ck: &Path, spec: &DrafterSpec, dp: &mut dyn Comm) -> Result<()> {
+        let (world, rank) = (dp.world(), dp.rank());
+        let loaded = checkpoint::load(ck)?;
+        if &loaded.manifest.drafter != spec {
+            return Err(TrainerError::Config(format!(
+                "{}: was trained with another drafter configuration ({:?}); the recipe now gives {:?}",
+                ck.display(),
+                loaded.manifest.drafter,
+                spec
+            )));
+        }
+        let old_world = loaded.state.world_size.max(1);
+        let mut resumed = loaded.state.clone();
+        if old_world != world {
+            let plan_len = self.source.global_plan(self.recipe, resumed.epoch).len();
+            (resumed.epoch, resumed.batch_in_epoch) =
+                reshard_position(resumed.batch_in_epoch, resumed.epoch, old_world, world, plan_len)
+                    .map_err(|e| e.at(ck))?;
+            resumed.world_size = world;
+            if rank == 0 {
+                eprintln!(
+                    "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
+                    ck.display()
+                );
+            }
+        }
+        checkpoint::load_into_var_store(self.drafter.var_store(), &loaded.weights, ck)?;
+        let param_shapes: BTreeMap<String, Vec<i64>> = self.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        let full = assemble_full_state(loaded.optimizer, &param_shapes)?;
+        self.opt.load_full_state(&full, loaded.state.step)?;
+        resumed.total_steps = self.state.total_steps;
+        self.state = resumed;
+        self.epoch_plan = self.plan(self.state.epoch, dp);
+        if dp.rank() == 0 {
+            eprintln!("resuming from {} (step {})", ck.display(), self.state.step);
+        }
+        Ok(())
+    }
+
+    /// Runs optimizer step `step` (0-based, the next one): this rank's micro-batches of the
+    /// step (features, loss, backward; the gradients accumulate), then the optimizer step.
+    /// Moves the data position and the counters of `state` on; returns the step's metrics,
+    /// summed over its micro-batches and the ranks. Every rank calls it at the same step.
+    fn train_step(&mut self, step: u64, dp: &mut dyn Comm) -> Result<StepMetrics> {
+        let recipe = self.recipe;
+        let t = &recipe.train;
+        let (rank, world) = (dp.rank(), dp.world());
+        let accum = self.grad_accum;
+        let step_seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
+        tch::manual_seed(step_seed as i64);
+        let lr = self.sched.lr_at(step);
+        let mut acc = Accum::default();
+        for a in 0..accum {
+            // Randomness (e.g. EAGLE-1 feature noise) depends on the micro-batch's index in
+            // the step's global batch, not on the rank: 2 ranks x grad_accum 1 draw what
+            // 1 rank x grad_accum 2 draws.
+            let global_mb = a * world as u64 + rank as u64;
+            tch::manual_seed(step_seed.wrapping_mul(8191).wrapping_add(global_mb) as i64);
+            if self.state.batch_in_epoch >= self.epoch_plan.len() {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                self.epoch_plan = self.plan(self.state.epoch, dp);
+            }
+            let idx = self.epoch_plan[self.state.batch_in_epoch].clone();
+            self.state.batch_in_epoch += 1;
+            if idx.is_empty() {
+                continue;
+            }
+            let (f, tokens) = self.features(&idx)?;
+            let out = self.drafter.loss(&f, true)?;
+            (&out.loss / accum as f64).backward();
+            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
+            acc.samples += idx.len() as f64;
+        }
+        let grad_norm = self.opt.step(dp, lr, t.max_grad_norm)?;
+        self.opt.zero_grad();
+        let check_every = recipe.dist.check_weights_every;
+        if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
+            check_same_weights(dp, &self.params, step + 1)?;
+        }
+        acc.sync(dp)?;
+        self.state.step = step + 1;
+        self.state.lr = lr;
+        self.state.tokens_seen += acc.tokens as u64;
+        // summed over ranks by the sync above
+        self.state.samples_seen += acc.samples as u64;
+        Ok(StepMetrics { acc, lr, grad_norm })
     }
 
     fn plan(&self, epoch: u64, dp: &dyn Comm) -> Vec<Vec<usize>> {
-        shard_plan(self.global_plan(epoch), dp.rank(), dp.world())
-    }
-
-    /// The epoch's micro-batches in their global order (before sharding over ranks).
-    fn global_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
-        let t = &self.recipe.train;
-        let opts = PlanOptions {
-            micro_batch_size: t.micro_batch_size.max(1) as usize,
-            seed: t.seed,
-            shuffle: true,
-            length_grouping: true,
-        };
-        let lengths = self.lengths();
-        match &self.source {
-            Source::Online { .. } => global_plan(&lengths, epoch, &opts),
-            Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
-        }
+        shard_plan(self.source.global_plan(self.recipe, epoch), dp.rank(), dp.world())
     }
 
     /// Target features of a micro-batch of token samples (online).
@@ -608,7 +864,6 @@ fn write_run_folder(recipe: &Recipe, ckpt_dir: &Path) -> Result<()> {
 /// Trains the recipe's drafter.
 pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<TrainSummary> {
     let t_start = Instant::now();
-    let t = &recipe.train;
     let ckpt_dir = recipe
         .checkpoint
         .dir
@@ -619,236 +874,39 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let spec = drafter_spec(recipe, &cfg)?;
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume_from(recipe, &opts.resume)?;
-    let (target_dtype, device) = target_placement(recipe)?;
-    tch::manual_seed(t.seed as i64);
-
-    // Data (and the target, online).
-    let eval_tokens;
-    let vocab; // EAGLE-3's draft vocabulary mapping (None for other drafters)
-    let source = match recipe.data.mode {
-        DataMode::Online => {
-            let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
-            vocab = data::vocab_mapping(recipe, &cfg, &td.train)?.map(|(m, _)| m);
-            eval_tokens = td.eval.map(|e| e.dataset);
-            let target = TargetModel::load(&dir, target_dtype, device)?;
-            let needs = data::hidden_needs(recipe, &cfg)?;
-            Source::Online {
-                target,
-                data: td.train.dataset,
-                aux: needs.aux_layers.iter().map(|&l| l as i64).collect(),
-            }
-        }
-        DataMode::Offline => {
-            let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
-                TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
-            })?;
-            let ds = HiddenDataset::open(hd)?;
-            vocab = offline_vocab_mapping(recipe, &cfg, &ds)?;
-            let needs = data::hidden_needs(recipe, &cfg)?;
-            let s = ds.settings();
-            if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != s.aux_layers {
-                return Err(TrainerError::Config(format!(
-                    "{}: holds last_hidden={} aux_layers={:?}, the drafter needs last_hidden={} aux_layers={:?}: run forge prepare-hidden with this recipe",
-                    hd.display(), s.last_hidden, s.aux_layers, needs.last_hidden, needs.aux_layers
-                )));
-            }
-            if s.hidden_size != cfg.hidden_size as usize {
-                return Err(TrainerError::Config(format!(
-                    "{}: hidden size {} does not match the target's {}",
-                    hd.display(),
-                    s.hidden_size,
-                    cfg.hidden_size
-                )));
-            }
-            // evaluation reads conversations through the target, also in offline mode
-            eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
-            Source::Offline { data: ds }
-        }
-    };
-
-    // The drafter (its own VarStore, fp32 master weights).
-    let tensors = target_tensors(&dir, &cfg)?;
-    let mut drafter = spec.build(&tensors, device)?;
-    if let Some(m) = &vocab {
-        eagle3::install_vocab_mapping(drafter.var_store(), &m.d2t, &m.t2d, tensors.lm_head.as_ref())?;
-    }
-    drop(tensors);
-    drafter.set_compute_kind(compute_kind(recipe, device));
-    let params: Vec<(String, Tensor)> = {
-        let mut v: Vec<(String, Tensor)> = drafter
-            .var_store()
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let param_shapes: BTreeMap<String, Vec<i64>> = params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
-    let policy = ParamPolicy::new(drafter.param_groups())?;
-    if dp.rank() == 0 {
-        for g in policy.summary(&params)? {
-            eprintln!("{g}");
-        }
-    }
-    let mut opt = DistAdamW::new(
-        params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
-        AdamWConfig {
-            lr: t.lr,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_eps,
-            weight_decay: t.weight_decay,
-        },
-        &policy,
-        recipe.dist.zero_stage,
-        recipe.dist.bucket_mb,
-        dp,
-    )?;
-    let world = dp.world();
-    let rank = dp.rank();
-
-    let mut trainer = Trainer {
-        recipe,
-        drafter,
-        source,
-        device,
-        eval_data: eval_tokens,
-        eval_target: None,
-    };
-    if matches!(trainer.source, Source::Offline { .. }) && trainer.eval_data.is_some() {
-        let needs = data::hidden_needs(recipe, &cfg)?;
-        let target = TargetModel::load(&dir, target_dtype, device)?;
-        trainer.eval_target = Some((target, needs.aux_layers.iter().map(|&l| l as i64).collect()));
-    }
-
-    // Steps.
-    let accum = t.grad_accum.max(1);
-    let per_epoch = trainer.plan(0, dp).len() as u64;
-    let total = match t.max_steps {
-        Some(s) => s,
-        None => (t.epochs * per_epoch).div_ceil(accum).max(1),
-    };
-    let warmup = crate::schedule::LrSchedule::warmup_from(t.warmup_ratio, t.warmup_steps, total);
-    let sched = LrSchedule {
-        kind: schedule_kind(t.schedule),
-        base_lr: t.lr,
-        warmup_steps: warmup,
-        total_steps: total,
-        min_lr_ratio: t.min_lr_ratio,
-    };
-    let checkpointer = Checkpointer::new(recipe, ckpt_dir.clone(), total, spec.clone(), dir.clone(), cfg.raw.clone(), dp)?;
-
-    // Resume.
-    let mut state = TrainerState {
-        step: 0,
-        total_steps: total,
-        epoch: 0,
-        batch_in_epoch: 0,
-        tokens_seen: 0,
-        samples_seen: 0,
-        seed: t.seed,
-        world_size: dp.world(),
-        lr: 0.0,
-    };
+    let mut trainer = Trainer::new(recipe, &cfg, &spec, &dir, opts, dp)?;
+    let total = trainer.state.total_steps;
+    let checkpointer = Checkpointer::new(recipe, ckpt_dir.clone(), total, spec.clone(), dir, cfg.raw.clone(), dp)?;
     if let Some(ck) = resume_ck {
-        let loaded = checkpoint::load(&ck)?;
-        if loaded.manifest.drafter != spec {
-            return Err(TrainerError::Config(format!(
-                "{}: was trained with another drafter configuration ({:?}); the recipe now gives {:?}",
-                ck.display(),
-                loaded.manifest.drafter,
-                spec
-            )));
-        }
-        let old_world = loaded.state.world_size.max(1);
-        let mut resumed = loaded.state.clone();
-        if old_world != world {
-            let plan_len = trainer.global_plan(resumed.epoch).len();
-            (resumed.epoch, resumed.batch_in_epoch) =
-                reshard_position(resumed.batch_in_epoch, resumed.epoch, old_world, world, plan_len)
-                    .map_err(|e| e.at(&ck))?;
-            resumed.world_size = world;
-            if rank == 0 {
-                eprintln!(
-                    "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
-                    ck.display()
-                );
-            }
-        }
-        checkpoint::load_into_var_store(trainer.drafter.var_store(), &loaded.weights, &ck)?;
-        let full = assemble_full_state(loaded.optimizer, &param_shapes)?;
-        opt.load_full_state(&full, loaded.state.step)?;
-        state = resumed;
-        state.total_steps = total;
-        if dp.rank() == 0 {
-            eprintln!("resuming from {} (step {})", ck.display(), state.step);
-        }
+        trainer.resume(&ck, &spec, dp)?;
     }
-    let start_step = state.step;
-    same_start_on_every_rank(dp, &state)?;
+    let start_step = trainer.state.step;
+    same_start_on_every_rank(dp, &trainer.state)?;
 
     let rank0 = dp.rank() == 0;
     if rank0 {
         write_run_folder(recipe, &ckpt_dir)?;
     }
     let mut log = RunLog::open(recipe, &ckpt_dir, start_step, total, opts.show_progress, rank0)?;
-    let mut plan = trainer.plan(state.epoch, dp);
-    let mut last_ckpt = None;
     if log.eval_at_start(start_step) {
         if let Some(e) = trainer.evaluate(dp)? {
             log.eval(0, e)?;
         }
     }
 
-    let check_every = recipe.dist.check_weights_every;
+    let mut last_ckpt = None;
     let loop_start = Instant::now();
     for step in start_step..total {
-        let step_seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
-        tch::manual_seed(step_seed as i64);
-        let lr = sched.lr_at(step);
-        let mut acc = Accum::default();
-        for a in 0..accum {
-            // Randomness (e.g. EAGLE-1 feature noise) depends on the micro-batch's index in
-            // the step's global batch, not on the rank: 2 ranks x grad_accum 1 draw what
-            // 1 rank x grad_accum 2 draws.
-            let global_mb = a * world as u64 + rank as u64;
-            tch::manual_seed(step_seed.wrapping_mul(8191).wrapping_add(global_mb) as i64);
-            if state.batch_in_epoch >= plan.len() {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-                plan = trainer.plan(state.epoch, dp);
-            }
-            let idx = plan[state.batch_in_epoch].clone();
-            state.batch_in_epoch += 1;
-            if idx.is_empty() {
-                continue;
-            }
-            let (f, tokens) = trainer.features(&idx)?;
-            let out = trainer.drafter.loss(&f, true)?;
-            (&out.loss / accum as f64).backward();
-            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
-            acc.samples += idx.len() as f64;
-        }
-        let grad_norm = opt.step(dp, lr, t.max_grad_norm)?;
-        opt.zero_grad();
-        if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
-            check_same_weights(dp, &params, step + 1)?;
-        }
-        acc.sync(dp)?;
-        state.step = step + 1;
-        state.lr = lr;
-        state.tokens_seen += acc.tokens as u64;
-        // summed over ranks by the sync above
-        state.samples_seen += acc.samples as u64;
-        log.step(state.step, &StepMetrics { acc, lr, grad_norm })?;
-        if log.eval_due(state.step) {
+        let m = trainer.train_step(step, dp)?;
+        let done = trainer.state.step;
+        log.step(done, &m)?;
+        if log.eval_due(done) {
             if let Some(e) = trainer.evaluate(dp)? {
-                log.eval(state.step, e)?;
+                log.eval(done, e)?;
             }
         }
-        if checkpointer.due(state.step) {
-            if let Some(path) = checkpointer.save(dp, &state, trainer.drafter.var_store(), &opt)? {
+        if checkpointer.due(done) {
+            if let Some(path) = checkpointer.save(dp, &trainer.state, trainer.drafter.var_store(), &trainer.opt)? {
                 last_ckpt = Some(path);
             }
             log.flush();
@@ -865,9 +923,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         peak_rss_mb: peak_rss_mb(),
         eval: log.evals,
         step_seconds: loop_start.elapsed().as_secs_f64(),
-        optimizer_state_bytes: opt.state_bytes(),
-        rank,
-        world,
+        optimizer_state_bytes: trainer.opt.state_bytes(),
+        rank: dp.rank(),
+        world: dp.world(),
     })
 }
 
