@@ -5,13 +5,16 @@
 //!
 //! Semantics are torch.optim.AdamW's (foreach=False, amsgrad=False, maximize=False):
 //! decoupled weight decay `p -= lr * wd * p` before the Adam update, bias-corrected
-//! moments, `eps` added to `sqrt(v_hat)`. Weight decay is applied only to parameters with
-//! two or more dimensions (matrices, embeddings), never to norms, biases or other 1-d
-//! parameters. One step counter is shared by all parameters (it is the bias-correction
-//! step), so a parameter that misses a gradient on some steps differs from torch's
-//! per-parameter count; drafter parameters get a gradient on every step.
+//! moments, `eps` added to `sqrt(v_hat)`. The drafter's parameter groups ([`ParamPolicy`])
+//! give each parameter a learning-rate multiplier and say whether weight decay applies;
+//! it is applied only to parameters with two or more dimensions (matrices, embeddings),
+//! never to norms, biases or other 1-d parameters. One step counter is shared by all
+//! parameters (it is the bias-correction step), so a parameter that misses a gradient on
+//! some steps differs from torch's per-parameter count; drafter parameters get a gradient
+//! on every step.
 
 use crate::error::{Result, TrainerError};
+use forge_models::drafters::ParamGroup;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
@@ -66,13 +69,176 @@ pub fn adamw_update(
     })
 }
 
+/// How the optimizer treats one parameter (what its [`ParamGroup`] and its shape decide).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamRule {
+    /// Multiplies the scheduled learning rate (the decoupled weight decay uses the product
+    /// too, as torch's per-group `lr` does).
+    pub lr_scale: f64,
+    /// The decoupled weight decay applies.
+    pub decay: bool,
+}
+
+impl ParamRule {
+    /// The one place the decay rule lives: the group asks for weight decay and the parameter
+    /// has two or more dimensions (matrices, embeddings; never norms, biases, other vectors).
+    fn new(group: &ParamGroup, param: &Tensor) -> ParamRule {
+        ParamRule {
+            lr_scale: group.lr_scale,
+            decay: group.weight_decay && param.dim() >= 2,
+        }
+    }
+}
+
+/// The optimizer policy both [`AdamW`] and the data-parallel `DistAdamW` read: a drafter's
+/// parameter groups, of which the one whose prefix is the longest match of a parameter's
+/// name decides that parameter's [`ParamRule`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamPolicy {
+    groups: Vec<ParamGroup>,
+}
+
+impl Default for ParamPolicy {
+    /// One group, [`ParamGroup::all`]: the scheduled learning rate for every parameter and
+    /// weight decay on every matrix.
+    fn default() -> Self {
+        ParamPolicy {
+            groups: vec![ParamGroup::all()],
+        }
+    }
+}
+
+/// One parameter group as the trainer reports it at the start of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupSummary {
+    pub name: String,
+    /// Trainable tensors in the group.
+    pub tensors: usize,
+    /// Their elements.
+    pub numel: i64,
+    pub lr_scale: f64,
+    pub weight_decay: bool,
+}
+
+impl std::fmt::Display for GroupSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "parameter group {}: {} tensors, {} parameters, lr scale {}, weight decay {}",
+            self.name,
+            self.tensors,
+            self.numel,
+            self.lr_scale,
+            if self.weight_decay {
+                "on (tensors of 2+ dims)"
+            } else {
+                "off"
+            }
+        )
+    }
+}
+
+impl ParamPolicy {
+    /// The policy of a drafter's groups (`Drafter::param_groups`). Errors on two groups
+    /// with one prefix (which would decide would be arbitrary) and on a learning-rate scale
+    /// that is not a finite number >= 0.
+    pub fn new(groups: Vec<ParamGroup>) -> Result<ParamPolicy> {
+        for (i, g) in groups.iter().enumerate() {
+            if !g.lr_scale.is_finite() || g.lr_scale < 0.0 {
+                return Err(TrainerError::Config(format!(
+                    "optimizer parameter group {}: lr_scale {} is not a finite number >= 0",
+                    g.name, g.lr_scale
+                )));
+            }
+            if let Some(other) = groups[..i].iter().find(|o| o.prefix == g.prefix) {
+                return Err(TrainerError::Config(format!(
+                    "optimizer parameter groups {} and {} have the same prefix '{}'",
+                    other.name, g.name, g.prefix
+                )));
+            }
+        }
+        Ok(ParamPolicy { groups })
+    }
+
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// The group deciding for parameter `name`: the one with the longest prefix of it.
+    pub fn group_of(&self, name: &str) -> Option<&ParamGroup> {
+        self.group_index(name).map(|i| &self.groups[i])
+    }
+
+    fn group_index(&self, name: &str) -> Option<usize> {
+        self.groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| name.starts_with(g.prefix.as_str()))
+            .max_by_key(|(_, g)| g.prefix.len())
+            .map(|(i, _)| i)
+    }
+
+    /// [`Self::group_index`], or an error naming the parameter no group matches.
+    fn matching_group(&self, name: &str) -> Result<usize> {
+        self.group_index(name).ok_or_else(|| {
+            let prefixes: Vec<String> = self.groups.iter().map(|g| format!("'{}'", g.prefix)).collect();
+            TrainerError::Config(format!(
+                "trainable parameter {name} matches no optimizer parameter group (prefixes: {}): the drafter's param_groups must cover every trainable variable",
+                prefixes.join(", ")
+            ))
+        })
+    }
+
+    /// The rule of parameter `name`; an error names a parameter that no group matches.
+    pub fn rule(&self, name: &str, param: &Tensor) -> Result<ParamRule> {
+        Ok(ParamRule::new(&self.groups[self.matching_group(name)?], param))
+    }
+
+    /// The rules of `params`, in their order.
+    pub fn rules(&self, params: &[(String, Tensor)]) -> Result<Vec<ParamRule>> {
+        params.iter().map(|(n, p)| self.rule(n, p)).collect()
+    }
+
+    /// Each group with the number of `params` tensors and elements it decides for (errors
+    /// as [`ParamPolicy::rule`]).
+    pub fn summary(&self, params: &[(String, Tensor)]) -> Result<Vec<GroupSummary>> {
+        let mut out: Vec<GroupSummary> = self
+            .groups
+            .iter()
+            .map(|g| GroupSummary {
+                name: g.name.clone(),
+                tensors: 0,
+                numel: 0,
+                lr_scale: g.lr_scale,
+                weight_decay: g.weight_decay,
+            })
+            .collect();
+        for (n, p) in params {
+            let i = self.matching_group(n)?;
+            out[i].tensors += 1;
+            out[i].numel += p.numel() as i64;
+        }
+        Ok(out)
+    }
+}
+
+/// The factor that clips gradients of global L2 norm `norm` to `max_norm`:
+/// `max_norm / (norm + 1e-6)` when `norm > max_norm`, else 1 (also when `max_norm <= 0`,
+/// clipping off, and when `norm` is not finite: then nothing is scaled).
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 struct Slot {
     name: String,
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// Weight decay applies (dim >= 2).
-    decay: bool,
+    rule: ParamRule,
 }
 
 /// AdamW over named parameters; its state is created eagerly (zeros) at construction.
@@ -88,28 +254,31 @@ const EXP_AVG_SQ: &str = "exp_avg_sq/";
 impl AdamW {
     /// params: (name, fp32 trainable variable) pairs, e.g. from a VarStore's trainable
     /// variables. The tensors share storage with the variables (steps update them in place).
-    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+    /// `policy` gives each its learning-rate scale and weight decay; a parameter that no
+    /// group matches is an error.
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, policy: &ParamPolicy) -> Result<Self> {
+        let rules = policy.rules(&params)?;
         let slots = params
             .into_iter()
-            .map(|(name, param)| {
+            .zip(rules)
+            .map(|((name, param), rule)| {
                 let opts = (Kind::Float, param.device());
                 let exp_avg = Tensor::zeros(param.size(), opts);
                 let exp_avg_sq = Tensor::zeros(param.size(), opts);
-                let decay = param.dim() >= 2;
                 Slot {
                     name,
                     param,
                     exp_avg,
                     exp_avg_sq,
-                    decay,
+                    rule,
                 }
             })
             .collect();
-        AdamW {
+        Ok(AdamW {
             cfg,
             slots,
             step: 0,
-        }
+        })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -150,8 +319,8 @@ impl AdamW {
                 .sum(Kind::Double)
                 .sqrt()
                 .double_value(&[]);
-            if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-                let coef = max_norm / (norm + 1e-6);
+            let coef = clip_coef(norm, max_norm);
+            if coef != 1.0 {
                 for mut g in grads {
                     let _ = g.g_mul_scalar_(coef);
                 }
@@ -160,8 +329,9 @@ impl AdamW {
         })
     }
 
-    /// One step at learning rate lr (schedule applied by the caller). Params without a grad
-    /// are skipped. Runs under no_grad, in place.
+    /// One step at learning rate lr (schedule applied by the caller; each parameter runs at
+    /// lr times its group's scale). Params without a grad are skipped. Runs under no_grad,
+    /// in place.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let step = self.step;
@@ -179,7 +349,8 @@ impl AdamW {
                 } else {
                     s.param.to_kind(Kind::Float)
                 };
-                adamw_update(&mut p, &g, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, s.decay);
+                let lr = lr * s.rule.lr_scale;
+                adamw_update(&mut p, &g, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, s.rule.decay);
                 if !fp32 {
                     s.param.copy_(&p);
                 }
@@ -335,7 +506,9 @@ mod tests {
                 ("b".into(), b.shallow_clone()),
             ],
             cfg(),
-        );
+            &ParamPolicy::default(),
+        )
+        .expect("adamw");
         (w, b, opt)
     }
 
@@ -352,17 +525,22 @@ mod tests {
     /// AdamW by hand, in f64, one scalar at a time: returns p after `steps` steps with the
     /// fixed gradient g.
     fn by_hand(p0: f64, g: f64, steps: u32, decay: bool) -> f64 {
+        by_hand_at(p0, g, steps, LR, decay)
+    }
+
+    /// [`by_hand`] at learning rate `lr`.
+    fn by_hand_at(p0: f64, g: f64, steps: u32, lr: f64, decay: bool) -> f64 {
         let (b1, b2, eps, wd) = (0.9_f64, 0.999_f64, 1e-8_f64, 0.1_f64);
         let (mut p, mut m, mut v) = (p0, 0.0_f64, 0.0_f64);
         for t in 1..=steps {
             if decay {
-                p -= LR * wd * p;
+                p -= lr * wd * p;
             }
             m = b1 * m + (1.0 - b1) * g;
             v = b2 * v + (1.0 - b2) * g * g;
             let m_hat = m / (1.0 - b1.powi(t as i32));
             let v_hat = v / (1.0 - b2.powi(t as i32));
-            p -= LR * m_hat / (v_hat.sqrt() + eps);
+            p -= lr * m_hat / (v_hat.sqrt() + eps);
         }
         p
     }
@@ -439,7 +617,9 @@ mod tests {
                 ("b".into(), b.shallow_clone()),
             ],
             cfg(),
-        );
+            &ParamPolicy::default(),
+        )
+        .expect("adamw");
 
         let x = Tensor::from_slice(&[
             1.0f32, 2.0, -1.0, 0.5, -0.3, 0.8, 2.0, 1.0, 0.0, -1.5, 0.2, 0.7,
@@ -491,7 +671,9 @@ mod tests {
                 ("unused".into(), unused.shallow_clone()),
             ],
             cfg(),
-        );
+            &ParamPolicy::default(),
+        )
+        .expect("adamw");
         backward(&[(&w, &GW), (&b, &GB)]);
         opt.step(LR);
         assert_close(&values(&unused), &[1.0, 2.0, 3.0, 4.0], 0.0);
@@ -526,7 +708,7 @@ mod tests {
         // the clipped norm is the max norm (minus the 1e-6 guard)
         assert!((opt.clip_grad_norm(0.0) - 6.5).abs() < 1e-5);
         // no grads at all: norm 0
-        let mut empty = AdamW::new(vec![("x".into(), var(&[1.0], &[1]))], cfg());
+        let mut empty = AdamW::new(vec![("x".into(), var(&[1.0], &[1]))], cfg(), &ParamPolicy::default()).expect("adamw");
         assert_eq!(empty.clip_grad_norm(1.0), 0.0);
     }
 
@@ -559,7 +741,9 @@ mod tests {
                 ("b".into(), b2.shallow_clone()),
             ],
             cfg(),
-        );
+            &ParamPolicy::default(),
+        )
+        .expect("adamw");
         c.load_state(&saved, a.step_count()).expect("load_state");
         assert_eq!(c.step_count(), 2);
         // one more identical step on both
@@ -575,7 +759,7 @@ mod tests {
         }
         // and a fresh optimizer (no state loaded) would not match: the state matters
         let w3 = w.detach().copy().set_requires_grad(true);
-        let mut fresh = AdamW::new(vec![("w".into(), w3.shallow_clone())], cfg());
+        let mut fresh = AdamW::new(vec![("w".into(), w3.shallow_clone())], cfg(), &ParamPolicy::default()).expect("adamw");
         backward(&[(&w3, &GW)]);
         fresh.step(LR);
         assert!(!w3.equal(&w));
@@ -615,5 +799,128 @@ mod tests {
 
         // failed loads leave the step count alone
         assert_eq!(opt.step_count(), 0);
+    }
+
+    fn group(name: &str, prefix: &str, lr_scale: f64, weight_decay: bool) -> ParamGroup {
+        ParamGroup {
+            name: name.into(),
+            prefix: prefix.into(),
+            lr_scale,
+            weight_decay,
+        }
+    }
+
+    /// Two groups: "head." parameters at half the learning rate without weight decay, the
+    /// rest ("" prefix) at the scheduled rate with weight decay on matrices only.
+    fn two_groups() -> ParamPolicy {
+        ParamPolicy::new(vec![group("body", "", 1.0, true), group("head", "head.", 0.5, false)]).expect("policy")
+    }
+
+    #[test]
+    fn groups_give_each_parameter_its_lr_scale_and_decay_as_computed_by_hand() {
+        // head.w: a matrix in the no-decay group; body.w: a matrix with decay; body.b: a
+        // vector in the decay group (never decayed)
+        let hw = var(&W0, &[2, 2]);
+        let bw = var(&[0.7, -0.3, 1.5, -2.5], &[2, 2]);
+        let bb = var(&B0, &[2]);
+        let named = vec![
+            ("body.b".to_string(), bb.shallow_clone()),
+            ("body.w".to_string(), bw.shallow_clone()),
+            ("head.w".to_string(), hw.shallow_clone()),
+        ];
+        let policy = two_groups();
+        assert_eq!(
+            policy.rules(&named).expect("rules"),
+            [
+                ParamRule { lr_scale: 1.0, decay: false },
+                ParamRule { lr_scale: 1.0, decay: true },
+                ParamRule { lr_scale: 0.5, decay: false },
+            ]
+        );
+        let mut opt = AdamW::new(named, cfg(), &policy).expect("adamw");
+        let gbw = [-0.3, 0.2, 0.05, -1.0];
+        for _ in 0..3 {
+            opt.zero_grad();
+            backward(&[(&hw, &GW), (&bw, &gbw), (&bb, &GB)]);
+            opt.step(LR);
+        }
+        let hand = |p0: &[f64], g: &[f64], lr: f64, decay: bool| -> Vec<f64> {
+            p0.iter().zip(g).map(|(&p, &g)| by_hand_at(p, g, 3, lr, decay)).collect()
+        };
+        assert_close(&values(&hw), &hand(&W0, &GW, 0.5 * LR, false), 2e-6);
+        assert_close(&values(&bw), &hand(&[0.7, -0.3, 1.5, -2.5], &gbw, LR, true), 2e-6);
+        assert_close(&values(&bb), &hand(&B0, &GB, LR, false), 2e-6);
+        // with a constant gradient each step moves ~lr*sign(g): head.w by 0.05 per step,
+        // without shrinking (w[0][0] = 1 - 3*0.05*sign(0.1) = 0.85)
+        assert!((values(&hw)[0] - 0.85).abs() < 1e-5, "{:?}", values(&hw));
+        // and body.w shrinks by (1 - 0.1*0.1) per step: ((0.7*0.99 + 0.1)*0.99 + 0.1)*0.99 + 0.1
+        let w00 = ((0.7 * 0.99 + 0.1) * 0.99 + 0.1) * 0.99 + 0.1;
+        assert!((values(&bw)[0] - w00).abs() < 1e-5, "{:?} vs {w00}", values(&bw));
+    }
+
+    #[test]
+    fn a_group_at_scale_s_steps_exactly_as_the_whole_optimizer_at_lr_times_s() {
+        let run = |policy: &ParamPolicy, lr: f64| {
+            let (w, b) = (var(&W0, &[2, 2]), var(&B0, &[2]));
+            let mut opt = AdamW::new(vec![("head.w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())], cfg(), policy)
+                .expect("adamw");
+            for _ in 0..2 {
+                opt.zero_grad();
+                backward(&[(&w, &GW), (&b, &GB)]);
+                opt.step(lr);
+            }
+            (w, b)
+        };
+        let only_head = ParamPolicy::new(vec![group("head", "head.", 0.5, true), group("rest", "", 1.0, true)]).expect("policy");
+        let (w, b) = run(&only_head, LR);
+        let (w_half, _) = run(&ParamPolicy::default(), 0.5 * LR);
+        let (_, b_full) = run(&ParamPolicy::default(), LR);
+        assert!(w.equal(&w_half) && b.equal(&b_full), "bit-identical updates");
+        // one group of scale 1 is the default policy, bit for bit
+        let (w1, b1) = run(&ParamPolicy::new(vec![group("x", "", 1.0, true)]).expect("policy"), LR);
+        assert!(w1.equal(&run(&ParamPolicy::default(), LR).0) && b1.equal(&b_full));
+    }
+
+    #[test]
+    fn the_longest_matching_prefix_decides() {
+        let p = ParamPolicy::new(vec![
+            group("all", "", 1.0, true),
+            group("layers", "layers.", 2.0, true),
+            group("layer0", "layers.0.", 3.0, false),
+        ])
+        .expect("policy");
+        let name = |n: &str| p.group_of(n).map(|g| g.name.clone()).unwrap_or_default();
+        assert_eq!(name("layers.0.w"), "layer0");
+        assert_eq!(name("layers.01.w"), "layers");
+        assert_eq!(name("layers.1.w"), "layers");
+        assert_eq!(name("fc.weight"), "all");
+        let m = var(&W0, &[2, 2]);
+        assert_eq!(p.rule("layers.0.w", &m).expect("rule"), ParamRule { lr_scale: 3.0, decay: false });
+        assert_eq!(p.rule("layers.1.w", &m).expect("rule"), ParamRule { lr_scale: 2.0, decay: true });
+        // the summary counts tensors and elements per group
+        let named = vec![("layers.0.w".to_string(), m.shallow_clone()), ("layers.0.b".to_string(), var(&B0, &[2])), ("fc.w".to_string(), m.shallow_clone())];
+        let s = p.summary(&named).expect("summary");
+        let counts: Vec<(&str, usize, i64)> = s.iter().map(|g| (g.name.as_str(), g.tensors, g.numel)).collect();
+        assert_eq!(counts, [("all", 1, 4), ("layers", 0, 0), ("layer0", 2, 6)]);
+        assert_eq!(
+            s[2].to_string(),
+            "parameter group layer0: 2 tensors, 6 parameters, lr scale 3, weight decay off"
+        );
+    }
+
+    #[test]
+    fn a_parameter_no_group_matches_is_an_error_naming_it() {
+        let p = ParamPolicy::new(vec![group("head", "head.", 1.0, true)]).expect("policy");
+        let named = vec![("head.w".to_string(), var(&W0, &[2, 2])), ("fc.weight".to_string(), var(&W0, &[2, 2]))];
+        let e = AdamW::new(named, cfg(), &p).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("trainable parameter fc.weight matches no optimizer parameter group") && e.contains("'head.'"), "{e}");
+        // and groups that cannot decide are refused up front
+        let e = ParamPolicy::new(vec![group("a", "x.", 1.0, true), group("b", "x.", 2.0, true)])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("a and b have the same prefix 'x.'"), "{e}");
+        let e = ParamPolicy::new(vec![group("a", "", f64::NAN, true)]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("group a: lr_scale NaN"), "{e}");
     }
 }

@@ -1,4 +1,5 @@
-//! Learning-rate schedules: linear warm-up, then constant, linear or cosine decay.
+//! Learning-rate schedules: linear warm-up, then constant, linear or cosine decay; and the
+//! [`Cadence`] of metric rows, evaluations and checkpoints.
 //!
 //! `lr_at(step)` takes the 0-based index of the optimizer step about to run. Warm-up
 //! ramps `base_lr * (step + 1) / warmup_steps`, so the first step already moves the weights
@@ -65,9 +66,37 @@ impl LrSchedule {
     }
 }
 
+/// "Every `every` steps and after the last one" (`every` 0: never): when the trainer writes
+/// a metric row, evaluates and checkpoints. `due` takes the number of steps done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cadence {
+    pub every: u64,
+    /// The run's last step.
+    pub last: u64,
+}
+
+impl Cadence {
+    pub fn enabled(&self) -> bool {
+        self.every > 0
+    }
+
+    pub fn due(&self, step: u64) -> bool {
+        self.enabled() && (step.is_multiple_of(self.every) || step == self.last)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cadence_is_every_n_steps_and_the_last_one() {
+        let c = Cadence { every: 4, last: 10 };
+        let due: Vec<u64> = (0..=12).filter(|&s| c.due(s)).collect();
+        assert_eq!(due, [0, 4, 8, 10, 12]);
+        let never = Cadence { every: 0, last: 10 };
+        assert!(!never.enabled() && (0..=12).all(|s| !never.due(s)));
+    }
 
     fn sched(kind: ScheduleKind) -> LrSchedule {
         LrSchedule {

@@ -1,24 +1,30 @@
 //! The training loop: any drafter, online (frozen target inside the step) or offline
 //! (hidden-state shards), with gradient accumulation, clipping, AdamW, LR schedules, logging,
 //! periodic evaluation and atomic, exactly-resumable checkpoints.
+//!
+//! [`train`] is a short loop over the parts: `Trainer` (the drafter, its data and optimizer;
+//! `train_step` runs one optimizer step), `RunLog` (metric rows, evaluations, progress),
+//! [`Checkpointer`] (when and how checkpoints are written) and [`reshard_position`] (where
+//! a checkpoint continues on another number of ranks).
 
-use crate::checkpoint::{self, CheckpointData, TrainerState};
+use crate::checkpoint::{self, TrainerState};
+use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir, target_placement};
 use crate::error::{Result, TrainerError};
 use crate::metrics::MetricsLogger;
 use crate::dist::zero::{assemble_full_state, DistAdamW};
 use crate::dist::{keys, Comm, ReduceOp};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, ParamPolicy};
 use crate::recipe::{DataMode, Precision, Recipe, Schedule};
-use crate::schedule::{LrSchedule, ScheduleKind};
+use crate::schedule::{Cadence, LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
 use forge_data::hidden::HiddenDataset;
 use forge_data::{Batch, TokenDataset};
 use crate::drafter::{target_access, Prepare, PrepareSource};
-use forge_models::drafters::{Drafter, FeatureNeeds, Features, Metric, StepContext};
-use forge_models::{Capture, LogitsMode, TargetModel};
+use forge_models::drafters::{Drafter, DrafterSpec, FeatureNeeds, Features, Metric, StepContext};
+use forge_models::{Capture, LogitsMode, TargetConfig, TargetModel};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -130,6 +136,19 @@ impl Accum {
         Ok(())
     }
 
+    /// Adds another sum (e.g. a step's into the window since the last log row).
+    fn merge(&mut self, o: &Accum) {
+        self.loss_sum += o.loss_sum;
+        self.batches += o.batches;
+        self.tokens += o.tokens;
+        self.samples += o.samples;
+        for (k, (s, c)) in &o.values {
+            let e = self.values.entry(k.clone()).or_default();
+            e.0 += s;
+            e.1 += c;
+        }
+    }
+
     fn scalars(&self, prefix: &str) -> Vec<(String, f64)> {
         let mut out = vec![(format!("{prefix}loss"), self.loss_sum / self.batches.max(1.0))];
         for (k, (s, c)) in &self.values {
@@ -139,6 +158,42 @@ impl Accum {
     }
 }
 
+impl Source {
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            Source::Online { data, .. } => data.lengths(),
+            Source::Offline { data } => data.lengths(),
+        }
+    }
+
+    /// The epoch's micro-batches in their global order (before sharding over ranks).
+    fn global_plan(&self, recipe: &Recipe, epoch: u64) -> Vec<Vec<usize>> {
+        let t = &recipe.train;
+        let opts = PlanOptions {
+            micro_batch_size: t.micro_batch_size.max(1) as usize,
+            seed: t.seed,
+            shuffle: true,
+            length_grouping: true,
+        };
+        let lengths = self.lengths();
+        match self {
+            Source::Online { .. } => global_plan(&lengths, epoch, &opts),
+            Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
+        }
+    }
+}
+
+/// What one optimizer step did.
+struct StepMetrics {
+    /// Loss parts, metrics, tokens and samples summed over the step's micro-batches and the
+    /// ranks.
+    acc: Accum,
+    lr: f64,
+    /// Global gradient norm before clipping.
+    grad_norm: f64,
+}
+
+/// The drafter, its data and its optimizer, and where training stands.
 struct Trainer<'a> {
     recipe: &'a Recipe,
     drafter: Box<dyn Drafter>,
@@ -149,34 +204,270 @@ struct Trainer<'a> {
     eval_data: Option<TokenDataset>,
     /// Offline runs with eval data load the target for evaluation only.
     eval_target: Option<TargetModel>,
+    /// The trainable parameters, sorted by name (what `opt` updates).
+    params: Vec<(String, Tensor)>,
+    opt: DistAdamW,
+    sched: LrSchedule,
+    /// Micro-batches per optimizer step on each rank.
+    grad_accum: u64,
+    /// Steps done, data position and counters (what a checkpoint saves).
+    state: TrainerState,
+    /// This rank's micro-batches of epoch `state.epoch`.
+    epoch_plan: Vec<Vec<usize>>,
 }
 
-impl Trainer<'_> {
-    fn lengths(&self) -> Vec<usize> {
-        match &self.source {
-            Source::Online { data, .. } => data.lengths(),
-            Source::Offline { data } => data.lengths(),
+impl<'a> Trainer<'a> {
+    /// Loads the data (and the target, online), builds the drafter (prepared from the data
+    /// when `fresh`, i.e. not about to be resumed) and its optimizer: a run at step 0 of the
+    /// recipe's steps.
+    fn new(
+        recipe: &'a Recipe,
+        cfg: &TargetConfig,
+        spec: &DrafterSpec,
+        dir: &Path,
+        fresh: bool,
+        opts: &TrainOptions,
+        dp: &mut dyn Comm,
+    ) -> Result<Self> {
+        let t = &recipe.train;
+        let (target_dtype, device) = target_placement(recipe)?;
+        tch::manual_seed(t.seed as i64);
+
+        let needs = spec.feature_needs();
+
+        // Data (and the target, online).
+        enum TrainData {
+            Tokens(Box<forge_data::LoadedDataset>),
+            Shards(Box<HiddenDataset>),
         }
+        let eval_tokens;
+        let train_data = match recipe.data.mode {
+            DataMode::Online => {
+                let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
+                eval_tokens = td.eval.map(|e| e.dataset);
+                TrainData::Tokens(Box::new(td.train))
+            }
+            DataMode::Offline => {
+                let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
+                    TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
+                })?;
+                let ds = HiddenDataset::open(hd)?;
+                let s = ds.settings();
+                let aux: Vec<i64> = s.aux_layers.iter().map(|&l| l as i64).collect();
+                if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != aux || needs.target_topk > s.topk {
+                    return Err(TrainerError::Config(format!(
+                        "{}: holds last_hidden={} aux_layers={:?} topk={}, the drafter needs last_hidden={} aux_layers={:?} topk={}: run forge prepare-hidden with this recipe",
+                        hd.display(), s.last_hidden, s.aux_layers, s.topk, needs.last_hidden, needs.aux_layers, needs.target_topk
+                    )));
+                }
+                if s.hidden_size != cfg.hidden_size as usize {
+                    return Err(TrainerError::Config(format!(
+                        "{}: hidden size {} does not match the target's {}",
+                        hd.display(),
+                        s.hidden_size,
+                        cfg.hidden_size
+                    )));
+                }
+                // evaluation reads conversations through the target, also in offline mode
+                eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
+                TrainData::Shards(Box::new(ds))
+            }
+        };
+
+        // The drafter (its own VarStore, fp32 master weights), prepared from the data when fresh.
+        let access = target_access(dir, cfg, &spec.target_needs(true))?;
+        let mut drafter = spec.build(&access, device, compute_kind(recipe, device))?;
+        if fresh {
+            let src = match &train_data {
+                TrainData::Tokens(td) => PrepareSource::Tokens(td),
+                TrainData::Shards(ds) => PrepareSource::Shards(ds),
+            };
+            drafter.prepare(&mut Prepare::new(recipe, cfg, src), &access)?;
+        }
+        drop(access);
+        let source = match train_data {
+            TrainData::Tokens(td) => Source::Online {
+                target: TargetModel::load(dir, target_dtype, device)?,
+                data: td.dataset,
+            },
+            TrainData::Shards(ds) => Source::Offline { data: *ds },
+        };
+        let params: Vec<(String, Tensor)> = {
+            let mut v: Vec<(String, Tensor)> = drafter
+                .var_store()
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let policy = ParamPolicy::new(drafter.param_groups())?;
+        if dp.rank() == 0 {
+            for g in policy.summary(&params)? {
+                eprintln!("{g}");
+            }
+        }
+        let opt = DistAdamW::new(
+            params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            AdamWConfig {
+                lr: t.lr,
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_eps,
+                weight_decay: t.weight_decay,
+            },
+            &policy,
+            recipe.dist.zero_stage,
+            recipe.dist.bucket_mb,
+            dp,
+        )?;
+        let eval_target = if matches!(source, Source::Offline { .. }) && eval_tokens.is_some() {
+            Some(TargetModel::load(dir, target_dtype, device)?)
+        } else {
+            None
+        };
+
+        // Steps.
+        let grad_accum = t.grad_accum.max(1);
+        let epoch_plan = shard_plan(source.global_plan(recipe, 0), dp.rank(), dp.world());
+        let per_epoch = epoch_plan.len() as u64;
+        let total = match t.max_steps {
+            Some(s) => s,
+            None => (t.epochs * per_epoch).div_ceil(grad_accum).max(1),
+        };
+        let warmup = crate::schedule::LrSchedule::warmup_from(t.warmup_ratio, t.warmup_steps, total);
+        let sched = LrSchedule {
+            kind: schedule_kind(t.schedule),
+            base_lr: t.lr,
+            warmup_steps: warmup,
+            total_steps: total,
+            min_lr_ratio: t.min_lr_ratio,
+        };
+        let state = TrainerState {
+            step: 0,
+            total_steps: total,
+            epoch: 0,
+            batch_in_epoch: 0,
+            tokens_seen: 0,
+            samples_seen: 0,
+            seed: t.seed,
+            world_size: dp.world(),
+            lr: 0.0,
+        };
+        Ok(Trainer {
+            recipe,
+            drafter,
+            source,
+            device,
+            needs,
+            eval_data: eval_tokens,
+            eval_target,
+            params,
+            opt,
+            sched,
+            grad_accum,
+            state,
+            epoch_plan,
+        })
+    }
+
+    /// Continues from checkpoint `ck` (of drafter `spec`): its weights, optimizer state and
+    /// data position, re-sharded when it was written by another number of ranks.
+    fn resume(&mut self, ck: &Path, spec: &DrafterSpec, dp: &mut dyn Comm) -> Result<()> {
+        let (world, rank) = (dp.world(), dp.rank());
+        let loaded = checkpoint::load(ck)?;
+        if &loaded.manifest.drafter != spec {
+            return Err(TrainerError::Config(format!(
+                "{}: was trained with another drafter configuration ({:?}); the recipe now gives {:?}",
+                ck.display(),
+                loaded.manifest.drafter,
+                spec
+            )));
+        }
+        let old_world = loaded.state.world_size.max(1);
+        let mut resumed = loaded.state.clone();
+        if old_world != world {
+            let plan_len = self.source.global_plan(self.recipe, resumed.epoch).len();
+            (resumed.epoch, resumed.batch_in_epoch) =
+                reshard_position(resumed.batch_in_epoch, resumed.epoch, old_world, world, plan_len)
+                    .map_err(|e| e.at(ck))?;
+            resumed.world_size = world;
+            if rank == 0 {
+                eprintln!(
+                    "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
+                    ck.display()
+                );
+            }
+        }
+        checkpoint::load_into_var_store(self.drafter.var_store(), &loaded.weights, ck)?;
+        let param_shapes: BTreeMap<String, Vec<i64>> = self.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        let full = assemble_full_state(loaded.optimizer, &param_shapes)?;
+        self.opt.load_full_state(&full, loaded.state.step)?;
+        resumed.total_steps = self.state.total_steps;
+        self.state = resumed;
+        self.epoch_plan = self.plan(self.state.epoch, dp);
+        if dp.rank() == 0 {
+            eprintln!("resuming from {} (step {})", ck.display(), self.state.step);
+        }
+        Ok(())
+    }
+
+    /// Runs optimizer step `step` (0-based, the next one): this rank's micro-batches of the
+    /// step (features, loss, backward; the gradients accumulate), then the optimizer step.
+    /// Moves the data position and the counters of `state` on; returns the step's metrics,
+    /// summed over its micro-batches and the ranks. Every rank calls it at the same step.
+    fn train_step(&mut self, step: u64, dp: &mut dyn Comm) -> Result<StepMetrics> {
+        let recipe = self.recipe;
+        let t = &recipe.train;
+        let (rank, world) = (dp.rank(), dp.world());
+        let accum = self.grad_accum;
+        let total = self.state.total_steps;
+        let lr = self.sched.lr_at(step);
+        let mut acc = Accum::default();
+        for a in 0..accum {
+            // Randomness (e.g. EAGLE-1 feature noise) comes from the step context's generator,
+            // keyed by the micro-batch's index in the step's global batch, not by the rank:
+            // 2 ranks x grad_accum 1 draw what 1 rank x grad_accum 2 draws.
+            let global_mb = a * world as u64 + rank as u64;
+            if self.state.batch_in_epoch >= self.epoch_plan.len() {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                self.epoch_plan = self.plan(self.state.epoch, dp);
+            }
+            let idx = self.epoch_plan[self.state.batch_in_epoch].clone();
+            self.state.batch_in_epoch += 1;
+            if idx.is_empty() {
+                continue;
+            }
+            let (f, tokens) = self.features(&idx)?;
+            let live = match &self.source {
+                Source::Online { target, .. } => Some(target),
+                Source::Offline { .. } => None,
+            };
+            let ctx = StepContext::train(t.seed, step, total, global_mb).with_target(live);
+            let out = self.drafter.loss(&f, &ctx)?;
+            (&out.loss / accum as f64).backward();
+            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
+            acc.samples += idx.len() as f64;
+        }
+        let grad_norm = self.opt.step(dp, lr, t.max_grad_norm)?;
+        self.opt.zero_grad();
+        let check_every = recipe.dist.check_weights_every;
+        if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
+            check_same_weights(dp, &self.params, step + 1)?;
+        }
+        acc.sync(dp)?;
+        self.state.step = step + 1;
+        self.state.lr = lr;
+        self.state.tokens_seen += acc.tokens as u64;
+        // summed over ranks by the sync above
+        self.state.samples_seen += acc.samples as u64;
+        Ok(StepMetrics { acc, lr, grad_norm })
     }
 
     fn plan(&self, epoch: u64, dp: &dyn Comm) -> Vec<Vec<usize>> {
-        shard_plan(self.global_plan(epoch), dp.rank(), dp.world())
-    }
-
-    /// The epoch's micro-batches in their global order (before sharding over ranks).
-    fn global_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
-        let t = &self.recipe.train;
-        let opts = PlanOptions {
-            micro_batch_size: t.micro_batch_size.max(1) as usize,
-            seed: t.seed,
-            shuffle: true,
-            length_grouping: true,
-        };
-        let lengths = self.lengths();
-        match &self.source {
-            Source::Online { .. } => global_plan(&lengths, epoch, &opts),
-            Source::Offline { data } => global_plan_grouped(&lengths, &data.shard_ranges(), epoch, &opts),
-        }
+        shard_plan(self.source.global_plan(self.recipe, epoch), dp.rank(), dp.world())
     }
 
     /// Target features of a micro-batch of token samples (online).
@@ -376,10 +667,196 @@ fn resume_from(recipe: &Recipe, resume: &Option<String>) -> Result<Option<PathBu
     })
 }
 
+/// A data position that another world size cannot take over (see [`reshard_position`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReshardError {
+    pub old_world: usize,
+    pub new_world: usize,
+    /// Micro-batches of the epoch's global plan consumed.
+    pub global: usize,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for ReshardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ReshardError {
+            old_world,
+            new_world,
+            global,
+            epoch,
+        } = self;
+        write!(
+            f,
+            "was written by {old_world} rank(s) after {global} micro-batches of epoch {epoch}, which {new_world} ranks cannot split evenly: resume with {old_world} rank(s) (or a world size dividing {global}), or start a new run"
+        )
+    }
+}
+
+impl ReshardError {
+    /// The error about checkpoint `ckpt`.
+    pub fn at(&self, ckpt: &Path) -> TrainerError {
+        TrainerError::Config(format!("{}: {self}", ckpt.display()))
+    }
+}
+
+/// Where a run that `old_world` ranks left at (`epoch`, `batch_in_epoch`: the micro-batches
+/// each rank had consumed of its shard of the epoch's global plan, `global_plan_len` long)
+/// continues on `new_world` ranks, as (epoch, batch_in_epoch). Same world: unchanged.
+/// Every rank had consumed `batch_in_epoch` micro-batches of its shard, i.e. the first
+/// `batch_in_epoch * old_world` of the global plan, which the new ranks must split evenly.
+/// A position after the last micro-batch of an epoch moves to the start of the next one
+/// (the loop moves on lazily, when it needs the next micro-batch).
+pub fn reshard_position(
+    batch_in_epoch: usize,
+    epoch: u64,
+    old_world: usize,
+    new_world: usize,
+    global_plan_len: usize,
+) -> std::result::Result<(u64, usize), ReshardError> {
+    let (old_world, new_world) = (old_world.max(1), new_world.max(1));
+    if old_world == new_world {
+        return Ok((epoch, batch_in_epoch));
+    }
+    let (epoch, batch_in_epoch) = if batch_in_epoch >= global_plan_len.div_ceil(old_world) {
+        (epoch + 1, 0)
+    } else {
+        (epoch, batch_in_epoch)
+    };
+    let global = batch_in_epoch * old_world;
+    if global % new_world != 0 {
+        return Err(ReshardError {
+            old_world,
+            new_world,
+            global,
+            epoch,
+        });
+    }
+    Ok((epoch, global / new_world))
+}
+
+/// What rank 0 reports while training: a metric row every `log.every_steps` steps (and
+/// after the last; averaged over the steps since the previous row), the evaluations every
+/// `train.eval_every` steps, and the progress bar. Other ranks keep no logger.
+struct RunLog {
+    logger: Option<MetricsLogger>,
+    pb: indicatif::ProgressBar,
+    rows: Cadence,
+    evals_at: Cadence,
+    /// The steps since the last row.
+    window: Accum,
+    window_start: Instant,
+    evals: Vec<(u64, BTreeMap<String, f64>)>,
+    last_loss: f64,
+    /// Tokens trained on in this run (all ranks).
+    run_tokens: u64,
+}
+
+impl RunLog {
+    /// The metric files in `ckpt_dir` (new, or continued at `start_step`) on rank 0.
+    fn open(recipe: &Recipe, ckpt_dir: &Path, start_step: u64, total: u64, show_progress: bool, rank0: bool) -> Result<RunLog> {
+        let logger = if rank0 {
+            Some(if start_step == 0 {
+                MetricsLogger::new(ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
+            } else {
+                MetricsLogger::open_resume(ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl, start_step)?
+            })
+        } else {
+            None
+        };
+        let pb = data::progress_bar(total, "training", show_progress && rank0);
+        pb.set_position(start_step);
+        Ok(RunLog {
+            logger,
+            pb,
+            rows: Cadence {
+                every: recipe.log.every_steps.max(1),
+                last: total,
+            },
+            evals_at: Cadence {
+                every: recipe.train.eval_every.unwrap_or(0),
+                last: total,
+            },
+            window: Accum::default(),
+            window_start: Instant::now(),
+            evals: Vec::new(),
+            last_loss: f64::NAN,
+            run_tokens: 0,
+        })
+    }
+
+    /// Whether to evaluate before the first step of a run starting at `start_step`.
+    fn eval_at_start(&self, start_step: u64) -> bool {
+        start_step == 0 && self.evals_at.enabled()
+    }
+
+    /// Whether to evaluate after `step` steps.
+    fn eval_due(&self, step: u64) -> bool {
+        self.evals_at.due(step)
+    }
+
+    /// Records the step that brought the run to `step` steps done.
+    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<()> {
+        let acc = &m.acc;
+        self.run_tokens += acc.tokens as u64;
+        self.last_loss = acc.loss_sum / acc.batches.max(1.0);
+        self.window.merge(acc);
+        let secs = self.window_start.elapsed().as_secs_f64();
+        let tps = self.window.tokens / secs.max(1e-9);
+        self.pb.set_position(step);
+        self.pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", self.last_loss, m.lr));
+        if self.rows.due(step) {
+            if let Some(l) = self.logger.as_mut() {
+                let mut rows = self.window.scalars("train/");
+                rows.push(("train/lr".into(), m.lr));
+                rows.push(("train/grad_norm".into(), m.grad_norm));
+                rows.push(("train/tokens_per_second".into(), tps));
+                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
+                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                l.log(step, &rows)?;
+            }
+            self.window = Accum::default();
+            self.window_start = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Records an evaluation after `step` steps.
+    fn eval(&mut self, step: u64, e: BTreeMap<String, f64>) -> Result<()> {
+        if let Some(l) = self.logger.as_mut() {
+            let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            l.log(step, &rows)?;
+        }
+        self.evals.push((step, e));
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    fn finish(&mut self) {
+        self.pb.finish_and_clear();
+        self.flush();
+    }
+}
+
+/// Creates the run folder and writes the resolved recipe into it (rank 0).
+fn write_run_folder(recipe: &Recipe, ckpt_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(ckpt_dir).map_err(|source| TrainerError::Io {
+        path: ckpt_dir.to_path_buf(),
+        source,
+    })?;
+    let yaml = recipe.to_yaml().map_err(TrainerError::Config)?;
+    let p = ckpt_dir.join("recipe.resolved.yaml");
+    std::fs::write(&p, yaml).map_err(|source| TrainerError::Io { path: p, source })?;
+    Ok(())
+}
+
 /// Trains the recipe's drafter.
 pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<TrainSummary> {
     let t_start = Instant::now();
-    let t = &recipe.train;
     let ckpt_dir = recipe
         .checkpoint
         .dir
@@ -388,374 +865,60 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
     let spec = recipe.drafter.to_spec(&cfg)?;
-    let needs = spec.feature_needs();
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume_from(recipe, &opts.resume)?;
-    let (target_dtype, device) = target_placement(recipe)?;
-    tch::manual_seed(t.seed as i64);
-
-    // Data (and the target, online).
-    enum TrainData {
-        Tokens(Box<forge_data::LoadedDataset>),
-        Shards(HiddenDataset),
-    }
-    let eval_tokens;
-    let train_data = match recipe.data.mode {
-        DataMode::Online => {
-            let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
-            eval_tokens = td.eval.map(|e| e.dataset);
-            TrainData::Tokens(Box::new(td.train))
-        }
-        DataMode::Offline => {
-            let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
-                TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
-            })?;
-            let ds = HiddenDataset::open(hd)?;
-            let s = ds.settings();
-            let aux: Vec<i64> = s.aux_layers.iter().map(|&l| l as i64).collect();
-            if (needs.last_hidden && !s.last_hidden) || needs.aux_layers != aux || needs.target_topk > s.topk {
-                return Err(TrainerError::Config(format!(
-                    "{}: holds last_hidden={} aux_layers={:?} topk={}, the drafter needs last_hidden={} aux_layers={:?} topk={}: run forge prepare-hidden with this recipe",
-                    hd.display(), s.last_hidden, s.aux_layers, s.topk, needs.last_hidden, needs.aux_layers, needs.target_topk
-                )));
-            }
-            if s.hidden_size != cfg.hidden_size as usize {
-                return Err(TrainerError::Config(format!(
-                    "{}: hidden size {} does not match the target's {}",
-                    hd.display(),
-                    s.hidden_size,
-                    cfg.hidden_size
-                )));
-            }
-            // evaluation reads conversations through the target, also in offline mode
-            eval_tokens = data::load_eval_data(recipe)?.map(|e| e.dataset);
-            TrainData::Shards(ds)
-        }
-    };
-
-    // The drafter (its own VarStore, fp32 master weights), prepared from the data when fresh.
-    let access = target_access(&dir, &cfg, &spec.target_needs(true))?;
-    let mut drafter = spec.build(&access, device, compute_kind(recipe, device))?;
-    if resume_ck.is_none() {
-        let src = match &train_data {
-            TrainData::Tokens(td) => PrepareSource::Tokens(td),
-            TrainData::Shards(ds) => PrepareSource::Shards(ds),
-        };
-        drafter.prepare(&mut Prepare::new(recipe, &cfg, src), &access)?;
-    }
-    drop(access);
-    let source = match train_data {
-        TrainData::Tokens(td) => Source::Online {
-            target: TargetModel::load(&dir, target_dtype, device)?,
-            data: td.dataset,
-        },
-        TrainData::Shards(ds) => Source::Offline { data: ds },
-    };
-    let params: Vec<(String, Tensor)> = {
-        let mut v: Vec<(String, Tensor)> = drafter
-            .var_store()
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let param_shapes: BTreeMap<String, Vec<i64>> = params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
-    let mut opt = DistAdamW::new(
-        params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
-        AdamWConfig {
-            lr: t.lr,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_eps,
-            weight_decay: t.weight_decay,
-        },
-        recipe.dist.zero_stage,
-        recipe.dist.bucket_mb,
-        dp,
-    )?;
-    let world = dp.world();
-    let rank = dp.rank();
-    // rank 0's process id names the temporary checkpoint folders all ranks write into
-    let ckpt_tag = {
-        let mut pid = Tensor::from_slice(&[std::process::id() as i64]).to_device(dp.device());
-        dp.broadcast(&mut pid, 0)?;
-        pid.int64_value(&[0]) as u32
-    };
-
-    let mut trainer = Trainer {
-        recipe,
-        drafter,
-        source,
-        device,
-        needs,
-        eval_data: eval_tokens,
-        eval_target: None,
-    };
-    if matches!(trainer.source, Source::Offline { .. }) && trainer.eval_data.is_some() {
-        trainer.eval_target = Some(TargetModel::load(&dir, target_dtype, device)?);
-    }
-
-    // Steps.
-    let accum = t.grad_accum.max(1);
-    let per_epoch = trainer.plan(0, dp).len() as u64;
-    let total = match t.max_steps {
-        Some(s) => s,
-        None => (t.epochs * per_epoch).div_ceil(accum).max(1),
-    };
-    let warmup = crate::schedule::LrSchedule::warmup_from(t.warmup_ratio, t.warmup_steps, total);
-    let sched = LrSchedule {
-        kind: schedule_kind(t.schedule),
-        base_lr: t.lr,
-        warmup_steps: warmup,
-        total_steps: total,
-        min_lr_ratio: t.min_lr_ratio,
-    };
-
-    // Resume.
-    let mut state = TrainerState {
-        step: 0,
-        total_steps: total,
-        epoch: 0,
-        batch_in_epoch: 0,
-        tokens_seen: 0,
-        samples_seen: 0,
-        seed: t.seed,
-        world_size: dp.world(),
-        lr: 0.0,
-    };
+    let mut trainer = Trainer::new(recipe, &cfg, &spec, &dir, resume_ck.is_none(), opts, dp)?;
+    let total = trainer.state.total_steps;
+    let checkpointer = Checkpointer::new(recipe, ckpt_dir.clone(), total, spec.clone(), dir, cfg.raw.clone(), dp)?;
     if let Some(ck) = resume_ck {
-        let loaded = checkpoint::load(&ck)?;
-        if loaded.manifest.drafter != spec {
-            return Err(TrainerError::Config(format!(
-                "{}: was trained with another drafter configuration ({:?}); the recipe now gives {:?}",
-                ck.display(),
-                loaded.manifest.drafter,
-                spec
-            )));
-        }
-        let old_world = loaded.state.world_size.max(1);
-        let mut resumed = loaded.state.clone();
-        if old_world != world {
-            // a checkpoint taken after the last micro-batch of an epoch resumes at the next one
-            // (the loop moves on lazily, when it needs the next micro-batch)
-            if resumed.batch_in_epoch >= trainer.global_plan(resumed.epoch).len().div_ceil(old_world) {
-                resumed.epoch += 1;
-                resumed.batch_in_epoch = 0;
-            }
-            // every rank had consumed batch_in_epoch micro-batches of its shard, i.e. the
-            // first batch_in_epoch * old_world micro-batches of the epoch's global plan
-            let global = resumed.batch_in_epoch * old_world;
-            if global % world != 0 {
-                return Err(TrainerError::Config(format!(
-                    "{}: was written by {old_world} rank(s) after {global} micro-batches of epoch {}, which {world} ranks cannot split evenly: resume with {old_world} rank(s) (or a world size dividing {global}), or start a new run",
-                    ck.display(),
-                    resumed.epoch,
-                )));
-            }
-            resumed.batch_in_epoch = global / world;
-            resumed.world_size = world;
-            if rank == 0 {
-                eprintln!(
-                    "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
-                    ck.display()
-                );
-            }
-        }
-        checkpoint::load_into_var_store(trainer.drafter.var_store(), &loaded.weights, &ck)?;
-        let full = assemble_full_state(loaded.optimizer, &param_shapes)?;
-        opt.load_full_state(&full, loaded.state.step)?;
-        state = resumed;
-        state.total_steps = total;
-        if dp.rank() == 0 {
-            eprintln!("resuming from {} (step {})", ck.display(), state.step);
-        }
+        trainer.resume(&ck, &spec, dp)?;
     }
-    let start_step = state.step;
-    same_start_on_every_rank(dp, &state)?;
+    let start_step = trainer.state.step;
+    same_start_on_every_rank(dp, &trainer.state)?;
 
     let rank0 = dp.rank() == 0;
     if rank0 {
-        std::fs::create_dir_all(&ckpt_dir).map_err(|source| TrainerError::Io {
-            path: ckpt_dir.clone(),
-            source,
-        })?;
-        let yaml = recipe.to_yaml().map_err(TrainerError::Config)?;
-        let p = ckpt_dir.join("recipe.resolved.yaml");
-        std::fs::write(&p, yaml).map_err(|source| TrainerError::Io { path: p, source })?;
+        write_run_folder(recipe, &ckpt_dir)?;
     }
-    let mut logger = if rank0 {
-        Some(if start_step == 0 {
-            MetricsLogger::new(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
-        } else {
-            MetricsLogger::open_resume(&ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl, start_step)?
-        })
-    } else {
-        None
-    };
-
-    let pb = data::progress_bar(total, "training", opts.show_progress && rank0);
-    pb.set_position(start_step);
-    let mut plan = trainer.plan(state.epoch, dp);
-    let mut window = Accum::default();
-    let mut window_start = Instant::now();
-    let mut last_loss = f64::NAN;
-    let mut last_ckpt = None;
-    let mut evals = Vec::new();
-    let mut run_tokens = 0u64;
-    let eval_every = t.eval_every.unwrap_or(0);
-    if start_step == 0 && eval_every > 0 {
+    let mut log = RunLog::open(recipe, &ckpt_dir, start_step, total, opts.show_progress, rank0)?;
+    if log.eval_at_start(start_step) {
         if let Some(e) = trainer.evaluate(dp, 0, total)? {
-            if let Some(l) = logger.as_mut() {
-                let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                l.log(0, &rows)?;
-            }
-            evals.push((0, e));
+            log.eval(0, e)?;
         }
     }
 
-    let check_every = recipe.dist.check_weights_every;
+    let mut last_ckpt = None;
     let loop_start = Instant::now();
     for step in start_step..total {
-        let lr = sched.lr_at(step);
-        let mut acc = Accum::default();
-        for a in 0..accum {
-            // Randomness (e.g. EAGLE-1 feature noise) comes from the step context's generator,
-            // keyed by the micro-batch's index in the step's global batch, not by the rank:
-            // 2 ranks x grad_accum 1 draw what 1 rank x grad_accum 2 draws.
-            let global_mb = a * world as u64 + rank as u64;
-            if state.batch_in_epoch >= plan.len() {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-                plan = trainer.plan(state.epoch, dp);
-            }
-            let idx = plan[state.batch_in_epoch].clone();
-            state.batch_in_epoch += 1;
-            if idx.is_empty() {
-                continue;
-            }
-            let (f, tokens) = trainer.features(&idx)?;
-            let live = match &trainer.source {
-                Source::Online { target, .. } => Some(target),
-                Source::Offline { .. } => None,
-            };
-            let ctx = StepContext::train(t.seed, step, total, global_mb).with_target(live);
-            let out = trainer.drafter.loss(&f, &ctx)?;
-            (&out.loss / accum as f64).backward();
-            acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
-            acc.samples += idx.len() as f64;
-        }
-        let grad_norm = opt.step(dp, lr, t.max_grad_norm)?;
-        opt.zero_grad();
-        if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
-            check_same_weights(dp, &params, step + 1)?;
-        }
-        acc.sync(dp)?;
-        state.step = step + 1;
-        state.lr = lr;
-        state.tokens_seen += acc.tokens as u64;
-        // summed over ranks by the sync above
-        state.samples_seen += acc.samples as u64;
-        run_tokens += acc.tokens as u64;
-        last_loss = acc.loss_sum / acc.batches.max(1.0);
-        // window of steps since the last log row
-        window.loss_sum += acc.loss_sum;
-        window.batches += acc.batches;
-        window.tokens += acc.tokens;
-        for (k, (s, c)) in &acc.values {
-            let e = window.values.entry(k.clone()).or_default();
-            e.0 += s;
-            e.1 += c;
-        }
-        let secs = window_start.elapsed().as_secs_f64();
-        let tps = window.tokens / secs.max(1e-9);
-        pb.set_position(state.step);
-        pb.set_message(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        let log_now = state.step.is_multiple_of(recipe.log.every_steps.max(1)) || state.step == total;
-        if log_now {
-            if let Some(l) = logger.as_mut() {
-                let mut rows = window.scalars("train/");
-                rows.push(("train/lr".into(), lr));
-                rows.push(("train/grad_norm".into(), grad_norm));
-                rows.push(("train/tokens_per_second".into(), tps));
-                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
-                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                l.log(state.step, &rows)?;
-            }
-            window = Accum::default();
-            window_start = Instant::now();
-        }
-        if eval_every > 0 && (state.step.is_multiple_of(eval_every) || state.step == total) {
-            if let Some(e) = trainer.evaluate(dp, state.step, total)? {
-                if let Some(l) = logger.as_mut() {
-                    let rows: Vec<(&str, f64)> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                    l.log(state.step, &rows)?;
-                }
-                evals.push((state.step, e));
+        let m = trainer.train_step(step, dp)?;
+        let done = trainer.state.step;
+        log.step(done, &m)?;
+        if log.eval_due(done) {
+            if let Some(e) = trainer.evaluate(dp, done, total)? {
+                log.eval(done, e)?;
             }
         }
-        let every = recipe.checkpoint.every_steps.max(1);
-        if state.step.is_multiple_of(every) || state.step == total {
-            // sharded state: every rank writes its shard into rank 0's temporary folder
-            let sharded = opt.stage() > 0;
-            let tmp = checkpoint::tmp_dir(&ckpt_dir, state.step, ckpt_tag);
-            if rank0 {
-                checkpoint::begin(&ckpt_dir, state.step, ckpt_tag)?;
-            }
-            if sharded {
-                dp.barrier()?;
-                checkpoint::write_shard(&tmp, rank, state.step, &opt.state_tensors())?;
-                dp.barrier()?;
-            }
-            if rank0 {
-                let weights: Vec<(String, Tensor)> = {
-                    let mut w: Vec<(String, Tensor)> = trainer.drafter.var_store().variables().into_iter().collect();
-                    w.sort_by(|a, b| a.0.cmp(&b.0));
-                    w
-                };
-                let path = checkpoint::finish(
-                    &ckpt_dir,
-                    &tmp,
-                    &CheckpointData {
-                        weights,
-                        optimizer: if sharded { Vec::new() } else { opt.state_tensors() },
-                        optimizer_shards: if sharded { world } else { 0 },
-                        zero_stage: opt.stage(),
-                        state: &state,
-                        drafter: &spec,
-                        target: &dir,
-                        target_config: &cfg.raw,
-                    },
-                )?;
-                checkpoint::prune(&ckpt_dir, recipe.checkpoint.keep_last.max(1) as usize)?;
+        if checkpointer.due(done) {
+            if let Some(path) = checkpointer.save(dp, &trainer.state, trainer.drafter.var_store(), &trainer.opt)? {
                 last_ckpt = Some(path);
             }
-            if sharded {
-                dp.barrier()?;
-            }
-            if let Some(l) = logger.as_mut() {
-                l.flush();
-            }
+            log.flush();
         }
     }
-    pb.finish_and_clear();
-    if let Some(l) = logger.as_mut() {
-        l.flush();
-    }
+    log.finish();
     Ok(TrainSummary {
         start_step,
         steps: total,
-        last_loss,
-        tokens: run_tokens,
+        last_loss: log.last_loss,
+        tokens: log.run_tokens,
         seconds: t_start.elapsed().as_secs_f64(),
         last_checkpoint: last_ckpt,
         peak_rss_mb: peak_rss_mb(),
-        eval: evals,
+        eval: log.evals,
         step_seconds: loop_start.elapsed().as_secs_f64(),
-        optimizer_state_bytes: opt.state_bytes(),
-        rank,
-        world,
+        optimizer_state_bytes: trainer.opt.state_bytes(),
+        rank: dp.rank(),
+        world: dp.world(),
     })
 }
 
@@ -820,4 +983,65 @@ fn check_same_weights(dp: &mut dyn Comm, params: &[(String, Tensor)], step: u64)
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshard_same_world_keeps_the_position() {
+        assert_eq!(reshard_position(3, 1, 2, 2, 10), Ok((1, 3)));
+        // even at the end of an epoch: the loop moves on by itself
+        assert_eq!(reshard_position(5, 1, 2, 2, 10), Ok((1, 5)));
+        assert_eq!(reshard_position(0, 0, 1, 1, 0), Ok((0, 0)));
+    }
+
+    #[test]
+    fn reshard_two_ranks_to_one_takes_the_global_count() {
+        // 2 ranks had each run 3 micro-batches: the first 6 of the global plan
+        assert_eq!(reshard_position(3, 0, 2, 1, 10), Ok((0, 6)));
+        assert_eq!(reshard_position(0, 2, 2, 1, 10), Ok((2, 0)));
+    }
+
+    #[test]
+    fn reshard_one_rank_to_two_needs_an_even_count() {
+        assert_eq!(reshard_position(4, 0, 1, 2, 10), Ok((0, 2)));
+        let e = reshard_position(3, 1, 1, 2, 10).expect_err("3 micro-batches over 2 ranks");
+        assert_eq!(
+            e,
+            ReshardError {
+                old_world: 1,
+                new_world: 2,
+                global: 3,
+                epoch: 1
+            }
+        );
+        let msg = e.at(Path::new("/runs/x/step_3")).to_string();
+        assert!(
+            msg.contains("/runs/x/step_3: was written by 1 rank(s) after 3 micro-batches of epoch 1, which 2 ranks cannot split evenly")
+                && msg.contains("resume with 1 rank(s) (or a world size dividing 3), or start a new run"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn reshard_four_ranks_to_two() {
+        // 4 ranks x 3 = 12 global micro-batches = 6 per rank on 2
+        assert_eq!(reshard_position(3, 0, 4, 2, 20), Ok((0, 6)));
+        // and 4 -> 3 cannot split 4 x 1
+        assert_eq!(reshard_position(1, 0, 4, 3, 20).map_err(|e| e.global), Err(4));
+    }
+
+    #[test]
+    fn reshard_at_the_end_of_an_epoch_moves_to_the_next() {
+        // a global plan of 7: 2 ranks run 4 each (the last one padded); after all 4 the
+        // checkpoint resumes at the start of epoch 1, whatever the new world
+        assert_eq!(reshard_position(4, 0, 2, 1, 7), Ok((1, 0)));
+        assert_eq!(reshard_position(4, 0, 2, 3, 7), Ok((1, 0)));
+        // one micro-batch before the end it stays (3 x 2 = 6 of 7 consumed)
+        assert_eq!(reshard_position(3, 0, 2, 1, 7), Ok((0, 6)));
+        // 1 rank at the end of a 5-long epoch, onto 2
+        assert_eq!(reshard_position(5, 3, 1, 2, 5), Ok((4, 0)));
+    }
 }

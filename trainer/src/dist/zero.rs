@@ -9,7 +9,9 @@
 //! - stage 0: bucketed all-reduce (sum, then / world) of the gradients, then the ordinary
 //!   replicated [`AdamW`] (clipping included) on every rank;
 //! - stage 1: the same all-reduce, then each rank updates only its slices of the parameters
-//!   with its shard of the state, and an all-gather per bucket rebuilds the parameters;
+//!   with its shard of the state (each slice at its parameter's learning-rate scale and
+//!   weight decay, from the [`ParamPolicy`]), and an all-gather per bucket rebuilds the
+//!   parameters;
 //! - stage 2: a reduce-scatter per bucket instead of the all-reduce (each rank receives only
 //!   its slice of the averaged gradients), the global gradient norm from an all-reduce of the
 //!   shards' squared norms, then the stage-1 update and all-gather.
@@ -22,21 +24,12 @@
 use super::layout::{gather_flat, scatter_flat, Layout, Segment};
 use super::{Comm, ReduceOp};
 use crate::error::{Result, TrainerError};
-use crate::optim::{adamw_update, AdamW, AdamWConfig};
+use crate::optim::{adamw_update, clip_coef, AdamW, AdamWConfig, ParamPolicy, ParamRule};
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 const EXP_AVG: &str = "exp_avg/";
 const EXP_AVG_SQ: &str = "exp_avg_sq/";
-
-/// Global L2 norm (fp64) of `grads` and the clip coefficient for `max_norm` (1 = none).
-fn clip_coef(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
-}
 
 /// Gives every parameter a defined (zero) gradient, so that every rank takes part in every
 /// collective with the same tensors even when a parameter got no gradient on some rank.
@@ -71,17 +64,21 @@ pub struct DistAdamW {
     stage: u32,
     names: Vec<String>,
     params: Vec<Tensor>,
-    decay: Vec<bool>,
+    /// Learning-rate scale and weight decay of each parameter (what the policy decided).
+    rules: Vec<ParamRule>,
     layout: Layout,
     state: State,
     device: Device,
 }
 
 impl DistAdamW {
-    /// params: (name, fp32 trainable variable), sorted the same way on every rank.
+    /// params: (name, fp32 trainable variable), sorted the same way on every rank; `policy`
+    /// gives each its learning-rate scale and weight decay (a parameter no group matches is
+    /// an error).
     pub fn new(
         params: Vec<(String, Tensor)>,
         cfg: AdamWConfig,
+        policy: &ParamPolicy,
         stage: u32,
         bucket_mb: f64,
         comm: &dyn Comm,
@@ -114,12 +111,12 @@ impl DistAdamW {
         let layout = Layout::new(&numels, bucket_elems, comm.rank(), comm.world());
         let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        let decay = tensors.iter().map(|p| p.dim() >= 2).collect();
+        let rules = policy.rules(&params)?;
         if comm.world() > 1 || stage > 0 {
             materialize_grads(&tensors);
         }
         let state = if stage == 0 {
-            State::Replicated(AdamW::new(params, cfg))
+            State::Replicated(AdamW::new(params, cfg, policy)?)
         } else {
             let s = layout.shard_len();
             State::Sharded {
@@ -134,7 +131,7 @@ impl DistAdamW {
             stage,
             names,
             params: tensors,
-            decay,
+            rules,
             layout,
             state,
             device,
@@ -253,7 +250,9 @@ impl DistAdamW {
                 let g = grad_shard.narrow(0, seg.shard_offset, seg.len);
                 let mut m = exp_avg.narrow(0, seg.shard_offset, seg.len);
                 let mut v = exp_avg_sq.narrow(0, seg.shard_offset, seg.len);
-                adamw_update(&mut p, &g, &mut m, &mut v, t, lr, &cfg, self.decay[seg.param]);
+                // a segment is a run of one parameter: its rule applies
+                let rule = self.rules[seg.param];
+                adamw_update(&mut p, &g, &mut m, &mut v, t, lr * rule.lr_scale, &cfg, rule.decay);
             }
         });
         // rebuild the full parameters on every rank
@@ -423,9 +422,13 @@ mod tests {
     }
 
     fn run(stage: u32, bucket_mb: f64, steps: usize) -> (Vec<(String, Tensor)>, DistAdamW) {
+        run_with(&ParamPolicy::default(), stage, bucket_mb, steps)
+    }
+
+    fn run_with(policy: &ParamPolicy, stage: u32, bucket_mb: f64, steps: usize) -> (Vec<(String, Tensor)>, DistAdamW) {
         let ps = params();
         let mut comm = crate::dist::SingleProcess;
-        let mut opt = DistAdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), stage, bucket_mb, &comm)
+        let mut opt = DistAdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), policy, stage, bucket_mb, &comm)
             .expect("optimizer");
         for i in 0..steps {
             backward(&ps, 1.0 + i as f64);
@@ -454,6 +457,48 @@ mod tests {
     }
 
     #[test]
+    fn sharded_stages_on_one_rank_with_groups_equal_the_replicated_optimizer() {
+        use forge_models::drafters::ParamGroup;
+        let group = |name: &str, prefix: &str, lr_scale: f64, weight_decay: bool| ParamGroup {
+            name: name.into(),
+            prefix: prefix.into(),
+            lr_scale,
+            weight_decay,
+        };
+        // w (the matrix) in its own group: once at a quarter of the rate with decay, once at
+        // three times the rate without; b at twice the rate
+        for w_group in [group("w", "w", 0.25, true), group("w", "w", 3.0, false)] {
+            let policy = ParamPolicy::new(vec![group("rest", "", 1.0, true), group("b", "b", 2.0, true), w_group.clone()])
+                .expect("policy");
+            let (p0, _) = run_with(&policy, 0, 25.0, 3);
+            // the groups matter: stage 0 with them differs from stage 0 without
+            let (plain, _) = run(0, 25.0, 3);
+            for ((n, a), (_, b)) in p0.iter().zip(&plain) {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d > 1e-3, "{n}: the groups changed nothing ({d})");
+            }
+            // 4-element buckets: parameters split across buckets, each segment at its
+            // parameter's rate and decay
+            for stage in [1, 2] {
+                let (p, _) = run_with(&policy, stage, 16.0 / (1024.0 * 1024.0), 3);
+                for ((n, a), (_, b)) in p0.iter().zip(&p) {
+                    let d = (a - b).abs().max().double_value(&[]);
+                    assert!(d < 1e-7, "stage {stage}, {w_group:?}: {n} differs by {d}");
+                }
+            }
+        }
+        // a parameter no group matches: refused at every stage
+        let only_w = ParamPolicy::new(vec![group("w", "w", 1.0, true)]).expect("policy");
+        for stage in [0, 1, 2] {
+            let e = DistAdamW::new(params(), cfg(), &only_w, stage, 25.0, &crate::dist::SingleProcess)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("trainable parameter b matches no optimizer parameter group"), "stage {stage}: {e}");
+        }
+    }
+
+    #[test]
     fn sharded_state_saved_as_pieces_resumes_in_a_replicated_optimizer() {
         let shapes: BTreeMap<String, Vec<i64>> = params().into_iter().map(|(n, t)| (n, t.size())).collect();
         // reference: 4 replicated steps
@@ -464,7 +509,7 @@ mod tests {
         assert!(pieces.iter().all(|(n, _)| n.contains('@')), "pieces are named <moment>/<param>@<offset>");
         let full = assemble_full_state(pieces, &shapes).expect("assemble");
         let mut comm = crate::dist::SingleProcess;
-        let mut again = DistAdamW::new(p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), 0, 25.0, &comm)
+        let mut again = DistAdamW::new(p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), &ParamPolicy::default(), 0, 25.0, &comm)
             .expect("optimizer");
         again.load_full_state(&full, 3).expect("load");
         backward(&p, 4.0);
@@ -479,7 +524,7 @@ mod tests {
     fn parameters_sharing_storage_are_refused() {
         let w = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let alias = w.detach().set_requires_grad(true);
-        let e = DistAdamW::new(vec![("a".into(), w), ("b".into(), alias)], cfg(), 1, 25.0, &crate::dist::SingleProcess)
+        let e = DistAdamW::new(vec![("a".into(), w), ("b".into(), alias)], cfg(), &ParamPolicy::default(), 1, 25.0, &crate::dist::SingleProcess)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
