@@ -307,11 +307,18 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         } else {
             cmd.stderr(Stdio::piped());
         }
-        // a worker gets SIGTERM when the launcher dies, even by SIGKILL (no orphans)
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // a worker gets SIGTERM when the launcher dies, even by SIGKILL (no orphans). A
+        // launcher that dies between fork and the prctl sends no signal: the child sees that
+        // it has been re-parented and exits before it execs.
+        let launcher = std::process::id() as libc::pid_t;
+        // SAFETY: prctl, getppid and _exit are async-signal-safe; nothing else runs between
+        // fork and exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != launcher {
+                    libc::_exit(128 + libc::SIGTERM);
+                }
                 Ok(())
             });
         }
