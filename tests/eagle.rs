@@ -5,7 +5,7 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_mask, Eagle3, Eagle3Spec};
 use forge_models::drafters::{Drafter, Features};
-use forge_tests::{eval_ctx, train_ctx, TargetTensors};
+use forge_tests::{eval_ctx, train_ctx, TargetHeads};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
     let (b, t, hh, v) = (2i64, 7i64, 16i64, 20i64);
     let embed = rng.normal_tensor(&[v, hh], 1.0);
     let target_lm = rng.normal_tensor(&[v, hh], 1.0);
-    let target = TargetTensors {
+    let target = TargetHeads {
         lm_head: Some(target_lm.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };
@@ -214,7 +214,7 @@ fn eagle3_later_steps_see_only_what_the_mask_allows() {
     // Step i at position t must not depend on tokens after t+i+1 nor on aux features after t.
     let mut rng = TestRng::new(8);
     let (b, t, hh, v) = (1i64, 8i64, 16i64, 20i64);
-    let target = TargetTensors {
+    let target = TargetHeads {
         lm_head: Some(rng.normal_tensor(&[v, hh], 1.0)),
         embed: Some(rng.normal_tensor(&[v, hh], 1.0)),
     };
@@ -449,7 +449,7 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
         vocab_size: v,
         layer: small_spec(1).layer,
     };
-    let target = TargetTensors {
+    let target = TargetHeads {
         lm_head: Some(head.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };
@@ -680,7 +680,7 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
     let (b, t, hh, v) = (2i64, 8i64, 16i64, 20i64);
     let embed = rng.normal_tensor(&[v, hh], 1.0);
     let target_lm = rng.normal_tensor(&[v, hh], 1.0);
-    let target = TargetTensors {
+    let target = TargetHeads {
         lm_head: Some(target_lm.shallow_clone()),
         embed: Some(embed.shallow_clone()),
     };

@@ -9,7 +9,7 @@ use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
-use forge_tests::TargetTensors;
+use forge_tests::TargetHeads;
 use forge_models::generate::{generate, GenerateOptions, RowRng};
 use forge_models::speculative::{next_gamma, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
@@ -19,8 +19,8 @@ use tch::{Device, Kind, Tensor};
 
 const V: i64 = 96;
 
-fn tensors(t: &TargetModel) -> TargetTensors {
-    TargetTensors {
+fn tensors(t: &TargetModel) -> TargetHeads {
+    TargetHeads {
         lm_head: Some(t.lm_head_weight().detach()),
         embed: Some(t.embed_weight().detach()),
     }

@@ -327,12 +327,12 @@ pub fn metrics_rows(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// The target's lm_head and embedding as a drafter is given them (either may be left out).
-pub struct TargetTensors {
+pub struct TargetHeads {
     pub lm_head: Option<Tensor>,
     pub embed: Option<Tensor>,
 }
 
-impl TargetTensors {
+impl TargetHeads {
     pub fn access(&self) -> forge_models::drafters::TargetAccess<'static> {
         use forge_models::drafters::{EMBED, LM_HEAD};
         let mut m = std::collections::BTreeMap::new();

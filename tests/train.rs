@@ -3,7 +3,7 @@
 
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, Features};
-use forge_tests::{train_ctx, TargetTensors};
+use forge_tests::{train_ctx, TargetHeads};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, step_weights, TestRng, TinyRun};
 use std::path::Path;
@@ -22,7 +22,7 @@ fn small_medusa(rng: &mut TestRng, h: i64, v: i64) -> (Medusa, Tensor) {
         hidden_size: h,
         vocab_size: v,
     };
-    let target = TargetTensors {
+    let target = TargetHeads {
         lm_head: Some(lm.shallow_clone()),
         embed: None,
     };
@@ -400,4 +400,34 @@ fn medusa_heads_own_their_storage() {
         let _ = x.g_add_scalar_(1.0);
     });
     assert!(b.equal(&lm), "changing head 0 left head 1 alone");
+}
+
+#[test]
+fn drafters_get_the_target_tensors_or_the_live_model_they_ask_for() {
+    use forge_models::drafters::{TargetAccess, TargetNeeds, EMBED, LM_HEAD};
+    use forge_trainer::drafter::target_access;
+    let dir = forge_tests::tmp_dir("target-access");
+    for (model_type, tied) in [("llama", true), ("qwen3", false)] {
+        let path = forge_tests::saved_tiny_target(model_type, 5, &dir.join(model_type));
+        let live = forge_models::TargetModel::load(&path, forge_models::DType::F32, Device::Cpu).expect("load");
+        let cfg = live.config.clone();
+        assert_eq!(cfg.tie_word_embeddings, tied);
+        // tensors by name, read from the files: a tied target's lm_head is its embedding
+        let needs = TargetNeeds::Tensors(vec![LM_HEAD.into(), EMBED.into()]);
+        let access = target_access(&path, &cfg, &needs, None).expect("tensors");
+        assert!(access.require(LM_HEAD, "test").expect("lm_head").equal(live.lm_head_weight()));
+        assert!(access.require(EMBED, "test").expect("embed").equal(live.embed_weight()));
+        assert!(matches!(target_access(&path, &cfg, &TargetNeeds::Nothing, None), Ok(TargetAccess::Nothing)));
+        // a tensor the target does not have is named
+        let missing = TargetNeeds::Tensors(vec!["model.layers.9.mlp.up_proj.weight".into()]);
+        let err = target_access(&path, &cfg, &missing, None).err().expect("missing tensor").to_string();
+        assert!(err.contains("model.layers.9.mlp.up_proj.weight"), "{err}");
+        // the live model: handed over where it is loaded, refused with the fix where not
+        match target_access(&path, &cfg, &TargetNeeds::Model, Some(&live)) {
+            Ok(TargetAccess::Model(m)) => assert!(std::ptr::eq(m, &live)),
+            _ => panic!("the live model was not handed over"),
+        }
+        let err = target_access(&path, &cfg, &TargetNeeds::Model, None).err().expect("no live model").to_string();
+        assert!(err.contains("data.mode: online"), "{err}");
+    }
 }

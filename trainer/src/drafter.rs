@@ -9,35 +9,53 @@ use forge_data::hidden::HiddenDataset;
 use forge_data::{CacheStatus, LoadedDataset, VocabMapping};
 use forge_models::drafters::{PrepareData, TargetAccess, TargetNeeds, EMBED, LM_HEAD};
 use forge_models::target::read_named_tensors;
-use forge_models::{ModelError, TargetConfig};
+use forge_models::{ModelError, TargetConfig, TargetModel};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The target as `needs` asks for it, read from the target folder `dir` (tensors by name,
-/// without loading the model). `TargetNeeds::Model` is refused here: such drafters are built
-/// where the live model is (online training, decoding).
-pub fn target_access(dir: &Path, cfg: &TargetConfig, needs: &TargetNeeds) -> Result<TargetAccess<'static>> {
+/// The target as `needs` asks for it: tensors by name read from the target folder `dir`
+/// (without loading the model), or the live model `live` for a drafter that runs inside it
+/// (`TargetNeeds::Model`), which only online training loads.
+pub fn target_access<'t>(
+    dir: &Path,
+    cfg: &TargetConfig,
+    needs: &TargetNeeds,
+    live: Option<&'t TargetModel>,
+) -> Result<TargetAccess<'t>> {
     match needs {
         TargetNeeds::Nothing => Ok(TargetAccess::Nothing),
-        TargetNeeds::Model => Err(TrainerError::Config(
-            "this drafter runs inside the live target model, which is not loaded here".into(),
-        )),
+        TargetNeeds::Model => live.map(TargetAccess::Model).ok_or_else(|| {
+            TrainerError::Config(
+                "this drafter is built inside the live target model, which only online training loads (data.mode: online; offline runs and checkpoint loading read target tensors from disk)".into(),
+            )
+        }),
         TargetNeeds::Tensors(names) => {
-            // a tied target's output projection is its embedding
-            let on_disk: Vec<&str> = names
-                .iter()
-                .map(|n| if n == LM_HEAD && cfg.tie_word_embeddings { EMBED } else { n.as_str() })
-                .collect();
-            let got = read_named_tensors(dir, &on_disk)?;
+            // a tied target's output projection is its embedding; each file tensor is read once
+            let tied = cfg.tie_word_embeddings;
+            let mut on_disk: Vec<&str> = names.iter().map(|n| file_name(n, tied)).collect();
+            on_disk.sort_unstable();
+            on_disk.dedup();
+            let got: BTreeMap<&str, Option<tch::Tensor>> = on_disk.iter().copied().zip(read_named_tensors(dir, &on_disk)?).collect();
             let mut map = BTreeMap::new();
-            for ((name, file_name), t) in names.iter().zip(&on_disk).zip(got) {
-                let t = t.ok_or_else(|| {
-                    TrainerError::Config(format!("{}: the target has no tensor {file_name} (the drafter needs it)", dir.display()))
+            for name in names {
+                let f = file_name(name, tied);
+                let t = got.get(f).and_then(Option::as_ref).ok_or_else(|| {
+                    TrainerError::Config(format!("{}: the target has no tensor {f} (the drafter needs it)", dir.display()))
                 })?;
-                map.insert(name.clone(), t);
+                map.insert(name.clone(), t.shallow_clone());
             }
             Ok(TargetAccess::Tensors(map))
         }
+    }
+}
+
+/// The name on disk of the target tensor a drafter asks for as `name`: a tied target's
+/// output projection is its embedding.
+fn file_name(name: &str, tied: bool) -> &str {
+    if name == LM_HEAD && tied {
+        EMBED
+    } else {
+        name
     }
 }
 

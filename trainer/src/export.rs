@@ -42,7 +42,7 @@ fn shared_with_target(spec: &DrafterSpec, target: &Path, cfg: &serde_json::Value
         return Ok(TargetAccess::Nothing);
     }
     let cfg = TargetConfig::from_value(cfg.clone()).map_err(TrainerError::Config)?;
-    target_access(target, &cfg, &needs).map_err(|e| {
+    target_access(target, &cfg, &needs, None).map_err(|e| {
         TrainerError::Config(format!(
             "this {} drafter shares tensors with its target, which could not be read from {}: {e}",
             spec.kind(),

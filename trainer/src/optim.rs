@@ -140,7 +140,7 @@ impl std::fmt::Display for GroupSummary {
 
 impl ParamPolicy {
     /// The policy of a drafter's groups (`Drafter::param_groups`). Errors on two groups
-    /// with one prefix (which would decide would be arbitrary) and on a learning-rate scale
+    /// with one prefix (which of them applies would be arbitrary) and on a learning-rate scale
     /// that is not a finite number >= 0.
     pub fn new(groups: Vec<ParamGroup>) -> Result<ParamPolicy> {
         for (i, g) in groups.iter().enumerate() {

@@ -100,13 +100,12 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
     if let Some(e) = &td.eval {
         out.push(summary("eval", &recipe.data.eval, e));
     }
-    // what the drafter prepares from the data (EAGLE-3: its draft vocabulary), cached
+    // what the drafter prepares from the data (EAGLE-3: its draft vocabulary), cached; the
+    // drafter itself is not built
     let cfg = data::target_config(&recipe)?;
     let spec = recipe.drafter.to_spec(&cfg)?;
-    let access = drafter::target_access(data::target_dir(&recipe)?, &cfg, &spec.target_needs(true))?;
-    let mut built = spec.build(&access, tch::Device::Cpu, tch::Kind::Float)?;
     let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train));
-    built.prepare(&mut prep, &access)?;
+    spec.prepare_data(&mut prep)?;
     let vocab = prep.vocab;
     let vocab_json = vocab.as_ref().map(|(m, st)| {
         serde_json::json!({

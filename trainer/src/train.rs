@@ -237,7 +237,8 @@ impl<'a> Trainer<'a> {
 
         // Data (and the target, online).
         enum TrainData {
-            Tokens(Box<forge_data::LoadedDataset>),
+            /// Online: the conversations and the frozen target that runs inside each step.
+            Tokens(Box<forge_data::LoadedDataset>, TargetModel),
             Shards(Box<HiddenDataset>),
         }
         let eval_tokens;
@@ -245,7 +246,7 @@ impl<'a> Trainer<'a> {
             DataMode::Online => {
                 let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
                 eval_tokens = td.eval.map(|e| e.dataset);
-                TrainData::Tokens(Box::new(td.train))
+                TrainData::Tokens(Box::new(td.train), TargetModel::load(dir, target_dtype, device)?)
             }
             DataMode::Offline => {
                 let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
@@ -274,22 +275,25 @@ impl<'a> Trainer<'a> {
             }
         };
 
-        // The drafter (its own VarStore, fp32 master weights), prepared from the data when fresh.
-        let access = target_access(dir, cfg, &spec.target_needs(true))?;
+        // The drafter (its own VarStore, fp32 master weights) built from what it needs of the
+        // target, prepared from the data when fresh (a resumed run loads what preparing made
+        // from its checkpoint).
+        let live = match &train_data {
+            TrainData::Tokens(_, target) => Some(target),
+            TrainData::Shards(_) => None,
+        };
+        let access = target_access(dir, cfg, &spec.target_needs(fresh), live)?;
         let mut drafter = spec.build(&access, device, compute_kind(recipe, device))?;
         if fresh {
             let src = match &train_data {
-                TrainData::Tokens(td) => PrepareSource::Tokens(td),
+                TrainData::Tokens(td, _) => PrepareSource::Tokens(td),
                 TrainData::Shards(ds) => PrepareSource::Shards(ds),
             };
             drafter.prepare(&mut Prepare::new(recipe, cfg, src), &access)?;
         }
         drop(access);
         let source = match train_data {
-            TrainData::Tokens(td) => Source::Online {
-                target: TargetModel::load(dir, target_dtype, device)?,
-                data: td.dataset,
-            },
+            TrainData::Tokens(td, target) => Source::Online { target, data: td.dataset },
             TrainData::Shards(ds) => Source::Offline { data: *ds },
         };
         let params: Vec<(String, Tensor)> = {

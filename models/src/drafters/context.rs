@@ -108,8 +108,9 @@ impl StepRng {
         }
     }
 
-    /// Uniform numbers in [0, 1) (24 random bits each), fp32, of `shape`, on `device`.
-    pub fn uniform(&self, shape: &[i64], device: Device) -> Tensor {
+    /// 32 random bits an element (as int64 in [0, 2^32)), of `shape`, on `device`; each
+    /// call is a new stream.
+    fn bits(&self, shape: &[i64], device: Device) -> Tensor {
         let s = self.stream.get();
         self.stream.set(s + 1);
         let k = splitmix64(self.key ^ splitmix64(s));
@@ -118,16 +119,26 @@ impl StepRng {
         let idx = Tensor::arange(n, (Kind::Int64, device));
         let lo = idx.bitwise_and(M32).bitwise_xor(k1);
         let hi = idx.bitwise_right_shift_tensor_scalar(32).bitwise_xor(k2);
-        let x = hash32(&hash32(&lo).bitwise_xor_tensor(&hash32(&hi)));
-        (x.bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) * (1.0 / (1u64 << 24) as f64)).view(shape)
+        hash32(&hash32(&lo).bitwise_xor_tensor(&hash32(&hi))).view(shape)
     }
 
-    /// Standard Gumbel noise `-log(-log(u))` with u uniform in (0, 1), fp32.
-    pub fn gumbel(&self, shape: &[i64], device: Device) -> Tensor {
-        // u in [2^-25, 1 - 2^-25]: never 0 or 1
-        let u = self.uniform(shape, device) + (1.0 / (1u64 << 25) as f64);
-        -(-u.log()).log()
+    /// Uniform numbers in [0, 1) (24 random bits each), fp32, of `shape`, on `device`.
+    pub fn uniform(&self, shape: &[i64], device: Device) -> Tensor {
+        self.bits(shape, device).bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) * (1.0 / (1u64 << 24) as f64)
     }
+
+    /// Standard Gumbel noise `-log(-log(u))` with u uniform in (0, 1), fp32: always finite.
+    pub fn gumbel(&self, shape: &[i64], device: Device) -> Tensor {
+        gumbel_from_bits(&self.bits(shape, device))
+    }
+}
+
+/// Gumbel noise from 32-bit random integers. u = (b + 1/2) / 2^23 for the top 23 bits b lies
+/// in [2^-24, 1 - 2^-24]; every step is exact in fp32, so u is never 0 or 1 and the noise is
+/// never infinite (a 24-bit u plus an offset can round to exactly 1.0).
+fn gumbel_from_bits(bits: &Tensor) -> Tensor {
+    let u = (bits.bitwise_right_shift_tensor_scalar(9).to_kind(Kind::Float) + 0.5) * (1.0 / (1u64 << 23) as f64);
+    -(-u.log()).log()
 }
 
 #[cfg(test)]
@@ -170,6 +181,19 @@ mod tests {
         let b = u.narrow(0, 1, 199_999) - 0.5;
         let corr = (&a * &b).mean(Kind::Double).double_value(&[]) * 12.0;
         assert!(corr.abs() < 0.01, "lag-1 correlation {corr}");
+    }
+
+    #[test]
+    fn gumbel_noise_is_finite_at_the_extreme_bits() {
+        let extremes = Tensor::from_slice(&[0i64, 1, 511, 512, M32 - 512, M32 - 1, M32]);
+        let g = gumbel_from_bits(&extremes);
+        assert_eq!(g.isfinite().all().int64_value(&[]), 1, "{g}");
+        // the largest bits give the largest noise: -ln(-ln(1 - 2^-24)) = 16.64
+        let top = g.double_value(&[6]);
+        assert!((top - 16.6355).abs() < 1e-2, "{top}");
+        // the smallest: -ln(-ln(2^-24)) = -2.8115
+        let bottom = g.double_value(&[0]);
+        assert!((bottom + 2.8115).abs() < 1e-3, "{bottom}");
     }
 
     #[test]

@@ -139,9 +139,7 @@ impl Drafter for Eagle1 {
     }
 
     fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
-        let c = self.compute;
         let feats = f.hidden_normed()?.to_kind(Kind::Float);
-        let head = &self.lm_head;
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.e.layer.hidden_size;
         let input = if ctx.train && self.e.feature_noise > 0.0 {
@@ -168,8 +166,8 @@ impl Drafter for Eagle1 {
                     .smooth_l1_loss(&y, tch::Reduction::None, 1.0)
                     .mean_dim(-1, false, Kind::Float)
                     .mean(Kind::Float);
-                let logits = x.to_kind(c).matmul(&head.tr()).to_kind(Kind::Float);
-                let p = tch::no_grad(|| y.to_kind(c).matmul(&head.tr()).to_kind(Kind::Float).softmax(-1, Kind::Float));
+                let logits = self.readout(&x);
+                let p = tch::no_grad(|| self.readout(&y).softmax(-1, Kind::Float));
                 let (ce, hit) = soft_ce_and_hits(&logits, &p);
                 total = total + &feature * self.e.feature_weight + &ce * self.e.token_weight;
                 cnt = count as f64;

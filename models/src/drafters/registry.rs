@@ -6,7 +6,7 @@
 use super::eagle1::{Eagle1, Eagle1Spec};
 use super::eagle3::{Eagle3, Eagle3Spec};
 use super::medusa::{Medusa, MedusaSpec};
-use super::{Drafter, FeatureNeeds, TargetAccess, TargetNeeds};
+use super::{Drafter, FeatureNeeds, PrepareData, TargetAccess, TargetNeeds};
 use crate::error::Result;
 use tch::{Device, Kind};
 
@@ -43,6 +43,17 @@ impl DrafterSpec {
         match self {
             DrafterSpec::Medusa(m) => m.target_needs(fresh),
             DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) => super::eagle::target_needs(),
+        }
+    }
+
+    /// The data-dependent preparation a fresh drafter of this spec asks for in
+    /// [`Drafter::prepare`], run without building the drafter (no weights, no target), so that
+    /// `forge prepare-data` computes and caches it ahead of training: EAGLE-3's draft
+    /// vocabulary.
+    pub fn prepare_data(&self, data: &mut dyn PrepareData) -> Result<()> {
+        match self {
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) => Ok(()),
+            DrafterSpec::Eagle3(e) => data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ()),
         }
     }
 

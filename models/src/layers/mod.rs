@@ -115,10 +115,10 @@ mod tests {
     fn rms_norm_computes_in_fp32_and_returns_the_input_kind() {
         let vs = nn::VarStore::new(Device::Cpu);
         let n = RmsNorm::new(vs.root() / "n", 6, 1e-6, ParamInit::Default);
-        tch::no_grad(|| n.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, 1.0, 1.5, 2.0, -1.0, 3.0])));
+        tch::no_grad(|| n.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.55f32, 1.13, 1.57, 2.21, -0.93, 3.07])));
         let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5, 0.0, 4.0]).view([1, 6]);
         let ms: f64 = [1.0f64, 4.0, 9.0, 0.25, 0.0, 16.0].iter().sum::<f64>() / 6.0;
-        let w = [0.5, 1.0, 1.5, 2.0, -1.0, 3.0];
+        let w = [0.55, 1.13, 1.57, 2.21, -0.93, 3.07];
         let xs = [1.0, -2.0, 3.0, 0.5, 0.0, 4.0];
         let got = n.forward(&x);
         for i in 0..6 {
@@ -127,8 +127,17 @@ mod tests {
         }
         let y = n.forward(&x.to_kind(Kind::BFloat16));
         assert_eq!(y.kind(), Kind::BFloat16);
-        // bf16 in: fp32 normalisation, rounded once to bf16, then scaled in bf16
-        let normed = (&x * (ms + 1e-6).powf(-0.5)).to_kind(Kind::BFloat16);
-        assert!(y.equal(&(normed * n.weight.to_kind(Kind::BFloat16))));
+        // bf16 in, fp32 (master) weight: normalised and scaled in fp32, rounded once to bf16
+        let normed = &x * (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + 1e-6).rsqrt();
+        assert!(y.equal(&(&normed * &n.weight).to_kind(Kind::BFloat16)));
+        // (which is not what rounding twice gives here)
+        assert!(!y.equal(&(normed.to_kind(Kind::BFloat16) * n.weight.to_kind(Kind::BFloat16))));
+        // bf16 in, bf16 weight (a target stored in bf16): rounded to bf16, then scaled in bf16
+        let vs16 = nn::VarStore::new(Device::Cpu);
+        let mut n16 = RmsNorm::new(vs16.root() / "n", 6, 1e-6, ParamInit::Default);
+        n16.weight = n.weight.detach().to_kind(Kind::BFloat16);
+        let y16 = n16.forward(&x.to_kind(Kind::BFloat16));
+        assert_eq!(y16.kind(), Kind::BFloat16);
+        assert!(y16.equal(&(normed.to_kind(Kind::BFloat16) * &n16.weight)));
     }
 }

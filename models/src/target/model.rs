@@ -508,7 +508,9 @@ mod tests {
             outs.push(t.run_layers(x, 0..3, &inputs, Some(&mut cache), None).expect("layers"));
         }
         let got = Tensor::cat(&outs, 1);
+        // fp32 rounding only: the cached path sums in another order (a wrong cache is off by O(1))
         let diff = (&got - &full).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "cached decoding differs by {diff}");
+        let scale = full.abs().max().double_value(&[]).max(1.0);
+        assert!(diff < 5e-6 * scale, "cached decoding differs by {diff} (largest value {scale})");
     }
 }

@@ -156,9 +156,11 @@ impl DrafterSection {
             }),
             DrafterSection::Eagle3(e) => {
                 let aux_layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
-                if let Some(l) = aux_layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
+                let missing: Vec<String> = aux_layers.iter().filter(|&&l| l < 0 || l >= cfg.num_layers).map(|l| l.to_string()).collect();
+                if !missing.is_empty() {
                     return Err(TrainerError::Config(format!(
-                        "drafter.aux_layers: layer {l} does not exist (the target has layers 0..{})",
+                        "drafter.aux_layers: layer(s) {} do not exist (the target has layers 0..{})",
+                        missing.join(", "),
                         cfg.num_layers - 1
                     )));
                 }

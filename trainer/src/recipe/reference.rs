@@ -47,9 +47,21 @@ pub fn markdown() -> String {
             .join(", "),
     );
     o.push_str(". The other keys depend on the kind.\n\n");
+    let pending: Vec<&str> = DrafterSection::KINDS
+        .iter()
+        .copied()
+        .filter(|k| !DrafterSection::IMPLEMENTED.contains(k))
+        .collect();
+    if !pending.is_empty() {
+        o.push_str(&format!(
+            "Not implemented yet (their keys parse, `forge check` and `forge train` refuse them): {}.\n\n",
+            pending.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     macro_rules! kind {
         ($name:literal, $t:ty) => {
-            o.push_str(&format!("### `kind: {}`\n\n", $name));
+            let note = if DrafterSection::IMPLEMENTED.contains(&$name) { "" } else { " (not implemented yet)" };
+            o.push_str(&format!("### `kind: {}`{note}\n\n", $name));
             table::<$t>(&mut o, <$t>::field_docs());
         };
     }
