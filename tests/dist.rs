@@ -503,3 +503,15 @@ fn ctrl_c_stops_every_worker() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interrupted: stopped all workers"), "{err}");
 }
+
+#[test]
+fn hybrid_gumbel_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one() {
+    let mut run = setup("dist-hybrid");
+    run.recipe = root().join("recipes/hybrid-tiny.yaml");
+    let one = run.dir.join("one");
+    let sets = ["train.max_steps=4", "checkpoint.every_steps=4", "drafter.hard=true"];
+    train(&run, 1, &one, &[&sets[..], &["train.grad_accum=2"]].concat(), &[]);
+    let two = run.dir.join("two");
+    train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=1"]].concat(), &[]);
+    assert_same_run(&one, &two, 4, "hybrid with hard Gumbel-Softmax gates");
+}

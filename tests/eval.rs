@@ -7,6 +7,7 @@
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
+use forge_models::drafters::hybrid::{CostMode, Hybrid, HybridSpec};
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
 use forge_tests::TargetHeads;
@@ -95,6 +96,44 @@ fn eagle3(t: &TargetModel) -> Eagle3 {
     m
 }
 
+/// The hybrid drafter with 2 MLP and 2 transformer blocks and a random (non-uniform) gate.
+fn hybrid(t: &TargetModel) -> Hybrid {
+    let m = Hybrid::new(
+        HybridSpec {
+            num_mlp_blocks: 2,
+            num_transformer_blocks: 2,
+            gate_hidden_size: 16,
+            mlp_intermediate_size: 64,
+            gumbel_temperature: 1.0,
+            gumbel_temperature_end: 1.0,
+            anneal_steps: None,
+            hard: false,
+            distill: false,
+            cost: CostMode::Fixed,
+            mlp_cost: 1.0,
+            transformer_cost: 5.0,
+            cost_lambda: 0.01,
+            feature_weight: 0.0,
+            gate_lr_scale: 1.0,
+            vocab_size: V,
+            layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
+        },
+        &tensors(t).access(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .expect("hybrid");
+    reinit_trainable(m.var_store(), 14);
+    tch::no_grad(|| {
+        for (n, mut v) in m.var_store().variables() {
+            if n.starts_with("gate.fc2") {
+                v.copy_(&TestRng::for_name(15, &n).normal_tensor(&v.size(), 1.0));
+            }
+        }
+    });
+    m
+}
+
 fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
     let opts = GenerateOptions {
         max_new_tokens: n,
@@ -112,7 +151,7 @@ fn prompts() -> Vec<Vec<i64>> {
 fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
     let t = random_target("llama", 21);
     let drafters: Vec<(&str, Box<dyn Drafter>)> =
-        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t)))];
+        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t)))];
     for (name, d) in &drafters {
         for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
             for (i, p) in prompts().iter().enumerate() {

@@ -5,6 +5,7 @@ mod data;
 mod dist;
 mod eagle;
 mod eval;
+mod hybrid;
 mod recipes;
 mod train;
 mod regenerate;

@@ -221,13 +221,13 @@ fn docs_recipe_reference_is_current() {
 
 #[test]
 fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
-    for kind in ["hybrid", "spaf", "knowledge"] {
+    for kind in ["spaf", "knowledge"] {
         let e = errors(&BASE.replace("kind: medusa", &format!("kind: {kind}")), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].contains("drafter.kind")
                 && e[0].contains(&format!("'{kind}' is not implemented yet"))
-                && e[0].contains("medusa, eagle1, eagle3")
+                && e[0].contains("medusa, eagle1, eagle3, hybrid")
                 && e[0].contains("line 2"),
             "{e:?}"
         );
@@ -236,10 +236,10 @@ fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
         assert!(e.len() == 2 && e.iter().any(|x| x.contains("target.path")), "{e:?}");
     }
     let dir = forge_tests::tmp_dir("recipe-not-implemented");
-    let path = dir.join("hybrid.yaml");
-    std::fs::write(&path, BASE.replace("kind: medusa", "kind: hybrid")).expect("write");
+    let path = dir.join("spaf.yaml");
+    std::fs::write(&path, BASE.replace("kind: medusa", "kind: spaf")).expect("write");
     let out = forge(&["check", path.to_str().expect("utf8")]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "forge check accepted kind: hybrid");
-    assert!(err.contains("not implemented yet") && err.contains("hybrid.yaml"), "{err}");
+    assert!(!out.status.success(), "forge check accepted kind: spaf");
+    assert!(err.contains("not implemented yet") && err.contains("spaf.yaml"), "{err}");
 }

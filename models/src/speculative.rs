@@ -57,6 +57,11 @@ pub trait DraftSession {
     /// `next` of the latest commit). Greedy (arg-max) when `temperature <= 0`, otherwise each
     /// token sampled from softmax(logits / temperature) with uniforms from `rng`.
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal>;
+    /// Named event counts of this session (the hybrid drafter: how often each block ran),
+    /// summed and reported by `forge eval`. Default: none.
+    fn counters(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }
 
 /// Dynamic gamma (AIMD, docs/eval.md): +1 after a round whose proposals were all accepted,

@@ -120,4 +120,8 @@ impl PrepareData for Prepare<'_> {
         self.vocab = Some((m, st));
         Ok(out)
     }
+
+    fn report(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
 }

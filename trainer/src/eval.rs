@@ -109,6 +109,10 @@ struct Tally {
     reached: Vec<usize>,
     accepted: Vec<usize>,
     gammas: BTreeMap<usize, usize>,
+    /// Draft tokens proposed (all rounds).
+    drafted: usize,
+    /// The draft sessions' named event counts (the hybrid: block choices), summed.
+    counters: BTreeMap<String, u64>,
     draft_s: f64,
     target_s: f64,
     prefill_s: f64,
@@ -125,6 +129,7 @@ impl Tally {
             self.rounds += 1;
             self.round_tokens += r.emitted;
             *self.gammas.entry(r.proposed).or_default() += 1;
+            self.drafted += r.proposed;
             if self.proposed.len() < r.proposed {
                 self.proposed.resize(r.proposed, 0);
                 self.reached.resize(r.proposed, 0);
@@ -158,6 +163,10 @@ impl Tally {
         for (g, n) in &o.gammas {
             *self.gammas.entry(*g).or_default() += n;
         }
+        self.drafted += o.drafted;
+        for (k, n) in &o.counters {
+            *self.counters.entry(k.clone()).or_default() += n;
+        }
         self.draft_s += o.draft_s;
         self.target_s += o.target_s;
         self.prefill_s += o.prefill_s;
@@ -189,6 +198,8 @@ impl Tally {
             "proposed_per_position": self.proposed,
             "gamma_histogram": self.gammas.iter().map(|(g, n)| (g.to_string(), json!(n))).collect::<serde_json::Map<String, Value>>(),
             "draft_seconds": round4(self.draft_s),
+            "drafted_tokens": self.drafted,
+            "draft_ms_per_token": round4(1e3 * ratio(self.draft_s, self.drafted as f64)),
             "target_seconds": round4(self.target_s),
             "prefill_seconds": round4(self.prefill_s),
             "seconds": round4(self.spec_s),
@@ -196,6 +207,16 @@ impl Tally {
             "target_time_share": round4(ratio(self.target_s + self.prefill_s, self.spec_s)),
             "tokens_per_second": round4(ratio(self.spec_tokens as f64, self.spec_s)),
         });
+        if !self.counters.is_empty() {
+            let all: u64 = self.counters.values().sum();
+            v["draft_counters"] = json!(self.counters);
+            v["draft_counter_shares"] = self
+                .counters
+                .iter()
+                .map(|(k, n)| (k.clone(), json!(round4(ratio(*n as f64, all as f64)))))
+                .collect::<serde_json::Map<String, Value>>()
+                .into();
+        }
         if baseline {
             v["baseline"] = json!({
                 "new_tokens": self.base_tokens,
@@ -320,6 +341,7 @@ impl Ctx<'_> {
             let needs = self.drafter.spec().feature_needs();
             let s = speculative_generate(self.model, session.as_mut(), &needs, &prompt, &self.spec_opts(seed))
                 .with_context(|| format!("speculative decoding of prompt {} turn {}", conv.id, k + 1))?;
+            let counters: BTreeMap<String, u64> = session.counters().into_iter().collect();
             drop(session);
             let mut t = Tally {
                 turns: 1,
@@ -328,6 +350,7 @@ impl Ctx<'_> {
                 target_s: s.target_seconds,
                 prefill_s: s.prefill_seconds,
                 spec_s: s.total_seconds,
+                counters,
                 ..Default::default()
             };
             t.add_rounds(&s.rounds);
@@ -387,6 +410,12 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
         100.0 * ratio(t.draft_s, t.spec_s),
         ratio(t.spec_tokens as f64, t.spec_s)
     );
+    line += &format!("  draft {:.2} ms/token", 1e3 * ratio(t.draft_s, t.drafted as f64));
+    if !t.counters.is_empty() {
+        let all: u64 = t.counters.values().sum();
+        let shares: Vec<String> = t.counters.iter().map(|(k, n)| format!("{k} {:.0}%", 100.0 * ratio(*n as f64, all as f64))).collect();
+        line += &format!("  [{}]", shares.join(" "));
+    }
     if baseline {
         line += &format!(
             "  plain {:.1} tok/s  speedup {}",

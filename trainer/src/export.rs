@@ -137,6 +137,14 @@ pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<Exp
         ))
     })?;
     let l = load_drafter(path, Device::Cpu)?;
+    if fmt != ExportFormat::Forge && l.drafter.export_formats().is_empty() {
+        return Err(TrainerError::Config(format!(
+            "a {} drafter cannot be exported as {}: {}; use --format forge",
+            l.spec.kind(),
+            fmt.name(),
+            l.drafter.engines_note().unwrap_or("it has no engine format")
+        )));
+    }
     if fmt != ExportFormat::Forge && !l.drafter.export_formats().contains(&fmt) {
         let ok: Vec<&str> = l.drafter.export_formats().iter().map(|f| f.name()).collect();
         return Err(TrainerError::Config(format!(

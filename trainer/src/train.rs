@@ -798,8 +798,9 @@ impl RunLog {
         self.evals_at.due(step)
     }
 
-    /// Records the step that brought the run to `step` steps done.
-    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<()> {
+    /// Records the step that brought the run to `step` steps done; at the end of a log
+    /// interval returns its metrics (as logged, on every rank).
+    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<Option<Vec<(String, f64)>>> {
         let acc = &m.acc;
         self.run_tokens += acc.tokens as u64;
         self.last_loss = acc.loss_sum / acc.batches.max(1.0);
@@ -808,20 +809,28 @@ impl RunLog {
         let tps = self.window.tokens / secs.max(1e-9);
         self.pb.set_position(step);
         self.pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", self.last_loss, m.lr));
-        if self.rows.due(step) {
-            if let Some(l) = self.logger.as_mut() {
-                let mut rows = self.window.scalars("train/");
-                rows.push(("train/lr".into(), m.lr));
-                rows.push(("train/grad_norm".into(), m.grad_norm));
-                rows.push(("train/tokens_per_second".into(), tps));
-                rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
-                let rows: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                l.log(step, &rows)?;
-            }
-            self.window = Accum::default();
-            self.window_start = Instant::now();
+        if !self.rows.due(step) {
+            return Ok(None);
         }
-        Ok(())
+        let mut rows = self.window.scalars("train/");
+        rows.push(("train/lr".into(), m.lr));
+        rows.push(("train/grad_norm".into(), m.grad_norm));
+        rows.push(("train/tokens_per_second".into(), tps));
+        rows.push(("train/peak_rss_mb".into(), peak_rss_mb()));
+        if let Some(l) = self.logger.as_mut() {
+            let r: Vec<(&str, f64)> = rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            l.log(step, &r)?;
+        }
+        self.window = Accum::default();
+        self.window_start = Instant::now();
+        Ok(Some(rows))
+    }
+
+    /// A warning for the person running the job (rank 0), above the progress bar.
+    fn warn(&self, line: &str) {
+        if self.logger.is_some() {
+            self.pb.suspend(|| eprintln!("warning: {line}"));
+        }
     }
 
     /// Records an evaluation after `step` steps.
@@ -896,7 +905,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     for step in start_step..total {
         let m = trainer.train_step(step, dp)?;
         let done = trainer.state.step;
-        log.step(done, &m)?;
+        if let Some(interval) = log.step(done, &m)? {
+            for w in trainer.drafter.watch(&interval) {
+                log.warn(&w);
+            }
+        }
         if log.eval_due(done) {
             if let Some(e) = trainer.evaluate(dp, done, total)? {
                 log.eval(done, e)?;

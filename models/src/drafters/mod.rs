@@ -12,6 +12,7 @@ pub mod context;
 pub mod eagle;
 pub mod eagle1;
 pub mod eagle3;
+pub mod hybrid;
 pub mod medusa;
 pub mod registry;
 
@@ -92,6 +93,9 @@ pub trait PrepareData {
     /// tokens (loss mask 1) of the training data, ascending by id, as (`d2t`, `t2d`): target
     /// id = i + d2t[i], t2d[target id] = in the draft vocabulary.
     fn vocab_mapping(&mut self, size: usize) -> Result<(Vec<i64>, Vec<bool>)>;
+    /// A line for the person running the job (e.g. measured block costs); the trainer prints
+    /// it.
+    fn report(&mut self, _line: &str) {}
 }
 
 /// A batch of target features (all on the drafter's device).
@@ -234,8 +238,19 @@ pub trait Drafter {
     /// Loss on a batch; `ctx` says which step it is and carries the step's random generator
     /// (training-only behaviour such as noise runs when `ctx.train`).
     fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput>;
+    /// Called with the metrics of each training log interval (names as logged, e.g.
+    /// `train/gate/mlp_0_prob`, with their interval means): warnings for the person running
+    /// the job (e.g. a collapsing gate). Default: none.
+    fn watch(&mut self, _interval: &[(String, f64)]) -> Vec<String> {
+        Vec::new()
+    }
     /// Formats this drafter can be exported to (besides `forge`).
     fn export_formats(&self) -> &'static [ExportFormat];
+    /// Why no engine format can hold this drafter, for drafters with none (shown when one is
+    /// asked for).
+    fn engines_note(&self) -> Option<&'static str> {
+        None
+    }
     /// Tensors and configs for an engine format, named as the engine expects.
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle>;
     /// A speculative-decoding session over one sequence (`forge eval`, `speculative.rs`).

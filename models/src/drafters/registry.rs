@@ -5,6 +5,7 @@
 
 use super::eagle1::{Eagle1, Eagle1Spec};
 use super::eagle3::{Eagle3, Eagle3Spec};
+use super::hybrid::{Hybrid, HybridSpec};
 use super::medusa::{Medusa, MedusaSpec};
 use super::{Drafter, FeatureNeeds, PrepareData, TargetAccess, TargetNeeds};
 use crate::error::Result;
@@ -16,6 +17,7 @@ pub enum DrafterSpec {
     Medusa(MedusaSpec),
     Eagle1(Eagle1Spec),
     Eagle3(Eagle3Spec),
+    Hybrid(HybridSpec),
 }
 
 impl DrafterSpec {
@@ -24,6 +26,7 @@ impl DrafterSpec {
             DrafterSpec::Medusa(_) => "medusa",
             DrafterSpec::Eagle1(_) => "eagle1",
             DrafterSpec::Eagle3(_) => "eagle3",
+            DrafterSpec::Hybrid(_) => "hybrid",
         }
     }
 
@@ -34,6 +37,7 @@ impl DrafterSpec {
             DrafterSpec::Medusa(m) => Box::new(Medusa::new(m.clone(), target, device, compute)?),
             DrafterSpec::Eagle1(e) => Box::new(Eagle1::new(e.clone(), target, device, compute)?),
             DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device, compute)?),
+            DrafterSpec::Hybrid(h) => Box::new(Hybrid::new(h.clone(), target, device, compute)?),
         })
     }
 
@@ -42,7 +46,7 @@ impl DrafterSpec {
     pub fn target_needs(&self, fresh: bool) -> TargetNeeds {
         match self {
             DrafterSpec::Medusa(m) => m.target_needs(fresh),
-            DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) => super::eagle::target_needs(),
+            DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) | DrafterSpec::Hybrid(_) => super::eagle::target_needs(),
         }
     }
 
@@ -52,7 +56,7 @@ impl DrafterSpec {
     /// vocabulary.
     pub fn prepare_data(&self, data: &mut dyn PrepareData) -> Result<()> {
         match self {
-            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) => Ok(()),
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Hybrid(_) => Ok(()),
             DrafterSpec::Eagle3(e) => data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ()),
         }
     }
@@ -60,7 +64,7 @@ impl DrafterSpec {
     /// The target features the drafter reads (training, online and offline, and decoding).
     pub fn feature_needs(&self) -> FeatureNeeds {
         match self {
-            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) => FeatureNeeds {
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Hybrid(_) => FeatureNeeds {
                 last_hidden: true,
                 ..FeatureNeeds::default()
             },

@@ -147,21 +147,35 @@ impl Attention {
     pub fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let AttentionConfig {
-            num_heads: h,
-            num_kv_heads: kv,
-            head_dim: d,
-            ..
+            num_heads: h, head_dim: d, ..
         } = self.cfg;
         let mut q = self.q_proj.forward(x).view([b, t, h, d]);
-        let mut k = self.k_proj.forward(x).view([b, t, kv, d]);
-        let v = self.v_proj.forward(x).view([b, t, kv, d]).transpose(1, 2);
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+        if let Some(qn) = &self.q_norm {
             q = qn.forward(&q);
-            k = kn.forward(&k);
         }
         let q = apply_rotary(&q.transpose(1, 2), cos, sin);
-        let k = apply_rotary(&k.transpose(1, 2), cos, sin);
+        let (k, v) = self.kv(x, cos, sin);
         (q, k, v)
+    }
+
+    /// Projects `x` `[B, T, in_dim]` to RoPE'd keys and values `[B, kvh, T, d]` only.
+    pub fn kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor) {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (kv, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let mut k = self.k_proj.forward(x).view([b, t, kv, d]);
+        let v = self.v_proj.forward(x).view([b, t, kv, d]).transpose(1, 2);
+        if let Some(kn) = &self.k_norm {
+            k = kn.forward(&k);
+        }
+        (apply_rotary(&k.transpose(1, 2), cos, sin), v)
+    }
+
+    /// Appends the keys and values of `x` `[B, T, in_dim]` to `cache` without computing any
+    /// query or output: the tokens become context for later queries (a hybrid drafter's
+    /// transformer blocks keep every token's keys, also for tokens routed to another block).
+    pub fn append_kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut LayerKv) {
+        let (k, v) = self.kv(x, cos, sin);
+        let _ = cache.append(&k, &v);
     }
 
     /// Scaled-dot-product attention of `q` `[B,h,T,d]` over keys/values `[B,kvh,S,d]`

@@ -1,4 +1,4 @@
-use super::{Attention, AttentionConfig, AttnMask, Keys, Mlp, ParamInit, RmsNorm};
+use super::{Attention, AttentionConfig, AttnMask, Keys, LayerKv, Mlp, ParamInit, RmsNorm};
 use tch::{nn, Kind, Tensor};
 
 /// A pre-norm Llama decoder layer: h = residual + attn(attention input), then
@@ -52,6 +52,15 @@ impl DecoderLayer {
             None => x.shallow_clone(),
         };
         self.forward_split(x, &normed, cos, sin, mask, keys)
+    }
+
+    /// Appends the keys and values of `x` `[B, T, H]` to `cache` (what [`DecoderLayer::forward`]
+    /// with `Keys::Cache` would append) without computing the layer's output.
+    pub fn append_kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut LayerKv) {
+        match &self.input_layernorm {
+            Some(n) => self.self_attn.append_kv(&n.forward(x), cos, sin, cache),
+            None => self.self_attn.append_kv(x, cos, sin, cache),
+        }
     }
 
     /// The layer with its residual stream and its attention input given separately.

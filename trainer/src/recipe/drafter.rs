@@ -8,6 +8,7 @@ use crate::error::TrainerError;
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::Eagle1Spec;
 use forge_models::drafters::eagle3::Eagle3Spec;
+use forge_models::drafters::hybrid::{CostMode, HybridSpec};
 use forge_models::drafters::medusa::MedusaSpec;
 use forge_models::drafters::DrafterSpec;
 use forge_models::TargetConfig;
@@ -67,19 +68,46 @@ section! {
     }
 }
 
+choice! {
+    /// Where the hybrid drafter's per-block costs come from.
+    pub enum CostSetting { Fixed = "fixed", Measured = "measured" }
+}
+
 section! {
-    /// Gated hybrid drafter: a gate picks between MLP and transformer blocks (not implemented yet).
+    /// Gated hybrid drafter: a gate picks, per position, one of several MLP and transformer blocks (docs/methods/hybrid.md).
     pub struct HybridConfig {
+        /// Light blocks: x + SwiGLU(norm(x)).
         num_mlp_blocks: i64 = 2,
+        /// Heavy blocks: one Llama decoder layer each (the target's shape).
         num_transformer_blocks: i64 = 3,
-        /// Gumbel-Softmax temperature (lower = more discrete).
+        /// Width of the gate's hidden layer (default: hidden_size / 4).
+        gate_hidden_size: Option<i64> = None,
+        /// Width of an MLP block's SwiGLU (default: hidden_size).
+        mlp_intermediate_size: Option<i64> = None,
+        /// Width of a transformer block's MLP (default: the target's intermediate_size).
+        transformer_intermediate_size: Option<i64> = None,
+        /// Gumbel-Softmax temperature at the start of training (lower = more discrete).
         gumbel_temperature: f64 = 1.0,
-        /// Straight-through hard samples in training instead of soft ones.
+        /// Temperature at the end of the anneal (geometric from gumbel_temperature; default: no anneal).
+        gumbel_temperature_end: Option<f64> = None,
+        /// Steps of the anneal (default: the whole run).
+        anneal_steps: Option<u64> = None,
+        /// Straight-through hard (one-hot) samples in training instead of soft ones.
         hard: bool = false,
+        /// Soft cross-entropy against the target's distribution instead of cross-entropy against the data's next token.
+        distill: bool = false,
+        /// fixed: mlp_cost / transformer_cost; measured: timed block forwards at the start of a run, scaled so that the MLP blocks' mean is mlp_cost.
+        cost: CostSetting = CostSetting::Fixed,
+        /// Cost of an MLP block.
         mlp_cost: f64 = 1.0,
+        /// Cost of a transformer block.
         transformer_cost: f64 = 5.0,
         /// Weight of the expected compute cost in the loss.
         cost_lambda: f64 = 0.01,
+        /// Weight of a SmoothL1 loss between the predicted and the target's next feature (0 = off).
+        feature_weight: f64 = 0.0,
+        /// Learning-rate scale of the gate's parameter group (never weight-decayed).
+        gate_lr_scale: f64 = 1.0,
     }
 }
 
@@ -132,7 +160,7 @@ impl DrafterSection {
     pub const KINDS: &'static [&'static str] =
         &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
     /// The kinds this build trains (the others parse, and are refused by validation).
-    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3"];
+    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid"];
 
     /// The drafter spec this section describes for a target: the recipe's hyper-parameters
     /// plus the target's dimensions, with the recipe's defaults resolved against the target.
@@ -172,6 +200,31 @@ impl DrafterSection {
                     target_hidden_size: cfg.hidden_size,
                     vocab_size: cfg.vocab_size,
                     layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
+                })
+            }
+            DrafterSection::Hybrid(x) => {
+                let h = cfg.hidden_size;
+                DrafterSpec::Hybrid(HybridSpec {
+                    num_mlp_blocks: x.num_mlp_blocks,
+                    num_transformer_blocks: x.num_transformer_blocks,
+                    gate_hidden_size: x.gate_hidden_size.unwrap_or((h / 4).max(1)),
+                    mlp_intermediate_size: x.mlp_intermediate_size.unwrap_or(h),
+                    gumbel_temperature: x.gumbel_temperature,
+                    gumbel_temperature_end: x.gumbel_temperature_end.unwrap_or(x.gumbel_temperature),
+                    anneal_steps: x.anneal_steps,
+                    hard: x.hard,
+                    distill: x.distill,
+                    cost: match x.cost {
+                        CostSetting::Fixed => CostMode::Fixed,
+                        CostSetting::Measured => CostMode::Measured,
+                    },
+                    mlp_cost: x.mlp_cost,
+                    transformer_cost: x.transformer_cost,
+                    cost_lambda: x.cost_lambda,
+                    feature_weight: x.feature_weight,
+                    gate_lr_scale: x.gate_lr_scale,
+                    vocab_size: cfg.vocab_size,
+                    layer: DraftLayerSpec::from_target(cfg, None, None, None, x.transformer_intermediate_size)?,
                 })
             }
             other => return Err(TrainerError::Config(Self::not_implemented(other.kind()))),

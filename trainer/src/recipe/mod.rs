@@ -381,12 +381,27 @@ impl Recipe {
                 {
                     cx.issue_at("drafter.num_mlp_blocks", "num_mlp_blocks and num_transformer_blocks must be >= 0 with at least one block");
                 }
-                if h.gumbel_temperature <= 0.0 {
-                    cx.issue_at(
-                        "drafter.gumbel_temperature",
-                        format!("must be > 0, got {}", h.gumbel_temperature),
-                    );
+                for (k, v) in [("gumbel_temperature", Some(h.gumbel_temperature)), ("gumbel_temperature_end", h.gumbel_temperature_end)] {
+                    if let Some(v) = v {
+                        if !(v.is_finite() && v > 0.0) {
+                            cx.issue_at(&format!("drafter.{k}"), format!("must be > 0, got {v}"));
+                        }
+                    }
                 }
+                for (k, v) in [
+                    ("gate_hidden_size", h.gate_hidden_size),
+                    ("mlp_intermediate_size", h.mlp_intermediate_size),
+                    ("transformer_intermediate_size", h.transformer_intermediate_size),
+                ] {
+                    if let Some(v) = v {
+                        positive(cx, &format!("drafter.{k}"), v);
+                    }
+                }
+                if h.anneal_steps == Some(0) {
+                    cx.issue_at("drafter.anneal_steps", "must be >= 1 (leave it unset to anneal over the whole run)");
+                }
+                non_negative(cx, "drafter.feature_weight", h.feature_weight);
+                non_negative(cx, "drafter.gate_lr_scale", h.gate_lr_scale);
                 non_negative(cx, "drafter.mlp_cost", h.mlp_cost);
                 non_negative(cx, "drafter.transformer_cost", h.transformer_cost);
                 non_negative(cx, "drafter.cost_lambda", h.cost_lambda);

@@ -97,6 +97,7 @@ pub fn markdown() -> String {
         ("`data.mode`", DataMode::NAMES),
         ("`data.chat_template`", TemplateName::NAMES),
         ("`dist.backend`", Backend::NAMES),
+        ("`drafter.cost` (hybrid)", CostSetting::NAMES),
         ("`drafter.align_loss` (spaf)", AlignLoss::NAMES),
     ] {
         o.push_str(&format!(

@@ -1,0 +1,672 @@
+//! Gated hybrid drafter: a gating network picks, per position, one of several light MLP
+//! blocks and heavy transformer blocks. Method: docs/methods/hybrid.md.
+//!
+//! At position p the draft input is EAGLE-1's: `x_p = fc(cat(embed(x_{p+1}), f_p))` with f_p
+//! the target's last hidden state after the final norm. The gate reads x_p:
+//! `gate.fc2(silu(gate.fc1(x_p)))` -> logits over the `n` blocks (MLP blocks first, then
+//! transformer blocks). Every block maps x to a hidden state with a residual:
+//! - MLP block i: `x + mlp(norm(x))` (SwiGLU, `mlp_intermediate_size` wide);
+//! - transformer block j: one pre-norm Llama decoder layer (the shared block), causal over the
+//!   sequence of draft inputs.
+//!
+//! The outputs are fused with gate weights w (`sum_i w_i * block_i(x)`), normalised
+//! (`norm`) into the predicted feature of position p + 1 and read out by the target's frozen
+//! lm_head; the token predicted is x_{p+2}.
+//!
+//! Gate weights: training draws a Gumbel-Softmax sample `softmax((logits + g) / tau)` (g from
+//! the step's generator; straight-through one-hot with `hard`), tau annealed geometrically from
+//! `gumbel_temperature` to `gumbel_temperature_end` over `anneal_steps` (default: the run).
+//! Evaluation and decoding use the arg-max block alone.
+//!
+//! Loss over positions whose predicted token x_{p+2} is trained: cross-entropy against x_{p+2}
+//! (or, with `distill`, soft cross-entropy against the target's distribution at p + 1) +
+//! `cost_lambda * sum_i softmax(logits)_i * cost_i` + optionally `feature_weight *
+//! SmoothL1(predicted feature, f_{p+1})`.
+//!
+//! KV cache at decoding: every transformer block appends the keys and values of every
+//! position's draft input, also when the gate routed that position to another block (only
+//! the k/v projections run there), so a block's attention sees the same context in decoding
+//! as in training, where all blocks run on all positions.
+//!
+//! Weight names (forge format only): `fc.{weight,bias}`, `gate.fc1.{weight,bias}`,
+//! `gate.fc2.{weight,bias}`, `mlp_blocks.<i>.norm.weight`,
+//! `mlp_blocks.<i>.mlp.{gate,up,down}_proj.weight`, `transformer_blocks.<j>.` + a Llama
+//! layer's names, `norm.weight`, and the buffer `block_costs` `[n]`.
+
+use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::{
+    Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, ParamGroup, PrepareData,
+    StepContext, TargetAccess, EMBED, LM_HEAD,
+};
+use crate::error::{ModelError, Result};
+use crate::generate::RowRng;
+use crate::layers::attention::build_mask;
+use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
+use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use tch::{nn, Device, Kind, Tensor};
+
+/// How the per-block costs of the compute-cost loss are set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CostMode {
+    /// `mlp_cost` for every MLP block, `transformer_cost` for every transformer block.
+    Fixed,
+    /// Timed single-token forwards of each block on the training device when a fresh run
+    /// starts, scaled so that the MLP blocks' mean is `mlp_cost`.
+    Measured,
+}
+
+/// The hybrid drafter's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HybridSpec {
+    pub num_mlp_blocks: i64,
+    pub num_transformer_blocks: i64,
+    /// Width of the gate's hidden layer.
+    pub gate_hidden_size: i64,
+    /// Width of an MLP block's SwiGLU.
+    pub mlp_intermediate_size: i64,
+    pub gumbel_temperature: f64,
+    pub gumbel_temperature_end: f64,
+    /// Steps of the temperature anneal (`None`: the whole run).
+    pub anneal_steps: Option<u64>,
+    pub hard: bool,
+    pub distill: bool,
+    pub cost: CostMode,
+    pub mlp_cost: f64,
+    pub transformer_cost: f64,
+    pub cost_lambda: f64,
+    pub feature_weight: f64,
+    /// Learning-rate scale of the gate's parameter group.
+    pub gate_lr_scale: f64,
+    /// The target's vocabulary size.
+    pub vocab_size: i64,
+    /// The transformer blocks' shape; its hidden size is the target's.
+    pub layer: DraftLayerSpec,
+}
+
+impl HybridSpec {
+    pub fn num_blocks(&self) -> i64 {
+        self.num_mlp_blocks + self.num_transformer_blocks
+    }
+
+    /// Block names in gate order: `mlp_0`.., then `transformer_0`...
+    pub fn block_names(&self) -> Vec<String> {
+        (0..self.num_mlp_blocks)
+            .map(|i| format!("mlp_{i}"))
+            .chain((0..self.num_transformer_blocks).map(|j| format!("transformer_{j}")))
+            .collect()
+    }
+
+    /// The per-block costs of `CostMode::Fixed` (the starting value of `block_costs`).
+    pub fn fixed_costs(&self) -> Vec<f64> {
+        (0..self.num_blocks())
+            .map(|i| if i < self.num_mlp_blocks { self.mlp_cost } else { self.transformer_cost })
+            .collect()
+    }
+
+    /// The Gumbel-Softmax temperature at `step` of `total`: geometric from the start to the
+    /// end value over `anneal_steps` (or the whole run), then constant.
+    pub fn temperature_at(&self, step: u64, total: u64) -> f64 {
+        let span = self.anneal_steps.unwrap_or(total).max(1) as f64;
+        let frac = (step as f64 / span).clamp(0.0, 1.0);
+        self.gumbel_temperature * (self.gumbel_temperature_end / self.gumbel_temperature).powf(frac)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let mut bad = Vec::new();
+        if self.num_mlp_blocks < 0 || self.num_transformer_blocks < 0 || self.num_blocks() < 1 {
+            bad.push(format!(
+                "num_mlp_blocks {} and num_transformer_blocks {} must be >= 0 with at least one block",
+                self.num_mlp_blocks, self.num_transformer_blocks
+            ));
+        }
+        if self.gate_hidden_size < 1 || self.mlp_intermediate_size < 1 {
+            bad.push("gate_hidden_size and mlp_intermediate_size must be >= 1".into());
+        }
+        for (name, v) in [("gumbel_temperature", self.gumbel_temperature), ("gumbel_temperature_end", self.gumbel_temperature_end)] {
+            if !(v.is_finite() && v > 0.0) {
+                bad.push(format!("{name} must be > 0, got {v}"));
+            }
+        }
+        if bad.is_empty() {
+            self.layer.validate()
+        } else {
+            Err(ModelError::Invalid(format!("hybrid: {}", bad.join("; "))))
+        }
+    }
+}
+
+/// A Gumbel-Softmax sample over the last dimension of `logits` with Gumbel `noise` of the same
+/// shape: `softmax((logits + noise) / tau)`; with `hard`, the one-hot arg-max in the forward
+/// pass with the soft sample's gradient (straight-through).
+pub fn gumbel_softmax(logits: &Tensor, noise: &Tensor, tau: f64, hard: bool) -> Tensor {
+    let y = ((logits.to_kind(Kind::Float) + noise) / tau).softmax(-1, Kind::Float);
+    if hard {
+        one_hot_argmax(&y) - y.detach() + y
+    } else {
+        y
+    }
+}
+
+/// One-hot `[.., n]` (fp32) of the arg-max over the last dimension.
+pub fn one_hot_argmax(x: &Tensor) -> Tensor {
+    x.zeros_like().to_kind(Kind::Float).scatter_value(-1, &x.argmax(-1, true), 1.0)
+}
+
+/// Expected cost `sum_i p_i c_i` of gate probabilities `p` `[.., n]` and costs `c` `[n]`.
+pub fn expected_cost(probs: &Tensor, costs: &Tensor) -> Tensor {
+    (probs * costs).sum_dim_intlist(-1, false, Kind::Float)
+}
+
+/// An MLP block: `x + mlp(norm(x))`.
+struct MlpBlock {
+    norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl MlpBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x + self.mlp.forward(&self.norm.forward(x))
+    }
+}
+
+pub struct Hybrid {
+    spec: DrafterSpec,
+    s: HybridSpec,
+    vs: nn::VarStore,
+    fc: Linear,
+    gate_fc1: Linear,
+    gate_fc2: Linear,
+    mlp_blocks: Vec<MlpBlock>,
+    transformer_blocks: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `[n]` fp32, not trained; saved with the weights (measured costs survive a resume).
+    block_costs: Tensor,
+    /// The target's embedding and lm_head `[V, h]`, frozen, in the compute kind.
+    embed: Tensor,
+    lm_head: Tensor,
+    rotary: Rotary,
+    compute: Kind,
+    /// Log intervals in a row in which one block held more than 95% of the gate's mass.
+    collapse_streak: usize,
+}
+
+/// The gate's outputs and the fused prediction of a batch.
+pub struct Forward {
+    /// Gate logits `[B, T, n]` fp32.
+    pub gate_logits: Tensor,
+    /// The weights the blocks were fused with `[B, T, n]`.
+    pub weights: Tensor,
+    /// The predicted (normalised) features `[B, T, h]`.
+    pub predicted: Tensor,
+}
+
+impl Hybrid {
+    pub fn new(s: HybridSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
+        s.validate()?;
+        let l = &s.layer;
+        let (h, v) = (l.hidden_size, s.vocab_size);
+        let embed = frozen(target, EMBED, [v, h], device, compute, "hybrid")?;
+        let lm_head = frozen(target, LM_HEAD, [v, h], device, compute, "hybrid")?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let init = ParamInit::Default;
+        let fc = linear(&root / "fc", 2 * h, h, true, init, compute);
+        let gate_fc1 = linear(&root / "gate" / "fc1", h, s.gate_hidden_size, true, init, compute);
+        // zero output layer: the gate starts uniform over the blocks, so that no block gets a
+        // head start from a random initialisation
+        let gate_fc2 = linear(&root / "gate" / "fc2", s.gate_hidden_size, s.num_blocks(), true, ParamInit::Zeros, compute);
+        let mlp_blocks = (0..s.num_mlp_blocks)
+            .map(|i| {
+                let p = &root / "mlp_blocks" / i;
+                MlpBlock {
+                    norm: RmsNorm::new(&p / "norm", h, l.rms_norm_eps, init),
+                    mlp: Mlp::new(&p / "mlp", h, s.mlp_intermediate_size, false, init, compute),
+                }
+            })
+            .collect();
+        let layer_cfg = || {
+            let mut c = l.layer_config(h, compute);
+            c.input_norm = true;
+            c
+        };
+        let transformer_blocks = (0..s.num_transformer_blocks)
+            .map(|j| DecoderLayer::new(&root / "transformer_blocks" / j, layer_cfg(), init))
+            .collect();
+        let norm = RmsNorm::new(&root / "norm", h, l.rms_norm_eps, init);
+        let costs = Tensor::from_slice(&s.fixed_costs()).to_kind(Kind::Float).to_device(device);
+        let block_costs = root.add("block_costs", costs, false);
+        let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
+        Ok(Self {
+            spec: DrafterSpec::Hybrid(s.clone()),
+            s,
+            vs,
+            fc,
+            gate_fc1,
+            gate_fc2,
+            mlp_blocks,
+            transformer_blocks,
+            norm,
+            block_costs,
+            embed,
+            lm_head,
+            rotary,
+            compute,
+            collapse_streak: 0,
+        })
+    }
+
+    /// The per-block costs in use `[n]`.
+    pub fn block_costs(&self) -> Vec<f64> {
+        Vec::<f64>::try_from(&self.block_costs.to_kind(Kind::Double)).unwrap_or_default()
+    }
+
+    /// Draft inputs `[B, T, h]` (compute kind): features `[B, T, h]` and the embedding of the
+    /// token that follows each position (`next_ids` `[B, T]`).
+    fn draft_input(&self, features: &Tensor, next_ids: &Tensor) -> Tensor {
+        let c = self.compute;
+        let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
+        let h = self.s.layer.hidden_size;
+        let emb = self.embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
+        self.fc.forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1))
+    }
+
+    /// Gate logits `[.., n]` fp32 of draft inputs `[.., h]`.
+    pub fn gate_logits(&self, x: &Tensor) -> Tensor {
+        self.gate_fc2.forward(&self.gate_fc1.forward(x).silu()).to_kind(Kind::Float)
+    }
+
+    /// Block `i` (gate order) on `x` `[B, T, h]`; transformer blocks attend over `keys`.
+    fn block(&self, i: i64, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
+        if i < self.s.num_mlp_blocks {
+            self.mlp_blocks[i as usize].forward(x)
+        } else {
+            self.transformer_blocks[(i - self.s.num_mlp_blocks) as usize].forward(x, cos, sin, mask, keys)
+        }
+    }
+
+    /// The draft inputs `[B, T, h]` of a batch whose input features are `features`, and every
+    /// block's output on every position (gate order).
+    pub fn block_outputs(&self, f: &Features, features: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let x = self.draft_input(features, &shift_left(&f.input_ids, 1));
+        let mask = AttnMask::Explicit(build_mask(b, 0, t, Some(&f.attention_mask), None, x.device()));
+        let (cos, sin) = self.rotary.cos_sin(&f.position_ids, self.compute);
+        let outs = (0..self.s.num_blocks()).map(|i| self.block(i, &x, &cos, &sin, &mask, Keys::Own)).collect();
+        (x, outs)
+    }
+
+    /// The whole training-side forward: every block on every position, fused with `weights`
+    /// computed from the gate logits by `weigh`.
+    pub fn forward_with(&self, f: &Features, features: &Tensor, weigh: impl FnOnce(&Tensor) -> Tensor) -> Result<Forward> {
+        let (x, outs) = self.block_outputs(f, features);
+        let gate_logits = self.gate_logits(&x);
+        let weights = weigh(&gate_logits);
+        let mut fused: Option<Tensor> = None;
+        for (i, y) in outs.into_iter().enumerate() {
+            let term = y * weights.narrow(-1, i as i64, 1).to_kind(self.compute);
+            fused = Some(match fused {
+                Some(acc) => acc + term,
+                None => term,
+            });
+        }
+        let fused = fused.ok_or_else(|| ModelError::Invalid("hybrid: no blocks".into()))?;
+        Ok(Forward {
+            gate_logits,
+            weights,
+            predicted: self.norm.forward(&fused),
+        })
+    }
+
+    /// Logits `[N, V]` (fp32) of predicted features `[N, h]` through the target's lm_head.
+    pub fn readout(&self, predicted: &Tensor) -> Tensor {
+        project(predicted, &self.lm_head, self.compute).to_kind(Kind::Float)
+    }
+
+    /// Times a single-token forward of each block (after a 128-token context for the
+    /// transformer blocks) on the drafter's device: median milliseconds per block.
+    fn time_blocks(&self) -> Vec<f64> {
+        let device = self.vs.device();
+        let h = self.s.layer.hidden_size;
+        let ctx = 128;
+        tch::no_grad(|| {
+            let x = Tensor::randn([1, ctx + 1, h], (self.compute, device));
+            let pos = Tensor::arange(ctx + 1, (Kind::Int64, device)).view([1, -1]);
+            let (cos, sin) = self.rotary.cos_sin(&pos, self.compute);
+            let last = |t: &Tensor| t.narrow(2, ctx, 1);
+            let (cos1, sin1) = (last(&cos), last(&sin));
+            let x1 = x.narrow(1, ctx, 1);
+            (0..self.s.num_blocks())
+                .map(|i| {
+                    let mut times = Vec::new();
+                    for rep in 0..23 {
+                        let mut cache = LayerKv::default();
+                        if i >= self.s.num_mlp_blocks {
+                            let blk = &self.transformer_blocks[(i - self.s.num_mlp_blocks) as usize];
+                            blk.append_kv(&x.narrow(1, 0, ctx), &cos.narrow(2, 0, ctx), &sin.narrow(2, 0, ctx), &mut cache);
+                        }
+                        if device.is_cuda() {
+                            tch::Cuda::synchronize(device_index(device));
+                        }
+                        let t0 = std::time::Instant::now();
+                        let y = self.block(i, &x1, &cos1, &sin1, &AttnMask::Full, Keys::Cache(&mut cache));
+                        if device.is_cuda() {
+                            tch::Cuda::synchronize(device_index(device));
+                        } else {
+                            let _ = y.sum(Kind::Float).double_value(&[]);
+                        }
+                        if rep >= 3 {
+                            times.push(t0.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    times.sort_by(|a, b| a.total_cmp(b));
+                    times[times.len() / 2]
+                })
+                .collect()
+        })
+    }
+}
+
+fn device_index(d: Device) -> i64 {
+    match d {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
+    }
+}
+
+impl Drafter for Hybrid {
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        vec![
+            ParamGroup::all(),
+            ParamGroup {
+                name: "gate".into(),
+                prefix: "gate.".into(),
+                lr_scale: self.s.gate_lr_scale,
+                weight_decay: false,
+            },
+        ]
+    }
+
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    fn prepare(&mut self, data: &mut dyn PrepareData, _target: &TargetAccess) -> Result<()> {
+        if self.s.cost != CostMode::Measured {
+            return Ok(());
+        }
+        let ms = self.time_blocks();
+        let nm = self.s.num_mlp_blocks as usize;
+        // relative to the MLP blocks' mean (or, without MLP blocks, to the first block)
+        let base = if nm > 0 { ms[..nm].iter().sum::<f64>() / nm as f64 } else { ms[0] };
+        let unit = if nm > 0 { self.s.mlp_cost } else { self.s.transformer_cost };
+        let costs: Vec<f64> = ms.iter().map(|t| t / base.max(1e-12) * unit).collect();
+        tch::no_grad(|| self.block_costs.copy_(&Tensor::from_slice(&costs).to_kind(Kind::Float)));
+        let names = self.s.block_names();
+        let parts: Vec<String> = names
+            .iter()
+            .zip(ms.iter().zip(&costs))
+            .map(|(n, (t, c))| format!("{n} {t:.3} ms -> {c:.3}"))
+            .collect();
+        data.report(&format!("hybrid: measured block costs on {:?}: {}", self.vs.device(), parts.join(", ")));
+        Ok(())
+    }
+
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
+        let feats = f.hidden_normed()?.to_kind(Kind::Float);
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let n_blocks = self.s.num_blocks();
+        let tau = self.s.temperature_at(ctx.step, ctx.total_steps);
+        let fw = self.forward_with(f, &feats, |logits| {
+            if ctx.train {
+                gumbel_softmax(logits, &ctx.rng.gumbel(&logits.size(), logits.device()), tau, self.s.hard)
+            } else {
+                one_hot_argmax(logits)
+            }
+        })?;
+        // zero with a graph: a batch without trained positions still back-propagates
+        let mut total = self.fc.ws.sum(Kind::Float) * 0.0;
+        let (mut ce_v, mut cost_v, mut feat_v, mut cnt) = (0.0, 0.0, 0.0, 0.0);
+        let mut hits = [0.0f64; 3];
+        let mut probs_sum = vec![0.0f64; n_blocks as usize];
+        let mut chosen = vec![0.0f64; n_blocks as usize];
+        let mut entropy = 0.0;
+        let n = t - 2;
+        if n > 0 {
+            // position p predicts feature p+1 and so token p+2
+            let idx = rows(&f.loss_mask.narrow(1, 2, n).ne(0));
+            let count = idx.size()[0];
+            if count > 0 {
+                let sel = |x: &Tensor, start: i64| {
+                    let d = x.size()[2];
+                    x.narrow(1, start, n).reshape([b * n, d]).index_select(0, &idx)
+                };
+                let pred = sel(&fw.predicted, 0);
+                let logits = self.readout(&pred);
+                let (ce, labels) = if self.s.distill {
+                    let p = tch::no_grad(|| self.readout(&sel(&feats, 1)).softmax(-1, Kind::Float));
+                    let (ce, _) = soft_ce_and_hits(&logits, &p);
+                    (ce, p.argmax(-1, false))
+                } else {
+                    let labels = f.input_ids.narrow(1, 2, n).reshape([-1]).index_select(0, &idx);
+                    (logits.cross_entropy_for_logits(&labels), labels)
+                };
+                let gate_logits = sel(&fw.gate_logits, 0);
+                let probs = gate_logits.softmax(-1, Kind::Float);
+                let cost = expected_cost(&probs, &self.block_costs).mean(Kind::Float);
+                total = total + &ce + &cost * self.s.cost_lambda;
+                if self.s.feature_weight > 0.0 {
+                    let feature = pred
+                        .to_kind(Kind::Float)
+                        .smooth_l1_loss(&sel(&feats, 1), tch::Reduction::None, 1.0)
+                        .mean_dim(-1, false, Kind::Float)
+                        .mean(Kind::Float);
+                    feat_v = feature.double_value(&[]);
+                    total = total + feature * self.s.feature_weight;
+                }
+                cnt = count as f64;
+                ce_v = ce.double_value(&[]);
+                cost_v = cost.double_value(&[]);
+                tch::no_grad(|| {
+                    let v = logits.size()[1];
+                    for (slot, k) in [1i64, 3, 5].iter().enumerate() {
+                        let (_, top) = logits.topk((*k).min(v), -1, true, false);
+                        hits[slot] = top.eq_tensor(&labels.unsqueeze(-1)).any_dim(-1, false).sum(Kind::Float).double_value(&[]);
+                    }
+                    let ps = Vec::<f64>::try_from(&probs.sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
+                    let ch = Vec::<f64>::try_from(&one_hot_argmax(&gate_logits).sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
+                    for i in 0..n_blocks as usize {
+                        probs_sum[i] = ps.get(i).copied().unwrap_or(0.0);
+                        chosen[i] = ch.get(i).copied().unwrap_or(0.0);
+                    }
+                    entropy = -(&probs * probs.clamp_min(1e-12).log()).sum(Kind::Double).double_value(&[]);
+                });
+            }
+        }
+        let m = |name: String, sum: f64| Metric { name, sum, count: cnt };
+        let mut parts = vec![m("draft/ce".into(), ce_v * cnt), m("cost/weighted".into(), self.s.cost_lambda * cost_v * cnt)];
+        if self.s.feature_weight > 0.0 {
+            parts.push(m("feature/smooth_l1".into(), self.s.feature_weight * feat_v * cnt));
+        }
+        let mut metrics = vec![
+            m("acc/top1".into(), hits[0]),
+            m("acc/top3".into(), hits[1]),
+            m("acc/top5".into(), hits[2]),
+            m("gate/expected_cost".into(), cost_v * cnt),
+            m("gate/entropy".into(), entropy),
+            m("gate/temperature".into(), tau * cnt),
+        ];
+        let nm = self.s.num_mlp_blocks as usize;
+        metrics.push(m("gate/mlp_mass".into(), probs_sum[..nm].iter().sum()));
+        metrics.push(m("gate/transformer_mass".into(), probs_sum[nm..].iter().sum()));
+        for (i, name) in self.s.block_names().into_iter().enumerate() {
+            metrics.push(m(format!("gate/{name}_prob"), probs_sum[i]));
+            metrics.push(m(format!("gate/{name}_chosen"), chosen[i]));
+        }
+        Ok(LossOutput {
+            loss: total,
+            parts,
+            metrics,
+        })
+    }
+
+    fn watch(&mut self, interval: &[(String, f64)]) -> Vec<String> {
+        let top = self
+            .s
+            .block_names()
+            .iter()
+            .filter_map(|n| {
+                let key = format!("gate/{n}_prob");
+                interval.iter().find(|(k, _)| k.ends_with(&key)).map(|(_, v)| (n.clone(), *v))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        match top {
+            Some((name, p)) if p > 0.95 && self.s.num_blocks() > 1 => {
+                self.collapse_streak += 1;
+                if self.collapse_streak == COLLAPSE_INTERVALS {
+                    return vec![format!(
+                        "hybrid gate collapse: block {name} has held {:.1}% of the gate's mass for {COLLAPSE_INTERVALS} log intervals in a row (the other blocks no longer train); lower drafter.cost_lambda, raise drafter.gumbel_temperature or use drafter.gate_lr_scale < 1",
+                        100.0 * p
+                    )];
+                }
+            }
+            _ => self.collapse_streak = 0,
+        }
+        Vec::new()
+    }
+
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[]
+    }
+
+    fn engines_note(&self) -> Option<&'static str> {
+        Some("no inference engine (vLLM, SGLang, TensorRT-LLM) has a gated multi-block draft architecture to load it into; the forge format (docs/methods/hybrid.md) holds it and forge eval decodes with it")
+    }
+
+    fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
+        Err(ModelError::Invalid(format!(
+            "hybrid drafters export to forge only, not {}: {}",
+            format.name(),
+            self.engines_note().unwrap_or_default()
+        )))
+    }
+
+    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+        Ok(Box::new(HybridSession {
+            m: self,
+            caches: (0..self.s.num_transformer_blocks).map(|_| LayerKv::default()).collect(),
+            committed: 0,
+            last: None,
+            counts: vec![0; self.s.num_blocks() as usize],
+        }))
+    }
+}
+
+/// Log intervals in a row above 95% before the collapse warning.
+const COLLAPSE_INTERVALS: usize = 3;
+
+/// Speculative decoding with the hybrid drafter: at each drafted position the gate's arg-max
+/// block alone computes the prediction; every transformer block still appends that position's
+/// keys and values (see the module comment). Cache entries past the committed positions are
+/// dropped at the next commit.
+struct HybridSession<'a> {
+    m: &'a Hybrid,
+    /// One cache per transformer block.
+    caches: Vec<LayerKv>,
+    committed: i64,
+    /// The predicted feature after the last committed position `[1, 1, h]`.
+    last: Option<Tensor>,
+    /// Times each block ran.
+    counts: Vec<u64>,
+}
+
+impl HybridSession<'_> {
+    /// Draft inputs for `features` `[1, k, h]` followed by `next` at positions `start..`:
+    /// keys and values of all k for every transformer block, the gate's block on the last.
+    /// Returns the predicted feature after the last position `[1, 1, h]`.
+    fn step(&mut self, features: &Tensor, next: &[i64], start: i64) -> Result<Tensor> {
+        let m = self.m;
+        let device = features.device();
+        let k = next.len() as i64;
+        let ids = Tensor::from_slice(next).view([1, k]).to_device(device);
+        let x = m.draft_input(features, &ids);
+        let x_last = x.narrow(1, k - 1, 1);
+        let choice = m.gate_logits(&x_last).view([-1]).argmax(0, false).int64_value(&[]);
+        let pos = |a: i64, n: i64| Tensor::arange_start(a, a + n, (Kind::Int64, device)).view([1, n]);
+        let (cos, sin) = m.rotary.cos_sin(&pos(start, k), m.compute);
+        let (cos_l, sin_l) = (cos.narrow(2, k - 1, 1), sin.narrow(2, k - 1, 1));
+        let nm = m.s.num_mlp_blocks;
+        for (j, cache) in self.caches.iter_mut().enumerate() {
+            let blk = &m.transformer_blocks[j];
+            if choice == nm + j as i64 {
+                continue;
+            }
+            blk.append_kv(&x, &cos, &sin, cache);
+        }
+        let out = if choice < nm {
+            m.mlp_blocks[choice as usize].forward(&x_last)
+        } else {
+            let j = (choice - nm) as usize;
+            let blk = &m.transformer_blocks[j];
+            let cache = &mut self.caches[j];
+            if k > 1 {
+                blk.append_kv(&x.narrow(1, 0, k - 1), &cos.narrow(2, 0, k - 1), &sin.narrow(2, 0, k - 1), cache);
+            }
+            blk.forward(&x_last, &cos_l, &sin_l, &AttnMask::Full, Keys::Cache(cache))
+        };
+        self.counts[choice as usize] += 1;
+        Ok(m.norm.forward(&out))
+    }
+}
+
+impl DraftSession for HybridSession<'_> {
+    fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
+        if start != self.committed {
+            return Err(ModelError::Invalid(format!("hybrid: commit at {start}, {} positions committed", self.committed)));
+        }
+        for c in &mut self.caches {
+            c.truncate(start);
+        }
+        let k = next.len() as i64;
+        self.last = Some(self.step(&features.hidden_normed.unsqueeze(0), next, start)?);
+        self.committed = start + k;
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?.shallow_clone();
+        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        for i in 0..gamma {
+            let l = self.m.readout(&feature.view([1, -1])).view([-1]);
+            let token = pick(&l, temperature, rng)?;
+            tokens.push(token);
+            logits.push(l);
+            if i + 1 < gamma {
+                // the predicted feature of position committed + i, followed by `token`
+                feature = self.step(&feature, &[token], self.committed + i as i64)?;
+            }
+        }
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
+        })
+    }
+
+    fn counters(&self) -> Vec<(String, u64)> {
+        self.m
+            .s
+            .block_names()
+            .into_iter()
+            .zip(&self.counts)
+            .map(|(n, c)| (format!("block/{n}"), *c))
+            .collect()
+    }
+}

@@ -1,0 +1,300 @@
+//! The gated hybrid drafter: Gumbel-Softmax sampling (soft and straight-through), the expected
+//! compute cost, the loss against a hand computation, hard-gated decoding against the
+//! training forward, a large cost weight driving the gate to the MLP blocks, training,
+//! export and reload through the CLI.
+
+use forge_models::drafters::eagle::DraftLayerSpec;
+use forge_models::drafters::hybrid::{expected_cost, gumbel_softmax, one_hot_argmax, CostMode, Hybrid, HybridSpec};
+use forge_models::drafters::{Drafter, Features, StepContext, StepRng};
+use forge_models::generate::RowRng;
+use forge_models::speculative::StepFeatures;
+use forge_models::{Capture, LogitsMode, TargetModel};
+use forge_tests::{forge, max_abs_diff, metrics_rows, random_target, reinit_trainable, TargetHeads, TinyRun};
+use tch::{Device, Kind, Tensor};
+
+fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
+    HybridSpec {
+        num_mlp_blocks: mlp,
+        num_transformer_blocks: transformer,
+        gate_hidden_size: 16,
+        mlp_intermediate_size: 64,
+        gumbel_temperature: 2.0,
+        gumbel_temperature_end: 0.5,
+        anneal_steps: None,
+        hard: false,
+        distill: false,
+        cost: CostMode::Fixed,
+        mlp_cost: 1.0,
+        transformer_cost: 5.0,
+        cost_lambda: 0.3,
+        feature_weight: 0.0,
+        gate_lr_scale: 1.0,
+        vocab_size: t.config.vocab_size,
+        layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
+    }
+}
+
+fn hybrid(t: &TargetModel, s: HybridSpec, seed: u64) -> Hybrid {
+    let heads = TargetHeads {
+        lm_head: Some(t.lm_head_weight().detach()),
+        embed: Some(t.embed_weight().detach()),
+    };
+    let m = Hybrid::new(s, &heads.access(), Device::Cpu, Kind::Float).expect("hybrid");
+    reinit_trainable(m.var_store(), seed);
+    m
+}
+
+fn features(t: &TargetModel, seq: &[i64], loss_mask: &[i64]) -> Features {
+    let n = seq.len() as i64;
+    let ids = Tensor::from_slice(seq).view([1, n]);
+    let out = tch::no_grad(|| t.forward(&ids, None, None, None, &Capture::logits(LogitsMode::None))).expect("forward");
+    Features {
+        input_ids: ids.shallow_clone(),
+        attention_mask: ids.ones_like(),
+        position_ids: Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]),
+        loss_mask: Tensor::from_slice(loss_mask).view([1, n]),
+        hidden_normed: Some(out.hidden_normed),
+        aux_hidden: None,
+        target_topk: None,
+    }
+}
+
+fn metric(out: &forge_models::drafters::LossOutput, name: &str) -> f64 {
+    out.parts
+        .iter()
+        .chain(&out.metrics)
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .value()
+}
+
+#[test]
+fn gumbel_max_frequencies_are_the_softmax_and_soft_samples_approach_it_as_the_temperature_falls() {
+    let logits = Tensor::from_slice(&[1.0f32, 0.0, -1.0, 2.0, 0.5]);
+    let p = logits.softmax(-1, Kind::Float);
+    let n = 200_000;
+    let g = StepRng::new(9, 0, 0).gumbel(&[n, 5], Device::Cpu);
+    let big = logits.view([1, 5]).expand([n, 5], false);
+    // hard samples (the arg-max of logits + Gumbel noise) are drawn from softmax(logits)
+    let freq = one_hot_argmax(&(&big + &g)).mean_dim(0, false, Kind::Float);
+    let d = max_abs_diff(&freq, &p);
+    assert!(d < 5e-3, "hard-sample frequencies {freq} vs softmax {p}");
+    // soft samples average to the softmax as the temperature falls (to the hard samples'
+    // frequencies with the same noise, which are the softmax up to sampling error), to
+    // uniform as it grows
+    let mut last = f64::INFINITY;
+    for tau in [8.0, 2.0, 0.5, 0.1, 0.02] {
+        let mean = gumbel_softmax(&big, &g, tau, false).mean_dim(0, false, Kind::Float);
+        let d = max_abs_diff(&mean, &freq);
+        assert!(d < last, "tau {tau}: {d} not below {last}");
+        last = d;
+    }
+    assert!(last < 1e-3, "tau 0.02: mean differs from the arg-max frequencies by {last}");
+    let hot = gumbel_softmax(&big, &g, 1000.0, false).mean_dim(0, false, Kind::Float);
+    assert!(max_abs_diff(&hot, &Tensor::full([5], 0.2, (Kind::Float, Device::Cpu))) < 1e-3);
+    // every sample is a distribution
+    let rows = gumbel_softmax(&big, &g, 0.7, false).sum_dim_intlist(-1, false, Kind::Float);
+    assert!(max_abs_diff(&rows, &rows.ones_like()) < 1e-5);
+}
+
+#[test]
+fn hard_samples_are_one_hot_with_the_straight_through_gradient() {
+    let base = Tensor::from_slice(&[0.3f32, -1.2, 0.8, 0.1, 0.5, 0.0, -0.4, 1.1]).view([2, 4]);
+    let g = StepRng::new(3, 1, 0).gumbel(&[2, 4], Device::Cpu);
+    let costs = Tensor::from_slice(&[1.0f32, 2.0, 5.0, 7.0]);
+    let grad = |hard: bool| {
+        let l = base.copy().set_requires_grad(true);
+        let y = gumbel_softmax(&l, &g, 0.7, hard);
+        (&y * &costs).sum(Kind::Float).backward();
+        (y.detach(), l.grad())
+    };
+    let (soft, g_soft) = grad(false);
+    let (hard, g_hard) = grad(true);
+    // forward: exactly one-hot at the soft sample's arg-max
+    assert!(hard.equal(&one_hot_argmax(&soft)), "{hard}");
+    assert_eq!(hard.sum(Kind::Float).double_value(&[]), 2.0);
+    // backward: the soft sample's gradient
+    assert!(max_abs_diff(&g_soft, &g_hard) < 1e-6, "{g_soft} vs {g_hard}");
+    assert!(g_hard.abs().sum(Kind::Float).double_value(&[]) > 1e-3);
+}
+
+#[test]
+fn the_loss_equals_a_hand_computation_of_fused_blocks_cross_entropy_and_expected_cost() {
+    let t = random_target("llama", 31);
+    let mut s = spec(&t, 2, 2);
+    s.feature_weight = 0.5;
+    let m = hybrid(&t, s.clone(), 5);
+    // a gate that is not uniform
+    tch::no_grad(|| {
+        for (n, mut v) in m.var_store().variables() {
+            if n.starts_with("gate.fc2") {
+                v.copy_(&forge_tests::TestRng::for_name(6, &n).normal_tensor(&v.size(), 0.5));
+            }
+        }
+    });
+    let seq = [1i64, 30, 4, 77, 12, 9, 50, 61, 8, 3];
+    let mask = [0i64, 0, 0, 1, 1, 0, 1, 1, 1, 1];
+    let f = features(&t, &seq, &mask);
+    let feats = f.hidden_normed.as_ref().expect("hidden").shallow_clone();
+    let (step, total) = (30, 60);
+    let ctx = StepContext::train(7, step, total, 2);
+    let out = m.loss(&f, &ctx).expect("loss");
+
+    // by hand: the same Gumbel noise (the context's first draw), the annealed temperature
+    let tau = 2.0 * (0.5f64 / 2.0).powf(30.0 / 60.0);
+    assert!((metric(&out, "gate/temperature") - tau).abs() < 1e-9);
+    let noise = StepContext::train(7, step, total, 2).rng.gumbel(&[1, 10, 4], Device::Cpu);
+    let (x, outs) = tch::no_grad(|| m.block_outputs(&f, &feats));
+    // MLP block 0 written out: x + down(silu(gate(rms(x))) * up(rms(x))) (norm weights are 1)
+    let vars = m.var_store().variables();
+    let w = |n: &str| vars.get(n).unwrap_or_else(|| panic!("{n}")).detach();
+    let rms = |x: &Tensor| x * (x.square().mean_dim(-1, true, Kind::Float) + 1e-6).rsqrt();
+    let xn = rms(&x);
+    let mlp0 = &x
+        + (xn.matmul(&w("mlp_blocks.0.mlp.gate_proj.weight").tr()).silu() * xn.matmul(&w("mlp_blocks.0.mlp.up_proj.weight").tr()))
+            .matmul(&w("mlp_blocks.0.mlp.down_proj.weight").tr());
+    assert!(max_abs_diff(&mlp0, &outs[0]) < 1e-5);
+    // gate: fc2(silu(fc1(x)))
+    let gl = (x.matmul(&w("gate.fc1.weight").tr()) + w("gate.fc1.bias")).silu().matmul(&w("gate.fc2.weight").tr()) + w("gate.fc2.bias");
+    let weights = ((&gl + &noise) / tau).softmax(-1, Kind::Float);
+    let fused = outs.iter().enumerate().map(|(i, y)| y * weights.narrow(-1, i as i64, 1)).reduce(|a, b| a + b).expect("blocks");
+    let pred = rms(&fused);
+    // positions p with a trained token at p + 2
+    let rows: Vec<i64> = (0..8).filter(|&p| mask[p as usize + 2] == 1).collect();
+    let idx = Tensor::from_slice(&rows);
+    let head = t.lm_head_weight().detach();
+    let logits = pred.get(0).index_select(0, &idx).matmul(&head.tr());
+    let labels = Tensor::from_slice(&rows.iter().map(|&p| seq[p as usize + 2]).collect::<Vec<_>>());
+    let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
+    let probs = gl.get(0).index_select(0, &idx).softmax(-1, Kind::Float);
+    let costs = Tensor::from_slice(&[1.0f32, 1.0, 5.0, 5.0]);
+    let cost = (&probs * &costs).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float).double_value(&[]);
+    let target_next = feats.get(0).index_select(0, &(&idx + 1));
+    let feat = pred.get(0).index_select(0, &idx).smooth_l1_loss(&target_next, tch::Reduction::None, 1.0).mean_dim(-1, false, Kind::Float).mean(Kind::Float).double_value(&[]);
+    let want = ce + 0.3 * cost + 0.5 * feat;
+    let got = out.loss.double_value(&[]);
+    assert!((got - want).abs() < 1e-4, "loss {got} vs hand {want}");
+    assert!((metric(&out, "draft/ce") - ce).abs() < 1e-4);
+    assert!((metric(&out, "cost/weighted") - 0.3 * cost).abs() < 1e-5);
+    assert!((metric(&out, "gate/expected_cost") - cost).abs() < 1e-5);
+    // expected cost = sum_i p_i c_i, the helper on its own
+    assert!((expected_cost(&probs, &costs).mean(Kind::Float).double_value(&[]) - cost).abs() < 1e-6);
+    let mlp_mass = probs.narrow(1, 0, 2).sum(Kind::Float).double_value(&[]) / rows.len() as f64;
+    assert!((metric(&out, "gate/mlp_mass") - mlp_mass).abs() < 1e-5);
+    assert!((metric(&out, "gate/mlp_mass") + metric(&out, "gate/transformer_mass") - 1.0).abs() < 1e-5);
+    // evaluation: the arg-max block alone, no noise
+    let ev = m.loss(&f, &StepContext::eval(7, step, total)).expect("eval loss");
+    let hard = one_hot_argmax(&gl);
+    let fused = outs.iter().enumerate().map(|(i, y)| y * hard.narrow(-1, i as i64, 1)).reduce(|a, b| a + b).expect("blocks");
+    let logits = rms(&fused).get(0).index_select(0, &idx).matmul(&head.tr());
+    let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
+    assert!((metric(&ev, "draft/ce") - ce).abs() < 1e-4);
+    // every parameter gets a gradient (the gate through the weights and the cost)
+    out.loss.backward();
+    for (n, v) in m.var_store().trainable_variables().iter().enumerate() {
+        assert!(v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "variable {n} has no gradient");
+    }
+}
+
+fn step_features(f: &Features, len: i64) -> StepFeatures {
+    StepFeatures {
+        hidden_normed: f.hidden_normed.as_ref().expect("hidden").get(0).narrow(0, 0, len),
+        aux: None,
+    }
+}
+
+#[test]
+fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
+    let t = random_target("llama", 33);
+    // a random gate, and gates forced to one MLP block and to one transformer block
+    for force in [None, Some(0i64), Some(3)] {
+        let m = hybrid(&t, spec(&t, 2, 2), 8);
+        if let Some(b) = force {
+            tch::no_grad(|| {
+                for (n, mut v) in m.var_store().variables() {
+                    if n == "gate.fc2.bias" {
+                        let bias = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+                        let _ = bias.get(b).fill_(100.0);
+                        v.copy_(&bias);
+                    }
+                }
+            });
+        }
+        let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
+        let n = 8;
+        let f = features(&t, &seq[..n], &[1; 8]);
+        let mut s = m.session().expect("session");
+        s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
+        let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
+        let counts = s.counters();
+        // the training forward with arg-max gates on the sequence continued with the proposals
+        let full: Vec<i64> = seq.iter().copied().chain(p.tokens[..2].iter().copied()).collect();
+        let ff = features(&t, &full, &[1; 11]);
+        let feats = ff.hidden_normed.as_ref().expect("hidden").copy();
+        for i in 0..3 {
+            let pos = n as i64 - 1 + i;
+            let fw = tch::no_grad(|| m.forward_with(&ff, &feats, one_hot_argmax)).expect("forward");
+            let predicted = fw.predicted.get(0).get(pos);
+            let want = tch::no_grad(|| m.readout(&predicted.view([1, -1]))).view([-1]);
+            let d = max_abs_diff(&p.logits.get(i), &want);
+            assert!(d < 1e-4, "force {force:?}: proposal {i} differs from the training forward by {d}");
+            // the next step reads the predicted feature in place of the target's
+            tch::no_grad(|| feats.get(0).get(pos + 1).copy_(&predicted));
+        }
+        // the commit's block plus two drafted steps ran, each one block
+        assert_eq!(counts.iter().map(|(_, c)| c).sum::<u64>(), 3, "{counts:?}");
+        if let Some(b) = force {
+            assert_eq!(counts[b as usize].1, 3, "{counts:?}");
+        }
+    }
+}
+
+#[test]
+fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_and_reloads() {
+    let run = TinyRun::new("hybrid-cli", "recipes/hybrid-tiny.yaml", true);
+    let mass = |ckpt: &std::path::Path, key: &str| -> Vec<f64> {
+        metrics_rows(&ckpt.join("metrics.jsonl")).iter().filter_map(|r| r[key].as_f64()).collect()
+    };
+    // a heavy cost weight: the gate moves its mass onto the (cheap) MLP blocks
+    let heavy = run.dir.join("heavy");
+    // (the gate's own learning rate is raised so that 20 steps show it)
+    run.train(&heavy, &["--set", "train.max_steps=20", "--set", "drafter.cost_lambda=5.0", "--set", "drafter.gate_lr_scale=20"]);
+    let m = mass(&heavy, "train/gate/mlp_mass");
+    assert_eq!(m.len(), 20);
+    // the gate starts uniform over 2 + 2 blocks
+    assert!((m[0] - 0.5).abs() < 0.05, "{m:?}");
+    assert!(m[19] > 0.95, "mlp mass after 20 steps with cost_lambda 5: {m:?}");
+    // no cost: the gate is free (it does not collapse onto the MLP blocks); distilled from the
+    // (sharpened) target's distribution, which the features predict, the loss falls fast
+    let free = run.dir.join("free");
+    let out = run.train(&free, &["--set", "train.max_steps=20", "--set", "drafter.cost_lambda=0", "--set", "drafter.gate_lr_scale=20", "--set", "drafter.distill=true"]);
+    let f = mass(&free, "train/gate/mlp_mass");
+    assert!(f[19] < m[19] - 0.2, "without a cost weight {f:?}, with {m:?}");
+    // the loss falls and the gate has its own parameter group
+    let l = forge_tests::losses(&free);
+    let (first, last) = (l[..3].iter().map(|x| x.1).sum::<f64>(), l[17..].iter().map(|x| x.1).sum::<f64>());
+    assert!(last < first * 0.9, "{l:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parameter group gate: 4 tensors"), "{err}");
+
+    // export: the forge format reloads to the same weights; engine formats are refused with the reason
+    let ck = free.join("step_20");
+    let exp = run.dir.join("export");
+    let o = forge(&["export", ck.to_str().expect("utf8"), "--format", "forge", "--dtype", "fp32", "--out", exp.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = forge_tests::step_weights(&ck);
+    let b = forge_tests::step_weights(&exp);
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na}");
+    }
+    assert!(a.iter().any(|(n, _)| n == "block_costs"));
+    let loaded = forge_trainer::export::load_drafter(&exp, Device::Cpu).expect("reload export");
+    assert_eq!(loaded.spec.kind(), "hybrid");
+    for fmt in ["vllm", "sglang"] {
+        let o = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", run.dir.join(fmt).to_str().expect("utf8")]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("gated multi-block") && err.contains("--format forge"), "{err}");
+    }
+}
