@@ -292,9 +292,81 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     assert!(a.iter().any(|(n, _)| n == "block_costs"));
     let loaded = forge_trainer::export::load_drafter(&exp, Device::Cpu).expect("reload export");
     assert_eq!(loaded.spec.kind(), "hybrid");
+
+    // forge eval decodes with the export: lossless, with the block histogram and draft time
+    let prompts = run.dir.join("questions.jsonl");
+    std::fs::write(&prompts, "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n").expect("write");
+    let json = run.dir.join("report.json");
+    let target = run.target.display().to_string();
+    let o = forge(&[
+        "eval", "--target", &target, "--draft", exp.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
+        "--max-new-tokens", "12", "--gamma", "3", "--verify", "--json", json.to_str().expect("utf8"), "--progress", "never",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let s = &r["summary"];
+    assert_eq!(s["greedy_mismatches"], 0);
+    let counts = s["draft_counters"].as_object().expect("draft_counters");
+    let names: Vec<&String> = counts.keys().collect();
+    assert_eq!(names, ["block/mlp_0", "block/mlp_1", "block/transformer_0", "block/transformer_1"]);
+    // one block ran per commit and per drafted position after the first of a proposal
+    let runs: u64 = counts.values().map(|v| v.as_u64().expect("count")).sum();
+    assert!(runs > 0 && runs <= s["drafted_tokens"].as_u64().expect("drafted") + s["target_forwards"].as_u64().expect("forwards") + 2);
+    assert!(s["draft_ms_per_token"].as_f64().expect("ms") > 0.0);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("ms/token") && stdout.contains("block/mlp_0"), "{stdout}");
     for fmt in ["vllm", "sglang"] {
         let o = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", run.dir.join(fmt).to_str().expect("utf8")]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains("gated multi-block") && err.contains("--format forge"), "{err}");
     }
+}
+
+#[test]
+fn a_gate_that_holds_one_block_for_three_log_intervals_is_reported() {
+    let t = random_target("llama", 34);
+    let mut m = hybrid(&t, spec(&t, 2, 1), 9);
+    let interval = |p0: f64| -> Vec<(String, f64)> {
+        vec![
+            ("train/loss".into(), 3.0),
+            ("train/gate/mlp_0_prob".into(), p0),
+            ("train/gate/mlp_1_prob".into(), (1.0 - p0) / 2.0),
+            ("train/gate/transformer_0_prob".into(), (1.0 - p0) / 2.0),
+        ]
+    };
+    assert!(m.watch(&interval(0.97)).is_empty());
+    assert!(m.watch(&interval(0.97)).is_empty());
+    // a break resets the count
+    assert!(m.watch(&interval(0.6)).is_empty());
+    assert!(m.watch(&interval(0.96)).is_empty());
+    assert!(m.watch(&interval(0.99)).is_empty());
+    let w = m.watch(&interval(0.98));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("mlp_0") && w[0].contains("98.0%") && w[0].contains("cost_lambda"), "{w:?}");
+    // said once per collapse, not at every interval
+    assert!(m.watch(&interval(0.98)).is_empty());
+}
+
+#[test]
+fn measured_costs_are_timed_printed_scaled_to_the_mlp_cost_and_saved() {
+    let run = TinyRun::new("hybrid-measured", "recipes/hybrid-tiny.yaml", false);
+    let ck = run.dir.join("run");
+    let out = run.train(&ck, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.cost=measured", "--set", "drafter.mlp_cost=2.0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("hybrid: measured block costs on")).unwrap_or_else(|| panic!("{err}"));
+    for b in ["mlp_0", "mlp_1", "transformer_0", "transformer_1"] {
+        assert!(line.contains(&format!("{b} ")), "{line}");
+    }
+    let w = forge_tests::step_weights(&ck.join("step_2"));
+    let costs = w.iter().find(|(n, _)| n == "block_costs").expect("block_costs").1.shallow_clone();
+    let c: Vec<f64> = Vec::<f64>::try_from(&costs.to_kind(Kind::Double)).expect("costs");
+    assert_eq!(c.len(), 4);
+    // scaled so that the MLP blocks' mean is mlp_cost; every cost positive and finite
+    assert!(((c[0] + c[1]) / 2.0 - 2.0).abs() < 1e-5, "{c:?}");
+    assert!(c.iter().all(|x| x.is_finite() && *x > 0.0), "{c:?}");
+    // the costs the loss used are the saved ones: the logged expected cost lies within them
+    let rows = metrics_rows(&ck.join("metrics.jsonl"));
+    let e = rows[0]["train/gate/expected_cost"].as_f64().expect("expected cost");
+    let (lo, hi) = c.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(e >= lo - 1e-6 && e <= hi + 1e-6, "{e} outside {c:?}");
 }
