@@ -96,8 +96,9 @@ fn eagle3(t: &TargetModel) -> Eagle3 {
     m
 }
 
-/// The hybrid drafter with 2 MLP and 2 transformer blocks and a random (non-uniform) gate.
-fn hybrid(t: &TargetModel) -> Hybrid {
+/// The hybrid drafter with 2 MLP and 2 transformer blocks and a random (non-uniform) gate;
+/// with `draft_vocab`, a head over the even target ids.
+fn hybrid(t: &TargetModel, draft_vocab: Option<i64>) -> Hybrid {
     let m = Hybrid::new(
         HybridSpec {
             num_mlp_blocks: 2,
@@ -115,6 +116,7 @@ fn hybrid(t: &TargetModel) -> Hybrid {
             cost_lambda: 0.01,
             feature_weight: 0.0,
             gate_lr_scale: 1.0,
+            draft_vocab_size: draft_vocab,
             vocab_size: V,
             layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
         },
@@ -131,6 +133,11 @@ fn hybrid(t: &TargetModel) -> Hybrid {
             }
         }
     });
+    if draft_vocab.is_some() {
+        let d2t: Vec<i64> = (0..V / 2).collect();
+        let t2d: Vec<bool> = (0..V).map(|i| i % 2 == 0).collect();
+        install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
+    }
     m
 }
 
@@ -151,7 +158,7 @@ fn prompts() -> Vec<Vec<i64>> {
 fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
     let t = random_target("llama", 21);
     let drafters: Vec<(&str, Box<dyn Drafter>)> =
-        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t)))];
+        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t, None))), ("hybrid-draft-vocab", Box::new(hybrid(&t, Some(V / 2))))];
     for (name, d) in &drafters {
         for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
             for (i, p) in prompts().iter().enumerate() {

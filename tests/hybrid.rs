@@ -4,6 +4,7 @@
 //! export and reload through the CLI.
 
 use forge_models::drafters::eagle::DraftLayerSpec;
+use forge_models::drafters::eagle3::install_vocab_mapping;
 use forge_models::drafters::hybrid::{expected_cost, gumbel_softmax, one_hot_argmax, CostMode, Hybrid, HybridSpec};
 use forge_models::drafters::{Drafter, Features, StepContext, StepRng};
 use forge_models::generate::RowRng;
@@ -29,6 +30,7 @@ fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
         cost_lambda: 0.3,
         feature_weight: 0.0,
         gate_lr_scale: 1.0,
+        draft_vocab_size: None,
         vocab_size: t.config.vocab_size,
         layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
     }
@@ -203,12 +205,51 @@ fn step_features(f: &Features, len: i64) -> StepFeatures {
     }
 }
 
+/// A hybrid drafter over the draft vocabulary of the even target ids.
+fn with_even_vocab(t: &TargetModel, mut s: HybridSpec, seed: u64) -> Hybrid {
+    let v = t.config.vocab_size;
+    s.draft_vocab_size = Some(v / 2);
+    let m = hybrid(t, s, seed);
+    let d2t: Vec<i64> = (0..v / 2).collect(); // draft id i -> target id 2i
+    let t2d: Vec<bool> = (0..v).map(|i| i % 2 == 0).collect();
+    install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
+    m
+}
+
+#[test]
+fn a_draft_vocabulary_head_trains_on_the_labels_it_holds_mapped_to_draft_ids() {
+    let t = random_target("llama", 35);
+    let m = with_even_vocab(&t, spec(&t, 1, 1), 10);
+    // the head starts as the target's lm_head rows of the draft vocabulary
+    let vars = m.var_store().variables();
+    let head = vars.get("lm_head.weight").expect("lm_head").detach();
+    let even = Tensor::arange_start_step(0, t.config.vocab_size, 2, (Kind::Int64, Device::Cpu));
+    assert!(head.equal(&t.lm_head_weight().index_select(0, &even)));
+    let seq = [1i64, 30, 4, 77, 12, 9, 50, 61, 8, 3];
+    let f = features(&t, &seq, &[1; 10]);
+    let feats = f.hidden_normed.as_ref().expect("hidden").shallow_clone();
+    let out = m.loss(&f, &StepContext::eval(0, 0, 1)).expect("loss");
+    let fw = tch::no_grad(|| m.forward_with(&f, &feats, one_hot_argmax)).expect("forward");
+    // trained: p = 0..7 whose label seq[p+2] is even (4, 12, 50, 8), as draft ids label / 2
+    let rows: Vec<i64> = (0..8).filter(|&p| seq[p as usize + 2] % 2 == 0).collect();
+    assert_eq!(rows, [0, 2, 4, 6]);
+    let idx = Tensor::from_slice(&rows);
+    let logits = fw.predicted.get(0).index_select(0, &idx).matmul(&head.tr());
+    let labels = Tensor::from_slice(&rows.iter().map(|&p| seq[p as usize + 2] / 2).collect::<Vec<_>>());
+    let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
+    assert!((metric(&out, "draft/ce") - ce).abs() < 1e-4, "{} vs {ce}", metric(&out, "draft/ce"));
+    let top1 = logits.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!((metric(&out, "acc/top1") - top1).abs() < 1e-9);
+    assert_eq!(out.parts[0].count, 4.0);
+}
+
 #[test]
 fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
     let t = random_target("llama", 33);
-    // a random gate, and gates forced to one MLP block and to one transformer block
-    for force in [None, Some(0i64), Some(3)] {
-        let m = hybrid(&t, spec(&t, 2, 2), 8);
+    // a random gate, gates forced to one MLP block and to one transformer block, and a random
+    // gate with a draft-vocabulary head
+    for (force, draft_vocab) in [(None, false), (Some(0i64), false), (Some(3), false), (None, true)] {
+        let m = if draft_vocab { with_even_vocab(&t, spec(&t, 2, 2), 8) } else { hybrid(&t, spec(&t, 2, 2), 8) };
         if let Some(b) = force {
             tch::no_grad(|| {
                 for (n, mut v) in m.var_store().variables() {
@@ -235,9 +276,13 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
             let pos = n as i64 - 1 + i;
             let fw = tch::no_grad(|| m.forward_with(&ff, &feats, one_hot_argmax)).expect("forward");
             let predicted = fw.predicted.get(0).get(pos);
-            let want = tch::no_grad(|| m.readout(&predicted.view([1, -1]))).view([-1]);
-            let d = max_abs_diff(&p.logits.get(i), &want);
-            assert!(d < 1e-4, "force {force:?}: proposal {i} differs from the training forward by {d}");
+            let want = tch::no_grad(|| m.proposal_logits(&predicted.view([1, -1]))).view([-1]);
+            let got = p.logits.get(i);
+            // -inf outside a draft vocabulary, in both
+            let finite = want.isfinite();
+            assert!(got.isfinite().equal(&finite));
+            let d = max_abs_diff(&got.masked_select(&finite), &want.masked_select(&finite));
+            assert!(d < 1e-4, "force {force:?} draft vocabulary {draft_vocab}: proposal {i} differs from the training forward by {d}");
             // the next step reads the predicted feature in place of the target's
             tch::no_grad(|| feats.get(0).get(pos + 1).copy_(&predicted));
         }
@@ -351,14 +396,21 @@ fn a_gate_that_holds_one_block_for_three_log_intervals_is_reported() {
 fn measured_costs_are_timed_printed_scaled_to_the_mlp_cost_and_saved() {
     let run = TinyRun::new("hybrid-measured", "recipes/hybrid-tiny.yaml", false);
     let ck = run.dir.join("run");
-    let out = run.train(&ck, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.cost=measured", "--set", "drafter.mlp_cost=2.0"]);
+    // (with a draft-vocabulary head: prepared from the data the same way)
+    let out = run.train(&ck, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.cost=measured", "--set", "drafter.mlp_cost=2.0", "--set", "drafter.draft_vocab_size=512"]);
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.contains("hybrid: measured block costs on")).unwrap_or_else(|| panic!("{err}"));
     for b in ["mlp_0", "mlp_1", "transformer_0", "transformer_1"] {
         assert!(line.contains(&format!("{b} ")), "{line}");
     }
     let w = forge_tests::step_weights(&ck.join("step_2"));
-    let costs = w.iter().find(|(n, _)| n == "block_costs").expect("block_costs").1.shallow_clone();
+    let get = |name: &str| w.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name}")).1.shallow_clone();
+    assert_eq!(get("lm_head.weight").size(), [512, 64]);
+    let d2t = get("d2t");
+    let ids = Tensor::arange(512, (Kind::Int64, Device::Cpu)) + &d2t;
+    assert!(ids.diff::<Tensor>(1, 0, None, None).gt(0).all().int64_value(&[]) == 1, "draft ids ascend");
+    assert_eq!(get("t2d").to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]), 512);
+    let costs = get("block_costs");
     let c: Vec<f64> = Vec::<f64>::try_from(&costs.to_kind(Kind::Double)).expect("costs");
     assert_eq!(c.len(), 4);
     // scaled so that the MLP blocks' mean is mlp_cost; every cost positive and finite

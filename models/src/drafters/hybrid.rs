@@ -34,6 +34,7 @@
 //! layer's names, `norm.weight`, and the buffer `block_costs` `[n]`.
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
+use super::eagle3::install_vocab_mapping;
 use super::{
     Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, ParamGroup, PrepareData,
     StepContext, TargetAccess, EMBED, LM_HEAD,
@@ -78,6 +79,10 @@ pub struct HybridSpec {
     pub feature_weight: f64,
     /// Learning-rate scale of the gate's parameter group.
     pub gate_lr_scale: f64,
+    /// A trainable head over a reduced draft vocabulary of this many tokens (EAGLE-3's
+    /// mapping: `d2t`, `t2d`), instead of the target's frozen lm_head.
+    #[serde(default)]
+    pub draft_vocab_size: Option<i64>,
     /// The target's vocabulary size.
     pub vocab_size: i64,
     /// The transformer blocks' shape; its hidden size is the target's.
@@ -122,6 +127,11 @@ impl HybridSpec {
         }
         if self.gate_hidden_size < 1 || self.mlp_intermediate_size < 1 {
             bad.push("gate_hidden_size and mlp_intermediate_size must be >= 1".into());
+        }
+        if let Some(dv) = self.draft_vocab_size {
+            if dv < 1 || dv > self.vocab_size {
+                bad.push(format!("draft_vocab_size must be in 1..={}, got {dv}", self.vocab_size));
+            }
         }
         for (name, v) in [("gumbel_temperature", self.gumbel_temperature), ("gumbel_temperature_end", self.gumbel_temperature_end)] {
             if !(v.is_finite() && v > 0.0) {
@@ -170,6 +180,14 @@ impl MlpBlock {
     }
 }
 
+/// The trainable head over a reduced draft vocabulary: `lm_head` `[Vd, h]`, draft id i is
+/// target id `i + d2t[i]`, `t2d[target id]` marks the draft vocabulary.
+struct DraftHead {
+    lm_head: Linear,
+    d2t: Tensor,
+    t2d: Tensor,
+}
+
 pub struct Hybrid {
     spec: DrafterSpec,
     s: HybridSpec,
@@ -182,6 +200,8 @@ pub struct Hybrid {
     norm: RmsNorm,
     /// `[n]` fp32, not trained; saved with the weights (measured costs survive a resume).
     block_costs: Tensor,
+    /// The draft-vocabulary head, when the spec asks for one.
+    draft_head: Option<DraftHead>,
     /// The target's embedding and lm_head `[V, h]`, frozen, in the compute kind.
     embed: Tensor,
     lm_head: Tensor,
@@ -234,6 +254,13 @@ impl Hybrid {
             .map(|j| DecoderLayer::new(&root / "transformer_blocks" / j, layer_cfg(), init))
             .collect();
         let norm = RmsNorm::new(&root / "norm", h, l.rms_norm_eps, init);
+        // the draft-vocabulary head (EAGLE-3's names; `prepare` installs the mapping and
+        // initialises the head from the target's lm_head rows)
+        let draft_head = s.draft_vocab_size.map(|vd| DraftHead {
+            lm_head: linear(&root / "lm_head", h, vd, false, init, compute),
+            d2t: root.add("d2t", Tensor::zeros([vd], (Kind::Int64, device)), false),
+            t2d: root.add("t2d", Tensor::arange(v, (Kind::Int64, device)).lt(vd), false),
+        });
         let costs = Tensor::from_slice(&s.fixed_costs()).to_kind(Kind::Float).to_device(device);
         let block_costs = root.add("block_costs", costs, false);
         let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
@@ -248,6 +275,7 @@ impl Hybrid {
             transformer_blocks,
             norm,
             block_costs,
+            draft_head,
             embed,
             lm_head,
             rotary,
@@ -318,9 +346,36 @@ impl Hybrid {
         })
     }
 
-    /// Logits `[N, V]` (fp32) of predicted features `[N, h]` through the target's lm_head.
+    /// Logits (fp32) of predicted features `[N, h]`: over the draft vocabulary `[N, Vd]` with
+    /// a draft-vocabulary head, else through the target's lm_head `[N, V]`.
     pub fn readout(&self, predicted: &Tensor) -> Tensor {
-        project(predicted, &self.lm_head, self.compute).to_kind(Kind::Float)
+        match &self.draft_head {
+            Some(d) => d.lm_head.forward(predicted).to_kind(Kind::Float),
+            None => self.target_readout(predicted),
+        }
+    }
+
+    /// The target's lm_head on features `[N, h]`: `[N, V]` fp32.
+    fn target_readout(&self, features: &Tensor) -> Tensor {
+        project(features, &self.lm_head, self.compute).to_kind(Kind::Float)
+    }
+
+    /// [`Hybrid::readout`] over the target vocabulary `[N, V]` (-inf outside a draft
+    /// vocabulary): what a proposal's logits are.
+    pub fn proposal_logits(&self, predicted: &Tensor) -> Tensor {
+        let l = self.readout(predicted);
+        match &self.draft_head {
+            Some(d) => {
+                let full = Tensor::full([l.size()[0], self.s.vocab_size], f64::NEG_INFINITY, (Kind::Float, l.device()));
+                full.index_copy(1, &self.draft_ids(d), &l)
+            }
+            None => l,
+        }
+    }
+
+    /// Target ids of the draft vocabulary `[Vd]`.
+    fn draft_ids(&self, d: &DraftHead) -> Tensor {
+        Tensor::arange(d.d2t.size()[0], (Kind::Int64, d.d2t.device())) + &d.d2t
     }
 
     /// Times a single-token forward of each block (after a 128-token context for the
@@ -399,7 +454,11 @@ impl Drafter for Hybrid {
         &mut self.vs
     }
 
-    fn prepare(&mut self, data: &mut dyn PrepareData, _target: &TargetAccess) -> Result<()> {
+    fn prepare(&mut self, data: &mut dyn PrepareData, target: &TargetAccess) -> Result<()> {
+        if let Some(vd) = self.s.draft_vocab_size {
+            let (d2t, t2d) = data.vocab_mapping(vd as usize)?;
+            install_vocab_mapping(&self.vs, &d2t, &t2d, target.tensor(LM_HEAD).as_ref())?;
+        }
         if self.s.cost != CostMode::Measured {
             return Ok(());
         }
@@ -442,21 +501,41 @@ impl Drafter for Hybrid {
         let n = t - 2;
         if n > 0 {
             // position p predicts feature p+1 and so token p+2
-            let idx = rows(&f.loss_mask.narrow(1, 2, n).ne(0));
+            let mut idx = rows(&f.loss_mask.narrow(1, 2, n).ne(0));
+            let sel_at = |x: &Tensor, start: i64, idx: &Tensor| {
+                let d = x.size()[2];
+                x.narrow(1, start, n).reshape([b * n, d]).index_select(0, idx)
+            };
+            // the labels as target ids: the data's token p+2, or (distill) the target's
+            // distribution at p+1 and its arg-max
+            let data_labels = |idx: &Tensor| f.input_ids.narrow(1, 2, n).reshape([-1]).index_select(0, idx);
+            let target_logits = |idx: &Tensor| tch::no_grad(|| self.target_readout(&sel_at(&feats, 1, idx)));
+            if let Some(d) = &self.draft_head {
+                // a reduced vocabulary trains the positions whose label it holds
+                let labels = if self.s.distill { target_logits(&idx).argmax(-1, false) } else { data_labels(&idx) };
+                idx = idx.masked_select(&d.t2d.index_select(0, &labels));
+            }
             let count = idx.size()[0];
             if count > 0 {
-                let sel = |x: &Tensor, start: i64| {
-                    let d = x.size()[2];
-                    x.narrow(1, start, n).reshape([b * n, d]).index_select(0, &idx)
-                };
+                let sel = |x: &Tensor, start: i64| sel_at(x, start, &idx);
                 let pred = sel(&fw.predicted, 0);
                 let logits = self.readout(&pred);
                 let (ce, labels) = if self.s.distill {
-                    let p = tch::no_grad(|| self.readout(&sel(&feats, 1)).softmax(-1, Kind::Float));
+                    let tl = target_logits(&idx);
+                    let tl = match &self.draft_head {
+                        Some(d) => tl.index_select(1, &self.draft_ids(d)),
+                        None => tl,
+                    };
+                    let p = tl.softmax(-1, Kind::Float);
                     let (ce, _) = soft_ce_and_hits(&logits, &p);
                     (ce, p.argmax(-1, false))
                 } else {
-                    let labels = f.input_ids.narrow(1, 2, n).reshape([-1]).index_select(0, &idx);
+                    let labels = data_labels(&idx);
+                    let labels = match &self.draft_head {
+                        // draft id = the label's rank among the draft vocabulary's target ids
+                        Some(d) => (d.t2d.to_kind(Kind::Int64).cumsum(0, Kind::Int64) - 1).index_select(0, &labels),
+                        None => labels,
+                    };
                     (logits.cross_entropy_for_logits(&labels), labels)
                 };
                 let gate_logits = sel(&fw.gate_logits, 0);
@@ -645,7 +724,7 @@ impl DraftSession for HybridSession<'_> {
         let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?.shallow_clone();
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
-            let l = self.m.readout(&feature.view([1, -1])).view([-1]);
+            let l = self.m.proposal_logits(&feature.view([1, -1])).view([-1]);
             let token = pick(&l, temperature, rng)?;
             tokens.push(token);
             logits.push(l);

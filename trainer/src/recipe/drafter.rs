@@ -108,6 +108,8 @@ section! {
         feature_weight: f64 = 0.0,
         /// Learning-rate scale of the gate's parameter group (never weight-decayed).
         gate_lr_scale: f64 = 1.0,
+        /// A trainable head over the draft_vocab_size most frequent trained tokens (EAGLE-3's d2t/t2d mapping) instead of the target's frozen lm_head (default: the frozen lm_head).
+        draft_vocab_size: Option<i64> = None,
     }
 }
 
@@ -223,6 +225,7 @@ impl DrafterSection {
                     cost_lambda: x.cost_lambda,
                     feature_weight: x.feature_weight,
                     gate_lr_scale: x.gate_lr_scale,
+                    draft_vocab_size: x.draft_vocab_size.map(|d| d.min(cfg.vocab_size)),
                     vocab_size: cfg.vocab_size,
                     layer: DraftLayerSpec::from_target(cfg, None, None, None, x.transformer_intermediate_size)?,
                 })

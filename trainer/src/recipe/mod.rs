@@ -392,6 +392,7 @@ impl Recipe {
                     ("gate_hidden_size", h.gate_hidden_size),
                     ("mlp_intermediate_size", h.mlp_intermediate_size),
                     ("transformer_intermediate_size", h.transformer_intermediate_size),
+                    ("draft_vocab_size", h.draft_vocab_size),
                 ] {
                     if let Some(v) = v {
                         positive(cx, &format!("drafter.{k}"), v);
