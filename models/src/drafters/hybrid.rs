@@ -11,7 +11,8 @@
 //!
 //! The outputs are fused with gate weights w (`sum_i w_i * block_i(x)`), normalised
 //! (`norm`) into the predicted feature of position p + 1 and read out by the target's frozen
-//! lm_head; the token predicted is x_{p+2}.
+//! lm_head (or, with `draft_vocab_size`, a trainable head over EAGLE-3's reduced draft
+//! vocabulary); the token predicted is x_{p+2}.
 //!
 //! Gate weights: training draws a Gumbel-Softmax sample `softmax((logits + g) / tau)` (g from
 //! the step's generator; straight-through one-hot with `hard`), tau annealed geometrically from
@@ -31,7 +32,8 @@
 //! Weight names (forge format only): `fc.{weight,bias}`, `gate.fc1.{weight,bias}`,
 //! `gate.fc2.{weight,bias}`, `mlp_blocks.<i>.norm.weight`,
 //! `mlp_blocks.<i>.mlp.{gate,up,down}_proj.weight`, `transformer_blocks.<j>.` + a Llama
-//! layer's names, `norm.weight`, and the buffer `block_costs` `[n]`.
+//! layer's names, `norm.weight`, the buffer `block_costs` `[n]`, and with a draft vocabulary
+//! `lm_head.weight`, `d2t`, `t2d`.
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::eagle3::install_vocab_mapping;
