@@ -77,3 +77,22 @@ fn bad_target_folder_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn an_os_error_is_printed_once() {
+    let dir = forge_tests::tmp_dir("cli-os-error");
+    let ckpt = dir.join("run");
+    let out = forge(&[
+        "train",
+        "recipes/medusa-tiny.yaml",
+        "--set",
+        "target.path=/nonexistent/model",
+        "--set",
+        &format!("checkpoint.dir={}", ckpt.display()),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("/nonexistent/model/config.json"), "{line}");
+    assert_eq!(line.matches("(os error 2)").count(), 1, "{line}");
+}

@@ -3,24 +3,30 @@
 # demo target (recipes/hybrid-smollm2.yaml; same data, steps, seed and learning rate), for
 # cost_lambda 0.001 / 0.01 / 0.1: validation top-1 (hard gate) after training, then forge
 # eval on held-out prompts (tau, draft ms per drafted token, block histogram).
-# Usage: scripts/bench/hybrid-variants.sh [STEPS] [OUT]   (needs `make build demo-model`)
-# Prints one line per variant and writes OUT/summary.jsonl. Slow on CPU (minutes per variant).
+# Usage: scripts/bench/hybrid-variants.sh [STEPS] [OUT] [PHASE]   (needs `make build demo-model`)
+# PHASE: all (default), train (only train the variants) or eval (only evaluate trained ones:
+# run it on an otherwise idle machine, the draft times are wall-clock). Prints one line per
+# variant and writes OUT/summary.jsonl. Slow on CPU (minutes per variant).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-200}
 OUT=${2:-runs/bench-hybrid}
+PHASE=${3:-all}
 FORGE=target/release/forge
 RECIPE=recipes/hybrid-smollm2.yaml
 mkdir -p "$OUT"
-: > "$OUT/summary.jsonl"
+[ "$PHASE" = train ] || : > "$OUT/summary.jsonl"
 run() {
   local name=$1; shift
   local dir="$OUT/$name"
-  rm -rf "$dir"
-  "$FORGE" train "$RECIPE" --set checkpoint.dir="$dir" --set train.max_steps="$STEPS" \
-    --set checkpoint.every_steps="$STEPS" --set train.eval_every="$STEPS" \
-    --set data.eval=[recipes/data/demo_eval.jsonl] --set log.every_steps=10 --set log.progress=false "$@" \
-    > "$dir.train.log" 2>&1
+  if [ "$PHASE" != eval ]; then
+    rm -rf "$dir"
+    "$FORGE" train "$RECIPE" --set checkpoint.dir="$dir" --set train.max_steps="$STEPS" \
+      --set checkpoint.every_steps="$STEPS" --set train.eval_every="$STEPS" \
+      --set data.eval=[recipes/data/demo_eval.jsonl] --set log.every_steps=10 --set log.progress=false "$@" \
+      > "$dir.train.log" 2>&1
+  fi
+  [ "$PHASE" != train ] || return 0
   "$FORGE" eval --draft "$dir" --prompts recipes/data/demo_eval_prompts.jsonl --limit 8 \
     --max-new-tokens 64 --gamma 4 --json "$dir/eval.json" > "$dir.eval.log" 2>&1
   python3 - "$name" "$dir" >> "$OUT/summary.jsonl" <<'PY'

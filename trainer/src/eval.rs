@@ -495,7 +495,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let pb = crate::data::styled_bar(total_turns as u64, "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}", show_progress(&a.chat.progress));
     let mut overall = Tally::default();
     let mut file_reports = Vec::new();
-    println!("forge eval: {} draft {}", loaded.spec.kind(), loaded.source.display());
+    // the report names its draft; on a terminal the header above (stderr) already did
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("forge eval: {} draft {}", loaded.spec.kind(), loaded.source.display());
+    }
     for (path, convs) in &files {
         let mut tally = Tally::default();
         let mut by_cat: BTreeMap<String, Tally> = BTreeMap::new();

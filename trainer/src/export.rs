@@ -181,7 +181,16 @@ pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<Exp
         let v = serde_json::to_value(&desc).map_err(|e| TrainerError::Config(e.to_string()))?;
         (vec![("model.safetensors".to_string(), w)], vec![(FORGE_EXPORT.to_string(), v)])
     } else {
-        let b = l.drafter.export(fmt, &l.target_config)?;
+        // engines read the target's name from the HF `_name_or_path`, often empty in a
+        // local folder's config.json: the target path the draft was trained against then
+        let mut target_config = l.target_config.clone();
+        let named = target_config.get("_name_or_path").and_then(|v| v.as_str()).is_some_and(|s| !s.is_empty());
+        if !named {
+            if let Some(obj) = target_config.as_object_mut() {
+                obj.insert("_name_or_path".into(), l.target.display().to_string().into());
+            }
+        }
+        let b = l.drafter.export(fmt, &target_config)?;
         (b.tensor_files, b.json_files)
     };
     let mut files = Vec::new();

@@ -387,7 +387,8 @@ impl Hybrid {
         let h = self.s.layer.hidden_size;
         let ctx = 128;
         tch::no_grad(|| {
-            let x = Tensor::randn([1, ctx + 1, h], (self.compute, device));
+            // inputs from a generator of its own: libtorch's global one is left untouched
+            let x = (super::StepRng::new(0, 0, 0).uniform(&[1, ctx + 1, h], device) - 0.5).to_kind(self.compute);
             let pos = Tensor::arange(ctx + 1, (Kind::Int64, device)).view([1, -1]);
             let (cos, sin) = self.rotary.cos_sin(&pos, self.compute);
             let last = |t: &Tensor| t.narrow(2, ctx, 1);
