@@ -302,9 +302,10 @@ fn read_json(p: &Path) -> serde_json::Value {
 
 #[test]
 fn eagle3_exports_for_sglang_and_vllm() {
-    let run = setup("eagle3-export", "recipes/eagle3-tiny.yaml");
+    // a 4-layer target: engines serve 3 distinct ascending auxiliary layers
+    let run = TinyRun::with_layers("eagle3-export", "recipes/eagle3-tiny.yaml", true, 4);
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.aux_layers=[0,1,3]"]);
     let (h, v, vd) = (64i64, 49152i64, 16384i64);
     let bf = Kind::BFloat16;
     let mut want: Vec<(String, Vec<i64>, Kind)> = vec![
@@ -358,8 +359,23 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert_eq!(cfg["num_key_value_heads"], 2);
         assert_eq!(cfg["intermediate_size"], 128);
         assert_eq!(cfg["torch_dtype"], "bfloat16");
-        assert!(cfg.get("eagle_aux_hidden_state_layer_ids").is_none());
+        // the layers, as each engine reads them: forge's are target layer outputs; SGLang
+        // takes output ids under eagle_config (and adds 1), vLLM capture points at top level
+        if fmt == "sglang" {
+            assert_eq!(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], serde_json::json!([0, 1, 3]));
+            assert!(cfg.get("eagle_aux_hidden_state_layer_ids").is_none());
+        } else {
+            assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
+            assert!(cfg.get("eagle_config").is_none());
+        }
     }
+    // layers an engine cannot serve as trained (a 2-layer target's [0, 1, 1]): refused
+    let small = setup("eagle3-export-refused", "recipes/eagle3-tiny.yaml");
+    let ck2 = small.dir.join("run");
+    small.train(&ck2, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
+    let out = forge(&["export", ck2.to_str().expect("utf8"), "--format", "vllm", "--out", small.dir.join("vllm").to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("[0, 1, 1]") && err.contains("3 distinct ascending"), "{err}");
     // the fp32 export holds the checkpoint's weights
     let fx = run.dir.join("fp32");
     let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "sglang", "--out", fx.to_str().expect("utf8"), "--dtype", "fp32"]);
@@ -385,7 +401,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert!(a.equal(b), "{na}");
     }
     // resuming keeps the mapping and continues
-    let out = run.train(&ckpt, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=1", "--resume", "auto"]);
+    let out = run.train(&ckpt, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=1", "--set", "drafter.aux_layers=[0,1,3]", "--resume", "auto"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"));
     let resumed = SafetensorsFile::open(&ckpt.join("step_3/model.safetensors")).expect("step 3");
     assert!(resumed.tensor("d2t").expect("d2t").equal(&ck.tensor("d2t").expect("d2t")));
@@ -446,6 +462,7 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
         feature_weight: 1.0,
         token_weight: 0.1,
         feature_noise: 0.0,
+        fc_bias: true,
         vocab_size: v,
         layer: small_spec(1).layer,
     };
@@ -521,6 +538,7 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
     let m2 = Eagle1::new(
         Eagle1Spec {
             feature_noise: 0.5,
+            fc_bias: true,
             ..match m.spec() {
                 forge_models::drafters::DrafterSpec::Eagle1(s) => s.clone(),
                 _ => unreachable!(),
@@ -578,13 +596,21 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
         ("layers.0.self_attn.q_proj.weight".into(), vec![h, h], Kind::BFloat16),
         ("layers.0.self_attn.v_proj.weight".into(), vec![32, h], Kind::BFloat16),
     ];
-    for (fmt, arch, bias) in [("vllm", "EagleLlamaForCausalLM", false), ("sglang", "LlamaForCausalLMEagle", true)] {
-        if bias {
+    // the default draft (fc with a bias) serves on SGLang; vLLM, which has no fc bias, refuses
+    // it instead of dropping a trained weight
+    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "vllm", "--out", run.dir.join("vllm-biased").to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("drafter.fc_bias: false"), "{err}");
+    // a bias-free draft: vLLM as trained, SGLang with a zero bias (the same layer)
+    let plain = run.dir.join("run-nobias");
+    run.train(&plain, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.fc_bias=false"]);
+    for (ck, fmt, arch, bias) in [(&plain, "vllm", "EagleLlamaForCausalLM", false), (&plain, "sglang", "LlamaForCausalLMEagle", true), (&ckpt, "sglang", "LlamaForCausalLMEagle", true)] {
+        if bias && !want.iter().any(|w| w.0 == "fc.bias") {
             want.push(("fc.bias".into(), vec![h], Kind::BFloat16));
             want.sort_by(|a, b| a.0.cmp(&b.0));
         }
-        let out_dir = run.dir.join(fmt);
-        let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", fmt, "--out", out_dir.to_str().expect("utf8")]);
+        let out_dir = run.dir.join(format!("{fmt}-{}", ck.file_name().and_then(|n| n.to_str()).expect("name")));
+        let out = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", out_dir.to_str().expect("utf8"), "--dtype", "bf16"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(keys_shapes_kinds(&out_dir.join("model.safetensors")), want, "{fmt}");
         let cfg = read_json(&out_dir.join("config.json"));
@@ -592,6 +618,11 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
         assert_eq!(cfg["num_hidden_layers"], 1);
         assert_eq!(cfg["vocab_size"], 49152);
         assert_eq!(cfg["hidden_size"], h);
+        if bias {
+            let b = SafetensorsFile::open(&out_dir.join("model.safetensors")).expect("open").tensor("fc.bias").expect("bias");
+            let zero = b.abs().sum(Kind::Float).double_value(&[]) == 0.0;
+            assert_eq!(zero, ck == &plain, "{fmt}: a zero bias exactly for the bias-free draft");
+        }
     }
 }
 

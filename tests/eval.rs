@@ -60,6 +60,7 @@ fn eagle1(t: &TargetModel) -> Eagle1 {
             feature_weight: 1.0,
             token_weight: 0.1,
             feature_noise: 0.0,
+            fc_bias: true,
             vocab_size: V,
             layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
         },

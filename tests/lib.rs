@@ -225,8 +225,14 @@ pub fn reference_python() -> PathBuf {
 /// A tiny random Llama target (hidden 64, 2 layers) that uses the demo target's tokenizer and
 /// chat template (so its vocabulary is 49152), saved as a HF folder under `dir`.
 pub fn tiny_target_with_demo_tokenizer(dir: &Path, seed: i64) -> PathBuf {
+    tiny_target_with_demo_tokenizer_layers(dir, seed, 2)
+}
+
+/// [`tiny_target_with_demo_tokenizer`] with `layers` decoder layers.
+pub fn tiny_target_with_demo_tokenizer_layers(dir: &Path, seed: i64, layers: i64) -> PathBuf {
     let mut cfg = tiny_config("llama");
     cfg["vocab_size"] = 49152.into();
+    cfg["num_hidden_layers"] = layers.into();
     let model = random_target_from(cfg, seed);
     model.save_hf(dir).expect("save tiny target");
     let demo = demo_model();
@@ -260,8 +266,13 @@ impl TinyRun {
     /// distributions are nearly flat, which leaves little for a drafter to match; sharper ones
     /// make learning visible in a few steps.
     pub fn new(name: &str, recipe: &str, sharp: bool) -> TinyRun {
+        Self::with_layers(name, recipe, sharp, 2)
+    }
+
+    /// [`TinyRun::new`] with a target of `layers` decoder layers.
+    pub fn with_layers(name: &str, recipe: &str, sharp: bool, layers: i64) -> TinyRun {
         let dir = tmp_dir(name);
-        let target = tiny_target_with_demo_tokenizer(&dir.join("target"), 5);
+        let target = tiny_target_with_demo_tokenizer_layers(&dir.join("target"), 5, layers);
         if sharp {
             let file = target.join("model.safetensors");
             let mut w = SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");

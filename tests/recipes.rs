@@ -243,3 +243,24 @@ fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
     assert!(!out.status.success(), "forge check accepted kind: spaf");
     assert!(err.contains("not implemented yet") && err.contains("spaf.yaml"), "{err}");
 }
+
+#[test]
+fn eagle3_aux_layers_must_be_three_ascending_layers_of_the_target() {
+    use forge_models::TargetConfig;
+    use forge_trainer::recipe::DrafterSection;
+    let cfg = TargetConfig::from_value(forge_tests::tiny_config("llama")).expect("config");
+    let spec = |aux: &str| -> Result<(), String> {
+        let text = BASE.replace("kind: medusa", &format!("kind: eagle3\n  aux_layers: {aux}"));
+        let r = Recipe::from_str(&text, &[]).map_err(|e| format!("{e:?}"))?;
+        let d: &DrafterSection = &r.drafter;
+        d.to_spec(&cfg).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // the tiny target has 2 layers: [0, 1, 1] is three ascending (not distinct) layers
+    assert!(spec("[0, 1, 1]").is_ok());
+    let e = spec("[0, 1]").expect_err("two layers");
+    assert!(e.contains("exactly 3") && e.contains("3 x hidden"), "{e}");
+    let e = spec("[1, 0, 1]").expect_err("descending");
+    assert!(e.contains("must ascend"), "{e}");
+    let e = spec("[0, 1, 5, 7]").expect_err("four, out of range");
+    assert!(e.contains("5, 7 do not exist") && e.contains("exactly 3"), "{e}");
+}

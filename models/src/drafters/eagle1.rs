@@ -32,10 +32,18 @@ pub struct Eagle1Spec {
     pub feature_weight: f64,
     pub token_weight: f64,
     pub feature_noise: f64,
+    /// `fc` has a bias (SGLang's LlamaForCausalLMEagle has one, vLLM's EagleLlamaForCausalLM
+    /// none). Checkpoints from before the key had one.
+    #[serde(default = "fc_bias_default")]
+    pub fc_bias: bool,
     /// The target's vocabulary size.
     pub vocab_size: i64,
     /// The draft layer; its hidden size is the target's.
     pub layer: DraftLayerSpec,
+}
+
+fn fc_bias_default() -> bool {
+    true
 }
 
 pub struct Eagle1 {
@@ -61,7 +69,7 @@ impl Eagle1 {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let init = ParamInit::Default;
-        let fc = linear(&root / "fc", 2 * h, h, true, init, compute);
+        let fc = linear(&root / "fc", 2 * h, h, e.fc_bias, init, compute);
         let layer = DecoderLayer::new(&root / "layers" / 0, l.layer_config(h, compute), init);
         let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
         Ok(Self {
@@ -195,8 +203,8 @@ impl Drafter for Eagle1 {
     }
 
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
-        // SGLang's LlamaForCausalLMEagle keeps fc's bias; vLLM's EagleLlamaForCausalLM has none
-        // (and is found under that architecture name).
+        // SGLang's LlamaForCausalLMEagle has a bias in fc; vLLM's EagleLlamaForCausalLM has
+        // none (and is found under that architecture name).
         let (bias, arch) = match format {
             ExportFormat::Sglang => (true, "LlamaForCausalLMEagle"),
             ExportFormat::Vllm => (false, "EagleLlamaForCausalLM"),
@@ -207,8 +215,21 @@ impl Drafter for Eagle1 {
                 )))
             }
         };
+        // never drop a trained weight: a bias-free engine gets only a bias-free draft; an
+        // engine with a bias gets a zero one for a bias-free draft (exactly the same layer)
+        if self.e.fc_bias && !bias {
+            return Err(ModelError::Invalid(format!(
+                "this eagle1 draft was trained with a bias in fc (drafter.fc_bias: true); {} has none, so it would serve a different model: train with drafter.fc_bias: false to export for {}, or export for sglang",
+                arch,
+                format.name()
+            )));
+        }
         let expected = self.expected(bias);
-        let tensors = export_same_names(&self.vs, &expected, &format!("{} eagle1", format.name()))?;
+        let mut tensors = export_same_names(&self.vs, &self.expected(self.e.fc_bias && bias), &format!("{} eagle1", format.name()))?;
+        if bias && !self.e.fc_bias {
+            tensors.push(("fc.bias".into(), Tensor::zeros([self.e.layer.hidden_size], (Kind::Float, self.vs.device()))));
+        }
+        super::check_names_and_shapes(&format!("{} eagle1", format.name()), &tensors, &expected)?;
         let mut config = self.e.layer.llama_config(arch, target_config);
         config["vocab_size"] = self.e.vocab_size.into();
         Ok(ExportBundle {

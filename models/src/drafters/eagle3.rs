@@ -359,11 +359,33 @@ impl Drafter for Eagle3 {
             ("d2t".into(), vec![vd]),
             ("t2d".into(), vec![e.vocab_size]),
         ];
+        // Both engines capture each auxiliary layer once, in layer order, and build fc over
+        // exactly 3 of them: the draft's fc reads its layers in the listed order, so only 3
+        // distinct ascending layers serve what was trained.
+        let a = &e.aux_layers;
+        if a.len() != 3 || a.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ModelError::Invalid(format!(
+                "eagle3 aux_layers {a:?} cannot be served by {}: SGLang and vLLM build fc over exactly 3 target layers, each captured once and concatenated in layer order; train with 3 distinct ascending drafter.aux_layers (the target needs at least 3 layers)",
+                format.name()
+            )));
+        }
         let tensors = export_same_names(&self.vs, &expected, &format!("{} eagle3", format.name()))?;
         let mut config = l.llama_config("LlamaForCausalLMEagle3", target_config);
         config["vocab_size"] = e.vocab_size.into();
         config["draft_vocab_size"] = vd.into();
         config["target_hidden_size"] = e.target_hidden_size.into();
+        // forge's aux layer l is the *output* of target layer l (0-based). Both engines
+        // capture a layer's input: SGLang reads eagle_config.eagle_aux_hidden_state_layer_ids
+        // and adds 1 itself; vLLM reads the top-level key as capture points (no + 1).
+        match format {
+            ExportFormat::Sglang => {
+                config["eagle_config"] = serde_json::json!({ "eagle_aux_hidden_state_layer_ids": a });
+            }
+            _ => {
+                let ids: Vec<i64> = a.iter().map(|l| l + 1).collect();
+                config["eagle_aux_hidden_state_layer_ids"] = ids.into();
+            }
+        }
         Ok(ExportBundle {
             tensor_files: vec![("model.safetensors".into(), tensors)],
             json_files: vec![("config.json".into(), config)],

@@ -43,6 +43,8 @@ section! {
         token_weight: f64 = 0.1,
         /// Half-width of uniform noise added to input features during training (0 = off).
         feature_noise: f64 = 0.0,
+        /// A bias in fc. SGLang's LlamaForCausalLMEagle has one (a bias-free draft exports with a zero bias); vLLM's EagleLlamaForCausalLM has none and refuses a draft trained with one: set false to serve with vLLM.
+        fc_bias: bool = true,
     }
 }
 
@@ -181,18 +183,28 @@ impl DrafterSection {
                 feature_weight: e.feature_weight,
                 token_weight: e.token_weight,
                 feature_noise: e.feature_noise,
+                fc_bias: e.fc_bias,
                 vocab_size: cfg.vocab_size,
                 layer: DraftLayerSpec::from_target(cfg, None, None, None, None)?,
             }),
             DrafterSection::Eagle3(e) => {
                 let aux_layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
+                let mut problems = Vec::new();
                 let missing: Vec<String> = aux_layers.iter().filter(|&&l| l < 0 || l >= cfg.num_layers).map(|l| l.to_string()).collect();
                 if !missing.is_empty() {
-                    return Err(TrainerError::Config(format!(
-                        "drafter.aux_layers: layer(s) {} do not exist (the target has layers 0..{})",
-                        missing.join(", "),
-                        cfg.num_layers - 1
-                    )));
+                    problems.push(format!("layer(s) {} do not exist (the target has layers 0..{})", missing.join(", "), cfg.num_layers - 1));
+                }
+                if aux_layers.len() != 3 {
+                    problems.push(format!(
+                        "{} layers given, EAGLE-3 takes exactly 3 (SGLang and vLLM build fc over 3 x hidden)",
+                        aux_layers.len()
+                    ));
+                }
+                if aux_layers.windows(2).any(|w| w[0] > w[1]) {
+                    problems.push("the layers must ascend (engines concatenate the captured layers in layer order)".into());
+                }
+                if !problems.is_empty() {
+                    return Err(TrainerError::Config(format!("drafter.aux_layers {aux_layers:?}: {}", problems.join("; "))));
                 }
                 DrafterSpec::Eagle3(Eagle3Spec {
                     ttt_length: e.ttt_length,
