@@ -12,7 +12,7 @@ use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
 use forge_tests::TargetHeads;
 use forge_models::generate::{generate, GenerateOptions, RowRng};
-use forge_models::speculative::{next_gamma, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
+use forge_models::speculative::{next_gamma, Acceptance, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
@@ -519,6 +519,9 @@ fn speculative_sampling_follows_the_target_distribution() {
     };
 
     let samples = 3000;
+    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
+    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
+    for acceptance in [Acceptance::Exact, Acceptance::Engine] {
     let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
     let (mut accepted, mut rejected) = (0, 0);
     for seed in 0..samples {
@@ -528,6 +531,7 @@ fn speculative_sampling_follows_the_target_distribution() {
             temperature: 1.0,
             max_new_tokens: 3,
             seed: seed as u64,
+            acceptance,
             ..Default::default()
         };
         let out = speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &prompt, &opts).expect("speculative");
@@ -539,16 +543,17 @@ fn speculative_sampling_follows_the_target_distribution() {
             rejected += (r.accepted < r.proposed) as usize;
         }
     }
-    assert!(accepted > samples / 10 && rejected > samples / 10, "both acceptance and resampling happen: {accepted} accepted, {rejected} rejections");
-    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
-    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
+    // (the random target is nearly flat: its probability of the greedy draft is ~2%)
+    let min_accepted = if acceptance == Acceptance::Engine { 20 } else { samples / 20 };
+    assert!(accepted > min_accepted && rejected > samples / 10, "{acceptance:?}: both acceptance and resampling happen: {accepted} accepted, {rejected} rejections");
     for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
         let (stat, dof) = chi_square(counts, probs);
-        assert!(stat < chi_square_critical(dof), "{what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}", chi_square_critical(dof));
+        assert!(stat < chi_square_critical(dof), "{acceptance:?} {what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}", chi_square_critical(dof));
     }
     // the test has power: the draft's distribution is far from the samples
     let (stat, dof) = chi_square(&c2, &q2);
-    assert!(stat > 3.0 * chi_square_critical(dof), "the draft's distribution should be rejected: {stat:.1} ({dof} dof)");
+    assert!(stat > 3.0 * chi_square_critical(dof), "{acceptance:?}: the draft's distribution should be rejected: {stat:.1} ({dof} dof)");
+    }
 }
 
 fn run_eval(args: &[&str]) -> std::process::Output {

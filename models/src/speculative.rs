@@ -8,7 +8,9 @@
 //! next-token distributions:
 //! - greedy (temperature 0): d_i is accepted iff it equals the target's arg-max after d_1..d_{i-1};
 //! - sampling: d_i is accepted with probability min(1, p(d_i) / q(d_i)); on the first
-//!   rejection a token is drawn from norm(max(0, p - q)) instead;
+//!   rejection a token is drawn from norm(max(0, p - q)) instead. With [`Acceptance::Engine`]
+//!   (the default, what vLLM and SGLang do) the draft chain is greedy, q is one-hot, and
+//!   this is: accept d_i with probability p(d_i), else draw from p without d_i;
 //! - after a accepted drafts the target's token at position a (the correction, or the bonus
 //!   token when all g were accepted) is emitted too, so a round emits a + 1 tokens.
 //!
@@ -74,6 +76,29 @@ pub fn next_gamma(gamma: usize, all_accepted: bool, min_gamma: usize) -> usize {
     }
 }
 
+/// How sampled drafts are accepted (temperature > 0; greedy decoding accepts while the draft
+/// equals the target's arg-max in both). Both give exactly the target's distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acceptance {
+    /// As vLLM and SGLang serve by default: the draft chain is greedy (arg-max), so its
+    /// distribution q is one-hot, and a draft token d is accepted with probability p(d); on a
+    /// rejection the token is drawn from p with d removed (renormalised).
+    #[default]
+    Engine,
+    /// Draft tokens sampled from q = softmax(draft logits / T) and accepted with probability
+    /// min(1, p(d) / q(d)); on a rejection drawn from norm(max(0, p - q)).
+    Exact,
+}
+
+impl Acceptance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Acceptance::Engine => "engine",
+            Acceptance::Exact => "exact",
+        }
+    }
+}
+
 /// How to decode.
 #[derive(Debug, Clone)]
 pub struct SpecOptions {
@@ -88,6 +113,8 @@ pub struct SpecOptions {
     /// Decoding stops after emitting any of these ids (kept in the output).
     pub stop_ids: Vec<i64>,
     pub seed: u64,
+    /// How sampled drafts are accepted.
+    pub acceptance: Acceptance,
 }
 
 impl Default for SpecOptions {
@@ -100,6 +127,7 @@ impl Default for SpecOptions {
             max_new_tokens: 128,
             stop_ids: Vec::new(),
             seed: 0,
+            acceptance: Acceptance::Engine,
         }
     }
 }
@@ -230,7 +258,9 @@ pub fn speculative_generate(
         let g = gamma.min(left - 1);
         let t = Instant::now();
         let proposal = if g > 0 {
-            let p = tch::no_grad(|| draft.propose(g, temp, &mut rng))?;
+            // engine acceptance drafts greedily also when the target samples
+            let draft_temp = if opts.acceptance == Acceptance::Engine { 0.0 } else { temp };
+            let p = tch::no_grad(|| draft.propose(g, draft_temp, &mut rng))?;
             if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
                 return Err(ModelError::Invalid(format!(
                     "the draft proposed {} tokens with {:?} logits, {g} were asked for",
@@ -267,7 +297,14 @@ pub fn speculative_generate(
             }
             Some(p) => {
                 let pt = (&logits / temp).softmax(-1, Kind::Float);
-                let q = (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
+                let q = match opts.acceptance {
+                    // a greedy chain: q is one-hot at each proposal
+                    Acceptance::Engine => {
+                        let ids = Tensor::from_slice(&p.tokens).view([-1, 1]).to_device(device);
+                        pt.narrow(0, 0, p.tokens.len() as i64).zeros_like().scatter_value(1, &ids, 1.0)
+                    }
+                    Acceptance::Exact => (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float),
+                };
                 let mut a = 0;
                 let mut new = None;
                 for (i, &d) in p.tokens.iter().enumerate() {
@@ -275,6 +312,7 @@ pub fn speculative_generate(
                     let (pd, qd) = (pi.double_value(&[d]), qi.double_value(&[d]));
                     let u = rng.next_f64();
                     // accept with probability min(1, p/q); q(d) > 0 since d was drawn from q
+                    // (engine: q(d) = 1, so with probability p(d))
                     if u * qd < pd {
                         a += 1;
                         continue;

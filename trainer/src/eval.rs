@@ -12,7 +12,7 @@ use crate::regenerate::{read_input, ChatArgs, resolve_dtype, show_progress, stop
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
-use forge_models::speculative::{speculative_generate, Round, SpecOptions};
+use forge_models::speculative::{speculative_generate, Acceptance, Round, SpecOptions};
 use forge_models::{parse_device, TargetConfig, TargetModel};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -20,6 +20,23 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Options of `forge eval`.
+
+/// `--acceptance` (see [`Acceptance`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceptanceArg {
+    Engine,
+    Exact,
+}
+
+impl From<AcceptanceArg> for Acceptance {
+    fn from(a: AcceptanceArg) -> Self {
+        match a {
+            AcceptanceArg::Engine => Acceptance::Engine,
+            AcceptanceArg::Exact => Acceptance::Exact,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
     /// The target's Hugging Face folder (default: the target the draft was trained for).
@@ -49,6 +66,11 @@ pub struct EvalArgs {
     /// 0 = greedy; > 0 = speculative sampling at this temperature.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
+    /// Sampled acceptance (temperature > 0): engine = a greedy draft chain accepted with
+    /// probability p(d), as vLLM and SGLang serve; exact = drafts sampled from the draft's
+    /// distribution q, accepted with min(1, p/q). Both follow the target's distribution.
+    #[arg(long, value_enum, default_value_t = AcceptanceArg::Engine)]
+    pub acceptance: AcceptanceArg,
     /// Sampling seed (each prompt turn draws from its own stream: seed, id, turn).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -317,6 +339,7 @@ impl Ctx<'_> {
             max_new_tokens: a.max_new_tokens,
             stop_ids: self.stop.clone(),
             seed,
+            acceptance: a.acceptance.into(),
         }
     }
 
@@ -465,7 +488,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let baseline = !a.no_baseline;
     let total_turns: usize = files.iter().flat_map(|(_, c)| c.iter().map(|c| c.user_turns())).sum();
     eprintln!(
-        "forge eval: {} draft {} against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}, max {} new tokens",
+        "forge eval: {} draft {} against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
         loaded.spec.kind(),
         loaded.source.display(),
         target_dir.display(),
@@ -476,6 +499,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         a.gamma,
         if a.dynamic_gamma { format!(" (dynamic, min {}, max {})", a.min_gamma, a.max_gamma) } else { String::new() },
         a.temperature,
+        if a.temperature > 0.0 { format!(" ({} acceptance)", Acceptance::from(a.acceptance).name()) } else { String::new() },
         a.max_new_tokens
     );
     // warm-up: the first forwards of a process pay one-time allocation costs
@@ -541,6 +565,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 "min_gamma": a.min_gamma,
                 "max_gamma": a.max_gamma,
                 "temperature": a.temperature,
+                "acceptance": if a.temperature > 0.0 { Acceptance::from(a.acceptance).name() } else { "greedy" },
                 "max_new_tokens": a.max_new_tokens,
                 "seed": a.seed,
                 "device": format!("{device:?}"),
