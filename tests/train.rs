@@ -432,3 +432,51 @@ fn drafters_get_the_target_tensors_or_the_live_model_they_ask_for() {
         assert!(err.contains("data.mode: online"), "{err}");
     }
 }
+
+#[test]
+fn chain_metrics_are_the_shares_of_starts_whose_first_proposals_all_hit() {
+    use forge_models::drafters::chain_metrics;
+    let b = |v: &[i64]| Tensor::from_slice(v).view([1, -1]).ne(0);
+    // 5 chain starts; start 4 is not valid at step 1, so it is not counted
+    let hits = [b(&[1, 1, 0, 1, 1]), b(&[1, 0, 1, 1, 1]), b(&[0, 1, 1, 1, 1])];
+    let valid = [b(&[1, 1, 1, 1, 1]), b(&[1, 1, 1, 1, 0]), b(&[1, 1, 1, 1, 1])];
+    let m = chain_metrics(&hits, &valid);
+    let got: Vec<(String, f64, f64)> = m.iter().map(|x| (x.name.clone(), x.sum, x.count)).collect();
+    // starts 0..3: step 0 hits 0, 1, 3; steps 0-1 hit 0, 3; steps 0-2 hit 3
+    assert_eq!(got, [("chain/0".into(), 3.0, 4.0), ("chain/1".into(), 2.0, 4.0), ("chain/2".into(), 1.0, 4.0)]);
+    let rows: std::collections::BTreeMap<String, f64> = m.iter().map(|x| (format!("eval/{}", x.name), x.value())).collect();
+    let t = forge_models::drafters::sim_tau(&rows, "eval/").expect("sim_tau");
+    assert!((t - (1.0 + 0.75 + 0.5 + 0.25)).abs() < 1e-12);
+}
+
+#[test]
+fn evaluation_reports_the_simulated_acceptance_and_keeps_the_best_weights() {
+    let run = TinyRun::new("train-best", "recipes/medusa-tiny.yaml", true);
+    let eval = forge_tests::demo_conversations_subset(&run.dir.join("eval.jsonl"), 6);
+    let ckpt = run.dir.join("run");
+    let ev = format!("data.eval=[{}]", eval.display());
+    run.train(&ckpt, &["--set", "train.max_steps=6", "--set", "train.eval_every=2", "--set", &ev, "--set", "checkpoint.every_steps=6"]);
+    let rows: Vec<serde_json::Value> = metrics_rows(&ckpt.join("metrics.jsonl")).into_iter().filter(|r| r.get("eval/sim_tau").is_some()).collect();
+    // at steps 0 (before training), 2, 4 and 6
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let mut best = (f64::MIN, 0);
+    for r in &rows {
+        let c: Vec<f64> = (0..2).map(|k| r[format!("eval/chain/{k}")].as_f64().expect("chain")).collect();
+        assert!(c[1] <= c[0], "a longer chain is accepted in full no more often: {c:?}");
+        let t = r["eval/sim_tau"].as_f64().expect("sim_tau");
+        assert!((t - (1.0 + c[0] + c[1])).abs() < 1e-9);
+        let step = r["step"].as_u64().expect("step");
+        if step > 0 && t > best.0 {
+            best = (t, step);
+        }
+    }
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("best/best.json")).expect("best.json")).expect("json");
+    assert_eq!(rec["metric"], "eval/sim_tau");
+    assert!((rec["value"].as_f64().expect("value") - best.0).abs() < 1e-12);
+    assert_eq!(rec["step"], best.1);
+    // the best weights export like any checkpoint; resume ignores them
+    let out = forge(&["export", ckpt.join("best").to_str().expect("utf8"), "--format", "forge", "--out", run.dir.join("best-export").to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(forge_trainer::checkpoint::latest(&ckpt).expect("latest").file_name().and_then(|n| n.to_str()), Some("step_6"));
+}

@@ -121,7 +121,11 @@ pub fn save(dir: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
 /// then the manifest listing every file with its size (shards included), and renames the
 /// folder to `<dir>/step_<N>`.
 pub fn finish(dir: &Path, tmp: &Path, c: &CheckpointData<'_>) -> Result<PathBuf> {
-    let final_dir = step_dir(dir, c.state.step);
+    finish_as(tmp, c, step_dir(dir, c.state.step))
+}
+
+/// [`finish`] into the folder `final_dir` (replacing one that exists).
+pub fn finish_as(tmp: &Path, c: &CheckpointData<'_>, final_dir: PathBuf) -> Result<PathBuf> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
     meta.insert("step".to_string(), c.state.step.to_string());

@@ -19,6 +19,7 @@ use crate::error::Result;
 use crate::recipe::Recipe;
 use crate::schedule::Cadence;
 use forge_models::drafters::DrafterSpec;
+use serde_json::json;
 use std::path::PathBuf;
 use tch::{nn, Tensor};
 
@@ -118,7 +119,53 @@ impl Checkpointer {
         }
         Ok(saved)
     }
+
+    /// The best evaluation so far (`best/best.json` under `checkpoint.dir`: the value of
+    /// `metric` and its step), when a best checkpoint exists.
+    pub fn best(&self) -> Option<(f64, u64)> {
+        let text = std::fs::read_to_string(self.dir.join(BEST).join(BEST_JSON)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some((v["value"].as_f64()?, v["step"].as_u64()?))
+    }
+
+    /// Rank 0 writes the weights of `state.step` as `best/` (weights, trainer state and a
+    /// manifest without optimizer state: for export and eval, not for resuming), with
+    /// `best.json` naming `metric`, its value and the step. The other ranks do nothing.
+    pub fn save_best(&self, dp: &dyn Comm, state: &TrainerState, weights: &nn::VarStore, metric: &str, value: f64) -> Result<()> {
+        if dp.rank() != 0 {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".best.tmp.{}", self.tag));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io { path: tmp.clone(), source })?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io { path: tmp.clone(), source })?;
+        let mut w: Vec<(String, Tensor)> = weights.variables().into_iter().collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        let best = json!({ "metric": metric, "value": value, "step": state.step });
+        let p = tmp.join(BEST_JSON);
+        std::fs::write(&p, best.to_string()).map_err(|source| crate::error::TrainerError::Io { path: p.clone(), source })?;
+        checkpoint::finish_as(
+            &tmp,
+            &CheckpointData {
+                weights: w,
+                optimizer: Vec::new(),
+                optimizer_shards: 0,
+                zero_stage: 0,
+                state,
+                drafter: &self.drafter,
+                target: &self.target,
+                target_config: &self.target_config,
+            },
+            self.dir.join(BEST),
+        )?;
+        Ok(())
+    }
 }
+
+/// The folder of the best evaluated weights under `checkpoint.dir`, and its record.
+pub const BEST: &str = "best";
+const BEST_JSON: &str = "best.json";
 
 #[cfg(test)]
 mod tests {

@@ -617,7 +617,11 @@ impl<'a> Trainer<'a> {
             acc.add(out.loss.double_value(&[]), &out.parts, &out.metrics, tokens);
         }
         acc.sync(dp)?;
-        Ok(Some(acc.scalars("eval/").into_iter().collect()))
+        let mut rows: BTreeMap<String, f64> = acc.scalars("eval/").into_iter().collect();
+        if let Some(t) = forge_models::drafters::sim_tau(&rows, "eval/") {
+            rows.insert(SIM_TAU.into(), t);
+        }
+        Ok(Some(rows))
     }
 }
 
@@ -855,6 +859,10 @@ impl RunLog {
     }
 }
 
+/// The evaluation row of the simulated acceptance length ([`forge_models::drafters::sim_tau`]),
+/// which picks the `best/` checkpoint.
+const SIM_TAU: &str = "eval/sim_tau";
+
 /// Creates the run folder and writes the resolved recipe into it (rank 0).
 fn write_run_folder(recipe: &Recipe, ckpt_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(ckpt_dir).map_err(|source| TrainerError::Io {
@@ -901,6 +909,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     }
 
     let mut last_ckpt = None;
+    // the best simulated acceptance so far (a resumed run continues its record)
+    let mut best = checkpointer.best().map(|(v, _)| v);
     let loop_start = Instant::now();
     for step in start_step..total {
         let m = trainer.train_step(step, dp)?;
@@ -912,6 +922,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         }
         if log.eval_due(done) {
             if let Some(e) = trainer.evaluate(dp, done, total)? {
+                if let Some(&t) = e.get(SIM_TAU) {
+                    if best.is_none_or(|b| t > b) {
+                        best = Some(t);
+                        checkpointer.save_best(dp, &trainer.state, trainer.drafter.var_store(), SIM_TAU, t)?;
+                    }
+                }
                 log.eval(done, e)?;
             }
         }

@@ -190,7 +190,11 @@ impl Drafter for Eagle1 {
             count: cnt,
         };
         let parts = vec![m("feature/smooth_l1", fl * cnt), m("token/ce", cev * cnt)];
-        let metrics = vec![m("acc/step0", hits)];
+        let mut metrics = vec![m("acc/step0", hits)];
+        if !ctx.train {
+            // one proposal per chain in training's view (later ones read the draft's own features)
+            metrics.push(m("chain/0", hits));
+        }
         Ok(LossOutput {
             loss: total,
             parts,

@@ -284,7 +284,7 @@ impl Drafter for Eagle3 {
         install_vocab_mapping(&self.vs, &d2t, &t2d, target.tensor(LM_HEAD).as_ref())
     }
 
-    fn loss(&self, f: &Features, _ctx: &StepContext) -> Result<LossOutput> {
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.e.layer.hidden_size;
         let (probs, keep) = self.target_probs(f)?;
@@ -318,6 +318,29 @@ impl Drafter for Eagle3 {
             parts.push(m(format!("ce/step{i}"), ce_v * cnt));
             metrics.push(m(format!("acc/step{i}"), hits));
             metrics.push(m(format!("kl/step{i}"), kl_v * cnt));
+        }
+        if !ctx.train {
+            // chains of ttt_length proposals from each start p: step i proposes token p+i+2
+            let starts = t - self.e.ttt_length;
+            let (mut hits, mut valid) = (Vec::new(), Vec::new());
+            tch::no_grad(|| {
+                for i in 0..self.e.ttt_length {
+                    match steps.get(i as usize).filter(|_| starts > 0) {
+                        Some(hidden) => {
+                            let x = hidden.narrow(1, 0, starts).reshape([b * starts, h]);
+                            let arg = self.logits(&x).argmax(-1, false).view([b, starts]);
+                            hits.push(arg.eq_tensor(&probs.narrow(1, i + 1, starts).argmax(-1, false)));
+                            valid.push(keep.narrow(1, i + 1, starts));
+                        }
+                        None => {
+                            let none = Tensor::zeros([b, 0], (Kind::Bool, f.input_ids.device()));
+                            hits.push(none.shallow_clone());
+                            valid.push(none);
+                        }
+                    }
+                }
+            });
+            metrics.extend(super::chain_metrics(&hits, &valid));
         }
         Ok(LossOutput {
             loss: total,

@@ -586,6 +586,10 @@ impl Drafter for Hybrid {
             m("gate/entropy".into(), entropy),
             m("gate/temperature".into(), tau * cnt),
         ];
+        if !ctx.train {
+            // one proposal per chain in training's view (later ones read the draft's own features)
+            metrics.push(m("chain/0".into(), hits[0]));
+        }
         let nm = self.s.num_mlp_blocks as usize;
         metrics.push(m("gate/mlp_mass".into(), probs_sum[..nm].iter().sum()));
         metrics.push(m("gate/transformer_mass".into(), probs_sum[nm..].iter().sum()));

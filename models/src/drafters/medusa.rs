@@ -186,7 +186,7 @@ impl Drafter for Medusa {
         &mut self.vs
     }
 
-    fn loss(&self, f: &Features, _ctx: &StepContext) -> Result<LossOutput> {
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
         let hidden = f.hidden_normed()?.to_kind(Kind::Float);
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let h = self.m.hidden_size;
@@ -231,6 +231,27 @@ impl Drafter for Medusa {
                 sum: topk,
                 count: c,
             });
+        }
+        if !ctx.train {
+            // chains of num_heads proposals from each start p: head k proposes token p+k+2
+            let kk = self.m.num_heads;
+            let starts = t - kk - 1;
+            let (mut hits, mut valid) = (Vec::new(), Vec::new());
+            tch::no_grad(|| {
+                for k in 0..kk {
+                    if starts > 0 {
+                        let x = hidden.narrow(1, 0, starts).reshape([b * starts, h]);
+                        let arg = self.head_logits(k as usize, &x).argmax(-1, false).view([b, starts]);
+                        hits.push(arg.eq_tensor(&f.input_ids.narrow(1, k + 2, starts)));
+                        valid.push(f.loss_mask.narrow(1, k + 2, starts).ne(0));
+                    } else {
+                        let none = Tensor::zeros([b, 0], (Kind::Bool, device));
+                        hits.push(none.shallow_clone());
+                        valid.push(none);
+                    }
+                }
+            });
+            metrics.extend(super::chain_metrics(&hits, &valid));
         }
         Ok(LossOutput {
             loss: total,

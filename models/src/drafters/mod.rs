@@ -301,6 +301,48 @@ pub fn export_same_names(vs: &nn::VarStore, expected: &[(String, Vec<i64>)], wha
     Ok(tensors)
 }
 
+/// Simulated chain acceptance from per-step hit grids over the same chain starts: `hits[k]`
+/// and `valid[k]` are `[B, P]` booleans (step k's proposal from start p is the target's
+/// arg-max / label, and is a trained position). A start counts where every step is valid;
+/// `chain/k` is the share of counted starts whose steps 0..=k all hit: the chance that a
+/// greedy chain of k + 1 proposals is accepted in full, i.e. the product of the first k + 1
+/// conditional (position-wise) acceptance rates. The trainer's `eval/sim_tau` is
+/// `1 + sum_k chain/k`, the expected tokens per verification of a chain of that length.
+pub fn chain_metrics(hits: &[Tensor], valid: &[Tensor]) -> Vec<Metric> {
+    let mut all_valid: Option<Tensor> = None;
+    for v in valid {
+        all_valid = Some(match all_valid {
+            Some(a) => a.logical_and(v),
+            None => v.shallow_clone(),
+        });
+    }
+    let count = all_valid.as_ref().map_or(0.0, |a| a.sum(Kind::Float).double_value(&[]));
+    let mut run: Option<Tensor> = all_valid;
+    hits.iter()
+        .enumerate()
+        .map(|(k, h)| {
+            let r = run.as_ref().map(|r| r.logical_and(h));
+            let sum = r.as_ref().map_or(0.0, |r| r.sum(Kind::Float).double_value(&[]));
+            run = r;
+            Metric {
+                name: format!("chain/{k}"),
+                sum,
+                count,
+            }
+        })
+        .collect()
+}
+
+/// `1 + sum_k value(chain/k)` from metric rows named `<prefix>chain/<k>`, if there are any.
+pub fn sim_tau(rows: &BTreeMap<String, f64>, prefix: &str) -> Option<f64> {
+    let chain: Vec<f64> = rows
+        .iter()
+        .filter(|(k, _)| k.strip_prefix(prefix).is_some_and(|r| r.starts_with("chain/")))
+        .map(|(_, v)| *v)
+        .collect();
+    (!chain.is_empty()).then(|| 1.0 + chain.iter().sum::<f64>())
+}
+
 /// Mean cross-entropy and top-1 / top-k hits of `logits` `[N, V]` against `labels` `[N]`.
 pub fn ce_and_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, f64, f64) {
     let ce = logits
