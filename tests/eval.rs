@@ -641,3 +641,91 @@ fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
     let out = run_eval(&["--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"), "--verify", "--temperature", "1"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--verify"));
 }
+
+/// The tiny EAGLE-3 recipe with its drafter section replaced by `drafter` (YAML lines).
+fn tiny_recipe_with(dir: &Path, name: &str, drafter: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(forge_tests::root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
+    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, format!("{}drafter:\n{drafter}{}", &text[..a], &text[b..])).expect("write");
+    p
+}
+
+#[test]
+fn engine_format_drafts_load_back_to_the_same_drafter() {
+    use forge_trainer::export::{load_drafter, load_drafter_with_target};
+    let mut run = TinyRun::with_layers("eval-import", "recipes/eagle3-tiny.yaml", true, 4);
+    let target = TargetModel::load(&run.target, forge_models::DType::F32, Device::Cpu).expect("target");
+    let seq: Vec<i64> = vec![1, 300, 4000, 77, 12, 9, 50, 610, 8, 31, 7, 2];
+    let cases: [(&str, &str, &[&str]); 5] = [
+        ("medusa", "  kind: medusa\n  num_heads: 3\n", &["vllm", "medusa"]),
+        ("medusa-shared", "  kind: medusa\n  num_heads: 2\n  original_lm_head: true\n", &["vllm"]),
+        ("eagle1-bias", "  kind: eagle1\n", &["sglang"]),
+        ("eagle1-nobias", "  kind: eagle1\n  fc_bias: false\n", &["vllm", "sglang"]),
+        ("eagle3", "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n", &["sglang", "vllm"]),
+    ];
+    for (name, drafter, formats) in cases {
+        run.recipe = tiny_recipe_with(&run.dir, name, drafter);
+        let ckpt = run.dir.join(name);
+        run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+        let trained = load_drafter(&ckpt, Device::Cpu).expect("checkpoint");
+        let f = features(&target, &seq, &trained.spec.feature_needs().aux_layers);
+        let ctx = forge_tests::eval_ctx();
+        let want = tch::no_grad(|| trained.drafter.loss(&f, &ctx)).expect("loss");
+        for fmt in formats {
+            let dir = run.dir.join(format!("{name}-{fmt}"));
+            let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", fmt, "--dtype", "fp32", "--out", dir.to_str().expect("utf8")]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let loaded = load_drafter_with_target(&dir, Device::Cpu, Kind::Float, Some(&run.target)).unwrap_or_else(|e| panic!("{name} {fmt}: {e}"));
+            assert_eq!(loaded.spec.kind(), trained.spec.kind());
+            assert_eq!(loaded.spec.feature_needs(), trained.spec.feature_needs(), "{name} {fmt}: the same target features (EAGLE-3's layers)");
+            // the same numbers: every loss part and metric both report (an engine config
+            // does not record training-only settings such as EAGLE-3's ttt_length)
+            let got = tch::no_grad(|| loaded.drafter.loss(&f, &ctx)).expect("loss");
+            let mut common = 0;
+            for a in got.parts.iter().chain(&got.metrics).filter(|m| !m.name.starts_with("chain/")) {
+                if let Some(b) = want.parts.iter().chain(&want.metrics).find(|b| b.name == a.name) {
+                    assert_eq!((a.sum, a.count), (b.sum, b.count), "{name} {fmt}: {}", a.name);
+                    common += 1;
+                }
+            }
+            assert!(common >= 2, "{name} {fmt}");
+            // the same proposals in decoding
+            let mut s1 = trained.drafter.session().expect("session");
+            let mut s2 = loaded.drafter.session().expect("session");
+            let opts = SpecOptions { gamma: 3, max_new_tokens: 12, ..Default::default() };
+            let needs = trained.spec.feature_needs();
+            let a = speculative_generate(&target, s1.as_mut(), &needs, &seq[..6], &opts).expect("spec");
+            let b = speculative_generate(&target, s2.as_mut(), &needs, &seq[..6], &opts).expect("spec");
+            assert_eq!(a.tokens, b.tokens);
+            assert_eq!(a.rounds, b.rounds, "{name} {fmt}: the same acceptance");
+        }
+    }
+    // a warm start from an engine folder: one step at lr 1e-12 keeps those weights
+    let warm = run.dir.join("warm");
+    let init = format!("train.init_from={}", run.dir.join("eagle3-vllm").display());
+    let out = run.train(&warm, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1", "--set", "train.lr=1e-12", "--set", &init]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train.init_from: 15 weights"), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = forge_tests::step_weights(&warm.join("step_1"));
+    let b = forge_tests::step_weights(&run.dir.join("eagle3").join("step_2"));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(max_abs_diff(ta, tb) < 1e-9, "{na}");
+    }
+    // another kind is refused with both named
+    let init = format!("train.init_from={}", run.dir.join("medusa-vllm").display());
+    let args: Vec<String> = ["train", run.recipe.to_str().expect("utf8")].iter().map(|s| s.to_string())
+        .chain(run.sets().into_iter().chain([format!("checkpoint.dir={}", run.dir.join("warm2").display()), init]).flat_map(|s| ["--set".to_string(), s]))
+        .collect();
+    let out = forge(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("a medusa draft") && err.contains("eagle3"), "{err}");
+    // a folder that is no engine draft for this target is named with what is wrong
+    let bad = run.dir.join("eagle3-sglang");
+    std::fs::remove_file(bad.join("model.safetensors")).expect("rm");
+    let err = load_drafter_with_target(&bad, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("no weights").to_string();
+    assert!(err.contains("model.safetensors") && err.contains("EAGLE-3"), "{err}");
+    let err = load_drafter_with_target(&run.dir.join("medusa-vllm"), Device::Cpu, Kind::Float, None).err().expect("no target").to_string();
+    assert!(err.contains("--target"), "{err}");
+}

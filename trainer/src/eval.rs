@@ -42,7 +42,7 @@ pub struct EvalArgs {
     /// The target's Hugging Face folder (default: the target the draft was trained for).
     #[arg(long)]
     pub target: Option<PathBuf>,
-    /// The draft: a step_<N> checkpoint, a checkpoint.dir (its newest checkpoint) or a forge export.
+    /// The draft: a step_<N> checkpoint, a checkpoint.dir (its newest checkpoint), a forge export, or an engine-format folder (SGLang/vLLM EAGLE-3 or EAGLE-1, vLLM or FasterDecoding Medusa; needs --target).
     #[arg(long)]
     pub draft: PathBuf,
     /// Prompt file(s): MT-Bench question.jsonl or ShareGPT (repeat for several files).

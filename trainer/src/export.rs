@@ -82,6 +82,23 @@ pub fn load_drafter_with_target(path: &Path, device: Device, compute: Kind, targ
             source: path.to_path_buf(),
         });
     }
+    // a draft in an engine's format (needs the target: --target, or the folder the config names)
+    if !path.join(checkpoint::MANIFEST).is_file() && path.join("config.json").is_file() {
+        let named = std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("base_model_name_or_path").and_then(|b| b.as_str()).map(PathBuf::from))
+            .filter(|p| p.join("config.json").is_file());
+        let Some(target_dir) = target.map(Path::to_path_buf).or(named) else {
+            return Err(TrainerError::Config(format!(
+                "{}: an engine-format draft (config.json, no forge manifest): name the target it drafts for with --target",
+                path.display()
+            )));
+        };
+        if let Some(l) = crate::import::load_engine_draft(path, &target_dir, device, compute)? {
+            return Ok(l);
+        }
+    }
     let ckpt = if path.join(checkpoint::MANIFEST).is_file() {
         path.to_path_buf()
     } else {

@@ -8,6 +8,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod import;
 pub mod launch;
 pub mod metrics;
 pub mod optim;

@@ -292,6 +292,27 @@ impl<'a> Trainer<'a> {
             drafter.prepare(&mut Prepare::new(recipe, cfg, src), &access)?;
         }
         drop(access);
+        // a warm start: another draft's weights (and buffers, e.g. EAGLE-3's vocabulary)
+        if let (true, Some(init)) = (fresh, &t.init_from) {
+            let src = crate::export::load_drafter_with_target(init, device, compute_kind(recipe, device), Some(dir))
+                .map_err(|e| TrainerError::Config(format!("train.init_from {}: {e}", init.display())))?;
+            if src.spec.kind() != spec.kind() || src.spec.feature_needs() != spec.feature_needs() {
+                return Err(TrainerError::Config(format!(
+                    "train.init_from {}: a {} draft reading {:?}, the recipe trains a {} draft reading {:?}",
+                    init.display(),
+                    src.spec.kind(),
+                    src.spec.feature_needs(),
+                    spec.kind(),
+                    spec.feature_needs()
+                )));
+            }
+            let mut w: Vec<(String, Tensor)> = src.drafter.var_store().variables().into_iter().collect();
+            w.sort_by(|a, b| a.0.cmp(&b.0));
+            checkpoint::load_into_var_store(drafter.var_store(), &w, init)?;
+            if dp.rank() == 0 {
+                eprintln!("train.init_from: {} weights from {} ({})", w.len(), init.display(), src.source.display());
+            }
+        }
         let source = match train_data {
             TrainData::Tokens(td, target) => Source::Online { target, data: td.dataset },
             TrainData::Shards(ds) => Source::Offline { data: *ds },

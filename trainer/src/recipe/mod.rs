@@ -99,6 +99,8 @@ section! {
         seed: u64 = 0,
         /// Evaluate on data.eval every this many steps.
         eval_every: Option<u64> = None,
+        /// Start from this draft's weights (a forge checkpoint or export, or an engine-format folder: SGLang/vLLM EAGLE-3 or EAGLE-1, vLLM or FasterDecoding Medusa): same kind, shapes and target features as the recipe's drafter.
+        init_from: Option<std::path::PathBuf> = None,
     }
 }
 
