@@ -369,6 +369,31 @@ fn eagle3_exports_for_sglang_and_vllm() {
             assert!(cfg.get("eagle_config").is_none());
         }
     }
+    // vLLM's speculators layout: the same tensors as vllm, a config vllm serve recognises
+    let sp = run.dir.join("speculators");
+    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "speculators", "--out", sp.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(keys_shapes_kinds(&sp.join("model.safetensors")), want);
+    let cfg = read_json(&sp.join("config.json"));
+    assert!(cfg.get("model_type").is_none(), "a top-level model_type hides the speculators block from vLLM");
+    assert_eq!(cfg["speculators_model_type"], "eagle3");
+    assert_eq!(cfg["architectures"][0], "Eagle3Speculator");
+    let sc = &cfg["speculators_config"];
+    assert_eq!(sc["algorithm"], "eagle3");
+    assert_eq!(sc["default_proposal_method"], "greedy");
+    assert_eq!(sc["proposal_methods"][0]["proposal_type"], "greedy");
+    assert_eq!(sc["proposal_methods"][0]["speculative_tokens"], 3);
+    assert_eq!(sc["verifier"]["name_or_path"], run.target.display().to_string());
+    assert_eq!(sc["verifier"]["architectures"][0], "LlamaForCausalLM");
+    let layer = &cfg["transformer_layer_config"];
+    assert_eq!(layer["model_type"], "llama");
+    assert_eq!(layer["num_hidden_layers"], 1);
+    assert_eq!(layer["hidden_size"], h);
+    assert!(layer.get("architectures").is_none() && layer.get("draft_vocab_size").is_none());
+    assert_eq!(cfg["draft_vocab_size"], vd);
+    assert_eq!(cfg["target_hidden_size"], h);
+    assert_eq!(cfg["norm_before_residual"], false);
+    assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
     // layers an engine cannot serve as trained (a 2-layer target's [0, 1, 1]): refused
     let small = setup("eagle3-export-refused", "recipes/eagle3-tiny.yaml");
     let ck2 = small.dir.join("run");

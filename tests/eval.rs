@@ -662,7 +662,7 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
         ("medusa-shared", "  kind: medusa\n  num_heads: 2\n  original_lm_head: true\n", &["vllm"]),
         ("eagle1-bias", "  kind: eagle1\n", &["sglang"]),
         ("eagle1-nobias", "  kind: eagle1\n  fc_bias: false\n", &["vllm", "sglang"]),
-        ("eagle3", "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n", &["sglang", "vllm"]),
+        ("eagle3", "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n", &["sglang", "vllm", "speculators"]),
     ];
     for (name, drafter, formats) in cases {
         run.recipe = tiny_recipe_with(&run.dir, name, drafter);

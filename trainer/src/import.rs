@@ -1,5 +1,6 @@
 //! Drafts in engine formats, loaded as forge drafters: SGLang / vLLM EAGLE-3
-//! (`LlamaForCausalLMEagle3`, as SpecForge and the EAGLE authors publish them), SGLang / vLLM
+//! (`LlamaForCausalLMEagle3`, as SpecForge and the EAGLE authors publish them, and vLLM's
+//! speculators layout, `Eagle3Speculator`), SGLang / vLLM
 //! EAGLE-1 (`LlamaForCausalLMEagle`, `EagleLlamaForCausalLM`), vLLM Medusa (`MedusaModel`)
 //! and FasterDecoding / TensorRT-LLM Medusa (`medusa_lm_head.safetensors`).
 //!
@@ -122,8 +123,13 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
             weights: model_file,
             what: "vLLM Medusa",
         }
-    } else if arch == "LlamaForCausalLMEagle3" {
-        let l = layer(&cfg, &cfg_path)?;
+    } else if arch == "LlamaForCausalLMEagle3" || arch == "Eagle3Speculator" {
+        // the speculators layout keeps the draft layer's Llama fields apart
+        let speculators = arch == "Eagle3Speculator";
+        let l = match cfg.get("transformer_layer_config").filter(|_| speculators) {
+            Some(t) => layer(t, &cfg_path)?,
+            None => layer(&cfg, &cfg_path)?,
+        };
         let draft_vocab = cfg.get("draft_vocab_size").and_then(Value::as_i64).unwrap_or(vocab);
         let target_hidden = cfg.get("target_hidden_size").and_then(Value::as_i64).unwrap_or(l.hidden_size);
         Found {
@@ -136,7 +142,7 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
                 vocab_size: vocab,
                 layer: l,
             }),
-            format: ExportFormat::Sglang,
+            format: if speculators { ExportFormat::Speculators } else { ExportFormat::Sglang },
             weights: model_file,
             what: "EAGLE-3 (SGLang / vLLM)",
         }

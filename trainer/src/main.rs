@@ -77,7 +77,7 @@ enum Command {
     Export {
         /// A step_<N> checkpoint folder, a checkpoint.dir (its newest checkpoint), or a forge export.
         checkpoint: PathBuf,
-        /// vllm | sglang | medusa | forge (which ones fit depends on the drafter kind).
+        /// vllm | sglang | speculators | medusa | forge (which ones fit depends on the drafter kind).
         #[arg(long)]
         format: String,
         #[arg(long)]

@@ -68,6 +68,46 @@ pub struct Eagle3 {
     compute: Kind,
 }
 
+/// vLLM's `speculators` layout of an EAGLE-3 config.json (vLLM's
+/// `maybe_override_with_speculators` and `SpeculatorsConfig`): no top-level `model_type` (its
+/// absence routes the folder to the speculators parser), the draft layer's Llama fields under
+/// `transformer_layer_config`, the EAGLE-3 fields at top level (vLLM's layer ids, written
+/// already), `norm_before_residual: false` (forge's midlayer adds the un-normed hidden state,
+/// and the speculators parser would otherwise assume true), and `speculators_config` naming the
+/// verifier (the target) and a greedy proposal of `tokens` tokens.
+fn speculators_config(llama: serde_json::Value, tokens: i64, target_config: &serde_json::Value) -> serde_json::Value {
+    let mut layer = llama.clone();
+    let mut top = serde_json::Map::new();
+    if let Some(o) = layer.as_object_mut() {
+        o.remove("architectures");
+        for key in ["draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids"] {
+            if let Some(v) = o.remove(key) {
+                top.insert(key.into(), v);
+            }
+        }
+        o.insert("model_type".into(), "llama".into());
+    }
+    let verifier_arch = target_config.get("architectures").cloned().unwrap_or_else(|| serde_json::json!(["LlamaForCausalLM"]));
+    let verifier = target_config.get("_name_or_path").cloned().unwrap_or(serde_json::Value::Null);
+    let mut c = serde_json::json!({
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.3.0",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": tokens, "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "verifier": {"name_or_path": verifier, "architectures": verifier_arch},
+        },
+        "transformer_layer_config": layer,
+        "norm_before_residual": false,
+    });
+    if let Some(o) = c.as_object_mut() {
+        o.extend(top);
+    }
+    c
+}
+
 /// Writes a vocabulary mapping into an EAGLE-3 VarStore's `d2t` / `t2d` buffers and, when the
 /// target's lm_head is given, initialises `lm_head` from its rows at the draft vocabulary.
 pub fn install_vocab_mapping(vs: &nn::VarStore, d2t: &[i64], t2d: &[bool], target_lm_head: Option<&Tensor>) -> Result<()> {
@@ -350,13 +390,13 @@ impl Drafter for Eagle3 {
     }
 
     fn export_formats(&self) -> &'static [ExportFormat] {
-        &[ExportFormat::Sglang, ExportFormat::Vllm]
+        &[ExportFormat::Sglang, ExportFormat::Vllm, ExportFormat::Speculators]
     }
 
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
-        if !matches!(format, ExportFormat::Sglang | ExportFormat::Vllm) {
+        if !matches!(format, ExportFormat::Sglang | ExportFormat::Vllm | ExportFormat::Speculators) {
             return Err(ModelError::Invalid(format!(
-                "eagle3 drafters export to sglang, vllm or forge, not {}",
+                "eagle3 drafters export to sglang, vllm, speculators or forge, not {}",
                 format.name()
             )));
         }
@@ -408,6 +448,9 @@ impl Drafter for Eagle3 {
                 let ids: Vec<i64> = a.iter().map(|l| l + 1).collect();
                 config["eagle_aux_hidden_state_layer_ids"] = ids.into();
             }
+        }
+        if format == ExportFormat::Speculators {
+            config = speculators_config(config, e.ttt_length, target_config);
         }
         Ok(ExportBundle {
             tensor_files: vec![("model.safetensors".into(), tensors)],

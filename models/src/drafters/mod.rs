@@ -162,10 +162,12 @@ pub enum ExportFormat {
     /// The original FasterDecoding Medusa / TensorRT-LLM layout.
     Medusa,
     Sglang,
+    /// vLLM's `speculators` layout: an EAGLE-3 folder `vllm serve` recognises by itself.
+    Speculators,
 }
 
 impl ExportFormat {
-    pub const NAMES: &'static [&'static str] = &["forge", "vllm", "sglang", "medusa"];
+    pub const NAMES: &'static [&'static str] = &["forge", "vllm", "sglang", "medusa", "speculators"];
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -173,6 +175,7 @@ impl ExportFormat {
             "vllm" => Self::Vllm,
             "medusa" => Self::Medusa,
             "sglang" => Self::Sglang,
+            "speculators" => Self::Speculators,
             _ => return None,
         })
     }
@@ -183,6 +186,7 @@ impl ExportFormat {
             Self::Vllm => "vllm",
             Self::Medusa => "medusa",
             Self::Sglang => "sglang",
+            Self::Speculators => "speculators",
         }
     }
 }
