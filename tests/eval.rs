@@ -721,6 +721,18 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     let out = forge(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("a medusa draft") && err.contains("eagle3"), "{err}");
+    // a vocabulary mapping that is not one is named with its file
+    let broken = run.dir.join("eagle3-vllm");
+    let file = broken.join("model.safetensors");
+    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
+    for (n, t) in w.iter_mut() {
+        if n == "d2t" {
+            *t = t.flip([0]);
+        }
+    }
+    forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
+    let err = load_drafter_with_target(&broken, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("broken mapping").to_string();
+    assert!(err.contains("model.safetensors") && err.contains("d2t"), "{err}");
     // a folder that is no engine draft for this target is named with what is wrong
     let bad = run.dir.join("eagle3-sglang");
     std::fs::remove_file(bad.join("model.safetensors")).expect("rm");

@@ -227,6 +227,17 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
             found.what
         )));
     }
+    // an EAGLE-3 vocabulary mapping must be one (ascending draft ids, t2d marking them)
+    if let (DrafterSpec::Eagle3(_), Some(d), Some(t)) = (&found.spec, file.get("d2t"), file.get("t2d")) {
+        let d2t = Vec::<i64>::try_from(&d.to_kind(Kind::Int64)).map_err(|e| TrainerError::Config(e.to_string()))?;
+        let t2d: Vec<bool> = Vec::<i64>::try_from(&t.to_kind(Kind::Int64))
+            .map_err(|e| TrainerError::Config(e.to_string()))?
+            .into_iter()
+            .map(|x| x != 0)
+            .collect();
+        forge_models::drafters::eagle3::install_vocab_mapping(drafter.var_store(), &d2t, &t2d, None)
+            .map_err(|e| TrainerError::Config(format!("{}: {e}", found.weights.display())))?;
+    }
     // exported again, the loaded drafter is exactly the folder's tensors
     let again = drafter.export(found.format, &target_raw)?;
     for (_, tensors) in &again.tensor_files {
