@@ -721,6 +721,26 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     let out = forge(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("a medusa draft") && err.contains("eagle3"), "{err}");
+    // a speculators folder that leaves norm_before_residual to its default (true) is another
+    // architecture: refused
+    let sp = run.dir.join("eagle3-speculators");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sp.join("config.json")).expect("cfg")).expect("json");
+    cfg.as_object_mut().expect("obj").remove("norm_before_residual");
+    std::fs::write(sp.join("config.json"), cfg.to_string()).expect("write");
+    let err = load_drafter_with_target(&sp, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("norm_before_residual").to_string();
+    assert!(err.contains("norm_before_residual") && err.contains("config.json"), "{err}");
+    // a draft's own embedding must be the target's
+    let e1 = run.dir.join("eagle1-bias-sglang");
+    let file = e1.join("model.safetensors");
+    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
+    w.push(("embed_tokens.weight".into(), target.embed_weight().detach().copy()));
+    forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
+    assert!(load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target)).is_ok(), "the target's own embedding is accepted");
+    let last = w.len() - 1;
+    w[last].1 = target.embed_weight().detach() * 2.0;
+    forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
+    let err = load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("own embedding").to_string();
+    assert!(err.contains("its own embedding"), "{err}");
     // a vocabulary mapping that is not one is named with its file
     let broken = run.dir.join("eagle3-vllm");
     let file = broken.join("model.safetensors");

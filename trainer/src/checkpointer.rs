@@ -145,6 +145,9 @@ impl Checkpointer {
         let best = json!({ "metric": metric, "value": value, "step": state.step });
         let p = tmp.join(BEST_JSON);
         std::fs::write(&p, best.to_string()).map_err(|source| crate::error::TrainerError::Io { path: p.clone(), source })?;
+        // assembled beside, then swapped in: a crash at any moment leaves a complete best/
+        // (or the previous one under .best.old.<pid>)
+        let staged = self.dir.join(format!(".best.new.{}", self.tag));
         checkpoint::finish_as(
             &tmp,
             &CheckpointData {
@@ -157,8 +160,18 @@ impl Checkpointer {
                 target: &self.target,
                 target_config: &self.target_config,
             },
-            self.dir.join(BEST),
+            staged.clone(),
         )?;
+        let io = |path: PathBuf| move |source| crate::error::TrainerError::Io { path, source };
+        let best = self.dir.join(BEST);
+        let old = self.dir.join(format!(".best.old.{}", self.tag));
+        if best.exists() {
+            std::fs::rename(&best, &old).map_err(io(best.clone()))?;
+        }
+        std::fs::rename(&staged, &best).map_err(io(best.clone()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(old.clone()))?;
+        }
         Ok(())
     }
 }

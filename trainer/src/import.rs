@@ -132,11 +132,29 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
         };
         let draft_vocab = cfg.get("draft_vocab_size").and_then(Value::as_i64).unwrap_or(vocab);
         let target_hidden = cfg.get("target_hidden_size").and_then(Value::as_i64).unwrap_or(l.hidden_size);
+        // forge's midlayer adds the un-normed hidden state to the residual: SGLang's and
+        // vLLM's EAGLE-3 by default, the speculators parser only with an explicit false
+        let nbr = cfg.get("norm_before_residual").and_then(Value::as_bool).unwrap_or(speculators);
+        if nbr {
+            return Err(TrainerError::Config(format!(
+                "{}: norm_before_residual is {} for this EAGLE-3 draft (the residual is the normed hidden state); forge's EAGLE-3 adds the un-normed one and cannot load it",
+                cfg_path.display(),
+                if cfg.get("norm_before_residual").is_some() { "true" } else { "unset (true in the speculators layout)" }
+            )));
+        }
+        let aux = aux_layers(&cfg, target);
+        if aux.len() != 3 || aux.windows(2).any(|w| w[0] >= w[1]) || aux.iter().any(|&a| a < 0 || a >= target.num_layers) {
+            return Err(TrainerError::Config(format!(
+                "{}: auxiliary layers {aux:?} (as target layer outputs) are not 3 distinct ascending layers of this {}-layer target",
+                cfg_path.display(),
+                target.num_layers
+            )));
+        }
         Found {
             spec: DrafterSpec::Eagle3(Eagle3Spec {
                 ttt_length: 1,
                 step_decay: 1.0,
-                aux_layers: aux_layers(&cfg, target),
+                aux_layers: aux,
                 draft_vocab_size: draft_vocab,
                 target_hidden_size: target_hidden,
                 vocab_size: vocab,
@@ -192,12 +210,25 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
     let file: BTreeMap<String, Tensor> = SafetensorsFile::open(&found.weights)?.tensors()?.into_iter().collect();
     // the engine names of the drafter's variables, as views of them
     let views = drafter.export(found.format, &target_raw)?;
+    // views of the drafter's own variables take the folder's values; any other tensor of the
+    // layout (the target's shared lm_head, a fixed zero bias) must already equal them
+    let own: Vec<i64> = drafter.var_store().variables().values().map(|v| v.data_ptr() as i64).collect();
     let mut missing = Vec::new();
     let mut used = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (_, tensors) in &views.tensor_files {
             for (name, view) in tensors {
                 match file.get(name) {
+                    Some(t) if t.size() == view.size() && !own.contains(&(view.data_ptr() as i64)) => {
+                        if !view.to_device(Device::Cpu).to_kind(t.kind()).equal(t) {
+                            return Err(TrainerError::Config(format!(
+                                "{}: {name} is not trained by a {} drafter in this layout (it is the target's, or fixed), and the folder's differs from it",
+                                found.weights.display(),
+                                found.spec.kind()
+                            )));
+                        }
+                        used.push(name.clone());
+                    }
                     Some(t) if t.size() == view.size() => {
                         view.shallow_clone().copy_(&t.to_kind(view.kind()).to_device(view.device()));
                         used.push(name.clone());
@@ -217,8 +248,19 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
         }
         Ok(())
     })?;
-    // tensors an engine ignores when forge uses the target's own (a draft's embedding copy)
+    // a draft's copy of the embedding: forge drafts read the target's, so it must be that
     let ignored = ["embed_tokens.weight", "model.embed_tokens.weight"];
+    if let Some(emb) = ignored.iter().find_map(|n| file.get(*n)) {
+        let target_emb = access.tensor(forge_models::drafters::EMBED);
+        let same = target_emb.is_some_and(|t| t.to_device(Device::Cpu).to_kind(emb.kind()).equal(emb));
+        if !same {
+            return Err(TrainerError::Config(format!(
+                "{}: the draft carries its own embedding, which is not the target's ({}); forge drafts read the target's embedding",
+                found.weights.display(),
+                target_dir.display()
+            )));
+        }
+    }
     let extra: Vec<&String> = file.keys().filter(|k| !used.contains(k) && !ignored.contains(&k.as_str())).collect();
     if !missing.is_empty() || !extra.is_empty() {
         return Err(TrainerError::Config(format!(

@@ -308,7 +308,11 @@ impl<'a> Trainer<'a> {
             }
             let mut w: Vec<(String, Tensor)> = src.drafter.var_store().variables().into_iter().collect();
             w.sort_by(|a, b| a.0.cmp(&b.0));
-            checkpoint::load_into_var_store(drafter.var_store(), &w, init)?;
+            checkpoint::load_into_var_store(drafter.var_store(), &w, init).map_err(|e| {
+                TrainerError::Config(format!(
+                    "train.init_from: {e} (the recipe's drafter must have the same weights and shapes: check its keys, e.g. drafter.fc_bias, draft_vocab_size, the block counts)"
+                ))
+            })?;
             if dp.rank() == 0 {
                 eprintln!("train.init_from: {} weights from {} ({})", w.len(), init.display(), src.source.display());
             }
@@ -907,6 +911,14 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
     let spec = recipe.drafter.to_spec(&cfg)?;
+    if let DrafterSpec::Eagle3(e) = &spec {
+        if e.aux_layers.windows(2).any(|w| w[0] == w[1]) && dp.rank() == 0 {
+            eprintln!(
+                "warning: drafter.aux_layers {:?} repeats a layer: this trains, but no engine can serve it (they capture each layer once) and forge export will refuse it",
+                e.aux_layers
+            );
+        }
+    }
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume_from(recipe, &opts.resume)?;
     let mut trainer = Trainer::new(recipe, &cfg, &spec, &dir, resume_ck.is_none(), opts, dp)?;
@@ -930,8 +942,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     }
 
     let mut last_ckpt = None;
-    // the best simulated acceptance so far (a resumed run continues its record)
-    let mut best = checkpointer.best().map(|(v, _)| v);
+    // the best simulated acceptance so far: a resumed run continues its record, a fresh one
+    // starts its own (a best/ left by an earlier, crashed run is replaced at its first eval)
+    let mut best = if start_step > 0 { checkpointer.best().map(|(v, _)| v) } else { None };
     let loop_start = Instant::now();
     for step in start_step..total {
         let m = trainer.train_step(step, dp)?;

@@ -361,16 +361,20 @@ impl Drafter for Eagle3 {
         }
         if !ctx.train {
             // chains of ttt_length proposals from each start p: step i proposes token p+i+2
+            // (a start counts where each proposal's token is trained; a target arg-max outside
+            // the draft vocabulary is a miss, not a skipped position)
             let starts = t - self.e.ttt_length;
             let (mut hits, mut valid) = (Vec::new(), Vec::new());
             tch::no_grad(|| {
+                let trained = shift_left(&f.loss_mask.ne(0).to_kind(Kind::Int64), 1).ne(0);
                 for i in 0..self.e.ttt_length {
                     match steps.get(i as usize).filter(|_| starts > 0) {
                         Some(hidden) => {
                             let x = hidden.narrow(1, 0, starts).reshape([b * starts, h]);
                             let arg = self.logits(&x).argmax(-1, false).view([b, starts]);
-                            hits.push(arg.eq_tensor(&probs.narrow(1, i + 1, starts).argmax(-1, false)));
-                            valid.push(keep.narrow(1, i + 1, starts));
+                            let hit = arg.eq_tensor(&probs.narrow(1, i + 1, starts).argmax(-1, false));
+                            hits.push(hit.logical_and(&keep.narrow(1, i + 1, starts)));
+                            valid.push(trained.narrow(1, i + 1, starts));
                         }
                         None => {
                             let none = Tensor::zeros([b, 0], (Kind::Bool, f.input_ids.device()));

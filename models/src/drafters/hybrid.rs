@@ -501,10 +501,13 @@ impl Drafter for Hybrid {
         let mut probs_sum = vec![0.0f64; n_blocks as usize];
         let mut chosen = vec![0.0f64; n_blocks as usize];
         let mut entropy = 0.0;
+        // trained positions before a draft vocabulary drops the labels it does not hold
+        let mut trained_rows = 0.0;
         let n = t - 2;
         if n > 0 {
             // position p predicts feature p+1 and so token p+2
             let mut idx = rows(&f.loss_mask.narrow(1, 2, n).ne(0));
+            trained_rows = idx.size()[0] as f64;
             let sel_at = |x: &Tensor, start: i64, idx: &Tensor| {
                 let d = x.size()[2];
                 x.narrow(1, start, n).reshape([b * n, d]).index_select(0, idx)
@@ -588,7 +591,12 @@ impl Drafter for Hybrid {
         ];
         if !ctx.train {
             // one proposal per chain in training's view (later ones read the draft's own features)
-            metrics.push(m("chain/0".into(), hits[0]));
+            // a label outside a draft vocabulary is a miss
+            metrics.push(Metric {
+                name: "chain/0".into(),
+                sum: hits[0],
+                count: trained_rows,
+            });
         }
         let nm = self.s.num_mlp_blocks as usize;
         metrics.push(m("gate/mlp_mass".into(), probs_sum[..nm].iter().sum()));
