@@ -7,7 +7,7 @@
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
-use forge_models::drafters::hybrid::{CostMode, Hybrid, HybridSpec};
+use forge_models::drafters::hybrid::Hybrid;
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
 use forge_tests::TargetHeads;
@@ -97,36 +97,11 @@ fn eagle3(t: &TargetModel) -> Eagle3 {
     m
 }
 
-/// The hybrid drafter with 2 MLP and 2 transformer blocks and a random (non-uniform) gate;
-/// with `draft_vocab`, a head over the even target ids.
-fn hybrid(t: &TargetModel, draft_vocab: Option<i64>) -> Hybrid {
-    let m = Hybrid::new(
-        HybridSpec {
-            num_mlp_blocks: 2,
-            num_transformer_blocks: 2,
-            gate_hidden_size: 16,
-            mlp_intermediate_size: 64,
-            gumbel_temperature: 1.0,
-            gumbel_temperature_end: 1.0,
-            anneal_steps: None,
-            hard: false,
-            distill: false,
-            cost: CostMode::Fixed,
-            mlp_cost: 1.0,
-            transformer_cost: 5.0,
-            cost_lambda: 0.01,
-            feature_weight: 0.0,
-            gate_lr_scale: 1.0,
-            draft_vocab_size: draft_vocab,
-            vocab_size: V,
-            layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
-        },
-        &tensors(t).access(),
-        Device::Cpu,
-        Kind::Float,
-    )
-    .expect("hybrid");
-    reinit_trainable(m.var_store(), 14);
+/// The hybrid drafter of tests/hybrid.rs (2 MLP and 2 transformer blocks) with a random
+/// (non-uniform) gate; with `draft_vocab`, its head over the even target ids.
+fn hybrid(t: &TargetModel, draft_vocab: bool) -> Hybrid {
+    let s = crate::hybrid::spec(t, 2, 2);
+    let m = if draft_vocab { crate::hybrid::with_even_vocab(t, s, 14) } else { crate::hybrid::hybrid(t, s, 14) };
     tch::no_grad(|| {
         for (n, mut v) in m.var_store().variables() {
             if n.starts_with("gate.fc2") {
@@ -134,11 +109,6 @@ fn hybrid(t: &TargetModel, draft_vocab: Option<i64>) -> Hybrid {
             }
         }
     });
-    if draft_vocab.is_some() {
-        let d2t: Vec<i64> = (0..V / 2).collect();
-        let t2d: Vec<bool> = (0..V).map(|i| i % 2 == 0).collect();
-        install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
-    }
     m
 }
 
@@ -159,7 +129,7 @@ fn prompts() -> Vec<Vec<i64>> {
 fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
     let t = random_target("llama", 21);
     let drafters: Vec<(&str, Box<dyn Drafter>)> =
-        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t, None))), ("hybrid-draft-vocab", Box::new(hybrid(&t, Some(V / 2))))];
+        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t, false))), ("hybrid-draft-vocab", Box::new(hybrid(&t, true)))];
     for (name, d) in &drafters {
         for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
             for (i, p) in prompts().iter().enumerate() {

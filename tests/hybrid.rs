@@ -13,7 +13,7 @@ use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, max_abs_diff, metrics_rows, random_target, reinit_trainable, TargetHeads, TinyRun};
 use tch::{Device, Kind, Tensor};
 
-fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
+pub(crate) fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
     HybridSpec {
         num_mlp_blocks: mlp,
         num_transformer_blocks: transformer,
@@ -36,7 +36,7 @@ fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
     }
 }
 
-fn hybrid(t: &TargetModel, s: HybridSpec, seed: u64) -> Hybrid {
+pub(crate) fn hybrid(t: &TargetModel, s: HybridSpec, seed: u64) -> Hybrid {
     let heads = TargetHeads {
         lm_head: Some(t.lm_head_weight().detach()),
         embed: Some(t.embed_weight().detach()),
@@ -206,7 +206,7 @@ fn step_features(f: &Features, len: i64) -> StepFeatures {
 }
 
 /// A hybrid drafter over the draft vocabulary of the even target ids.
-fn with_even_vocab(t: &TargetModel, mut s: HybridSpec, seed: u64) -> Hybrid {
+pub(crate) fn with_even_vocab(t: &TargetModel, mut s: HybridSpec, seed: u64) -> Hybrid {
     let v = t.config.vocab_size;
     s.draft_vocab_size = Some(v / 2);
     let m = hybrid(t, s, seed);

@@ -66,6 +66,36 @@ pub trait DraftSession {
     }
 }
 
+/// A chain of `gamma` proposals from a draft that reads its own predicted features (EAGLE-1,
+/// the hybrid): proposal i is picked from `readout(feature_i)` (`[1, h]` -> `[1, V]` logits
+/// over the target vocabulary), starting from `first` (the predicted feature after the last
+/// committed position); `advance(feature_i, token_i, i)` gives feature_{i+1}, and is not
+/// called after the last proposal.
+pub fn propose_chain(
+    first: &Tensor,
+    gamma: usize,
+    temperature: f64,
+    rng: &mut RowRng,
+    readout: impl Fn(&Tensor) -> Tensor,
+    mut advance: impl FnMut(&Tensor, i64, usize) -> Result<Tensor>,
+) -> Result<Proposal> {
+    let mut feature = first.shallow_clone();
+    let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+    for i in 0..gamma {
+        let l = readout(&feature.view([1, -1])).view([-1]);
+        let token = pick(&l, temperature, rng)?;
+        tokens.push(token);
+        logits.push(l);
+        if i + 1 < gamma {
+            feature = advance(&feature, token, i)?;
+        }
+    }
+    Ok(Proposal {
+        tokens,
+        logits: Tensor::stack(&logits, 0),
+    })
+}
+
 /// Dynamic gamma (AIMD, docs/eval.md): +1 after a round whose proposals were all accepted,
 /// otherwise halved, never below `min_gamma`.
 pub fn next_gamma(gamma: usize, all_accepted: bool, min_gamma: usize) -> usize {

@@ -14,7 +14,7 @@ use crate::error::{Result, TrainerError};
 use crate::export::LoadedDrafter;
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::Eagle1Spec;
-use forge_models::drafters::eagle3::Eagle3Spec;
+use forge_models::drafters::eagle3::{engines_serve_aux_layers, Eagle3Spec};
 use forge_models::drafters::medusa::MedusaSpec;
 use forge_models::drafters::{DrafterSpec, ExportFormat};
 use forge_models::safetensors_io::SafetensorsFile;
@@ -143,7 +143,7 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
             )));
         }
         let aux = aux_layers(&cfg, target);
-        if aux.len() != 3 || aux.windows(2).any(|w| w[0] >= w[1]) || aux.iter().any(|&a| a < 0 || a >= target.num_layers) {
+        if !engines_serve_aux_layers(&aux) || aux.iter().any(|&a| a < 0 || a >= target.num_layers) {
             return Err(TrainerError::Config(format!(
                 "{}: auxiliary layers {aux:?} (as target layer outputs) are not 3 distinct ascending layers of this {}-layer target",
                 cfg_path.display(),

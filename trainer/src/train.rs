@@ -912,7 +912,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let cfg = data::target_config(recipe)?;
     let spec = recipe.drafter.to_spec(&cfg)?;
     if let DrafterSpec::Eagle3(e) = &spec {
-        if e.aux_layers.windows(2).any(|w| w[0] == w[1]) && dp.rank() == 0 {
+        if !forge_models::drafters::eagle3::engines_serve_aux_layers(&e.aux_layers) && dp.rank() == 0 {
             eprintln!(
                 "warning: drafter.aux_layers {:?} repeats a layer: this trains, but no engine can serve it (they capture each layer once) and forge export will refuse it",
                 e.aux_layers

@@ -23,7 +23,7 @@ use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
-use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-1's hyper-parameters plus the target dimensions it is built for.
@@ -289,21 +289,9 @@ impl DraftSession for Eagle1Session<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?.shallow_clone();
-        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
-        for i in 0..gamma {
-            let l = self.m.readout(&feature.view([1, -1])).view([-1]);
-            let token = pick(&l, temperature, rng)?;
-            tokens.push(token);
-            logits.push(l);
-            if i + 1 < gamma {
-                // the predicted feature of position committed + i, followed by `token`
-                feature = self.step(&feature, &[token], self.committed + i as i64)?;
-            }
-        }
-        Ok(Proposal {
-            tokens,
-            logits: Tensor::stack(&logits, 0),
-        })
+        let first = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?.shallow_clone();
+        let (m, committed) = (self.m, self.committed);
+        // the predicted feature of position committed + i, followed by proposal i
+        propose_chain(&first, gamma, temperature, rng, |f| m.readout(f), |f, token, i| self.step(f, &[token], committed + i as i64))
     }
 }

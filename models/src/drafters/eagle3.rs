@@ -68,6 +68,13 @@ pub struct Eagle3 {
     compute: Kind,
 }
 
+/// Whether SGLang and vLLM can serve a draft trained on these auxiliary layers: both build fc
+/// over exactly 3 target layers, each captured once and concatenated in layer order, so the
+/// layers must be 3 distinct ascending ones.
+pub fn engines_serve_aux_layers(aux: &[i64]) -> bool {
+    aux.len() == 3 && aux.windows(2).all(|w| w[0] < w[1])
+}
+
 /// vLLM's `speculators` layout of an EAGLE-3 config.json (vLLM's
 /// `maybe_override_with_speculators` and `SpeculatorsConfig`): no top-level `model_type` (its
 /// absence routes the folder to the speculators parser), the draft layer's Llama fields under
@@ -430,7 +437,7 @@ impl Drafter for Eagle3 {
         // exactly 3 of them: the draft's fc reads its layers in the listed order, so only 3
         // distinct ascending layers serve what was trained.
         let a = &e.aux_layers;
-        if a.len() != 3 || a.windows(2).any(|w| w[0] >= w[1]) {
+        if !engines_serve_aux_layers(a) {
             return Err(ModelError::Invalid(format!(
                 "eagle3 aux_layers {a:?} cannot be served by {}: SGLang and vLLM build fc over exactly 3 target layers, each captured once and concatenated in layer order; train with 3 distinct ascending drafter.aux_layers (the target needs at least 3 layers)",
                 format.name()

@@ -45,7 +45,7 @@ use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
-use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
 use tch::{nn, Device, Kind, Tensor};
 
 /// How the per-block costs of the compute-cost loss are set.
@@ -217,8 +217,6 @@ pub struct Hybrid {
 pub struct Forward {
     /// Gate logits `[B, T, n]` fp32.
     pub gate_logits: Tensor,
-    /// The weights the blocks were fused with `[B, T, n]`.
-    pub weights: Tensor,
     /// The predicted (normalised) features `[B, T, h]`.
     pub predicted: Tensor,
 }
@@ -286,11 +284,6 @@ impl Hybrid {
         })
     }
 
-    /// The per-block costs in use `[n]`.
-    pub fn block_costs(&self) -> Vec<f64> {
-        Vec::<f64>::try_from(&self.block_costs.to_kind(Kind::Double)).unwrap_or_default()
-    }
-
     /// Draft inputs `[B, T, h]` (compute kind): features `[B, T, h]` and the embedding of the
     /// token that follows each position (`next_ids` `[B, T]`).
     fn draft_input(&self, features: &Tensor, next_ids: &Tensor) -> Tensor {
@@ -343,7 +336,6 @@ impl Hybrid {
         let fused = fused.ok_or_else(|| ModelError::Invalid("hybrid: no blocks".into()))?;
         Ok(Forward {
             gate_logits,
-            weights,
             predicted: self.norm.forward(&fused),
         })
     }
@@ -561,10 +553,12 @@ impl Drafter for Hybrid {
                 ce_v = ce.double_value(&[]);
                 cost_v = cost.double_value(&[]);
                 tch::no_grad(|| {
+                    // one sorted top-5: its first k columns are the top k
                     let v = logits.size()[1];
+                    let (_, top) = logits.topk(5.min(v), -1, true, true);
+                    let hit = top.eq_tensor(&labels.unsqueeze(-1));
                     for (slot, k) in [1i64, 3, 5].iter().enumerate() {
-                        let (_, top) = logits.topk((*k).min(v), -1, true, false);
-                        hits[slot] = top.eq_tensor(&labels.unsqueeze(-1)).any_dim(-1, false).sum(Kind::Float).double_value(&[]);
+                        hits[slot] = hit.narrow(1, 0, (*k).min(v)).any_dim(-1, false).sum(Kind::Float).double_value(&[]);
                     }
                     let ps = Vec::<f64>::try_from(&probs.sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
                     let ch = Vec::<f64>::try_from(&one_hot_argmax(&gate_logits).sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
@@ -736,22 +730,10 @@ impl DraftSession for HybridSession<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let mut feature = self.last.as_ref().ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?.shallow_clone();
-        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
-        for i in 0..gamma {
-            let l = self.m.proposal_logits(&feature.view([1, -1])).view([-1]);
-            let token = pick(&l, temperature, rng)?;
-            tokens.push(token);
-            logits.push(l);
-            if i + 1 < gamma {
-                // the predicted feature of position committed + i, followed by `token`
-                feature = self.step(&feature, &[token], self.committed + i as i64)?;
-            }
-        }
-        Ok(Proposal {
-            tokens,
-            logits: Tensor::stack(&logits, 0),
-        })
+        let first = self.last.as_ref().ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?.shallow_clone();
+        let (m, committed) = (self.m, self.committed);
+        // the predicted feature of position committed + i, followed by proposal i
+        propose_chain(&first, gamma, temperature, rng, |f| m.proposal_logits(f), |f, token, i| self.step(f, &[token], committed + i as i64))
     }
 
     fn counters(&self) -> Vec<(String, u64)> {

@@ -313,6 +313,14 @@ impl Recipe {
                 cx.issue_at(path, format!("must be at least 1, got {v}"));
             }
         };
+        // optional drafter keys that, when set, must be at least 1
+        let positive_if_set = |cx: &mut Ctx, keys: &[(&str, Option<i64>)]| {
+            for (k, v) in keys {
+                if let Some(v) = *v {
+                    positive(cx, &format!("drafter.{k}"), v);
+                }
+            }
+        };
         let fraction = |cx: &mut Ctx, path: &str, v: f64| {
             if !(v > 0.0 && v <= 1.0) {
                 cx.issue_at(path, format!("must be in (0, 1], got {v}"));
@@ -357,16 +365,15 @@ impl Recipe {
                         }
                     }
                 }
-                for (k, v) in [
-                    ("hidden_size", e.hidden_size),
-                    ("num_heads", e.num_heads),
-                    ("num_kv_heads", e.num_kv_heads),
-                    ("intermediate_size", e.intermediate_size),
-                ] {
-                    if let Some(v) = v {
-                        positive(cx, &format!("drafter.{k}"), v);
-                    }
-                }
+                positive_if_set(
+                    cx,
+                    &[
+                        ("hidden_size", e.hidden_size),
+                        ("num_heads", e.num_heads),
+                        ("num_kv_heads", e.num_kv_heads),
+                        ("intermediate_size", e.intermediate_size),
+                    ],
+                );
                 if let (Some(h), Some(kv)) = (e.num_heads, e.num_kv_heads) {
                     if kv > 0 && h % kv != 0 {
                         cx.issue_at(
@@ -390,16 +397,15 @@ impl Recipe {
                         }
                     }
                 }
-                for (k, v) in [
-                    ("gate_hidden_size", h.gate_hidden_size),
-                    ("mlp_intermediate_size", h.mlp_intermediate_size),
-                    ("transformer_intermediate_size", h.transformer_intermediate_size),
-                    ("draft_vocab_size", h.draft_vocab_size),
-                ] {
-                    if let Some(v) = v {
-                        positive(cx, &format!("drafter.{k}"), v);
-                    }
-                }
+                positive_if_set(
+                    cx,
+                    &[
+                        ("gate_hidden_size", h.gate_hidden_size),
+                        ("mlp_intermediate_size", h.mlp_intermediate_size),
+                        ("transformer_intermediate_size", h.transformer_intermediate_size),
+                        ("draft_vocab_size", h.draft_vocab_size),
+                    ],
+                );
                 if h.anneal_steps == Some(0) {
                     cx.issue_at("drafter.anneal_steps", "must be >= 1 (leave it unset to anneal over the whole run)");
                 }
