@@ -12,7 +12,7 @@ use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
 use forge_tests::TargetHeads;
 use forge_models::generate::{generate, GenerateOptions, RowRng};
-use forge_models::speculative::{next_gamma, Acceptance, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
+use forge_models::speculative::{greedy_divergence, next_gamma, Acceptance, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
@@ -730,4 +730,58 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     assert!(err.contains("model.safetensors") && err.contains("EAGLE-3"), "{err}");
     let err = load_drafter_with_target(&run.dir.join("medusa-vllm"), Device::Cpu, Kind::Float, None).err().expect("no target").to_string();
     assert!(err.contains("--target"), "{err}");
+}
+
+/// A greedy mismatch is classified by the target's logits at the first differing token: a
+/// tie within 4 units in the last place of the target's dtype, or an error. In bf16 the
+/// speculative decoder does meet exact ties (several positions verified in one forward round
+/// differently from one at a time); `forge eval --verify` accepts those and nothing else.
+#[test]
+fn greedy_mismatches_are_classified_as_ties_or_errors() {
+    use forge_models::speculative::tie_tolerance;
+    assert_eq!(tie_tolerance(Kind::BFloat16, 2.77), 4.0 * 2f64.powi(1 - 7));
+    assert_eq!(tie_tolerance(Kind::BFloat16, -20.0), 4.0 * 2f64.powi(4 - 7));
+    assert_eq!(tie_tolerance(Kind::Half, 1.0), 4.0 * 2f64.powi(-10));
+    assert_eq!(tie_tolerance(Kind::Float, 3.0), 4.0 * 2f64.powi(1 - 23));
+
+    let dir = forge_tests::tmp_dir("eval-ties");
+    random_target("llama", 34).save_hf(&dir).expect("save");
+    let t = TargetModel::load(&dir, forge_models::DType::BF16, Device::Cpu).expect("bf16");
+    let prompt = vec![1i64, 17, 42, 5, 66, 23];
+    let plain = plain(&t, &prompt, 32, &[]);
+    assert!(greedy_divergence(&t, &prompt, &plain, &plain).expect("same").is_none());
+    // the runner-up at position 3 instead of the greedy token: an error unless it ties
+    let seq: Vec<i64> = prompt.iter().chain(&plain[..3]).copied().collect();
+    let out = tch::no_grad(|| t.forward(&Tensor::from_slice(&seq).view([1, -1]), None, None, None, &Capture::logits(LogitsMode::Last)))
+        .expect("forward");
+    let l = out.logits.expect("logits").to_kind(Kind::Double).view(-1);
+    let (vals, ids) = l.topk(2, -1, true, true);
+    assert_eq!(ids.int64_value(&[0]), plain[3]);
+    let mut wrong = plain.clone();
+    wrong[3] = ids.int64_value(&[1]);
+    let d = greedy_divergence(&t, &prompt, &plain, &wrong).expect("classify").expect("differs");
+    let gap = vals.double_value(&[0]) - vals.double_value(&[1]);
+    assert_eq!((d.index, d.plain_token, d.spec_token), (3, plain[3], wrong[3]));
+    assert!((d.gap - gap).abs() < 1e-9, "{d:?} vs {gap}");
+    assert_eq!(d.tie, gap.abs() <= d.tolerance, "{d:?}");
+    // a shorter output is never a tie
+    let d = greedy_divergence(&t, &prompt, &plain, &plain[..10]).expect("classify").expect("differs");
+    assert!(!d.tie && d.index == 10);
+    // EAGLE-3 on this bf16 target: every departure from plain greedy decoding is a tie
+    let e = eagle3(&t);
+    let mut departures = 0;
+    for gamma in [5usize, 7] {
+        let mut s = e.session().expect("session");
+        let opts = SpecOptions {
+            gamma,
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let got = speculative_generate(&t, s.as_mut(), &e.spec().feature_needs(), &prompt, &opts).expect("speculative");
+        if let Some(d) = greedy_divergence(&t, &prompt, &plain, &got.tokens).expect("classify") {
+            assert!(d.tie, "gamma {gamma}: {d:?}");
+            departures += 1;
+        }
+    }
+    eprintln!("bf16 departures at ties: {departures}");
 }

@@ -1,7 +1,9 @@
 //! forge's integration tests: one binary, a module per area.
 
 mod cli;
+mod cuda;
 mod data;
+mod device_check;
 mod dist;
 mod eagle;
 mod eval;

@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=FORGE_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=FORGE_NVIDIA_DIR");
     println!("cargo:rerun-if-env-changed=FORGE_NCCL");
+    println!("cargo:rerun-if-env-changed=FORGE_LINK_TORCH_CUDA");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
     println!("cargo::rustc-check-cfg=cfg(forge_nccl)");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -19,8 +20,10 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     let lib = PathBuf::from(lib);
     // Without this the linker drops libtorch_cuda (nothing references it directly) and
-    // CUDA reports unavailable. Only on a full CUDA install (cuDNN present).
-    let full_cuda = lib.join("libtorch_cuda.so").exists() && lib.join("../../nvidia/cudnn").exists();
+    // CUDA reports unavailable. Only on a full CUDA install (cuDNN present), or when
+    // FORGE_LINK_TORCH_CUDA=1 (scripts/device-check.sh builds for another machine's CUDA).
+    let forced = std::env::var("FORGE_LINK_TORCH_CUDA").is_ok_and(|v| v == "1");
+    let full_cuda = lib.join("libtorch_cuda.so").exists() && (forced || lib.join("../../nvidia/cudnn").exists());
     if full_cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }

@@ -394,3 +394,75 @@ pub fn speculative_generate(
     out.total_seconds = t_start.elapsed().as_secs_f64();
     Ok(out)
 }
+
+/// Where a greedy speculative output first departs from plain greedy output, and whether the
+/// departure is a floating-point tie.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Divergence {
+    /// Index in the new tokens.
+    pub index: usize,
+    pub plain_token: i64,
+    pub spec_token: i64,
+    /// The target's logit of the plain token minus that of the speculative token, from one
+    /// full forward over the prompt and the common prefix.
+    pub gap: f64,
+    /// The largest gap that counts as a tie: 4 units in the last place of the larger logit
+    /// in the target's dtype (bf16: 8 significant bits, fp16: 11, fp32: 24).
+    pub tolerance: f64,
+    /// `|gap| <= tolerance`: the two tokens tie within the target's precision, so either is
+    /// the greedy choice (verifying several positions in one forward rounds differently
+    /// from decoding one at a time). Otherwise the speculative output is wrong.
+    pub tie: bool,
+}
+
+/// 4 units in the last place of `x` in `kind` (fp32 for kinds that are not floating).
+pub fn tie_tolerance(kind: Kind, x: f64) -> f64 {
+    let mantissa_bits = match kind {
+        Kind::BFloat16 => 7,
+        Kind::Half => 10,
+        Kind::Double => 52,
+        _ => 23,
+    };
+    let e = x.abs().max(f64::MIN_POSITIVE).log2().floor();
+    4.0 * 2f64.powf(e - mantissa_bits as f64)
+}
+
+/// Compares greedy outputs token for token; at the first difference, classifies it with one
+/// full forward of the target over `prompt` and the common prefix (see [`Divergence`]).
+/// `None` when the outputs are equal.
+pub fn greedy_divergence(target: &TargetModel, prompt: &[i64], plain: &[i64], spec: &[i64]) -> Result<Option<Divergence>> {
+    let n = plain.len().max(spec.len());
+    let Some(i) = (0..n).find(|&i| plain.get(i) != spec.get(i)) else {
+        return Ok(None);
+    };
+    let (Some(&p), Some(&s)) = (plain.get(i), spec.get(i)) else {
+        // one output stopped (end of sequence or length) where the other went on: not a tie
+        return Ok(Some(Divergence {
+            index: i,
+            plain_token: plain.get(i).copied().unwrap_or(-1),
+            spec_token: spec.get(i).copied().unwrap_or(-1),
+            gap: f64::INFINITY,
+            tolerance: 0.0,
+            tie: false,
+        }));
+    };
+    let seq: Vec<i64> = prompt.iter().chain(&plain[..i]).copied().collect();
+    let ids = Tensor::from_slice(&seq).view([1, -1]).to_device(target.device());
+    let out = tch::no_grad(|| target.forward(&ids, None, None, None, &Capture::logits(LogitsMode::Last)))?;
+    let logits = out
+        .logits
+        .ok_or_else(|| ModelError::Invalid("the target's forward returned no logits".into()))?
+        .to_kind(Kind::Double)
+        .view(-1);
+    let (lp, ls) = (logits.double_value(&[p]), logits.double_value(&[s]));
+    let tolerance = tie_tolerance(target.kind(), lp.abs().max(ls.abs()));
+    let gap = lp - ls;
+    Ok(Some(Divergence {
+        index: i,
+        plain_token: p,
+        spec_token: s,
+        gap,
+        tolerance,
+        tie: gap.abs() <= tolerance,
+    }))
+}

@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #ifdef USE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 #include <chrono>
@@ -195,6 +196,34 @@ char* forge_c10d_barrier(void* group) {
     o.timeout = g->timeout;
     wait(g, g->backend->barrier(o));
   });
+}
+
+// CUDA caching-allocator statistics of one device (what torch.cuda.max_memory_allocated
+// reads): the peak of allocated bytes since the last reset (-1 without CUDA in this build).
+long long forge_cuda_peak_allocated(int device) {
+#ifdef USE_C10D_NCCL
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    return static_cast<long long>(stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak);
+  } catch (...) {
+    return -1;
+  }
+#else
+  (void)device;
+  return -1;
+#endif
+}
+
+// Resets the peak statistics of one device (no-op without CUDA in this build).
+void forge_cuda_reset_peak(int device) {
+#ifdef USE_C10D_NCCL
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  } catch (...) {
+  }
+#else
+  (void)device;
+#endif
 }
 
 }  // extern "C"

@@ -12,7 +12,7 @@ use crate::regenerate::{read_input, ChatArgs, resolve_dtype, show_progress, stop
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
-use forge_models::speculative::{speculative_generate, Acceptance, Round, SpecOptions};
+use forge_models::speculative::{greedy_divergence, speculative_generate, Acceptance, Round, SpecOptions};
 use forge_models::{parse_device, TargetConfig, TargetModel};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -143,6 +143,9 @@ struct Tally {
     base_s: f64,
     compared: usize,
     mismatches: usize,
+    /// Mismatches whose first differing token is a floating-point tie of the target's
+    /// logits (`speculative::Divergence::tie`): not errors of the speculative decoder.
+    mismatches_at_ties: usize,
 }
 
 impl Tally {
@@ -197,6 +200,7 @@ impl Tally {
         self.base_s += o.base_s;
         self.compared += o.compared;
         self.mismatches += o.mismatches;
+        self.mismatches_at_ties += o.mismatches_at_ties;
     }
 
     fn tau(&self) -> f64 {
@@ -248,6 +252,7 @@ impl Tally {
             v["speedup"] = json!(self.speedup().map(round4));
             v["greedy_compared"] = json!(self.compared);
             v["greedy_mismatches"] = json!(self.mismatches);
+            v["greedy_mismatches_at_ties"] = json!(self.mismatches_at_ties);
         }
         v
     }
@@ -306,6 +311,9 @@ struct TurnRecord {
     /// Greedy: index of the first token where speculative and plain outputs differ.
     #[serde(skip_serializing_if = "Option::is_none")]
     first_mismatch: Option<usize>,
+    /// Greedy: the first difference, classified (tie or error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    divergence: Option<forge_models::speculative::Divergence>,
     stopped: bool,
 }
 
@@ -388,6 +396,7 @@ impl Ctx<'_> {
                 baseline_tokens: None,
                 baseline_seconds: None,
                 first_mismatch: None,
+                divergence: None,
                 stopped: s.stopped,
             };
             if !self.a.no_baseline {
@@ -401,10 +410,13 @@ impl Ctx<'_> {
                 rec.baseline_seconds = Some(round4(base_s));
                 if self.a.temperature <= 0.0 && prompt_b == prompt {
                     t.compared = 1;
-                    let n = s.tokens.len().max(b.tokens.len());
-                    rec.first_mismatch = (0..n).find(|&i| s.tokens.get(i) != b.tokens.get(i));
-                    if rec.first_mismatch.is_some() {
+                    let d = greedy_divergence(self.model, &prompt, &b.tokens, &s.tokens)
+                        .with_context(|| format!("classifying the greedy mismatch of prompt {} turn {}", conv.id, k + 1))?;
+                    if let Some(d) = d {
                         t.mismatches = 1;
+                        t.mismatches_at_ties = d.tie as usize;
+                        rec.first_mismatch = Some(d.index);
+                        rec.divergence = Some(d);
                     }
                 }
                 base_answers.push(self.answer_text(&b.tokens)?);
@@ -447,6 +459,9 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
         );
         if t.compared > 0 {
             line += &format!("  greedy mismatches {}/{}", t.mismatches, t.compared);
+            if t.mismatches_at_ties > 0 {
+                line += &format!(" ({} at ties)", t.mismatches_at_ties);
+            }
         }
     }
     println!("{line}");
@@ -582,14 +597,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
         writeln!(f, "{}", serde_json::to_string_pretty(&report)?).with_context(|| format!("--json {}: write failed", out.display()))?;
         eprintln!("forge eval: wrote {}", out.display());
     }
-    if a.verify && overall.mismatches > 0 {
+    let errors = overall.mismatches - overall.mismatches_at_ties;
+    if a.verify && errors > 0 {
         bail!(
-            "--verify: {} of {} greedy speculative outputs differ from plain greedy decoding (first_mismatch per prompt in --json)",
-            overall.mismatches,
+            "--verify: {errors} of {} greedy speculative outputs differ from plain greedy decoding beyond a floating-point tie (divergence per prompt in --json)",
             overall.compared
         );
     }
-    if a.verify {
+    if a.verify && overall.mismatches_at_ties > 0 {
+        eprintln!(
+            "forge eval: verified: {} of {} greedy speculative outputs equal plain greedy decoding; {} depart at a tie of the target's two best logits (within 4 units in the last place of {}: verifying several positions in one forward rounds differently from decoding one at a time), none beyond",
+            overall.compared - overall.mismatches,
+            overall.compared,
+            overall.mismatches_at_ties,
+            dtype.name()
+        );
+    } else if a.verify {
         eprintln!("forge eval: verified: all {} greedy speculative outputs equal plain greedy decoding", overall.compared);
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! forge-trainer: recipes, the training loop, checkpoints, export, and the `forge` CLI.
 
+pub mod bench_train;
 pub mod checkpoint;
 pub mod checkpointer;
 pub mod data;

@@ -510,31 +510,7 @@ impl<'a> Trainer<'a> {
         let samples: Vec<(&[u32], &[u8])> = idx.iter().map(|&i| (data.input_ids(i), data.mask(i))).collect();
         let batch = Batch::collate(&samples, 0);
         let (ids, am, pos, lm) = batch_tensors(&batch, device);
-        let capture = Capture {
-            layers: needs.aux_layers.clone(),
-            logits: LogitsMode::None,
-        };
-        // Right padding under a causal mask: real tokens never attend to padding.
-        let out = tch::no_grad(|| target.forward(&ids, None, None, None, &capture))?;
-        let aux_hidden = (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1));
-        let target_topk = (needs.target_topk > 0).then(|| {
-            tch::no_grad(|| {
-                let logp = target.logits(&out.hidden_normed).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-                logp.topk(needs.target_topk as i64, -1, true, true)
-            })
-        });
-        Ok((
-            Features {
-                input_ids: ids,
-                attention_mask: am,
-                position_ids: pos,
-                loss_mask: lm,
-                hidden_normed: Some(out.hidden_normed),
-                aux_hidden,
-                target_topk,
-            },
-            batch.tokens(),
-        ))
+        Ok((target_features(target, needs, ids, am, pos, lm)?, batch.tokens()))
     }
 
     fn offline_features(data: &mut HiddenDataset, needs: &FeatureNeeds, idx: &[usize], device: Device) -> Result<(Features, usize)> {
@@ -650,6 +626,40 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// The frozen target's forward over a batch (no gradients) and the features the drafter
+/// needs from it: what online training computes inside every step (and `forge bench train`
+/// times). Right padding under a causal mask: real tokens never attend to padding.
+pub(crate) fn target_features(
+    target: &TargetModel,
+    needs: &FeatureNeeds,
+    ids: Tensor,
+    am: Tensor,
+    pos: Tensor,
+    lm: Tensor,
+) -> Result<Features> {
+    let capture = Capture {
+        layers: needs.aux_layers.clone(),
+        logits: LogitsMode::None,
+    };
+    let out = tch::no_grad(|| target.forward(&ids, None, None, None, &capture))?;
+    let aux_hidden = (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1));
+    let target_topk = (needs.target_topk > 0).then(|| {
+        tch::no_grad(|| {
+            let logp = target.logits(&out.hidden_normed).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+            logp.topk(needs.target_topk as i64, -1, true, true)
+        })
+    });
+    Ok(Features {
+        input_ids: ids,
+        attention_mask: am,
+        position_ids: pos,
+        loss_mask: lm,
+        hidden_normed: Some(out.hidden_normed),
+        aux_hidden,
+        target_topk,
+    })
+}
+
 fn batch_tensors(b: &Batch, device: Device) -> (Tensor, Tensor, Tensor, Tensor) {
     let shape = [b.batch as i64, b.len as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
@@ -664,7 +674,7 @@ fn schedule_kind(s: Schedule) -> ScheduleKind {
     }
 }
 
-fn compute_kind(recipe: &Recipe, device: Device) -> Kind {
+pub(crate) fn compute_kind(recipe: &Recipe, device: Device) -> Kind {
     match recipe.train.dtype {
         Precision::Auto if device.is_cuda() => Kind::BFloat16,
         Precision::Auto | Precision::Fp32 => Kind::Float,

@@ -54,7 +54,7 @@ pub fn allreduce(comm: &mut dyn Comm, sizes_mb: &[f64], iters: usize, device: De
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(&t.to_kind(Kind::Double).view(-1))?)
+    Ok(Vec::<f64>::try_from(&t.to_kind(Kind::Double).to_device(Device::Cpu).view(-1))?)
 }
 
 /// Runs each collective on inputs that depend on the rank and returns the results, keyed by

@@ -28,6 +28,26 @@ extern "C" {
     fn forge_c10d_all_gather(group: *mut c_void, out: *mut C_tensor, input: *mut C_tensor) -> *mut c_char;
     fn forge_c10d_reduce_scatter(group: *mut c_void, out: *mut C_tensor, input: *mut C_tensor, op: c_int) -> *mut c_char;
     fn forge_c10d_barrier(group: *mut c_void) -> *mut c_char;
+    fn forge_cuda_peak_allocated(device: c_int) -> c_longlong;
+    fn forge_cuda_reset_peak(device: c_int);
+}
+
+/// Peak bytes allocated by the CUDA caching allocator on `device` since the last
+/// [`cuda_reset_peak`] (what `torch.cuda.max_memory_allocated` reads), or `None` when this
+/// build has no CUDA support in its shim (it comes with NCCL) or the device is not CUDA.
+pub fn cuda_peak_allocated(device: tch::Device) -> Option<u64> {
+    let tch::Device::Cuda(i) = device else { return None };
+    // SAFETY: a plain function taking an int; it catches every C++ exception.
+    let v = unsafe { forge_cuda_peak_allocated(i as c_int) };
+    (v >= 0).then_some(v as u64)
+}
+
+/// Resets the CUDA caching allocator's peak statistics of `device` (no-op elsewhere).
+pub fn cuda_reset_peak(device: tch::Device) {
+    if let tch::Device::Cuda(i) = device {
+        // SAFETY: as above.
+        unsafe { forge_cuda_reset_peak(i as c_int) }
+    }
 }
 
 /// Which c10d backend.
