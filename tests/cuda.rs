@@ -203,16 +203,19 @@ fn greedy_speculative_decoding_on_the_device_is_lossless() {
                 )
                 .expect("plain")
                 .tokens;
-                let mut s = d.session().expect("session");
+                let mut s = d.session(&t).expect("session");
                 let opts = SpecOptions {
                     gamma,
                     max_new_tokens: 32,
                     ..Default::default()
                 };
                 let got = speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), &prompt, &opts).expect("speculative");
-                // equal, or departing only at a tie of the target's two best logits (bf16)
+                // equal, or departing only at a tie of the target's two best logits (fp32 on a
+                // GPU: one-row and several-row matrix products may round apart by more than 4
+                // ulps, so there a gap below 1e-3 counts too)
                 if let Some(d) = greedy_divergence(&t, &prompt, &plain, &got.tokens).expect("divergence") {
-                    assert!(d.tie, "{dtype:?} gamma {gamma} on {dev:?}: {d:?}");
+                    let near = d.tie || (dtype == DType::F32 && d.gap.abs() < 1e-3);
+                    assert!(near, "{dtype:?} gamma {gamma} on {dev:?}: {d:?}");
                     eprintln!("{dtype:?} gamma {gamma}: departs at a tie ({d:?})");
                 }
             }

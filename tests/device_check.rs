@@ -40,9 +40,11 @@ fn tree_bytes() -> u64 {
 
 #[test]
 fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
-    let device = root().join(".forge/device");
+    // its own bundle folder: a real GPU bundle in .forge/device stays as it is
+    let device = tmp_dir("device-check-bundle");
     let tests_bin = std::env::current_exe().expect("current_exe");
-    let o = script(&["build", "--dry-run"], &[("FORGE_TESTS_BIN", &tests_bin)]);
+    let dev: (&str, &Path) = ("FORGE_DEVICE_DIR", &device);
+    let o = script(&["build", "--dry-run"], &[("FORGE_TESTS_BIN", &tests_bin), dev]);
     assert!(o.status.success(), "{}", text(&o));
 
     // The contents, checked against the manifest's checksums.
@@ -99,15 +101,18 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
     std::fs::rename(&last, &last_aside).expect("move the last part aside");
     let work = tmp_dir("device-check-work");
     let out = tmp_dir("device-check-out");
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work)]);
-    assert!(!o.status.success() && text(&o).contains("bundle.sha256 missing"), "{}", text(&o));
-    let o = script(&["receive"], &[]);
+    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
+    assert!(!o.status.success() && text(&o).contains("sha256 missing"), "{}", text(&o));
+    let o = script(&["receive"], &[dev]);
     assert!(o.status.success(), "{}", text(&o));
     for p in &parts[..parts.len() - 1] {
         std::fs::rename(p, aside.join(p.file_name().expect("name"))).expect("move a part aside");
     }
     std::fs::rename(&last_aside, &last).expect("move the last part back");
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work)]);
+    // a dry-run bundle is refused on the GPU machine's path
+    let o = script(&["device"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
+    assert!(!o.status.success() && text(&o).contains("this bundle is a dry run"), "{}", text(&o));
+    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
     let log = text(&o);
     assert!(o.status.success(), "{log}");
 
@@ -127,8 +132,8 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
     assert!(out.join("logs.tar.gz").is_file());
 
     // A part lost between calls is named.
-    let _ = std::fs::remove_dir_all(root().join(".forge/device/recv"));
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work)]);
+    let _ = std::fs::remove_dir_all(device.join("recv"));
+    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
     assert!(!o.status.success() && text(&o).contains(&format!("part 1 of {} is missing", parts.len())), "{}", text(&o));
     for p in &parts[..parts.len() - 1] {
         let _ = std::fs::rename(aside.join(p.file_name().expect("name")), p);

@@ -515,3 +515,15 @@ fn hybrid_gumbel_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one() 
     train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=1"]].concat(), &[]);
     assert_same_run(&one, &two, 4, "hybrid with hard Gumbel-Softmax gates");
 }
+
+#[test]
+fn spaf_adapters_trained_inside_the_target_on_two_ranks_equal_one() {
+    let mut run = setup("dist-spaf");
+    run.recipe = root().join("recipes/spaf-tiny.yaml");
+    let one = run.dir.join("one");
+    let sets = ["train.max_steps=4", "checkpoint.every_steps=4"];
+    train(&run, 1, &one, &[&sets[..], &["train.grad_accum=2"]].concat(), &[]);
+    let two = run.dir.join("two");
+    train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=2"]].concat(), &[]);
+    assert_same_run(&one, &two, 4, "spaf");
+}

@@ -134,7 +134,7 @@ fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
         for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
             for (i, p) in prompts().iter().enumerate() {
                 let want = plain(&t, p, 40, &[]);
-                let mut s = d.session().expect("session");
+                let mut s = d.session(&t).expect("session");
                 let opts = SpecOptions {
                     gamma,
                     dynamic_min_gamma: dynamic,
@@ -318,7 +318,7 @@ fn dynamic_gamma_follows_its_rule() {
     assert!(got.rounds.iter().all(|r| r.gamma == 2), "{:?}", got.rounds);
 }
 
-fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {
+pub(crate) fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {
     let n = seq.len() as i64;
     let ids = Tensor::from_slice(seq).view([1, n]);
     let cap = Capture {
@@ -351,7 +351,7 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
     let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
     let n = 8; // committed positions 0..8; seq[8] is the last token (not yet verified)
     let f = features(&t, &seq[..n], &[0, 1]);
-    let mut s = m.session().expect("session");
+    let mut s = m.session(&t).expect("session");
     s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
     let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
     // the training unroll over the sequence continued with the proposals
@@ -375,7 +375,7 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
     // a second commit (after a partial acceptance) drops the proposal's cache entries
     s.commit(n as i64, &step_features(&ff, n as i64 + 2).narrowed(n as i64, 2), &full[n + 1..n + 3]).expect("commit");
     let p2 = tch::no_grad(|| s.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
-    let mut fresh = m.session().expect("session");
+    let mut fresh = m.session(&t).expect("session");
     let all = step_features(&ff, n as i64 + 2);
     fresh.commit(0, &all, &full[1..n + 3]).expect("commit");
     let p3 = tch::no_grad(|| fresh.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
@@ -403,7 +403,7 @@ fn eagle1_decoding_session_computes_what_the_training_forward_computes() {
     let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
     let n = 8;
     let f = features(&t, &seq[..n], &[]);
-    let mut s = m.session().expect("session");
+    let mut s = m.session(&t).expect("session");
     s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
     let p = tch::no_grad(|| s.propose(2, 0.0, &mut RowRng::new(0))).expect("propose");
     let head = t.lm_head_weight();
@@ -478,7 +478,7 @@ fn speculative_sampling_follows_the_target_distribution() {
     let q2: Vec<f64> = {
         let mut q = Tensor::zeros([V], (Kind::Double, Device::Cpu));
         for a in 0..V {
-            let mut s = m.session().expect("session");
+            let mut s = m.session(&t).expect("session");
             let seq: Vec<i64> = prompt.iter().copied().chain([a]).collect();
             let f = features(&t, &prompt, &[]);
             s.commit(0, &step_features(&f, prompt.len() as i64), &seq[1..]).expect("commit");
@@ -495,7 +495,7 @@ fn speculative_sampling_follows_the_target_distribution() {
     let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
     let (mut accepted, mut rejected) = (0, 0);
     for seed in 0..samples {
-        let mut s = m.session().expect("session");
+        let mut s = m.session(&t).expect("session");
         let opts = SpecOptions {
             gamma: 2,
             temperature: 1.0,
@@ -661,8 +661,8 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
             }
             assert!(common >= 2, "{name} {fmt}");
             // the same proposals in decoding
-            let mut s1 = trained.drafter.session().expect("session");
-            let mut s2 = loaded.drafter.session().expect("session");
+            let mut s1 = trained.drafter.session(&target).expect("session");
+            let mut s2 = loaded.drafter.session(&target).expect("session");
             let opts = SpecOptions { gamma: 3, max_new_tokens: 12, ..Default::default() };
             let needs = trained.spec.feature_needs();
             let a = speculative_generate(&target, s1.as_mut(), &needs, &seq[..6], &opts).expect("spec");
@@ -763,7 +763,13 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
     let gap = vals.double_value(&[0]) - vals.double_value(&[1]);
     assert_eq!((d.index, d.plain_token, d.spec_token), (3, plain[3], wrong[3]));
     assert!((d.gap - gap).abs() < 1e-9, "{d:?} vs {gap}");
-    assert_eq!(d.tie, gap.abs() <= d.tolerance, "{d:?}");
+    let largest = l.abs().max().double_value(&[]);
+    assert_eq!(d.tolerance, tie_tolerance(Kind::BFloat16, largest), "{d:?}");
+    // the least likely token instead: far from a tie, an error
+    let mut wrong = plain.clone();
+    wrong[3] = l.argmin(-1, false).int64_value(&[]);
+    let d = greedy_divergence(&t, &prompt, &plain, &wrong).expect("classify").expect("differs");
+    assert!(!d.tie && d.gap > 10.0 * d.tolerance, "{d:?}");
     // a shorter output is never a tie
     let d = greedy_divergence(&t, &prompt, &plain, &plain[..10]).expect("classify").expect("differs");
     assert!(!d.tie && d.index == 10);
@@ -771,7 +777,7 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
     let e = eagle3(&t);
     let mut departures = 0;
     for gamma in [5usize, 7] {
-        let mut s = e.session().expect("session");
+        let mut s = e.session(&t).expect("session");
         let opts = SpecOptions {
             gamma,
             max_new_tokens: 32,

@@ -264,7 +264,7 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
         let seq: Vec<i64> = vec![1, 30, 4, 77, 12, 9, 50, 61, 8];
         let n = 8;
         let f = features(&t, &seq[..n], &[1; 8]);
-        let mut s = m.session().expect("session");
+        let mut s = m.session(&t).expect("session");
         s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
         let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
         let counts = s.counters();

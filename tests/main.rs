@@ -11,5 +11,6 @@ mod hybrid;
 mod recipes;
 mod train;
 mod regenerate;
+mod spaf;
 mod target;
 mod templates;

@@ -221,13 +221,13 @@ fn docs_recipe_reference_is_current() {
 
 #[test]
 fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
-    for kind in ["spaf", "knowledge"] {
+    for kind in ["knowledge"] {
         let e = errors(&BASE.replace("kind: medusa", &format!("kind: {kind}")), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].contains("drafter.kind")
                 && e[0].contains(&format!("'{kind}' is not implemented yet"))
-                && e[0].contains("medusa, eagle1, eagle3, hybrid")
+                && e[0].contains("medusa, eagle1, eagle3, hybrid, spaf")
                 && e[0].contains("line 2"),
             "{e:?}"
         );
@@ -236,12 +236,54 @@ fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
         assert!(e.len() == 2 && e.iter().any(|x| x.contains("target.path")), "{e:?}");
     }
     let dir = forge_tests::tmp_dir("recipe-not-implemented");
-    let path = dir.join("spaf.yaml");
-    std::fs::write(&path, BASE.replace("kind: medusa", "kind: spaf")).expect("write");
+    let path = dir.join("knowledge.yaml");
+    std::fs::write(&path, BASE.replace("kind: medusa", "kind: knowledge")).expect("write");
     let out = forge(&["check", path.to_str().expect("utf8")]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "forge check accepted kind: spaf");
-    assert!(err.contains("not implemented yet") && err.contains("spaf.yaml"), "{err}");
+    assert!(!out.status.success(), "forge check accepted kind: knowledge");
+    assert!(err.contains("not implemented yet") && err.contains("knowledge.yaml"), "{err}");
+}
+
+#[test]
+fn spaf_recipes_are_validated_all_at_once_and_offline_training_is_refused() {
+    let text = BASE.replace(
+        "kind: medusa",
+        "kind: spaf\n  adapter_dim_ratio: 1.5\n  alignment_num_layers: 0\n  layer_weights: [0, -1]\n  serial_parallel_transition: -1",
+    );
+    let e = errors(&text, &["data.mode=offline", "data.hidden_dir=x"]);
+    for key in [
+        "drafter.adapter_dim_ratio",
+        "drafter.alignment_num_layers",
+        "drafter.layer_weights",
+        "drafter.serial_parallel_transition",
+        "data.mode",
+    ] {
+        assert!(e.iter().any(|x| x.contains(key)), "{key} not reported: {e:?}");
+    }
+    // layer_weights and train_exits resolve against the target: one weight per exit
+    use forge_models::drafters::DrafterSpec;
+    use forge_models::TargetConfig;
+    use forge_trainer::recipe::DrafterSection;
+    let mut cfg = forge_tests::tiny_config("llama");
+    cfg["num_hidden_layers"] = 6.into();
+    let cfg = TargetConfig::from_value(cfg).expect("config");
+    let spec = |extra: &str| -> Result<DrafterSpec, String> {
+        let r = forge_trainer::recipe::Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: spaf{extra}")), &[])
+            .map_err(|e| format!("{e:?}"))?;
+        let d: &DrafterSection = &r.drafter;
+        d.to_spec(&cfg).map_err(|e| e.to_string())
+    };
+    let DrafterSpec::Spaf(s) = spec("").expect("defaults") else { panic!("not spaf") };
+    assert_eq!((s.cutoff_layer, s.exit_layer, s.adapter_dim), (3, 3, 16));
+    assert_eq!(s.layer_weights, vec![1.0 / 3.0; 3]);
+    let DrafterSpec::Spaf(s) = spec("\n  train_exits: [3, 5]").expect("exits") else { panic!("not spaf") };
+    assert_eq!(s.layer_weights, vec![0.5, 0.0, 0.5]);
+    let e = spec("\n  train_exits: [2]").expect_err("no exit at 2");
+    assert!(e.contains("train_exits") && e.contains("exits are layers 3..5"), "{e}");
+    let e = spec("\n  layer_weights: [1, 1]").expect_err("two weights for three exits");
+    assert!(e.contains("layer_weights has 2 entries for 3 exits"), "{e}");
+    let e = spec("\n  exit_layer: 6").expect_err("no layer 6");
+    assert!(e.contains("exit_layer 6"), "{e}");
 }
 
 #[test]

@@ -64,6 +64,56 @@ pub trait DraftSession {
     fn counters(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
+    /// A draft that runs inside the target (SpAF) owns the target's KV cache and runs the
+    /// target's forwards itself, reusing what drafting computed. Default: none (the engine
+    /// keeps the cache and runs full forwards).
+    fn shared_target(&mut self) -> Option<&mut dyn SharedTarget> {
+        None
+    }
+}
+
+/// The target's side of speculative decoding, run by a draft that shares the target's KV
+/// cache ([`DraftSession::shared_target`]).
+pub trait SharedTarget {
+    /// Positions whose keys and values are final in every layer.
+    fn cached(&self) -> i64;
+    /// The target's forward over `ids` at positions `cached()..`, appending them to the
+    /// cache: what [`TargetModel::forward`] returns with a cache of `cached()` positions.
+    fn forward(&mut self, ids: &[i64], capture: &Capture) -> Result<crate::target::TargetOutput>;
+    /// Keeps the first `len` positions (rollback of rejected drafts).
+    fn truncate(&mut self, len: i64);
+}
+
+/// The target's forward of speculative decoding: through the draft when it shares the
+/// target's cache, otherwise a full forward over the engine's own `cache`.
+fn target_forward(
+    target: &TargetModel,
+    draft: &mut dyn DraftSession,
+    cache: &mut crate::target::KvCache,
+    ids: &[i64],
+    capture: &Capture,
+) -> Result<crate::target::TargetOutput> {
+    match draft.shared_target() {
+        Some(s) => s.forward(ids, capture),
+        None => {
+            let t = Tensor::from_slice(ids).view([1, -1]).to_device(target.device());
+            target.forward(&t, None, None, Some(cache), capture)
+        }
+    }
+}
+
+fn cached(draft: &mut dyn DraftSession, cache: &crate::target::KvCache) -> i64 {
+    match draft.shared_target() {
+        Some(s) => s.cached(),
+        None => cache.len(),
+    }
+}
+
+fn truncate(draft: &mut dyn DraftSession, cache: &mut crate::target::KvCache, len: i64) {
+    match draft.shared_target() {
+        Some(s) => s.truncate(len),
+        None => cache.truncate(len),
+    }
 }
 
 /// A chain of `gamma` proposals from a draft that reads its own predicted features (EAGLE-1,
@@ -265,8 +315,7 @@ pub fn speculative_generate(
     let mut out = SpecOutput::default();
 
     // prefill: the whole prompt, the first new token from the target alone
-    let ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
-    let pre = tch::no_grad(|| target.forward(&ids, None, None, Some(&mut cache), &capture_last))?;
+    let pre = tch::no_grad(|| target_forward(target, draft, &mut cache, prompt, &capture_last))?;
     let logits = pre.logits.as_ref().ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
     let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;
     out.prefill_seconds = t_start.elapsed().as_secs_f64();
@@ -305,13 +354,12 @@ pub fn speculative_generate(
         draft_s += t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let start = cache.len();
+        let start = cached(draft, &cache);
         let mut input = vec![last];
         if let Some(p) = &proposal {
             input.extend_from_slice(&p.tokens);
         }
-        let ids = Tensor::from_slice(&input).view([1, -1]).to_device(device);
-        let ver = tch::no_grad(|| target.forward(&ids, None, None, Some(&mut cache), &capture_all))?;
+        let ver = tch::no_grad(|| target_forward(target, draft, &mut cache, &input, &capture_all))?;
         let logits = ver
             .logits
             .as_ref()
@@ -359,7 +407,7 @@ pub fn speculative_generate(
             }
         };
         // keep `last` and the accepted drafts in the cache
-        cache.truncate(start + accepted as i64 + 1);
+        truncate(draft, &mut cache, start + accepted as i64 + 1);
         target_s += t.elapsed().as_secs_f64();
 
         let mut emitted: Vec<i64> = proposal.as_ref().map(|p| p.tokens[..accepted].to_vec()).unwrap_or_default();
@@ -406,8 +454,9 @@ pub struct Divergence {
     /// The target's logit of the plain token minus that of the speculative token, from one
     /// full forward over the prompt and the common prefix.
     pub gap: f64,
-    /// The largest gap that counts as a tie: 4 units in the last place of the larger logit
-    /// in the target's dtype (bf16: 8 significant bits, fp16: 11, fp32: 24).
+    /// The largest gap that counts as a tie: 4 units in the last place of the largest logit
+    /// at that position in the target's dtype (bf16: 8 significant bits, fp16: 11, fp32:
+    /// 24): the rounding of any logit there is on that scale.
     pub tolerance: f64,
     /// `|gap| <= tolerance`: the two tokens tie within the target's precision, so either is
     /// the greedy choice (verifying several positions in one forward rounds differently
@@ -455,7 +504,7 @@ pub fn greedy_divergence(target: &TargetModel, prompt: &[i64], plain: &[i64], sp
         .to_kind(Kind::Double)
         .view(-1);
     let (lp, ls) = (logits.double_value(&[p]), logits.double_value(&[s]));
-    let tolerance = tie_tolerance(target.kind(), lp.abs().max(ls.abs()));
+    let tolerance = tie_tolerance(target.kind(), logits.abs().max().double_value(&[]));
     let gap = lp - ls;
     Ok(Some(Divergence {
         index: i,

@@ -368,7 +368,7 @@ impl Ctx<'_> {
         for k in 0..conv.user_turns() {
             let seed = turn_seed(self.a.seed, &conv.id, k);
             let prompt = self.encode(conv, k, &spec_answers)?;
-            let mut session = self.drafter.session()?;
+            let mut session = self.drafter.session(self.model)?;
             let needs = self.drafter.spec().feature_needs();
             let s = speculative_generate(self.model, session.as_mut(), &needs, &prompt, &self.spec_opts(seed))
                 .with_context(|| format!("speculative decoding of prompt {} turn {}", conv.id, k + 1))?;

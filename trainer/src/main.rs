@@ -18,7 +18,7 @@ mod train_cmd;
 #[command(
     name = "forge",
     version,
-    about = "Train draft models for speculative decoding (Medusa, EAGLE-1/3, gated hybrid; SpAF and knowledge drafters not implemented yet)",
+    about = "Train draft models for speculative decoding (Medusa, EAGLE-1/3, gated hybrid, SpAF; the knowledge drafter is not implemented yet)",
     long_about = "forge trains the small draft models used for speculative decoding of large language models.\n\
                   One YAML recipe picks the drafter and every hyper-parameter: `forge train recipes/medusa-smollm2.yaml`.\n\
                   See docs/recipes.md for the recipe reference."

@@ -19,6 +19,7 @@ use super::{
     export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
     StepContext, TargetAccess, EMBED, LM_HEAD,
 };
+use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
@@ -242,7 +243,7 @@ impl Drafter for Eagle1 {
         })
     }
 
-    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+    fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
         Ok(Box::new(Eagle1Session {
             m: self,
             cache: LayerKv::default(),

@@ -27,6 +27,7 @@ use super::{
     export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
     PrepareData, StepContext, TargetAccess, EMBED, LM_HEAD,
 };
+use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
@@ -469,7 +470,7 @@ impl Drafter for Eagle3 {
         })
     }
 
-    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+    fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
         Ok(Box::new(Eagle3Session {
             m: self,
             draft_ids: self.draft_ids(),

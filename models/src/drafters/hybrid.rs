@@ -41,6 +41,7 @@ use super::{
     Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, ParamGroup, PrepareData,
     StepContext, TargetAccess, EMBED, LM_HEAD,
 };
+use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
@@ -640,14 +641,10 @@ impl Drafter for Hybrid {
     }
 
     fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
-        Err(ModelError::Invalid(format!(
-            "hybrid drafters export to forge only, not {}: {}",
-            format.name(),
-            self.engines_note().unwrap_or_default()
-        )))
+        Err(super::forge_format_only("hybrid", format, self.engines_note()))
     }
 
-    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+    fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
         Ok(Box::new(HybridSession {
             m: self,
             caches: (0..self.s.num_transformer_blocks).map(|_| LayerKv::default()).collect(),

@@ -11,6 +11,7 @@ use super::{
     ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput,
     Metric, StepContext, TargetAccess, TargetNeeds, LM_HEAD,
 };
+use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{project, Linear};
@@ -346,7 +347,7 @@ impl Drafter for Medusa {
         }
     }
 
-    fn session(&self) -> Result<Box<dyn DraftSession + '_>> {
+    fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
         Ok(Box::new(MedusaSession { m: self, last: None }))
     }
 }

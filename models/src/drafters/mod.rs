@@ -15,6 +15,7 @@ pub mod eagle3;
 pub mod hybrid;
 pub mod medusa;
 pub mod registry;
+pub mod spaf;
 
 pub use context::{StepContext, StepRng};
 pub use registry::DrafterSpec;
@@ -198,6 +199,12 @@ pub struct ExportBundle {
     pub json_files: Vec<(String, serde_json::Value)>,
 }
 
+/// The error for an engine format asked of a drafter that exports to the forge format only,
+/// with the drafter's reason (`Drafter::engines_note`).
+pub(crate) fn forge_format_only(kind: &str, format: ExportFormat, note: Option<&str>) -> ModelError {
+    ModelError::Invalid(format!("{kind} drafters export to forge only, not {}: {}", format.name(), note.unwrap_or_default()))
+}
+
 /// An optimizer parameter group a drafter declares: the trainable variables whose names start
 /// with `prefix` (the longest matching prefix wins; `""` matches every name) get the recipe's
 /// learning rate times `lr_scale`, and the recipe's weight decay when `weight_decay` is true
@@ -257,8 +264,9 @@ pub trait Drafter {
     }
     /// Tensors and configs for an engine format, named as the engine expects.
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle>;
-    /// A speculative-decoding session over one sequence (`forge eval`, `speculative.rs`).
-    fn session(&self) -> Result<Box<dyn DraftSession + '_>>;
+    /// A speculative-decoding session over one sequence with `target` (`forge eval`,
+    /// `speculative.rs`). Drafts that run inside the target (SpAF) use it; others ignore it.
+    fn session<'a>(&'a self, target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>>;
 }
 
 /// Checks exported names and shapes against an expectation computed independently from the

@@ -7,6 +7,7 @@ use super::eagle1::{Eagle1, Eagle1Spec};
 use super::eagle3::{Eagle3, Eagle3Spec};
 use super::hybrid::{Hybrid, HybridSpec};
 use super::medusa::{Medusa, MedusaSpec};
+use super::spaf::{Spaf, SpafSpec};
 use super::{Drafter, FeatureNeeds, PrepareData, TargetAccess, TargetNeeds};
 use crate::error::Result;
 use tch::{Device, Kind};
@@ -18,6 +19,7 @@ pub enum DrafterSpec {
     Eagle1(Eagle1Spec),
     Eagle3(Eagle3Spec),
     Hybrid(HybridSpec),
+    Spaf(SpafSpec),
 }
 
 impl DrafterSpec {
@@ -27,6 +29,7 @@ impl DrafterSpec {
             DrafterSpec::Eagle1(_) => "eagle1",
             DrafterSpec::Eagle3(_) => "eagle3",
             DrafterSpec::Hybrid(_) => "hybrid",
+            DrafterSpec::Spaf(_) => "spaf",
         }
     }
 
@@ -38,6 +41,7 @@ impl DrafterSpec {
             DrafterSpec::Eagle1(e) => Box::new(Eagle1::new(e.clone(), target, device, compute)?),
             DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device, compute)?),
             DrafterSpec::Hybrid(h) => Box::new(Hybrid::new(h.clone(), target, device, compute)?),
+            DrafterSpec::Spaf(s) => Box::new(Spaf::new(s.clone(), target, device, compute)?),
         })
     }
 
@@ -47,6 +51,7 @@ impl DrafterSpec {
         match self {
             DrafterSpec::Medusa(m) => m.target_needs(fresh),
             DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) | DrafterSpec::Hybrid(_) => super::eagle::target_needs(),
+            DrafterSpec::Spaf(s) => s.target_needs(fresh),
         }
     }
 
@@ -56,7 +61,7 @@ impl DrafterSpec {
     /// vocabulary.
     pub fn prepare_data(&self, data: &mut dyn PrepareData) -> Result<()> {
         match self {
-            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) => Ok(()),
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Spaf(_) => Ok(()),
             DrafterSpec::Eagle3(e) => data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ()),
             DrafterSpec::Hybrid(h) => match h.draft_vocab_size {
                 Some(vd) => data.vocab_mapping(vd as usize).map(|_| ()),
@@ -75,6 +80,13 @@ impl DrafterSpec {
             DrafterSpec::Eagle3(e) => FeatureNeeds {
                 last_hidden: true,
                 aux_layers: e.aux_layers.clone(),
+                target_topk: 0,
+            },
+            // the output of layer k-1 starts the draft's stream and is the alignment target;
+            // the last hidden state gives the target's distribution (KL)
+            DrafterSpec::Spaf(s) => FeatureNeeds {
+                last_hidden: true,
+                aux_layers: vec![s.cutoff_layer - 1],
                 target_topk: 0,
             },
         }

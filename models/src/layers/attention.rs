@@ -57,6 +57,18 @@ impl LayerKv {
         self.len = self.len.min(len.max(0));
     }
 
+    /// A cache that reads this one's valid positions and appends past them, into the same
+    /// buffers while they have room (then into its own): scratch entries for the owner's
+    /// positions past its `len`, which the owner never reads and overwrites when it appends
+    /// there itself (SpAF drafting over the target's cache).
+    pub fn fork(&self) -> LayerKv {
+        LayerKv {
+            k: self.k.as_ref().map(|t| t.shallow_clone()),
+            v: self.v.as_ref().map(|t| t.shallow_clone()),
+            len: self.len,
+        }
+    }
+
     /// Appends `[B, kvh, t, d]` keys/values; returns views of the whole valid cache.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];

@@ -10,6 +10,7 @@ use forge_models::drafters::eagle1::Eagle1Spec;
 use forge_models::drafters::eagle3::Eagle3Spec;
 use forge_models::drafters::hybrid::{CostMode, HybridSpec};
 use forge_models::drafters::medusa::MedusaSpec;
+use forge_models::drafters::spaf::{AdapterLoss, AlignmentLoss, SpafSpec};
 use forge_models::drafters::DrafterSpec;
 use forge_models::TargetConfig;
 
@@ -115,21 +116,37 @@ section! {
     }
 }
 
+choice! {
+    /// What each SpAF exit is trained against.
+    pub enum AdapterLossSetting { Ce = "ce", Kl = "kl" }
+}
+
 section! {
-    /// SpAF adapters inside the frozen target plus an alignment head (not implemented yet).
+    /// SpAF: adapters inside the frozen target, an alignment head, self-speculative decoding (docs/methods/spaf.md).
     pub struct SpafConfig {
-        /// First layer with an adapter (default: num_layers / 2).
+        /// First layer with an adapter, k (default: num_layers / 2); drafting runs the target's layers 0..k.
         cutoff_layer: Option<i64> = None,
         /// Adapter bottleneck width as a fraction of the hidden size.
         adapter_dim_ratio: f64 = 0.25,
-        /// MLP layers of the alignment head.
-        align_num_layers: i64 = 2,
+        /// Linear layers of the alignment head (token embedding -> pseudo output of layer k-1).
+        alignment_num_layers: i64 = 2,
         /// Alignment head width as a multiple of the hidden size.
-        align_hidden_dim_ratio: f64 = 2.0,
-        align_loss: AlignLoss = AlignLoss::Mse,
-        adapter_loss_weight: f64 = 1.0,
-        align_loss_weight: f64 = 1.0,
+        alignment_hidden_dim_ratio: f64 = 2.0,
+        /// mse or cosine between the alignment head's output and the real output of layer k-1.
+        alignment_loss_type: AlignLoss = AlignLoss::Mse,
+        /// ce: each exit against the data's next token; kl: KL(target || exit) against the target's distribution.
+        adapter_loss: AdapterLossSetting = AdapterLossSetting::Ce,
+        adapter_weight: f64 = 1.0,
+        alignment_weight: f64 = 1.0,
+        /// Loss weight of each exit k..L-1, one per layer (default: 1 / (L - k) each, or as train_exits says).
+        layer_weights: Option<Vec<f64>> = None,
+        /// Train only these exits (target layers in k..L-1), weighted equally; the others keep their initial adapters. Exclusive with layer_weights.
+        train_exits: Option<Vec<i64>> = None,
+        /// The exit drafting decodes with (default: cutoff_layer, the cheapest).
+        exit_layer: Option<i64> = None,
+        /// Draft length recorded with the draft, as the source system decodes (give it to forge eval as --gamma).
         num_draft_tokens: i64 = 5,
+        /// Draft inputs per round that run the target's layers 0..k (their keys and values are reused by verification) before the alignment head takes over.
         serial_parallel_transition: i64 = 2,
     }
 }
@@ -164,7 +181,7 @@ impl DrafterSection {
     pub const KINDS: &'static [&'static str] =
         &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
     /// The kinds this build trains (the others parse, and are refused by validation).
-    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid"];
+    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid", "spaf"];
 
     /// The drafter spec this section describes for a target: the recipe's hyper-parameters
     /// plus the target's dimensions, with the recipe's defaults resolved against the target.
@@ -241,6 +258,52 @@ impl DrafterSection {
                     vocab_size: cfg.vocab_size,
                     layer: DraftLayerSpec::from_target(cfg, None, None, None, x.transformer_intermediate_size)?,
                 })
+            }
+            DrafterSection::Spaf(x) => {
+                let (h, l) = (cfg.hidden_size, cfg.num_layers);
+                let k = x.cutoff_layer.unwrap_or(l / 2);
+                let exits = (l - k).max(0) as usize;
+                let spec = SpafSpec {
+                    cutoff_layer: k,
+                    adapter_dim: ((h as f64 * x.adapter_dim_ratio).round() as i64).max(1),
+                    alignment_num_layers: x.alignment_num_layers,
+                    alignment_hidden_size: ((h as f64 * x.alignment_hidden_dim_ratio).round() as i64).max(1),
+                    alignment_loss: match x.alignment_loss_type {
+                        AlignLoss::Mse => AlignmentLoss::Mse,
+                        AlignLoss::Cosine => AlignmentLoss::Cosine,
+                    },
+                    adapter_loss: match x.adapter_loss {
+                        AdapterLossSetting::Ce => AdapterLoss::Ce,
+                        AdapterLossSetting::Kl => AdapterLoss::Kl,
+                    },
+                    adapter_weight: x.adapter_weight,
+                    alignment_weight: x.alignment_weight,
+                    layer_weights: match (&x.layer_weights, &x.train_exits) {
+                        (Some(_), Some(_)) => {
+                            return Err(TrainerError::Config("drafter: set layer_weights or train_exits, not both".into()))
+                        }
+                        (Some(w), None) => w.clone(),
+                        (None, Some(list)) => {
+                            if let Some(bad) = list.iter().find(|&&e| e < k || e >= l) {
+                                return Err(TrainerError::Config(format!(
+                                    "drafter.train_exits: layer {bad} has no exit (exits are layers {k}..{})",
+                                    l - 1
+                                )));
+                            }
+                            let n = list.iter().collect::<std::collections::BTreeSet<_>>().len().max(1) as f64;
+                            (k..l).map(|e| if list.contains(&e) { 1.0 / n } else { 0.0 }).collect()
+                        }
+                        (None, None) => vec![1.0 / exits.max(1) as f64; exits],
+                    },
+                    exit_layer: x.exit_layer.unwrap_or(k),
+                    num_draft_tokens: x.num_draft_tokens,
+                    serial_parallel_transition: x.serial_parallel_transition,
+                    hidden_size: h,
+                    num_layers: l,
+                    vocab_size: cfg.vocab_size,
+                };
+                spec.validate().map_err(|e| TrainerError::Config(format!("drafter: {e}")))?;
+                DrafterSpec::Spaf(spec)
             }
             other => return Err(TrainerError::Config(Self::not_implemented(other.kind()))),
         })

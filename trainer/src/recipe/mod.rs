@@ -419,16 +419,30 @@ impl Recipe {
                 if let Some(k) = s.cutoff_layer {
                     positive(cx, "drafter.cutoff_layer", k);
                 }
-                fraction(cx, "drafter.adapter_dim_ratio", s.adapter_dim_ratio);
-                positive(cx, "drafter.align_num_layers", s.align_num_layers);
-                if s.align_hidden_dim_ratio <= 0.0 {
-                    cx.issue_at("drafter.align_hidden_dim_ratio", "must be > 0");
+                if let Some(e) = s.exit_layer {
+                    positive(cx, "drafter.exit_layer", e);
                 }
-                non_negative(cx, "drafter.adapter_loss_weight", s.adapter_loss_weight);
-                non_negative(cx, "drafter.align_loss_weight", s.align_loss_weight);
+                fraction(cx, "drafter.adapter_dim_ratio", s.adapter_dim_ratio);
+                positive(cx, "drafter.alignment_num_layers", s.alignment_num_layers);
+                if !(s.alignment_hidden_dim_ratio.is_finite() && s.alignment_hidden_dim_ratio > 0.0) {
+                    cx.issue_at("drafter.alignment_hidden_dim_ratio", "must be > 0");
+                }
+                non_negative(cx, "drafter.adapter_weight", s.adapter_weight);
+                non_negative(cx, "drafter.alignment_weight", s.alignment_weight);
+                if let Some(w) = &s.layer_weights {
+                    if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) {
+                        cx.issue_at("drafter.layer_weights", "must be >= 0, one per layer from cutoff_layer to the last, with at least one > 0");
+                    }
+                }
                 positive(cx, "drafter.num_draft_tokens", s.num_draft_tokens);
                 if s.serial_parallel_transition < 0 {
                     cx.issue_at("drafter.serial_parallel_transition", "must be >= 0");
+                }
+                if self.data.mode == DataMode::Offline {
+                    cx.issue_at(
+                        "data.mode",
+                        "spaf trains inside the live target (gradients flow through its layers): set data.mode: online",
+                    );
                 }
             }
             DrafterSection::Knowledge(k) => {

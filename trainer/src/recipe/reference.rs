@@ -98,7 +98,8 @@ pub fn markdown() -> String {
         ("`data.chat_template`", TemplateName::NAMES),
         ("`dist.backend`", Backend::NAMES),
         ("`drafter.cost` (hybrid)", CostSetting::NAMES),
-        ("`drafter.align_loss` (spaf)", AlignLoss::NAMES),
+        ("`drafter.alignment_loss_type` (spaf)", AlignLoss::NAMES),
+        ("`drafter.adapter_loss` (spaf)", AdapterLossSetting::NAMES),
     ] {
         o.push_str(&format!(
             "- {name}: {}\n",

@@ -1,0 +1,593 @@
+//! SpAF, speculative adapter fusion (method: docs/methods/spaf.md): the draft is the frozen
+//! target's own shallow layers plus small trained parts, no separate draft model.
+//!
+//! - Adapters: after every target layer l from the cutoff k on, a bottleneck
+//!   `A_l(x) = x + up(SiLU(down(x)))` (width `adapter_dim`, `up` zero-initialised so that
+//!   every exit starts as the target's plain early exit). They sit inside the draft's stream:
+//!   `s_k = A_k(layer_k(h_{k-1}))`, `s_l = A_l(layer_l(s_{l-1}))` for l > k, where `h_{k-1}` is
+//!   the target's own output of layer k-1. Exit l predicts the next token as
+//!   `lm_head(norm(s_l))` with the target's final norm and lm_head. The target's weights are
+//!   never trained, changed or saved with the drafter.
+//! - Alignment head: an MLP from a token's embedding to a pseudo `h_{k-1}` of that token
+//!   (imitating layer k-1's output), so that drafting can skip layers < k.
+//! - Loss: `adapter_weight * sum_l w_l CE_l` (or KL(target || exit l) over the vocabulary)
+//!   `+ alignment_weight * (MSE | 1 - cosine)` between the pseudo and the real `h_{k-1}`.
+//!   The frozen layers k..l run with gradients, so exit l's loss reaches the adapters A_k..A_l
+//!   through them: the activations of the layers from k to the deepest weighted exit are kept
+//!   for the backward pass (docs/methods/spaf.md gives the memory).
+//! - Decoding ([`SpafSession`]): self-speculative. The draft exits at `exit_layer` (default
+//!   k). The first `serial_parallel_transition` draft inputs run the target's layers 0..k
+//!   with the target's own KV cache, which verification then reuses; later ones take the
+//!   alignment head's pseudo `h_{k-1}` and skip layers < k. Verification runs layers 0..k only
+//!   for the inputs drafting did not, and layers k+1.. for all: the outputs equal a full
+//!   forward (greedy output equals plain greedy output).
+//!
+//! Weight names (VarStore = forge checkpoint): `adapters.{l}.down.weight|bias` `[r, H]|[r]`,
+//! `adapters.{l}.up.weight|bias` `[H, r]|[H]` (l = the target layer), `align.{i}.weight|bias`,
+//! and the buffer `target_probe` `[64]`: 32 sampled values of the target's embedding and 32
+//! of layer k's q_proj, checked against the target a draft is used with.
+
+use super::{
+    ce_and_hits, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, StepContext,
+    TargetAccess, TargetNeeds, EMBED,
+};
+use crate::error::{ModelError, Result};
+use crate::generate::RowRng;
+use crate::layers::{linear, AttnMask, Keys, LayerKv, Linear, ParamInit};
+use crate::speculative::{pick, DraftSession, Proposal, SharedTarget, StepFeatures};
+use crate::target::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};
+use std::cell::Cell;
+use tch::{nn, Device, Kind, Tensor};
+
+/// What the alignment head's output is compared with the real `h_{k-1}` by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlignmentLoss {
+    /// Mean over positions of the mean squared difference over the hidden dimension.
+    Mse,
+    /// Mean over positions of 1 - cosine similarity.
+    Cosine,
+}
+
+/// What each exit is trained against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterLoss {
+    /// Cross-entropy against the data's next token.
+    Ce,
+    /// KL(target || exit) against the target's own next-token distribution.
+    Kl,
+}
+
+/// SpAF's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpafSpec {
+    /// k: the first layer with an adapter (1 <= k < num_layers).
+    pub cutoff_layer: i64,
+    /// The adapters' bottleneck width.
+    pub adapter_dim: i64,
+    /// Linear layers of the alignment head (SiLU between them).
+    pub alignment_num_layers: i64,
+    /// Width of the alignment head's hidden layers.
+    pub alignment_hidden_size: i64,
+    pub alignment_loss: AlignmentLoss,
+    pub adapter_loss: AdapterLoss,
+    pub adapter_weight: f64,
+    pub alignment_weight: f64,
+    /// w_l for the exits k..num_layers-1 (0 = that exit is not trained).
+    pub layer_weights: Vec<f64>,
+    /// The exit the draft decodes with (k..num_layers-1).
+    pub exit_layer: i64,
+    /// The draft length `forge eval` uses by default.
+    pub num_draft_tokens: i64,
+    /// Draft inputs that run the target's layers 0..k before the alignment head takes over.
+    pub serial_parallel_transition: i64,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub vocab_size: i64,
+}
+
+impl SpafSpec {
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Vec::new();
+        let (k, l) = (self.cutoff_layer, self.num_layers);
+        if k < 1 || k >= l {
+            p.push(format!("cutoff_layer {k} must be in 1..{} (the target has {l} layers; layer k-1 feeds the alignment target)", l - 1));
+        }
+        if self.adapter_dim < 1 || self.alignment_hidden_size < 1 || self.alignment_num_layers < 1 {
+            p.push("adapter and alignment widths and alignment_num_layers must be at least 1".into());
+        }
+        if k >= 1 && k < l && self.layer_weights.len() as i64 != l - k {
+            p.push(format!("layer_weights has {} entries for {} exits (layers {k}..{})", self.layer_weights.len(), l - k, l - 1));
+        }
+        if self.layer_weights.iter().any(|w| !w.is_finite() || *w < 0.0) || self.layer_weights.iter().all(|w| *w == 0.0) {
+            p.push("layer_weights must be >= 0 with at least one > 0".into());
+        }
+        if self.exit_layer < k || self.exit_layer >= l {
+            p.push(format!("exit_layer {} must be in {k}..{}", self.exit_layer, l - 1));
+        }
+        if self.num_draft_tokens < 1 || self.serial_parallel_transition < 0 {
+            p.push("num_draft_tokens must be >= 1 and serial_parallel_transition >= 0".into());
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Invalid(format!("spaf: {}", p.join("; "))))
+        }
+    }
+
+    /// The target tensors the probe samples.
+    fn probe_names(&self) -> Vec<String> {
+        vec![EMBED.into(), format!("model.layers.{}.self_attn.q_proj.weight", self.cutoff_layer)]
+    }
+
+    /// A fresh drafter records the probe of the target it is built for; a loaded one has it
+    /// in its weights and checks it against the live target.
+    pub fn target_needs(&self, fresh: bool) -> TargetNeeds {
+        if fresh {
+            TargetNeeds::Tensors(self.probe_names())
+        } else {
+            TargetNeeds::Nothing
+        }
+    }
+}
+
+/// Values of the target at fixed positions: 32 of each probed tensor.
+const PROBES: i64 = 32;
+
+fn probe(tensors: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| {
+            let flat = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]);
+            let n = flat.size()[0];
+            let idx: Vec<i64> = (0..PROBES).map(|i| (i * 7919 + 13) % n.max(1)).collect();
+            flat.index_select(0, &Tensor::from_slice(&idx))
+        })
+        .collect();
+    Tensor::cat(&parts, 0)
+}
+
+struct Adapter {
+    down: Linear,
+    up: Linear,
+}
+
+impl Adapter {
+    /// `x + up(SiLU(down(x)))`, in `x`'s kind.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x + self.up.forward(&self.down.forward(x).silu()).to_kind(x.kind())
+    }
+}
+
+pub struct Spaf {
+    spec: DrafterSpec,
+    s: SpafSpec,
+    vs: nn::VarStore,
+    /// A_k..A_{L-1}.
+    adapters: Vec<Adapter>,
+    align: Vec<Linear>,
+    /// `[64]` fp32, not trained (see the module comment).
+    target_probe: Tensor,
+    /// The live target was checked against the probe (once per drafter).
+    checked: Cell<bool>,
+}
+
+impl Spaf {
+    pub fn new(s: SpafSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
+        s.validate()?;
+        let (h, r, a) = (s.hidden_size, s.adapter_dim, s.alignment_hidden_size);
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let init = ParamInit::Default;
+        let adapters = (s.cutoff_layer..s.num_layers)
+            .map(|l| {
+                let p = &root / "adapters" / l;
+                Adapter {
+                    down: linear(&p / "down", h, r, true, init, compute),
+                    // zero: every exit starts as the target's early exit at its layer
+                    up: linear(&p / "up", r, h, true, ParamInit::Zeros, compute),
+                }
+            })
+            .collect();
+        let n = s.alignment_num_layers;
+        let align = (0..n)
+            .map(|i| {
+                let (din, dout) = (if i == 0 { h } else { a }, if i == n - 1 { h } else { a });
+                linear(&root / "align" / i, din, dout, true, init, compute)
+            })
+            .collect();
+        let mut target_probe = root.add("target_probe", Tensor::zeros([2 * PROBES], (Kind::Float, device)), false);
+        // a fresh drafter is given the probed tensors and records them
+        let named: Vec<Tensor> = s.probe_names().iter().filter_map(|n| target.tensor(n)).collect();
+        if named.len() == 2 {
+            tch::no_grad(|| target_probe.copy_(&probe(&named).to_device(device)));
+        }
+        Ok(Self {
+            spec: DrafterSpec::Spaf(s.clone()),
+            s,
+            vs,
+            adapters,
+            align,
+            target_probe,
+            checked: Cell::new(false),
+        })
+    }
+
+    pub fn spec_values(&self) -> &SpafSpec {
+        &self.s
+    }
+
+    /// Refuses a target whose probed values differ from the ones recorded (relative L2
+    /// difference above 2%: more than bf16 rounding of the same weights).
+    pub fn check_target(&self, target: &TargetModel) -> Result<()> {
+        if self.checked.get() {
+            return Ok(());
+        }
+        let c = &target.config;
+        if c.hidden_size != self.s.hidden_size || c.num_layers != self.s.num_layers || c.vocab_size != self.s.vocab_size {
+            return Err(ModelError::Invalid(format!(
+                "this SpAF draft was trained inside a target with hidden {}, {} layers, vocabulary {}; this target has hidden {}, {} layers, vocabulary {}: SpAF adapters only work inside the target they were trained in",
+                self.s.hidden_size, self.s.num_layers, self.s.vocab_size, c.hidden_size, c.num_layers, c.vocab_size
+            )));
+        }
+        let names = self.s.probe_names();
+        let vars = target.vs.variables();
+        let got: Vec<Tensor> = names
+            .iter()
+            .map(|n| match n.as_str() {
+                EMBED => Some(target.embed_weight().shallow_clone()),
+                _ => vars.get(n).map(|t| t.shallow_clone()),
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ModelError::Invalid(format!("spaf: the target has no {names:?}")))?;
+        let now = probe(&got);
+        let want = self.target_probe.to_device(Device::Cpu);
+        let norm = want.norm().double_value(&[]);
+        let diff = (&now - &want).norm().double_value(&[]);
+        if norm == 0.0 || diff > 0.02 * norm {
+            return Err(ModelError::Invalid(format!(
+                "this SpAF draft was trained inside another target: the target's weights differ from the ones recorded at training (relative difference {:.3} of 32 sampled values of {} and {}); SpAF adapters only work inside the target they were trained in",
+                if norm > 0.0 { diff / norm } else { f64::INFINITY },
+                names[0],
+                names[1]
+            )));
+        }
+        self.checked.set(true);
+        Ok(())
+    }
+
+    /// The alignment head: pseudo `h_{k-1}` `[.., H]` (compute kind) of token embeddings.
+    pub fn align(&self, embedded: &Tensor) -> Tensor {
+        let mut x = embedded.shallow_clone();
+        for (i, l) in self.align.iter().enumerate() {
+            x = l.forward(&x);
+            if i + 1 < self.align.len() {
+                x = x.silu();
+            }
+        }
+        x
+    }
+
+    fn adapter(&self, layer: i64) -> &Adapter {
+        &self.adapters[(layer - self.s.cutoff_layer) as usize]
+    }
+
+    /// Exit logits `[.., V]` fp32 of adapted states.
+    fn exit_logits(target: &TargetModel, s: &Tensor) -> Tensor {
+        target.logits(&target.final_norm(s)).to_kind(Kind::Float)
+    }
+}
+
+fn need_target<'a>(ctx: &StepContext<'a>) -> Result<&'a TargetModel> {
+    ctx.target.ok_or_else(|| {
+        ModelError::Invalid("spaf trains inside the live target: set data.mode: online (offline hidden-state shards cannot run the target's layers)".into())
+    })
+}
+
+impl Drafter for Spaf {
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    fn loss(&self, f: &Features, ctx: &StepContext) -> Result<LossOutput> {
+        let target = need_target(ctx)?;
+        self.check_target(target)?;
+        let s = &self.s;
+        let k = s.cutoff_layer;
+        let h_prev = f
+            .aux_hidden
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("spaf needs the target's output of layer cutoff_layer - 1 (aux features)".into()))?
+            .detach();
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let device = h_prev.device();
+        let mut total = Tensor::zeros([], (Kind::Float, device));
+        let (mut parts, mut metrics) = (Vec::new(), Vec::new());
+
+        // the trained positions: position p predicts token p+1 where that token is trained
+        let n = t - 1;
+        let mask = f.loss_mask.narrow(1, 1, n).ne(0).reshape([-1]);
+        let idx = mask.nonzero().squeeze_dim(-1);
+        let count = idx.size()[0];
+        let labels = f.input_ids.narrow(1, 1, n).reshape([-1]).index_select(0, &idx);
+        let target_logp = match (s.adapter_loss, count > 0) {
+            (AdapterLoss::Kl, true) => {
+                let hn = f.hidden_normed()?.narrow(1, 0, n).reshape([b * n, -1]).index_select(0, &idx);
+                Some(tch::no_grad(|| target.logits(&hn).to_kind(Kind::Float).log_softmax(-1, Kind::Float)))
+            }
+            _ => None,
+        };
+        // the draft's stream through the frozen layers, with gradients, to the deepest exit
+        // that is trained
+        let last = k + s.layer_weights.iter().rposition(|w| *w > 0.0).unwrap_or(0) as i64;
+        if count > 0 {
+            let inputs = target.layer_inputs(b, t, 0, Some(&f.position_ids), None)?;
+            let mut x = h_prev.to_kind(target.kind());
+            for l in k..=last {
+                x = target.run_layers(x, l as usize..l as usize + 1, &inputs, None, None)?;
+                x = self.adapter(l).forward(&x);
+                let w = s.layer_weights[(l - k) as usize];
+                let sel = x.narrow(1, 0, n).reshape([b * n, -1]).index_select(0, &idx);
+                let logits = Self::exit_logits(target, &sel);
+                let (ce, top1, _) = ce_and_hits(&logits, &labels, 1);
+                let c = count as f64;
+                let name = format!("layer{l}");
+                let term = match &target_logp {
+                    Some(tl) => {
+                        let q = logits.log_softmax(-1, Kind::Float);
+                        let kl = (tl.exp() * (tl - &q)).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
+                        parts.push(Metric { name: format!("kl/{name}"), sum: kl.double_value(&[]) * c * w * s.adapter_weight, count: c });
+                        metrics.push(Metric { name: format!("ce/{name}"), sum: ce.double_value(&[]) * c, count: c });
+                        kl
+                    }
+                    None => {
+                        parts.push(Metric { name: format!("ce/{name}"), sum: ce.double_value(&[]) * c * w * s.adapter_weight, count: c });
+                        ce
+                    }
+                };
+                metrics.push(Metric { name: format!("acc/{name}"), sum: top1, count: c });
+                if w > 0.0 {
+                    total += term * (w * s.adapter_weight);
+                }
+            }
+        }
+
+        // the alignment head against the real h_{k-1}, at every real position
+        let valid = f.attention_mask.reshape([-1]).ne(0).nonzero().squeeze_dim(-1);
+        let nv = valid.size()[0];
+        if nv > 0 {
+            let emb = target.embed(&f.input_ids).detach().reshape([b * t, -1]).index_select(0, &valid);
+            let pseudo = self.align(&emb).to_kind(Kind::Float);
+            let real = h_prev.reshape([b * t, -1]).index_select(0, &valid).to_kind(Kind::Float);
+            let mse = (&pseudo - &real).square().mean_dim(-1, false, Kind::Float).mean(Kind::Float);
+            let cos = Tensor::cosine_similarity(&pseudo, &real, -1, 1e-8).mean(Kind::Float);
+            let term = match s.alignment_loss {
+                AlignmentLoss::Mse => mse.shallow_clone(),
+                AlignmentLoss::Cosine => cos.neg() + 1.0,
+            };
+            let c = nv as f64;
+            parts.push(Metric { name: "align".into(), sum: term.double_value(&[]) * c * s.alignment_weight, count: c });
+            metrics.push(Metric { name: "align/mse".into(), sum: mse.double_value(&[]) * c, count: c });
+            metrics.push(Metric { name: "align/cos".into(), sum: cos.double_value(&[]) * c, count: c });
+            total += term * s.alignment_weight;
+        }
+        Ok(LossOutput { loss: total, parts, metrics })
+    }
+
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[]
+    }
+
+    fn engines_note(&self) -> Option<&'static str> {
+        Some("SpAF drafts run inside the target itself (adapters after its layers, its KV cache shared with verification); no inference engine (vLLM, SGLang, TensorRT-LLM) has that draft mode. The forge format holds the adapters and the alignment head alone, with the probe of the target they belong to; forge eval decodes with them")
+    }
+
+    fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
+        Err(super::forge_format_only("spaf", format, self.engines_note()))
+    }
+
+    fn session<'a>(&'a self, target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
+        self.check_target(target)?;
+        Ok(Box::new(SpafSession {
+            m: self,
+            target,
+            cache: target.new_cache(),
+            draft_cache: KvCache::new(self.s.num_layers),
+            committed: 0,
+            last: None,
+            serial: Vec::new(),
+            verified_hk: None,
+        }))
+    }
+}
+
+/// A draft input that ran the target's layers 0..k during drafting: its token, and its
+/// outputs of layers k-1 and k (`[1, 1, H]`), which verification reuses.
+struct SerialInput {
+    token: i64,
+    h_prev: Tensor,
+    h_k: Tensor,
+}
+
+/// Self-speculative decoding with SpAF over one sequence.
+///
+/// The session owns the target's KV cache (`cache`, every layer) and runs the target's
+/// forwards for the engine ([`SharedTarget`]). Per round, with k the cutoff and e the exit:
+/// - the first `serial_parallel_transition` draft inputs (the last committed token, then
+///   the proposals) run the target's layers 0..k, appending to `cache`: these keys and values
+///   are the target's own (same weights, same inputs), so verification keeps them;
+/// - later draft inputs take the alignment head's pseudo `h_{k-1}` and run layer k against a
+///   fork of layer k's cache (scratch entries past its valid positions);
+/// - every draft input then runs A_k and, for e > k, layers k+1..e with adapters on the
+///   draft's own cache (`draft_cache`), which holds the adapted stream of every committed
+///   position (filled at commit from the verified `h_k`);
+/// - verification runs layers 0..k for the inputs drafting did not, then layers k+1..L-1 for
+///   all, over `cache`; rejected positions are truncated away.
+struct SpafSession<'a> {
+    m: &'a Spaf,
+    target: &'a TargetModel,
+    cache: KvCache,
+    draft_cache: KvCache,
+    /// Positions final in every layer of `cache`.
+    committed: i64,
+    /// The token after the committed positions (the next draft input).
+    last: Option<i64>,
+    /// This round's serial draft inputs, from position `committed` on.
+    serial: Vec<SerialInput>,
+    /// `h_k` of the positions of the latest target forward, from its first position.
+    verified_hk: Option<Tensor>,
+}
+
+impl SpafSession<'_> {
+    fn k(&self) -> i64 {
+        self.m.s.cutoff_layer
+    }
+
+    /// Layers 0..=k for `ids` at `pos..` over `cache`: (outputs of layer k-1, of layer k).
+    fn shallow(&mut self, ids: &[i64], pos: i64) -> Result<(Tensor, Tensor)> {
+        let t = self.target;
+        let k = self.k() as usize;
+        let x = t.embed(&Tensor::from_slice(ids).view([1, -1]).to_device(t.device()));
+        let inputs = t.layer_inputs(1, ids.len() as i64, pos, None, None)?;
+        let h_prev = t.run_layers(x, 0..k, &inputs, Some(&mut self.cache), None)?;
+        let h_k = t.run_layers(h_prev.shallow_clone(), k..k + 1, &inputs, Some(&mut self.cache), None)?;
+        Ok((h_prev, h_k))
+    }
+
+    /// The adapted stream from `h_k` `[1, n, H]` at positions `pos..` through the exit:
+    /// A_k, then layers k+1..=e with adapters over `draft_cache`. Returns `s_e`.
+    fn adapted(&mut self, h_k: &Tensor, pos: i64) -> Result<Tensor> {
+        let (k, e) = (self.k(), self.m.s.exit_layer);
+        let mut x = self.m.adapter(k).forward(h_k);
+        if e > k {
+            let t = self.target;
+            let inputs = t.layer_inputs(1, h_k.size()[1], pos, None, None)?;
+            for l in k + 1..=e {
+                x = t.run_layers(x, l as usize..l as usize + 1, &inputs, Some(&mut self.draft_cache), None)?;
+                x = self.m.adapter(l).forward(&x);
+            }
+        }
+        Ok(x)
+    }
+}
+
+impl DraftSession for SpafSession<'_> {
+    fn commit(&mut self, start: i64, _features: &StepFeatures, next: &[i64]) -> Result<()> {
+        if start + next.len() as i64 != self.committed {
+            return Err(ModelError::Invalid(format!(
+                "spaf: commit of {}..{} but the target's cache holds {} positions",
+                start,
+                start + next.len() as i64,
+                self.committed
+            )));
+        }
+        self.last = next.last().copied();
+        if self.m.s.exit_layer > self.k() {
+            // the adapted stream of the newly final positions, from their verified h_k
+            let hk = self
+                .verified_hk
+                .as_ref()
+                .ok_or_else(|| ModelError::Invalid("spaf: commit without a target forward".into()))?
+                .narrow(1, 0, next.len() as i64);
+            self.draft_cache.truncate(start);
+            let _ = self.adapted(&hk, start)?;
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        let mut token = self.last.ok_or_else(|| ModelError::Invalid("spaf: propose before commit".into()))?;
+        let (k, transition) = (self.k(), self.m.s.serial_parallel_transition as usize);
+        let t = self.target;
+        self.serial.clear();
+        // drafting appends past the committed positions only: start clean
+        self.cache.truncate(self.committed);
+        self.draft_cache.truncate(self.committed);
+        let mut fork: Option<LayerKv> = None;
+        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        for i in 0..gamma {
+            let pos = self.committed + i as i64;
+            let h_k = if i < transition {
+                let (h_prev, h_k) = self.shallow(&[token], pos)?;
+                self.serial.push(SerialInput { token, h_prev, h_k: h_k.shallow_clone() });
+                h_k
+            } else {
+                // the alignment head's pseudo h_{k-1}, then layer k over a fork of its cache
+                let layer_cache = fork.get_or_insert_with(|| self.cache.layers[k as usize].fork());
+                let emb = t.embed(&Tensor::from_slice(&[token]).view([1, 1]).to_device(t.device()));
+                let pseudo = self.m.align(&emb).to_kind(t.kind());
+                let inputs = t.layer_inputs(1, 1, pos, None, None)?;
+                t.layers()[k as usize].forward(&pseudo, &inputs.cos, &inputs.sin, &AttnMask::Full, Keys::Cache(layer_cache))
+            };
+            let s = self.adapted(&h_k, pos)?;
+            let l = Spaf::exit_logits(t, &s).view([-1]);
+            token = pick(&l, temperature, rng)?;
+            tokens.push(token);
+            logits.push(l);
+        }
+        Ok(Proposal { tokens, logits: Tensor::stack(&logits, 0) })
+    }
+
+    fn shared_target(&mut self) -> Option<&mut dyn SharedTarget> {
+        Some(self)
+    }
+}
+
+impl SharedTarget for SpafSession<'_> {
+    fn cached(&self) -> i64 {
+        self.committed
+    }
+
+    fn forward(&mut self, ids: &[i64], capture: &Capture) -> Result<TargetOutput> {
+        let t = self.target;
+        let k = self.k();
+        let n = ids.len() as i64;
+        if capture.layers.iter().any(|&l| l != k - 1) {
+            return Err(ModelError::Invalid(format!("spaf: the shared target forward captures layer {} only", k - 1)));
+        }
+        // the draft inputs whose layers 0..k drafting ran (the same tokens, in order)
+        let reuse = self.serial.iter().zip(ids).take_while(|(s, id)| s.token == **id).count();
+        self.serial.truncate(reuse);
+        self.cache.truncate(self.committed + reuse as i64);
+        let (mut prevs, mut hks): (Vec<Tensor>, Vec<Tensor>) =
+            self.serial.drain(..).map(|s| (s.h_prev, s.h_k)).unzip();
+        if (reuse as i64) < n {
+            let (h_prev, h_k) = self.shallow(&ids[reuse..], self.committed + reuse as i64)?;
+            prevs.push(h_prev);
+            hks.push(h_k);
+        }
+        let h_prev = Tensor::cat(&prevs, 1);
+        let h_k = Tensor::cat(&hks, 1);
+        let inputs = t.layer_inputs(1, n, self.committed, None, None)?;
+        let l = t.num_layers() as usize;
+        let x = t.run_layers(h_k.shallow_clone(), k as usize + 1..l, &inputs, Some(&mut self.cache), None)?;
+        self.committed += n;
+        self.verified_hk = Some(h_k);
+        let hidden_normed = t.final_norm(&x);
+        let logits = match capture.logits {
+            LogitsMode::None => None,
+            LogitsMode::All => Some(t.logits(&hidden_normed)),
+            LogitsMode::Last => Some(t.logits(&hidden_normed.narrow(1, n - 1, 1))),
+        };
+        let layers = if capture.layers.is_empty() { Vec::new() } else { vec![h_prev] };
+        Ok(TargetOutput { logits, hidden: x, hidden_normed, layers })
+    }
+
+    fn truncate(&mut self, len: i64) {
+        let kept = (len - (self.committed - self.verified_hk.as_ref().map_or(0, |h| h.size()[1]))).max(0);
+        self.cache.truncate(len);
+        self.committed = self.committed.min(len);
+        if let Some(h) = self.verified_hk.take() {
+            self.verified_hk = Some(h.narrow(1, 0, kept.min(h.size()[1])));
+        }
+    }
+}
