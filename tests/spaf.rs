@@ -143,6 +143,12 @@ fn training_lowers_the_losses_and_leaves_the_target_bit_identical() {
     let t = target4(5);
     let before: Vec<(String, Tensor)> = t.vs.variables().into_iter().map(|(n, v)| (n, v.copy())).collect();
     let m = build(&t, spec(&t, 2, 2, vec![0.5, 0.5], 2));
+    reinit_trainable(m.var_store(), 10);
+    tch::no_grad(|| {
+        for l in [2, 3] {
+            let _ = var(&m, &format!("adapters.{l}.up.weight")).zero_();
+        }
+    });
     let mut opt = tch::nn::Adam::default().build(m.var_store(), 3e-3).expect("adam");
     let f = features(&t, &seq(), 2);
     let metric =
@@ -240,13 +246,86 @@ fn verification_reusing_the_drafts_shallow_layers_equals_a_full_forward() {
     assert!(max_abs_diff(&again.logits.expect("logits"), &want2) < 1e-4);
 }
 
+/// The session's proposals are the training stream's exits: for every draft input, the exit
+/// logits equal a no-cache computation over the whole sequence, serial inputs through the
+/// target's layers 0..k, parallel ones from the alignment head's pseudo states (all of them
+/// as layer k's inputs at their positions), then the adapters and layers k+1..e. A long
+/// prompt makes the target's cache and the fork outgrow their first buffers.
+#[test]
+fn proposals_equal_the_training_stream_computed_without_a_cache() {
+    let t = target4(13);
+    let prompt: Vec<i64> = (0..61).map(|i| (i * 37 + 5) % 96).collect();
+    for (exit, transition) in [(2i64, 9i64), (3, 9), (2, 0), (3, 2)] {
+        let m = build(&t, spec(&t, 2, exit, vec![0.5, 0.5], transition));
+        reinit_trainable(m.var_store(), 14);
+        let mut s = m.session(&t).expect("session");
+        let cap = Capture { layers: vec![1], logits: LogitsMode::All };
+        let pre = s.shared_target().expect("shared").forward(&prompt, &cap).expect("prefill");
+        let features = StepFeatures { hidden_normed: pre.hidden_normed.get(0), aux: Some(pre.layers[0].get(0)) };
+        let last = 40i64;
+        let mut next = prompt[1..].to_vec();
+        next.push(last);
+        s.commit(0, &features, &next).expect("commit");
+        let g = 6;
+        let p = s.propose(g, 0.0, &mut RowRng::new(0)).expect("propose");
+        // by hand: inputs = prompt, last, d_1..d_{g-1}; layer k's inputs are the real h_1 for
+        // the prompt and the serial inputs, the pseudo ones for the parallel inputs
+        let inputs: Vec<i64> = prompt.iter().copied().chain(std::iter::once(last)).chain(p.tokens[..g - 1].iter().copied()).collect();
+        let n = inputs.len() as i64;
+        let ids = Tensor::from_slice(&inputs).view([1, n]);
+        let cap1 = Capture { layers: vec![1], logits: LogitsMode::None };
+        let real = tch::no_grad(|| t.forward(&ids, None, None, None, &cap1)).expect("forward").layers[0].shallow_clone();
+        let first_parallel = prompt.len() as i64 + transition.min(g as i64);
+        let h1 = if first_parallel < n {
+            let pseudo = m.align(&t.embed(&ids)).to_kind(Kind::Float);
+            Tensor::cat(&[real.narrow(1, 0, first_parallel), pseudo.narrow(1, first_parallel, n - first_parallel)], 1)
+        } else {
+            real
+        };
+        let li = t.layer_inputs(1, n, 0, None, None).expect("inputs");
+        let w = |l: i64, p: &str| var(&m, &format!("adapters.{l}.{p}"));
+        let adapter = |l: i64, x: &Tensor| x + (x.matmul(&w(l, "down.weight").tr()) + w(l, "down.bias")).silu().matmul(&w(l, "up.weight").tr()) + w(l, "up.bias");
+        let mut x = adapter(2, &t.run_layers(h1, 2..3, &li, None, None).expect("layer 2"));
+        if exit == 3 {
+            x = adapter(3, &t.run_layers(x, 3..4, &li, None, None).expect("layer 3"));
+        }
+        let want = t.logits(&t.final_norm(&x.narrow(1, prompt.len() as i64, g as i64))).get(0);
+        let d = max_abs_diff(&p.logits, &want);
+        assert!(d < 1e-4, "exit {exit} transition {transition}: proposal logits differ from the stream by {d}");
+    }
+}
+
+/// Sampled self-speculative decoding runs to the end with tokens of the vocabulary and
+/// acceptance counts that add up.
+#[test]
+fn sampled_self_speculative_decoding_runs() {
+    let t = target4(15);
+    let m = build(&t, spec(&t, 2, 3, vec![0.5, 0.5], 1));
+    let mut s = m.session(&t).expect("session");
+    let opts = SpecOptions { gamma: 4, max_new_tokens: 40, temperature: 0.8, seed: 3, ..Default::default() };
+    let got = speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &[1, 17, 42, 5], &opts).expect("sampled");
+    assert_eq!(got.tokens.len(), 40);
+    assert!(got.tokens.iter().all(|&x| (0..96).contains(&x)));
+    let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
+    assert_eq!(emitted + 1, got.tokens.len());
+    // one session decodes one sequence
+    let again = speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &[1, 2], &opts);
+    assert!(again.err().is_some_and(|e| e.to_string().contains("one sequence")));
+}
+
 #[test]
 fn a_spaf_draft_refuses_a_target_it_was_not_trained_in() {
     let t = target4(8);
     let m = build(&t, spec(&t, 2, 2, vec![0.5, 0.5], 2));
+    assert!(m.session(&t).is_ok());
     let other = target4(9);
     let err = m.session(&other).err().expect("refused").to_string();
     assert!(err.contains("trained inside another target"), "{err}");
+    // the same weights in bf16 are the same target
+    let dir = forge_tests::tmp_dir("spaf-bf16-target");
+    t.save_hf(&dir).expect("save");
+    let bf16 = TargetModel::load(&dir, forge_models::DType::BF16, Device::Cpu).expect("bf16");
+    assert!(m.session(&bf16).is_ok());
     let small = forge_tests::random_target("llama", 1);
     let err = m.session(&small).err().expect("refused").to_string();
     assert!(err.contains("4 layers") && err.contains("2 layers"), "{err}");

@@ -315,6 +315,9 @@ pub fn speculative_generate(
     let mut out = SpecOutput::default();
 
     // prefill: the whole prompt, the first new token from the target alone
+    if cached(draft, &cache) != 0 {
+        return Err(ModelError::Invalid("a draft session decodes one sequence: start a new session for another prompt".into()));
+    }
     let pre = tch::no_grad(|| target_forward(target, draft, &mut cache, prompt, &capture_last))?;
     let logits = pre.logits.as_ref().ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
     let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;

@@ -929,6 +929,15 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
             );
         }
     }
+    if let DrafterSpec::Spaf(s) = &spec {
+        let deepest = s.layer_weights.iter().rposition(|w| *w > 0.0).map(|i| s.cutoff_layer + i as i64);
+        if deepest.is_none_or(|d| d < s.exit_layer) && dp.rank() == 0 {
+            eprintln!(
+                "warning: drafter.exit_layer {} is below no trained exit (the deepest is {deepest:?}): decoding would use adapters this run does not train; add it to train_exits",
+                s.exit_layer
+            );
+        }
+    }
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume_from(recipe, &opts.resume)?;
     let mut trainer = Trainer::new(recipe, &cfg, &spec, &dir, resume_ck.is_none(), opts, dp)?;

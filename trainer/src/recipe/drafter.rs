@@ -140,7 +140,7 @@ section! {
         alignment_weight: f64 = 1.0,
         /// Loss weight of each exit k..L-1, one per layer (default: 1 / (L - k) each, or as train_exits says).
         layer_weights: Option<Vec<f64>> = None,
-        /// Train only these exits (target layers in k..L-1), weighted equally; the others keep their initial adapters. Exclusive with layer_weights.
+        /// Train only these exits (target layers in k..L-1), weighted equally; the other exits are not in the loss (adapters below a trained exit still learn through it). Exclusive with layer_weights.
         train_exits: Option<Vec<i64>> = None,
         /// The exit drafting decodes with (default: cutoff_layer, the cheapest).
         exit_layer: Option<i64> = None,
@@ -284,6 +284,9 @@ impl DrafterSection {
                         }
                         (Some(w), None) => w.clone(),
                         (None, Some(list)) => {
+                            if list.is_empty() {
+                                return Err(TrainerError::Config("drafter.train_exits: list at least one exit layer".into()));
+                            }
                             if let Some(bad) = list.iter().find(|&&e| e < k || e >= l) {
                                 return Err(TrainerError::Config(format!(
                                     "drafter.train_exits: layer {bad} has no exit (exits are layers {k}..{})",
