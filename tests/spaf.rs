@@ -379,6 +379,14 @@ fn spaf_trains_exports_reloads_evaluates_and_resumes_exactly() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
     assert_eq!(r["summary"]["greedy_mismatches"], 0);
+    // what the draft adds to the target's memory: its weights (its KV cache is the target's)
+    let numel: i64 = b.iter().map(|(_, t)| t.numel() as i64).sum();
+    assert_eq!(r["draft"]["weights"].as_i64(), Some(numel));
+    assert_eq!(r["draft"]["weight_bytes"].as_i64(), Some(4 * numel));
+    // serial draft inputs (two per round) and parallel ones (the rest of each proposal of 4)
+    let c = &r["summary"]["draft_counters"];
+    let (serial, parallel) = (c["spaf/serial"].as_u64().expect("serial"), c["spaf/parallel"].as_u64().expect("parallel"));
+    assert!(serial > 0 && parallel > 0 && serial >= parallel, "{c}");
 
     // another target: refused with the reason
     let other = forge_tests::tiny_target_with_demo_tokenizer_layers(&run.dir.join("other"), 99, 4);

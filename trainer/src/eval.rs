@@ -502,10 +502,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let baseline = !a.no_baseline;
     let total_turns: usize = files.iter().flat_map(|(_, c)| c.iter().map(|c| c.user_turns())).sum();
+    // the draft's own weights (what it adds to the target's memory besides its KV cache)
+    let draft_vars = drafter.var_store().variables();
+    let draft_params: i64 = draft_vars.values().map(|t| t.numel() as i64).sum();
+    let draft_bytes: i64 = draft_vars.values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64).sum();
     eprintln!(
-        "forge eval: {} draft {} against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
+        "forge eval: {} draft {} ({:.2} M weights, {:.1} MB) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
         loaded.spec.kind(),
         loaded.source.display(),
+        draft_params as f64 / 1e6,
+        draft_bytes as f64 / 1e6,
         target_dir.display(),
         device,
         dtype.name(),
@@ -572,7 +578,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if let Some(out) = &a.json {
         let report = json!({
-            "draft": {"path": loaded.source.display().to_string(), "kind": loaded.spec.kind(), "spec": loaded.spec},
+            "draft": {"path": loaded.source.display().to_string(), "kind": loaded.spec.kind(), "spec": loaded.spec, "weights": draft_params, "weight_bytes": draft_bytes},
             "target": target_dir.display().to_string(),
             "settings": {
                 "gamma": a.gamma,

@@ -402,8 +402,18 @@ impl Drafter for Spaf {
             last: None,
             serial: Vec::new(),
             verified_hk: None,
+            counts: SharingCounts::default(),
         }))
     }
+}
+
+/// How a session's draft inputs were computed, reported by `forge eval` (`draft_counters`):
+/// serial inputs ran the target's layers 0..k, whose keys and values verification reuses;
+/// parallel ones took the alignment head's pseudo state.
+#[derive(Default)]
+struct SharingCounts {
+    serial: u64,
+    parallel: u64,
 }
 
 /// A draft input that ran the target's layers 0..k during drafting: its token, and its
@@ -441,6 +451,7 @@ struct SpafSession<'a> {
     serial: Vec<SerialInput>,
     /// `h_k` of the positions of the latest target forward, from its first position.
     verified_hk: Option<Tensor>,
+    counts: SharingCounts,
 }
 
 impl SpafSession<'_> {
@@ -513,10 +524,12 @@ impl DraftSession for SpafSession<'_> {
         for i in 0..gamma {
             let pos = self.committed + i as i64;
             let h_k = if i < transition {
+                self.counts.serial += 1;
                 let (h_prev, h_k) = self.shallow(&[token], pos)?;
                 self.serial.push(SerialInput { token, h_prev, h_k: h_k.shallow_clone() });
                 h_k
             } else {
+                self.counts.parallel += 1;
                 // the alignment head's pseudo h_{k-1}, then layer k over a fork of its cache
                 let layer_cache = fork.get_or_insert_with(|| self.cache.layers[k as usize].fork());
                 let emb = t.embed(&Tensor::from_slice(&[token]).view([1, 1]).to_device(t.device()));
@@ -535,6 +548,11 @@ impl DraftSession for SpafSession<'_> {
 
     fn shared_target(&mut self) -> Option<&mut dyn SharedTarget> {
         Some(self)
+    }
+
+    fn counters(&self) -> Vec<(String, u64)> {
+        let c = &self.counts;
+        vec![("spaf/serial".into(), c.serial), ("spaf/parallel".into(), c.parallel)]
     }
 }
 
