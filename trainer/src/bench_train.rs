@@ -14,12 +14,11 @@
 //! peak of allocated bytes over the timed steps; CPU: the process's peak resident set), the
 //! target forward's useful FLOPs and, given the device's peak, its MFU.
 
-use crate::dist::zero::DistAdamW;
 use crate::dist::SingleProcess;
 use crate::error::{Result, TrainerError};
-use crate::optim::{AdamWConfig, ParamPolicy};
+use crate::optim::ParamPolicy;
 use crate::recipe::Recipe;
-use crate::train::{compute_kind, peak_rss_mb, target_features};
+use crate::train::{compute_kind, optimizer, peak_rss_mb, target_features};
 use forge_models::drafters::{PrepareData, StepContext, TargetAccess};
 use forge_models::layers::ParamInit;
 use forge_models::{DType, TargetConfig, TargetModel};
@@ -243,20 +242,7 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
         let policy = ParamPolicy::new(drafter.param_groups())?;
         let mut dp = SingleProcess;
         let t = &recipe.train;
-        let mut opt = DistAdamW::new(
-            params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
-            AdamWConfig {
-                lr: t.lr,
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_eps,
-                weight_decay: t.weight_decay,
-            },
-            &policy,
-            0,
-            recipe.dist.bucket_mb,
-            &mut dp,
-        )?;
+        let mut opt = optimizer(&recipe, &params, &policy, 0, &mut dp)?;
         let (b, l) = (opts.batch as i64, opts.seq_len as i64);
         let total = (opts.warmup + opts.steps) as u64;
         let (mut step_ms, mut target_ms, mut drafter_ms) = (Vec::new(), Vec::new(), Vec::new());

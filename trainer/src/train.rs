@@ -337,20 +337,7 @@ impl<'a> Trainer<'a> {
                 eprintln!("{g}");
             }
         }
-        let opt = DistAdamW::new(
-            params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
-            AdamWConfig {
-                lr: t.lr,
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_eps,
-                weight_decay: t.weight_decay,
-            },
-            &policy,
-            recipe.dist.zero_stage,
-            recipe.dist.bucket_mb,
-            dp,
-        )?;
+        let opt = optimizer(recipe, &params, &policy, recipe.dist.zero_stage, dp)?;
         let eval_target = if matches!(source, Source::Offline { .. }) && eval_tokens.is_some() {
             Some(TargetModel::load(dir, target_dtype, device)?)
         } else {
@@ -624,6 +611,26 @@ impl<'a> Trainer<'a> {
         }
         Ok(Some(rows))
     }
+}
+
+/// The recipe's AdamW over `params` (sorted by name) with the drafter's parameter groups,
+/// its state sharded at `zero_stage` over the ranks of `dp`.
+pub(crate) fn optimizer(recipe: &Recipe, params: &[(String, Tensor)], policy: &ParamPolicy, zero_stage: u32, dp: &mut dyn Comm) -> Result<DistAdamW> {
+    let t = &recipe.train;
+    DistAdamW::new(
+        params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
+        AdamWConfig {
+            lr: t.lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+        },
+        policy,
+        zero_stage,
+        recipe.dist.bucket_mb,
+        dp,
+    )
 }
 
 /// The frozen target's forward over a batch (no gradients) and the features the drafter

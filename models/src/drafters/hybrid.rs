@@ -38,7 +38,7 @@
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::eagle3::install_vocab_mapping;
 use super::{
-    Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, ParamGroup, PrepareData,
+    Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData,
     StepContext, TargetAccess, EMBED, LM_HEAD,
 };
 use crate::target::TargetModel;
@@ -632,16 +632,8 @@ impl Drafter for Hybrid {
         Vec::new()
     }
 
-    fn export_formats(&self) -> &'static [ExportFormat] {
-        &[]
-    }
-
     fn engines_note(&self) -> Option<&'static str> {
         Some("no inference engine (vLLM, SGLang, TensorRT-LLM) has a gated multi-block draft architecture to load it into; the forge format (docs/methods/hybrid.md) holds it and forge eval decodes with it")
-    }
-
-    fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
-        Err(super::forge_format_only("hybrid", format, self.engines_note()))
     }
 
     fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {

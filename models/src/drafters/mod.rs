@@ -256,14 +256,20 @@ pub trait Drafter {
         Vec::new()
     }
     /// Formats this drafter can be exported to (besides `forge`).
-    fn export_formats(&self) -> &'static [ExportFormat];
+    /// Default: none (the forge format only).
+    fn export_formats(&self) -> &'static [ExportFormat] {
+        &[]
+    }
     /// Why no engine format can hold this drafter, for drafters with none (shown when one is
     /// asked for).
     fn engines_note(&self) -> Option<&'static str> {
         None
     }
-    /// Tensors and configs for an engine format, named as the engine expects.
-    fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle>;
+    /// Tensors and configs for an engine format, named as the engine expects. Default (a
+    /// drafter without engine formats): the refusal with [`Drafter::engines_note`].
+    fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
+        Err(forge_format_only(self.spec().kind(), format, self.engines_note()))
+    }
     /// A speculative-decoding session over one sequence with `target` (`forge eval`,
     /// `speculative.rs`). Drafts that run inside the target (SpAF) use it; others ignore it.
     fn session<'a>(&'a self, target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>>;

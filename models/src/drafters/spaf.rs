@@ -28,7 +28,7 @@
 //! over layer k's q_proj, checked against the target a draft is used with.
 
 use super::{
-    ce_and_hits, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, StepContext,
+    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, StepContext,
     TargetAccess, TargetNeeds, EMBED,
 };
 use crate::error::{ModelError, Result};
@@ -379,16 +379,8 @@ impl Drafter for Spaf {
         Ok(LossOutput { loss: total, parts, metrics })
     }
 
-    fn export_formats(&self) -> &'static [ExportFormat] {
-        &[]
-    }
-
     fn engines_note(&self) -> Option<&'static str> {
         Some("SpAF drafts run inside the target itself (adapters after its layers, its KV cache shared with verification); no inference engine (vLLM, SGLang, TensorRT-LLM) has that draft mode. The forge format holds the adapters and the alignment head alone, with the probe of the target they belong to; forge eval decodes with them")
-    }
-
-    fn export(&self, format: ExportFormat, _target_config: &serde_json::Value) -> Result<ExportBundle> {
-        Err(super::forge_format_only("spaf", format, self.engines_note()))
     }
 
     fn session<'a>(&'a self, target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
