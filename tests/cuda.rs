@@ -5,13 +5,11 @@
 //! process (tiny random targets under the system's temp folder), so the test binary runs
 //! from any folder.
 
-use forge_models::drafters::eagle::DraftLayerSpec;
-use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
 use forge_models::drafters::{Drafter, Features};
 use forge_models::generate::{generate, GenerateOptions};
 use forge_models::speculative::{greedy_divergence, speculative_generate, SpecOptions};
 use forge_models::{parse_device, Capture, DType, LogitsMode, TargetModel};
-use forge_tests::{random_target, reinit_trainable, TargetHeads};
+use forge_tests::random_target;
 use forge_trainer::bench_train::{self, target_forward_flops, BenchTarget, TrainBenchOptions};
 use forge_trainer::dist::{bench, c10d};
 use std::path::PathBuf;
@@ -108,34 +106,6 @@ fn greedy_decoding_with_a_cache_on_the_device_matches_the_cpu() {
     }
 }
 
-fn eagle3_on(t: &TargetModel, dev: Device) -> Eagle3 {
-    let heads = TargetHeads {
-        lm_head: Some(t.lm_head_weight().detach()),
-        embed: Some(t.embed_weight().detach()),
-    };
-    let v = t.config.vocab_size;
-    let m = Eagle3::new(
-        Eagle3Spec {
-            ttt_length: 3,
-            step_decay: 0.8,
-            aux_layers: vec![0, 1],
-            draft_vocab_size: v / 2,
-            target_hidden_size: t.config.hidden_size,
-            vocab_size: v,
-            layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
-        },
-        &heads.access(),
-        dev,
-        Kind::Float,
-    )
-    .expect("eagle3");
-    reinit_trainable(m.var_store(), 13);
-    let d2t: Vec<i64> = (0..v / 2).collect();
-    let t2d: Vec<bool> = (0..v).map(|i| i % 2 == 0).collect();
-    install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
-    m
-}
-
 fn features(t: &TargetModel, ids: &Tensor) -> Features {
     let dev = t.device();
     let (b, n) = (ids.size()[0], ids.size()[1]);
@@ -161,8 +131,8 @@ fn eagle3_loss_and_gradients_on_the_device_match_the_cpu() {
     let dev = device();
     let cpu_t = random_target("llama", 33);
     let dev_t = moved(&cpu_t, "eagle3", DType::F32, dev);
-    let on_cpu = eagle3_on(&cpu_t, Device::Cpu);
-    let on_dev = eagle3_on(&dev_t, dev);
+    let on_cpu = crate::eval::eagle3_on(&cpu_t, Device::Cpu);
+    let on_dev = crate::eval::eagle3_on(&dev_t, dev);
     let ctx = forge_tests::train_ctx();
     let a = on_cpu.loss(&features(&cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
     let b = on_dev.loss(&features(&dev_t, &ids(dev)), &ctx).expect("device loss");
@@ -189,7 +159,7 @@ fn greedy_speculative_decoding_on_the_device_is_lossless() {
     let cpu_t = random_target("llama", 34);
     for dtype in [DType::F32, DType::BF16] {
         let t = moved(&cpu_t, "spec", dtype, dev);
-        let d = eagle3_on(&t, dev);
+        let d = crate::eval::eagle3_on(&t, dev);
         for gamma in [1usize, 5, 7] {
             for prompt in [vec![1i64, 17, 42, 5, 66, 23], vec![1, 9]] {
                 let plain = generate(

@@ -75,24 +75,30 @@ fn eagle1(t: &TargetModel) -> Eagle1 {
 
 /// EAGLE-3 over the two tiny layers with a draft vocabulary of the even target ids.
 fn eagle3(t: &TargetModel) -> Eagle3 {
+    eagle3_on(t, Device::Cpu)
+}
+
+/// [`eagle3`] on `dev` (tests/cuda.rs builds it on the GPU).
+pub(crate) fn eagle3_on(t: &TargetModel, dev: Device) -> Eagle3 {
+    let v = t.config.vocab_size;
     let m = Eagle3::new(
         Eagle3Spec {
             ttt_length: 3,
             step_decay: 0.8,
             aux_layers: vec![0, 1],
-            draft_vocab_size: V / 2,
-            target_hidden_size: 64,
-            vocab_size: V,
+            draft_vocab_size: v / 2,
+            target_hidden_size: t.config.hidden_size,
+            vocab_size: v,
             layer: DraftLayerSpec::from_target(&t.config, None, None, None, None).expect("layer"),
         },
         &tensors(t).access(),
-        Device::Cpu,
+        dev,
         Kind::Float,
     )
     .expect("eagle3");
     reinit_trainable(m.var_store(), 13);
-    let d2t: Vec<i64> = (0..V / 2).collect(); // draft id i -> target id 2i
-    let t2d: Vec<bool> = (0..V).map(|i| i % 2 == 0).collect();
+    let d2t: Vec<i64> = (0..v / 2).collect(); // draft id i -> target id 2i
+    let t2d: Vec<bool> = (0..v).map(|i| i % 2 == 0).collect();
     install_vocab_mapping(m.var_store(), &d2t, &t2d, Some(t.lm_head_weight())).expect("mapping");
     m
 }

@@ -325,22 +325,13 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     // export: the forge format reloads to the same weights; engine formats are refused with the reason
     let ck = free.join("step_20");
     let exp = run.dir.join("export");
-    let o = forge(&["export", ck.to_str().expect("utf8"), "--format", "forge", "--dtype", "fp32", "--out", exp.to_str().expect("utf8")]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let a = forge_tests::step_weights(&ck);
-    let b = forge_tests::step_weights(&exp);
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na}");
-    }
+    let a = forge_tests::export_forge_equal_to(&ck, &exp);
     assert!(a.iter().any(|(n, _)| n == "block_costs"));
     let loaded = forge_trainer::export::load_drafter(&exp, Device::Cpu).expect("reload export");
     assert_eq!(loaded.spec.kind(), "hybrid");
 
     // forge eval decodes with the export: lossless, with the block histogram and draft time
-    let prompts = run.dir.join("questions.jsonl");
-    std::fs::write(&prompts, "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n").expect("write");
+    let prompts = forge_tests::two_turn_questions(&run.dir);
     let json = run.dir.join("report.json");
     let target = run.target.display().to_string();
     let o = forge(&[

@@ -183,6 +183,28 @@ pub fn saved_tiny_target(model_type: &str, seed: i64, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// `forge export CKPT --format forge --dtype fp32 --out OUT`; asserts it succeeds and that the
+/// export holds exactly the checkpoint's weights, bit for bit. Returns them, sorted by name.
+pub fn export_forge_equal_to(ckpt: &Path, out: &Path) -> Vec<(String, Tensor)> {
+    let o = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "forge", "--dtype", "fp32", "--out", out.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = step_weights(ckpt);
+    let b = step_weights(out);
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na}");
+    }
+    b
+}
+
+/// A two-turn MT-Bench-style question file (`questions.jsonl`) in `dir`.
+pub fn two_turn_questions(dir: &Path) -> PathBuf {
+    let p = dir.join("questions.jsonl");
+    std::fs::write(&p, "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n").expect("write");
+    p
+}
+
 /// The weights of a checkpoint's `step_N` folder, sorted by name.
 pub fn step_weights(step_dir: &Path) -> Vec<(String, Tensor)> {
     let mut w = SafetensorsFile::open(&step_dir.join("model.safetensors"))

@@ -352,15 +352,9 @@ fn spaf_trains_exports_reloads_evaluates_and_resumes_exactly() {
 
     let ck = full.join("step_12");
     let exp = run.dir.join("export");
-    let o = forge(&["export", ck.to_str().expect("utf8"), "--format", "forge", "--dtype", "fp32", "--out", exp.to_str().expect("utf8")]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let a = forge_tests::step_weights(&ck);
-    let b = forge_tests::step_weights(&exp);
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na}");
-        assert!(na.starts_with("adapters.") || na.starts_with("align.") || na == "target_probe", "{na} is not a SpAF part");
+    let b = forge_tests::export_forge_equal_to(&ck, &exp);
+    for (n, _) in &b {
+        assert!(n.starts_with("adapters.") || n.starts_with("align.") || n == "target_probe", "{n} is not a SpAF part");
     }
     for fmt in ["vllm", "sglang"] {
         let o = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", run.dir.join(fmt).to_str().expect("utf8")]);
@@ -368,8 +362,7 @@ fn spaf_trains_exports_reloads_evaluates_and_resumes_exactly() {
         assert!(!o.status.success() && err.contains("inside the target itself"), "{err}");
     }
 
-    let prompts = run.dir.join("questions.jsonl");
-    std::fs::write(&prompts, "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n").expect("write");
+    let prompts = forge_tests::two_turn_questions(&run.dir);
     let json = run.dir.join("report.json");
     let target = run.target.display().to_string();
     let o = forge(&[

@@ -27,12 +27,29 @@ impl DType {
             DType::F16 => "fp16",
         }
     }
+    /// The format of a tensor kind (None for kinds forge does not compute in).
+    pub fn of(kind: Kind) -> Option<DType> {
+        match kind {
+            Kind::Float => Some(DType::F32),
+            Kind::BFloat16 => Some(DType::BF16),
+            Kind::Half => Some(DType::F16),
+            _ => None,
+        }
+    }
     pub fn kind(self) -> Kind {
         match self {
             DType::F32 => Kind::Float,
             DType::BF16 => Kind::BFloat16,
             DType::F16 => Kind::Half,
         }
+    }
+}
+
+/// Waits for the work queued on `device` (CUDA kernels run asynchronously): what a timer
+/// around GPU work needs before it reads the clock. A no-op on the CPU.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
     }
 }
 

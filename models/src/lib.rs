@@ -14,6 +14,6 @@ pub mod safetensors_io;
 pub mod speculative;
 pub mod target;
 
-pub use dtype::{parse_device, DType};
+pub use dtype::{parse_device, synchronize, DType};
 pub use error::{ModelError, Result};
 pub use target::{Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};

@@ -21,7 +21,7 @@ use crate::recipe::Recipe;
 use crate::train::{compute_kind, optimizer, peak_rss_mb, target_features};
 use forge_models::drafters::{PrepareData, StepContext, TargetAccess};
 use forge_models::layers::ParamInit;
-use forge_models::{DType, TargetConfig, TargetModel};
+use forge_models::{synchronize, DType, TargetConfig, TargetModel};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -161,12 +161,6 @@ impl PrepareData for FirstIds {
     }
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -182,12 +176,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::BFloat16 => "bf16",
-        Kind::Half => "fp16",
-        Kind::Float => "fp32",
-        _ => "other",
-    }
+    DType::of(k).map_or("other", DType::name)
 }
 
 /// Runs the benchmark; `on_row` sees each drafter's row as soon as it is measured.
@@ -253,17 +242,17 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
             let ids = Tensor::randint(cfg.vocab_size, [b, l], (Kind::Int64, device));
             let ones = Tensor::ones([b, l], (Kind::Int64, device));
             let pos = Tensor::arange(l, (Kind::Int64, device)).unsqueeze(0).repeat([b, 1]);
-            sync(device);
+            synchronize(device);
             let t0 = Instant::now();
             let f = target_features(&target, &needs, ids, ones.shallow_clone(), pos, ones)?;
-            sync(device);
+            synchronize(device);
             let t1 = Instant::now();
             let ctx = StepContext::train(opts.seed, step, total, 0).with_target(Some(&target));
             let out = drafter.loss(&f, &ctx)?;
             out.loss.backward();
             opt.step(&mut dp, t.lr, t.max_grad_norm)?;
             opt.zero_grad();
-            sync(device);
+            synchronize(device);
             let t2 = Instant::now();
             if step >= opts.warmup as u64 {
                 let (a, c) = ((t1 - t0).as_secs_f64() * 1e3, (t2 - t0).as_secs_f64() * 1e3);

@@ -396,13 +396,11 @@ impl Hybrid {
                             let blk = &self.transformer_blocks[(i - self.s.num_mlp_blocks) as usize];
                             blk.append_kv(&x.narrow(1, 0, ctx), &cos.narrow(2, 0, ctx), &sin.narrow(2, 0, ctx), &mut cache);
                         }
-                        if device.is_cuda() {
-                            tch::Cuda::synchronize(device_index(device));
-                        }
+                        crate::dtype::synchronize(device);
                         let t0 = std::time::Instant::now();
                         let y = self.block(i, &x1, &cos1, &sin1, &AttnMask::Full, Keys::Cache(&mut cache));
                         if device.is_cuda() {
-                            tch::Cuda::synchronize(device_index(device));
+                            crate::dtype::synchronize(device);
                         } else {
                             let _ = y.sum(Kind::Float).double_value(&[]);
                         }
@@ -415,13 +413,6 @@ impl Hybrid {
                 })
                 .collect()
         })
-    }
-}
-
-fn device_index(d: Device) -> i64 {
-    match d {
-        Device::Cuda(i) => i as i64,
-        _ => 0,
     }
 }
 

@@ -213,10 +213,6 @@ impl Spaf {
         })
     }
 
-    pub fn spec_values(&self) -> &SpafSpec {
-        &self.s
-    }
-
     /// Refuses a target whose probed values differ from the ones recorded (relative L2
     /// difference above 1%: more than bf16 rounding of the same weights, about 0.2%). It
     /// tells another model apart; a close fine-tune of the same base may pass.
@@ -229,13 +225,10 @@ impl Spaf {
             )));
         }
         let names = self.s.probe_names();
-        let vars = target.vs.variables();
+        let access = TargetAccess::Model(target);
         let got: Vec<Tensor> = names
             .iter()
-            .map(|n| match n.as_str() {
-                EMBED => Some(target.embed_weight().shallow_clone()),
-                _ => vars.get(n).map(|t| t.shallow_clone()),
-            })
+            .map(|n| access.tensor(n))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| ModelError::Invalid(format!("spaf: the target has no {names:?}")))?;
         let now = probe(&got);
