@@ -193,6 +193,62 @@ fn greedy_speculative_decoding_on_the_device_is_lossless() {
     }
 }
 
+/// The knowledge drafter (random weights, blocks and cache) on the device: its loss and
+/// gradients match the CPU's, and greedy speculative decoding with it is lossless in fp32 and
+/// bf16.
+#[test]
+#[ignore = "needs a GPU"]
+fn knowledge_drafter_on_the_device_matches_the_cpu_and_decodes_losslessly() {
+    use forge_models::drafters::knowledge::Knowledge;
+    use forge_models::drafters::TargetAccess;
+    let dev = device();
+    let cpu_t = random_target("llama", 35);
+    let dev_t = moved(&cpu_t, "knowledge", DType::F32, dev);
+    let s = crate::knowledge::spec(&cpu_t, vec![0, 1], Some((12, 16)));
+    let on_cpu = crate::knowledge::with_random_cache(&cpu_t, vec![0, 1]);
+    let copy_to = |t: &TargetModel, kind: Kind| {
+        let m = Knowledge::new(s.clone(), &TargetAccess::Model(t), t.device(), kind).expect("knowledge on the device");
+        let src = on_cpu.var_store().variables();
+        tch::no_grad(|| {
+            for (n, mut v) in m.var_store().variables() {
+                v.copy_(&src[&n].to_device(v.device()));
+            }
+        });
+        m
+    };
+    let on_dev = copy_to(&dev_t, Kind::Float);
+    let ctx = forge_tests::train_ctx();
+    let a = on_cpu.loss(&features(&cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
+    let b = on_dev.loss(&features(&dev_t, &ids(dev)), &ctx).expect("device loss");
+    let (la, lb) = (a.loss.double_value(&[]), b.loss.double_value(&[]));
+    assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "loss {la} on the CPU, {lb} on {dev:?}");
+    a.loss.backward();
+    b.loss.backward();
+    let gb = on_dev.var_store().variables();
+    let mut checked = 0;
+    for (name, p) in on_cpu.var_store().variables().iter().filter(|(_, p)| p.requires_grad()) {
+        let r = rel(&gb[name].grad(), &p.grad());
+        assert!(r < 1e-3, "gradient of {name}: relative difference {r} on {dev:?}");
+        checked += 1;
+    }
+    assert!(checked > 20, "only {checked} trainable tensors compared");
+    for dtype in [DType::F32, DType::BF16] {
+        let t = moved(&cpu_t, "knowledge-spec", dtype, dev);
+        let d = copy_to(&t, dtype.kind());
+        for gamma in [1usize, 5] {
+            let prompt = vec![1i64, 17, 42, 5, 66, 23];
+            let plain = generate(&t, &prompt, &GenerateOptions { max_new_tokens: 32, ..Default::default() }, |_| {}).expect("plain").tokens;
+            let mut sess = d.session(&t).expect("session");
+            let opts = SpecOptions { gamma, max_new_tokens: 32, ..Default::default() };
+            let got = speculative_generate(&t, sess.as_mut(), &d.spec().feature_needs(), &prompt, &opts).expect("speculative");
+            if let Some(x) = greedy_divergence(&t, &prompt, &plain, &got.tokens).expect("divergence") {
+                let near = x.tie || (dtype == DType::F32 && x.gap.abs() < 1e-3);
+                assert!(near, "{dtype:?} gamma {gamma} on {dev:?}: {x:?}");
+            }
+        }
+    }
+}
+
 /// c10d with one rank on the device: NCCL on CUDA (Gloo on the CPU) rendezvouses, runs every
 /// collective with known numbers, and is torn down cleanly (twice in a row).
 #[test]

@@ -125,7 +125,7 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
         assert!(s.contains(&format!("| {stage} | ok |")), "stage {stage} in:\n{s}");
     }
     assert!(!s.contains("**missing:**"), "{s}");
-    assert!(s.contains("test result: ok. 6 passed; 0 failed"), "{s}");
+    assert!(s.contains("test result: ok. 7 passed; 0 failed"), "{s}");
     assert!(s.contains("every collective gave the expected numbers"), "{s}");
     assert!(s.contains("| eagle3 |") && s.contains("| medusa |"), "{s}");
     assert!(s.contains("| 5 | ") && s.contains("| 7 | "), "{s}");

@@ -527,3 +527,22 @@ fn spaf_adapters_trained_inside_the_target_on_two_ranks_equal_one() {
     train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=2"]].concat(), &[]);
     assert_same_run(&one, &two, 4, "spaf");
 }
+
+#[test]
+fn knowledge_drafter_with_its_cache_on_two_ranks_equals_one() {
+    let mut run = setup("dist-knowledge");
+    run.recipe = root().join("recipes/knowledge-tiny.yaml");
+    let cache = run.dir.join("cache.safetensors");
+    let o = run_forge(&[
+        "build-knowledge".into(), "--target".into(), run.target.display().to_string(), "--in".into(), run.data.display().to_string(),
+        "--entries".into(), "4".into(), "--cache-dim".into(), "16".into(), "--out".into(), cache.display().to_string(), "--progress".into(), "never".into(),
+    ]);
+    ok(&o, "forge build-knowledge");
+    let c = format!("drafter.knowledge_cache={}", cache.display());
+    let one = run.dir.join("one");
+    let sets = ["train.max_steps=4", "checkpoint.every_steps=4", "drafter.strategy=list", "drafter.layers=[0, 1]", c.as_str()];
+    train(&run, 1, &one, &[&sets[..], &["train.grad_accum=2"]].concat(), &[]);
+    let two = run.dir.join("two");
+    train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=1"]].concat(), &[]);
+    assert_same_run(&one, &two, 4, "knowledge");
+}

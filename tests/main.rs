@@ -8,6 +8,7 @@ mod dist;
 mod eagle;
 mod eval;
 mod hybrid;
+mod knowledge;
 mod recipes;
 mod train;
 mod regenerate;

@@ -220,28 +220,42 @@ fn docs_recipe_reference_is_current() {
 }
 
 #[test]
-fn kinds_not_implemented_yet_are_refused_by_validation_and_forge_check() {
-    for kind in ["knowledge"] {
-        let e = errors(&BASE.replace("kind: medusa", &format!("kind: {kind}")), &[]);
-        assert_eq!(e.len(), 1, "{e:?}");
-        assert!(
-            e[0].contains("drafter.kind")
-                && e[0].contains(&format!("'{kind}' is not implemented yet"))
-                && e[0].contains("medusa, eagle1, eagle3, hybrid, spaf")
-                && e[0].contains("line 2"),
-            "{e:?}"
-        );
-        // other problems are still reported with it, all at once
-        let e = errors(&BASE.replace("kind: medusa", &format!("kind: {kind}")).replace("  path: m\n", ""), &[]);
-        assert!(e.len() == 2 && e.iter().any(|x| x.contains("target.path")), "{e:?}");
+fn knowledge_recipes_are_validated_all_at_once_and_resolve_their_layers() {
+    let text = BASE.replace(
+        "kind: medusa",
+        "kind: knowledge\n  num_sampled_layers: 0\n  layers: [3, 1]\n  kl_weight: -1\n  temperature: 2\n  target_topk: 8\n  cache_dim: 0\n  new_lr_scale: 0",
+    );
+    let e = errors(&text, &[]);
+    for key in [
+        "drafter.num_sampled_layers",
+        "drafter.layers",
+        "drafter.kl_weight",
+        "drafter.temperature",
+        "drafter.cache_dim",
+        "drafter.new_lr_scale",
+    ] {
+        assert!(e.iter().any(|x| x.contains(key) && x.contains("line ")), "{key} not reported: {e:?}");
     }
-    let dir = forge_tests::tmp_dir("recipe-not-implemented");
-    let path = dir.join("knowledge.yaml");
-    std::fs::write(&path, BASE.replace("kind: medusa", "kind: knowledge")).expect("write");
-    let out = forge(&["check", path.to_str().expect("utf8")]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "forge check accepted kind: knowledge");
-    assert!(err.contains("not implemented yet") && err.contains("knowledge.yaml"), "{err}");
+    use forge_models::drafters::DrafterSpec;
+    use forge_models::TargetConfig;
+    let mut cfg = forge_tests::tiny_config("llama");
+    cfg["num_hidden_layers"] = 28.into();
+    let cfg = TargetConfig::from_value(cfg).expect("config");
+    let spec = |extra: &str| -> Result<DrafterSpec, String> {
+        let r = Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: knowledge{extra}")), &[]).map_err(|e| format!("{e:?}"))?;
+        r.drafter.to_spec(&cfg, None).map_err(|e| e.to_string())
+    };
+    let DrafterSpec::Knowledge(k) = spec("").expect("defaults") else { panic!("not knowledge") };
+    assert_eq!(k.layers, vec![0, 5, 11, 16, 22, 27]);
+    assert!(k.cache.is_none() && k.transition && k.kl_weight == 0.8 && k.acceptance_weight == 0.3);
+    let DrafterSpec::Knowledge(k) = spec("\n  strategy: list\n  layers: [2, 9]").expect("list") else { panic!("not knowledge") };
+    assert_eq!(k.layers, vec![2, 9]);
+    let e = spec("\n  layers: [2, 9]").expect_err("layers with strategy uniform");
+    assert!(e.contains("strategy: list"), "{e}");
+    let e = spec("\n  strategy: list\n  layers: [2, 28]").expect_err("no layer 28");
+    assert!(e.contains("layer 28 does not exist"), "{e}");
+    let e = spec("\n  num_sampled_layers: 29").expect_err("29 of 28");
+    assert!(e.contains("29 layers asked of a target with 28"), "{e}");
 }
 
 #[test]
@@ -271,7 +285,7 @@ fn spaf_recipes_are_validated_all_at_once_and_offline_training_is_refused() {
         let r = forge_trainer::recipe::Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: spaf{extra}")), &[])
             .map_err(|e| format!("{e:?}"))?;
         let d: &DrafterSection = &r.drafter;
-        d.to_spec(&cfg).map_err(|e| e.to_string())
+        d.to_spec(&cfg, None).map_err(|e| e.to_string())
     };
     let DrafterSpec::Spaf(s) = spec("").expect("defaults") else { panic!("not spaf") };
     assert_eq!((s.cutoff_layer, s.exit_layer, s.adapter_dim), (3, 3, 16));
@@ -295,7 +309,7 @@ fn eagle3_aux_layers_must_be_three_ascending_layers_of_the_target() {
         let text = BASE.replace("kind: medusa", &format!("kind: eagle3\n  aux_layers: {aux}"));
         let r = Recipe::from_str(&text, &[]).map_err(|e| format!("{e:?}"))?;
         let d: &DrafterSection = &r.drafter;
-        d.to_spec(&cfg).map(|_| ()).map_err(|e| e.to_string())
+        d.to_spec(&cfg, None).map(|_| ()).map_err(|e| e.to_string())
     };
     // the tiny target has 2 layers: [0, 1, 1] is three ascending (not distinct) layers
     assert!(spec("[0, 1, 1]").is_ok());

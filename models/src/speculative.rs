@@ -51,6 +51,12 @@ pub trait DraftSession {
     fn max_gamma(&self) -> Option<usize> {
         None
     }
+    /// Called once with the prompt before the target's prefill (a draft that reads tokens
+    /// rather than the target's features, such as the knowledge drafter, runs its own
+    /// prefill here). Default: nothing.
+    fn begin(&mut self, _prompt: &[i64]) -> Result<()> {
+        Ok(())
+    }
     /// Positions `start..start+k` are final: `features` are the target's there and `next[i]`
     /// is the token at position `start + i + 1`. Called with consecutive ranges; anything the
     /// draft computed past `start` during earlier proposals is discarded.
@@ -318,6 +324,7 @@ pub fn speculative_generate(
     if cached(draft, &cache) != 0 {
         return Err(ModelError::Invalid("a draft session decodes one sequence: start a new session for another prompt".into()));
     }
+    tch::no_grad(|| draft.begin(prompt))?;
     let pre = tch::no_grad(|| target_forward(target, draft, &mut cache, prompt, &capture_last))?;
     let logits = pre.logits.as_ref().ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
     let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;

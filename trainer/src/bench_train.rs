@@ -218,7 +218,7 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
             let msgs: Vec<String> = issues.iter().map(|i| format!("{}: {}", i.path, i.msg)).collect();
             TrainerError::Config(format!("--drafter {kind}: {}", msgs.join("; ")))
         })?;
-        let spec = recipe.drafter.to_spec(&cfg)?;
+        let spec = recipe.drafter.to_spec(&cfg, None)?;
         let compute = compute_kind(&recipe, device);
         let needs = spec.feature_needs();
         let access = TargetAccess::Model(&target);

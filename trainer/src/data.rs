@@ -155,20 +155,21 @@ pub fn vocab_mapping(
     )?)
 }
 
-/// A cheap fingerprint of a target folder: config.json and the weight files' names and sizes.
+/// A cheap fingerprint of a target folder: config.json, the weight files' names and sizes,
+/// and the first and last MiB of each (their headers and some weights: two fine-tunes of one
+/// base differ there).
 pub fn target_fingerprint(dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
     let mut h = ContentHash::new();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainerError::Io { path, source }
+    };
     let cfg = dir.join("config.json");
-    let bytes = std::fs::read(&cfg).map_err(|source| TrainerError::Io {
-        path: cfg.clone(),
-        source,
-    })?;
+    let bytes = std::fs::read(&cfg).map_err(io(&cfg))?;
     h.field(&bytes);
     let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .map_err(|source| TrainerError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
+        .map_err(io(dir))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -177,8 +178,21 @@ pub fn target_fingerprint(dir: &Path) -> Result<String> {
         })
         .collect();
     files.sort();
+    const SAMPLE: u64 = 1 << 20;
     for (name, len) in files {
         h.field(name.as_bytes()).field(&len.to_le_bytes());
+        let path = dir.join(&name);
+        let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut buf = vec![0u8; SAMPLE.min(len) as usize];
+        f.read_exact(&mut buf).map_err(io(&path))?;
+        h.field(&buf);
+        if len > SAMPLE {
+            let tail = SAMPLE.min(len - SAMPLE);
+            f.seek(SeekFrom::Start(len - tail)).map_err(io(&path))?;
+            let mut buf = vec![0u8; tail as usize];
+            f.read_exact(&mut buf).map_err(io(&path))?;
+            h.field(&buf);
+        }
     }
     Ok(h.hex())
 }
@@ -251,7 +265,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
-    let needs = recipe.drafter.to_spec(&cfg)?.feature_needs();
+    let needs = recipe.drafter.to_spec(&cfg, Some(dir))?.feature_needs();
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
     // the drafter's own top-k need, or more when asked on the command line
     let topk = opts.topk.max(needs.target_topk);

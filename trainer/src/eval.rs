@@ -83,6 +83,10 @@ pub struct EvalArgs {
     /// Skip plain decoding (no speedup, no verification).
     #[arg(long)]
     pub no_baseline: bool,
+    /// A draft option, KEY=VALUE (repeatable), e.g. knowledge=off: the knowledge drafter
+    /// without its knowledge cache.
+    #[arg(long = "draft-option", value_name = "KEY=VALUE")]
+    pub draft_options: Vec<String>,
     /// Only the first N prompts of each file.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -141,6 +145,9 @@ struct Tally {
     spec_s: f64,
     base_tokens: usize,
     base_s: f64,
+    /// Plain decoding without its prefill: the target's time per decoded token.
+    base_decode_s: f64,
+    base_decode_tokens: usize,
     compared: usize,
     mismatches: usize,
     /// Mismatches whose first differing token is a floating-point tie of the target's
@@ -198,6 +205,8 @@ impl Tally {
         self.spec_s += o.spec_s;
         self.base_tokens += o.base_tokens;
         self.base_s += o.base_s;
+        self.base_decode_s += o.base_decode_s;
+        self.base_decode_tokens += o.base_decode_tokens;
         self.compared += o.compared;
         self.mismatches += o.mismatches;
         self.mismatches_at_ties += o.mismatches_at_ties;
@@ -210,6 +219,12 @@ impl Tally {
     fn speedup(&self) -> Option<f64> {
         (self.base_s > 0.0 && self.spec_s > 0.0 && self.base_tokens > 0)
             .then(|| ratio(self.spec_tokens as f64, self.spec_s) / ratio(self.base_tokens as f64, self.base_s))
+    }
+
+    /// The draft's time per drafted token over the target's per plainly decoded token.
+    fn draft_time_ratio(&self) -> Option<f64> {
+        (self.drafted > 0 && self.base_decode_tokens > 0 && self.base_decode_s > 0.0)
+            .then(|| ratio(self.draft_s, self.drafted as f64) / ratio(self.base_decode_s, self.base_decode_tokens as f64))
     }
 
     fn to_json(&self, baseline: bool) -> Value {
@@ -250,6 +265,8 @@ impl Tally {
                 "tokens_per_second": round4(ratio(self.base_tokens as f64, self.base_s)),
             });
             v["speedup"] = json!(self.speedup().map(round4));
+            v["target_ms_per_token"] = json!(round4(1e3 * ratio(self.base_decode_s, self.base_decode_tokens as f64)));
+            v["draft_time_ratio"] = json!(self.draft_time_ratio().map(round4));
             v["greedy_compared"] = json!(self.compared);
             v["greedy_mismatches"] = json!(self.mismatches);
             v["greedy_mismatches_at_ties"] = json!(self.mismatches_at_ties);
@@ -406,6 +423,8 @@ impl Ctx<'_> {
                 let base_s = b.prefill_seconds + b.decode_seconds;
                 t.base_tokens = b.tokens.len();
                 t.base_s = base_s;
+                t.base_decode_s = b.decode_seconds;
+                t.base_decode_tokens = b.tokens.len().saturating_sub(1);
                 rec.baseline_tokens = Some(b.tokens.len());
                 rec.baseline_seconds = Some(round4(base_s));
                 if self.a.temperature <= 0.0 && prompt_b == prompt {
@@ -453,8 +472,9 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
     }
     if baseline {
         line += &format!(
-            "  plain {:.1} tok/s  speedup {}",
+            "  plain {:.1} tok/s  draft/target time {}  speedup {}",
             ratio(t.base_tokens as f64, t.base_s),
+            t.draft_time_ratio().map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
             t.speedup().map(|s| format!("{s:.3}x")).unwrap_or_else(|| "-".into())
         );
         if t.compared > 0 {
@@ -488,7 +508,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
     let model = TargetModel::load(&target_dir, dtype, device).with_context(|| format!("loading target {}", target_dir.display()))?;
     check_fit(&loaded.target_config, &loaded.source, &model.config, &target_dir)?;
-    let drafter = loaded.drafter;
+    let mut drafter = loaded.drafter;
+    for opt in &a.draft_options {
+        let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("--draft-option {opt}: write KEY=VALUE"))?;
+        drafter.set_option(k, v).with_context(|| format!("--draft-option {opt}"))?;
+    }
+    let description = drafter.describe();
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
     let template = ChatTemplate::from_name(&a.chat.chat_template, &target_dir).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let stop = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
@@ -507,11 +532,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let draft_params: i64 = draft_vars.values().map(|t| t.numel() as i64).sum();
     let draft_bytes: i64 = draft_vars.values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64).sum();
     eprintln!(
-        "forge eval: {} draft {} ({:.2} M weights, {:.1} MB) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
+        "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
         loaded.spec.kind(),
         loaded.source.display(),
         draft_params as f64 / 1e6,
         draft_bytes as f64 / 1e6,
+        description.iter().map(|d| format!("; {d}")).collect::<String>(),
         target_dir.display(),
         device,
         dtype.name(),
@@ -578,7 +604,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if let Some(out) = &a.json {
         let report = json!({
-            "draft": {"path": loaded.source.display().to_string(), "kind": loaded.spec.kind(), "spec": loaded.spec, "weights": draft_params, "weight_bytes": draft_bytes},
+            "draft": {"path": loaded.source.display().to_string(), "kind": loaded.spec.kind(), "spec": loaded.spec, "weights": draft_params, "weight_bytes": draft_bytes, "options": a.draft_options, "description": description},
             "target": target_dir.display().to_string(),
             "settings": {
                 "gamma": a.gamma,

@@ -18,7 +18,7 @@ mod train_cmd;
 #[command(
     name = "forge",
     version,
-    about = "Train draft models for speculative decoding (Medusa, EAGLE-1/3, gated hybrid, SpAF; the knowledge drafter is not implemented yet)",
+    about = "Train draft models for speculative decoding (Medusa, EAGLE-1/3, gated hybrid, SpAF, knowledge drafters)",
     long_about = "forge trains the small draft models used for speculative decoding of large language models.\n\
                   One YAML recipe picks the drafter and every hyper-parameter: `forge train recipes/medusa-smollm2.yaml`.\n\
                   See docs/recipes.md for the recipe reference."
@@ -100,6 +100,9 @@ enum Command {
     },
     /// Run the frozen target over the recipe's data and write hidden-state shards (offline mode).
     PrepareHidden(PrepareHiddenArgs),
+    /// Build a knowledge drafter's cache: the target's layer outputs at the answers of
+    /// question/answer conversations, with a manifest (target fingerprint, data hash).
+    BuildKnowledge(forge_trainer::build_knowledge::BuildKnowledgeArgs),
     /// Answer every user turn of a conversation set with the target itself (batched), as ShareGPT JSONL.
     Regenerate(forge_trainer::regenerate::RegenerateArgs),
 }
@@ -299,6 +302,7 @@ fn main() {
         Command::Eval(a) => forge_trainer::eval::run(a),
         Command::PrepareData { recipe, set, json } => prepare::run_prepare_data(recipe, set, json),
         Command::Regenerate(a) => forge_trainer::regenerate::run(a),
+        Command::BuildKnowledge(a) => forge_trainer::build_knowledge::run(a),
         Command::PrepareHidden(a) => prepare::run_prepare_hidden(
             a.recipe,
             a.set,

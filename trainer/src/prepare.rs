@@ -103,7 +103,7 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
     // what the drafter prepares from the data (EAGLE-3: its draft vocabulary), cached; the
     // drafter itself is not built
     let cfg = data::target_config(&recipe)?;
-    let spec = recipe.drafter.to_spec(&cfg)?;
+    let spec = recipe.drafter.to_spec(&cfg, recipe.target.path.as_deref())?;
     let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train));
     spec.prepare_data(&mut prep)?;
     let vocab = prep.vocab;

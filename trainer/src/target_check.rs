@@ -20,8 +20,18 @@ pub fn check_against_target(recipe: &Recipe) -> Result<Vec<String>> {
     }
     let cfg = TargetConfig::from_file(&cfg_path)?;
     let mut problems = Vec::new();
-    // the drafter spec resolved against this target: layer indices, head shapes, ...
-    if let Err(e) = recipe.drafter.to_spec(&cfg) {
+    // the drafter spec resolved against this target: layer indices, head shapes, ...; a
+    // knowledge cache not built yet is a note (the spec is checked without it)
+    let mut drafter = recipe.drafter.clone();
+    if let DrafterSection::Knowledge(k) = &mut drafter {
+        if let Some(cache) = k.knowledge_cache.take_if(|c| !c.exists()) {
+            notes.push(format!(
+                "drafter.knowledge_cache {} does not exist (yet): build it with forge build-knowledge before training (the recipe's comment or docs/methods/knowledge.md has the command)",
+                cache.display()
+            ));
+        }
+    }
+    if let Err(e) = drafter.to_spec(&cfg, Some(path)) {
         problems.push(e.to_string());
     }
     if let DrafterSection::Eagle3(e) = &recipe.drafter {

@@ -927,7 +927,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set: set it to the output folder".into()))?;
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
-    let spec = recipe.drafter.to_spec(&cfg)?;
+    let spec = recipe.drafter.to_spec(&cfg, Some(&dir))?;
     if let DrafterSpec::Eagle3(e) = &spec {
         if !forge_models::drafters::eagle3::engines_serve_aux_layers(&e.aux_layers) && dp.rank() == 0 {
             eprintln!(

@@ -13,6 +13,7 @@ pub mod eagle;
 pub mod eagle1;
 pub mod eagle3;
 pub mod hybrid;
+pub mod knowledge;
 pub mod medusa;
 pub mod registry;
 pub mod spaf;
@@ -253,6 +254,16 @@ pub trait Drafter {
     /// `train/gate/mlp_0_prob`, with their interval means): warnings for the person running
     /// the job (e.g. a collapsing gate). Default: none.
     fn watch(&mut self, _interval: &[(String, f64)]) -> Vec<String> {
+        Vec::new()
+    }
+    /// A decoding option given on the command line (`forge eval --draft-option KEY=VALUE`),
+    /// e.g. the knowledge drafter's `knowledge=off`. Default: no options.
+    fn set_option(&mut self, key: &str, _value: &str) -> Result<()> {
+        Err(ModelError::Invalid(format!("{} drafters have no option {key}", self.spec().kind())))
+    }
+    /// Lines describing the draft for `forge eval`'s header (e.g. what it was built from).
+    /// Default: none.
+    fn describe(&self) -> Vec<String> {
         Vec::new()
     }
     /// Formats this drafter can be exported to (besides `forge`).

@@ -6,6 +6,7 @@
 use super::eagle1::{Eagle1, Eagle1Spec};
 use super::eagle3::{Eagle3, Eagle3Spec};
 use super::hybrid::{Hybrid, HybridSpec};
+use super::knowledge::{Knowledge, KnowledgeSpec};
 use super::medusa::{Medusa, MedusaSpec};
 use super::spaf::{Spaf, SpafSpec};
 use super::{Drafter, FeatureNeeds, PrepareData, TargetAccess, TargetNeeds};
@@ -20,6 +21,7 @@ pub enum DrafterSpec {
     Eagle3(Eagle3Spec),
     Hybrid(HybridSpec),
     Spaf(SpafSpec),
+    Knowledge(KnowledgeSpec),
 }
 
 impl DrafterSpec {
@@ -30,6 +32,7 @@ impl DrafterSpec {
             DrafterSpec::Eagle3(_) => "eagle3",
             DrafterSpec::Hybrid(_) => "hybrid",
             DrafterSpec::Spaf(_) => "spaf",
+            DrafterSpec::Knowledge(_) => "knowledge",
         }
     }
 
@@ -42,6 +45,7 @@ impl DrafterSpec {
             DrafterSpec::Eagle3(e) => Box::new(Eagle3::new(e.clone(), target, device, compute)?),
             DrafterSpec::Hybrid(h) => Box::new(Hybrid::new(h.clone(), target, device, compute)?),
             DrafterSpec::Spaf(s) => Box::new(Spaf::new(s.clone(), target, device, compute)?),
+            DrafterSpec::Knowledge(k) => Box::new(Knowledge::new(k.clone(), target, device, compute)?),
         })
     }
 
@@ -52,6 +56,7 @@ impl DrafterSpec {
             DrafterSpec::Medusa(m) => m.target_needs(fresh),
             DrafterSpec::Eagle1(_) | DrafterSpec::Eagle3(_) | DrafterSpec::Hybrid(_) => super::eagle::target_needs(),
             DrafterSpec::Spaf(s) => s.target_needs(fresh),
+            DrafterSpec::Knowledge(k) => k.target_needs(fresh),
         }
     }
 
@@ -61,7 +66,7 @@ impl DrafterSpec {
     /// vocabulary.
     pub fn prepare_data(&self, data: &mut dyn PrepareData) -> Result<()> {
         match self {
-            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Spaf(_) => Ok(()),
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Spaf(_) | DrafterSpec::Knowledge(_) => Ok(()),
             DrafterSpec::Eagle3(e) => data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ()),
             DrafterSpec::Hybrid(h) => match h.draft_vocab_size {
                 Some(vd) => data.vocab_mapping(vd as usize).map(|_| ()),
@@ -88,6 +93,13 @@ impl DrafterSpec {
                 last_hidden: true,
                 aux_layers: vec![s.cutoff_layer - 1],
                 target_topk: 0,
+            },
+            // the target's next-token distribution: in full from its last hidden state, or
+            // its top-k log-probabilities
+            DrafterSpec::Knowledge(k) => FeatureNeeds {
+                last_hidden: k.target_topk == 0,
+                aux_layers: Vec::new(),
+                target_topk: k.target_topk,
             },
         }
     }

@@ -207,6 +207,28 @@ impl TargetConfig {
     }
 
     /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
+    /// The config of one of this target's decoder layers, computing in `compute`.
+    pub fn layer_config(&self, compute: tch::Kind) -> crate::layers::DecoderLayerConfig {
+        crate::layers::DecoderLayerConfig {
+            attn: crate::layers::AttentionConfig {
+                in_dim: self.hidden_size,
+                out_dim: self.hidden_size,
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                qkv_bias: self.qkv_bias,
+                o_bias: self.o_bias,
+                qk_norm_eps: (self.family == Family::Qwen3).then_some(self.rms_norm_eps),
+                repeat_kv: false,
+            },
+            intermediate: self.intermediate_size,
+            mlp_bias: self.mlp_bias,
+            eps: self.rms_norm_eps,
+            input_norm: true,
+            compute,
+        }
+    }
+
     pub fn default_aux_layers(&self) -> Vec<i64> {
         let l = self.num_layers;
         vec![1, l / 2 - 1, l - 4]

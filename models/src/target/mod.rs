@@ -7,4 +7,4 @@ mod model;
 
 pub use config::{Family, TargetConfig};
 pub use load::{read_named_tensors, weight_files};
-pub use model::{Capture, KvCache, LayerHook, LayerInputs, LogitsMode, TargetModel, TargetOutput};
+pub use model::{layer_inputs, Capture, KvCache, LayerHook, LayerInputs, LogitsMode, TargetModel, TargetOutput};

@@ -1,10 +1,10 @@
-use super::config::{Family, TargetConfig};
+use super::config::TargetConfig;
 use super::load::{load_var_store, weight_files};
 use crate::dtype::DType;
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
 use crate::layers::{
-    AttentionConfig, AttnMask, DecoderLayer, DecoderLayerConfig, Keys, LayerKv, ParamInit, RmsNorm,
+    AttnMask, DecoderLayer, Keys, LayerKv, ParamInit, RmsNorm,
     Rotary,
 };
 use crate::safetensors_io::write_safetensors;
@@ -90,6 +90,48 @@ impl KvCache {
     }
 }
 
+/// RoPE and mask for `t` new tokens of `batch` rows after `past` cached positions, for a stack
+/// of Llama layers with this `rotary` computing in `kind`: the target's
+/// ([`TargetModel::layer_inputs`]) or a draft built from its layers.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_inputs(
+    rotary: &Rotary,
+    kind: Kind,
+    sliding_window: Option<i64>,
+    device: Device,
+    batch: i64,
+    t: i64,
+    past: i64,
+    positions: Option<&Tensor>,
+    key_valid: Option<&Tensor>,
+) -> Result<LayerInputs> {
+    if let Some(kv) = key_valid {
+        if kv.size() != [batch, past + t] {
+            return Err(ModelError::Invalid(format!(
+                "key_valid must be [{batch}, {}] (batch, cached + new positions), got {:?}",
+                past + t,
+                kv.size()
+            )));
+        }
+    }
+    let positions = match positions {
+        Some(p) => p.to_device(device),
+        None => Tensor::arange_start(past, past + t, (Kind::Int64, device))
+            .view([1, t])
+            .expand([batch, t], false),
+    };
+    let window = sliding_window.filter(|&w| past + t > w);
+    let mask = if key_valid.is_none() && window.is_none() {
+        AttnMask::for_cache(batch, past, t, device)
+    } else {
+        let kv = key_valid.map(|k| k.to_device(device));
+        AttnMask::Explicit(build_mask(batch, past, t, kv.as_ref(), window, device))
+    };
+    let (cos, sin) = rotary.cos_sin(&positions, kind);
+    Ok(LayerInputs { cos, sin, mask })
+}
+
+
 /// A frozen Llama-family target model (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3).
 pub struct TargetModel {
     pub config: TargetConfig,
@@ -129,28 +171,7 @@ impl TargetModel {
             embed_cfg,
         );
         let layers = (0..config.num_layers)
-            .map(|i| {
-                let attn = AttentionConfig {
-                    in_dim: config.hidden_size,
-                    out_dim: config.hidden_size,
-                    num_heads: config.num_heads,
-                    num_kv_heads: config.num_kv_heads,
-                    head_dim: config.head_dim,
-                    qkv_bias: config.qkv_bias,
-                    o_bias: config.o_bias,
-                    qk_norm_eps: (config.family == Family::Qwen3).then_some(config.rms_norm_eps),
-                    repeat_kv: false,
-                };
-                let cfg = DecoderLayerConfig {
-                    attn,
-                    intermediate: config.intermediate_size,
-                    mlp_bias: config.mlp_bias,
-                    eps: config.rms_norm_eps,
-                    input_norm: true,
-                    compute: dtype.kind(),
-                };
-                DecoderLayer::new(&model / "layers" / i, cfg, init)
-            })
+            .map(|i| DecoderLayer::new(&model / "layers" / i, config.layer_config(dtype.kind()), init))
             .collect();
         let norm = RmsNorm::new(
             &model / "norm",
@@ -287,31 +308,7 @@ impl TargetModel {
         positions: Option<&Tensor>,
         key_valid: Option<&Tensor>,
     ) -> Result<LayerInputs> {
-        let device = self.device();
-        if let Some(kv) = key_valid {
-            if kv.size() != [batch, past + t] {
-                return Err(ModelError::Invalid(format!(
-                    "key_valid must be [{batch}, {}] (batch, cached + new positions), got {:?}",
-                    past + t,
-                    kv.size()
-                )));
-            }
-        }
-        let positions = match positions {
-            Some(p) => p.to_device(device),
-            None => Tensor::arange_start(past, past + t, (Kind::Int64, device))
-                .view([1, t])
-                .expand([batch, t], false),
-        };
-        let window = self.config.sliding_window.filter(|&w| past + t > w);
-        let mask = if key_valid.is_none() && window.is_none() {
-            AttnMask::for_cache(batch, past, t, device)
-        } else {
-            let kv = key_valid.map(|k| k.to_device(device));
-            AttnMask::Explicit(build_mask(batch, past, t, kv.as_ref(), window, device))
-        };
-        let (cos, sin) = self.rotary.cos_sin(&positions, self.kind);
-        Ok(LayerInputs { cos, sin, mask })
+        layer_inputs(&self.rotary, self.kind, self.config.sliding_window, self.device(), batch, t, past, positions, key_valid)
     }
 
     /// Runs layers `range` on `x` `[B, T, H]` (the embeddings, or the output of the layer

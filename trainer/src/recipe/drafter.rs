@@ -9,6 +9,7 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::Eagle1Spec;
 use forge_models::drafters::eagle3::Eagle3Spec;
 use forge_models::drafters::hybrid::{CostMode, HybridSpec};
+use forge_models::drafters::knowledge::{uniform_layers, CacheSpec, KnowledgeCache, KnowledgeSpec};
 use forge_models::drafters::medusa::MedusaSpec;
 use forge_models::drafters::spaf::{AdapterLoss, AlignmentLoss, SpafSpec};
 use forge_models::drafters::DrafterSpec;
@@ -151,17 +152,41 @@ section! {
     }
 }
 
+choice! {
+    /// How the knowledge drafter picks its target layers.
+    pub enum LayerStrategy { Uniform = "uniform", List = "list" }
+}
+
 section! {
-    /// Knowledge-enhanced, KL-distilled drafter built from sampled target layers (not implemented yet).
+    /// KL-distilled drafter built from sampled target layers, reading a knowledge cache (docs/methods/knowledge.md).
     pub struct KnowledgeConfig {
-        /// Target layers copied into the draft (default: num_sampled_layers spread uniformly).
-        layers: Option<Vec<i64>> = None,
+        /// uniform: num_sampled_layers spread from the first to the last target layer; list: the layers given in `layers`.
+        strategy: LayerStrategy = LayerStrategy::Uniform,
         num_sampled_layers: i64 = 6,
-        /// Conversations whose answers form the knowledge cache (ShareGPT JSON/JSONL).
+        /// Target layers copied into the draft (with strategy: list), ascending.
+        layers: Option<Vec<i64>> = None,
+        /// The cache written by forge build-knowledge (unset: no knowledge blocks).
+        knowledge_cache: Option<std::path::PathBuf> = None,
+        /// The question/answer file the cache must have been built from (checked against its manifest).
         knowledge_data: Option<std::path::PathBuf> = None,
+        /// Conversations in the cache (checked against its manifest).
         num_knowledge_entries: i64 = 15,
+        /// Width of the cache's states (checked against its manifest; unset: any).
+        cache_dim: Option<i64> = None,
+        /// A residual linear transition layer after each sampled layer.
+        transition: bool = true,
         kl_weight: f64 = 0.8,
         acceptance_weight: f64 = 0.3,
+        /// Cross-entropy against the data's next token (0 = off).
+        ce_weight: f64 = 0.0,
+        /// Softens target and draft in the KL and acceptance terms (KL scaled by T^2); needs target_topk: 0.
+        temperature: f64 = 1.0,
+        /// 0: the target's full distribution; k > 0: its top-k log-probabilities (offline shards written with --topk k or more).
+        target_topk: i64 = 0,
+        /// Draft length recorded with the draft (give it to forge eval as --gamma).
+        num_draft_tokens: i64 = 5,
+        /// Learning-rate scale of the knowledge blocks and transitions (which start from zero) over the copied target layers.
+        new_lr_scale: f64 = 10.0,
     }
 }
 
@@ -181,11 +206,13 @@ impl DrafterSection {
     pub const KINDS: &'static [&'static str] =
         &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
     /// The kinds this build trains (the others parse, and are refused by validation).
-    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid", "spaf"];
+    pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
 
     /// The drafter spec this section describes for a target: the recipe's hyper-parameters
     /// plus the target's dimensions, with the recipe's defaults resolved against the target.
-    pub fn to_spec(&self, cfg: &TargetConfig) -> crate::error::Result<DrafterSpec> {
+    /// `target_dir` (the recipe's target.path) is where a knowledge cache's fingerprint is
+    /// checked; `None` skips that check (synthetic targets).
+    pub fn to_spec(&self, cfg: &TargetConfig, target_dir: Option<&std::path::Path>) -> crate::error::Result<DrafterSpec> {
         Ok(match self {
             DrafterSection::Medusa(m) => DrafterSpec::Medusa(MedusaSpec {
                 num_heads: m.num_heads,
@@ -308,7 +335,7 @@ impl DrafterSection {
                 spec.validate().map_err(|e| TrainerError::Config(format!("drafter: {e}")))?;
                 DrafterSpec::Spaf(spec)
             }
-            other => return Err(TrainerError::Config(Self::not_implemented(other.kind()))),
+            DrafterSection::Knowledge(x) => DrafterSpec::Knowledge(knowledge_spec(x, cfg, target_dir)?),
         })
     }
 
@@ -412,4 +439,103 @@ impl FromNode for DrafterSection {
             }
         })
     }
+}
+
+/// The knowledge drafter's spec: its layers resolved against the target, and its cache's
+/// shape and provenance read from the cache's manifest (checked against the recipe and the
+/// target: a cache built for another target or from other data is refused).
+fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&std::path::Path>) -> crate::error::Result<KnowledgeSpec> {
+    let bad = |msg: String| TrainerError::Config(msg);
+    let layers = match (x.strategy, &x.layers) {
+        (LayerStrategy::Uniform, None) => {
+            if x.num_sampled_layers > cfg.num_layers {
+                return Err(bad(format!(
+                    "drafter.num_sampled_layers: {} layers asked of a target with {}",
+                    x.num_sampled_layers, cfg.num_layers
+                )));
+            }
+            uniform_layers(x.num_sampled_layers, cfg.num_layers)
+        }
+        (LayerStrategy::List, Some(l)) => l.clone(),
+        (LayerStrategy::Uniform, Some(_)) => {
+            return Err(bad("drafter.layers: set strategy: list to give the layers yourself (strategy: uniform spreads num_sampled_layers)".into()))
+        }
+        (LayerStrategy::List, None) => return Err(bad("drafter.layers: strategy: list needs the list of target layers".into())),
+    };
+    let cache = match &x.knowledge_cache {
+        None => None,
+        Some(path) => {
+            let shown = path.display();
+            let build = format!(
+                "forge build-knowledge --target {} --in {} --entries {}{} --out {shown}",
+                target_dir.map_or("<target>".into(), |d| d.display().to_string()),
+                x.knowledge_data.as_ref().map_or("<questions and answers>".into(), |d| d.display().to_string()),
+                x.num_knowledge_entries,
+                x.cache_dim.map_or(String::new(), |d| format!(" --cache-dim {d}")),
+            );
+            if !path.exists() {
+                return Err(bad(format!("drafter.knowledge_cache: {shown} does not exist: build it with `{build}`")));
+            }
+            let m = KnowledgeCache::read_manifest(path).map_err(|e| bad(format!("drafter.knowledge_cache: {e}")))?;
+            let mut problems = Vec::new();
+            if m.hidden_size != cfg.hidden_size {
+                problems.push(format!("it holds states of hidden size {}, the target's is {}", m.hidden_size, cfg.hidden_size));
+            }
+            if let Some(dir) = target_dir {
+                let fp = crate::data::target_fingerprint(dir)?;
+                if fp != m.target_fingerprint {
+                    problems.push(format!(
+                        "it was built for another target ({}, fingerprint {}; {} has {fp})",
+                        m.target,
+                        m.target_fingerprint,
+                        dir.display()
+                    ));
+                }
+            }
+            if let Some(d) = x.cache_dim {
+                if d != m.cache_dim {
+                    problems.push(format!("its states are {} wide, drafter.cache_dim is {d}", m.cache_dim));
+                }
+            }
+            if x.num_knowledge_entries != m.entries {
+                problems.push(format!("it holds {} entries, drafter.num_knowledge_entries is {}", m.entries, x.num_knowledge_entries));
+            }
+            if let Some(data) = &x.knowledge_data {
+                let bytes = std::fs::read(data).map_err(|source| TrainerError::Io { path: data.clone(), source })?;
+                let hash = format!("{:032x}", forge_data::hash::hash_bytes(&bytes));
+                if hash != m.data_hash {
+                    problems.push(format!("it was built from other data than drafter.knowledge_data {} ({})", data.display(), m.data));
+                }
+            }
+            if let Some(l) = layers.iter().find(|l| !m.layers.contains(l)) {
+                problems.push(format!("it has no states of target layer {l}"));
+            }
+            if !problems.is_empty() {
+                return Err(bad(format!("drafter.knowledge_cache {shown}: {}: rebuild it with `{build}`", problems.join("; "))));
+            }
+            Some(CacheSpec {
+                path: path.display().to_string(),
+                tokens: m.tokens,
+                dim: m.cache_dim,
+                entries: m.entries,
+                target_fingerprint: m.target_fingerprint,
+                data_hash: m.data_hash,
+            })
+        }
+    };
+    let spec = KnowledgeSpec {
+        layers,
+        transition: x.transition,
+        kl_weight: x.kl_weight,
+        acceptance_weight: x.acceptance_weight,
+        ce_weight: x.ce_weight,
+        temperature: x.temperature,
+        target_topk: x.target_topk.max(0) as usize,
+        cache,
+        num_draft_tokens: x.num_draft_tokens,
+        new_lr_scale: x.new_lr_scale,
+        target: cfg.raw.clone(),
+    };
+    spec.validate().map_err(|e| bad(format!("drafter: {e}")))?;
+    Ok(spec)
 }

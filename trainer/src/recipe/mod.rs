@@ -448,16 +448,33 @@ impl Recipe {
             DrafterSection::Knowledge(k) => {
                 positive(cx, "drafter.num_sampled_layers", k.num_sampled_layers);
                 if let Some(layers) = &k.layers {
-                    if layers.is_empty() || layers.iter().any(|&l| l < 0) {
-                        cx.issue_at(
-                            "drafter.layers",
-                            "must be a non-empty list of layer indices >= 0",
-                        );
+                    if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
+                        cx.issue_at("drafter.layers", "must be a non-empty ascending list of distinct layer indices >= 0");
                     }
                 }
                 positive(cx, "drafter.num_knowledge_entries", k.num_knowledge_entries);
+                if let Some(d) = k.cache_dim {
+                    positive(cx, "drafter.cache_dim", d);
+                }
                 non_negative(cx, "drafter.kl_weight", k.kl_weight);
                 non_negative(cx, "drafter.acceptance_weight", k.acceptance_weight);
+                non_negative(cx, "drafter.ce_weight", k.ce_weight);
+                if k.kl_weight + k.acceptance_weight + k.ce_weight <= 0.0 {
+                    cx.issue_at("drafter.kl_weight", "kl_weight, acceptance_weight and ce_weight are all 0: nothing to train");
+                }
+                if !(k.temperature.is_finite() && k.temperature > 0.0) {
+                    cx.issue_at("drafter.temperature", "must be > 0");
+                }
+                if k.target_topk < 0 {
+                    cx.issue_at("drafter.target_topk", "must be >= 0 (0 = the target's full distribution)");
+                }
+                if k.target_topk > 0 && k.temperature != 1.0 {
+                    cx.issue_at("drafter.temperature", "needs the target's full distribution: set target_topk: 0");
+                }
+                positive(cx, "drafter.num_draft_tokens", k.num_draft_tokens);
+                if !(k.new_lr_scale.is_finite() && k.new_lr_scale > 0.0) {
+                    cx.issue_at("drafter.new_lr_scale", "must be > 0");
+                }
             }
         }
         let kind = self.drafter.kind();

@@ -1,0 +1,757 @@
+//! The knowledge drafter (method: docs/methods/knowledge.md): a small independent model made
+//! of layers sampled from the target, KL-distilled from it, reading a knowledge cache.
+//!
+//! - Layers: `layers` are target layer indices (`strategy: uniform` spreads
+//!   `num_sampled_layers` evenly: [`uniform_layers`]). Each becomes a draft decoder layer
+//!   initialised from the target's weights; the draft's final norm starts as the target's.
+//!   The embedding and lm_head are the target's, frozen and shared (never saved).
+//! - Knowledge blocks: after sampled layer j, when the draft has a knowledge cache, a
+//!   cross-attention block over the cache's states of target layer `layers[j]` (answers to
+//!   frequent questions, written by `forge build-knowledge`, `[N, cache_dim]`): queries from
+//!   `q_norm(x)`, keys and values from `kv_norm(cache)`, no positions (the cache is a set), and
+//!   a gate `g = sigmoid(gate([q_norm(x), o]))` mixing it in: `x + g * o`. `o_proj` starts at
+//!   zero, so a fresh draft is exactly its sampled target layers.
+//! - Transition layers (`transition: true`): after each block a residual linear map
+//!   `x + W x` (W zero-initialised) bridging the skipped target layers.
+//! - Loss: `kl_weight * T^2 * KL(p_T || q_T) + acceptance_weight * (1 - sum_x min(p_T, q_T))
+//!   + ce_weight * CE`, p the target's next-token distribution, q the draft's, T the
+//!   temperature. 1 - sum min(p, q) is the chance that one draft token sampled from q is
+//!   rejected by speculative sampling against p. With `target_topk: k` the target is known
+//!   by its top-k log-probabilities only (offline shards): both terms are taken over k + 1
+//!   bins (the k tokens and the rest), which bounds the full KL from below and the overlap
+//!   from above.
+//! - Decoding ([`KnowledgeSession`]): the draft is an independent model with its own KV
+//!   cache over the token sequence (it never reads the target's features); entries of
+//!   accepted drafts are kept, rejected ones truncated.
+//!
+//! Weight names (VarStore = forge checkpoint): `layers.{j}.*` (a target decoder layer's own
+//! names), `norm.weight`, `blocks.{j}.{q_norm,kv_norm}.weight`,
+//! `blocks.{j}.{q_proj,k_proj,v_proj,o_proj,gate}.weight|bias`, `transitions.{j}.weight`, and
+//! the non-trainable buffers `knowledge.{j}` `[N, cache_dim]` (the cache, carried by
+//! checkpoints and exports).
+
+use super::{
+    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData, StepContext,
+    TargetAccess, TargetNeeds, EMBED, LM_HEAD,
+};
+use crate::error::{ModelError, Result};
+use crate::generate::RowRng;
+use crate::layers::{linear, project, DecoderLayer, Keys, Linear, ParamInit, RmsNorm, Rotary};
+use crate::safetensors_io::{write_safetensors, SafetensorsFile};
+use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::target::{layer_inputs, KvCache, TargetConfig, TargetModel};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+/// `n` target layers of `num_layers` spread evenly from the first to the last:
+/// `round(i * (L - 1) / (n - 1))` ([0, 5, 11, 16, 22, 27] for 6 of 28); `[0]` for n = 1.
+pub fn uniform_layers(n: i64, num_layers: i64) -> Vec<i64> {
+    if n <= 1 {
+        return vec![0];
+    }
+    let n = n.min(num_layers);
+    (0..n)
+        .map(|i| ((i * (num_layers - 1)) as f64 / (n - 1) as f64).round() as i64)
+        .collect()
+}
+
+/// The knowledge cache file: `layers.{l}` `[N, cache_dim]` fp32 per stored target layer l,
+/// and this manifest as JSON in the safetensors metadata (key [`MANIFEST_KEY`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CacheManifest {
+    pub format: String,
+    /// The target folder the cache was built with (for people; the fingerprint decides).
+    pub target: String,
+    /// Fingerprint of the target's files (`forge build-knowledge` and training compare it).
+    pub target_fingerprint: String,
+    /// The question/answer file and the hash of its bytes.
+    pub data: String,
+    pub data_hash: String,
+    /// Conversations read, and answer tokens stored per layer (N).
+    pub entries: i64,
+    pub tokens: i64,
+    pub hidden_size: i64,
+    /// Width of the stored states: the hidden size, or less by PCA (`projection`).
+    pub cache_dim: i64,
+    /// `none` or `pca` (centred states onto their top cache_dim principal directions, per layer).
+    pub projection: String,
+    /// Target layers stored (their outputs).
+    pub layers: Vec<i64>,
+}
+
+pub const CACHE_FORMAT: &str = "forge-knowledge-cache-v1";
+pub const MANIFEST_KEY: &str = "forge_knowledge_manifest";
+
+/// A knowledge cache in memory.
+pub struct KnowledgeCache {
+    pub manifest: CacheManifest,
+    /// Target layer -> `[N, cache_dim]` fp32.
+    pub layers: BTreeMap<i64, Tensor>,
+}
+
+impl KnowledgeCache {
+    /// Writes the cache (atomically: a temporary file renamed).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> =
+            self.layers.iter().map(|(l, t)| (format!("layers.{l}"), t.to_kind(Kind::Float).contiguous())).collect();
+        let json = serde_json::to_string(&self.manifest).map_err(|e| ModelError::Invalid(format!("knowledge manifest: {e}")))?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string()), (MANIFEST_KEY.to_string(), json)]);
+        write_safetensors(path, &tensors, &meta)
+    }
+
+    fn manifest_of(file: &SafetensorsFile) -> Result<CacheManifest> {
+        let path = file.path();
+        let meta = file.metadata()?;
+        let json = meta.get(MANIFEST_KEY).ok_or_else(|| {
+            ModelError::Invalid(format!("{}: not a knowledge cache (no {MANIFEST_KEY} in its metadata): build one with forge build-knowledge", path.display()))
+        })?;
+        let m: CacheManifest = serde_json::from_str(json)
+            .map_err(|e| ModelError::Invalid(format!("{}: unreadable knowledge manifest: {e}", path.display())))?;
+        if m.format != CACHE_FORMAT {
+            return Err(ModelError::Invalid(format!(
+                "{}: knowledge cache format {} (this forge reads {CACHE_FORMAT}): rebuild it with forge build-knowledge",
+                path.display(),
+                m.format
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The manifest alone.
+    pub fn read_manifest(path: &Path) -> Result<CacheManifest> {
+        Self::manifest_of(&SafetensorsFile::open(path)?)
+    }
+
+    /// The whole cache, shapes checked against the manifest.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = SafetensorsFile::open(path)?;
+        let manifest = Self::manifest_of(&file)?;
+        let mut layers = BTreeMap::new();
+        for &l in &manifest.layers {
+            let t = file.tensor(&format!("layers.{l}"))?.to_kind(Kind::Float);
+            if t.size() != [manifest.tokens, manifest.cache_dim] {
+                return Err(ModelError::Invalid(format!(
+                    "{}: layers.{l} is {:?}, the manifest says [{}, {}]",
+                    path.display(),
+                    t.size(),
+                    manifest.tokens,
+                    manifest.cache_dim
+                )));
+            }
+            layers.insert(l, t);
+        }
+        Ok(Self { manifest, layers })
+    }
+}
+
+/// States `[N, H]` onto their top `dim` principal directions after centring (`[N, dim]` fp32);
+/// unchanged (fp32) when `dim >= H`.
+pub fn project_pca(states: &Tensor, dim: i64) -> Tensor {
+    let x = states.to_kind(Kind::Double);
+    let h = x.size()[1];
+    if dim >= h {
+        return states.to_kind(Kind::Float);
+    }
+    let centred = &x - x.mean_dim(0, true, Kind::Double);
+    let cov = centred.tr().matmul(&centred);
+    // eigh: ascending eigenvalues; the last `dim` columns are the top directions
+    let (_, vecs) = cov.linalg_eigh("L");
+    let top = vecs.narrow(1, h - dim, dim).flip([1]);
+    centred.matmul(&top).to_kind(Kind::Float)
+}
+
+/// What the draft knows of the cache it was built with (the buffers' shape and provenance).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CacheSpec {
+    /// The cache file a fresh draft loads (a trained draft carries the cache in its weights).
+    pub path: String,
+    pub tokens: i64,
+    pub dim: i64,
+    pub entries: i64,
+    pub target_fingerprint: String,
+    pub data_hash: String,
+}
+
+/// The knowledge drafter's hyper-parameters plus the target it is built from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnowledgeSpec {
+    /// Target layers copied into the draft, ascending.
+    pub layers: Vec<i64>,
+    /// Residual linear transition layers after each sampled layer.
+    pub transition: bool,
+    pub kl_weight: f64,
+    pub acceptance_weight: f64,
+    pub ce_weight: f64,
+    /// Softens both distributions in the KL and acceptance terms (KL scaled by T^2).
+    pub temperature: f64,
+    /// 0: the target's full distribution (from its last hidden state through lm_head);
+    /// k > 0: its top-k log-probabilities (offline shards).
+    pub target_topk: usize,
+    /// The knowledge cache; `None`: no knowledge blocks.
+    pub cache: Option<CacheSpec>,
+    /// The draft length `forge eval` suggests.
+    pub num_draft_tokens: i64,
+    /// Learning-rate scale of the parts that start from zero (knowledge blocks, transitions)
+    /// over the copied target layers.
+    pub new_lr_scale: f64,
+    /// The target's config.json (the layers are the target's).
+    pub target: serde_json::Value,
+}
+
+impl KnowledgeSpec {
+    pub fn target_config(&self) -> Result<TargetConfig> {
+        TargetConfig::from_value(self.target.clone()).map_err(|e| ModelError::Invalid(format!("knowledge: the target config recorded with the draft: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let cfg = self.target_config()?;
+        let mut p = Vec::new();
+        if self.layers.is_empty() {
+            p.push("no layers sampled".to_string());
+        }
+        if let Some(bad) = self.layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
+            p.push(format!("layer {bad} does not exist (the target has layers 0..{})", cfg.num_layers - 1));
+        }
+        if self.layers.windows(2).any(|w| w[0] >= w[1]) {
+            p.push(format!("layers {:?} must ascend without repeats", self.layers));
+        }
+        for (name, v) in [("kl_weight", self.kl_weight), ("acceptance_weight", self.acceptance_weight), ("ce_weight", self.ce_weight)] {
+            if !(v.is_finite() && v >= 0.0) {
+                p.push(format!("{name} must be >= 0"));
+            }
+        }
+        if self.kl_weight + self.acceptance_weight + self.ce_weight <= 0.0 {
+            p.push("kl_weight, acceptance_weight and ce_weight are all 0: nothing to train".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            p.push("temperature must be > 0".into());
+        }
+        if !(self.new_lr_scale.is_finite() && self.new_lr_scale > 0.0) {
+            p.push("new_lr_scale must be > 0".into());
+        }
+        if self.target_topk > 0 && self.temperature != 1.0 {
+            p.push("temperature needs the target's full distribution: set target_topk: 0".into());
+        }
+        if let Some(c) = &self.cache {
+            if c.tokens < 1 || c.dim < 1 {
+                p.push(format!("the knowledge cache {} holds no states", c.path));
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Invalid(format!("knowledge: {}", p.join("; "))))
+        }
+    }
+
+    /// The HF names of one target layer's weights (`model.layers.{l}.` + the layer's own).
+    fn layer_weight_names(cfg: &TargetConfig, l: i64) -> Vec<String> {
+        // names do not depend on sizes: a layer with the target's options at toy sizes
+        let mut c = cfg.layer_config(Kind::Float);
+        c.attn.in_dim = 4;
+        c.attn.out_dim = 4;
+        c.attn.num_heads = 1;
+        c.attn.num_kv_heads = 1;
+        c.attn.head_dim = 4;
+        c.intermediate = 2;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = DecoderLayer::new(vs.root(), c, ParamInit::Zeros);
+        let mut names: Vec<String> = vs.variables().into_keys().map(|n| format!("model.layers.{l}.{n}")).collect();
+        names.sort();
+        names
+    }
+
+    /// Fresh: the embedding, lm_head, final norm and every sampled layer's weights; loaded:
+    /// the shared embedding and lm_head.
+    pub fn target_needs(&self, fresh: bool) -> TargetNeeds {
+        let mut names = vec![EMBED.to_string(), LM_HEAD.to_string()];
+        if fresh {
+            if let Ok(cfg) = self.target_config() {
+                names.push(FINAL_NORM.into());
+                for &l in &self.layers {
+                    names.extend(Self::layer_weight_names(&cfg, l));
+                }
+            }
+        }
+        TargetNeeds::Tensors(names)
+    }
+}
+
+const FINAL_NORM: &str = "model.norm.weight";
+
+/// Cross-attention over the knowledge cache, gated into the stream.
+struct KnowledgeBlock {
+    q_norm: RmsNorm,
+    kv_norm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl KnowledgeBlock {
+    fn new(p: nn::Path, h: i64, dim: i64, heads: i64, head_dim: i64, eps: f64, compute: Kind) -> Self {
+        let inner = heads * head_dim;
+        let init = ParamInit::Default;
+        Self {
+            q_norm: RmsNorm::new(&p / "q_norm", h, eps, init),
+            kv_norm: RmsNorm::new(&p / "kv_norm", dim, eps, init),
+            q_proj: linear(&p / "q_proj", h, inner, false, init, compute),
+            k_proj: linear(&p / "k_proj", dim, inner, false, init, compute),
+            v_proj: linear(&p / "v_proj", dim, inner, false, init, compute),
+            // zero: a fresh block adds nothing
+            o_proj: linear(&p / "o_proj", inner, h, false, ParamInit::Zeros, compute),
+            gate: linear(&p / "gate", 2 * h, h, true, ParamInit::Zeros, compute),
+            heads,
+            head_dim,
+        }
+    }
+
+    /// Keys and values `[1, heads, N, head_dim]` of the cache `[N, dim]`.
+    fn memory(&self, cache: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let m = self.kv_norm.forward(&cache.to_kind(kind));
+        let n = m.size()[0];
+        let split = |t: Tensor| t.view([1, n, self.heads, self.head_dim]).transpose(1, 2);
+        (split(self.k_proj.forward(&m)), split(self.v_proj.forward(&m)))
+    }
+
+    /// `x + g * o` for `x` `[B, T, H]` with the cache's keys and values.
+    fn forward(&self, x: &Tensor, mem: &(Tensor, Tensor)) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let xn = self.q_norm.forward(x);
+        let q = self.q_proj.forward(&xn).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        let (k, v) = (mem.0.expand([b, -1, -1, -1], false), mem.1.expand([b, -1, -1, -1], false));
+        let k = k.to_kind(q.kind());
+        let v = v.to_kind(q.kind());
+        let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false);
+        let a = a.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        let o = self.o_proj.forward(&a).to_kind(x.kind());
+        let g = self.gate.forward(&Tensor::cat(&[&xn, &o], -1)).sigmoid().to_kind(x.kind());
+        x + g * o
+    }
+}
+
+pub struct Knowledge {
+    spec: DrafterSpec,
+    s: KnowledgeSpec,
+    cfg: TargetConfig,
+    vs: nn::VarStore,
+    /// Frozen, shared with the target (`[V, H]`, compute kind).
+    embed: Tensor,
+    lm_head: Tensor,
+    layers: Vec<DecoderLayer>,
+    blocks: Vec<KnowledgeBlock>,
+    transitions: Vec<Linear>,
+    norm: RmsNorm,
+    /// The cache per sampled layer, `[N, dim]` fp32 buffers (empty without a cache).
+    knowledge: Vec<Tensor>,
+    rotary: Rotary,
+    compute: Kind,
+    /// Whether the knowledge blocks run (`forge eval --draft-option knowledge=off` turns them off).
+    use_knowledge: Cell<bool>,
+}
+
+impl Knowledge {
+    pub fn new(s: KnowledgeSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Self> {
+        s.validate()?;
+        let cfg = s.target_config()?;
+        let who = "the knowledge drafter";
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = super::eagle::frozen(target, EMBED, [v, h], device, compute, who)?;
+        let lm_head = super::eagle::frozen(target, LM_HEAD, [v, h], device, compute, who)?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let layers: Vec<DecoderLayer> = (0..s.layers.len())
+            .map(|j| DecoderLayer::new(&root / "layers" / j as i64, cfg.layer_config(compute), ParamInit::Zeros))
+            .collect();
+        let norm = RmsNorm::new(&root / "norm", h, cfg.rms_norm_eps, ParamInit::Zeros);
+        let (blocks, knowledge) = match &s.cache {
+            Some(c) => (0..s.layers.len() as i64)
+                .map(|j| {
+                    let b = KnowledgeBlock::new(&root / "blocks" / j, h, c.dim, cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, compute);
+                    let buf = (&root / "knowledge").add(&j.to_string(), Tensor::zeros([c.tokens, c.dim], (Kind::Float, device)), false);
+                    (b, buf)
+                })
+                .unzip(),
+            None => (Vec::new(), Vec::new()),
+        };
+        let transitions = if s.transition {
+            (0..s.layers.len() as i64).map(|j| linear(&root / "transitions" / j, h, h, false, ParamInit::Zeros, compute)).collect()
+        } else {
+            Vec::new()
+        };
+        // a fresh draft is given the target's layers and final norm: copy them
+        let vars = vs.variables();
+        let mut copied = 0;
+        tch::no_grad(|| -> Result<()> {
+            for (j, &l) in s.layers.iter().enumerate() {
+                let prefix = format!("layers.{j}.");
+                for (name, var) in vars.iter().filter(|(n, _)| n.starts_with(&prefix)) {
+                    let src = format!("model.layers.{l}.{}", &name[prefix.len()..]);
+                    if let Some(t) = target.tensor(&src) {
+                        copy_into(var, &t, &src)?;
+                        copied += 1;
+                    }
+                }
+            }
+            if let (Some(t), Some(var)) = (target.tensor(FINAL_NORM), vars.get("norm.weight")) {
+                copy_into(var, &t, FINAL_NORM)?;
+            }
+            Ok(())
+        })?;
+        let per_layer = vars.keys().filter(|n| n.starts_with("layers.0.")).count();
+        if copied != 0 && copied != per_layer * s.layers.len() {
+            return Err(ModelError::Invalid(format!("{who}: the target gave {copied} of the {} layer weights", per_layer * s.layers.len())));
+        }
+        let rotary = Rotary::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, device);
+        Ok(Self {
+            spec: DrafterSpec::Knowledge(s.clone()),
+            s,
+            cfg,
+            vs,
+            embed,
+            lm_head,
+            layers,
+            blocks,
+            transitions,
+            norm,
+            knowledge,
+            rotary,
+            compute,
+            use_knowledge: Cell::new(true),
+        })
+    }
+
+    /// Whether the draft has a knowledge cache and its blocks run.
+    pub fn knowledge_on(&self) -> bool {
+        !self.blocks.is_empty() && self.use_knowledge.get()
+    }
+
+    /// The cache's keys and values per block (computed once per forward or session).
+    fn memories(&self) -> Vec<(Tensor, Tensor)> {
+        if !self.knowledge_on() {
+            return Vec::new();
+        }
+        self.blocks.iter().zip(&self.knowledge).map(|(b, k)| b.memory(k, self.compute)).collect()
+    }
+
+    /// The draft's normed last hidden states `[B, T, H]` for `ids` `[B, T]` at positions
+    /// `past..`, over `cache` when given.
+    fn hidden(&self, ids: &Tensor, past: i64, mems: &[(Tensor, Tensor)], mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let mut x = self.embed.index_select(0, &ids.reshape([-1])).view([b, t, -1]);
+        let inputs = layer_inputs(&self.rotary, self.compute, self.cfg.sliding_window, x.device(), b, t, past, None, None)?;
+        for (j, layer) in self.layers.iter().enumerate() {
+            let keys = match cache.as_deref_mut() {
+                Some(c) => Keys::Cache(&mut c.layers[j]),
+                None => Keys::Own,
+            };
+            x = layer.forward(&x, &inputs.cos, &inputs.sin, &inputs.mask, keys);
+            if let Some(m) = mems.get(j) {
+                x = self.blocks[j].forward(&x, m);
+            }
+            if let Some(tr) = self.transitions.get(j) {
+                x = &x + tr.forward(&x).to_kind(x.kind());
+            }
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// Next-token logits `[B, T, V]` fp32 of `ids` `[B, T]` (a whole sequence, no cache).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let hn = self.hidden(ids, 0, &self.memories(), None)?;
+        Ok(project(&hn, &self.lm_head, self.compute).to_kind(Kind::Float))
+    }
+
+    fn readout(&self, hn: &Tensor) -> Tensor {
+        project(hn, &self.lm_head, self.compute).to_kind(Kind::Float)
+    }
+}
+
+fn copy_into(var: &Tensor, src: &Tensor, name: &str) -> Result<()> {
+    if var.size() != src.size() {
+        return Err(ModelError::Invalid(format!("knowledge: the target's {name} is {:?}, the draft's copy is {:?}", src.size(), var.size())));
+    }
+    let mut v = var.shallow_clone();
+    v.copy_(&src.to_device(var.device()).to_kind(var.kind()));
+    Ok(())
+}
+
+/// KL(p || q) and the rejection `1 - sum_x min(p(x), q(x))`, each averaged over rows, for
+/// draft logits `[N, V]` against target logits `[N, V]`, both softened by `temperature`;
+/// the KL is multiplied by `temperature^2`.
+pub fn kl_and_rejection(draft_logits: &Tensor, target_logits: &Tensor, temperature: f64) -> (Tensor, Tensor) {
+    let k = wide(draft_logits);
+    let logq = (draft_logits.to_kind(k) / temperature).log_softmax(-1, k);
+    let logp = (target_logits.to_kind(k) / temperature).log_softmax(-1, k).detach();
+    let p = logp.exp();
+    let kl = (&p * (&logp - &logq)).sum_dim_intlist(-1, false, k).mean(k) * (temperature * temperature);
+    let overlap = p.minimum(&logq.exp()).sum_dim_intlist(-1, false, k);
+    (kl, (overlap.neg() + 1.0).mean(k))
+}
+
+/// fp64 stays fp64 (gradient checks); everything else computes in fp32.
+fn wide(t: &Tensor) -> Kind {
+    if t.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// [`kl_and_rejection`] with the target known by its top-k log-probabilities `[N, k]` at
+/// token ids `[N, k]`: over k + 1 bins (those tokens and the rest of the vocabulary).
+pub fn kl_and_rejection_topk(draft_logits: &Tensor, target_logp: &Tensor, target_ids: &Tensor) -> (Tensor, Tensor) {
+    let k = wide(draft_logits);
+    let logq_all = draft_logits.to_kind(k).log_softmax(-1, k);
+    let logq = logq_all.gather(-1, target_ids, false);
+    let logp = target_logp.to_kind(k).detach();
+    let p = logp.exp();
+    let q = logq.exp();
+    let tiny = 1e-12;
+    let p_rest = (p.sum_dim_intlist(-1, false, k).neg() + 1.0).clamp_min(0.0);
+    let q_rest = (q.sum_dim_intlist(-1, false, k).neg() + 1.0).clamp_min(tiny);
+    let kl_top = (&p * (&logp - &logq)).sum_dim_intlist(-1, false, k);
+    let kl_rest = &p_rest * ((&p_rest + tiny).log() - q_rest.log());
+    let kl = (kl_top + kl_rest).mean(k);
+    let overlap = p.minimum(&q).sum_dim_intlist(-1, false, k) + p_rest.minimum(&q_rest);
+    (kl, (overlap.neg() + 1.0).mean(k))
+}
+
+impl Drafter for Knowledge {
+    /// The copied target layers and final norm at the recipe's learning rate; the knowledge
+    /// blocks and transitions, which start from zero, at `new_lr_scale` times it.
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        let new = |name: &str| ParamGroup { name: name.into(), prefix: format!("{name}."), lr_scale: self.s.new_lr_scale, weight_decay: true };
+        vec![ParamGroup { name: "layers".into(), ..ParamGroup::all() }, new("blocks"), new("transitions")]
+    }
+
+    fn spec(&self) -> &DrafterSpec {
+        &self.spec
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// A fresh draft with a cache loads it into its buffers.
+    fn prepare(&mut self, data: &mut dyn PrepareData, _target: &TargetAccess) -> Result<()> {
+        let Some(c) = self.s.cache.clone() else {
+            data.report("knowledge: no knowledge cache (drafter.knowledge_cache is not set): the draft has no knowledge blocks");
+            return Ok(());
+        };
+        let cache = KnowledgeCache::read(Path::new(&c.path))?;
+        let m = &cache.manifest;
+        if m.tokens != c.tokens || m.cache_dim != c.dim || m.target_fingerprint != c.target_fingerprint {
+            return Err(ModelError::Invalid(format!(
+                "{}: the knowledge cache changed since the recipe was resolved ({} tokens x {}, target {}; expected {} x {}, target {})",
+                c.path, m.tokens, m.cache_dim, m.target_fingerprint, c.tokens, c.dim, c.target_fingerprint
+            )));
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (j, &l) in self.s.layers.iter().enumerate() {
+                let t = cache.layers.get(&l).ok_or_else(|| {
+                    ModelError::Invalid(format!(
+                        "{}: the knowledge cache has no states of target layer {l} (it holds layers {:?}): rebuild it with forge build-knowledge without --layers, or with this layer",
+                        c.path, m.layers
+                    ))
+                })?;
+                let device = self.knowledge[j].device();
+                self.knowledge[j].copy_(&t.to_device(device));
+            }
+            Ok(())
+        })?;
+        data.report(&format!(
+            "knowledge: cache {} ({} entries, {} answer tokens x {} per layer, {} projection) after target layers {:?}",
+            c.path, m.entries, m.tokens, m.cache_dim, m.projection, self.s.layers
+        ));
+        Ok(())
+    }
+
+    fn loss(&self, f: &Features, _ctx: &StepContext) -> Result<LossOutput> {
+        let s = &self.s;
+        let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
+        let n = t - 1;
+        let hn = self.hidden(&f.input_ids, 0, &self.memories(), None)?;
+        // position p predicts token p+1 where that token is trained
+        let idx = if n > 0 {
+            f.loss_mask.narrow(1, 1, n).ne(0).reshape([-1]).nonzero().squeeze_dim(-1)
+        } else {
+            Tensor::zeros([0], (Kind::Int64, hn.device()))
+        };
+        let count = idx.size()[0];
+        // the weighted parts of the loss, named apart from the plain metrics
+        let weighted = [("loss/kl", s.kl_weight), ("loss/acceptance", s.acceptance_weight), ("loss/ce", s.ce_weight)];
+        if count == 0 {
+            // nothing trained here: a zero loss on the graph, every metric with count 0 (the
+            // metric sets of all ranks agree)
+            let zero = |name: &str| Metric { name: name.into(), sum: 0.0, count: 0.0 };
+            return Ok(LossOutput {
+                loss: hn.sum(Kind::Float) * 0.0,
+                parts: weighted.iter().filter(|(_, w)| *w > 0.0).map(|(name, _)| zero(name)).collect(),
+                metrics: ["kl", "overlap", "ce", "acc", "agree"].into_iter().map(zero).collect(),
+            });
+        }
+        let (mut parts, mut metrics) = (Vec::new(), Vec::new());
+        let mut total = Tensor::zeros([], (Kind::Float, hn.device()));
+        let c = count as f64;
+        let rows = |x: &Tensor| -> Tensor {
+            let last = x.size()[2..].to_vec();
+            let mut shape = vec![b * n];
+            shape.extend(last);
+            x.narrow(1, 0, n).reshape(shape.as_slice()).index_select(0, &idx)
+        };
+        let logits = self.readout(&rows(&hn));
+        let labels = f.input_ids.narrow(1, 1, n).reshape([-1]).index_select(0, &idx);
+        let (ce, top1, _) = ce_and_hits(&logits, &labels, 1);
+        let (kl, rejection, agree) = if s.target_topk > 0 {
+            let (lp, ids) = f
+                .target_topk
+                .as_ref()
+                .ok_or_else(|| ModelError::Invalid("the knowledge drafter needs the target's top-k log-probabilities (target_topk)".into()))?;
+            let k = s.target_topk as i64;
+            let (lp, ids) = (rows(&lp.narrow(2, 0, k)), rows(&ids.narrow(2, 0, k)));
+            let (kl, rej) = kl_and_rejection_topk(&logits, &lp, &ids);
+            let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&ids.select(1, 0)).sum(Kind::Float).double_value(&[]));
+            (kl, rej, agree)
+        } else {
+            let hn_target = rows(f.hidden_normed()?);
+            let target_logits = tch::no_grad(|| self.readout(&hn_target));
+            let (kl, rej) = kl_and_rejection(&logits, &target_logits, s.temperature);
+            let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&target_logits.argmax(-1, false)).sum(Kind::Float).double_value(&[]));
+            (kl, rej, agree)
+        };
+        for ((name, w), term) in weighted.into_iter().zip([&kl, &rejection, &ce]) {
+            if w > 0.0 {
+                parts.push(Metric { name: name.into(), sum: term.double_value(&[]) * c * w, count: c });
+                total += term * w;
+            }
+        }
+        metrics.push(Metric { name: "kl".into(), sum: kl.double_value(&[]) * c, count: c });
+        metrics.push(Metric { name: "overlap".into(), sum: (1.0 - rejection.double_value(&[])) * c, count: c });
+        metrics.push(Metric { name: "ce".into(), sum: ce.double_value(&[]) * c, count: c });
+        metrics.push(Metric { name: "acc".into(), sum: top1, count: c });
+        metrics.push(Metric { name: "agree".into(), sum: agree, count: c });
+        Ok(LossOutput { loss: total, parts, metrics })
+    }
+
+    fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+        match (key, value) {
+            ("knowledge", "on" | "off") => {
+                if self.blocks.is_empty() && value == "on" {
+                    return Err(ModelError::Invalid("knowledge=on: this draft was trained without a knowledge cache".into()));
+                }
+                self.use_knowledge.set(value == "on");
+                Ok(())
+            }
+            ("knowledge", other) => Err(ModelError::Invalid(format!("knowledge={other}: use knowledge=on or knowledge=off"))),
+            _ => Err(ModelError::Invalid(format!("the knowledge drafter has no option {key} (it has knowledge=on|off)"))),
+        }
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let mut lines = vec![format!("target layers {:?}", self.s.layers)];
+        match &self.s.cache {
+            Some(c) if self.use_knowledge.get() => lines.push(format!("knowledge cache on ({} entries, {} tokens x {})", c.entries, c.tokens, c.dim)),
+            Some(_) => lines.push("knowledge cache off".into()),
+            None => lines.push("no knowledge cache".into()),
+        }
+        lines
+    }
+
+    fn engines_note(&self) -> Option<&'static str> {
+        Some("its knowledge blocks cross-attend over a cache of target states, which no inference engine (vLLM, SGLang, TensorRT-LLM) draft model has; the forge format holds the sampled layers, blocks and the cache, and forge eval decodes with it")
+    }
+
+    fn session<'a>(&'a self, _target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>> {
+        let n = self.layers.len() as i64;
+        Ok(Box::new(KnowledgeSession {
+            m: self,
+            mems: tch::no_grad(|| self.memories()),
+            cache: KvCache::new(n),
+            inputs: Vec::new(),
+            seq: Vec::new(),
+        }))
+    }
+}
+
+/// The draft as an independent model over one sequence, with its own KV cache.
+pub struct KnowledgeSession<'a> {
+    m: &'a Knowledge,
+    /// The cache's keys and values per block, computed once.
+    mems: Vec<(Tensor, Tensor)>,
+    cache: KvCache,
+    /// The tokens whose keys and values `cache` holds (positions 0..).
+    inputs: Vec<i64>,
+    /// The committed sequence, its last token not yet verified by the target.
+    seq: Vec<i64>,
+}
+
+impl KnowledgeSession<'_> {
+    /// Runs `ids` at positions `inputs.len()..` through the draft, appending to its cache:
+    /// the logits `[V]` after the last one.
+    fn feed(&mut self, ids: &[i64]) -> Result<Tensor> {
+        let m = self.m;
+        let past = self.inputs.len() as i64;
+        let t = Tensor::from_slice(ids).view([1, -1]).to_device(m.embed.device());
+        let hn = m.hidden(&t, past, &self.mems, Some(&mut self.cache))?;
+        self.inputs.extend_from_slice(ids);
+        Ok(m.readout(&hn.narrow(1, ids.len() as i64 - 1, 1)).view([-1]))
+    }
+}
+
+impl DraftSession for KnowledgeSession<'_> {
+    fn begin(&mut self, prompt: &[i64]) -> Result<()> {
+        self.seq = prompt.to_vec();
+        self.inputs.clear();
+        self.cache.truncate(0);
+        // the draft's own prefill of the prompt
+        if prompt.len() > 1 {
+            let _ = self.feed(&prompt[..prompt.len() - 1])?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, start: i64, _features: &StepFeatures, next: &[i64]) -> Result<()> {
+        let start = start as usize;
+        if start >= self.seq.len() {
+            return Err(ModelError::Invalid(format!("knowledge: commit from position {start} of a sequence of {} tokens (begin not called?)", self.seq.len())));
+        }
+        self.seq.truncate(start + 1);
+        self.seq.extend_from_slice(next);
+        Ok(())
+    }
+
+    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+        // keep the cache of the tokens that are still the sequence's (accepted drafts too),
+        // and run at least the last committed token for its logits
+        let same = self.inputs.iter().zip(&self.seq).take_while(|(a, b)| a == b).count();
+        let keep = same.min(self.seq.len().saturating_sub(1));
+        self.inputs.truncate(keep);
+        self.cache.truncate(keep as i64);
+        let pending = self.seq[keep..].to_vec();
+        if pending.is_empty() {
+            return Err(ModelError::Invalid("knowledge: propose before begin".into()));
+        }
+        let mut l = self.feed(&pending)?;
+        let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        for i in 0..gamma {
+            let token = pick(&l, temperature, rng)?;
+            tokens.push(token);
+            logits.push(l.shallow_clone());
+            if i + 1 < gamma {
+                l = self.feed(&[token])?;
+            }
+        }
+        Ok(Proposal { tokens, logits: Tensor::stack(&logits, 0) })
+    }
+}
