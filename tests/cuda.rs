@@ -162,32 +162,7 @@ fn greedy_speculative_decoding_on_the_device_is_lossless() {
         let d = crate::eval::eagle3_on(&t, dev);
         for gamma in [1usize, 5, 7] {
             for prompt in [vec![1i64, 17, 42, 5, 66, 23], vec![1, 9]] {
-                let plain = generate(
-                    &t,
-                    &prompt,
-                    &GenerateOptions {
-                        max_new_tokens: 32,
-                        ..Default::default()
-                    },
-                    |_| {},
-                )
-                .expect("plain")
-                .tokens;
-                let mut s = d.session(&t).expect("session");
-                let opts = SpecOptions {
-                    gamma,
-                    max_new_tokens: 32,
-                    ..Default::default()
-                };
-                let got = speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), &prompt, &opts).expect("speculative");
-                // equal, or departing only at a tie of the target's two best logits (fp32 on a
-                // GPU: one-row and several-row matrix products may round apart by more than 4
-                // ulps, so there a gap below 1e-3 counts too)
-                if let Some(d) = greedy_divergence(&t, &prompt, &plain, &got.tokens).expect("divergence") {
-                    let near = d.tie || (dtype == DType::F32 && d.gap.abs() < 1e-3);
-                    assert!(near, "{dtype:?} gamma {gamma} on {dev:?}: {d:?}");
-                    eprintln!("{dtype:?} gamma {gamma}: departs at a tie ({d:?})");
-                }
+                lossless_on_device(&t, &d, dtype, gamma, &prompt);
             }
         }
     }
@@ -236,16 +211,24 @@ fn knowledge_drafter_on_the_device_matches_the_cpu_and_decodes_losslessly() {
         let t = moved(&cpu_t, "knowledge-spec", dtype, dev);
         let d = copy_to(&t, dtype.kind());
         for gamma in [1usize, 5] {
-            let prompt = vec![1i64, 17, 42, 5, 66, 23];
-            let plain = generate(&t, &prompt, &GenerateOptions { max_new_tokens: 32, ..Default::default() }, |_| {}).expect("plain").tokens;
-            let mut sess = d.session(&t).expect("session");
-            let opts = SpecOptions { gamma, max_new_tokens: 32, ..Default::default() };
-            let got = speculative_generate(&t, sess.as_mut(), &d.spec().feature_needs(), &prompt, &opts).expect("speculative");
-            if let Some(x) = greedy_divergence(&t, &prompt, &plain, &got.tokens).expect("divergence") {
-                let near = x.tie || (dtype == DType::F32 && x.gap.abs() < 1e-3);
-                assert!(near, "{dtype:?} gamma {gamma} on {dev:?}: {x:?}");
-            }
+            lossless_on_device(&t, &d, dtype, gamma, &[1, 17, 42, 5, 66, 23]);
         }
+    }
+}
+
+/// Greedy speculative decoding of 32 tokens with `d` on `t` equals plain greedy decoding, or
+/// departs only at a tie of the target's two best logits (fp32 on a GPU: one-row and
+/// several-row matrix products may round apart by more than 4 ulps, so there a gap below
+/// 1e-3 counts too).
+fn lossless_on_device(t: &TargetModel, d: &dyn Drafter, dtype: DType, gamma: usize, prompt: &[i64]) {
+    let plain = generate(t, prompt, &GenerateOptions { max_new_tokens: 32, ..Default::default() }, |_| {}).expect("plain").tokens;
+    let mut s = d.session(t).expect("session");
+    let opts = SpecOptions { gamma, max_new_tokens: 32, ..Default::default() };
+    let got = speculative_generate(t, s.as_mut(), &d.spec().feature_needs(), prompt, &opts).expect("speculative");
+    if let Some(x) = greedy_divergence(t, prompt, &plain, &got.tokens).expect("divergence") {
+        let near = x.tie || (dtype == DType::F32 && x.gap.abs() < 1e-3);
+        assert!(near, "{dtype:?} gamma {gamma} on {:?}: {x:?}", t.device());
+        eprintln!("{dtype:?} gamma {gamma}: departs at a tie ({x:?})");
     }
 }
 

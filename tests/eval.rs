@@ -797,3 +797,26 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
     }
     eprintln!("bf16 departures at ties: {departures}");
 }
+
+/// Greedy speculative decoding of each prompt with `m` for each gamma equals plain greedy
+/// decoding of `max_new` tokens; returns (drafts accepted, rounds with a rejection) so that a
+/// caller can show both paths ran.
+pub(crate) fn greedy_lossless(t: &TargetModel, m: &dyn Drafter, prompts: &[Vec<i64>], gammas: &[usize], max_new: usize) -> (usize, usize) {
+    let (mut accepted, mut rejected) = (0usize, 0usize);
+    let needs = m.spec().feature_needs();
+    for &gamma in gammas {
+        for p in prompts {
+            let opts = GenerateOptions { max_new_tokens: max_new, ..Default::default() };
+            let want = generate(t, p, &opts, |_| {}).expect("generate").tokens;
+            let mut s = m.session(t).expect("session");
+            let opts = SpecOptions { gamma, max_new_tokens: max_new, ..Default::default() };
+            let got = speculative_generate(t, s.as_mut(), &needs, p, &opts).expect("speculative");
+            assert_eq!(got.tokens, want, "{} draft, gamma {gamma}, prompt {p:?}", m.spec().kind());
+            for r in &got.rounds {
+                accepted += r.accepted;
+                rejected += usize::from(r.accepted < r.proposed);
+            }
+        }
+    }
+    (accepted, rejected)
+}

@@ -4,8 +4,8 @@
 
 use forge_models::drafters::knowledge::{kl_and_rejection, kl_and_rejection_topk, uniform_layers, CacheSpec, Knowledge, KnowledgeSpec};
 use forge_models::drafters::{Drafter, TargetAccess};
-use forge_models::generate::{generate, GenerateOptions, RowRng};
-use forge_models::speculative::{speculative_generate, SpecOptions, StepFeatures};
+use forge_models::generate::RowRng;
+use forge_models::speculative::StepFeatures;
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, losses, max_abs_diff, random_target_from, reinit_trainable, tiny_config, TestRng, TinyRun};
 use tch::{Device, Kind, Tensor};
@@ -180,11 +180,6 @@ fn the_acceptance_loss_gradient_matches_finite_differences() {
     assert!(worst < 1e-7 && worst_kl < 1e-7, "acceptance {worst}, kl {worst_kl}");
 }
 
-fn plain(t: &TargetModel, prompt: &[i64], n: usize) -> Vec<i64> {
-    let opts = GenerateOptions { max_new_tokens: n, ..Default::default() };
-    generate(t, prompt, &opts, |_| {}).expect("generate").tokens
-}
-
 /// Greedy speculative output equals plain greedy output: a fresh draft (the target's
 /// layers, often right), random drafts (mostly wrong), with and without knowledge.
 #[test]
@@ -198,20 +193,9 @@ fn greedy_speculative_output_equals_plain_greedy_output() {
         m
     }];
     for m in &drafts {
-        let needs = m.spec().feature_needs();
-        for gamma in [1usize, 4] {
-            for p in &prompts {
-                let want = plain(&t, p, 30);
-                let mut s = m.session(&t).expect("session");
-                let opts = SpecOptions { gamma, max_new_tokens: 30, ..Default::default() };
-                let got = speculative_generate(&t, s.as_mut(), &needs, p, &opts).expect("speculative");
-                assert_eq!(got.tokens, want, "gamma {gamma}");
-                for r in &got.rounds {
-                    accepted += r.accepted;
-                    rejected += usize::from(r.accepted < r.proposed);
-                }
-            }
-        }
+        let (a, r) = crate::eval::greedy_lossless(&t, m, &prompts, &[1, 4], 30);
+        accepted += a;
+        rejected += r;
     }
     assert!(accepted > 20 && rejected > 20, "accepted {accepted} drafts, {rejected} rounds with a rejection");
 }
@@ -423,4 +407,71 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     let l = losses(&off);
     let (first, last) = (l[..3].iter().map(|x| x.1).sum::<f64>(), l[9..].iter().map(|x| x.1).sum::<f64>());
     assert!(last < first * 0.9, "offline {l:?}");
+}
+
+/// The loss is computed in chunks of rows, each chunk's gradient taken at once and handed to
+/// the draft's states through a surrogate: the value and every weight's gradient equal the
+/// loss written out in one piece and differentiated by autograd (full distribution and top-k,
+/// CE in the loss), whatever the chunk size.
+#[test]
+fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
+    let t = target("llama", 4, 10);
+    let ids = Tensor::from_slice(&seq()).view([1, -1]);
+    let n = seq().len() as i64 - 1;
+    for topk in [0usize, 5] {
+        let mut sp = spec(&t, vec![0, 3], Some((12, 16)));
+        sp.ce_weight = 0.5;
+        sp.target_topk = topk;
+        let copies: Vec<Knowledge> = (0..3).map(|_| build(&t, sp.clone())).collect();
+        randomize(&copies[0]);
+        let src = copies[0].var_store().variables();
+        for c in &copies[1..] {
+            tch::no_grad(|| {
+                for (name, mut v) in c.var_store().variables() {
+                    v.copy_(&src[&name]);
+                }
+            });
+        }
+        let mut f = crate::eval::features(&t, &seq(), &[]);
+        let target_logits = logits_of(&t, &seq());
+        if topk > 0 {
+            f.target_topk = Some(target_logits.log_softmax(-1, Kind::Float).topk(topk as i64, -1, true, true));
+        }
+        let ctx = forge_tests::train_ctx();
+        let mut chunked = copies;
+        let whole = chunked.remove(2);
+        chunked[1].set_loss_chunk_rows(Some(4));
+        let mut values = Vec::new();
+        for m in &chunked {
+            let out = m.loss(&f, &ctx).expect("loss");
+            values.push(out.loss.double_value(&[]));
+            out.loss.backward();
+        }
+        // by hand, in one piece
+        let logits = whole.logits(&ids).expect("logits").get(0).narrow(0, 0, n);
+        let labels = ids.get(0).narrow(0, 1, n);
+        let (kl, rej) = match &f.target_topk {
+            Some((lp, tid)) => kl_and_rejection_topk(&logits, &lp.get(0).narrow(0, 0, n), &tid.get(0).narrow(0, 0, n)),
+            None => kl_and_rejection(&logits, &target_logits.get(0).narrow(0, 0, n), 1.0),
+        };
+        let ce = logits.cross_entropy_for_logits(&labels);
+        let hand = kl * 0.8 + rej * 0.3 + ce * 0.5;
+        hand.backward();
+        let hv = hand.double_value(&[]);
+        for (i, v) in values.iter().enumerate() {
+            assert!((v - hv).abs() < 1e-5 * hv.abs().max(1.0), "topk {topk}, copy {i}: {v} vs {hv}");
+        }
+        let gw = whole.var_store().variables();
+        let mut checked = 0;
+        for (i, m) in chunked.iter().enumerate() {
+            for (name, p) in m.var_store().variables().iter().filter(|(_, p)| p.requires_grad()) {
+                let (a, b) = (p.grad(), gw[name].grad());
+                let scale = b.abs().max().double_value(&[]).max(1e-8);
+                let d = max_abs_diff(&a, &b) / scale;
+                assert!(d < 1e-4, "topk {topk}, copy {i}: gradient of {name} differs by {d} (relative)");
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "{checked}");
+    }
 }

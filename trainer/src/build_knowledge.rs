@@ -63,7 +63,13 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
     if let Some(bad) = layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
         bail!("--layers: layer {bad} does not exist ({} has layers 0..{})", a.target.display(), cfg.num_layers - 1);
     }
-    let dim = a.cache_dim.unwrap_or(cfg.hidden_size).min(cfg.hidden_size);
+    if layers.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("--layers {layers:?}: list each layer once, ascending");
+    }
+    let dim = a.cache_dim.unwrap_or(cfg.hidden_size);
+    if dim > cfg.hidden_size {
+        bail!("--cache-dim {dim} is above the target's hidden size {}: pass at most {} (or leave it out for no projection)", cfg.hidden_size, cfg.hidden_size);
+    }
     let tokenizer = TextTokenizer::from_dir(&a.target)?;
     let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let bytes = std::fs::read(&a.input).with_context(|| format!("--in {}", a.input.display()))?;
@@ -104,9 +110,11 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
     let mut per_layer: BTreeMap<i64, Vec<Tensor>> = BTreeMap::new();
     let mut tokens = 0i64;
     for s in &samples {
-        let ids: Vec<i64> = s.input_ids.iter().map(|&i| i as i64).collect();
         let answer: Vec<i64> =
             s.loss_mask.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| i as i64).take(a.max_answer_tokens).collect();
+        // the target reads up to the last answer token kept (causal: later ones change nothing)
+        let end = answer.last().map_or(0, |&l| l as usize + 1);
+        let ids: Vec<i64> = s.input_ids[..end].iter().map(|&i| i as i64).collect();
         let input = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
         let out = tch::no_grad(|| model.forward(&input, None, None, None, &capture))
             .with_context(|| format!("the target's forward over entry {}", s.id))?;
@@ -119,6 +127,11 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    if tokens < dim {
+        eprintln!(
+            "forge build-knowledge: note: {tokens} answer tokens span at most {tokens} of the {dim} directions kept; the rest carry no variance (more --entries or a smaller --cache-dim)"
+        );
+    }
     let stored: BTreeMap<i64, Tensor> = per_layer.into_iter().map(|(l, parts)| (l, project_pca(&Tensor::cat(&parts, 0), dim))).collect();
     let manifest = CacheManifest {
         format: CACHE_FORMAT.into(),

@@ -173,7 +173,8 @@ pub fn target_fingerprint(dir: &Path) -> Result<String> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let len = e.metadata().ok()?.len();
+            // the file's size, through symlinks (Hugging Face hub snapshots link their blobs)
+            let len = std::fs::metadata(e.path()).ok()?.len();
             name.ends_with(".safetensors").then_some((name, len))
         })
         .collect();

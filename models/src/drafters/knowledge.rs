@@ -40,7 +40,6 @@ use crate::layers::{linear, project, DecoderLayer, Keys, Linear, ParamInit, RmsN
 use crate::safetensors_io::{write_safetensors, SafetensorsFile};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use crate::target::{layer_inputs, KvCache, TargetConfig, TargetModel};
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
@@ -126,10 +125,16 @@ impl KnowledgeCache {
 
     /// The whole cache, shapes checked against the manifest.
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_layers(path, None)
+    }
+
+    /// The cache with the states of `only` these layers (all when `None`; a layer the cache
+    /// lacks is left out), shapes checked against the manifest.
+    pub fn read_layers(path: &Path, only: Option<&[i64]>) -> Result<Self> {
         let file = SafetensorsFile::open(path)?;
         let manifest = Self::manifest_of(&file)?;
         let mut layers = BTreeMap::new();
-        for &l in &manifest.layers {
+        for &l in manifest.layers.iter().filter(|l| only.is_none_or(|o| o.contains(l))) {
             let t = file.tensor(&format!("layers.{l}"))?.to_kind(Kind::Float);
             if t.size() != [manifest.tokens, manifest.cache_dim] {
                 return Err(ModelError::Invalid(format!(
@@ -191,7 +196,8 @@ pub struct KnowledgeSpec {
     pub target_topk: usize,
     /// The knowledge cache; `None`: no knowledge blocks.
     pub cache: Option<CacheSpec>,
-    /// The draft length `forge eval` suggests.
+    /// The draft length recorded with the draft (the source system's; give it to `forge eval`
+    /// as `--gamma`).
     pub num_draft_tokens: i64,
     /// Learning-rate scale of the parts that start from zero (knowledge blocks, transitions)
     /// over the copied target layers.
@@ -230,6 +236,9 @@ impl KnowledgeSpec {
         }
         if !(self.new_lr_scale.is_finite() && self.new_lr_scale > 0.0) {
             p.push("new_lr_scale must be > 0".into());
+        }
+        if self.num_draft_tokens < 1 {
+            p.push("num_draft_tokens must be >= 1".into());
         }
         if self.target_topk > 0 && self.temperature != 1.0 {
             p.push("temperature needs the target's full distribution: set target_topk: 0".into());
@@ -353,7 +362,9 @@ pub struct Knowledge {
     rotary: Rotary,
     compute: Kind,
     /// Whether the knowledge blocks run (`forge eval --draft-option knowledge=off` turns them off).
-    use_knowledge: Cell<bool>,
+    use_knowledge: bool,
+    /// Rows of vocabulary-wide tensors per loss chunk (None: [`LOSS_CHUNK_ELEMENTS`] / V).
+    loss_chunk_rows: Option<i64>,
 }
 
 impl Knowledge {
@@ -423,13 +434,20 @@ impl Knowledge {
             knowledge,
             rotary,
             compute,
-            use_knowledge: Cell::new(true),
+            use_knowledge: true,
+            loss_chunk_rows: None,
         })
     }
 
     /// Whether the draft has a knowledge cache and its blocks run.
     pub fn knowledge_on(&self) -> bool {
-        !self.blocks.is_empty() && self.use_knowledge.get()
+        !self.blocks.is_empty() && self.use_knowledge
+    }
+
+    /// Rows per chunk of the loss's vocabulary-wide tensors (tests and memory tuning); the
+    /// gradients do not depend on it.
+    pub fn set_loss_chunk_rows(&mut self, rows: Option<i64>) {
+        self.loss_chunk_rows = rows.map(|r| r.max(1));
     }
 
     /// The cache's keys and values per block (computed once per forward or session).
@@ -470,6 +488,93 @@ impl Knowledge {
 
     fn readout(&self, hn: &Tensor) -> Tensor {
         project(hn, &self.lm_head, self.compute).to_kind(Kind::Float)
+    }
+}
+
+/// Vocabulary-wide elements per loss chunk (rows = this / V): 32 Mi fp32 values, 128 MB per
+/// tensor.
+pub const LOSS_CHUNK_ELEMENTS: i64 = 1 << 25;
+
+/// The target's side of the trained rows: its normed last hidden states `[M, H]`, or its
+/// top-k log-probabilities and ids `[M, k]`.
+enum TargetRows {
+    Full(Tensor),
+    TopK(Tensor, Tensor),
+}
+
+/// Sums over the trained rows of the loss terms and hits.
+#[derive(Default)]
+struct Sums {
+    kl: f64,
+    rejection: f64,
+    ce: f64,
+    top1: f64,
+    agree: f64,
+}
+
+impl Knowledge {
+    /// The loss over the trained rows `hn_rows` `[M, H]` (the draft's normed states),
+    /// computed in chunks of rows so that only one chunk of vocabulary-wide tensors (logits,
+    /// log-softmaxes, probabilities: several `[rows, V]` each) lives at a time. Each chunk's
+    /// gradient with respect to its rows is taken at once; the returned loss carries the
+    /// exact value and hands those gradients to `hn_rows` (and from there to every draft
+    /// weight) in the trainer's backward pass. Without gradients (evaluation) only the values
+    /// are computed.
+    fn distill(&self, hn_rows: &Tensor, target: &TargetRows, labels: &Tensor) -> Result<(Tensor, Sums)> {
+        let s = &self.s;
+        let m = hn_rows.size()[0];
+        let v = self.cfg.vocab_size;
+        let chunk = self.loss_chunk_rows.unwrap_or((LOSS_CHUNK_ELEMENTS / v.max(1)).max(1));
+        let train = hn_rows.requires_grad();
+        let mut sums = Sums::default();
+        let mut grads = Vec::new();
+        let mut start = 0;
+        while start < m {
+            let rows = chunk.min(m - start);
+            let h = hn_rows.narrow(0, start, rows).detach().set_requires_grad(train);
+            let lab = labels.narrow(0, start, rows);
+            let logits = self.readout(&h);
+            let (kl, rej, agree) = match target {
+                TargetRows::Full(t) => {
+                    let tl = tch::no_grad(|| self.readout(&t.narrow(0, start, rows)));
+                    let (kl, rej) = kl_and_rejection(&logits, &tl, s.temperature);
+                    let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&tl.argmax(-1, false)).sum(Kind::Float).double_value(&[]));
+                    (kl, rej, agree)
+                }
+                TargetRows::TopK(lp, ids) => {
+                    let ids = ids.narrow(0, start, rows);
+                    let (kl, rej) = kl_and_rejection_topk(&logits, &lp.narrow(0, start, rows), &ids);
+                    let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&ids.select(1, 0)).sum(Kind::Float).double_value(&[]));
+                    (kl, rej, agree)
+                }
+            };
+            // CE joins the graph only when it is in the loss
+            let (ce, top1, _) = if s.ce_weight > 0.0 { ce_and_hits(&logits, &lab, 1) } else { tch::no_grad(|| ce_and_hits(&logits, &lab, 1)) };
+            let r = rows as f64;
+            sums.kl += kl.double_value(&[]) * r;
+            sums.rejection += rej.double_value(&[]) * r;
+            sums.ce += ce.double_value(&[]) * r;
+            sums.top1 += top1;
+            sums.agree += agree;
+            if train {
+                // this chunk's share of the mean loss over all M rows
+                let part = (kl * s.kl_weight + rej * s.acceptance_weight + ce * s.ce_weight) * (r / m as f64);
+                let g = Tensor::run_backward(&[part], &[&h], false, false);
+                grads.push(g.into_iter().next().ok_or_else(|| ModelError::Invalid("knowledge: no gradient for a loss chunk".into()))?);
+            }
+            start += rows;
+        }
+        let value = (s.kl_weight * sums.kl + s.acceptance_weight * sums.rejection + s.ce_weight * sums.ce) / m as f64;
+        let value = Tensor::from(value as f32).to_device(hn_rows.device());
+        let loss = if train {
+            // value + (surrogate - its value): the value, with d loss / d hn_rows = the gradients
+            let g = Tensor::cat(&grads, 0).to_kind(hn_rows.kind());
+            let surrogate = (hn_rows * g).sum(Kind::Float);
+            &value + &surrogate - surrogate.detach()
+        } else {
+            value
+        };
+        Ok((loss, sums))
     }
 }
 
@@ -528,7 +633,14 @@ impl Drafter for Knowledge {
     /// blocks and transitions, which start from zero, at `new_lr_scale` times it.
     fn param_groups(&self) -> Vec<ParamGroup> {
         let new = |name: &str| ParamGroup { name: name.into(), prefix: format!("{name}."), lr_scale: self.s.new_lr_scale, weight_decay: true };
-        vec![ParamGroup { name: "layers".into(), ..ParamGroup::all() }, new("blocks"), new("transitions")]
+        let mut groups = vec![ParamGroup { name: "layers".into(), ..ParamGroup::all() }];
+        if !self.blocks.is_empty() {
+            groups.push(new("blocks"));
+        }
+        if !self.transitions.is_empty() {
+            groups.push(new("transitions"));
+        }
+        groups
     }
 
     fn spec(&self) -> &DrafterSpec {
@@ -549,12 +661,12 @@ impl Drafter for Knowledge {
             data.report("knowledge: no knowledge cache (drafter.knowledge_cache is not set): the draft has no knowledge blocks");
             return Ok(());
         };
-        let cache = KnowledgeCache::read(Path::new(&c.path))?;
+        let cache = KnowledgeCache::read_layers(Path::new(&c.path), Some(&self.s.layers))?;
         let m = &cache.manifest;
-        if m.tokens != c.tokens || m.cache_dim != c.dim || m.target_fingerprint != c.target_fingerprint {
+        if m.tokens != c.tokens || m.cache_dim != c.dim || m.target_fingerprint != c.target_fingerprint || m.data_hash != c.data_hash {
             return Err(ModelError::Invalid(format!(
-                "{}: the knowledge cache changed since the recipe was resolved ({} tokens x {}, target {}; expected {} x {}, target {})",
-                c.path, m.tokens, m.cache_dim, m.target_fingerprint, c.tokens, c.dim, c.target_fingerprint
+                "{}: the knowledge cache changed since the recipe was resolved ({} tokens x {}, target {}, data {}; expected {} x {}, target {}, data {}): run forge train again",
+                c.path, m.tokens, m.cache_dim, m.target_fingerprint, m.data_hash, c.tokens, c.dim, c.target_fingerprint, c.data_hash
             )));
         }
         tch::no_grad(|| -> Result<()> {
@@ -601,8 +713,6 @@ impl Drafter for Knowledge {
                 metrics: ["kl", "overlap", "ce", "acc", "agree"].into_iter().map(zero).collect(),
             });
         }
-        let (mut parts, mut metrics) = (Vec::new(), Vec::new());
-        let mut total = Tensor::zeros([], (Kind::Float, hn.device()));
         let c = count as f64;
         let rows = |x: &Tensor| -> Tensor {
             let last = x.size()[2..].to_vec();
@@ -610,38 +720,33 @@ impl Drafter for Knowledge {
             shape.extend(last);
             x.narrow(1, 0, n).reshape(shape.as_slice()).index_select(0, &idx)
         };
-        let logits = self.readout(&rows(&hn));
+        let hn_rows = rows(&hn);
         let labels = f.input_ids.narrow(1, 1, n).reshape([-1]).index_select(0, &idx);
-        let (ce, top1, _) = ce_and_hits(&logits, &labels, 1);
-        let (kl, rejection, agree) = if s.target_topk > 0 {
+        let target = if s.target_topk > 0 {
             let (lp, ids) = f
                 .target_topk
                 .as_ref()
                 .ok_or_else(|| ModelError::Invalid("the knowledge drafter needs the target's top-k log-probabilities (target_topk)".into()))?;
             let k = s.target_topk as i64;
-            let (lp, ids) = (rows(&lp.narrow(2, 0, k)), rows(&ids.narrow(2, 0, k)));
-            let (kl, rej) = kl_and_rejection_topk(&logits, &lp, &ids);
-            let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&ids.select(1, 0)).sum(Kind::Float).double_value(&[]));
-            (kl, rej, agree)
+            TargetRows::TopK(rows(&lp.narrow(2, 0, k)), rows(&ids.narrow(2, 0, k)))
         } else {
-            let hn_target = rows(f.hidden_normed()?);
-            let target_logits = tch::no_grad(|| self.readout(&hn_target));
-            let (kl, rej) = kl_and_rejection(&logits, &target_logits, s.temperature);
-            let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&target_logits.argmax(-1, false)).sum(Kind::Float).double_value(&[]));
-            (kl, rej, agree)
+            TargetRows::Full(rows(f.hidden_normed()?))
         };
-        for ((name, w), term) in weighted.into_iter().zip([&kl, &rejection, &ce]) {
+        let (loss, sums) = self.distill(&hn_rows, &target, &labels)?;
+        let mut parts = Vec::new();
+        for ((name, w), sum) in weighted.into_iter().zip([sums.kl, sums.rejection, sums.ce]) {
             if w > 0.0 {
-                parts.push(Metric { name: name.into(), sum: term.double_value(&[]) * c * w, count: c });
-                total += term * w;
+                parts.push(Metric { name: name.into(), sum: sum * w, count: c });
             }
         }
-        metrics.push(Metric { name: "kl".into(), sum: kl.double_value(&[]) * c, count: c });
-        metrics.push(Metric { name: "overlap".into(), sum: (1.0 - rejection.double_value(&[])) * c, count: c });
-        metrics.push(Metric { name: "ce".into(), sum: ce.double_value(&[]) * c, count: c });
-        metrics.push(Metric { name: "acc".into(), sum: top1, count: c });
-        metrics.push(Metric { name: "agree".into(), sum: agree, count: c });
-        Ok(LossOutput { loss: total, parts, metrics })
+        let metrics = vec![
+            Metric { name: "kl".into(), sum: sums.kl, count: c },
+            Metric { name: "overlap".into(), sum: c - sums.rejection, count: c },
+            Metric { name: "ce".into(), sum: sums.ce, count: c },
+            Metric { name: "acc".into(), sum: sums.top1, count: c },
+            Metric { name: "agree".into(), sum: sums.agree, count: c },
+        ];
+        Ok(LossOutput { loss, parts, metrics })
     }
 
     fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
@@ -650,7 +755,7 @@ impl Drafter for Knowledge {
                 if self.blocks.is_empty() && value == "on" {
                     return Err(ModelError::Invalid("knowledge=on: this draft was trained without a knowledge cache".into()));
                 }
-                self.use_knowledge.set(value == "on");
+                self.use_knowledge = value == "on";
                 Ok(())
             }
             ("knowledge", other) => Err(ModelError::Invalid(format!("knowledge={other}: use knowledge=on or knowledge=off"))),
@@ -661,7 +766,7 @@ impl Drafter for Knowledge {
     fn describe(&self) -> Vec<String> {
         let mut lines = vec![format!("target layers {:?}", self.s.layers)];
         match &self.s.cache {
-            Some(c) if self.use_knowledge.get() => lines.push(format!("knowledge cache on ({} entries, {} tokens x {})", c.entries, c.tokens, c.dim)),
+            Some(c) if self.use_knowledge => lines.push(format!("knowledge cache on ({} entries, {} tokens x {})", c.entries, c.tokens, c.dim)),
             Some(_) => lines.push("knowledge cache off".into()),
             None => lines.push("no knowledge cache".into()),
         }

@@ -206,7 +206,6 @@ impl TargetConfig {
         })
     }
 
-    /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
     /// The config of one of this target's decoder layers, computing in `compute`.
     pub fn layer_config(&self, compute: tch::Kind) -> crate::layers::DecoderLayerConfig {
         crate::layers::DecoderLayerConfig {
@@ -229,6 +228,7 @@ impl TargetConfig {
         }
     }
 
+    /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
     pub fn default_aux_layers(&self) -> Vec<i64> {
         let l = self.num_layers;
         vec![1, l / 2 - 1, l - 4]

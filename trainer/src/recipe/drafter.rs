@@ -181,9 +181,9 @@ section! {
         ce_weight: f64 = 0.0,
         /// Softens target and draft in the KL and acceptance terms (KL scaled by T^2); needs target_topk: 0.
         temperature: f64 = 1.0,
-        /// 0: the target's full distribution; k > 0: its top-k log-probabilities (offline shards written with --topk k or more).
+        /// 0: the target's full distribution; k > 0: only its top-k log-probabilities (online computed per batch; offline read from shards written with --topk k or more).
         target_topk: i64 = 0,
-        /// Draft length recorded with the draft (give it to forge eval as --gamma).
+        /// Draft length recorded with the draft, as the source system decodes (give it to forge eval as --gamma).
         num_draft_tokens: i64 = 5,
         /// Learning-rate scale of the knowledge blocks and transitions (which start from zero) over the copied target layers.
         new_lr_scale: f64 = 10.0,
@@ -456,7 +456,12 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
             }
             uniform_layers(x.num_sampled_layers, cfg.num_layers)
         }
-        (LayerStrategy::List, Some(l)) => l.clone(),
+        (LayerStrategy::List, Some(l)) => {
+            if let Some(missing) = l.iter().find(|&&x| x < 0 || x >= cfg.num_layers) {
+                return Err(bad(format!("drafter.layers: layer {missing} does not exist (the target has layers 0..{})", cfg.num_layers - 1)));
+            }
+            l.clone()
+        }
         (LayerStrategy::Uniform, Some(_)) => {
             return Err(bad("drafter.layers: set strategy: list to give the layers yourself (strategy: uniform spreads num_sampled_layers)".into()))
         }
@@ -491,6 +496,9 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
                         dir.display()
                     ));
                 }
+            }
+            if let Some(d) = x.cache_dim.filter(|&d| d > cfg.hidden_size) {
+                return Err(bad(format!("drafter.cache_dim {d} is above the target's hidden size {}: at most {}", cfg.hidden_size, cfg.hidden_size)));
             }
             if let Some(d) = x.cache_dim {
                 if d != m.cache_dim {

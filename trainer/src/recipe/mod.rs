@@ -447,6 +447,14 @@ impl Recipe {
             }
             DrafterSection::Knowledge(k) => {
                 positive(cx, "drafter.num_sampled_layers", k.num_sampled_layers);
+                if k.knowledge_cache.is_none() {
+                    if k.knowledge_data.is_some() {
+                        cx.issue_at("drafter.knowledge_data", "names what the knowledge cache was built from, but drafter.knowledge_cache is not set");
+                    }
+                    if k.cache_dim.is_some() {
+                        cx.issue_at("drafter.cache_dim", "is checked against the knowledge cache, but drafter.knowledge_cache is not set");
+                    }
+                }
                 if let Some(layers) = &k.layers {
                     if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
                         cx.issue_at("drafter.layers", "must be a non-empty ascending list of distinct layer indices >= 0");
