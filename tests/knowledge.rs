@@ -328,28 +328,27 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     assert!(!o.status.success() && e.contains("knowledge drafter cannot be exported as vllm"), "{e}");
 
     let prompts = forge_tests::two_turn_questions(&run.dir);
-    let mut taus = Vec::new();
-    for (name, opt) in [("on", None), ("off", Some("knowledge=off"))] {
-        let json = run.dir.join(format!("report-{name}.json"));
-        let mut args = vec![
-            "eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), "--max-new-tokens", "12", "--gamma", "4",
-            "--verify", "--json", s(&json), "--progress", "never",
-        ];
-        if let Some(o) = opt {
-            args.extend(["--draft-option", o]);
-        }
-        let o = forge(&args);
+    // one run reports tau with the cache and, decoding again with knowledge=off, without it
+    let json = run.dir.join("report.json");
+    let o = forge(&[
+        "eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), "--max-new-tokens", "12", "--gamma", "4",
+        "--verify", "--ablate", "knowledge=off", "--json", s(&json), "--progress", "never",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("knowledge cache on (4 entries"), "{e}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("with knowledge=off (all files):"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    assert_eq!(r["summary"]["greedy_mismatches"], 0);
+    assert!(r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0), "{}", r["summary"]);
+    let off = &r["ablations"]["knowledge=off"];
+    assert!(off["tau"].as_f64().is_some_and(|t| t >= 1.0) && off["speedup"].as_f64().is_some(), "{off}");
+    assert_eq!(off["new_tokens"], r["summary"]["new_tokens"]);
+    for (flag, opt, want) in [("--draft-option", "knowledge=maybe", "knowledge=on or knowledge=off"), ("--ablate", "gate=off", "no option gate")] {
+        let o = forge(&["eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), flag, opt, "--progress", "never"]);
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{e}");
-        assert!(e.contains(&format!("knowledge cache {name}")), "{e}");
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
-        assert_eq!(r["summary"]["greedy_mismatches"], 0);
-        assert!(r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0), "{}", r["summary"]);
-        taus.push(r["summary"]["tau"].as_f64().expect("tau"));
+        assert!(!o.status.success() && e.contains(want) && e.contains(flag), "{e}");
     }
-    assert!(taus.iter().all(|t| *t >= 1.0), "{taus:?}");
-    let o = forge(&["eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), "--draft-option", "knowledge=maybe"]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("knowledge=on or knowledge=off"));
 
     // a cache built for another target (same shapes, other weights) is refused
     let other = forge_tests::tiny_target_with_demo_tokenizer_layers(&run.dir.join("other"), 99, 4);

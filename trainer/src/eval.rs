@@ -87,6 +87,11 @@ pub struct EvalArgs {
     /// without its knowledge cache.
     #[arg(long = "draft-option", value_name = "KEY=VALUE")]
     pub draft_options: Vec<String>,
+    /// After the main run, decode the same prompts again with this draft option added (e.g.
+    /// knowledge=off: tau without the knowledge cache) and report that run too, its speedup
+    /// against the main run's plain decoding (repeatable: one more run each).
+    #[arg(long = "ablate", value_name = "KEY=VALUE")]
+    pub ablate: Vec<String>,
     /// Only the first N prompts of each file.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -487,6 +492,12 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
     println!("{line}");
 }
 
+/// Applies a KEY=VALUE draft option given with `flag`.
+fn set_draft_option(drafter: &mut dyn forge_models::drafters::Drafter, opt: &str, flag: &str) -> Result<()> {
+    let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("{flag} {opt}: write KEY=VALUE"))?;
+    drafter.set_option(k, v).with_context(|| format!("{flag} {opt}"))
+}
+
 /// `forge eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     check_args(&a)?;
@@ -510,8 +521,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     check_fit(&loaded.target_config, &loaded.source, &model.config, &target_dir)?;
     let mut drafter = loaded.drafter;
     for opt in &a.draft_options {
-        let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("--draft-option {opt}: write KEY=VALUE"))?;
-        drafter.set_option(k, v).with_context(|| format!("--draft-option {opt}"))?;
+        set_draft_option(drafter.as_mut(), opt, "--draft-option")?;
+    }
+    // the ablations' options are checked before the main run spends its time
+    for opt in &a.ablate {
+        let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("--ablate {opt}: write KEY=VALUE"))?;
+        drafter.check_option(k, v).with_context(|| format!("--ablate {opt}"))?;
     }
     let description = drafter.describe();
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
@@ -602,6 +617,36 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("all files:");
         print_summary("all", &overall, baseline);
     }
+    // ablations: the same prompts decoded again with one more draft option each; the main
+    // run's plain decoding is their baseline
+    let stop = ctx.stop.clone();
+    let mut ablations = serde_json::Map::new();
+    for opt in &a.ablate {
+        set_draft_option(drafter.as_mut(), opt, "--ablate")?;
+        let mut args = a.clone();
+        args.no_baseline = true;
+        let actx = Ctx { a: &args, model: &model, drafter: drafter.as_ref(), tokenizer: &tokenizer, template: &template, stop: stop.clone() };
+        let mut t = Tally::default();
+        for (_, convs) in &files {
+            for conv in convs {
+                actx.conversation(conv, &mut t, &mut Vec::new()).with_context(|| format!("--ablate {opt}"))?;
+            }
+        }
+        t.base_tokens = overall.base_tokens;
+        t.base_s = overall.base_s;
+        t.base_decode_s = overall.base_decode_s;
+        t.base_decode_tokens = overall.base_decode_tokens;
+        println!("with {opt} (all files):");
+        print_summary("all", &t, baseline);
+        let mut v = t.to_json(baseline);
+        if let Some(m) = v.as_object_mut() {
+            // no plain run was compared in this pass
+            for k in ["greedy_compared", "greedy_mismatches", "greedy_mismatches_at_ties"] {
+                m.remove(k);
+            }
+        }
+        ablations.insert(opt.clone(), v);
+    }
     if let Some(out) = &a.json {
         let report = json!({
             "draft": {"path": loaded.source.display().to_string(), "kind": loaded.spec.kind(), "spec": loaded.spec, "weights": draft_params, "weight_bytes": draft_bytes, "options": a.draft_options, "description": description},
@@ -620,6 +665,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 "baseline": baseline,
             },
             "summary": overall.to_json(baseline),
+            "ablations": ablations,
             "files": file_reports,
         });
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -749,18 +749,23 @@ impl Drafter for Knowledge {
         Ok(LossOutput { loss, parts, metrics })
     }
 
-    fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+    fn check_option(&self, key: &str, value: &str) -> Result<()> {
         match (key, value) {
             ("knowledge", "on" | "off") => {
                 if self.blocks.is_empty() && value == "on" {
                     return Err(ModelError::Invalid("knowledge=on: this draft was trained without a knowledge cache".into()));
                 }
-                self.use_knowledge = value == "on";
                 Ok(())
             }
             ("knowledge", other) => Err(ModelError::Invalid(format!("knowledge={other}: use knowledge=on or knowledge=off"))),
             _ => Err(ModelError::Invalid(format!("the knowledge drafter has no option {key} (it has knowledge=on|off)"))),
         }
+    }
+
+    fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+        self.check_option(key, value)?;
+        self.use_knowledge = value == "on";
+        Ok(())
     }
 
     fn describe(&self) -> Vec<String> {

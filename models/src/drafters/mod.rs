@@ -256,10 +256,14 @@ pub trait Drafter {
     fn watch(&mut self, _interval: &[(String, f64)]) -> Vec<String> {
         Vec::new()
     }
-    /// A decoding option given on the command line (`forge eval --draft-option KEY=VALUE`),
-    /// e.g. the knowledge drafter's `knowledge=off`. Default: no options.
-    fn set_option(&mut self, key: &str, _value: &str) -> Result<()> {
+    /// Whether `key=value` is a decoding option of this drafter (`forge eval --draft-option`,
+    /// `--ablate`), e.g. the knowledge drafter's `knowledge=off`. Default: no options.
+    fn check_option(&self, key: &str, _value: &str) -> Result<()> {
         Err(ModelError::Invalid(format!("{} drafters have no option {key}", self.spec().kind())))
+    }
+    /// Sets a decoding option that [`Drafter::check_option`] accepts. Default: no options.
+    fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+        self.check_option(key, value)
     }
     /// Lines describing the draft for `forge eval`'s header (e.g. what it was built from).
     /// Default: none.
