@@ -133,23 +133,30 @@ fn eagle3_loss_and_gradients_on_the_device_match_the_cpu() {
     let dev_t = moved(&cpu_t, "eagle3", DType::F32, dev);
     let on_cpu = crate::eval::eagle3_on(&cpu_t, Device::Cpu);
     let on_dev = crate::eval::eagle3_on(&dev_t, dev);
+    let checked = same_loss_and_gradients(&on_cpu, &cpu_t, &on_dev, &dev_t);
+    assert!(checked > 5, "only {checked} trainable tensors compared");
+}
+
+/// The loss of `on_cpu` over `cpu_t`'s features equals that of `on_dev` over `dev_t`'s (the
+/// same weights on the device), within 1e-4, and so do the gradients of every trainable
+/// tensor, within 1e-3 relative; returns how many tensors were compared.
+fn same_loss_and_gradients(on_cpu: &dyn Drafter, cpu_t: &TargetModel, on_dev: &dyn Drafter, dev_t: &TargetModel) -> usize {
+    let dev = dev_t.device();
     let ctx = forge_tests::train_ctx();
-    let a = on_cpu.loss(&features(&cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
-    let b = on_dev.loss(&features(&dev_t, &ids(dev)), &ctx).expect("device loss");
+    let a = on_cpu.loss(&features(cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
+    let b = on_dev.loss(&features(dev_t, &ids(dev)), &ctx).expect("device loss");
     let (la, lb) = (a.loss.double_value(&[]), b.loss.double_value(&[]));
     assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "loss {la} on the CPU, {lb} on {dev:?}");
     a.loss.backward();
     b.loss.backward();
-    let ga = on_cpu.var_store().variables();
     let gb = on_dev.var_store().variables();
     let mut checked = 0;
-    for (name, p) in ga.iter().filter(|(_, p)| p.requires_grad()) {
-        let (x, y) = (p.grad(), gb[name].grad());
-        let r = rel(&y, &x);
+    for (name, p) in on_cpu.var_store().variables().iter().filter(|(_, p)| p.requires_grad()) {
+        let r = rel(&gb[name].grad(), &p.grad());
         assert!(r < 1e-3, "gradient of {name}: relative difference {r} on {dev:?}");
         checked += 1;
     }
-    assert!(checked > 5, "only {checked} trainable tensors compared");
+    checked
 }
 
 #[test]
@@ -192,20 +199,7 @@ fn knowledge_drafter_on_the_device_matches_the_cpu_and_decodes_losslessly() {
         m
     };
     let on_dev = copy_to(&dev_t, Kind::Float);
-    let ctx = forge_tests::train_ctx();
-    let a = on_cpu.loss(&features(&cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
-    let b = on_dev.loss(&features(&dev_t, &ids(dev)), &ctx).expect("device loss");
-    let (la, lb) = (a.loss.double_value(&[]), b.loss.double_value(&[]));
-    assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "loss {la} on the CPU, {lb} on {dev:?}");
-    a.loss.backward();
-    b.loss.backward();
-    let gb = on_dev.var_store().variables();
-    let mut checked = 0;
-    for (name, p) in on_cpu.var_store().variables().iter().filter(|(_, p)| p.requires_grad()) {
-        let r = rel(&gb[name].grad(), &p.grad());
-        assert!(r < 1e-3, "gradient of {name}: relative difference {r} on {dev:?}");
-        checked += 1;
-    }
+    let checked = same_loss_and_gradients(&on_cpu, &cpu_t, &on_dev, &dev_t);
     assert!(checked > 20, "only {checked} trainable tensors compared");
     for dtype in [DType::F32, DType::BF16] {
         let t = moved(&cpu_t, "knowledge-spec", dtype, dev);

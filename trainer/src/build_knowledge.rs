@@ -8,7 +8,8 @@ use crate::data::target_fingerprint;
 use crate::regenerate::{resolve_dtype, show_progress, ChatArgs};
 use anyhow::{bail, Context, Result};
 use forge_data::dataset::tokenize_conversation;
-use forge_data::{read_conversations, ChatTemplate, TextTokenizer, TokenizeOptions};
+use forge_data::conversation::parse_conversations;
+use forge_data::{ChatTemplate, TextTokenizer, TokenizeOptions};
 use forge_models::drafters::knowledge::{project_pca, CacheManifest, KnowledgeCache, CACHE_FORMAT};
 use forge_models::{parse_device, Capture, TargetModel};
 use std::collections::BTreeMap;
@@ -45,6 +46,12 @@ pub struct BuildKnowledgeArgs {
     pub chat: ChatArgs,
 }
 
+/// The manifest's hash of the question/answer file's bytes (what a recipe's
+/// `knowledge_data` is checked against).
+pub fn data_hash(bytes: &[u8]) -> String {
+    format!("{:032x}", forge_data::hash::hash_bytes(bytes))
+}
+
 pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
     if a.entries == 0 || a.max_answer_tokens == 0 {
         bail!("--entries and --max-answer-tokens must be at least 1");
@@ -72,9 +79,9 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
     }
     let tokenizer = TextTokenizer::from_dir(&a.target)?;
     let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
-    let bytes = std::fs::read(&a.input).with_context(|| format!("--in {}", a.input.display()))?;
-    let data_hash = format!("{:032x}", forge_data::hash::hash_bytes(&bytes));
-    let read = read_conversations(&a.input, false).with_context(|| format!("--in {}", a.input.display()))?;
+    let text = std::fs::read_to_string(&a.input).with_context(|| format!("--in {}", a.input.display()))?;
+    let data_hash = data_hash(text.as_bytes());
+    let read = parse_conversations(&text, &a.input, false).with_context(|| format!("--in {}", a.input.display()))?;
     let opts = TokenizeOptions { max_length: a.max_length, train_only_last_turn: false, skip_invalid: false };
     let mut samples = Vec::new();
     for conv in &read.conversations {

@@ -226,6 +226,14 @@ impl Tally {
             .then(|| ratio(self.spec_tokens as f64, self.spec_s) / ratio(self.base_tokens as f64, self.base_s))
     }
 
+    /// Takes `o`'s plain decoding as this tally's baseline (a pass that ran none of its own).
+    fn baseline_of(&mut self, o: &Tally) {
+        self.base_tokens = o.base_tokens;
+        self.base_s = o.base_s;
+        self.base_decode_s = o.base_decode_s;
+        self.base_decode_tokens = o.base_decode_tokens;
+    }
+
     /// The draft's time per drafted token over the target's per plainly decoded token.
     fn draft_time_ratio(&self) -> Option<f64> {
         (self.drafted > 0 && self.base_decode_tokens > 0 && self.base_decode_s > 0.0)
@@ -492,9 +500,14 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
     println!("{line}");
 }
 
+/// A KEY=VALUE draft option given with `flag`, split.
+fn draft_option<'o>(opt: &'o str, flag: &str) -> Result<(&'o str, &'o str)> {
+    opt.split_once('=').ok_or_else(|| anyhow::anyhow!("{flag} {opt}: write KEY=VALUE"))
+}
+
 /// Applies a KEY=VALUE draft option given with `flag`.
 fn set_draft_option(drafter: &mut dyn forge_models::drafters::Drafter, opt: &str, flag: &str) -> Result<()> {
-    let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("{flag} {opt}: write KEY=VALUE"))?;
+    let (k, v) = draft_option(opt, flag)?;
     drafter.set_option(k, v).with_context(|| format!("{flag} {opt}"))
 }
 
@@ -525,7 +538,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     // the ablations' options are checked before the main run spends its time
     for opt in &a.ablate {
-        let (k, v) = opt.split_once('=').ok_or_else(|| anyhow::anyhow!("--ablate {opt}: write KEY=VALUE"))?;
+        let (k, v) = draft_option(opt, "--ablate")?;
         drafter.check_option(k, v).with_context(|| format!("--ablate {opt}"))?;
     }
     let description = drafter.describe();
@@ -632,10 +645,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 actx.conversation(conv, &mut t, &mut Vec::new()).with_context(|| format!("--ablate {opt}"))?;
             }
         }
-        t.base_tokens = overall.base_tokens;
-        t.base_s = overall.base_s;
-        t.base_decode_s = overall.base_decode_s;
-        t.base_decode_tokens = overall.base_decode_tokens;
+        t.baseline_of(&overall);
         println!("with {opt} (all files):");
         print_summary("all", &t, baseline);
         let mut v = t.to_json(baseline);

@@ -13,9 +13,9 @@
 //!   zero, so a fresh draft is exactly its sampled target layers.
 //! - Transition layers (`transition: true`): after each block a residual linear map
 //!   `x + W x` (W zero-initialised) bridging the skipped target layers.
-//! - Loss: `kl_weight * T^2 * KL(p_T || q_T) + acceptance_weight * (1 - sum_x min(p_T, q_T))
-//!   + ce_weight * CE`, p the target's next-token distribution, q the draft's, T the
-//!   temperature. 1 - sum min(p, q) is the chance that one draft token sampled from q is
+//! - Loss: `kl_weight * T^2 * KL(p_T || q_T)` plus `acceptance_weight * (1 - sum_x
+//!   min(p_T, q_T))` plus `ce_weight * CE`, p the target's next-token distribution, q the
+//!   draft's, T the temperature. 1 - sum min(p, q) is the chance that one draft token sampled from q is
 //!   rejected by speculative sampling against p. With `target_topk: k` the target is known
 //!   by its top-k log-probabilities only (offline shards): both terms are taken over k + 1
 //!   bins (the k tokens and the rest), which bounds the full KL from below and the overlap
@@ -255,8 +255,9 @@ impl KnowledgeSpec {
         }
     }
 
-    /// The HF names of one target layer's weights (`model.layers.{l}.` + the layer's own).
-    fn layer_weight_names(cfg: &TargetConfig, l: i64) -> Vec<String> {
+    /// The names of a target decoder layer's weights within the layer (`self_attn.q_proj.weight`,
+    /// ...), sorted.
+    fn layer_weight_names(cfg: &TargetConfig) -> Vec<String> {
         // names do not depend on sizes: a layer with the target's options at toy sizes
         let mut c = cfg.layer_config(Kind::Float);
         c.attn.in_dim = 4;
@@ -267,7 +268,7 @@ impl KnowledgeSpec {
         c.intermediate = 2;
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = DecoderLayer::new(vs.root(), c, ParamInit::Zeros);
-        let mut names: Vec<String> = vs.variables().into_keys().map(|n| format!("model.layers.{l}.{n}")).collect();
+        let mut names: Vec<String> = vs.variables().into_keys().collect();
         names.sort();
         names
     }
@@ -279,8 +280,9 @@ impl KnowledgeSpec {
         if fresh {
             if let Ok(cfg) = self.target_config() {
                 names.push(FINAL_NORM.into());
+                let own = Self::layer_weight_names(&cfg);
                 for &l in &self.layers {
-                    names.extend(Self::layer_weight_names(&cfg, l));
+                    names.extend(own.iter().map(|n| format!("model.layers.{l}.{n}")));
                 }
             }
         }
@@ -808,14 +810,20 @@ pub struct KnowledgeSession<'a> {
 
 impl KnowledgeSession<'_> {
     /// Runs `ids` at positions `inputs.len()..` through the draft, appending to its cache:
-    /// the logits `[V]` after the last one.
+    /// the normed state `[1, 1, H]` after the last one.
     fn feed(&mut self, ids: &[i64]) -> Result<Tensor> {
         let m = self.m;
         let past = self.inputs.len() as i64;
         let t = Tensor::from_slice(ids).view([1, -1]).to_device(m.embed.device());
         let hn = m.hidden(&t, past, &self.mems, Some(&mut self.cache))?;
         self.inputs.extend_from_slice(ids);
-        Ok(m.readout(&hn.narrow(1, ids.len() as i64 - 1, 1)).view([-1]))
+        Ok(hn.narrow(1, ids.len() as i64 - 1, 1))
+    }
+
+    /// [`Self::feed`], then the logits `[V]` after the last token.
+    fn next_logits(&mut self, ids: &[i64]) -> Result<Tensor> {
+        let hn = self.feed(ids)?;
+        Ok(self.m.readout(&hn).view([-1]))
     }
 }
 
@@ -852,14 +860,14 @@ impl DraftSession for KnowledgeSession<'_> {
         if pending.is_empty() {
             return Err(ModelError::Invalid("knowledge: propose before begin".into()));
         }
-        let mut l = self.feed(&pending)?;
+        let mut l = self.next_logits(&pending)?;
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
             let token = pick(&l, temperature, rng)?;
             tokens.push(token);
             logits.push(l.shallow_clone());
             if i + 1 < gamma {
-                l = self.feed(&[token])?;
+                l = self.next_logits(&[token])?;
             }
         }
         Ok(Proposal { tokens, logits: Tensor::stack(&logits, 0) })

@@ -510,8 +510,7 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
             }
             if let Some(data) = &x.knowledge_data {
                 let bytes = std::fs::read(data).map_err(|source| TrainerError::Io { path: data.clone(), source })?;
-                let hash = format!("{:032x}", forge_data::hash::hash_bytes(&bytes));
-                if hash != m.data_hash {
+                if crate::build_knowledge::data_hash(&bytes) != m.data_hash {
                     problems.push(format!("it was built from other data than drafter.knowledge_data {} ({})", data.display(), m.data));
                 }
             }
