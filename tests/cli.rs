@@ -27,10 +27,7 @@ fn generate_json(prompt: &str, extra: &[&str]) -> serde_json::Value {
 fn demo_target_answers_paris_deterministically() {
     let a = generate_json("What is the capital of France?", &[]);
     let text = a["text"].as_str().expect("text");
-    assert!(
-        text.contains("Paris"),
-        "answer does not mention Paris: {text:?}"
-    );
+    assert!(text.contains("Paris"), "answer does not mention Paris: {text:?}");
     assert!(
         a["stopped"].as_bool().expect("stopped"),
         "the answer should end with <|im_end|> within 16 tokens: {text:?}"
@@ -42,9 +39,7 @@ fn demo_target_answers_paris_deterministically() {
         "{prompt:?}"
     );
     assert!(
-        prompt.ends_with(
-            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-        ),
+        prompt.ends_with("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"),
         "{prompt:?}"
     );
     let b = generate_json("What is the capital of France?", &[]);
@@ -63,13 +58,7 @@ fn sampling_is_seeded() {
 
 #[test]
 fn bad_target_folder_is_named() {
-    let out = forge(&[
-        "generate",
-        "--target",
-        "/nonexistent/model",
-        "--prompt",
-        "hi",
-    ]);
+    let out = forge(&["generate", "--target", "/nonexistent/model", "--prompt", "hi"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -92,7 +81,10 @@ fn an_os_error_is_printed_once() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains("/nonexistent/model/config.json"), "{line}");
     assert_eq!(line.matches("(os error 2)").count(), 1, "{line}");
 }

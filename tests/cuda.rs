@@ -19,7 +19,9 @@ use tch::{Device, Kind, Tensor};
 fn device() -> Device {
     let name = std::env::var("FORGE_TEST_DEVICE").unwrap_or_else(|_| "cuda".into());
     parse_device(&name).unwrap_or_else(|e| {
-        panic!("FORGE_TEST_DEVICE={name}: {e} (these tests are for the GPU machine; FORGE_TEST_DEVICE=cpu rehearses them)")
+        panic!(
+            "FORGE_TEST_DEVICE={name}: {e} (these tests are for the GPU machine; FORGE_TEST_DEVICE=cpu rehearses them)"
+        )
     })
 }
 
@@ -73,8 +75,17 @@ fn target_forward_on_the_device_matches_the_cpu() {
         let got = logits(&bf16, &ids(dev));
         let r = rel(&got, &want);
         assert!(r < 0.06, "{model_type} bf16 on {dev:?}: relative difference {r}");
-        let agree = got.to_device(Device::Cpu).argmax(-1, false).eq_tensor(&want.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        assert!(agree > 0.8, "{model_type} bf16 on {dev:?}: arg-max agrees at {agree:.2} of positions");
+        let agree = got
+            .to_device(Device::Cpu)
+            .argmax(-1, false)
+            .eq_tensor(&want.argmax(-1, false))
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(
+            agree > 0.8,
+            "{model_type} bf16 on {dev:?}: arg-max agrees at {agree:.2} of positions"
+        );
         eprintln!("{model_type}: fp32 and bf16 on {dev:?} match the CPU (bf16 relative difference {r:.4}, arg-max agreement {agree:.2})");
     }
 }
@@ -99,7 +110,12 @@ fn greedy_decoding_with_a_cache_on_the_device_matches_the_cpu() {
             let l = logits(&cpu, &Tensor::from_slice(&seq).view([1, -1])).get(0).get(-1);
             let top = l.topk(2, -1, true, true).0;
             let gap = top.double_value(&[0]) - top.double_value(&[1]);
-            assert!(gap < 1e-3, "token {i} differs ({} vs {}) with a logit gap of {gap} on the CPU", want[i], got[i]);
+            assert!(
+                gap < 1e-3,
+                "token {i} differs ({} vs {}) with a logit gap of {gap} on the CPU",
+                want[i],
+                got[i]
+            );
         } else {
             assert_eq!(got.len(), want.len());
         }
@@ -140,13 +156,23 @@ fn eagle3_loss_and_gradients_on_the_device_match_the_cpu() {
 /// The loss of `on_cpu` over `cpu_t`'s features equals that of `on_dev` over `dev_t`'s (the
 /// same weights on the device), within 1e-4, and so do the gradients of every trainable
 /// tensor, within 1e-3 relative; returns how many tensors were compared.
-fn same_loss_and_gradients(on_cpu: &dyn Drafter, cpu_t: &TargetModel, on_dev: &dyn Drafter, dev_t: &TargetModel) -> usize {
+fn same_loss_and_gradients(
+    on_cpu: &dyn Drafter,
+    cpu_t: &TargetModel,
+    on_dev: &dyn Drafter,
+    dev_t: &TargetModel,
+) -> usize {
     let dev = dev_t.device();
     let ctx = forge_tests::train_ctx();
-    let a = on_cpu.loss(&features(cpu_t, &ids(Device::Cpu)), &ctx).expect("cpu loss");
+    let a = on_cpu
+        .loss(&features(cpu_t, &ids(Device::Cpu)), &ctx)
+        .expect("cpu loss");
     let b = on_dev.loss(&features(dev_t, &ids(dev)), &ctx).expect("device loss");
     let (la, lb) = (a.loss.double_value(&[]), b.loss.double_value(&[]));
-    assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "loss {la} on the CPU, {lb} on {dev:?}");
+    assert!(
+        (la - lb).abs() <= 1e-4 * la.abs().max(1.0),
+        "loss {la} on the CPU, {lb} on {dev:?}"
+    );
     a.loss.backward();
     b.loss.backward();
     let gb = on_dev.var_store().variables();
@@ -215,9 +241,23 @@ fn knowledge_drafter_on_the_device_matches_the_cpu_and_decodes_losslessly() {
 /// several-row matrix products may round apart by more than 4 ulps, so there a gap below
 /// 1e-3 counts too).
 fn lossless_on_device(t: &TargetModel, d: &dyn Drafter, dtype: DType, gamma: usize, prompt: &[i64]) {
-    let plain = generate(t, prompt, &GenerateOptions { max_new_tokens: 32, ..Default::default() }, |_| {}).expect("plain").tokens;
+    let plain = generate(
+        t,
+        prompt,
+        &GenerateOptions {
+            max_new_tokens: 32,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .expect("plain")
+    .tokens;
     let mut s = d.session(t).expect("session");
-    let opts = SpecOptions { gamma, max_new_tokens: 32, ..Default::default() };
+    let opts = SpecOptions {
+        gamma,
+        max_new_tokens: 32,
+        ..Default::default()
+    };
     let got = speculative_generate(t, s.as_mut(), &d.spec().feature_needs(), prompt, &opts).expect("speculative");
     if let Some(x) = greedy_divergence(t, prompt, &plain, &got.tokens).expect("divergence") {
         let near = x.tie || (dtype == DType::F32 && x.gap.abs() < 1e-3);
@@ -232,12 +272,29 @@ fn lossless_on_device(t: &TargetModel, d: &dyn Drafter, dtype: DType, gamma: usi
 #[ignore = "needs a GPU"]
 fn c10d_world_of_one_runs_every_collective_on_the_device() {
     let dev = device();
-    let kind = if dev.is_cuda() { c10d::BackendKind::Nccl } else { c10d::BackendKind::Gloo };
+    let kind = if dev.is_cuda() {
+        c10d::BackendKind::Nccl
+    } else {
+        c10d::BackendKind::Gloo
+    };
     let comm_dev = if dev.is_cuda() { dev } else { Device::Cpu };
     for round in 0..2 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        let mut pg = c10d::ProcessGroup::new("127.0.0.1", port, 0, 1, std::time::Duration::from_secs(60), kind, false, comm_dev)
-            .unwrap_or_else(|e| panic!("{} world 1 on {comm_dev:?}: {e}", kind.name()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut pg = c10d::ProcessGroup::new(
+            "127.0.0.1",
+            port,
+            0,
+            1,
+            std::time::Duration::from_secs(60),
+            kind,
+            false,
+            comm_dev,
+        )
+        .unwrap_or_else(|e| panic!("{} world 1 on {comm_dev:?}: {e}", kind.name()));
         let v = bench::selftest(&mut pg, comm_dev).expect("selftest");
         assert_eq!(v["world"], 1, "{v}");
         assert_eq!(v["all_reduce_sum"], serde_json::json!([1.0, 10.0, 0.0]), "{v}");
@@ -285,7 +342,10 @@ fn bench_train_on_the_device_reports_consistent_figures() {
         assert!((mfu - r.target_tflops_per_s / 100.0).abs() < 1e-12);
         let weights_mb = r.target_params as f64 * if dev.is_cuda() { 2.0 } else { 4.0 } / (1024.0 * 1024.0);
         assert!(r.peak_mem_mb >= weights_mb, "{r:?}");
-        assert_eq!(r.peak_mem_kind, if dev.is_cuda() { "cuda_allocated" } else { "process_rss" });
+        assert_eq!(
+            r.peak_mem_kind,
+            if dev.is_cuda() { "cuda_allocated" } else { "process_rss" }
+        );
         assert!(r.trainable_params > 0);
     }
 }

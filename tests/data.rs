@@ -5,8 +5,8 @@ use forge_data::batch::{global_plan, global_plan_grouped, rank_plan, shard_plan,
 use forge_data::conversation::{parse_conversations, read_conversations};
 use forge_data::dataset::{load_dataset, tokenize_conversation, CacheStatus, DropReason, TokenizeOptions};
 use forge_data::hidden::{
-    bf16_bytes_to_f32, f32_to_bf16_bytes, HiddenDataset, HiddenManifest, HiddenSettings, HiddenWriter,
-    SampleRows, HIDDEN_FORMAT,
+    bf16_bytes_to_f32, f32_to_bf16_bytes, HiddenDataset, HiddenManifest, HiddenSettings, HiddenWriter, SampleRows,
+    HIDDEN_FORMAT,
 };
 use forge_data::{ChatTemplate, Conversation, Message, Role, TextTokenizer, TokenDataset, VocabMapping};
 use forge_tests::{demo_model, forge, tmp_dir};
@@ -72,9 +72,18 @@ fn malformed_records_name_file_and_line() {
     let cases = [
         ("{not json", "invalid JSON"),
         (r#"{"turns": []}"#, "no \"conversations\" or \"messages\""),
-        (r#"{"conversations": [{"from": "robot", "value": "x"}]}"#, "unknown role \"robot\""),
-        (r#"{"conversations": [{"from": "human"}]}"#, "conversations[0]: missing \"value\""),
-        (r#"{"messages": [{"role": "user", "content": null}]}"#, "content is null"),
+        (
+            r#"{"conversations": [{"from": "robot", "value": "x"}]}"#,
+            "unknown role \"robot\"",
+        ),
+        (
+            r#"{"conversations": [{"from": "human"}]}"#,
+            "conversations[0]: missing \"value\"",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": null}]}"#,
+            "content is null",
+        ),
         (r#"{"conversations": "x"}"#, "must be a list"),
         ("[1, 2]", "expected a JSON object"),
     ];
@@ -170,7 +179,9 @@ fn loss_mask_covers_exactly_the_assistant_turns() {
         train_only_last_turn: true,
         ..opts(4096)
     };
-    let s2 = tokenize_conversation(&tok, &tpl, &c, &last).expect("tokenize").expect("kept");
+    let s2 = tokenize_conversation(&tok, &tpl, &c, &last)
+        .expect("tokenize")
+        .expect("kept");
     assert_eq!(s2.input_ids, s.input_ids);
     assert_eq!(
         masked_runs(&tok, &s2.input_ids, &s2.loss_mask),
@@ -179,7 +190,9 @@ fn loss_mask_covers_exactly_the_assistant_turns() {
     // a leading space merges with the template's "\n" into one token that starts before the
     // content: it is prompt-side (never generated at inference), so it is not trained on
     let lead = conv(&[(Role::User, "q"), (Role::Assistant, " 42")]);
-    let s3 = tokenize_conversation(&tok, &tpl, &lead, &opts(4096)).expect("tokenize").expect("kept");
+    let s3 = tokenize_conversation(&tok, &tpl, &lead, &opts(4096))
+        .expect("tokenize")
+        .expect("kept");
     assert_eq!(masked_runs(&tok, &s3.input_ids, &s3.loss_mask), ["42<|im_end|>"]);
     // truncation keeps the prefix; nothing trainable left -> dropped with its reason
     let first_trainable = s.loss_mask.iter().position(|&m| m == 1).expect("some");
@@ -226,7 +239,11 @@ fn token_cache_hits_on_the_second_run_and_follows_its_key() {
     };
     let b = load_dataset(&files, &tok, &tpl, &opts(64), Some(&cache), &count).expect("hit");
     assert!(matches!(b.statuses[0], CacheStatus::Hit(_)), "{:?}", b.statuses);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0, "no tokenisation on a hit");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no tokenisation on a hit"
+    );
     assert_eq!(a.dataset, b.dataset);
     assert_eq!(a.key, b.key);
     // another max_length, another cache entry
@@ -240,8 +257,15 @@ fn token_cache_hits_on_the_second_run_and_follows_its_key() {
     assert!(matches!(d.statuses[0], CacheStatus::Built(_)));
     assert_ne!(d.dataset, a.dataset);
     // two files concatenate in order
-    let e = load_dataset(&[data.clone(), data.clone()], &tok, &tpl, &opts(64), Some(&cache), &none)
-        .expect("two files");
+    let e = load_dataset(
+        &[data.clone(), data.clone()],
+        &tok,
+        &tpl,
+        &opts(64),
+        Some(&cache),
+        &none,
+    )
+    .expect("two files");
     assert_eq!(e.dataset.len(), 80);
     assert_eq!(e.dataset.input_ids(41), d.dataset.input_ids(1));
 }
@@ -265,8 +289,7 @@ fn epoch_plans_are_deterministic_disjoint_and_complete_per_rank() {
             "seeds differ"
         );
         for world in 1..=4 {
-            let plans: Vec<Vec<Vec<usize>>> =
-                (0..world).map(|r| rank_plan(&lengths, 3, &o, r, world)).collect();
+            let plans: Vec<Vec<Vec<usize>>> = (0..world).map(|r| rank_plan(&lengths, 3, &o, r, world)).collect();
             let steps = plans[0].len();
             assert!(plans.iter().all(|p| p.len() == steps), "same number of micro-batches");
             let mut seen = HashSet::new();
@@ -304,8 +327,20 @@ fn epoch_plans_are_deterministic_disjoint_and_complete_per_rank() {
         length_grouping: true,
     };
     let grouped = global_plan(&lengths, 0, &o);
-    let random = global_plan(&lengths, 0, &PlanOptions { length_grouping: false, ..o });
-    assert!(pad(&grouped) * 3 < pad(&random), "{} vs {}", pad(&grouped), pad(&random));
+    let random = global_plan(
+        &lengths,
+        0,
+        &PlanOptions {
+            length_grouping: false,
+            ..o
+        },
+    );
+    assert!(
+        pad(&grouped) * 3 < pad(&random),
+        "{} vs {}",
+        pad(&grouped),
+        pad(&random)
+    );
     // shard-grouped plans visit one group at a time and still cover everything
     let groups = vec![0..40, 40..80, 80..103];
     let plan = global_plan_grouped(&lengths, &groups, 2, &o);
@@ -439,7 +474,9 @@ fn hidden_shards_round_trip_bit_exact_and_resume() {
     }
     // bf16 conversion matches torch's rounding
     let x = [1.0f32, -2.5, 2.71, 1e-3, 65504.0, 1.003_906_2, 1.011_718_8];
-    let t = tch::Tensor::from_slice(&x).to_kind(tch::Kind::BFloat16).to_kind(tch::Kind::Float);
+    let t = tch::Tensor::from_slice(&x)
+        .to_kind(tch::Kind::BFloat16)
+        .to_kind(tch::Kind::Float);
     let want: Vec<f32> = Vec::try_from(&t).expect("f32");
     assert_eq!(bf16_bytes_to_f32(&f32_to_bf16_bytes(&x)), want);
 }
@@ -493,13 +530,24 @@ fn prepare_data_command_reports_counts_and_uses_the_cache() {
     assert_eq!(second["data"][0]["tokens"], d["tokens"]);
     // a malformed line stops the command with file:line, and skip_invalid counts it
     let bad = dir.join("bad.jsonl");
-    write(&bad, &format!("{CONVS}{{\"conversations\": [{{\"from\": \"gpt\"}}]}}\n"));
+    write(
+        &bad,
+        &format!("{CONVS}{{\"conversations\": [{{\"from\": \"gpt\"}}]}}\n"),
+    );
     let recipe = demo_recipe(&dir, "medusa", &bad);
     let out = forge(&["prepare-data", recipe.to_str().expect("utf8")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.jsonl:5:") && err.contains("missing \"value\""), "{err}");
-    let out = forge(&["prepare-data", recipe.to_str().expect("utf8"), "--set", "data.skip_invalid=true"]);
+    assert!(
+        err.contains("bad.jsonl:5:") && err.contains("missing \"value\""),
+        "{err}"
+    );
+    let out = forge(&[
+        "prepare-data",
+        recipe.to_str().expect("utf8"),
+        "--set",
+        "data.skip_invalid=true",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("1 malformed records skipped"), "{text}");
@@ -530,12 +578,20 @@ fn prepare_hidden_stores_the_target_states_and_resumes() {
     assert!(text.contains("3 samples in 2 shard(s) (2 written now"), "{text}");
     let mut ds = HiddenDataset::open(&out_dir).expect("open");
     let st = ds.settings().clone();
-    assert_eq!(st.aux_layers, [1, 14, 26], "EAGLE-3 default layers of a 30-layer target");
+    assert_eq!(
+        st.aux_layers,
+        [1, 14, 26],
+        "EAGLE-3 default layers of a 30-layer target"
+    );
     assert_eq!(st.hidden_size, 576);
     // bytes per token: ids (4) + mask (1) + 4 x 576 bf16
     let m = HiddenManifest::read(&out_dir).expect("manifest");
     let payload = 4.0 + 1.0 + 4.0 * 576.0 * 2.0;
-    assert!(m.bytes_per_token >= payload && m.bytes_per_token < payload * 1.05, "{}", m.bytes_per_token);
+    assert!(
+        m.bytes_per_token >= payload && m.bytes_per_token < payload * 1.05,
+        "{}",
+        m.bytes_per_token
+    );
     // the stored states are the target's, rounded to bf16, sample by sample
     let model = TargetModel::load(&demo_model(), DType::F32, tch::Device::Cpu).expect("demo target");
     let capture = Capture {
@@ -551,8 +607,7 @@ fn prepare_hidden_stores_the_target_states_and_resumes() {
         let hid = bf16_bytes_to_f32(v.hidden_state);
         let want: Vec<f32> = Vec::try_from(&o.hidden_normed.view([-1])).expect("f32");
         let aux = bf16_bytes_to_f32(v.aux_hidden_state);
-        let want_aux: Vec<f32> =
-            Vec::try_from(&tch::Tensor::cat(&o.layers, -1).view([-1])).expect("f32");
+        let want_aux: Vec<f32> = Vec::try_from(&tch::Tensor::cat(&o.layers, -1).view([-1])).expect("f32");
         for (got, want) in [(&hid, &want), (&aux, &want_aux)] {
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(want.iter()) {
@@ -568,7 +623,10 @@ fn prepare_hidden_stores_the_target_states_and_resumes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(1 written now, 1 already there)"), "{text}");
-    assert_eq!(std::fs::read(out_dir.join("shard_00000.safetensors")).expect("read"), keep);
+    assert_eq!(
+        std::fs::read(out_dir.join("shard_00000.safetensors")).expect("read"),
+        keep
+    );
     assert!(HiddenDataset::open(&out_dir).is_ok());
     // a finished dataset is not recomputed
     let out = forge(&args);

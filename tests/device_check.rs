@@ -12,7 +12,9 @@ const LIMIT: u64 = 64 * 1024 * 1024;
 
 fn script(args: &[&str], envs: &[(&str, &Path)]) -> Output {
     let mut c = Command::new("bash");
-    c.arg(root().join("scripts/device-check.sh")).args(args).current_dir(root());
+    c.arg(root().join("scripts/device-check.sh"))
+        .args(args)
+        .current_dir(root());
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -20,11 +22,19 @@ fn script(args: &[&str], envs: &[(&str, &Path)]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn dir_bytes(d: &Path) -> u64 {
-    std::fs::read_dir(d).expect("read dir").flatten().map(|e| e.metadata().expect("meta").len()).sum()
+    std::fs::read_dir(d)
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.metadata().expect("meta").len())
+        .sum()
 }
 
 /// Bytes of the working tree that travels with every call (tracked and untracked files that
@@ -35,7 +45,11 @@ fn tree_bytes() -> u64 {
         .current_dir(root())
         .output()
         .expect("git ls-files");
-    String::from_utf8_lossy(&o.stdout).lines().filter_map(|f| std::fs::metadata(root().join(f)).ok()).map(|m| m.len()).sum()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|f| std::fs::metadata(root().join(f)).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 #[test]
@@ -50,8 +64,15 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
     // The contents, checked against the manifest's checksums.
     let stage = device.join("stage");
     let manifest = std::fs::read_to_string(stage.join("MANIFEST")).expect("MANIFEST");
-    assert!(manifest.contains("dry_run: 1") && manifest.contains("demo_model: 1"), "{manifest}");
-    let files: Vec<&str> = manifest.lines().skip(5).map(|l| l.split_whitespace().nth(1).expect("file")).collect();
+    assert!(
+        manifest.contains("dry_run: 1") && manifest.contains("demo_model: 1"),
+        "{manifest}"
+    );
+    let files: Vec<&str> = manifest
+        .lines()
+        .skip(5)
+        .map(|l| l.split_whitespace().nth(1).expect("file"))
+        .collect();
     for want in [
         "./bin/forge",
         "./bin/forge-tests",
@@ -81,10 +102,17 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
         .expect("read .forge/device")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("carry")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("carry"))
+        })
         .collect();
     parts.sort();
-    assert!(parts.len() >= 2, "the demo target's GGUF alone is over one call: {parts:?}");
+    assert!(
+        parts.len() >= 2,
+        "the demo target's GGUF alone is over one call: {parts:?}"
+    );
     let tree = tree_bytes();
     for p in &parts {
         let b = dir_bytes(p) + tree;
@@ -101,8 +129,15 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
     std::fs::rename(&last, &last_aside).expect("move the last part aside");
     let work = tmp_dir("device-check-work");
     let out = tmp_dir("device-check-out");
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
-    assert!(!o.status.success() && text(&o).contains("sha256 missing"), "{}", text(&o));
+    let o = script(
+        &["device", "--cpu"],
+        &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("sha256 missing"),
+        "{}",
+        text(&o)
+    );
     let o = script(&["receive"], &[dev]);
     assert!(o.status.success(), "{}", text(&o));
     for p in &parts[..parts.len() - 1] {
@@ -111,16 +146,31 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
     std::fs::rename(&last_aside, &last).expect("move the last part back");
     // a dry-run bundle is refused on the GPU machine's path
     let o = script(&["device"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
-    assert!(!o.status.success() && text(&o).contains("this bundle is a dry run"), "{}", text(&o));
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
+    assert!(
+        !o.status.success() && text(&o).contains("this bundle is a dry run"),
+        "{}",
+        text(&o)
+    );
+    let o = script(
+        &["device", "--cpu"],
+        &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev],
+    );
     let log = text(&o);
     assert!(o.status.success(), "{log}");
 
     // Every stage ran and passed; the summary holds every figure.
     let s = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
     for stage in [
-        "generate", "tests", "nccl-selftest", "nccl-allreduce", "bench-shape", "bench-demo", "quality-regenerate", "quality-train",
-        "quality-eval-g5", "quality-eval-g7",
+        "generate",
+        "tests",
+        "nccl-selftest",
+        "nccl-allreduce",
+        "bench-shape",
+        "bench-demo",
+        "quality-regenerate",
+        "quality-train",
+        "quality-eval-g5",
+        "quality-eval-g7",
     ] {
         assert!(s.contains(&format!("| {stage} | ok |")), "stage {stage} in:\n{s}");
     }
@@ -133,15 +183,26 @@ fn device_check_bundle_fits_the_calls_and_its_cpu_rehearsal_runs_every_stage() {
 
     // A part lost between calls is named.
     let _ = std::fs::remove_dir_all(device.join("recv"));
-    let o = script(&["device", "--cpu"], &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev]);
-    assert!(!o.status.success() && text(&o).contains(&format!("part 1 of {} is missing", parts.len())), "{}", text(&o));
+    let o = script(
+        &["device", "--cpu"],
+        &[("OUT", &out), ("FORGE_DEVICE_WORK", &work), dev],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains(&format!("part 1 of {} is missing", parts.len())),
+        "{}",
+        text(&o)
+    );
     for p in &parts[..parts.len() - 1] {
         let _ = std::fs::rename(aside.join(p.file_name().expect("name")), p);
     }
 }
 
 fn bench_rows(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).expect("json").lines().map(|l| serde_json::from_str(l).expect("row")).collect()
+    std::fs::read_to_string(path)
+        .expect("json")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("row"))
+        .collect()
 }
 
 #[test]
@@ -149,12 +210,33 @@ fn bench_train_reports_step_time_tokens_flops_and_memory() {
     let dir = tmp_dir("bench-train");
     let json = dir.join("rows.json");
     let o = forge(&[
-        "bench", "train", "--shape", "tiny", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
-        "--peak-tflops", "1", "--json", json.to_str().expect("utf8"),
+        "bench",
+        "train",
+        "--shape",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--peak-tflops",
+        "1",
+        "--json",
+        json.to_str().expect("utf8"),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let rows = bench_rows(&json);
-    assert_eq!(rows.iter().map(|r| r["drafter"].as_str().expect("kind")).collect::<Vec<_>>(), ["eagle3", "medusa"]);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["drafter"].as_str().expect("kind"))
+            .collect::<Vec<_>>(),
+        ["eagle3", "medusa"]
+    );
     // tiny: hidden 64, 8 layers, 4 heads of 16 (q 64), 2 KV heads (k, v 32 each), MLP 128:
     // projections 64*64 + 2*64*32 + 64*64 + 3*64*128 = 36864 weights; per sequence of 32
     // tokens and layer 2*36864*32 + 2*2*64*(32*33/2) = 2494464 FLOPs; x 8 layers x 2 sequences
@@ -163,16 +245,39 @@ fn bench_train_reports_step_time_tokens_flops_and_memory() {
         let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
         assert_eq!(f("target_flops"), flops, "{r}");
         assert!((f("tokens_per_s") * f("step_ms") / 1e3 - 64.0).abs() < 1e-6, "{r}");
-        assert!((f("target_tflops_per_s") - flops / (f("target_ms") / 1e3) / 1e12).abs() < 1e-9, "{r}");
+        assert!(
+            (f("target_tflops_per_s") - flops / (f("target_ms") / 1e3) / 1e12).abs() < 1e-9,
+            "{r}"
+        );
         assert!((f("target_mfu") - f("target_tflops_per_s")).abs() < 1e-12, "{r}");
-        assert!(f("target_ms") < f("step_ms") && (f("drafter_ms") - (f("step_ms") - f("target_ms"))).abs() < f("step_ms") * 0.5);
+        assert!(
+            f("target_ms") < f("step_ms")
+                && (f("drafter_ms") - (f("step_ms") - f("target_ms"))).abs() < f("step_ms") * 0.5
+        );
         assert_eq!(r["peak_mem_kind"], "process_rss");
-        assert_eq!(f("target_params"), (1024.0 * 64.0 * 2.0) + 8.0 * (36864.0 + 2.0 * 64.0) + 64.0, "embedding, head, layers, norms");
+        assert_eq!(
+            f("target_params"),
+            (1024.0 * 64.0 * 2.0) + 8.0 * (36864.0 + 2.0 * 64.0) + 64.0,
+            "embedding, head, layers, norms"
+        );
         assert!(f("trainable_params") > 0.0);
     }
     // bad input names the fix
     let o = forge(&["bench", "train", "--shape", "llama-9b", "--device", "cpu"]);
-    assert!(!o.status.success() && text(&o).contains("is not one of llama3-8b"), "{}", text(&o));
-    let o = forge(&["bench", "train", "--shape", "tiny", "--drafter", "eagle9", "--device", "cpu"]);
+    assert!(
+        !o.status.success() && text(&o).contains("is not one of llama3-8b"),
+        "{}",
+        text(&o)
+    );
+    let o = forge(&[
+        "bench",
+        "train",
+        "--shape",
+        "tiny",
+        "--drafter",
+        "eagle9",
+        "--device",
+        "cpu",
+    ]);
     assert!(!o.status.success() && text(&o).contains("eagle9"), "{}", text(&o));
 }

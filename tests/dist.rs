@@ -3,7 +3,10 @@
 //! sharded run (same and different world size), `forge launch` stopping the other worker
 //! when one fails, c10d errors naming the collective, and launch flag checks.
 
-use forge_tests::{demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, step_weights, tiny_target_with_demo_tokenizer, tmp_dir};
+use forge_tests::{
+    demo_conversations_subset, forge_bin, max_abs_diff, metrics_rows, root, step_weights,
+    tiny_target_with_demo_tokenizer, tmp_dir,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -74,7 +77,10 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 
 #[test]
 fn every_collective_gives_the_expected_numbers_over_gloo() {
-    let out = run_forge(&launch_args(2, &["dist-selftest".into(), "--backend".into(), "gloo".into()]));
+    let out = run_forge(&launch_args(
+        2,
+        &["dist-selftest".into(), "--backend".into(), "gloo".into()],
+    ));
     let stdout = ok(&out, "forge launch --nproc 2 -- dist-selftest");
     let rows = rank_json(&stdout, 2);
     let w = 2.0;
@@ -99,7 +105,11 @@ fn every_collective_gives_the_expected_numbers_over_gloo() {
         assert_eq!(floats(&v["all_gather"]), vec![0.0, 0.5, 1.0, 1.5]);
         // reduce_scatter of [i + 100 q], i in 0..4: sum = [100, 102, 104, 106], chunk r
         let full = [100.0, 102.0, 104.0, 106.0];
-        assert_eq!(floats(&v["reduce_scatter"]), full[2 * r..2 * r + 2].to_vec(), "rank {r}");
+        assert_eq!(
+            floats(&v["reduce_scatter"]),
+            full[2 * r..2 * r + 2].to_vec(),
+            "rank {r}"
+        );
         // metric names: the union of {"loss", "rank0"} and {"loss", "rank1"}
         assert_eq!(v["union_keys"], serde_json::json!(["loss", "rank0", "rank1"]));
     }
@@ -111,7 +121,13 @@ fn a_failing_worker_stops_the_launch_within_seconds() {
     let t0 = Instant::now();
     let out = run_forge(&launch_args(
         2,
-        &["dist-selftest".into(), "--timeout-s".into(), "120".into(), "--fail-rank".into(), "1".into()],
+        &[
+            "dist-selftest".into(),
+            "--timeout-s".into(),
+            "120".into(),
+            "--fail-rank".into(),
+            "1".into(),
+        ],
     ));
     let secs = t0.elapsed().as_secs_f64();
     assert!(!out.status.success(), "launch must fail");
@@ -121,17 +137,31 @@ fn a_failing_worker_stops_the_launch_within_seconds() {
         err.contains("rank 1 exited with exit status 1") && err.contains("stopped the other 1 worker(s)"),
         "{err}"
     );
-    assert!(err.contains("[rank 1] error: rank 1 fails on purpose"), "worker output is prefixed with its rank:\n{err}");
+    assert!(
+        err.contains("[rank 1] error: rank 1 fails on purpose"),
+        "worker output is prefixed with its rank:\n{err}"
+    );
 
     // rank 1 fails after the rendezvous, so rank 0's next collective fails too and rank 0 may
     // exit (and print) first: the launcher quotes every rank's error, rank 1's among them
     let out = run_forge(&launch_args(
         2,
-        &["dist-selftest", "--timeout-s", "60", "--fail-rank", "1", "--fail-after-rendezvous"].map(String::from),
+        &[
+            "dist-selftest",
+            "--timeout-s",
+            "60",
+            "--fail-rank",
+            "1",
+            "--fail-after-rendezvous",
+        ]
+        .map(String::from),
     ));
     assert!(!out.status.success(), "launch must fail");
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.contains("forge launch: rank")).unwrap_or_else(|| panic!("{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.contains("forge launch: rank"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(
         line.contains("(errors: ") && line.contains("rank 1: rank 1 fails on purpose after the rendezvous"),
         "{line}"
@@ -200,7 +230,10 @@ fn workers_die_with_a_launcher_killed_by_sigkill() {
     let _ = child.wait();
     let t0 = Instant::now();
     while matches!(process_state(worker), Some(s) if s != 'Z') {
-        assert!(t0.elapsed() < Duration::from_secs(15), "worker {worker} outlived its launcher");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "worker {worker} outlived its launcher"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -211,15 +244,29 @@ fn ranks_that_resume_from_different_checkpoints_are_stopped() {
     // one shared folder): both refuse instead of training different models
     let run = setup("dist-resume-mismatch");
     let shared = run.dir.join("run");
-    train(&run, 1, &shared, &["train.max_steps=4", "checkpoint.every_steps=4"], &[]);
+    train(
+        &run,
+        1,
+        &shared,
+        &["train.max_steps=4", "checkpoint.every_steps=4"],
+        &[],
+    );
     let port = free_port().to_string();
     let spawn = |rank: &str, ckpt: &Path| {
-        let args = train_args(&run, ckpt, &["train.max_steps=6", "dist.timeout_s=60"], &["--resume", "auto"]);
+        let args = train_args(
+            &run,
+            ckpt,
+            &["train.max_steps=6", "dist.timeout_s=60"],
+            &["--resume", "auto"],
+        );
         torchrun_style(&args, rank, &port)
     };
     let r0 = spawn("0", &shared);
     let r1 = spawn("1", &run.dir.join("elsewhere"));
-    let (o0, o1) = (r0.wait_with_output().expect("rank 0"), r1.wait_with_output().expect("rank 1"));
+    let (o0, o1) = (
+        r0.wait_with_output().expect("rank 0"),
+        r1.wait_with_output().expect("rank 1"),
+    );
     for (r, o) in [(0, &o0), (1, &o1)] {
         assert!(!o.status.success(), "rank {r} must refuse");
         let err = String::from_utf8_lossy(&o.stderr);
@@ -237,7 +284,11 @@ fn c10d_errors_name_the_collective_under_torchrun_style_variables() {
     // leaves right after the rendezvous, so rank 0's first all_reduce fails
     let port = free_port().to_string();
     let spawn = |rank: &str, extra: &[&str]| {
-        let args: Vec<String> = ["dist-selftest", "--timeout-s", "30"].iter().chain(extra).map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["dist-selftest", "--timeout-s", "30"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
         torchrun_style(&args, rank, &port)
     };
     let t0 = Instant::now();
@@ -254,11 +305,37 @@ fn c10d_errors_name_the_collective_under_torchrun_style_variables() {
 #[test]
 fn launch_flags_are_checked_with_the_fix() {
     let cases: [(&[&str], &str); 5] = [
-        (&["launch", "--gpus", "64", "--", "train", "x.yaml"], "use --nproc N for CPU workers"),
-        (&["launch", "--", "train", "x.yaml"], "--gpus N (one per GPU) or --nproc N"),
-        (&["launch", "--nproc", "2", "--gpus", "1", "--", "train", "x.yaml"], "not both"),
-        (&["launch", "--nproc", "2", "--nnodes", "2", "--", "train", "x.yaml"], "--master-addr"),
-        (&["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--", "train", "x.yaml"], "--node-rank"),
+        (
+            &["launch", "--gpus", "64", "--", "train", "x.yaml"],
+            "use --nproc N for CPU workers",
+        ),
+        (
+            &["launch", "--", "train", "x.yaml"],
+            "--gpus N (one per GPU) or --nproc N",
+        ),
+        (
+            &["launch", "--nproc", "2", "--gpus", "1", "--", "train", "x.yaml"],
+            "not both",
+        ),
+        (
+            &["launch", "--nproc", "2", "--nnodes", "2", "--", "train", "x.yaml"],
+            "--master-addr",
+        ),
+        (
+            &[
+                "launch",
+                "--nproc",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--",
+                "train",
+                "x.yaml",
+            ],
+            "--node-rank",
+        ),
     ];
     for (args, want) in cases {
         let out = run_forge(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
@@ -332,7 +409,10 @@ fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
     assert_eq!(la.len(), lb.len(), "{what}: {la:?} vs {lb:?}");
     for ((sa, x), (sb, y)) in la.iter().zip(&lb) {
         assert_eq!(sa, sb);
-        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{what}: step {sa}: loss {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{what}: step {sa}: loss {x} vs {y}"
+        );
     }
     // counters are global (summed over ranks)
     let state = |d: &Path| -> serde_json::Value {
@@ -344,7 +424,10 @@ fn assert_same_run(a: &Path, b: &Path, step: u64, what: &str) {
         assert_eq!(sa[key], sb[key], "{what}: {key}");
     }
     assert!(sa["samples_seen"].as_u64().unwrap_or(0) > 0);
-    let (wa, wb) = (step_weights(&a.join(format!("step_{step}"))), step_weights(&b.join(format!("step_{step}"))));
+    let (wa, wb) = (
+        step_weights(&a.join(format!("step_{step}"))),
+        step_weights(&b.join(format!("step_{step}"))),
+    );
     assert_eq!(wa.len(), wb.len());
     for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
@@ -386,18 +469,27 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch_for_every_zero_stage() {
         assert_same_run(&one, &two, 6, &format!("zero_stage {stage}"));
         // only rank 0 logs: one metrics row per step, its summary line alone
         assert_eq!(losses(&two).len(), 6);
-        assert!(out2.contains("[rank 0] trained 6 steps") && !out2.contains("[rank 1] trained"), "{out2}");
+        assert!(
+            out2.contains("[rank 0] trained 6 steps") && !out2.contains("[rank 1] trained"),
+            "{out2}"
+        );
         // optimizer state per rank: all of it at stage 0, half (plus < 1 element of padding) at 1-2
         let bytes2 = state_bytes(&out2);
         if stage == 0 {
             assert_eq!(bytes2, bytes1);
         } else {
-            assert!(bytes2 >= bytes1 / 2 && bytes2 <= bytes1 / 2 + 8, "stage {stage}: {bytes2} vs {bytes1}");
+            assert!(
+                bytes2 >= bytes1 / 2 && bytes2 <= bytes1 / 2 + 8,
+                "stage {stage}: {bytes2} vs {bytes1}"
+            );
             let ck = two.join("step_6");
             let m: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(ck.join("manifest.json")).expect("manifest")).expect("json");
+                serde_json::from_str(&std::fs::read_to_string(ck.join("manifest.json")).expect("manifest"))
+                    .expect("json");
             assert_eq!(m["optimizer_shards"], 2);
-            assert!(ck.join("optimizer.rank0.safetensors").is_file() && ck.join("optimizer.rank1.safetensors").is_file());
+            assert!(
+                ck.join("optimizer.rank0.safetensors").is_file() && ck.join("optimizer.rank1.safetensors").is_file()
+            );
             assert!(!ck.join("optimizer.safetensors").exists());
         }
     }
@@ -411,7 +503,13 @@ fn a_sharded_two_rank_run_resumes_exactly_and_reshards_to_one_rank() {
     train(&run, 2, &full, &sets_full, &[]);
     // interrupted after step 3, resumed on 2 ranks
     let part = run.dir.join("part");
-    train(&run, 2, &part, &["train.max_steps=3", "dist.zero_stage=2", "dist.bucket_mb=0.5"], &[]);
+    train(
+        &run,
+        2,
+        &part,
+        &["train.max_steps=3", "dist.zero_stage=2", "dist.bucket_mb=0.5"],
+        &[],
+    );
     let copy = run.dir.join("part-1rank");
     std::fs::create_dir_all(&copy).expect("mkdir");
     for entry in ["step_3", "metrics.jsonl", "recipe.resolved.yaml"] {
@@ -438,7 +536,12 @@ fn a_sharded_two_rank_run_resumes_exactly_and_reshards_to_one_rank() {
         &["--resume", "auto"],
     );
     assert!(out.contains("trained 3 steps (3..6)"), "{out}");
-    assert_same_run(&full, &copy, 6, "2-rank ZeRO-2 checkpoint resumed on 1 rank with ZeRO-1");
+    assert_same_run(
+        &full,
+        &copy,
+        6,
+        "2-rank ZeRO-2 checkpoint resumed on 1 rank with ZeRO-1",
+    );
 }
 
 #[test]
@@ -462,14 +565,37 @@ fn eagle1_feature_noise_is_drawn_per_global_micro_batch_so_two_ranks_equal_one()
     let mut run = setup("dist-eagle1-noise");
     // the tiny EAGLE-3 recipe with its drafter swapped for EAGLE-1 with feature noise
     let text = std::fs::read_to_string(root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
-    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let (a, b) = (
+        text.find("drafter:").expect("drafter"),
+        text.find("target:").expect("target"),
+    );
     let recipe = run.dir.join("eagle1-noise.yaml");
-    std::fs::write(&recipe, format!("{}drafter:\n  kind: eagle1\n  feature_noise: 0.2\n{}", &text[..a], &text[b..])).expect("write");
+    std::fs::write(
+        &recipe,
+        format!(
+            "{}drafter:\n  kind: eagle1\n  feature_noise: 0.2\n{}",
+            &text[..a],
+            &text[b..]
+        ),
+    )
+    .expect("write");
     run.recipe = recipe;
     let one = run.dir.join("one");
-    train(&run, 1, &one, &["train.max_steps=4", "train.grad_accum=2", "checkpoint.every_steps=4"], &[]);
+    train(
+        &run,
+        1,
+        &one,
+        &["train.max_steps=4", "train.grad_accum=2", "checkpoint.every_steps=4"],
+        &[],
+    );
     let two = run.dir.join("two");
-    train(&run, 2, &two, &["train.max_steps=4", "checkpoint.every_steps=4", "dist.zero_stage=1"], &[]);
+    train(
+        &run,
+        2,
+        &two,
+        &["train.max_steps=4", "checkpoint.every_steps=4", "dist.zero_stage=1"],
+        &[],
+    );
     assert_same_run(&one, &two, 4, "eagle1 with feature noise");
 }
 
@@ -478,12 +604,18 @@ fn two_launchers_as_two_nodes_rendezvous_on_the_master_address() {
     // the multi-node code path on one machine: node 0 and node 1, one CPU worker each
     let port = free_port().to_string();
     let (n0, n1) = (launch_node("0", &port, "60"), launch_node("1", &port, "60"));
-    let (o0, o1) = (n0.wait_with_output().expect("node 0"), n1.wait_with_output().expect("node 1"));
+    let (o0, o1) = (
+        n0.wait_with_output().expect("node 0"),
+        n1.wait_with_output().expect("node 1"),
+    );
     let (s0, s1) = (ok(&o0, "node 0"), ok(&o1, "node 1"));
     // node r's worker is rank r of 2 and got the same all-reduce as everyone
     for (r, s) in [(0usize, &s0), (1, &s1)] {
         let prefix = format!("[rank {r}] {{");
-        let line = s.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("node {r}: {s}"));
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("node {r}: {s}"));
         let v: serde_json::Value = serde_json::from_str(&line[prefix.len() - 1..]).expect("json");
         assert_eq!(v["world"].as_u64(), Some(2));
         assert_eq!(floats(&v["all_reduce_sum"]), vec![3.0, 30.0, -1.0]);
@@ -495,7 +627,10 @@ fn ctrl_c_stops_every_worker() {
     let child = lonely_node0();
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let out = child.wait_with_output().expect("launch");
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
@@ -534,13 +669,30 @@ fn knowledge_drafter_with_its_cache_on_two_ranks_equals_one() {
     run.recipe = root().join("recipes/knowledge-tiny.yaml");
     let cache = run.dir.join("cache.safetensors");
     let o = run_forge(&[
-        "build-knowledge".into(), "--target".into(), run.target.display().to_string(), "--in".into(), run.data.display().to_string(),
-        "--entries".into(), "4".into(), "--cache-dim".into(), "16".into(), "--out".into(), cache.display().to_string(), "--progress".into(), "never".into(),
+        "build-knowledge".into(),
+        "--target".into(),
+        run.target.display().to_string(),
+        "--in".into(),
+        run.data.display().to_string(),
+        "--entries".into(),
+        "4".into(),
+        "--cache-dim".into(),
+        "16".into(),
+        "--out".into(),
+        cache.display().to_string(),
+        "--progress".into(),
+        "never".into(),
     ]);
     ok(&o, "forge build-knowledge");
     let c = format!("drafter.knowledge_cache={}", cache.display());
     let one = run.dir.join("one");
-    let sets = ["train.max_steps=4", "checkpoint.every_steps=4", "drafter.strategy=list", "drafter.layers=[0, 1]", c.as_str()];
+    let sets = [
+        "train.max_steps=4",
+        "checkpoint.every_steps=4",
+        "drafter.strategy=list",
+        "drafter.layers=[0, 1]",
+        c.as_str(),
+    ];
     train(&run, 1, &one, &[&sets[..], &["train.grad_accum=2"]].concat(), &[]);
     let two = run.dir.join("two");
     train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=1"]].concat(), &[]);

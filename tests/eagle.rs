@@ -5,8 +5,8 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle1::{Eagle1, Eagle1Spec};
 use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_mask, Eagle3, Eagle3Spec};
 use forge_models::drafters::{Drafter, Features};
-use forge_tests::{eval_ctx, train_ctx, TargetHeads};
 use forge_models::safetensors_io::SafetensorsFile;
+use forge_tests::{eval_ctx, train_ctx, TargetHeads};
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -37,9 +37,15 @@ fn ttt_attention_equals_attention_over_all_step_keys_with_the_explicit_mask() {
     let mut rng = TestRng::new(11);
     let (b, h, t, d) = (2i64, 3i64, 6i64, 4i64);
     let q = rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double);
-    let ks: Vec<Tensor> = (0..4).map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double)).collect();
-    let vs: Vec<Tensor> = (0..4).map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double)).collect();
-    let causal = ttt_mask(t, 0, Device::Cpu).view([1, 1, t, t]).expand([b, 1, t, t], false);
+    let ks: Vec<Tensor> = (0..4)
+        .map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double))
+        .collect();
+    let vs: Vec<Tensor> = (0..4)
+        .map(|_| rng.normal_tensor(&[b, h, t, d], 1.0).to_kind(Kind::Double))
+        .collect();
+    let causal = ttt_mask(t, 0, Device::Cpu)
+        .view([1, 1, t, t])
+        .expand([b, 1, t, t], false);
     for step in 0..4usize {
         let got = ttt_attention(&q, &ks[..=step], &vs[..=step], &causal);
         // reference: one query at a time over the keys the mask allows
@@ -50,7 +56,9 @@ fn ttt_attention_equals_attention_over_all_step_keys_with_the_explicit_mask() {
             for hi in 0..h {
                 for qi in 0..t {
                     let qv = q.get(bi).get(hi).get(qi);
-                    let allowed: Vec<i64> = (0..t * (step as i64 + 1)).filter(|&k| mask.int64_value(&[qi, k]) != 0).collect();
+                    let allowed: Vec<i64> = (0..t * (step as i64 + 1))
+                        .filter(|&k| mask.int64_value(&[qi, k]) != 0)
+                        .collect();
                     let idx = Tensor::from_slice(&allowed);
                     let kk = kall.get(bi).get(hi).index_select(0, &idx);
                     let vv = vall.get(bi).get(hi).index_select(0, &idx);
@@ -146,27 +154,49 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
     let w = |n: &str| vars[n].to_kind(Kind::Double);
     let aux = f.aux_hidden.as_ref().expect("aux").to_kind(Kind::Double);
     let h0 = aux.matmul(&w("fc.weight").tr());
-    let next: Vec<i64> = (0..b * t).map(|i| if (i + 1) % t == 0 { 0 } else { ids_v[i as usize + 1] }).collect();
-    let emb = embed.to_kind(Kind::Double).index_select(0, &Tensor::from_slice(&next)).view([b, t, hh]);
+    let next: Vec<i64> = (0..b * t)
+        .map(|i| if (i + 1) % t == 0 { 0 } else { ids_v[i as usize + 1] })
+        .collect();
+    let emb = embed
+        .to_kind(Kind::Double)
+        .index_select(0, &Tensor::from_slice(&next))
+        .view([b, t, hh]);
     let x = Tensor::cat(
-        &[rms_ref(&emb, &w("midlayer.input_layernorm.weight")), rms_ref(&h0, &w("midlayer.hidden_norm.weight"))],
+        &[
+            rms_ref(&emb, &w("midlayer.input_layernorm.weight")),
+            rms_ref(&h0, &w("midlayer.hidden_norm.weight")),
+        ],
         -1,
     );
-    let proj = |n: &str, heads: i64| x.matmul(&w(&format!("midlayer.self_attn.{n}_proj.weight")).tr()).view([b, t, heads, 4]).transpose(1, 2);
+    let proj = |n: &str, heads: i64| {
+        x.matmul(&w(&format!("midlayer.self_attn.{n}_proj.weight")).tr())
+            .view([b, t, heads, 4])
+            .transpose(1, 2)
+    };
     let pos = &f.position_ids;
     let q = rope_ref(&proj("q", 4), pos, 10000.0);
     let k = rope_ref(&proj("k", 2), pos, 10000.0).repeat_interleave_self_int(2, 1, None);
     let vv = proj("v", 2).repeat_interleave_self_int(2, 1, None);
     let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
     let scores = (q.matmul(&k.transpose(-1, -2)) / 2.0).masked_fill(&causal.logical_not(), f64::NEG_INFINITY);
-    let att = scores.softmax(-1, Kind::Double).matmul(&vv).transpose(1, 2).reshape([b, t, 16]);
+    let att = scores
+        .softmax(-1, Kind::Double)
+        .matmul(&vv)
+        .transpose(1, 2)
+        .reshape([b, t, 16]);
     let h1 = &h0 + att.matmul(&w("midlayer.self_attn.o_proj.weight").tr());
     let z = rms_ref(&h1, &w("midlayer.post_attention_layernorm.weight"));
-    let mlp = (z.matmul(&w("midlayer.mlp.gate_proj.weight").tr()).silu() * z.matmul(&w("midlayer.mlp.up_proj.weight").tr()))
-        .matmul(&w("midlayer.mlp.down_proj.weight").tr());
+    let mlp = (z.matmul(&w("midlayer.mlp.gate_proj.weight").tr()).silu()
+        * z.matmul(&w("midlayer.mlp.up_proj.weight").tr()))
+    .matmul(&w("midlayer.mlp.down_proj.weight").tr());
     let out_h = h1 + mlp;
     let logits = rms_ref(&out_h, &w("norm.weight")).matmul(&w("lm_head.weight").tr()); // [B, T, 8]
-    let tlog = f.hidden_normed.as_ref().expect("h").to_kind(Kind::Double).matmul(&target_lm.to_kind(Kind::Double).tr());
+    let tlog = f
+        .hidden_normed
+        .as_ref()
+        .expect("h")
+        .to_kind(Kind::Double)
+        .matmul(&target_lm.to_kind(Kind::Double).tr());
     let (mut ce_sum, mut n, mut hits) = (0.0f64, 0.0f64, 0.0f64);
     for r in 0..b {
         for p in 0..t - 1 {
@@ -190,7 +220,9 @@ fn eagle3_with_one_step_equals_a_hand_computed_forward() {
             ce_sum += -probs.iter().zip(&dl).map(|(pp, l)| pp * (l - lse)).sum::<f64>();
             n += 1.0;
             let da = (0..dl.len()).max_by(|&a, &c| dl[a].total_cmp(&dl[c])).expect("max");
-            let ta = (0..probs.len()).max_by(|&a, &c| probs[a].total_cmp(&probs[c])).expect("max");
+            let ta = (0..probs.len())
+                .max_by(|&a, &c| probs[a].total_cmp(&probs[c]))
+                .expect("max");
             hits += (da == ta) as i32 as f64;
         }
     }
@@ -271,16 +303,36 @@ fn assert_falls(l: &[(u64, f64)]) {
 fn eagle3_trains_on_a_tiny_target_and_its_loss_falls() {
     let run = setup("eagle3-falls", "recipes/eagle3-tiny.yaml");
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.lr=3e-3",
+            "--set",
+            "checkpoint.every_steps=40",
+        ],
+    );
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40);
     let rows = metrics_rows(&ckpt.join("metrics.jsonl"));
     assert_falls(&l);
-    for key in ["train/acc/step0", "train/acc/step1", "train/acc/step2", "train/ce/step0", "train/ce/step2", "train/kl/step1"] {
+    for key in [
+        "train/acc/step0",
+        "train/acc/step1",
+        "train/acc/step2",
+        "train/ce/step0",
+        "train/ce/step2",
+        "train/kl/step1",
+    ] {
         assert!(rows[0].get(key).is_some(), "{key} missing in {}", rows[0]);
     }
     // the divergence from the target (the part of the loss that can be learned) falls too
-    let kl: Vec<(u64, f64)> = rows.iter().map(|r| (0, r["train/kl/step0"].as_f64().expect("kl"))).collect();
+    let kl: Vec<(u64, f64)> = rows
+        .iter()
+        .map(|r| (0, r["train/kl/step0"].as_f64().expect("kl")))
+        .collect();
     assert_falls(&kl);
 }
 
@@ -305,7 +357,17 @@ fn eagle3_exports_for_sglang_and_vllm() {
     // a 4-layer target: engines serve 3 distinct ascending auxiliary layers
     let run = TinyRun::with_layers("eagle3-export", "recipes/eagle3-tiny.yaml", true, 4);
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.aux_layers=[0,1,3]"]);
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "checkpoint.every_steps=2",
+            "--set",
+            "drafter.aux_layers=[0,1,3]",
+        ],
+    );
     let (h, v, vd) = (64i64, 49152i64, 16384i64);
     let bf = Kind::BFloat16;
     let mut want: Vec<(String, Vec<i64>, Kind)> = vec![
@@ -329,7 +391,14 @@ fn eagle3_exports_for_sglang_and_vllm() {
     let ck = SafetensorsFile::open(&ckpt.join("step_2/model.safetensors")).expect("ckpt");
     for fmt in ["sglang", "vllm"] {
         let out_dir = run.dir.join(fmt);
-        let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", fmt, "--out", out_dir.to_str().expect("utf8")]);
+        let out = forge(&[
+            "export",
+            ckpt.to_str().expect("utf8"),
+            "--format",
+            fmt,
+            "--out",
+            out_dir.to_str().expect("utf8"),
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let file = out_dir.join("model.safetensors");
         assert_eq!(keys_shapes_kinds(&file), want, "{fmt}");
@@ -347,7 +416,10 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert!(t2d.index_select(0, &ids).all().int64_value(&[]) != 0);
         let ids_v: Vec<i64> = Vec::try_from(&ids).expect("ids");
         assert!(ids_v.windows(2).all(|w| w[0] < w[1]), "draft ids ascend");
-        assert!(d2t.abs().sum(Kind::Int64).int64_value(&[]) > 0, "a real mapping, not the identity");
+        assert!(
+            d2t.abs().sum(Kind::Int64).int64_value(&[]) > 0,
+            "a real mapping, not the identity"
+        );
         let cfg = read_json(&out_dir.join("config.json"));
         assert_eq!(cfg["architectures"][0], "LlamaForCausalLMEagle3");
         assert_eq!(cfg["num_hidden_layers"], 1);
@@ -362,7 +434,10 @@ fn eagle3_exports_for_sglang_and_vllm() {
         // the layers, as each engine reads them: forge's are target layer outputs; SGLang
         // takes output ids under eagle_config (and adds 1), vLLM capture points at top level
         if fmt == "sglang" {
-            assert_eq!(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], serde_json::json!([0, 1, 3]));
+            assert_eq!(
+                cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+                serde_json::json!([0, 1, 3])
+            );
             assert!(cfg.get("eagle_aux_hidden_state_layer_ids").is_none());
         } else {
             assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
@@ -371,11 +446,21 @@ fn eagle3_exports_for_sglang_and_vllm() {
     }
     // vLLM's speculators layout: the same tensors as vllm, a config vllm serve recognises
     let sp = run.dir.join("speculators");
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "speculators", "--out", sp.to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "speculators",
+        "--out",
+        sp.to_str().expect("utf8"),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(keys_shapes_kinds(&sp.join("model.safetensors")), want);
     let cfg = read_json(&sp.join("config.json"));
-    assert!(cfg.get("model_type").is_none(), "a top-level model_type hides the speculators block from vLLM");
+    assert!(
+        cfg.get("model_type").is_none(),
+        "a top-level model_type hides the speculators block from vLLM"
+    );
     assert_eq!(cfg["speculators_model_type"], "eagle3");
     assert_eq!(cfg["architectures"][0], "Eagle3Speculator");
     let sc = &cfg["speculators_config"];
@@ -397,13 +482,35 @@ fn eagle3_exports_for_sglang_and_vllm() {
     // layers an engine cannot serve as trained (a 2-layer target's [0, 1, 1]): refused
     let small = setup("eagle3-export-refused", "recipes/eagle3-tiny.yaml");
     let ck2 = small.dir.join("run");
-    small.train(&ck2, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
-    let out = forge(&["export", ck2.to_str().expect("utf8"), "--format", "vllm", "--out", small.dir.join("vllm").to_str().expect("utf8")]);
+    small.train(
+        &ck2,
+        &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"],
+    );
+    let out = forge(&[
+        "export",
+        ck2.to_str().expect("utf8"),
+        "--format",
+        "vllm",
+        "--out",
+        small.dir.join("vllm").to_str().expect("utf8"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("[0, 1, 1]") && err.contains("3 distinct ascending"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("[0, 1, 1]") && err.contains("3 distinct ascending"),
+        "{err}"
+    );
     // the fp32 export holds the checkpoint's weights
     let fx = run.dir.join("fp32");
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "sglang", "--out", fx.to_str().expect("utf8"), "--dtype", "fp32"]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "sglang",
+        "--out",
+        fx.to_str().expect("utf8"),
+        "--dtype",
+        "fp32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ex = SafetensorsFile::open(&fx.join("model.safetensors")).expect("open");
     for n in ["fc.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight"] {
@@ -413,7 +520,16 @@ fn eagle3_exports_for_sglang_and_vllm() {
     // weights and buffers
     let ffx = run.dir.join("forge");
     let step = ckpt.join("step_2");
-    let out = forge(&["export", step.to_str().expect("utf8"), "--format", "forge", "--out", ffx.to_str().expect("utf8"), "--dtype", "fp32"]);
+    let out = forge(&[
+        "export",
+        step.to_str().expect("utf8"),
+        "--format",
+        "forge",
+        "--out",
+        ffx.to_str().expect("utf8"),
+        "--dtype",
+        "fp32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let re = forge_trainer::export::load_drafter(&ffx, Device::Cpu).expect("reload");
     let mut ck_all = ck.tensors().expect("tensors");
@@ -426,12 +542,34 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert!(a.equal(b), "{na}");
     }
     // resuming keeps the mapping and continues
-    let out = run.train(&ckpt, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=1", "--set", "drafter.aux_layers=[0,1,3]", "--resume", "auto"]);
+    let out = run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "checkpoint.every_steps=1",
+            "--set",
+            "drafter.aux_layers=[0,1,3]",
+            "--resume",
+            "auto",
+        ],
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"));
     let resumed = SafetensorsFile::open(&ckpt.join("step_3/model.safetensors")).expect("step 3");
-    assert!(resumed.tensor("d2t").expect("d2t").equal(&ck.tensor("d2t").expect("d2t")));
+    assert!(resumed
+        .tensor("d2t")
+        .expect("d2t")
+        .equal(&ck.tensor("d2t").expect("d2t")));
     // Medusa's layout does not hold EAGLE drafters
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "medusa", "--out", run.dir.join("x").to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "medusa",
+        "--out",
+        run.dir.join("x").to_str().expect("utf8"),
+    ]);
     assert!(!out.status.success());
 }
 
@@ -439,7 +577,10 @@ fn eagle3_exports_for_sglang_and_vllm() {
 fn eagle3_offline_training_on_hidden_shards_matches_online() {
     let run = setup("eagle3-offline", "recipes/eagle3-tiny.yaml");
     let online = run.dir.join("online");
-    run.train(&online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    run.train(
+        &online,
+        &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"],
+    );
     let hidden = run.dir.join("hidden");
     let mut args = vec![
         "prepare-hidden".to_string(),
@@ -460,7 +601,16 @@ fn eagle3_offline_training_on_hidden_shards_matches_online() {
     let hd = format!("data.hidden_dir={}", hidden.display());
     run.train(
         &offline,
-        &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "data.mode=offline", "--set", &hd],
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "checkpoint.every_steps=3",
+            "--set",
+            "data.mode=offline",
+            "--set",
+            &hd,
+        ],
     );
     let (a, b) = (losses(&online), losses(&offline));
     assert_eq!(a.len(), 3);
@@ -520,21 +670,35 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
     let vars = m.var_store().variables();
     let w = |n: &str| vars[n].to_kind(Kind::Double);
     let fd = feats.to_kind(Kind::Double);
-    let next: Vec<i64> = (0..b * t).map(|i| if (i + 1) % t == 0 { 0 } else { ids_v[i as usize + 1] }).collect();
-    let emb = embed.to_kind(Kind::Double).index_select(0, &Tensor::from_slice(&next)).view([b, t, hh]);
+    let next: Vec<i64> = (0..b * t)
+        .map(|i| if (i + 1) % t == 0 { 0 } else { ids_v[i as usize + 1] })
+        .collect();
+    let emb = embed
+        .to_kind(Kind::Double)
+        .index_select(0, &Tensor::from_slice(&next))
+        .view([b, t, hh]);
     let x = Tensor::cat(&[&emb, &fd], -1).matmul(&w("fc.weight").tr()) + w("fc.bias");
-    let proj = |n: &str, heads: i64| x.matmul(&w(&format!("layers.0.self_attn.{n}_proj.weight")).tr()).view([b, t, heads, 4]).transpose(1, 2);
+    let proj = |n: &str, heads: i64| {
+        x.matmul(&w(&format!("layers.0.self_attn.{n}_proj.weight")).tr())
+            .view([b, t, heads, 4])
+            .transpose(1, 2)
+    };
     let pos = &f.position_ids;
     let q = rope_ref(&proj("q", 4), pos, 10000.0);
     let k = rope_ref(&proj("k", 2), pos, 10000.0).repeat_interleave_self_int(2, 1, None);
     let vv = proj("v", 2).repeat_interleave_self_int(2, 1, None);
     let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
     let scores = (q.matmul(&k.transpose(-1, -2)) / 2.0).masked_fill(&causal.logical_not(), f64::NEG_INFINITY);
-    let att = scores.softmax(-1, Kind::Double).matmul(&vv).transpose(1, 2).reshape([b, t, 16]);
+    let att = scores
+        .softmax(-1, Kind::Double)
+        .matmul(&vv)
+        .transpose(1, 2)
+        .reshape([b, t, 16]);
     let h1 = &x + att.matmul(&w("layers.0.self_attn.o_proj.weight").tr());
     let z = rms_ref(&h1, &w("layers.0.post_attention_layernorm.weight"));
-    let mlp = (z.matmul(&w("layers.0.mlp.gate_proj.weight").tr()).silu() * z.matmul(&w("layers.0.mlp.up_proj.weight").tr()))
-        .matmul(&w("layers.0.mlp.down_proj.weight").tr());
+    let mlp = (z.matmul(&w("layers.0.mlp.gate_proj.weight").tr()).silu()
+        * z.matmul(&w("layers.0.mlp.up_proj.weight").tr()))
+    .matmul(&w("layers.0.mlp.down_proj.weight").tr());
     let pred = h1 + mlp;
     let hd = head.to_kind(Kind::Double);
     let (mut fsum, mut csum, mut n) = (0.0f64, 0.0f64, 0.0f64);
@@ -546,7 +710,11 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
             let a = pred.get(r).get(p);
             let y = fd.get(r).get(p + 1);
             let d: Vec<f64> = Vec::try_from(&(&a - &y).abs()).expect("vec");
-            fsum += d.iter().map(|&d| if d < 1.0 { 0.5 * d * d } else { d - 0.5 }).sum::<f64>() / hh as f64;
+            fsum += d
+                .iter()
+                .map(|&d| if d < 1.0 { 0.5 * d * d } else { d - 0.5 })
+                .sum::<f64>()
+                / hh as f64;
             let tp = hd.mv(&y).softmax(0, Kind::Double);
             let lp = hd.mv(&a).log_softmax(0, Kind::Double);
             csum += -(tp * lp).sum(Kind::Double).double_value(&[]);
@@ -589,7 +757,10 @@ fn eagle1_loss_equals_a_hand_computed_reference() {
 /// The tiny EAGLE-3 recipe with its drafter section swapped for `kind: eagle1`.
 fn eagle1_tiny_recipe(dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(forge_tests::root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
-    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let (a, b) = (
+        text.find("drafter:").expect("drafter"),
+        text.find("target:").expect("target"),
+    );
     let text = format!("{}drafter:\n  kind: eagle1\n{}", &text[..a], &text[b..]);
     let p = dir.join("eagle1-tiny.yaml");
     std::fs::write(&p, text).expect("write");
@@ -601,7 +772,17 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
     let mut run = setup("eagle1-train", "recipes/eagle3-tiny.yaml");
     run.recipe = eagle1_tiny_recipe(&run.dir);
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.lr=3e-3",
+            "--set",
+            "checkpoint.every_steps=40",
+        ],
+    );
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40);
     assert_falls(&l);
@@ -615,7 +796,11 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
         ("layers.0.mlp.down_proj.weight".into(), vec![h, 128], Kind::BFloat16),
         ("layers.0.mlp.gate_proj.weight".into(), vec![128, h], Kind::BFloat16),
         ("layers.0.mlp.up_proj.weight".into(), vec![128, h], Kind::BFloat16),
-        ("layers.0.post_attention_layernorm.weight".into(), vec![h], Kind::BFloat16),
+        (
+            "layers.0.post_attention_layernorm.weight".into(),
+            vec![h],
+            Kind::BFloat16,
+        ),
         ("layers.0.self_attn.k_proj.weight".into(), vec![32, h], Kind::BFloat16),
         ("layers.0.self_attn.o_proj.weight".into(), vec![h, h], Kind::BFloat16),
         ("layers.0.self_attn.q_proj.weight".into(), vec![h, h], Kind::BFloat16),
@@ -623,19 +808,52 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
     ];
     // the default draft (fc with a bias) serves on SGLang; vLLM, which has no fc bias, refuses
     // it instead of dropping a trained weight
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "vllm", "--out", run.dir.join("vllm-biased").to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "vllm",
+        "--out",
+        run.dir.join("vllm-biased").to_str().expect("utf8"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("drafter.fc_bias: false"), "{err}");
     // a bias-free draft: vLLM as trained, SGLang with a zero bias (the same layer)
     let plain = run.dir.join("run-nobias");
-    run.train(&plain, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.fc_bias=false"]);
-    for (ck, fmt, arch, bias) in [(&plain, "vllm", "EagleLlamaForCausalLM", false), (&plain, "sglang", "LlamaForCausalLMEagle", true), (&ckpt, "sglang", "LlamaForCausalLMEagle", true)] {
+    run.train(
+        &plain,
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "checkpoint.every_steps=2",
+            "--set",
+            "drafter.fc_bias=false",
+        ],
+    );
+    for (ck, fmt, arch, bias) in [
+        (&plain, "vllm", "EagleLlamaForCausalLM", false),
+        (&plain, "sglang", "LlamaForCausalLMEagle", true),
+        (&ckpt, "sglang", "LlamaForCausalLMEagle", true),
+    ] {
         if bias && !want.iter().any(|w| w.0 == "fc.bias") {
             want.push(("fc.bias".into(), vec![h], Kind::BFloat16));
             want.sort_by(|a, b| a.0.cmp(&b.0));
         }
-        let out_dir = run.dir.join(format!("{fmt}-{}", ck.file_name().and_then(|n| n.to_str()).expect("name")));
-        let out = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", out_dir.to_str().expect("utf8"), "--dtype", "bf16"]);
+        let out_dir = run.dir.join(format!(
+            "{fmt}-{}",
+            ck.file_name().and_then(|n| n.to_str()).expect("name")
+        ));
+        let out = forge(&[
+            "export",
+            ck.to_str().expect("utf8"),
+            "--format",
+            fmt,
+            "--out",
+            out_dir.to_str().expect("utf8"),
+            "--dtype",
+            "bf16",
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(keys_shapes_kinds(&out_dir.join("model.safetensors")), want, "{fmt}");
         let cfg = read_json(&out_dir.join("config.json"));
@@ -644,7 +862,10 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
         assert_eq!(cfg["vocab_size"], 49152);
         assert_eq!(cfg["hidden_size"], h);
         if bias {
-            let b = SafetensorsFile::open(&out_dir.join("model.safetensors")).expect("open").tensor("fc.bias").expect("bias");
+            let b = SafetensorsFile::open(&out_dir.join("model.safetensors"))
+                .expect("open")
+                .tensor("fc.bias")
+                .expect("bias");
             let zero = b.abs().sum(Kind::Float).double_value(&[]) == 0.0;
             assert_eq!(zero, ck == &plain, "{fmt}: a zero bias exactly for the bias-free draft");
         }
@@ -655,7 +876,14 @@ fn eagle1_trains_on_a_tiny_target_and_exports_for_sglang_and_vllm() {
 /// token p+i+1 at RoPE position p+i and its previous output; query p attends the valid step-0
 /// keys s <= p and key p of each later step; it is matched to the target's distribution at
 /// p+i+1 over the draft vocabulary where token p+i+2 is trained and the arg-max is drafted.
-fn eagle3_reference(m: &Eagle3, f: &Features, embed: &Tensor, target_lm: &Tensor, used: &[i64], ttt: i64) -> (f64, Vec<(f64, f64)>) {
+fn eagle3_reference(
+    m: &Eagle3,
+    f: &Features,
+    embed: &Tensor,
+    target_lm: &Tensor,
+    used: &[i64],
+    ttt: i64,
+) -> (f64, Vec<(f64, f64)>) {
     let vars = m.var_store().variables();
     let w = |n: &str| vars[n].to_kind(Kind::Double);
     let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
@@ -663,16 +891,47 @@ fn eagle3_reference(m: &Eagle3, f: &Features, embed: &Tensor, target_lm: &Tensor
     let ids: Vec<i64> = Vec::try_from(&f.input_ids.reshape([-1])).expect("ids");
     let lm: Vec<i64> = Vec::try_from(&f.loss_mask.reshape([-1])).expect("mask");
     let am: Vec<i64> = Vec::try_from(&f.attention_mask.reshape([-1])).expect("am");
-    let tlog = f.hidden_normed.as_ref().expect("h").to_kind(Kind::Double).matmul(&target_lm.to_kind(Kind::Double).tr());
-    let mut hidden = f.aux_hidden.as_ref().expect("aux").to_kind(Kind::Double).matmul(&w("fc.weight").tr());
+    let tlog = f
+        .hidden_normed
+        .as_ref()
+        .expect("h")
+        .to_kind(Kind::Double)
+        .matmul(&target_lm.to_kind(Kind::Double).tr());
+    let mut hidden = f
+        .aux_hidden
+        .as_ref()
+        .expect("aux")
+        .to_kind(Kind::Double)
+        .matmul(&w("fc.weight").tr());
     let (mut kl, mut vl): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut total = 0.0;
     let mut steps = Vec::new();
     for i in 0..ttt {
-        let tok: Vec<i64> = (0..b * t).map(|k| if k % t + i + 1 < t { ids[(k + i + 1) as usize] } else { 0 }).collect();
-        let emb = embed.to_kind(Kind::Double).index_select(0, &Tensor::from_slice(&tok)).view([b, t, hh]);
-        let x = Tensor::cat(&[rms_ref(&emb, &w("midlayer.input_layernorm.weight")), rms_ref(&hidden, &w("midlayer.hidden_norm.weight"))], -1);
-        let proj = |n: &str, heads: i64| x.matmul(&w(&format!("midlayer.self_attn.{n}_proj.weight")).tr()).view([b, t, heads, d]).transpose(1, 2);
+        let tok: Vec<i64> = (0..b * t)
+            .map(|k| {
+                if k % t + i + 1 < t {
+                    ids[(k + i + 1) as usize]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let emb = embed
+            .to_kind(Kind::Double)
+            .index_select(0, &Tensor::from_slice(&tok))
+            .view([b, t, hh]);
+        let x = Tensor::cat(
+            &[
+                rms_ref(&emb, &w("midlayer.input_layernorm.weight")),
+                rms_ref(&hidden, &w("midlayer.hidden_norm.weight")),
+            ],
+            -1,
+        );
+        let proj = |n: &str, heads: i64| {
+            x.matmul(&w(&format!("midlayer.self_attn.{n}_proj.weight")).tr())
+                .view([b, t, heads, d])
+                .transpose(1, 2)
+        };
         let pos = &f.position_ids + i;
         let q = rope_ref(&proj("q", nh), &pos, 10000.0);
         kl.push(rope_ref(&proj("k", 2), &pos, 10000.0).repeat_interleave_self_int(2, 1, None));
@@ -701,8 +960,9 @@ fn eagle3_reference(m: &Eagle3, f: &Features, embed: &Tensor, target_lm: &Tensor
         let att = att.transpose(1, 2).reshape([b, t, nh * d]);
         let h1 = &hidden + att.matmul(&w("midlayer.self_attn.o_proj.weight").tr());
         let z = rms_ref(&h1, &w("midlayer.post_attention_layernorm.weight"));
-        let mlp = (z.matmul(&w("midlayer.mlp.gate_proj.weight").tr()).silu() * z.matmul(&w("midlayer.mlp.up_proj.weight").tr()))
-            .matmul(&w("midlayer.mlp.down_proj.weight").tr());
+        let mlp = (z.matmul(&w("midlayer.mlp.gate_proj.weight").tr()).silu()
+            * z.matmul(&w("midlayer.mlp.up_proj.weight").tr()))
+        .matmul(&w("midlayer.mlp.down_proj.weight").tr());
         hidden = h1 + mlp;
         let logits = rms_ref(&hidden, &w("norm.weight")).matmul(&w("lm_head.weight").tr());
         let (mut ce, mut n) = (0.0f64, 0.0f64);
@@ -763,11 +1023,22 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
     };
     let out = m.loss(&f, &train_ctx()).expect("loss");
     let (want, steps) = eagle3_reference(&m, &f, &embed, &target_lm, &used, 4);
-    assert!(steps.iter().filter(|s| s.1 > 0.0).count() >= 3, "most steps train something: {steps:?}");
+    assert!(
+        steps.iter().filter(|s| s.1 > 0.0).count() >= 3,
+        "most steps train something: {steps:?}"
+    );
     for (i, (ce, n)) in steps.iter().enumerate() {
-        let part = out.parts.iter().find(|p| p.name == format!("ce/step{i}")).expect("part");
+        let part = out
+            .parts
+            .iter()
+            .find(|p| p.name == format!("ce/step{i}"))
+            .expect("part");
         assert_eq!(part.count, *n, "step {i} positions");
-        assert!((part.value() - ce).abs() < 1e-4, "step {i}: {} vs reference {ce}", part.value());
+        assert!(
+            (part.value() - ce).abs() < 1e-4,
+            "step {i}: {} vs reference {ce}",
+            part.value()
+        );
     }
     let got = out.loss.double_value(&[]);
     assert!((got - want).abs() < 1e-4, "loss {got} vs reference {want}");

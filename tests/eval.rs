@@ -10,10 +10,12 @@ use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
 use forge_models::drafters::hybrid::Hybrid;
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
-use forge_tests::TargetHeads;
 use forge_models::generate::{generate, GenerateOptions, RowRng};
-use forge_models::speculative::{greedy_divergence, next_gamma, Acceptance, speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
+use forge_models::speculative::{
+    greedy_divergence, next_gamma, speculative_generate, Acceptance, DraftSession, Proposal, SpecOptions, StepFeatures,
+};
 use forge_models::{Capture, LogitsMode, TargetModel};
+use forge_tests::TargetHeads;
 use forge_tests::{forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -107,7 +109,11 @@ pub(crate) fn eagle3_on(t: &TargetModel, dev: Device) -> Eagle3 {
 /// (non-uniform) gate; with `draft_vocab`, its head over the even target ids.
 fn hybrid(t: &TargetModel, draft_vocab: bool) -> Hybrid {
     let s = crate::hybrid::spec(t, 2, 2);
-    let m = if draft_vocab { crate::hybrid::with_even_vocab(t, s, 14) } else { crate::hybrid::hybrid(t, s, 14) };
+    let m = if draft_vocab {
+        crate::hybrid::with_even_vocab(t, s, 14)
+    } else {
+        crate::hybrid::hybrid(t, s, 14)
+    };
     tch::no_grad(|| {
         for (n, mut v) in m.var_store().variables() {
             if n.starts_with("gate.fc2") {
@@ -128,14 +134,23 @@ fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
 }
 
 fn prompts() -> Vec<Vec<i64>> {
-    vec![vec![1, 17, 42, 5, 66, 23], vec![1, 9], vec![3, 80, 80, 12, 7, 7, 31, 55, 60, 2, 44]]
+    vec![
+        vec![1, 17, 42, 5, 66, 23],
+        vec![1, 9],
+        vec![3, 80, 80, 12, 7, 7, 31, 55, 60, 2, 44],
+    ]
 }
 
 #[test]
 fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
     let t = random_target("llama", 21);
-    let drafters: Vec<(&str, Box<dyn Drafter>)> =
-        vec![("medusa", Box::new(medusa(&t))), ("eagle1", Box::new(eagle1(&t))), ("eagle3", Box::new(eagle3(&t))), ("hybrid", Box::new(hybrid(&t, false))), ("hybrid-draft-vocab", Box::new(hybrid(&t, true)))];
+    let drafters: Vec<(&str, Box<dyn Drafter>)> = vec![
+        ("medusa", Box::new(medusa(&t))),
+        ("eagle1", Box::new(eagle1(&t))),
+        ("eagle3", Box::new(eagle3(&t))),
+        ("hybrid", Box::new(hybrid(&t, false))),
+        ("hybrid-draft-vocab", Box::new(hybrid(&t, true))),
+    ];
     for (name, d) in &drafters {
         for (gamma, dynamic) in [(1, None), (5, None), (3, Some(2))] {
             for (i, p) in prompts().iter().enumerate() {
@@ -147,10 +162,15 @@ fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
                     max_new_tokens: 40,
                     ..Default::default()
                 };
-                let got = speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), p, &opts).expect("speculative");
+                let got =
+                    speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), p, &opts).expect("speculative");
                 assert_eq!(got.tokens, want, "{name} gamma {gamma} dynamic {dynamic:?} prompt {i}");
                 let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
-                assert_eq!(emitted + 1, got.tokens.len(), "{name}: the prefill token plus every round's tokens");
+                assert_eq!(
+                    emitted + 1,
+                    got.tokens.len(),
+                    "{name}: the prefill token plus every round's tokens"
+                );
                 for r in &got.rounds {
                     assert!(r.accepted <= r.proposed && r.proposed <= r.gamma);
                 }
@@ -201,7 +221,12 @@ impl DraftSession for Scripted {
     fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
         assert_eq!(start, self.committed, "commits are consecutive");
         for (i, &n) in next.iter().enumerate() {
-            assert_eq!(Some(n), self.token_at(start as usize + i + 1), "next token of position {}", start as usize + i);
+            assert_eq!(
+                Some(n),
+                self.token_at(start as usize + i + 1),
+                "next token of position {}",
+                start as usize + i
+            );
         }
         let k = next.len() as i64;
         let want = self.reference.narrow(0, start, k);
@@ -261,8 +286,15 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
             assert_eq!(round.emitted, want + 1, "round {r}");
         }
     }
-    assert!(got.rounds.iter().any(|r| r.accepted == 4), "some rounds accept everything (bonus token)");
-    assert!(s.max_feature_diff < 1e-4, "features after rollback differ from a full forward by {}", s.max_feature_diff);
+    assert!(
+        got.rounds.iter().any(|r| r.accepted == 4),
+        "some rounds accept everything (bonus token)"
+    );
+    assert!(
+        s.max_feature_diff < 1e-4,
+        "features after rollback differ from a full forward by {}",
+        s.max_feature_diff
+    );
     // tau = tokens per verification forward
     let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
     assert!((got.tau() - emitted as f64 / got.rounds.len() as f64).abs() < 1e-12);
@@ -271,17 +303,40 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
     let stop = answer[17];
     let want = plain(&t, &prompt, 60, &[stop]);
     let mut s2 = Scripted::new(&t, &prompt, &answer, vec![9]);
-    let got = speculative_generate(&t, &mut s2, &FeatureNeeds::default(), &prompt, &SpecOptions { stop_ids: vec![stop], ..opts.clone() }).expect("speculative");
+    let got = speculative_generate(
+        &t,
+        &mut s2,
+        &FeatureNeeds::default(),
+        &prompt,
+        &SpecOptions {
+            stop_ids: vec![stop],
+            ..opts.clone()
+        },
+    )
+    .expect("speculative");
     assert_eq!(got.tokens, want);
     assert!(got.stopped);
     // the drafts accepted after the stop do not count as proposed or accepted
     let (last, rest) = got.rounds.split_last().expect("rounds");
-    assert!(last.accepted <= last.emitted && last.proposed <= last.emitted, "{last:?}");
+    assert!(
+        last.accepted <= last.emitted && last.proposed <= last.emitted,
+        "{last:?}"
+    );
     assert!(rest.iter().all(|r| r.proposed == 4 && r.accepted == 4), "{rest:?}");
 
     // no new tokens asked, none given (as plain decoding)
     let mut s3 = Scripted::new(&t, &prompt, &answer, vec![9]);
-    let none = speculative_generate(&t, &mut s3, &FeatureNeeds::default(), &prompt, &SpecOptions { max_new_tokens: 0, ..opts }).expect("speculative");
+    let none = speculative_generate(
+        &t,
+        &mut s3,
+        &FeatureNeeds::default(),
+        &prompt,
+        &SpecOptions {
+            max_new_tokens: 0,
+            ..opts
+        },
+    )
+    .expect("speculative");
     assert!(none.tokens.is_empty() && none.rounds.is_empty());
 }
 
@@ -314,11 +369,19 @@ fn dynamic_gamma_follows_its_rule() {
         assert_eq!(b.gamma, want, "{a:?} -> {b:?}");
         grew |= b.gamma > a.gamma;
     }
-    assert!(grew && got.rounds.iter().any(|r| r.gamma == 6), "gamma grows to its ceiling: {:?}", got.rounds);
+    assert!(
+        grew && got.rounds.iter().any(|r| r.gamma == 6),
+        "gamma grows to its ceiling: {:?}",
+        got.rounds
+    );
 
     // a starting gamma below the minimum starts at the minimum (a rejection never raises it)
     let mut s = Scripted::new(&t, &prompt, &answer, vec![0]);
-    let low = SpecOptions { gamma: 1, max_new_tokens: 12, ..opts };
+    let low = SpecOptions {
+        gamma: 1,
+        max_new_tokens: 12,
+        ..opts
+    };
     let got = speculative_generate(&t, &mut s, &FeatureNeeds::default(), &prompt, &low).expect("speculative");
     assert_eq!(got.tokens, answer[..12]);
     assert!(got.rounds.iter().all(|r| r.gamma == 2), "{:?}", got.rounds);
@@ -379,7 +442,12 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
     assert_eq!(p.logits.get(0).double_value(&[1]), f64::NEG_INFINITY);
 
     // a second commit (after a partial acceptance) drops the proposal's cache entries
-    s.commit(n as i64, &step_features(&ff, n as i64 + 2).narrowed(n as i64, 2), &full[n + 1..n + 3]).expect("commit");
+    s.commit(
+        n as i64,
+        &step_features(&ff, n as i64 + 2).narrowed(n as i64, 2),
+        &full[n + 1..n + 3],
+    )
+    .expect("commit");
     let p2 = tch::no_grad(|| s.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
     let mut fresh = m.session(&t).expect("session");
     let all = step_features(&ff, n as i64 + 2);
@@ -427,7 +495,10 @@ fn eagle1_decoding_session_computes_what_the_training_forward_computes() {
     let pred2 = tch::no_grad(|| m.predict(&ff, &feats2)).expect("predict");
     let want1 = pred2.get(0).get(n as i64).matmul(&head.tr());
     let d = max_abs_diff(&p.logits.get(1), &want1);
-    assert!(d < 1e-4, "second proposal differs from the training forward on predicted features by {d}");
+    assert!(
+        d < 1e-4,
+        "second proposal differs from the training forward on predicted features by {d}"
+    );
 }
 
 /// Pearson's chi-square of counts against probabilities, bins with expectation < 5 pooled;
@@ -476,7 +547,9 @@ fn speculative_sampling_follows_the_target_distribution() {
     let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
     let p2_given = softmax_rows(&t, &ctx1); // [V, V]
     let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
-    let ctx2: Vec<Vec<i64>> = (0..V * V).map(|i| prompt.iter().copied().chain([i / V, i % V]).collect()).collect();
+    let ctx2: Vec<Vec<i64>> = (0..V * V)
+        .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
+        .collect();
     let p3_given = softmax_rows(&t, &ctx2).view([V, V, V]);
     let p12 = p1.unsqueeze(1) * &p2_given; // [V, V]
     let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
@@ -487,7 +560,8 @@ fn speculative_sampling_follows_the_target_distribution() {
             let mut s = m.session(&t).expect("session");
             let seq: Vec<i64> = prompt.iter().copied().chain([a]).collect();
             let f = features(&t, &prompt, &[]);
-            s.commit(0, &step_features(&f, prompt.len() as i64), &seq[1..]).expect("commit");
+            s.commit(0, &step_features(&f, prompt.len() as i64), &seq[1..])
+                .expect("commit");
             let pr = tch::no_grad(|| s.propose(1, 1.0, &mut RowRng::new(0))).expect("propose");
             q += pr.logits.get(0).softmax(-1, Kind::Double) * p1.double_value(&[a]);
         }
@@ -498,37 +572,52 @@ fn speculative_sampling_follows_the_target_distribution() {
     let p2v = Vec::<f64>::try_from(&p2).expect("p2");
     let p3v = Vec::<f64>::try_from(&p3).expect("p3");
     for acceptance in [Acceptance::Exact, Acceptance::Engine] {
-    let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
-    let (mut accepted, mut rejected) = (0, 0);
-    for seed in 0..samples {
-        let mut s = m.session(&t).expect("session");
-        let opts = SpecOptions {
-            gamma: 2,
-            temperature: 1.0,
-            max_new_tokens: 3,
-            seed: seed as u64,
-            acceptance,
-            ..Default::default()
-        };
-        let out = speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &prompt, &opts).expect("speculative");
-        assert_eq!(out.tokens.len(), 3);
-        c2[out.tokens[1] as usize] += 1.0;
-        c3[out.tokens[2] as usize] += 1.0;
-        for r in &out.rounds {
-            accepted += r.accepted;
-            rejected += (r.accepted < r.proposed) as usize;
+        let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
+        let (mut accepted, mut rejected) = (0, 0);
+        for seed in 0..samples {
+            let mut s = m.session(&t).expect("session");
+            let opts = SpecOptions {
+                gamma: 2,
+                temperature: 1.0,
+                max_new_tokens: 3,
+                seed: seed as u64,
+                acceptance,
+                ..Default::default()
+            };
+            let out =
+                speculative_generate(&t, s.as_mut(), &m.spec().feature_needs(), &prompt, &opts).expect("speculative");
+            assert_eq!(out.tokens.len(), 3);
+            c2[out.tokens[1] as usize] += 1.0;
+            c3[out.tokens[2] as usize] += 1.0;
+            for r in &out.rounds {
+                accepted += r.accepted;
+                rejected += (r.accepted < r.proposed) as usize;
+            }
         }
-    }
-    // (the random target is nearly flat: its probability of the greedy draft is ~2%)
-    let min_accepted = if acceptance == Acceptance::Engine { 20 } else { samples / 20 };
-    assert!(accepted > min_accepted && rejected > samples / 10, "{acceptance:?}: both acceptance and resampling happen: {accepted} accepted, {rejected} rejections");
-    for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
-        let (stat, dof) = chi_square(counts, probs);
-        assert!(stat < chi_square_critical(dof), "{acceptance:?} {what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}", chi_square_critical(dof));
-    }
-    // the test has power: the draft's distribution is far from the samples
-    let (stat, dof) = chi_square(&c2, &q2);
-    assert!(stat > 3.0 * chi_square_critical(dof), "{acceptance:?}: the draft's distribution should be rejected: {stat:.1} ({dof} dof)");
+        // (the random target is nearly flat: its probability of the greedy draft is ~2%)
+        let min_accepted = if acceptance == Acceptance::Engine {
+            20
+        } else {
+            samples / 20
+        };
+        assert!(
+            accepted > min_accepted && rejected > samples / 10,
+            "{acceptance:?}: both acceptance and resampling happen: {accepted} accepted, {rejected} rejections"
+        );
+        for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
+            let (stat, dof) = chi_square(counts, probs);
+            assert!(
+                stat < chi_square_critical(dof),
+                "{acceptance:?} {what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}",
+                chi_square_critical(dof)
+            );
+        }
+        // the test has power: the draft's distribution is far from the samples
+        let (stat, dof) = chi_square(&c2, &q2);
+        assert!(
+            stat > 3.0 * chi_square_critical(dof),
+            "{acceptance:?}: the draft's distribution should be rejected: {stat:.1} ({dof} dof)"
+        );
     }
 }
 
@@ -546,7 +635,10 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
     let run = TinyRun::new("eval-cli", "recipes/medusa-tiny.yaml", true);
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    run.train(
+        &ckpt,
+        &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
+    );
     let prompts = run.dir.join("questions.jsonl");
     std::fs::write(
         &prompts,
@@ -559,8 +651,21 @@ fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
     let json = run.dir.join("report.json");
     let target = run.target.display().to_string();
     let out = run_eval(&[
-        "--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
-        "--max-new-tokens", "12", "--gamma", "2", "--verify", "--json", json.to_str().expect("utf8"), "--progress", "never",
+        "--target",
+        &target,
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
+        "--max-new-tokens",
+        "12",
+        "--gamma",
+        "2",
+        "--verify",
+        "--json",
+        json.to_str().expect("utf8"),
+        "--progress",
+        "never",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = read_json(&json);
@@ -568,12 +673,18 @@ fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
     assert_eq!(s["turns"], 3);
     assert_eq!(s["greedy_compared"], 3);
     assert_eq!(s["greedy_mismatches"], 0);
-    assert_eq!(s["new_tokens"], s["baseline"]["new_tokens"], "greedy: same tokens as plain decoding");
+    assert_eq!(
+        s["new_tokens"], s["baseline"]["new_tokens"],
+        "greedy: same tokens as plain decoding"
+    );
     let tau = s["tau"].as_f64().expect("tau");
     let forwards = s["target_forwards"].as_f64().expect("forwards");
     let tokens = s["new_tokens"].as_f64().expect("tokens");
     // each turn's first token comes from the prefill, the rest from verification forwards
-    assert!((tau - (tokens - 3.0) / forwards).abs() < 1e-3, "tau {tau} = (tokens - prefill tokens) / forwards");
+    assert!(
+        (tau - (tokens - 3.0) / forwards).abs() < 1e-3,
+        "tau {tau} = (tokens - prefill tokens) / forwards"
+    );
     assert!((1.0..=3.0).contains(&tau));
     let rates = s["accept_rate_per_position"].as_array().expect("rates");
     assert_eq!(rates.len(), 2);
@@ -592,9 +703,22 @@ fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
     // dynamic gamma and sampling run too (Medusa caps gamma at its 2 heads)
     let json2 = run.dir.join("report2.json");
     let out = run_eval(&[
-        "--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
-        "--max-new-tokens", "8", "--dynamic-gamma", "--min-gamma", "1", "--temperature", "0.8", "--json",
-        json2.to_str().expect("utf8"), "--no-baseline",
+        "--target",
+        &target,
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
+        "--max-new-tokens",
+        "8",
+        "--dynamic-gamma",
+        "--min-gamma",
+        "1",
+        "--temperature",
+        "0.8",
+        "--json",
+        json2.to_str().expect("utf8"),
+        "--no-baseline",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = read_json(&json2);
@@ -604,24 +728,51 @@ fn forge_eval_reports_tau_acceptance_speedup_and_verifies_greedy_output() {
 
     // bad input: the line is named; a draft for another target is refused
     let bad = run.dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"question_id\": 1, \"turns\": [\"hi\"]}\n{\"question_id\": 2, \"turns\": 5}\n").expect("write");
-    let out = run_eval(&["--target", &target, "--draft", ckpt.to_str().expect("utf8"), "--prompts", bad.to_str().expect("utf8")]);
+    std::fs::write(
+        &bad,
+        "{\"question_id\": 1, \"turns\": [\"hi\"]}\n{\"question_id\": 2, \"turns\": 5}\n",
+    )
+    .expect("write");
+    let out = run_eval(&[
+        "--target",
+        &target,
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        bad.to_str().expect("utf8"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.jsonl:2"), "{err}");
     let other = forge_tests::saved_tiny_target("qwen3", 3, &run.dir.join("other"));
     let out = run_eval(&[
-        "--target", other.to_str().expect("utf8"), "--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
+        "--target",
+        other.to_str().expect("utf8"),
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("different target"), "{err}");
-    let out = run_eval(&["--draft", ckpt.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"), "--verify", "--temperature", "1"]);
+    let out = run_eval(&[
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
+        "--verify",
+        "--temperature",
+        "1",
+    ]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--verify"));
 }
 
 /// The tiny EAGLE-3 recipe with its drafter section replaced by `drafter` (YAML lines).
 fn tiny_recipe_with(dir: &Path, name: &str, drafter: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(forge_tests::root().join("recipes/eagle3-tiny.yaml")).expect("recipe");
-    let (a, b) = (text.find("drafter:").expect("drafter"), text.find("target:").expect("target"));
+    let (a, b) = (
+        text.find("drafter:").expect("drafter"),
+        text.find("target:").expect("target"),
+    );
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(&p, format!("{}drafter:\n{drafter}{}", &text[..a], &text[b..])).expect("write");
     p
@@ -635,31 +786,65 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     let seq: Vec<i64> = vec![1, 300, 4000, 77, 12, 9, 50, 610, 8, 31, 7, 2];
     let cases: [(&str, &str, &[&str]); 5] = [
         ("medusa", "  kind: medusa\n  num_heads: 3\n", &["vllm", "medusa"]),
-        ("medusa-shared", "  kind: medusa\n  num_heads: 2\n  original_lm_head: true\n", &["vllm"]),
+        (
+            "medusa-shared",
+            "  kind: medusa\n  num_heads: 2\n  original_lm_head: true\n",
+            &["vllm"],
+        ),
         ("eagle1-bias", "  kind: eagle1\n", &["sglang"]),
-        ("eagle1-nobias", "  kind: eagle1\n  fc_bias: false\n", &["vllm", "sglang"]),
-        ("eagle3", "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n", &["sglang", "vllm", "speculators"]),
+        (
+            "eagle1-nobias",
+            "  kind: eagle1\n  fc_bias: false\n",
+            &["vllm", "sglang"],
+        ),
+        (
+            "eagle3",
+            "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n",
+            &["sglang", "vllm", "speculators"],
+        ),
     ];
     for (name, drafter, formats) in cases {
         run.recipe = tiny_recipe_with(&run.dir, name, drafter);
         let ckpt = run.dir.join(name);
-        run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+        run.train(
+            &ckpt,
+            &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
+        );
         let trained = load_drafter(&ckpt, Device::Cpu).expect("checkpoint");
         let f = features(&target, &seq, &trained.spec.feature_needs().aux_layers);
         let ctx = forge_tests::eval_ctx();
         let want = tch::no_grad(|| trained.drafter.loss(&f, &ctx)).expect("loss");
         for fmt in formats {
             let dir = run.dir.join(format!("{name}-{fmt}"));
-            let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", fmt, "--dtype", "fp32", "--out", dir.to_str().expect("utf8")]);
+            let out = forge(&[
+                "export",
+                ckpt.to_str().expect("utf8"),
+                "--format",
+                fmt,
+                "--dtype",
+                "fp32",
+                "--out",
+                dir.to_str().expect("utf8"),
+            ]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let loaded = load_drafter_with_target(&dir, Device::Cpu, Kind::Float, Some(&run.target)).unwrap_or_else(|e| panic!("{name} {fmt}: {e}"));
+            let loaded = load_drafter_with_target(&dir, Device::Cpu, Kind::Float, Some(&run.target))
+                .unwrap_or_else(|e| panic!("{name} {fmt}: {e}"));
             assert_eq!(loaded.spec.kind(), trained.spec.kind());
-            assert_eq!(loaded.spec.feature_needs(), trained.spec.feature_needs(), "{name} {fmt}: the same target features (EAGLE-3's layers)");
+            assert_eq!(
+                loaded.spec.feature_needs(),
+                trained.spec.feature_needs(),
+                "{name} {fmt}: the same target features (EAGLE-3's layers)"
+            );
             // the same numbers: every loss part and metric both report (an engine config
             // does not record training-only settings such as EAGLE-3's ttt_length)
             let got = tch::no_grad(|| loaded.drafter.loss(&f, &ctx)).expect("loss");
             let mut common = 0;
-            for a in got.parts.iter().chain(&got.metrics).filter(|m| !m.name.starts_with("chain/")) {
+            for a in got
+                .parts
+                .iter()
+                .chain(&got.metrics)
+                .filter(|m| !m.name.starts_with("chain/"))
+            {
                 if let Some(b) = want.parts.iter().chain(&want.metrics).find(|b| b.name == a.name) {
                     assert_eq!((a.sum, a.count), (b.sum, b.count), "{name} {fmt}: {}", a.name);
                     common += 1;
@@ -669,7 +854,11 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
             // the same proposals in decoding
             let mut s1 = trained.drafter.session(&target).expect("session");
             let mut s2 = loaded.drafter.session(&target).expect("session");
-            let opts = SpecOptions { gamma: 3, max_new_tokens: 12, ..Default::default() };
+            let opts = SpecOptions {
+                gamma: 3,
+                max_new_tokens: 12,
+                ..Default::default()
+            };
             let needs = trained.spec.feature_needs();
             let a = speculative_generate(&target, s1.as_mut(), &needs, &seq[..6], &opts).expect("spec");
             let b = speculative_generate(&target, s2.as_mut(), &needs, &seq[..6], &opts).expect("spec");
@@ -680,8 +869,24 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     // a warm start from an engine folder: one step at lr 1e-12 keeps those weights
     let warm = run.dir.join("warm");
     let init = format!("train.init_from={}", run.dir.join("eagle3-vllm").display());
-    let out = run.train(&warm, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1", "--set", "train.lr=1e-12", "--set", &init]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("train.init_from: 15 weights"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run.train(
+        &warm,
+        &[
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "checkpoint.every_steps=1",
+            "--set",
+            "train.lr=1e-12",
+            "--set",
+            &init,
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("train.init_from: 15 weights"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = forge_tests::step_weights(&warm.join("step_1"));
     let b = forge_tests::step_weights(&run.dir.join("eagle3").join("step_2"));
     assert_eq!(a.len(), b.len());
@@ -691,50 +896,88 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
     }
     // another kind is refused with both named
     let init = format!("train.init_from={}", run.dir.join("medusa-vllm").display());
-    let args: Vec<String> = ["train", run.recipe.to_str().expect("utf8")].iter().map(|s| s.to_string())
-        .chain(run.sets().into_iter().chain([format!("checkpoint.dir={}", run.dir.join("warm2").display()), init]).flat_map(|s| ["--set".to_string(), s]))
+    let args: Vec<String> = ["train", run.recipe.to_str().expect("utf8")]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            run.sets()
+                .into_iter()
+                .chain([format!("checkpoint.dir={}", run.dir.join("warm2").display()), init])
+                .flat_map(|s| ["--set".to_string(), s]),
+        )
         .collect();
     let out = forge(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("a medusa draft") && err.contains("eagle3"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("a medusa draft") && err.contains("eagle3"),
+        "{err}"
+    );
     // a speculators folder that leaves norm_before_residual to its default (true) is another
     // architecture: refused
     let sp = run.dir.join("eagle3-speculators");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sp.join("config.json")).expect("cfg")).expect("json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sp.join("config.json")).expect("cfg")).expect("json");
     cfg.as_object_mut().expect("obj").remove("norm_before_residual");
     std::fs::write(sp.join("config.json"), cfg.to_string()).expect("write");
-    let err = load_drafter_with_target(&sp, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("norm_before_residual").to_string();
-    assert!(err.contains("norm_before_residual") && err.contains("config.json"), "{err}");
+    let err = load_drafter_with_target(&sp, Device::Cpu, Kind::Float, Some(&run.target))
+        .err()
+        .expect("norm_before_residual")
+        .to_string();
+    assert!(
+        err.contains("norm_before_residual") && err.contains("config.json"),
+        "{err}"
+    );
     // a draft's own embedding must be the target's
     let e1 = run.dir.join("eagle1-bias-sglang");
     let file = e1.join("model.safetensors");
-    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
+    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file)
+        .expect("open")
+        .tensors()
+        .expect("tensors");
     w.push(("embed_tokens.weight".into(), target.embed_weight().detach().copy()));
     forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
-    assert!(load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target)).is_ok(), "the target's own embedding is accepted");
+    assert!(
+        load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target)).is_ok(),
+        "the target's own embedding is accepted"
+    );
     let last = w.len() - 1;
     w[last].1 = target.embed_weight().detach() * 2.0;
     forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
-    let err = load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("own embedding").to_string();
+    let err = load_drafter_with_target(&e1, Device::Cpu, Kind::Float, Some(&run.target))
+        .err()
+        .expect("own embedding")
+        .to_string();
     assert!(err.contains("its own embedding"), "{err}");
     // a vocabulary mapping that is not one is named with its file
     let broken = run.dir.join("eagle3-vllm");
     let file = broken.join("model.safetensors");
-    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
+    let mut w = forge_models::safetensors_io::SafetensorsFile::open(&file)
+        .expect("open")
+        .tensors()
+        .expect("tensors");
     for (n, t) in w.iter_mut() {
         if n == "d2t" {
             *t = t.flip([0]);
         }
     }
     forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
-    let err = load_drafter_with_target(&broken, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("broken mapping").to_string();
+    let err = load_drafter_with_target(&broken, Device::Cpu, Kind::Float, Some(&run.target))
+        .err()
+        .expect("broken mapping")
+        .to_string();
     assert!(err.contains("model.safetensors") && err.contains("d2t"), "{err}");
     // a folder that is no engine draft for this target is named with what is wrong
     let bad = run.dir.join("eagle3-sglang");
     std::fs::remove_file(bad.join("model.safetensors")).expect("rm");
-    let err = load_drafter_with_target(&bad, Device::Cpu, Kind::Float, Some(&run.target)).err().expect("no weights").to_string();
+    let err = load_drafter_with_target(&bad, Device::Cpu, Kind::Float, Some(&run.target))
+        .err()
+        .expect("no weights")
+        .to_string();
     assert!(err.contains("model.safetensors") && err.contains("EAGLE-3"), "{err}");
-    let err = load_drafter_with_target(&run.dir.join("medusa-vllm"), Device::Cpu, Kind::Float, None).err().expect("no target").to_string();
+    let err = load_drafter_with_target(&run.dir.join("medusa-vllm"), Device::Cpu, Kind::Float, None)
+        .err()
+        .expect("no target")
+        .to_string();
     assert!(err.contains("--target"), "{err}");
 }
 
@@ -758,14 +1001,24 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
     assert!(greedy_divergence(&t, &prompt, &plain, &plain).expect("same").is_none());
     // the runner-up at position 3 instead of the greedy token: an error unless it ties
     let seq: Vec<i64> = prompt.iter().chain(&plain[..3]).copied().collect();
-    let out = tch::no_grad(|| t.forward(&Tensor::from_slice(&seq).view([1, -1]), None, None, None, &Capture::logits(LogitsMode::Last)))
-        .expect("forward");
+    let out = tch::no_grad(|| {
+        t.forward(
+            &Tensor::from_slice(&seq).view([1, -1]),
+            None,
+            None,
+            None,
+            &Capture::logits(LogitsMode::Last),
+        )
+    })
+    .expect("forward");
     let l = out.logits.expect("logits").to_kind(Kind::Double).view(-1);
     let (vals, ids) = l.topk(2, -1, true, true);
     assert_eq!(ids.int64_value(&[0]), plain[3]);
     let mut wrong = plain.clone();
     wrong[3] = ids.int64_value(&[1]);
-    let d = greedy_divergence(&t, &prompt, &plain, &wrong).expect("classify").expect("differs");
+    let d = greedy_divergence(&t, &prompt, &plain, &wrong)
+        .expect("classify")
+        .expect("differs");
     let gap = vals.double_value(&[0]) - vals.double_value(&[1]);
     assert_eq!((d.index, d.plain_token, d.spec_token), (3, plain[3], wrong[3]));
     assert!((d.gap - gap).abs() < 1e-9, "{d:?} vs {gap}");
@@ -774,10 +1027,14 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
     // the least likely token instead: far from a tie, an error
     let mut wrong = plain.clone();
     wrong[3] = l.argmin(-1, false).int64_value(&[]);
-    let d = greedy_divergence(&t, &prompt, &plain, &wrong).expect("classify").expect("differs");
+    let d = greedy_divergence(&t, &prompt, &plain, &wrong)
+        .expect("classify")
+        .expect("differs");
     assert!(!d.tie && d.gap > 10.0 * d.tolerance, "{d:?}");
     // a shorter output is never a tie
-    let d = greedy_divergence(&t, &prompt, &plain, &plain[..10]).expect("classify").expect("differs");
+    let d = greedy_divergence(&t, &prompt, &plain, &plain[..10])
+        .expect("classify")
+        .expect("differs");
     assert!(!d.tie && d.index == 10);
     // EAGLE-3 on this bf16 target: every departure from plain greedy decoding is a tie
     let e = eagle3(&t);
@@ -801,17 +1058,35 @@ fn greedy_mismatches_are_classified_as_ties_or_errors() {
 /// Greedy speculative decoding of each prompt with `m` for each gamma equals plain greedy
 /// decoding of `max_new` tokens; returns (drafts accepted, rounds with a rejection) so that a
 /// caller can show both paths ran.
-pub(crate) fn greedy_lossless(t: &TargetModel, m: &dyn Drafter, prompts: &[Vec<i64>], gammas: &[usize], max_new: usize) -> (usize, usize) {
+pub(crate) fn greedy_lossless(
+    t: &TargetModel,
+    m: &dyn Drafter,
+    prompts: &[Vec<i64>],
+    gammas: &[usize],
+    max_new: usize,
+) -> (usize, usize) {
     let (mut accepted, mut rejected) = (0usize, 0usize);
     let needs = m.spec().feature_needs();
     for &gamma in gammas {
         for p in prompts {
-            let opts = GenerateOptions { max_new_tokens: max_new, ..Default::default() };
+            let opts = GenerateOptions {
+                max_new_tokens: max_new,
+                ..Default::default()
+            };
             let want = generate(t, p, &opts, |_| {}).expect("generate").tokens;
             let mut s = m.session(t).expect("session");
-            let opts = SpecOptions { gamma, max_new_tokens: max_new, ..Default::default() };
+            let opts = SpecOptions {
+                gamma,
+                max_new_tokens: max_new,
+                ..Default::default()
+            };
             let got = speculative_generate(t, s.as_mut(), &needs, p, &opts).expect("speculative");
-            assert_eq!(got.tokens, want, "{} draft, gamma {gamma}, prompt {p:?}", m.spec().kind());
+            assert_eq!(
+                got.tokens,
+                want,
+                "{} draft, gamma {gamma}, prompt {p:?}",
+                m.spec().kind()
+            );
             for r in &got.rounds {
                 accepted += r.accepted;
                 rejected += usize::from(r.accepted < r.proposed);

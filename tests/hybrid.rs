@@ -91,7 +91,10 @@ fn gumbel_max_frequencies_are_the_softmax_and_soft_samples_approach_it_as_the_te
         assert!(d < last, "tau {tau}: {d} not below {last}");
         last = d;
     }
-    assert!(last < 1e-3, "tau 0.02: mean differs from the arg-max frequencies by {last}");
+    assert!(
+        last < 1e-3,
+        "tau 0.02: mean differs from the arg-max frequencies by {last}"
+    );
     let hot = gumbel_softmax(&big, &g, 1000.0, false).mean_dim(0, false, Kind::Float);
     assert!(max_abs_diff(&hot, &Tensor::full([5], 0.2, (Kind::Float, Device::Cpu))) < 1e-3);
     // every sample is a distribution
@@ -145,7 +148,9 @@ fn the_loss_equals_a_hand_computation_of_fused_blocks_cross_entropy_and_expected
     // by hand: the same Gumbel noise (the context's first draw), the annealed temperature
     let tau = 2.0 * (0.5f64 / 2.0).powf(30.0 / 60.0);
     assert!((metric(&out, "gate/temperature") - tau).abs() < 1e-9);
-    let noise = StepContext::train(7, step, total, 2).rng.gumbel(&[1, 10, 4], Device::Cpu);
+    let noise = StepContext::train(7, step, total, 2)
+        .rng
+        .gumbel(&[1, 10, 4], Device::Cpu);
     let (x, outs) = tch::no_grad(|| m.block_outputs(&f, &feats));
     // MLP block 0 written out: x + down(silu(gate(rms(x))) * up(rms(x))) (norm weights are 1)
     let vars = m.var_store().variables();
@@ -153,13 +158,22 @@ fn the_loss_equals_a_hand_computation_of_fused_blocks_cross_entropy_and_expected
     let rms = |x: &Tensor| x * (x.square().mean_dim(-1, true, Kind::Float) + 1e-6).rsqrt();
     let xn = rms(&x);
     let mlp0 = &x
-        + (xn.matmul(&w("mlp_blocks.0.mlp.gate_proj.weight").tr()).silu() * xn.matmul(&w("mlp_blocks.0.mlp.up_proj.weight").tr()))
-            .matmul(&w("mlp_blocks.0.mlp.down_proj.weight").tr());
+        + (xn.matmul(&w("mlp_blocks.0.mlp.gate_proj.weight").tr()).silu()
+            * xn.matmul(&w("mlp_blocks.0.mlp.up_proj.weight").tr()))
+        .matmul(&w("mlp_blocks.0.mlp.down_proj.weight").tr());
     assert!(max_abs_diff(&mlp0, &outs[0]) < 1e-5);
     // gate: fc2(silu(fc1(x)))
-    let gl = (x.matmul(&w("gate.fc1.weight").tr()) + w("gate.fc1.bias")).silu().matmul(&w("gate.fc2.weight").tr()) + w("gate.fc2.bias");
+    let gl = (x.matmul(&w("gate.fc1.weight").tr()) + w("gate.fc1.bias"))
+        .silu()
+        .matmul(&w("gate.fc2.weight").tr())
+        + w("gate.fc2.bias");
     let weights = ((&gl + &noise) / tau).softmax(-1, Kind::Float);
-    let fused = outs.iter().enumerate().map(|(i, y)| y * weights.narrow(-1, i as i64, 1)).reduce(|a, b| a + b).expect("blocks");
+    let fused = outs
+        .iter()
+        .enumerate()
+        .map(|(i, y)| y * weights.narrow(-1, i as i64, 1))
+        .reduce(|a, b| a + b)
+        .expect("blocks");
     let pred = rms(&fused);
     // positions p with a trained token at p + 2
     let rows: Vec<i64> = (0..8).filter(|&p| mask[p as usize + 2] == 1).collect();
@@ -170,9 +184,18 @@ fn the_loss_equals_a_hand_computation_of_fused_blocks_cross_entropy_and_expected
     let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
     let probs = gl.get(0).index_select(0, &idx).softmax(-1, Kind::Float);
     let costs = Tensor::from_slice(&[1.0f32, 1.0, 5.0, 5.0]);
-    let cost = (&probs * &costs).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float).double_value(&[]);
+    let cost = (&probs * &costs)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
     let target_next = feats.get(0).index_select(0, &(&idx + 1));
-    let feat = pred.get(0).index_select(0, &idx).smooth_l1_loss(&target_next, tch::Reduction::None, 1.0).mean_dim(-1, false, Kind::Float).mean(Kind::Float).double_value(&[]);
+    let feat = pred
+        .get(0)
+        .index_select(0, &idx)
+        .smooth_l1_loss(&target_next, tch::Reduction::None, 1.0)
+        .mean_dim(-1, false, Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
     let want = ce + 0.3 * cost + 0.5 * feat;
     let got = out.loss.double_value(&[]);
     assert!((got - want).abs() < 1e-4, "loss {got} vs hand {want}");
@@ -187,14 +210,22 @@ fn the_loss_equals_a_hand_computation_of_fused_blocks_cross_entropy_and_expected
     // evaluation: the arg-max block alone, no noise
     let ev = m.loss(&f, &StepContext::eval(7, step, total)).expect("eval loss");
     let hard = one_hot_argmax(&gl);
-    let fused = outs.iter().enumerate().map(|(i, y)| y * hard.narrow(-1, i as i64, 1)).reduce(|a, b| a + b).expect("blocks");
+    let fused = outs
+        .iter()
+        .enumerate()
+        .map(|(i, y)| y * hard.narrow(-1, i as i64, 1))
+        .reduce(|a, b| a + b)
+        .expect("blocks");
     let logits = rms(&fused).get(0).index_select(0, &idx).matmul(&head.tr());
     let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
     assert!((metric(&ev, "draft/ce") - ce).abs() < 1e-4);
     // every parameter gets a gradient (the gate through the weights and the cost)
     out.loss.backward();
     for (n, v) in m.var_store().trainable_variables().iter().enumerate() {
-        assert!(v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "variable {n} has no gradient");
+        assert!(
+            v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "variable {n} has no gradient"
+        );
     }
 }
 
@@ -237,8 +268,17 @@ fn a_draft_vocabulary_head_trains_on_the_labels_it_holds_mapped_to_draft_ids() {
     let logits = fw.predicted.get(0).index_select(0, &idx).matmul(&head.tr());
     let labels = Tensor::from_slice(&rows.iter().map(|&p| seq[p as usize + 2] / 2).collect::<Vec<_>>());
     let ce = logits.cross_entropy_for_logits(&labels).double_value(&[]);
-    assert!((metric(&out, "draft/ce") - ce).abs() < 1e-4, "{} vs {ce}", metric(&out, "draft/ce"));
-    let top1 = logits.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!(
+        (metric(&out, "draft/ce") - ce).abs() < 1e-4,
+        "{} vs {ce}",
+        metric(&out, "draft/ce")
+    );
+    let top1 = logits
+        .argmax(-1, false)
+        .eq_tensor(&labels)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
     assert!((metric(&out, "acc/top1") - top1).abs() < 1e-9);
     assert_eq!(out.parts[0].count, 4.0);
 }
@@ -249,7 +289,11 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
     // a random gate, gates forced to one MLP block and to one transformer block, and a random
     // gate with a draft-vocabulary head
     for (force, draft_vocab) in [(None, false), (Some(0i64), false), (Some(3), false), (None, true)] {
-        let m = if draft_vocab { with_even_vocab(&t, spec(&t, 2, 2), 8) } else { hybrid(&t, spec(&t, 2, 2), 8) };
+        let m = if draft_vocab {
+            with_even_vocab(&t, spec(&t, 2, 2), 8)
+        } else {
+            hybrid(&t, spec(&t, 2, 2), 8)
+        };
         if let Some(b) = force {
             tch::no_grad(|| {
                 for (n, mut v) in m.var_store().variables() {
@@ -282,7 +326,10 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
             let finite = want.isfinite();
             assert!(got.isfinite().equal(&finite));
             let d = max_abs_diff(&got.masked_select(&finite), &want.masked_select(&finite));
-            assert!(d < 1e-4, "force {force:?} draft vocabulary {draft_vocab}: proposal {i} differs from the training forward by {d}");
+            assert!(
+                d < 1e-4,
+                "force {force:?} draft vocabulary {draft_vocab}: proposal {i} differs from the training forward by {d}"
+            );
             // the next step reads the predicted feature in place of the target's
             tch::no_grad(|| feats.get(0).get(pos + 1).copy_(&predicted));
         }
@@ -298,12 +345,25 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
 fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_and_reloads() {
     let run = TinyRun::new("hybrid-cli", "recipes/hybrid-tiny.yaml", true);
     let mass = |ckpt: &std::path::Path, key: &str| -> Vec<f64> {
-        metrics_rows(&ckpt.join("metrics.jsonl")).iter().filter_map(|r| r[key].as_f64()).collect()
+        metrics_rows(&ckpt.join("metrics.jsonl"))
+            .iter()
+            .filter_map(|r| r[key].as_f64())
+            .collect()
     };
     // a heavy cost weight: the gate moves its mass onto the (cheap) MLP blocks
     let heavy = run.dir.join("heavy");
     // (the gate's own learning rate is raised so that 20 steps show it)
-    run.train(&heavy, &["--set", "train.max_steps=20", "--set", "drafter.cost_lambda=5.0", "--set", "drafter.gate_lr_scale=20"]);
+    run.train(
+        &heavy,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "drafter.cost_lambda=5.0",
+            "--set",
+            "drafter.gate_lr_scale=20",
+        ],
+    );
     let m = mass(&heavy, "train/gate/mlp_mass");
     assert_eq!(m.len(), 20);
     // the gate starts uniform over 2 + 2 blocks
@@ -312,12 +372,27 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     // no cost: the gate is free (it does not collapse onto the MLP blocks); distilled from the
     // (sharpened) target's distribution, which the features predict, the loss falls fast
     let free = run.dir.join("free");
-    let out = run.train(&free, &["--set", "train.max_steps=20", "--set", "drafter.cost_lambda=0", "--set", "drafter.gate_lr_scale=20", "--set", "drafter.distill=true"]);
+    let out = run.train(
+        &free,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "drafter.cost_lambda=0",
+            "--set",
+            "drafter.gate_lr_scale=20",
+            "--set",
+            "drafter.distill=true",
+        ],
+    );
     let f = mass(&free, "train/gate/mlp_mass");
     assert!(f[19] < m[19] - 0.2, "without a cost weight {f:?}, with {m:?}");
     // the loss falls and the gate has its own parameter group
     let l = forge_tests::losses(&free);
-    let (first, last) = (l[..3].iter().map(|x| x.1).sum::<f64>(), l[17..].iter().map(|x| x.1).sum::<f64>());
+    let (first, last) = (
+        l[..3].iter().map(|x| x.1).sum::<f64>(),
+        l[17..].iter().map(|x| x.1).sum::<f64>(),
+    );
     assert!(last < first * 0.9, "{l:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("parameter group gate: 4 tensors"), "{err}");
@@ -335,8 +410,22 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     let json = run.dir.join("report.json");
     let target = run.target.display().to_string();
     let o = forge(&[
-        "eval", "--target", &target, "--draft", exp.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8"),
-        "--max-new-tokens", "12", "--gamma", "3", "--verify", "--json", json.to_str().expect("utf8"), "--progress", "never",
+        "eval",
+        "--target",
+        &target,
+        "--draft",
+        exp.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
+        "--max-new-tokens",
+        "12",
+        "--gamma",
+        "3",
+        "--verify",
+        "--json",
+        json.to_str().expect("utf8"),
+        "--progress",
+        "never",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
@@ -344,17 +433,44 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     assert_eq!(s["greedy_mismatches"], 0);
     let counts = s["draft_counters"].as_object().expect("draft_counters");
     let names: Vec<&String> = counts.keys().collect();
-    assert_eq!(names, ["block/mlp_0", "block/mlp_1", "block/transformer_0", "block/transformer_1"]);
+    assert_eq!(
+        names,
+        [
+            "block/mlp_0",
+            "block/mlp_1",
+            "block/transformer_0",
+            "block/transformer_1"
+        ]
+    );
     // one block ran per commit and per drafted position after the first of a proposal
     let runs: u64 = counts.values().map(|v| v.as_u64().expect("count")).sum();
-    assert!(runs > 0 && runs <= s["drafted_tokens"].as_u64().expect("drafted") + s["target_forwards"].as_u64().expect("forwards") + 2);
+    assert!(
+        runs > 0
+            && runs
+                <= s["drafted_tokens"].as_u64().expect("drafted")
+                    + s["target_forwards"].as_u64().expect("forwards")
+                    + 2
+    );
     assert!(s["draft_ms_per_token"].as_f64().expect("ms") > 0.0);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("ms/token") && stdout.contains("block/mlp_0"), "{stdout}");
+    assert!(
+        stdout.contains("ms/token") && stdout.contains("block/mlp_0"),
+        "{stdout}"
+    );
     for fmt in ["vllm", "sglang"] {
-        let o = forge(&["export", ck.to_str().expect("utf8"), "--format", fmt, "--out", run.dir.join(fmt).to_str().expect("utf8")]);
+        let o = forge(&[
+            "export",
+            ck.to_str().expect("utf8"),
+            "--format",
+            fmt,
+            "--out",
+            run.dir.join(fmt).to_str().expect("utf8"),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("gated multi-block") && err.contains("--format forge"), "{err}");
+        assert!(
+            !o.status.success() && err.contains("gated multi-block") && err.contains("--format forge"),
+            "{err}"
+        );
     }
 }
 
@@ -378,7 +494,10 @@ fn a_gate_that_holds_one_block_for_three_log_intervals_is_reported() {
     assert!(m.watch(&interval(0.99)).is_empty());
     let w = m.watch(&interval(0.98));
     assert_eq!(w.len(), 1, "{w:?}");
-    assert!(w[0].contains("mlp_0") && w[0].contains("98.0%") && w[0].contains("cost_lambda"), "{w:?}");
+    assert!(
+        w[0].contains("mlp_0") && w[0].contains("98.0%") && w[0].contains("cost_lambda"),
+        "{w:?}"
+    );
     // said once per collapse, not at every interval
     assert!(m.watch(&interval(0.98)).is_empty());
 }
@@ -388,18 +507,44 @@ fn measured_costs_are_timed_printed_scaled_to_the_mlp_cost_and_saved() {
     let run = TinyRun::new("hybrid-measured", "recipes/hybrid-tiny.yaml", false);
     let ck = run.dir.join("run");
     // (with a draft-vocabulary head: prepared from the data the same way)
-    let out = run.train(&ck, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.cost=measured", "--set", "drafter.mlp_cost=2.0", "--set", "drafter.draft_vocab_size=512"]);
+    let out = run.train(
+        &ck,
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "checkpoint.every_steps=2",
+            "--set",
+            "drafter.cost=measured",
+            "--set",
+            "drafter.mlp_cost=2.0",
+            "--set",
+            "drafter.draft_vocab_size=512",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.contains("hybrid: measured block costs on")).unwrap_or_else(|| panic!("{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.contains("hybrid: measured block costs on"))
+        .unwrap_or_else(|| panic!("{err}"));
     for b in ["mlp_0", "mlp_1", "transformer_0", "transformer_1"] {
         assert!(line.contains(&format!("{b} ")), "{line}");
     }
     let w = forge_tests::step_weights(&ck.join("step_2"));
-    let get = |name: &str| w.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name}")).1.shallow_clone();
+    let get = |name: &str| {
+        w.iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .1
+            .shallow_clone()
+    };
     assert_eq!(get("lm_head.weight").size(), [512, 64]);
     let d2t = get("d2t");
     let ids = Tensor::arange(512, (Kind::Int64, Device::Cpu)) + &d2t;
-    assert!(ids.diff::<Tensor>(1, 0, None, None).gt(0).all().int64_value(&[]) == 1, "draft ids ascend");
+    assert!(
+        ids.diff::<Tensor>(1, 0, None, None).gt(0).all().int64_value(&[]) == 1,
+        "draft ids ascend"
+    );
     assert_eq!(get("t2d").to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]), 512);
     let costs = get("block_costs");
     let c: Vec<f64> = Vec::<f64>::try_from(&costs.to_kind(Kind::Double)).expect("costs");

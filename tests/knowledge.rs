@@ -2,7 +2,9 @@
 //! KL + acceptance loss, an independent draft with its own KV cache
 //! (models/src/drafters/knowledge.rs, docs/methods/knowledge.md).
 
-use forge_models::drafters::knowledge::{kl_and_rejection, kl_and_rejection_topk, uniform_layers, CacheSpec, Knowledge, KnowledgeSpec};
+use forge_models::drafters::knowledge::{
+    kl_and_rejection, kl_and_rejection_topk, uniform_layers, CacheSpec, Knowledge, KnowledgeSpec,
+};
 use forge_models::drafters::{Drafter, TargetAccess};
 use forge_models::generate::RowRng;
 use forge_models::speculative::StepFeatures;
@@ -125,9 +127,22 @@ fn kl_is_zero_for_identical_distributions_and_the_acceptance_loss_is_one_minus_t
         // by hand, in f64: p the target's, q the draft's
         let (zd, yd) = (z.to_kind(Kind::Double) / temp, y.to_kind(Kind::Double) / temp);
         let (p, q) = (yd.softmax(-1, Kind::Double), zd.softmax(-1, Kind::Double));
-        let kl_hand = (&p * (p.log() - q.log())).sum_dim_intlist(-1, false, Kind::Double).mean(Kind::Double).double_value(&[]) * temp * temp;
-        let overlap = p.minimum(&q).sum_dim_intlist(-1, false, Kind::Double).mean(Kind::Double).double_value(&[]);
-        assert!((kl.double_value(&[]) - kl_hand).abs() < 1e-5, "T {temp}: {} vs {kl_hand}", kl.double_value(&[]));
+        let kl_hand = (&p * (p.log() - q.log()))
+            .sum_dim_intlist(-1, false, Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[])
+            * temp
+            * temp;
+        let overlap = p
+            .minimum(&q)
+            .sum_dim_intlist(-1, false, Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        assert!(
+            (kl.double_value(&[]) - kl_hand).abs() < 1e-5,
+            "T {temp}: {} vs {kl_hand}",
+            kl.double_value(&[])
+        );
         assert!((rej.double_value(&[]) - (1.0 - overlap)).abs() < 1e-6, "T {temp}");
         assert!(kl_hand > 0.1 && overlap < 0.9);
     }
@@ -138,15 +153,24 @@ fn kl_is_zero_for_identical_distributions_and_the_acceptance_loss_is_one_minus_t
     assert!(max_abs_diff(&a.0, &b.0) < 1e-5 && max_abs_diff(&a.1, &b.1) < 1e-6);
     let (vals, ids) = logp.topk(3, -1, true, true);
     let (kl3, rej3) = kl_and_rejection_topk(&z, &vals, &ids);
-    let q = z.to_kind(Kind::Double).softmax(-1, Kind::Double).gather(-1, &ids, false);
+    let q = z
+        .to_kind(Kind::Double)
+        .softmax(-1, Kind::Double)
+        .gather(-1, &ids, false);
     let p = vals.to_kind(Kind::Double).exp();
-    let (pr, qr) = (p.sum_dim_intlist(-1, false, Kind::Double).neg() + 1.0, q.sum_dim_intlist(-1, false, Kind::Double).neg() + 1.0);
-    let kl_hand = ((&p * (p.log() - q.log())).sum_dim_intlist(-1, false, Kind::Double) + &pr * (pr.log() - qr.log())).mean(Kind::Double);
+    let (pr, qr) = (
+        p.sum_dim_intlist(-1, false, Kind::Double).neg() + 1.0,
+        q.sum_dim_intlist(-1, false, Kind::Double).neg() + 1.0,
+    );
+    let kl_hand = ((&p * (p.log() - q.log())).sum_dim_intlist(-1, false, Kind::Double) + &pr * (pr.log() - qr.log()))
+        .mean(Kind::Double);
     let ov = (p.minimum(&q).sum_dim_intlist(-1, false, Kind::Double) + pr.minimum(&qr)).mean(Kind::Double);
     assert!((kl3.double_value(&[]) - kl_hand.double_value(&[])).abs() < 1e-5);
     assert!((rej3.double_value(&[]) - (1.0 - ov.double_value(&[]))).abs() < 1e-6);
     // coarser bins: a smaller KL and a larger overlap than the full distributions'
-    assert!(kl3.double_value(&[]) <= a.0.double_value(&[]) + 1e-6 && rej3.double_value(&[]) <= a.1.double_value(&[]) + 1e-6);
+    assert!(
+        kl3.double_value(&[]) <= a.0.double_value(&[]) + 1e-6 && rej3.double_value(&[]) <= a.1.double_value(&[]) + 1e-6
+    );
 }
 
 /// The gradient of 1 - sum min(p, q) with respect to the draft's logits, against central
@@ -154,7 +178,10 @@ fn kl_is_zero_for_identical_distributions_and_the_acceptance_loss_is_one_minus_t
 #[test]
 fn the_acceptance_loss_gradient_matches_finite_differences() {
     let mut rng = TestRng::new(2);
-    let z = rng.normal_tensor(&[3, 7], 1.5).to_kind(Kind::Double).set_requires_grad(true);
+    let z = rng
+        .normal_tensor(&[3, 7], 1.5)
+        .to_kind(Kind::Double)
+        .set_requires_grad(true);
     let y = rng.normal_tensor(&[3, 7], 1.5).to_kind(Kind::Double);
     let (kl, rej) = kl_and_rejection(&z, &y, 1.0);
     let grads = Tensor::run_backward(&[&rej], &[&z], true, false);
@@ -187,17 +214,24 @@ fn greedy_speculative_output_equals_plain_greedy_output() {
     let t = target("llama", 4, 7);
     let prompts = [vec![1i64, 17, 42, 5, 66, 23], vec![3, 80, 80, 12]];
     let (mut accepted, mut rejected) = (0usize, 0usize);
-    let drafts = [build(&t, spec(&t, vec![0, 2, 3], None)), with_random_cache(&t, vec![0, 3]), {
-        let m = build(&t, spec(&t, vec![1, 3], None));
-        reinit_trainable(m.var_store(), 5);
-        m
-    }];
+    let drafts = [
+        build(&t, spec(&t, vec![0, 2, 3], None)),
+        with_random_cache(&t, vec![0, 3]),
+        {
+            let m = build(&t, spec(&t, vec![1, 3], None));
+            reinit_trainable(m.var_store(), 5);
+            m
+        },
+    ];
     for m in &drafts {
         let (a, r) = crate::eval::greedy_lossless(&t, m, &prompts, &[1, 4], 30);
         accepted += a;
         rejected += r;
     }
-    assert!(accepted > 20 && rejected > 20, "accepted {accepted} drafts, {rejected} rounds with a rejection");
+    assert!(
+        accepted > 20 && rejected > 20,
+        "accepted {accepted} drafts, {rejected} rounds with a rejection"
+    );
 }
 
 /// The session's proposals (its own KV cache, kept across rounds for accepted drafts) equal
@@ -211,12 +245,18 @@ fn proposals_equal_the_draft_forward_without_a_cache() {
     let with = tch::no_grad(|| m.logits(&ids)).expect("on");
     m.set_option("knowledge", "off").expect("off");
     let without = tch::no_grad(|| m.logits(&ids)).expect("off");
-    assert!(max_abs_diff(&with, &without) > 1e-2, "the knowledge blocks change nothing");
+    assert!(
+        max_abs_diff(&with, &without) > 1e-2,
+        "the knowledge blocks change nothing"
+    );
     for knowledge in ["on", "off"] {
         m.set_option("knowledge", knowledge).expect("option");
         let prompt = vec![1i64, 17, 42, 5, 66];
         let mut s = m.session(&t).expect("session");
-        let none = StepFeatures { hidden_normed: Tensor::zeros([1, 64], (Kind::Float, Device::Cpu)), aux: None };
+        let none = StepFeatures {
+            hidden_normed: Tensor::zeros([1, 64], (Kind::Float, Device::Cpu)),
+            aux: None,
+        };
         s.begin(&prompt).expect("begin");
         let mut next: Vec<i64> = prompt[1..].to_vec();
         next.push(9);
@@ -255,17 +295,31 @@ fn the_cache_is_a_buffer_and_the_embedding_and_lm_head_are_shared() {
     let t = target("llama", 4, 9);
     let m = build(&t, spec(&t, vec![0, 3], Some((12, 16))));
     let vars = m.var_store().variables();
-    let buffers: Vec<&String> = vars.iter().filter(|(_, v)| !v.requires_grad()).map(|(n, _)| n).collect();
+    let buffers: Vec<&String> = vars
+        .iter()
+        .filter(|(_, v)| !v.requires_grad())
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(buffers.len(), 2, "{buffers:?}");
     assert_eq!(vars["knowledge.0"].size(), vec![12, 16]);
     assert!(!vars.keys().any(|n| n.contains("embed") || n.contains("lm_head")));
-    for n in ["layers.1.self_attn.q_proj.weight", "norm.weight", "blocks.1.o_proj.weight", "blocks.0.gate.bias", "transitions.1.weight"] {
+    for n in [
+        "layers.1.self_attn.q_proj.weight",
+        "norm.weight",
+        "blocks.1.o_proj.weight",
+        "blocks.0.gate.bias",
+        "transitions.1.weight",
+    ] {
         assert!(vars.get(n).is_some_and(|v| v.requires_grad()), "{n}");
     }
     // layers.1 is the target's layer 3
     let tv = t.vs.variables();
     assert!(vars["layers.1.mlp.down_proj.weight"].equal(&tv["model.layers.3.mlp.down_proj.weight"]));
-    let groups: Vec<String> = m.param_groups().into_iter().map(|g| format!("{}:{}", g.prefix, g.lr_scale)).collect();
+    let groups: Vec<String> = m
+        .param_groups()
+        .into_iter()
+        .map(|g| format!("{}:{}", g.prefix, g.lr_scale))
+        .collect();
     assert_eq!(groups, vec![":1", "blocks.:10", "transitions.:10"]);
 }
 
@@ -281,10 +335,25 @@ fn s(p: &std::path::Path) -> &str {
 fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_without_it() {
     let run = TinyRun::with_layers("knowledge-cli", "recipes/knowledge-tiny.yaml", true, 4);
     let cache = run.dir.join("cache.safetensors");
-    let o = forge(&["build-knowledge", "--target", s(&run.target), "--in", s(&run.data), "--entries", "4", "--cache-dim", "32", "--out", s(&cache), "--progress", "never"]);
+    let o = forge(&[
+        "build-knowledge",
+        "--target",
+        s(&run.target),
+        "--in",
+        s(&run.data),
+        "--entries",
+        "4",
+        "--cache-dim",
+        "32",
+        "--out",
+        s(&cache),
+        "--progress",
+        "never",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.dir.join("cache.manifest.json")).expect("manifest")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(run.dir.join("cache.manifest.json")).expect("manifest"))
+            .expect("json");
     assert_eq!(manifest["entries"], 4);
     assert_eq!(manifest["cache_dim"], 32);
     assert_eq!(manifest["projection"], "pca");
@@ -309,30 +378,65 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
         v
     };
     let full = run.dir.join("full");
-    let a = sets(&["--set".into(), "train.max_steps=12".into(), "--set".into(), "checkpoint.every_steps=6".into(), "--set".into(), "train.lr=3e-3".into()]);
+    let a = sets(&[
+        "--set".into(),
+        "train.max_steps=12".into(),
+        "--set".into(),
+        "checkpoint.every_steps=6".into(),
+        "--set".into(),
+        "train.lr=3e-3".into(),
+    ]);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     let out = run.train(&full, &refs);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("knowledge: cache") && err.contains("parameter group blocks"), "{err}");
+    assert!(
+        err.contains("knowledge: cache") && err.contains("parameter group blocks"),
+        "{err}"
+    );
     let l = losses(&full);
     assert_eq!(l.len(), 12);
-    let (first, last) = (l[..3].iter().map(|x| x.1).sum::<f64>(), l[9..].iter().map(|x| x.1).sum::<f64>());
+    let (first, last) = (
+        l[..3].iter().map(|x| x.1).sum::<f64>(),
+        l[9..].iter().map(|x| x.1).sum::<f64>(),
+    );
     assert!(last < first * 0.9, "{l:?}");
     let ck = full.join("step_12");
     let exp = run.dir.join("export");
     let b = forge_tests::export_forge_equal_to(&ck, &exp);
-    let k0 = b.iter().find(|(n, _)| n == "knowledge.0").expect("the cache travels with the export");
+    let k0 = b
+        .iter()
+        .find(|(n, _)| n == "knowledge.0")
+        .expect("the cache travels with the export");
     assert!(k0.1.equal(&stored.layers[&0]), "the exported cache is the built one");
     let o = forge(&["export", s(&ck), "--format", "vllm", "--out", s(&run.dir.join("vllm"))]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("knowledge drafter cannot be exported as vllm"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("knowledge drafter cannot be exported as vllm"),
+        "{e}"
+    );
 
     let prompts = forge_tests::two_turn_questions(&run.dir);
     // one run reports tau with the cache and, decoding again with knowledge=off, without it
     let json = run.dir.join("report.json");
     let o = forge(&[
-        "eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), "--max-new-tokens", "12", "--gamma", "4",
-        "--verify", "--ablate", "knowledge=off", "--json", s(&json), "--progress", "never",
+        "eval",
+        "--target",
+        s(&run.target),
+        "--draft",
+        s(&exp),
+        "--prompts",
+        s(&prompts),
+        "--max-new-tokens",
+        "12",
+        "--gamma",
+        "4",
+        "--verify",
+        "--ablate",
+        "knowledge=off",
+        "--json",
+        s(&json),
+        "--progress",
+        "never",
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
@@ -340,12 +444,34 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     assert!(String::from_utf8_lossy(&o.stdout).contains("with knowledge=off (all files):"));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
     assert_eq!(r["summary"]["greedy_mismatches"], 0);
-    assert!(r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0), "{}", r["summary"]);
+    assert!(
+        r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0),
+        "{}",
+        r["summary"]
+    );
     let off = &r["ablations"]["knowledge=off"];
-    assert!(off["tau"].as_f64().is_some_and(|t| t >= 1.0) && off["speedup"].as_f64().is_some(), "{off}");
+    assert!(
+        off["tau"].as_f64().is_some_and(|t| t >= 1.0) && off["speedup"].as_f64().is_some(),
+        "{off}"
+    );
     assert_eq!(off["new_tokens"], r["summary"]["new_tokens"]);
-    for (flag, opt, want) in [("--draft-option", "knowledge=maybe", "knowledge=on or knowledge=off"), ("--ablate", "gate=off", "no option gate")] {
-        let o = forge(&["eval", "--target", s(&run.target), "--draft", s(&exp), "--prompts", s(&prompts), flag, opt, "--progress", "never"]);
+    for (flag, opt, want) in [
+        ("--draft-option", "knowledge=maybe", "knowledge=on or knowledge=off"),
+        ("--ablate", "gate=off", "no option gate"),
+    ] {
+        let o = forge(&[
+            "eval",
+            "--target",
+            s(&run.target),
+            "--draft",
+            s(&exp),
+            "--prompts",
+            s(&prompts),
+            flag,
+            opt,
+            "--progress",
+            "never",
+        ]);
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains(want) && e.contains(flag), "{e}");
     }
@@ -353,36 +479,84 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     // a cache built for another target (same shapes, other weights) is refused
     let other = forge_tests::tiny_target_with_demo_tokenizer_layers(&run.dir.join("other"), 99, 4);
     let other_cache = run.dir.join("other-cache.safetensors");
-    let o = forge(&["build-knowledge", "--target", s(&other), "--in", s(&run.data), "--entries", "4", "--cache-dim", "32", "--out", s(&other_cache), "--progress", "never"]);
+    let o = forge(&[
+        "build-knowledge",
+        "--target",
+        s(&other),
+        "--in",
+        s(&run.data),
+        "--entries",
+        "4",
+        "--cache-dim",
+        "32",
+        "--out",
+        s(&other_cache),
+        "--progress",
+        "never",
+    ]);
     assert!(o.status.success());
     let mut args = vec!["check".to_string(), run.recipe.display().to_string()];
     for x in run.sets() {
         args.extend(["--set".to_string(), x]);
     }
-    let bad = [args.clone(), vec!["--set".into(), format!("drafter.knowledge_cache={}", other_cache.display())]].concat();
+    let bad = [
+        args.clone(),
+        vec![
+            "--set".into(),
+            format!("drafter.knowledge_cache={}", other_cache.display()),
+        ],
+    ]
+    .concat();
     let o = forge(&bad.iter().map(String::as_str).collect::<Vec<_>>());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("built for another target") && e.contains("forge build-knowledge --target"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("built for another target") && e.contains("forge build-knowledge --target"),
+        "{e}"
+    );
     // other data than drafter.knowledge_data, and another entry count
     let wrong = [
         args.clone(),
-        vec!["--set".into(), format!("drafter.knowledge_cache={}", cache.display()), "--set".into(), "drafter.knowledge_data=recipes/data/demo_eval.jsonl".into(), "--set".into(), "drafter.num_knowledge_entries=5".into()],
+        vec![
+            "--set".into(),
+            format!("drafter.knowledge_cache={}", cache.display()),
+            "--set".into(),
+            "drafter.knowledge_data=recipes/data/demo_eval.jsonl".into(),
+            "--set".into(),
+            "drafter.num_knowledge_entries=5".into(),
+        ],
     ]
     .concat();
     let o = forge(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("built from other data") && e.contains("holds 4 entries"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("built from other data") && e.contains("holds 4 entries"),
+        "{e}"
+    );
     // a missing cache: forge check notes it, forge train names the command that builds it
     let missing = run.dir.join("nope.safetensors");
-    let m = [args.clone(), vec!["--set".into(), format!("drafter.knowledge_cache={}", missing.display())]].concat();
+    let m = [
+        args.clone(),
+        vec!["--set".into(), format!("drafter.knowledge_cache={}", missing.display())],
+    ]
+    .concat();
     let o = forge(&m.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("does not exist (yet)"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stderr).contains("does not exist (yet)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let mut m = m;
     m[0] = "train".into();
-    m.extend(["--set".into(), format!("checkpoint.dir={}", run.dir.join("missing").display())]);
+    m.extend([
+        "--set".into(),
+        format!("checkpoint.dir={}", run.dir.join("missing").display()),
+    ]);
     let o = forge(&m.iter().map(String::as_str).collect::<Vec<_>>());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("does not exist: build it with `forge build-knowledge"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("does not exist: build it with `forge build-knowledge"),
+        "{e}"
+    );
 
     // without a cache: no blocks, and forge says so
     let plain_run = run.dir.join("plain");
@@ -391,7 +565,14 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
 
     // offline, from the target's top-k log-probabilities in hidden-state shards
     let hidden = run.dir.join("hidden");
-    let mut prep = vec!["prepare-hidden".to_string(), run.recipe.display().to_string(), "--out".into(), hidden.display().to_string(), "--topk".into(), "16".into()];
+    let mut prep = vec![
+        "prepare-hidden".to_string(),
+        run.recipe.display().to_string(),
+        "--out".into(),
+        hidden.display().to_string(),
+        "--topk".into(),
+        "16".into(),
+    ];
     for x in run.sets() {
         prep.extend(["--set".to_string(), x]);
     }
@@ -401,10 +582,24 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     let off = run.dir.join("offline");
     run.train(
         &off,
-        &["--set", "drafter.target_topk=16", "--set", "data.mode=offline", "--set", &format!("data.hidden_dir={}", hidden.display()), "--set", "train.max_steps=12", "--set", "train.lr=3e-3"],
+        &[
+            "--set",
+            "drafter.target_topk=16",
+            "--set",
+            "data.mode=offline",
+            "--set",
+            &format!("data.hidden_dir={}", hidden.display()),
+            "--set",
+            "train.max_steps=12",
+            "--set",
+            "train.lr=3e-3",
+        ],
     );
     let l = losses(&off);
-    let (first, last) = (l[..3].iter().map(|x| x.1).sum::<f64>(), l[9..].iter().map(|x| x.1).sum::<f64>());
+    let (first, last) = (
+        l[..3].iter().map(|x| x.1).sum::<f64>(),
+        l[9..].iter().map(|x| x.1).sum::<f64>(),
+    );
     assert!(last < first * 0.9, "offline {l:?}");
 }
 
@@ -434,7 +629,11 @@ fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
         let mut f = crate::eval::features(&t, &seq(), &[]);
         let target_logits = logits_of(&t, &seq());
         if topk > 0 {
-            f.target_topk = Some(target_logits.log_softmax(-1, Kind::Float).topk(topk as i64, -1, true, true));
+            f.target_topk = Some(
+                target_logits
+                    .log_softmax(-1, Kind::Float)
+                    .topk(topk as i64, -1, true, true),
+            );
         }
         let ctx = forge_tests::train_ctx();
         let mut chunked = copies;
@@ -458,7 +657,10 @@ fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
         hand.backward();
         let hv = hand.double_value(&[]);
         for (i, v) in values.iter().enumerate() {
-            assert!((v - hv).abs() < 1e-5 * hv.abs().max(1.0), "topk {topk}, copy {i}: {v} vs {hv}");
+            assert!(
+                (v - hv).abs() < 1e-5 * hv.abs().max(1.0),
+                "topk {topk}, copy {i}: {v} vs {hv}"
+            );
         }
         let gw = whole.var_store().variables();
         let mut checked = 0;
@@ -467,7 +669,10 @@ fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
                 let (a, b) = (p.grad(), gw[name].grad());
                 let scale = b.abs().max().double_value(&[]).max(1e-8);
                 let d = max_abs_diff(&a, &b) / scale;
-                assert!(d < 1e-4, "topk {topk}, copy {i}: gradient of {name} differs by {d} (relative)");
+                assert!(
+                    d < 1e-4,
+                    "topk {topk}, copy {i}: gradient of {name} differs by {d} (relative)"
+                );
                 checked += 1;
             }
         }

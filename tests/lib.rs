@@ -25,12 +25,13 @@ pub fn tmp_dir(name: &str) -> PathBuf {
 /// (same profile folder as this test binary).
 pub fn forge_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let bin = profile_dir.join("forge");
-    assert!(bin.is_file(), "{} not found: build it first (make build, or cargo build -p forge-trainer with the same profile)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (make build, or cargo build -p forge-trainer with the same profile)",
+        bin.display()
+    );
     bin
 }
 
@@ -93,7 +94,9 @@ impl TestRng {
 
     /// A generator for one named tensor: the seed mixed with the name's FNV-1a hash.
     pub fn for_name(seed: u64, name: &str) -> Self {
-        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         TestRng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ h)
     }
 
@@ -186,7 +189,16 @@ pub fn saved_tiny_target(model_type: &str, seed: i64, dir: &Path) -> PathBuf {
 /// `forge export CKPT --format forge --dtype fp32 --out OUT`; asserts it succeeds and that the
 /// export holds exactly the checkpoint's weights, bit for bit. Returns them, sorted by name.
 pub fn export_forge_equal_to(ckpt: &Path, out: &Path) -> Vec<(String, Tensor)> {
-    let o = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "forge", "--dtype", "fp32", "--out", out.to_str().expect("utf8")]);
+    let o = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "forge",
+        "--dtype",
+        "fp32",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a = step_weights(ckpt);
     let b = step_weights(out);
@@ -201,7 +213,11 @@ pub fn export_forge_equal_to(ckpt: &Path, out: &Path) -> Vec<(String, Tensor)> {
 /// A two-turn MT-Bench-style question file (`questions.jsonl`) in `dir`.
 pub fn two_turn_questions(dir: &Path) -> PathBuf {
     let p = dir.join("questions.jsonl");
-    std::fs::write(&p, "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n").expect("write");
+    std::fs::write(
+        &p,
+        "{\"question_id\": 1, \"turns\": [\"Write a haiku about rain.\", \"Now one about snow.\"]}\n",
+    )
+    .expect("write");
     p
 }
 
@@ -336,7 +352,12 @@ impl TinyRun {
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = forge(&refs);
-        assert!(out.status.success(), "forge {}\n{}", refs.join(" "), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "forge {}\n{}",
+            refs.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 }

@@ -5,10 +5,7 @@ fn errors(text: &str, overrides: &[&str]) -> Vec<String> {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     match Recipe::from_str(text, &o) {
         Ok(_) => panic!("recipe unexpectedly valid:\n{text}"),
-        Err(issues) => issues
-            .iter()
-            .map(|i| format!("{} @ {}", i, i.loc))
-            .collect(),
+        Err(issues) => issues.iter().map(|i| format!("{} @ {}", i, i.loc)).collect(),
     }
 }
 
@@ -32,10 +29,7 @@ fn every_recipe_passes_forge_check() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(
-        n >= 6,
-        "expected the real-scale, demo and tiny recipes, found {n}"
-    );
+    assert!(n >= 6, "expected the real-scale, demo and tiny recipes, found {n}");
 }
 
 #[test]
@@ -51,10 +45,7 @@ fn defaults_and_kind_fields() {
     assert_eq!(r.train.schedule, Schedule::Cosine);
     assert_eq!(r.data.train, vec![std::path::PathBuf::from("d.jsonl")]);
     let e3 = Recipe::from_str(
-        &BASE.replace(
-            "kind: medusa",
-            "kind: eagle3\n  ttt_length: 5\n  aux_layers: [1, 2, 3]",
-        ),
+        &BASE.replace("kind: medusa", "kind: eagle3\n  ttt_length: 5\n  aux_layers: [1, 2, 3]"),
         &[],
     )
     .expect("valid");
@@ -74,9 +65,7 @@ fn misspelt_key_names_path_line_and_suggestion() {
     let e = errors(&text, &[]);
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(
-        e[0].contains("data.max_lenght")
-            && e[0].contains("did you mean 'max_length'")
-            && e[0].contains("line 7"),
+        e[0].contains("data.max_lenght") && e[0].contains("did you mean 'max_length'") && e[0].contains("line 7"),
         "{e:?}"
     );
 }
@@ -91,9 +80,7 @@ fn wrong_type_names_path_and_line() {
         "{e:?}"
     );
     assert!(
-        e[1].contains("train.micro_batch_size")
-            && e[1].contains("integer")
-            && e[1].contains("line 11"),
+        e[1].contains("train.micro_batch_size") && e[1].contains("integer") && e[1].contains("line 11"),
         "{e:?}"
     );
 }
@@ -114,10 +101,7 @@ fn unknown_kind_lists_the_kinds() {
 #[test]
 fn kind_specific_keys_are_checked_against_the_kind() {
     // ttt_length belongs to eagle3, not medusa.
-    let e = errors(
-        &BASE.replace("kind: medusa", "kind: medusa\n  ttt_length: 7"),
-        &[],
-    );
+    let e = errors(&BASE.replace("kind: medusa", "kind: medusa\n  ttt_length: 7"), &[]);
     assert!(
         e.len() == 1 && e[0].contains("drafter.ttt_length") && e[0].contains("num_heads"),
         "{e:?}"
@@ -186,18 +170,12 @@ fn resolved_recipe_round_trips() {
 fn forge_check_reports_errors_with_file_and_line() {
     let dir = forge_tests::tmp_dir("recipe-check");
     let path = dir.join("bad.yaml");
-    std::fs::write(
-        &path,
-        BASE.replace("kind: medusa", "kind: medusa\n  num_haeds: 4"),
-    )
-    .expect("write");
+    std::fs::write(&path, BASE.replace("kind: medusa", "kind: medusa\n  num_haeds: 4")).expect("write");
     let out = forge(&["check", path.to_str().expect("utf8")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.yaml:3:3")
-            && err.contains("drafter.num_haeds")
-            && err.contains("num_heads"),
+        err.contains("bad.yaml:3:3") && err.contains("drafter.num_haeds") && err.contains("num_heads"),
         "{err}"
     );
 }
@@ -206,7 +184,10 @@ fn forge_check_reports_errors_with_file_and_line() {
 fn docs_recipe_reference_is_current() {
     let generated = forge_trainer::recipe::reference::markdown();
     let on_disk = std::fs::read_to_string(root().join("docs/recipes.md")).expect("docs/recipes.md");
-    assert!(generated == on_disk, "docs/recipes.md is stale: regenerate with `target/release/forge recipe-reference > docs/recipes.md`");
+    assert!(
+        generated == on_disk,
+        "docs/recipes.md is stale: regenerate with `target/release/forge recipe-reference > docs/recipes.md`"
+    );
     // Every section and kind is documented.
     for needle in [
         "`kind: medusa`",
@@ -234,7 +215,10 @@ fn knowledge_recipes_are_validated_all_at_once_and_resolve_their_layers() {
         "drafter.cache_dim",
         "drafter.new_lr_scale",
     ] {
-        assert!(e.iter().any(|x| x.contains(key) && x.contains("line ")), "{key} not reported: {e:?}");
+        assert!(
+            e.iter().any(|x| x.contains(key) && x.contains("line ")),
+            "{key} not reported: {e:?}"
+        );
     }
     use forge_models::drafters::DrafterSpec;
     use forge_models::TargetConfig;
@@ -242,13 +226,18 @@ fn knowledge_recipes_are_validated_all_at_once_and_resolve_their_layers() {
     cfg["num_hidden_layers"] = 28.into();
     let cfg = TargetConfig::from_value(cfg).expect("config");
     let spec = |extra: &str| -> Result<DrafterSpec, String> {
-        let r = Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: knowledge{extra}")), &[]).map_err(|e| format!("{e:?}"))?;
+        let r = Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: knowledge{extra}")), &[])
+            .map_err(|e| format!("{e:?}"))?;
         r.drafter.to_spec(&cfg, None).map_err(|e| e.to_string())
     };
-    let DrafterSpec::Knowledge(k) = spec("").expect("defaults") else { panic!("not knowledge") };
+    let DrafterSpec::Knowledge(k) = spec("").expect("defaults") else {
+        panic!("not knowledge")
+    };
     assert_eq!(k.layers, vec![0, 5, 11, 16, 22, 27]);
     assert!(k.cache.is_none() && k.transition && k.kl_weight == 0.8 && k.acceptance_weight == 0.3);
-    let DrafterSpec::Knowledge(k) = spec("\n  strategy: list\n  layers: [2, 9]").expect("list") else { panic!("not knowledge") };
+    let DrafterSpec::Knowledge(k) = spec("\n  strategy: list\n  layers: [2, 9]").expect("list") else {
+        panic!("not knowledge")
+    };
     assert_eq!(k.layers, vec![2, 9]);
     let e = spec("\n  layers: [2, 9]").expect_err("layers with strategy uniform");
     assert!(e.contains("strategy: list"), "{e}");
@@ -282,15 +271,20 @@ fn spaf_recipes_are_validated_all_at_once_and_offline_training_is_refused() {
     cfg["num_hidden_layers"] = 6.into();
     let cfg = TargetConfig::from_value(cfg).expect("config");
     let spec = |extra: &str| -> Result<DrafterSpec, String> {
-        let r = forge_trainer::recipe::Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: spaf{extra}")), &[])
-            .map_err(|e| format!("{e:?}"))?;
+        let r =
+            forge_trainer::recipe::Recipe::from_str(&BASE.replace("kind: medusa", &format!("kind: spaf{extra}")), &[])
+                .map_err(|e| format!("{e:?}"))?;
         let d: &DrafterSection = &r.drafter;
         d.to_spec(&cfg, None).map_err(|e| e.to_string())
     };
-    let DrafterSpec::Spaf(s) = spec("").expect("defaults") else { panic!("not spaf") };
+    let DrafterSpec::Spaf(s) = spec("").expect("defaults") else {
+        panic!("not spaf")
+    };
     assert_eq!((s.cutoff_layer, s.exit_layer, s.adapter_dim), (3, 3, 16));
     assert_eq!(s.layer_weights, vec![1.0 / 3.0; 3]);
-    let DrafterSpec::Spaf(s) = spec("\n  train_exits: [3, 5]").expect("exits") else { panic!("not spaf") };
+    let DrafterSpec::Spaf(s) = spec("\n  train_exits: [3, 5]").expect("exits") else {
+        panic!("not spaf")
+    };
     assert_eq!(s.layer_weights, vec![0.5, 0.0, 0.5]);
     let e = spec("\n  train_exits: [2]").expect_err("no exit at 2");
     assert!(e.contains("train_exits") && e.contains("exits are layers 3..5"), "{e}");

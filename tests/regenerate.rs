@@ -1,9 +1,7 @@
 //! Batched generation (`generate_batch`) and `forge regenerate`.
 
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
-use forge_models::generate::{
-    generate, generate_batch, sample_rows, GenerateOptions, Generation, RowRng,
-};
+use forge_models::generate::{generate, generate_batch, sample_rows, GenerateOptions, Generation, RowRng};
 use forge_models::{DType, TargetModel};
 use forge_tests::{demo_model, forge, random_target, tmp_dir};
 use forge_trainer::regenerate::{parse_input, InputConversation, Regenerator};
@@ -61,11 +59,7 @@ fn batched_equals_single_on_tiny_targets() {
         // Per-row stops: row 1 stops at its 4th token (or earlier if that id came up before);
         // the others run on, or stop where the same id comes up in them.
         let stop = single[1].tokens[3];
-        let stop_at = single[1]
-            .tokens
-            .iter()
-            .position(|&t| t == stop)
-            .unwrap_or(3);
+        let stop_at = single[1].tokens.iter().position(|&t| t == stop).unwrap_or(3);
         opts.stop_ids = vec![stop];
         let single = singles(&model, &prompts, &opts);
         assert!(single[1].stopped && single[1].tokens.len() == stop_at + 1);
@@ -105,8 +99,7 @@ fn batched_equals_single_on_tiny_targets() {
     assert!(generate_batch(&model, &none, &GenerateOptions::default())
         .expect("empty batch")
         .is_empty());
-    let err = generate_batch(&model, &[vec![5], vec![]], &GenerateOptions::default())
-        .expect_err("empty prompt");
+    let err = generate_batch(&model, &[vec![5], vec![]], &GenerateOptions::default()).expect_err("empty prompt");
     assert!(err.to_string().contains("row 1"), "{err}");
 }
 
@@ -120,19 +113,14 @@ fn sampling_follows_the_distribution_and_nucleus() {
     let freq = |ids: &[i64], k: i64| ids.iter().filter(|&&i| i == k).count() as f64 / n as f64;
     let ids = sample_rows(&logits, 1.0, 1.0, &u).expect("sample");
     for (k, p) in [(0, 0.7), (1, 0.2), (2, 0.1)] {
-        assert!(
-            (freq(&ids, k) - p).abs() < 0.02,
-            "token {k}: {} vs {p}",
-            freq(&ids, k)
-        );
+        assert!((freq(&ids, k) - p).abs() < 0.02, "token {k}: {} vs {p}", freq(&ids, k));
     }
     // top_p 0.75 keeps tokens 0 and 1 (mass before them < 0.75), renormalised.
     let ids = sample_rows(&logits, 1.0, 0.75, &u).expect("sample");
     assert_eq!(freq(&ids, 2), 0.0);
     assert!((freq(&ids, 0) - 0.7 / 0.9).abs() < 0.02);
     // draws at the edges stay inside the nucleus
-    let edge =
-        sample_rows(&logits.narrow(0, 0, 2), 1.0, 0.75, &[0.0, 0.999_999_999]).expect("sample");
+    let edge = sample_rows(&logits.narrow(0, 0, 2), 1.0, 0.75, &[0.0, 0.999_999_999]).expect("sample");
     assert_eq!(edge, [0, 1]);
     assert_eq!(
         sample_rows(&logits.narrow(0, 0, 2), 0.0, 1.0, &[]).expect("argmax"),
@@ -208,10 +196,7 @@ fn batched_equals_single_on_demo_target_and_multi_turn_context() {
     let content: Vec<i64> = g.tokens.into_iter().filter(|t| !stop.contains(t)).collect();
     assert_eq!(r.answers[1], tok.decode(&content, true).expect("decode"));
     let roles: Vec<Role> = r.messages.iter().map(|m| m.role).collect();
-    assert_eq!(
-        roles,
-        [Role::User, Role::Assistant, Role::User, Role::Assistant]
-    );
+    assert_eq!(roles, [Role::User, Role::Assistant, Role::User, Role::Assistant]);
 }
 
 const THREE: &str = r#"{"id": "conv-a", "conversations": [{"from": "human", "value": "What is the capital of France?"}, {"from": "gpt", "value": "OLD ANSWER"}, {"from": "human", "value": "And of Germany?"}, {"from": "gpt", "value": "OLD ANSWER"}]}
@@ -270,10 +255,7 @@ fn cli_regenerates_resumes_and_recovers() {
         "{err}"
     );
     let full = std::fs::read_to_string(&out).expect("out");
-    assert!(
-        full.starts_with(&first),
-        "resume must not rewrite finished records"
-    );
+    assert!(full.starts_with(&first), "resume must not rewrite finished records");
     let recs = records(&out);
     let ids: Vec<&str> = recs.iter().map(|r| r["id"].as_str().expect("id")).collect();
     assert_eq!(ids, ["conv-a", "regen-1", "7"]);
@@ -332,7 +314,10 @@ fn bad_input_lines_and_options_are_named() {
     let input = dir.join("bad.jsonl");
     let out = dir.join("out.jsonl");
     let cases = [
-        ("{\"prompt\": \"ok\"}\n{\"prompt\": \"unterminated\n", ":2: not valid JSON"),
+        (
+            "{\"prompt\": \"ok\"}\n{\"prompt\": \"unterminated\n",
+            ":2: not valid JSON",
+        ),
         (
             "{\"prompt\": \"ok\"}\n\n{\"conversations\": [{\"from\": \"robot\", \"value\": \"x\"}]}\n",
             ":3: conversations[0]: role 'robot' is not supported",
@@ -352,10 +337,7 @@ fn bad_input_lines_and_options_are_named() {
         let o = regenerate(&input, &out, &[]);
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains(&format!("bad.jsonl{want}")),
-            "expected '{want}' in: {err}"
-        );
+        assert!(err.contains(&format!("bad.jsonl{want}")), "expected '{want}' in: {err}");
     }
     assert!(!out.exists(), "no output for bad input");
     std::fs::write(&input, "{\"prompt\": \"ok\"}\n").expect("write");
@@ -391,10 +373,7 @@ fn input_formats() {
     let lines: Vec<usize> = convs.iter().map(|c| c.line).collect();
     assert_eq!(lines, [2, 3, 4, 5]);
     let shape = |c: &InputConversation| -> Vec<(Role, String)> {
-        c.messages
-            .iter()
-            .map(|m| (m.role, m.content.clone()))
-            .collect()
+        c.messages.iter().map(|m| (m.role, m.content.clone())).collect()
     };
     assert_eq!(
         shape(&convs[0]),
@@ -410,24 +389,18 @@ fn input_formats() {
     // Context of turn 1 interleaves earlier answers; --system only where none is given.
     let ctx = convs[0].context(1, &["A0".to_string()], Some("ignored"));
     let roles: Vec<Role> = ctx.iter().map(|m| m.role).collect();
-    assert_eq!(
-        roles,
-        [Role::System, Role::User, Role::Assistant, Role::User]
-    );
+    assert_eq!(roles, [Role::System, Role::User, Role::Assistant, Role::User]);
     assert_eq!(ctx[2].content, "A0");
     let ctx = convs[3].context(0, &[], Some("Default"));
     assert_eq!(ctx[0], Message::new(Role::System, "Default"));
     let err = parse_input("[{\"prompt\": 1}]", Path::new("y.json")).expect_err("bad prompt");
     assert!(
-        err.to_string()
-            .starts_with("y.json:1: \"prompt\" must be a string"),
+        err.to_string().starts_with("y.json:1: \"prompt\" must be a string"),
         "{err}"
     );
     // The demo prompt set parses.
-    let demo = forge_trainer::regenerate::read_input(
-        &forge_tests::root().join("recipes/data/demo_prompts.jsonl"),
-    )
-    .expect("demo prompts");
+    let demo = forge_trainer::regenerate::read_input(&forge_tests::root().join("recipes/data/demo_prompts.jsonl"))
+        .expect("demo prompts");
     assert!(demo.len() >= 150, "{}", demo.len());
     assert!(demo.iter().filter(|c| c.user_turns() == 2).count() >= 15);
 }

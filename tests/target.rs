@@ -29,11 +29,7 @@ fn save_reload_gives_identical_logits() {
         a.save_hf(&dir).expect("save");
         let b = TargetModel::load(&dir, DType::F32, Device::Cpu).expect("load");
         let x = ids(2, 11, 7);
-        assert_eq!(
-            max_abs_diff(&logits_all(&a, &x), &logits_all(&b, &x)),
-            0.0,
-            "{fam}"
-        );
+        assert_eq!(max_abs_diff(&logits_all(&a, &x), &logits_all(&b, &x)), 0.0, "{fam}");
         // The config options that shape the model survived the round trip.
         assert_eq!(b.config.num_kv_heads, 2);
         assert_eq!(b.config.tie_word_embeddings, *fam == "llama");
@@ -51,10 +47,7 @@ fn save_reload_gives_identical_logits() {
             names.contains_key("model.layers.0.self_attn.q_proj.bias"),
             *fam == "qwen2"
         );
-        assert_eq!(
-            names.contains_key("model.layers.0.self_attn.o_proj.bias"),
-            false
-        );
+        assert_eq!(names.contains_key("model.layers.0.self_attn.o_proj.bias"), false);
     }
 }
 
@@ -68,11 +61,7 @@ fn forward_matches_numpy_reference() {
         let tokens: Vec<i64> = vec![1, 17, 33, 5, 90, 42, 8, 61, 12];
         let x = Tensor::from_slice(&tokens).view([1, -1]);
         let logits = logits_all(&m, &x).squeeze_dim(0);
-        let csv = tokens
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let csv = tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
         let out = std::process::Command::new(reference_python())
             .arg(forge_tests::root().join("scripts/reference_forward.py"))
             .arg(&dir)
@@ -124,10 +113,7 @@ fn kv_cache_decoding_equals_full_recompute() {
         });
         let inc = Tensor::cat(&parts, 1);
         let d = max_abs_diff(&full, &inc);
-        assert!(
-            d < 1e-4,
-            "{fam}: cached decoding differs from recompute by {d}"
-        );
+        assert!(d < 1e-4, "{fam}: cached decoding differs from recompute by {d}");
         assert_eq!(cache.len(), 14);
 
         // Roll back to 6 positions (rejected speculative tokens) and re-decode the rest.
@@ -154,27 +140,15 @@ fn padded_batch_equals_single_sequences() {
     let valid = Tensor::cat(
         &[
             Tensor::ones([1, 10], (Kind::Int64, Device::Cpu)),
-            Tensor::cat(
-                &[
-                    Tensor::ones([1, 6], (Kind::Int64, Device::Cpu)),
-                    pad.zeros_like(),
-                ],
-                1,
-            ),
+            Tensor::cat(&[Tensor::ones([1, 6], (Kind::Int64, Device::Cpu)), pad.zeros_like()], 1),
         ],
         0,
     );
     let out = tch::no_grad(|| {
-        m.forward(
-            &batch,
-            None,
-            Some(&valid),
-            None,
-            &Capture::logits(LogitsMode::All),
-        )
-        .expect("fwd")
-        .logits
-        .expect("logits")
+        m.forward(&batch, None, Some(&valid), None, &Capture::logits(LogitsMode::All))
+            .expect("fwd")
+            .logits
+            .expect("logits")
     });
     let da = max_abs_diff(&out.narrow(0, 0, 1), &logits_all(&m, &a));
     let db = max_abs_diff(&out.narrow(0, 1, 1).narrow(1, 0, 6), &logits_all(&m, &b));
@@ -182,13 +156,7 @@ fn padded_batch_equals_single_sequences() {
 
     // Left padding with explicit positions (batched generation layout).
     let left = Tensor::cat(&[&pad, &b], 1);
-    let lvalid = Tensor::cat(
-        &[
-            pad.zeros_like(),
-            Tensor::ones([1, 6], (Kind::Int64, Device::Cpu)),
-        ],
-        1,
-    );
+    let lvalid = Tensor::cat(&[pad.zeros_like(), Tensor::ones([1, 6], (Kind::Int64, Device::Cpu))], 1);
     let pos = Tensor::cat(
         &[
             pad.zeros_like(),
@@ -256,18 +224,10 @@ fn sharded_checkpoint_and_dtypes_load() {
         .iter()
         .map(|(n, t)| (n.clone(), t.to_kind(Kind::BFloat16)))
         .collect();
-    forge_models::safetensors_io::write_safetensors(
-        &dir.join("model-00001-of-00002.safetensors"),
-        first,
-        &meta,
-    )
-    .expect("w1");
-    forge_models::safetensors_io::write_safetensors(
-        &dir.join("model-00002-of-00002.safetensors"),
-        &second,
-        &meta,
-    )
-    .expect("w2");
+    forge_models::safetensors_io::write_safetensors(&dir.join("model-00001-of-00002.safetensors"), first, &meta)
+        .expect("w1");
+    forge_models::safetensors_io::write_safetensors(&dir.join("model-00002-of-00002.safetensors"), &second, &meta)
+        .expect("w2");
     let mut map = serde_json::Map::new();
     for (n, _) in first {
         map.insert(n.clone(), "model-00001-of-00002.safetensors".into());
@@ -277,8 +237,7 @@ fn sharded_checkpoint_and_dtypes_load() {
     }
     std::fs::write(
         dir.join("model.safetensors.index.json"),
-        serde_json::to_string(&serde_json::json!({"metadata": {}, "weight_map": map}))
-            .expect("json"),
+        serde_json::to_string(&serde_json::json!({"metadata": {}, "weight_map": map})).expect("json"),
     )
     .expect("index");
     let b = TargetModel::load(&dir, DType::F32, Device::Cpu).expect("load sharded");
@@ -290,10 +249,7 @@ fn sharded_checkpoint_and_dtypes_load() {
     );
     let c = TargetModel::load(&dir, DType::BF16, Device::Cpu).expect("load bf16");
     assert_eq!(c.kind(), Kind::BFloat16);
-    let d = max_abs_diff(
-        &logits_all(&a, &x),
-        &logits_all(&c, &x).to_kind(Kind::Float),
-    );
+    let d = max_abs_diff(&logits_all(&a, &x), &logits_all(&c, &x).to_kind(Kind::Float));
     assert!(d < 0.2, "bf16 model too far from fp32: {d}");
 }
 
@@ -306,20 +262,14 @@ fn missing_or_misshapen_weights_are_named() {
     let st = forge_models::safetensors_io::SafetensorsFile::open(&path).expect("open");
     let mut tensors = st.tensors().expect("tensors");
     tensors.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight");
-    forge_models::safetensors_io::write_safetensors(&path, &tensors, &HashMap::new())
-        .expect("write");
+    forge_models::safetensors_io::write_safetensors(&path, &tensors, &HashMap::new()).expect("write");
     let err = TargetModel::load(&dir, DType::F32, Device::Cpu)
         .err()
         .expect("must fail");
-    assert!(
-        err.to_string()
-            .contains("model.layers.1.mlp.up_proj.weight"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{err}");
 
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("cfg"))
-            .expect("json");
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("cfg")).expect("json");
     cfg["model_type"] = "gpt2".into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write");
     let err = TargetModel::load(&dir, DType::F32, Device::Cpu)
@@ -364,8 +314,5 @@ fn llama3_rope_scaling_frequencies() {
     // The config parser reads the same numbers.
     let mut cfg = forge_tests::tiny_config("llama");
     cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-    assert_eq!(
-        TargetConfig::from_value(cfg).expect("cfg").rope_scaling,
-        scaling
-    );
+    assert_eq!(TargetConfig::from_value(cfg).expect("cfg").rope_scaling, scaling);
 }

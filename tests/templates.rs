@@ -74,9 +74,7 @@ fn group_template(group: &Value, dir: &Path) -> ChatTemplate {
                 date: "26 Jul 2024".into(),
             },
             "qwen2.5" => ChatTemplate::ChatMl {
-                default_system: Some(
-                    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into(),
-                ),
+                default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()),
                 tool_responses: true,
             },
             other => panic!("fixture group {other} has no template here"),
@@ -102,19 +100,11 @@ fn first_text_difference(ours: &str, hf: &str) -> String {
         .find(|((_, a), b)| a != b)
         .map(|((i, _), _)| i)
         .unwrap_or(ours.len().min(hf.len()));
-    let from = ours[..at]
-        .char_indices()
-        .rev()
-        .nth(40)
-        .map(|(i, _)| i)
-        .unwrap_or(0);
+    let from = ours[..at].char_indices().rev().nth(40).map(|(i, _)| i).unwrap_or(0);
     format!(
         "first difference at byte {at}:\n  ours: {:?}\n  hf:   {:?}",
         ours[from..].chars().take(100).collect::<String>(),
-        hf[from.min(hf.len())..]
-            .chars()
-            .take(100)
-            .collect::<String>()
+        hf[from.min(hf.len())..].chars().take(100).collect::<String>()
     )
 }
 
@@ -160,9 +150,7 @@ fn every_fixture_case_matches_hf_apply_chat_template_token_for_token() {
         let template = group_template(group, &dir);
         for case in group["cases"].as_array().expect("cases") {
             let conv = case["conversation"].as_str().expect("conversation");
-            let gen = case["add_generation_prompt"]
-                .as_bool()
-                .expect("add_generation_prompt");
+            let gen = case["add_generation_prompt"].as_bool().expect("add_generation_prompt");
             let label = format!(
                 "{name}/{conv} (add_generation_prompt={gen}, enable_thinking={})",
                 case["enable_thinking"]
@@ -193,8 +181,7 @@ fn every_fixture_case_matches_hf_apply_chat_template_token_for_token() {
             let spans = t.render_with_spans(&msgs, gen).spans;
             assert_eq!(spans.len(), msgs.len(), "{label}: one span per message");
             assert!(
-                spans.windows(2).all(|w| w[0].end <= w[1].start)
-                    && spans.iter().all(|s| s.end <= text.len()),
+                spans.windows(2).all(|w| w[0].end <= w[1].start) && spans.iter().all(|s| s.end <= text.len()),
                 "{label}: spans out of order: {spans:?}"
             );
             checked += 1;
@@ -215,9 +202,7 @@ fn auto_detection_picks_each_tokenizers_template_and_names_the_options_otherwise
     assert_eq!(
         smol,
         ChatTemplate::ChatMl {
-            default_system: Some(
-                "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()
-            ),
+            default_system: Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()),
             tool_responses: false,
         }
     );
@@ -239,19 +224,11 @@ fn auto_detection_picks_each_tokenizers_template_and_names_the_options_otherwise
     );
     assert_eq!(
         ChatTemplate::detect(&fetched("qwen3")).expect("qwen3"),
-        ChatTemplate::Qwen3 {
-            enable_thinking: false
-        }
+        ChatTemplate::Qwen3 { enable_thinking: false }
     );
     // explicit names take the folder's parameters when the family matches
-    assert_eq!(
-        ChatTemplate::from_name("auto", &demo_model()).expect("auto"),
-        smol
-    );
-    assert_eq!(
-        ChatTemplate::from_name("chatml", &demo_model()).expect("chatml"),
-        smol
-    );
+    assert_eq!(ChatTemplate::from_name("auto", &demo_model()).expect("auto"), smol);
+    assert_eq!(ChatTemplate::from_name("chatml", &demo_model()).expect("chatml"), smol);
     assert_eq!(
         ChatTemplate::from_name("chatml", &fetched("llama3")).expect("chatml"),
         ChatTemplate::ChatMl {
@@ -298,10 +275,7 @@ fn expected_assistant_text(group: &str, conv: &str, msgs: &[Message], i: usize) 
         "llama3" | "llama3_1" | "llama3.1" => format!("{}<|eot_id|>", content.trim()),
         "qwen3" => {
             // Qwen3 rewrites reasoning: spelled out for the conversations that exercise it
-            let nth = msgs[..i]
-                .iter()
-                .filter(|m| m.role == Role::Assistant)
-                .count();
+            let nth = msgs[..i].iter().filter(|m| m.role == Role::Assistant).count();
             let last = i + 1 == msgs.len();
             let known: &[&str] = match conv {
                 "think_multi_turn" => &["4", "<think>\nAgain simple.\n</think>\n\n6"],
@@ -310,18 +284,12 @@ fn expected_assistant_text(group: &str, conv: &str, msgs: &[Message], i: usize) 
                     "<think>\nThe tool answered.\n</think>\n\nIt is noon.",
                 ],
                 "prompt_after_history" => &["Blue."],
-                "tool_results" => &[
-                    "Let me check.",
-                    "<think>\n\n</think>\n\nIt is 21 °C and sunny.",
-                ],
+                "tool_results" => &["Let me check.", "<think>\n\n</think>\n\nIt is 21 °C and sunny."],
                 _ => &[],
             };
             match known.get(nth) {
                 Some(k) => format!("{k}<|im_end|>"),
-                None if last => format!(
-                    "<think>\n\n</think>\n\n{}<|im_end|>",
-                    content.trim_start_matches('\n')
-                ),
+                None if last => format!("<think>\n\n</think>\n\n{}<|im_end|>", content.trim_start_matches('\n')),
                 None => format!("{content}<|im_end|>"),
             }
         }
@@ -370,9 +338,7 @@ fn assistant_spans_tokenise_to_exactly_the_assistant_content_and_end_token() {
                 let decoded = tok.decode(&got, false).expect("decode");
                 let first = inside.first().map(|&k| offsets[k].0);
                 let last = inside.last().map(|&k| offsets[k].1);
-                let straddle = offsets
-                    .iter()
-                    .find(|o| o.0 < span.start && o.1 > span.start);
+                let straddle = offsets.iter().find(|o| o.0 < span.start && o.1 > span.start);
                 let want_masked = match straddle {
                     Some(&(a, b)) => {
                         straddled.push(format!("{name}/{conv}/{i}"));
@@ -389,8 +355,7 @@ fn assistant_spans_tokenise_to_exactly_the_assistant_content_and_end_token() {
                     Some(&(_, b)) => first == Some(b) || (first.is_none() && b == span.end),
                     None => first == Some(span.start),
                 };
-                if decoded != want_masked || !start_ok || (last.is_some() && last != Some(span.end))
-                {
+                if decoded != want_masked || !start_ok || (last.is_some() && last != Some(span.end)) {
                     failures.push(format!(
                         "{name}/{conv} message {i}: span tokens decode to {decoded:?}, want {want_masked:?} \
                          (tokens from {first:?} to {last:?}, span {span:?})"

@@ -3,9 +3,9 @@
 
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, Features};
-use forge_tests::{train_ctx, TargetHeads};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{forge, losses, metrics_rows, reinit_trainable, step_weights, TestRng, TinyRun};
+use forge_tests::{train_ctx, TargetHeads};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -26,7 +26,10 @@ fn small_medusa(rng: &mut TestRng, h: i64, v: i64) -> (Medusa, Tensor) {
         lm_head: Some(lm.shallow_clone()),
         embed: None,
     };
-    (Medusa::new(spec, &target.access(), Device::Cpu, Kind::Float).expect("medusa"), lm)
+    (
+        Medusa::new(spec, &target.access(), Device::Cpu, Kind::Float).expect("medusa"),
+        lm,
+    )
 }
 
 #[test]
@@ -85,16 +88,26 @@ fn medusa_loss_equals_a_hand_computed_reference() {
                 let label = ids_v[label_pos] as usize;
                 ce_sum += lse - logits[label];
                 n += 1.0;
-                let argmax = (0..logits.len()).max_by(|&a, &c| logits[a].total_cmp(&logits[c])).expect("max");
+                let argmax = (0..logits.len())
+                    .max_by(|&a, &c| logits[a].total_cmp(&logits[c]))
+                    .expect("max");
                 hits += (argmax == label) as i32 as f64;
             }
         }
         let ce = ce_sum / n;
         total += 0.8f64.powi(k as i32 + 1) * ce;
-        let part = out.parts.iter().find(|p| p.name == format!("ce/head{}", k + 1)).expect("part");
+        let part = out
+            .parts
+            .iter()
+            .find(|p| p.name == format!("ce/head{}", k + 1))
+            .expect("part");
         assert!((part.value() - ce).abs() < 1e-4, "head {k}: {} vs {ce}", part.value());
         assert_eq!(part.count, n);
-        let acc = out.metrics.iter().find(|p| p.name == format!("acc/head{}", k + 1)).expect("acc");
+        let acc = out
+            .metrics
+            .iter()
+            .find(|p| p.name == format!("acc/head{}", k + 1))
+            .expect("acc");
         assert_eq!(acc.sum, hits);
     }
     let got = out.loss.double_value(&[]);
@@ -113,7 +126,17 @@ fn setup(name: &str) -> TinyRun {
 fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
     let run = setup("train-medusa-falls");
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=40", "--set", "train.lr=3e-3", "--set", "checkpoint.every_steps=40"]);
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.lr=3e-3",
+            "--set",
+            "checkpoint.every_steps=40",
+        ],
+    );
     let l = losses(&ckpt);
     assert_eq!(l.len(), 40, "a row per step (log.every_steps 1)");
     let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
@@ -124,7 +147,14 @@ fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
     assert!(resolved.contains("max_steps: 40"), "{resolved}");
     // metrics rows carry per-head accuracy, lr, grad norm, tokens/s
     let rows = metrics_rows(&ckpt.join("metrics.jsonl"));
-    for key in ["train/acc/head1", "train/top3/head2", "train/ce/head1", "train/lr", "train/grad_norm", "train/tokens_per_second"] {
+    for key in [
+        "train/acc/head1",
+        "train/top3/head2",
+        "train/ce/head1",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_second",
+    ] {
         assert!(rows[0].get(key).is_some(), "{key} missing in {}", rows[0]);
     }
 }
@@ -133,7 +163,10 @@ fn medusa_trains_on_a_tiny_target_and_its_loss_falls() {
 fn resume_reproduces_the_uninterrupted_run_and_skips_broken_checkpoints() {
     let run = setup("train-resume");
     let straight = run.dir.join("straight");
-    run.train(&straight, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5"]);
+    run.train(
+        &straight,
+        &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5"],
+    );
     let l_straight = losses(&straight);
     assert_eq!(l_straight.len(), 10);
     // keep_last 2: steps 5 and 10
@@ -164,17 +197,36 @@ fn resume_reproduces_the_uninterrupted_run_and_skips_broken_checkpoints() {
     let w = cut.join("step_9/model.safetensors");
     let bytes = std::fs::read(&w).expect("read");
     std::fs::write(&w, &bytes[..bytes.len() / 2]).expect("truncate");
-    let out = run.train(&cut, &["--set", "train.max_steps=10", "--set", "checkpoint.every_steps=5", "--resume", "auto"]);
+    let out = run.train(
+        &cut,
+        &[
+            "--set",
+            "train.max_steps=10",
+            "--set",
+            "checkpoint.every_steps=5",
+            "--resume",
+            "auto",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("step_5 (step 5)"), "resumed from step 5: {err}");
     let l_cut = losses(&cut);
     assert_eq!(l_cut, l_straight, "same losses step for step");
-    for ((na, a), (nb, b)) in step_weights(&straight.join("step_10")).iter().zip(step_weights(&cut.join("step_10")).iter()) {
+    for ((na, a), (nb, b)) in step_weights(&straight.join("step_10"))
+        .iter()
+        .zip(step_weights(&cut.join("step_10")).iter())
+    {
         assert_eq!(na, nb);
         assert!(a.equal(b), "{na} differs after resume");
     }
-    let opt_a = SafetensorsFile::open(&straight.join("step_10/optimizer.safetensors")).expect("o").tensors().expect("t");
-    let opt_b = SafetensorsFile::open(&cut.join("step_10/optimizer.safetensors")).expect("o").tensors().expect("t");
+    let opt_a = SafetensorsFile::open(&straight.join("step_10/optimizer.safetensors"))
+        .expect("o")
+        .tensors()
+        .expect("t");
+    let opt_b = SafetensorsFile::open(&cut.join("step_10/optimizer.safetensors"))
+        .expect("o")
+        .tensors()
+        .expect("t");
     assert_eq!(opt_a.len(), opt_b.len());
     for ((na, a), (_, b)) in opt_a.iter().zip(opt_b.iter()) {
         assert!(a.equal(b), "optimizer state {na} differs after resume");
@@ -199,11 +251,21 @@ fn keys_and_shapes(p: &Path) -> Vec<(String, Vec<i64>)> {
 fn medusa_exports_for_vllm_original_medusa_and_forge() {
     let run = setup("train-export");
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]);
+    run.train(
+        &ckpt,
+        &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
+    );
     let (h, v) = (64i64, 49152i64);
     // vLLM
     let vllm = run.dir.join("vllm");
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "vllm", "--out", vllm.to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "vllm",
+        "--out",
+        vllm.to_str().expect("utf8"),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut want = Vec::new();
     for k in 0..2 {
@@ -239,7 +301,16 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
     assert_eq!(st.tensor("lm_heads.0.weight").expect("t").kind(), Kind::BFloat16);
     // original Medusa
     let orig = run.dir.join("orig");
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "medusa", "--out", orig.to_str().expect("utf8"), "--dtype", "fp32"]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "medusa",
+        "--out",
+        orig.to_str().expect("utf8"),
+        "--dtype",
+        "fp32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut want = Vec::new();
     for k in 0..2 {
@@ -265,7 +336,16 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
     assert!(ex.tensor("1.1.weight").expect("t").equal(&w.1));
     // forge format reloads to the same weights
     let fx = run.dir.join("forge");
-    let out = forge(&["export", step.to_str().expect("utf8"), "--format", "forge", "--out", fx.to_str().expect("utf8"), "--dtype", "fp32"]);
+    let out = forge(&[
+        "export",
+        step.to_str().expect("utf8"),
+        "--format",
+        "forge",
+        "--out",
+        fx.to_str().expect("utf8"),
+        "--dtype",
+        "fp32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let re = forge_trainer::export::load_drafter(&fx, Device::Cpu).expect("reload");
     let mut rw: Vec<(String, Tensor)> = re.drafter.var_store().variables().into_iter().collect();
@@ -276,10 +356,20 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
         assert!(a.equal(b), "{na}");
     }
     // a format that does not fit the drafter is refused with the reason
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "sglang", "--out", run.dir.join("x").to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "sglang",
+        "--out",
+        run.dir.join("x").to_str().expect("utf8"),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot be exported as sglang") && err.contains("vllm, medusa"), "{err}");
+    assert!(
+        err.contains("cannot be exported as sglang") && err.contains("vllm, medusa"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -288,18 +378,37 @@ fn medusa_with_the_shared_target_lm_head_exports_it_for_vllm() {
     let ckpt = run.dir.join("run");
     run.train(
         &ckpt,
-        &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2", "--set", "drafter.original_lm_head=true"],
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "checkpoint.every_steps=2",
+            "--set",
+            "drafter.original_lm_head=true",
+        ],
     );
     // only the ResBlocks are trained and checkpointed
     let names: Vec<String> = step_weights(&ckpt.join("step_2")).into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().all(|n| n.starts_with("blocks.")), "{names:?}");
     let vllm = run.dir.join("vllm");
-    let out = forge(&["export", ckpt.to_str().expect("utf8"), "--format", "vllm", "--out", vllm.to_str().expect("utf8"), "--dtype", "fp32"]);
+    let out = forge(&[
+        "export",
+        ckpt.to_str().expect("utf8"),
+        "--format",
+        "vllm",
+        "--out",
+        vllm.to_str().expect("utf8"),
+        "--dtype",
+        "fp32",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let st = SafetensorsFile::open(&vllm.join("model.safetensors")).expect("open");
     let head = st.tensor("lm_head.weight").expect("lm_head");
     let target = SafetensorsFile::open(&run.target.join("model.safetensors")).expect("t");
-    assert!(head.equal(&target.tensor("model.embed_tokens.weight").expect("embed")), "the target's (tied) head");
+    assert!(
+        head.equal(&target.tensor("model.embed_tokens.weight").expect("embed")),
+        "the target's (tied) head"
+    );
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(vllm.join("config.json")).expect("cfg")).expect("json");
     assert_eq!(cfg["original_lm_head"], true);
@@ -309,7 +418,10 @@ fn medusa_with_the_shared_target_lm_head_exports_it_for_vllm() {
 fn offline_training_on_hidden_shards_matches_online() {
     let run = setup("train-offline");
     let online = run.dir.join("online");
-    run.train(&online, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
+    run.train(
+        &online,
+        &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"],
+    );
     // one shard holding every sample: the epoch plan is the same as online
     let hidden = run.dir.join("hidden");
     let args = [
@@ -333,7 +445,16 @@ fn offline_training_on_hidden_shards_matches_online() {
     let hd = format!("data.hidden_dir={}", hidden.display());
     run.train(
         &offline,
-        &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "data.mode=offline", "--set", &hd],
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "checkpoint.every_steps=3",
+            "--set",
+            "data.mode=offline",
+            "--set",
+            &hd,
+        ],
     );
     let (a, b) = (losses(&online), losses(&offline));
     assert_eq!(a.len(), 3);
@@ -351,7 +472,17 @@ fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
     let a = run.dir.join("fp32");
     let b = run.dir.join("bf16");
     run.train(&a, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3"]);
-    run.train(&b, &["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=3", "--set", "train.dtype=bf16"]);
+    run.train(
+        &b,
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "checkpoint.every_steps=3",
+            "--set",
+            "train.dtype=bf16",
+        ],
+    );
     let (la, lb) = (losses(&a), losses(&b));
     for ((_, x), (_, y)) in la.iter().zip(&lb) {
         assert!((x - y).abs() < 3e-2 * x.abs(), "fp32 {x} vs bf16 {y}");
@@ -367,7 +498,10 @@ fn bf16_compute_keeps_fp32_masters_and_tracks_the_fp32_loss() {
 fn a_second_run_without_resume_does_not_overwrite_the_first() {
     let run = setup("train-no-overwrite");
     let ckpt = run.dir.join("run");
-    run.train(&ckpt, &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"]);
+    run.train(
+        &ckpt,
+        &["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"],
+    );
     let before = std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read");
     let out = forge(&[
         "train",
@@ -381,8 +515,14 @@ fn a_second_run_without_resume_does_not_overwrite_the_first() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already holds checkpoints") && err.contains("--resume auto"), "{err}");
-    assert_eq!(std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read"), before);
+    assert!(
+        err.contains("already holds checkpoints") && err.contains("--resume auto"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(ckpt.join("step_1/model.safetensors")).expect("read"),
+        before
+    );
 }
 
 /// Medusa's per-head lm_heads start as copies of the target's head: each owns its storage
@@ -416,19 +556,31 @@ fn drafters_get_the_target_tensors_or_the_live_model_they_ask_for() {
         // tensors by name, read from the files: a tied target's lm_head is its embedding
         let needs = TargetNeeds::Tensors(vec![LM_HEAD.into(), EMBED.into()]);
         let access = target_access(&path, &cfg, &needs, None).expect("tensors");
-        assert!(access.require(LM_HEAD, "test").expect("lm_head").equal(live.lm_head_weight()));
+        assert!(access
+            .require(LM_HEAD, "test")
+            .expect("lm_head")
+            .equal(live.lm_head_weight()));
         assert!(access.require(EMBED, "test").expect("embed").equal(live.embed_weight()));
-        assert!(matches!(target_access(&path, &cfg, &TargetNeeds::Nothing, None), Ok(TargetAccess::Nothing)));
+        assert!(matches!(
+            target_access(&path, &cfg, &TargetNeeds::Nothing, None),
+            Ok(TargetAccess::Nothing)
+        ));
         // a tensor the target does not have is named
         let missing = TargetNeeds::Tensors(vec!["model.layers.9.mlp.up_proj.weight".into()]);
-        let err = target_access(&path, &cfg, &missing, None).err().expect("missing tensor").to_string();
+        let err = target_access(&path, &cfg, &missing, None)
+            .err()
+            .expect("missing tensor")
+            .to_string();
         assert!(err.contains("model.layers.9.mlp.up_proj.weight"), "{err}");
         // the live model: handed over where it is loaded, refused with the fix where not
         match target_access(&path, &cfg, &TargetNeeds::Model, Some(&live)) {
             Ok(TargetAccess::Model(m)) => assert!(std::ptr::eq(m, &live)),
             _ => panic!("the live model was not handed over"),
         }
-        let err = target_access(&path, &cfg, &TargetNeeds::Model, None).err().expect("no live model").to_string();
+        let err = target_access(&path, &cfg, &TargetNeeds::Model, None)
+            .err()
+            .expect("no live model")
+            .to_string();
         assert!(err.contains("data.mode: online"), "{err}");
     }
 }
@@ -443,8 +595,16 @@ fn chain_metrics_are_the_shares_of_starts_whose_first_proposals_all_hit() {
     let m = chain_metrics(&hits, &valid);
     let got: Vec<(String, f64, f64)> = m.iter().map(|x| (x.name.clone(), x.sum, x.count)).collect();
     // starts 0..3: step 0 hits 0, 1, 3; steps 0-1 hit 0, 3; steps 0-2 hit 3
-    assert_eq!(got, [("chain/0".into(), 3.0, 4.0), ("chain/1".into(), 2.0, 4.0), ("chain/2".into(), 1.0, 4.0)]);
-    let rows: std::collections::BTreeMap<String, f64> = m.iter().map(|x| (format!("eval/{}", x.name), x.value())).collect();
+    assert_eq!(
+        got,
+        [
+            ("chain/0".into(), 3.0, 4.0),
+            ("chain/1".into(), 2.0, 4.0),
+            ("chain/2".into(), 1.0, 4.0)
+        ]
+    );
+    let rows: std::collections::BTreeMap<String, f64> =
+        m.iter().map(|x| (format!("eval/{}", x.name), x.value())).collect();
     let t = forge_models::drafters::sim_tau(&rows, "eval/").expect("sim_tau");
     assert!((t - (1.0 + 0.75 + 0.5 + 0.25)).abs() < 1e-12);
 }
@@ -455,13 +615,30 @@ fn evaluation_reports_the_simulated_acceptance_and_keeps_the_best_weights() {
     let eval = forge_tests::demo_conversations_subset(&run.dir.join("eval.jsonl"), 6);
     let ckpt = run.dir.join("run");
     let ev = format!("data.eval=[{}]", eval.display());
-    run.train(&ckpt, &["--set", "train.max_steps=6", "--set", "train.eval_every=2", "--set", &ev, "--set", "checkpoint.every_steps=6"]);
-    let rows: Vec<serde_json::Value> = metrics_rows(&ckpt.join("metrics.jsonl")).into_iter().filter(|r| r.get("eval/sim_tau").is_some()).collect();
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            &ev,
+            "--set",
+            "checkpoint.every_steps=6",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = metrics_rows(&ckpt.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|r| r.get("eval/sim_tau").is_some())
+        .collect();
     // at steps 0 (before training), 2, 4 and 6
     assert_eq!(rows.len(), 4, "{rows:?}");
     let mut best = (f64::MIN, 0);
     for r in &rows {
-        let c: Vec<f64> = (0..2).map(|k| r[format!("eval/chain/{k}")].as_f64().expect("chain")).collect();
+        let c: Vec<f64> = (0..2)
+            .map(|k| r[format!("eval/chain/{k}")].as_f64().expect("chain"))
+            .collect();
         assert!(c[1] <= c[0], "a longer chain is accepted in full no more often: {c:?}");
         let t = r["eval/sim_tau"].as_f64().expect("sim_tau");
         assert!((t - (1.0 + c[0] + c[1])).abs() < 1e-9);
@@ -476,7 +653,20 @@ fn evaluation_reports_the_simulated_acceptance_and_keeps_the_best_weights() {
     assert!((rec["value"].as_f64().expect("value") - best.0).abs() < 1e-12);
     assert_eq!(rec["step"], best.1);
     // the best weights export like any checkpoint; resume ignores them
-    let out = forge(&["export", ckpt.join("best").to_str().expect("utf8"), "--format", "forge", "--out", run.dir.join("best-export").to_str().expect("utf8")]);
+    let out = forge(&[
+        "export",
+        ckpt.join("best").to_str().expect("utf8"),
+        "--format",
+        "forge",
+        "--out",
+        run.dir.join("best-export").to_str().expect("utf8"),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(forge_trainer::checkpoint::latest(&ckpt).expect("latest").file_name().and_then(|n| n.to_str()), Some("step_6"));
+    assert_eq!(
+        forge_trainer::checkpoint::latest(&ckpt)
+            .expect("latest")
+            .file_name()
+            .and_then(|n| n.to_str()),
+        Some("step_6")
+    );
 }

@@ -49,7 +49,9 @@ fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
     if std::env::var("FORGE_NCCL").is_ok_and(|v| v == "0") || !lib.join("libtorch_cuda.so").exists() {
         return None;
     }
-    let nvidia = std::env::var("FORGE_NVIDIA_DIR").map(PathBuf::from).unwrap_or_else(|_| lib.join("../../nvidia"));
+    let nvidia = std::env::var("FORGE_NVIDIA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| lib.join("../../nvidia"));
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&nvidia)
         .ok()?
         .flatten()
@@ -63,7 +65,9 @@ fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
 
 fn build_shim(lib: &Path) {
     let include = lib.join("../include");
-    let gloo = std::env::var("FORGE_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_default();
+    let gloo = std::env::var("FORGE_GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     if !gloo.join("gloo/config.h").exists() {
         panic!(
             "gloo headers not found at FORGE_GLOO_INCLUDE={} (needed for the c10d shim): run scripts/setup.sh, which unpacks Debian's libgloo-dev into .forge/gloo",

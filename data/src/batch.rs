@@ -125,13 +125,7 @@ pub fn shard_plan(mut global: Vec<Vec<usize>>, rank: usize, world: usize) -> Vec
 }
 
 /// [`shard_plan`] of [`global_plan`].
-pub fn rank_plan(
-    lengths: &[usize],
-    epoch: u64,
-    opts: &PlanOptions,
-    rank: usize,
-    world: usize,
-) -> Vec<Vec<usize>> {
+pub fn rank_plan(lengths: &[usize], epoch: u64, opts: &PlanOptions, rank: usize, world: usize) -> Vec<Vec<usize>> {
     shard_plan(global_plan(lengths, epoch, opts), rank, world)
 }
 

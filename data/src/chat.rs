@@ -116,9 +116,7 @@ impl ChatTemplate {
                     always_generation_prompt: false,
                 },
             }),
-            "qwen3" => Ok(ChatTemplate::Qwen3 {
-                enable_thinking: false,
-            }),
+            "qwen3" => Ok(ChatTemplate::Qwen3 { enable_thinking: false }),
             other => Err(DataError::Invalid(format!(
                 "chat template '{other}' is not one of {}",
                 Self::NAMES.join(", ")
@@ -133,11 +131,10 @@ impl ChatTemplate {
             path: path.clone(),
             source,
         })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| DataError::Json {
-                path: path.clone(),
-                source,
-            })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| DataError::Json {
+            path: path.clone(),
+            source,
+        })?;
         let tpl = match v.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(list)) => list
@@ -151,8 +148,7 @@ impl ChatTemplate {
         if tpl.is_empty() {
             return Err(DataError::Template {
                 path,
-                msg: "no chat_template: set data.chat_template to one of chatml, llama3, qwen3"
-                    .into(),
+                msg: "no chat_template: set data.chat_template to one of chatml, llama3, qwen3".into(),
             });
         }
         let bos = match v.get("bos_token") {
@@ -185,15 +181,12 @@ impl ChatTemplate {
             });
         }
         if tpl.contains("<|im_start|>") {
-            let reasoning = tpl.contains("<think>")
-                || tpl.contains("enable_thinking")
-                || tpl.contains("reasoning_content");
+            let reasoning =
+                tpl.contains("<think>") || tpl.contains("enable_thinking") || tpl.contains("reasoning_content");
             if reasoning {
                 // Qwen3's template; other reasoning ChatML templates (QwQ, ...) differ.
                 if tpl.contains("enable_thinking") && tpl.contains("last_query_index") {
-                    return Some(ChatTemplate::Qwen3 {
-                        enable_thinking: false,
-                    });
+                    return Some(ChatTemplate::Qwen3 { enable_thinking: false });
                 }
                 return None;
             }
@@ -229,11 +222,7 @@ impl ChatTemplate {
     /// block Qwen3 writes into (or removes from) that assistant turn, JSON-quoted for Llama
     /// 3.1 tool results. A tool result that Qwen groups with the next one into one user turn
     /// ends at its `</tool_response>`; the last of the group includes the `<|im_end|>`.
-    pub fn render_with_spans(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> RenderedChat {
+    pub fn render_with_spans(&self, messages: &[Message], add_generation_prompt: bool) -> RenderedChat {
         let mut out = Out::default();
         match self {
             ChatTemplate::ChatMl {
@@ -457,8 +446,7 @@ fn qwen3_last_query_index(messages: &[Message]) -> usize {
         .iter()
         .rposition(|m| {
             m.role == Role::User
-                && !(m.content.starts_with("<tool_response>")
-                    && m.content.ends_with("</tool_response>"))
+                && !(m.content.starts_with("<tool_response>") && m.content.ends_with("</tool_response>"))
         })
         .unwrap_or(messages.len().saturating_sub(1))
 }
@@ -579,15 +567,8 @@ mod tests {
     #[test]
     fn python_whitespace_and_json_quoting() {
         assert_eq!(py_trim("\u{1f} \t\n x y \u{a0}\u{3000}\u{1c}"), "x y");
-        assert_eq!(
-            py_trim("\u{200b}x"),
-            "\u{200b}x",
-            "zero-width space is not whitespace"
-        );
-        assert_eq!(
-            json_string("a\"b\\c\nd\u{1}é🙂"),
-            "\"a\\\"b\\\\c\\nd\\u0001é🙂\""
-        );
+        assert_eq!(py_trim("\u{200b}x"), "\u{200b}x", "zero-width space is not whitespace");
+        assert_eq!(json_string("a\"b\\c\nd\u{1}é🙂"), "\"a\\\"b\\\\c\\nd\\u0001é🙂\"");
     }
 
     #[test]

@@ -106,8 +106,8 @@ pub fn parse_conversations(text: &str, path: &Path, skip_invalid: bool) -> Resul
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed = serde_json::from_str::<Value>(line)
-                .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()));
+            let parsed =
+                serde_json::from_str::<Value>(line).map_err(|e| format!("invalid JSON at column {}: {e}", e.column()));
             handle(i + 1, parsed)?;
         }
     }
@@ -164,8 +164,7 @@ fn role_of(name: &str) -> Option<(Role, bool)> {
     })
 }
 
-const ROLES: &str =
-    "human/user, gpt/assistant, system, function_call, observation/tool/function/ipython";
+const ROLES: &str = "human/user, gpt/assistant, system, function_call, observation/tool/function/ipython";
 
 fn content_text(v: &Value) -> std::result::Result<String, String> {
     match v {
@@ -216,9 +215,7 @@ fn record_to_conversation(v: &Value, default_id: &str) -> std::result::Result<Co
         (None, Some(t)) => ("messages", t),
         (None, None) => {
             let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-            return Err(format!(
-                "no \"conversations\" or \"messages\" list (keys: {keys:?})"
-            ));
+            return Err(format!("no \"conversations\" or \"messages\" list (keys: {keys:?})"));
         }
     };
     let turns = turns
@@ -251,8 +248,8 @@ fn record_to_conversation(v: &Value, default_id: &str) -> std::result::Result<Co
             Some(other) => return Err(at(format!("\"{role_key}\" must be a string, got {}", kind_of(other)))),
             None => return Err(at(format!("missing \"{role_key}\""))),
         };
-        let (role, train) = role_of(role_name)
-            .ok_or_else(|| at(format!("unknown role \"{role_name}\" (expected one of {ROLES})")))?;
+        let (role, train) =
+            role_of(role_name).ok_or_else(|| at(format!("unknown role \"{role_name}\" (expected one of {ROLES})")))?;
         let content = match t.get(content_key) {
             Some(c) => content_text(c).map_err(|m| at(format!("\"{content_key}\": {m}")))?,
             None => return Err(at(format!("missing \"{content_key}\""))),

@@ -445,10 +445,9 @@ fn read_cache(path: &Path, key: &str) -> Result<TokenDataset> {
         {
             return Err(st_err(path, "stale cache"));
         }
-        let ids: Vec<String> = serde_json::from_str(meta.get("ids").map_or("", |s| s))
-            .map_err(|e| st_err(path, e))?;
-        let stats: DataStats = serde_json::from_str(meta.get("stats").map_or("", |s| s))
-            .map_err(|e| st_err(path, e))?;
+        let ids: Vec<String> = serde_json::from_str(meta.get("ids").map_or("", |s| s)).map_err(|e| st_err(path, e))?;
+        let stats: DataStats =
+            serde_json::from_str(meta.get("stats").map_or("", |s| s)).map_err(|e| st_err(path, e))?;
         let (_, tokens) = tensor_bytes(path, st, "input_ids", Dtype::U32)?;
         let (_, mask) = tensor_bytes(path, st, "loss_mask", Dtype::U8)?;
         let (_, offsets) = tensor_bytes(path, st, "offsets", Dtype::U64)?;

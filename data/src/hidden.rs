@@ -246,7 +246,11 @@ impl HiddenWriter {
                 Ok(())
             };
             want("loss_mask", r.loss_mask.len(), 1)?;
-            want("hidden_state bytes", r.hidden_state.len(), if s.last_hidden { 2 * h } else { 0 })?;
+            want(
+                "hidden_state bytes",
+                r.hidden_state.len(),
+                if s.last_hidden { 2 * h } else { 0 },
+            )?;
             want("aux_hidden_state bytes", r.aux_hidden_state.len(), 2 * a)?;
             want("topk_ids", r.topk_ids.len(), s.topk)?;
             want("topk_logprobs bytes", r.topk_logprobs.len(), 2 * s.topk)?;
@@ -282,10 +286,7 @@ impl HiddenWriter {
         meta.insert("format".into(), HIDDEN_FORMAT.into());
         meta.insert("first_sample".into(), range.start.to_string());
         let sample_ids: Vec<&str> = samples.iter().map(|r| r.id.as_str()).collect();
-        meta.insert(
-            "ids".into(),
-            serde_json::to_string(&sample_ids).unwrap_or_default(),
-        );
+        meta.insert("ids".into(), serde_json::to_string(&sample_ids).unwrap_or_default());
         let file = HiddenManifest::shard_file(k);
         let path = self.dir.join(&file);
         write_tensors(&path, &tensors, meta)?;
@@ -423,9 +424,11 @@ impl HiddenDataset {
 
     /// Reads shard k from disk.
     pub fn read_shard(&self, k: usize) -> Result<HiddenShard> {
-        let info = self.manifest.shards.get(k).ok_or_else(|| {
-            DataError::Invalid(format!("{}: no shard {k}", self.dir.display()))
-        })?;
+        let info = self
+            .manifest
+            .shards
+            .get(k)
+            .ok_or_else(|| DataError::Invalid(format!("{}: no shard {k}", self.dir.display())))?;
         let path = self.dir.join(&info.file);
         let s = &self.manifest.settings;
         with_tensors(&path, |st, meta| {
@@ -484,7 +487,10 @@ impl HiddenDataset {
             self.loaded = Some((k, shard));
         }
         let first = self.manifest.shards[k].first_sample;
-        let (_, shard) = self.loaded.as_ref().ok_or_else(|| DataError::Invalid("no shard".into()))?;
+        let (_, shard) = self
+            .loaded
+            .as_ref()
+            .ok_or_else(|| DataError::Invalid("no shard".into()))?;
         Ok(shard.sample(i - first, &self.manifest.settings))
     }
 }

@@ -41,24 +41,19 @@ impl TextTokenizer {
     /// Encodes text (no special tokens added) and returns the ids with each token's byte
     /// range in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteOffsets)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
+        let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })
+        self.inner.decode(&ids, skip_special).map_err(|e| DataError::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })
     }
 
     pub fn token_id(&self, token: &str) -> Option<i64> {

@@ -136,9 +136,7 @@ impl VocabMapping {
         with_tensors(path, |st, meta| {
             let (_, d2t) = tensor_bytes(path, st, "d2t", Dtype::I64)?;
             let (_, t2d) = tensor_bytes(path, st, "t2d", Dtype::BOOL)?;
-            let num = |k: &str| -> u64 {
-                meta.and_then(|m| m.get(k)).and_then(|v| v.parse().ok()).unwrap_or(0)
-            };
+            let num = |k: &str| -> u64 { meta.and_then(|m| m.get(k)).and_then(|v| v.parse().ok()).unwrap_or(0) };
             let m = VocabMapping {
                 d2t: d2t
                     .chunks_exact(8)

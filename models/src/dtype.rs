@@ -59,10 +59,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda(0),
-        _ => match s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(i) => cuda(i),
             None => Err(ModelError::Invalid(format!(
                 "device '{s}' is not one of auto, cpu, cuda, cuda:N"

@@ -77,14 +77,10 @@ pub fn generate(
     mut on_token: impl FnMut(i64),
 ) -> Result<Generation> {
     if prompt.is_empty() {
-        return Err(ModelError::Invalid(
-            "cannot generate from an empty prompt".into(),
-        ));
+        return Err(ModelError::Invalid("cannot generate from an empty prompt".into()));
     }
-    let mut gens =
-        generate_batch_seeded(model, &[prompt], &[opts.seed], opts, |_, id| on_token(id))?;
-    gens.pop()
-        .ok_or_else(|| ModelError::Invalid("no generation".into()))
+    let mut gens = generate_batch_seeded(model, &[prompt], &[opts.seed], opts, |_, id| on_token(id))?;
+    gens.pop().ok_or_else(|| ModelError::Invalid("no generation".into()))
 }
 
 /// A small deterministic random generator (SplitMix64) for sampling: one per row, so a
@@ -112,12 +108,7 @@ impl RowRng {
 /// Picks one token per row from logits `[B, V]`: argmax when `temperature <= 0`, else
 /// inverse-CDF sampling from softmax(logits / temperature) restricted to the top-p nucleus,
 /// with `uniforms[i]` in [0, 1) as row i's random draw.
-pub fn sample_rows(
-    logits: &Tensor,
-    temperature: f64,
-    top_p: f64,
-    uniforms: &[f64],
-) -> Result<Vec<i64>> {
+pub fn sample_rows(logits: &Tensor, temperature: f64, top_p: f64, uniforms: &[f64]) -> Result<Vec<i64>> {
     let logits = logits.to_kind(Kind::Float);
     let (b, v) = logits.size2().map_err(ModelError::Torch)?;
     let ids = if temperature <= 0.0 {
@@ -140,17 +131,11 @@ pub fn sample_rows(
         let cum = sorted.cumsum(-1, Kind::Float);
         let total = cum.narrow(1, v - 1, 1);
         let u: Vec<f32> = uniforms.iter().map(|&u| u as f32).collect();
-        let u = Tensor::from_slice(&u)
-            .view([b, 1])
-            .to_device(logits.device());
+        let u = Tensor::from_slice(&u).view([b, 1]).to_device(logits.device());
         let target = u * total;
         // first sorted position whose cumulative mass exceeds the draw, never past the
         // last token with non-zero probability (guards against rounding of u * total)
-        let last_kept = sorted
-            .gt(0.0)
-            .sum_dim_intlist(-1, true, Kind::Int64)
-            .clamp_min(1)
-            - 1;
+        let last_kept = sorted.gt(0.0).sum_dim_intlist(-1, true, Kind::Int64).clamp_min(1) - 1;
         let k = cum
             .le_tensor(&target)
             .sum_dim_intlist(-1, true, Kind::Int64)
@@ -240,11 +225,7 @@ pub fn generate_batch_seeded<P: AsRef<[i64]>>(
         // Without padding the defaults (positions past.., every key valid) are exact and
         // keep the single-sequence fast path (no explicit mask).
         let mut positions = padded.then(|| Tensor::from_slice(&pos).view([bi, max_len]));
-        let mut key_valid = padded.then(|| {
-            Tensor::from_slice(&valid)
-                .view([bi, max_len])
-                .to_device(device)
-        });
+        let mut key_valid = padded.then(|| Tensor::from_slice(&valid).view([bi, max_len]).to_device(device));
         let mut active = b;
         for step in 0..opts.max_new_tokens {
             let out = model.forward(

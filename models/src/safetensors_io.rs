@@ -80,21 +80,15 @@ impl SafetensorsFile {
     }
 
     pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self
-            .parsed()?
-            .names()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect())
+        Ok(self.parsed()?.names().into_iter().map(|s| s.to_string()).collect())
     }
 
     /// The `__metadata__` map of the file (empty when absent).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) =
-            SafeTensors::read_metadata(&self.bytes).map_err(|e| ModelError::Safetensors {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).map_err(|e| ModelError::Safetensors {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
@@ -128,11 +122,7 @@ impl SafetensorsFile {
 
 /// Writes tensors (any device, any supported kind) to a safetensors file with metadata.
 /// The file is written to `<path>.tmp` and renamed, so readers never see a partial file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &HashMap<String, String>,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.detach().to_device(Device::Cpu).contiguous();

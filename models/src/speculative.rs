@@ -265,7 +265,9 @@ impl SpecOutput {
 pub fn pick(logits: &Tensor, temperature: f64, rng: &mut RowRng) -> Result<i64> {
     let u = if temperature > 0.0 { rng.next_f64() } else { 0.0 };
     let ids = sample_rows(&logits.reshape([1, -1]), temperature, 1.0, &[u])?;
-    ids.first().copied().ok_or_else(|| ModelError::Invalid("pick: no token".into()))
+    ids.first()
+        .copied()
+        .ok_or_else(|| ModelError::Invalid("pick: no token".into()))
 }
 
 /// Draws from an unnormalised distribution `[V]` (non-negative weights).
@@ -322,11 +324,16 @@ pub fn speculative_generate(
 
     // prefill: the whole prompt, the first new token from the target alone
     if cached(draft, &cache) != 0 {
-        return Err(ModelError::Invalid("a draft session decodes one sequence: start a new session for another prompt".into()));
+        return Err(ModelError::Invalid(
+            "a draft session decodes one sequence: start a new session for another prompt".into(),
+        ));
     }
     tch::no_grad(|| draft.begin(prompt))?;
     let pre = tch::no_grad(|| target_forward(target, draft, &mut cache, prompt, &capture_last))?;
-    let logits = pre.logits.as_ref().ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
+    let logits = pre
+        .logits
+        .as_ref()
+        .ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
     let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;
     out.prefill_seconds = t_start.elapsed().as_secs_f64();
     out.tokens.push(last);
@@ -348,7 +355,11 @@ pub fn speculative_generate(
         let t = Instant::now();
         let proposal = if g > 0 {
             // engine acceptance drafts greedily also when the target samples
-            let draft_temp = if opts.acceptance == Acceptance::Engine { 0.0 } else { temp };
+            let draft_temp = if opts.acceptance == Acceptance::Engine {
+                0.0
+            } else {
+                temp
+            };
             let p = tch::no_grad(|| draft.propose(g, draft_temp, &mut rng))?;
             if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
                 return Err(ModelError::Invalid(format!(
@@ -389,9 +400,13 @@ pub fn speculative_generate(
                     // a greedy chain: q is one-hot at each proposal
                     Acceptance::Engine => {
                         let ids = Tensor::from_slice(&p.tokens).view([-1, 1]).to_device(device);
-                        pt.narrow(0, 0, p.tokens.len() as i64).zeros_like().scatter_value(1, &ids, 1.0)
+                        pt.narrow(0, 0, p.tokens.len() as i64)
+                            .zeros_like()
+                            .scatter_value(1, &ids, 1.0)
                     }
-                    Acceptance::Exact => (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float),
+                    Acceptance::Exact => {
+                        (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float)
+                    }
                 };
                 let mut a = 0;
                 let mut new = None;
@@ -407,7 +422,11 @@ pub fn speculative_generate(
                     }
                     let residual = (&pi - &qi).clamp_min(0.0);
                     let mass = residual.sum(Kind::Double).double_value(&[]);
-                    new = Some(if mass > 0.0 { draw(&residual, &mut rng)? } else { draw(&pi, &mut rng)? });
+                    new = Some(if mass > 0.0 {
+                        draw(&residual, &mut rng)?
+                    } else {
+                        draw(&pi, &mut rng)?
+                    });
                     break;
                 }
                 match new {
@@ -420,7 +439,10 @@ pub fn speculative_generate(
         truncate(draft, &mut cache, start + accepted as i64 + 1);
         target_s += t.elapsed().as_secs_f64();
 
-        let mut emitted: Vec<i64> = proposal.as_ref().map(|p| p.tokens[..accepted].to_vec()).unwrap_or_default();
+        let mut emitted: Vec<i64> = proposal
+            .as_ref()
+            .map(|p| p.tokens[..accepted].to_vec())
+            .unwrap_or_default();
         emitted.push(new);
         let mut keep = emitted.len().min(left);
         if let Some(i) = emitted[..keep].iter().position(|id| opts.stop_ids.contains(id)) {
@@ -489,7 +511,12 @@ pub fn tie_tolerance(kind: Kind, x: f64) -> f64 {
 /// Compares greedy outputs token for token; at the first difference, classifies it with one
 /// full forward of the target over `prompt` and the common prefix (see [`Divergence`]).
 /// `None` when the outputs are equal.
-pub fn greedy_divergence(target: &TargetModel, prompt: &[i64], plain: &[i64], spec: &[i64]) -> Result<Option<Divergence>> {
+pub fn greedy_divergence(
+    target: &TargetModel,
+    prompt: &[i64],
+    plain: &[i64],
+    spec: &[i64],
+) -> Result<Option<Divergence>> {
     let n = plain.len().max(spec.len());
     let Some(i) = (0..n).find(|&i| plain.get(i) != spec.get(i)) else {
         return Ok(None);

@@ -38,11 +38,26 @@ pub enum BenchTarget {
 
 /// The named target shapes `--shape` takes: name, what it is.
 pub const SHAPES: &[(&str, &str)] = &[
-    ("llama3-8b", "Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256"),
-    ("llama2-7b", "Llama-2-7B: hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000"),
-    ("qwen3-0.6b", "Qwen3-0.6B: hidden 1024, 28 layers, 16/8 heads (head_dim 128), MLP 3072, vocab 151936"),
-    ("smollm2-135m", "SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocab 49152"),
-    ("tiny", "hidden 64, 8 layers, 4/2 heads, MLP 128, vocab 1024 (for tests)"),
+    (
+        "llama3-8b",
+        "Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256",
+    ),
+    (
+        "llama2-7b",
+        "Llama-2-7B: hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000",
+    ),
+    (
+        "qwen3-0.6b",
+        "Qwen3-0.6B: hidden 1024, 28 layers, 16/8 heads (head_dim 128), MLP 3072, vocab 151936",
+    ),
+    (
+        "smollm2-135m",
+        "SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocab 49152",
+    ),
+    (
+        "tiny",
+        "hidden 64, 8 layers, 4/2 heads, MLP 128, vocab 1024 (for tests)",
+    ),
 ];
 
 /// The config.json of a named shape.
@@ -55,7 +70,10 @@ pub fn shape_config(name: &str) -> Result<serde_json::Value> {
         "tiny" => (64, 8, 4, 2, 128, 1024, 10000.0, false, "llama", None),
         other => {
             let names: Vec<&str> = SHAPES.iter().map(|s| s.0).collect();
-            return Err(TrainerError::Config(format!("--shape '{other}' is not one of {}", names.join(", "))));
+            return Err(TrainerError::Config(format!(
+                "--shape '{other}' is not one of {}",
+                names.join(", ")
+            )));
         }
     };
     let mut v = serde_json::json!({
@@ -144,7 +162,11 @@ pub fn target_forward_flops(cfg: &TargetConfig, batch: usize, seq: usize, logits
     let proj = h * q + 2.0 * h * kv + q * h + 3.0 * h * cfg.intermediate_size as f64;
     let t = seq as f64;
     let per_layer = 2.0 * proj * t + 2.0 * 2.0 * q * t * (t + 1.0) / 2.0;
-    let head = if logits { 2.0 * h * cfg.vocab_size as f64 * t } else { 0.0 };
+    let head = if logits {
+        2.0 * h * cfg.vocab_size as f64 * t
+    } else {
+        0.0
+    };
     batch as f64 * (cfg.num_layers as f64 * per_layer + head)
 }
 
@@ -196,7 +218,10 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
         BenchTarget::Shape(name) => {
             let cfg = TargetConfig::from_value(shape_config(name)?)
                 .map_err(|e| TrainerError::Config(format!("--shape {name}: {e}")))?;
-            (TargetModel::build(cfg, opts.dtype, device, ParamInit::Default), format!("{name} (random weights)"))
+            (
+                TargetModel::build(cfg, opts.dtype, device, ParamInit::Default),
+                format!("{name} (random weights)"),
+            )
         }
     };
     let cfg = target.config.clone();
@@ -223,9 +248,18 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
         let needs = spec.feature_needs();
         let access = TargetAccess::Model(&target);
         let mut drafter = spec.build(&access, device, compute)?;
-        drafter.prepare(&mut FirstIds { vocab: cfg.vocab_size as usize }, &access)?;
-        let mut params: Vec<(String, Tensor)> =
-            drafter.var_store().variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        drafter.prepare(
+            &mut FirstIds {
+                vocab: cfg.vocab_size as usize,
+            },
+            &access,
+        )?;
+        let mut params: Vec<(String, Tensor)> = drafter
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let trainable_params: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
         let policy = ParamPolicy::new(drafter.param_groups())?;
@@ -268,7 +302,11 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
         let med_step = median(&step_ms);
         let med_target = median(&target_ms);
         let flops = target_forward_flops(&cfg, opts.batch, opts.seq_len, needs.target_topk > 0);
-        let tflops = if med_target > 0.0 { flops / (med_target / 1e3) / 1e12 } else { 0.0 };
+        let tflops = if med_target > 0.0 {
+            flops / (med_target / 1e3) / 1e12
+        } else {
+            0.0
+        };
         let row = TrainBenchRow {
             target: target_name.clone(),
             drafter: kind.clone(),

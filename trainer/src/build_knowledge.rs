@@ -7,8 +7,8 @@
 use crate::data::target_fingerprint;
 use crate::regenerate::{resolve_dtype, show_progress, ChatArgs};
 use anyhow::{bail, Context, Result};
-use forge_data::dataset::tokenize_conversation;
 use forge_data::conversation::parse_conversations;
+use forge_data::dataset::tokenize_conversation;
 use forge_data::{ChatTemplate, TextTokenizer, TokenizeOptions};
 use forge_models::drafters::knowledge::{project_pca, CacheManifest, KnowledgeCache, CACHE_FORMAT};
 use forge_models::{parse_device, Capture, TargetModel};
@@ -64,11 +64,20 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
     }
     let device = parse_device(&a.chat.device).context("--device")?;
     let dtype = resolve_dtype(&a.chat.dtype, device)?;
-    let model = TargetModel::load(&a.target, dtype, device).with_context(|| format!("--target {}", a.target.display()))?;
+    let model =
+        TargetModel::load(&a.target, dtype, device).with_context(|| format!("--target {}", a.target.display()))?;
     let cfg = &model.config;
-    let layers: Vec<i64> = if a.layers.is_empty() { (0..cfg.num_layers).collect() } else { a.layers.clone() };
+    let layers: Vec<i64> = if a.layers.is_empty() {
+        (0..cfg.num_layers).collect()
+    } else {
+        a.layers.clone()
+    };
     if let Some(bad) = layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
-        bail!("--layers: layer {bad} does not exist ({} has layers 0..{})", a.target.display(), cfg.num_layers - 1);
+        bail!(
+            "--layers: layer {bad} does not exist ({} has layers 0..{})",
+            a.target.display(),
+            cfg.num_layers - 1
+        );
     }
     if layers.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--layers {layers:?}: list each layer once, ascending");
@@ -78,11 +87,16 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
         bail!("--cache-dim {dim} is above the target's hidden size {}: pass at most {} (or leave it out for no projection)", cfg.hidden_size, cfg.hidden_size);
     }
     let tokenizer = TextTokenizer::from_dir(&a.target)?;
-    let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
+    let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target)
+        .with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let text = std::fs::read_to_string(&a.input).with_context(|| format!("--in {}", a.input.display()))?;
     let data_hash = data_hash(text.as_bytes());
     let read = parse_conversations(&text, &a.input, false).with_context(|| format!("--in {}", a.input.display()))?;
-    let opts = TokenizeOptions { max_length: a.max_length, train_only_last_turn: false, skip_invalid: false };
+    let opts = TokenizeOptions {
+        max_length: a.max_length,
+        train_only_last_turn: false,
+        skip_invalid: false,
+    };
     let mut samples = Vec::new();
     for conv in &read.conversations {
         if samples.len() == a.entries {
@@ -112,13 +126,26 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
         dim,
         if dim < cfg.hidden_size { format!(", PCA from {}", cfg.hidden_size) } else { String::new() }
     );
-    let pb = crate::data::styled_bar(samples.len() as u64, "knowledge [{bar:30}] {pos}/{len} entries eta {eta}", show_progress(&a.chat.progress));
-    let capture = Capture { layers: layers.clone(), ..Default::default() };
+    let pb = crate::data::styled_bar(
+        samples.len() as u64,
+        "knowledge [{bar:30}] {pos}/{len} entries eta {eta}",
+        show_progress(&a.chat.progress),
+    );
+    let capture = Capture {
+        layers: layers.clone(),
+        ..Default::default()
+    };
     let mut per_layer: BTreeMap<i64, Vec<Tensor>> = BTreeMap::new();
     let mut tokens = 0i64;
     for s in &samples {
-        let answer: Vec<i64> =
-            s.loss_mask.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| i as i64).take(a.max_answer_tokens).collect();
+        let answer: Vec<i64> = s
+            .loss_mask
+            .iter()
+            .enumerate()
+            .filter(|(_, &m)| m != 0)
+            .map(|(i, _)| i as i64)
+            .take(a.max_answer_tokens)
+            .collect();
         // the target reads up to the last answer token kept (causal: later ones change nothing)
         let end = answer.last().map_or(0, |&l| l as usize + 1);
         let ids: Vec<i64> = s.input_ids[..end].iter().map(|&i| i as i64).collect();
@@ -127,7 +154,11 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
             .with_context(|| format!("the target's forward over entry {}", s.id))?;
         let idx = Tensor::from_slice(&answer).to_device(device);
         for (l, h) in layers.iter().zip(&out.layers) {
-            let rows = h.squeeze_dim(0).index_select(0, &idx).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+            let rows = h
+                .squeeze_dim(0)
+                .index_select(0, &idx)
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu);
             per_layer.entry(*l).or_default().push(rows);
         }
         tokens += answer.len() as i64;
@@ -139,7 +170,10 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
             "forge build-knowledge: note: {tokens} answer tokens span at most {tokens} of the {dim} directions kept; the rest carry no variance (more --entries or a smaller --cache-dim)"
         );
     }
-    let stored: BTreeMap<i64, Tensor> = per_layer.into_iter().map(|(l, parts)| (l, project_pca(&Tensor::cat(&parts, 0), dim))).collect();
+    let stored: BTreeMap<i64, Tensor> = per_layer
+        .into_iter()
+        .map(|(l, parts)| (l, project_pca(&Tensor::cat(&parts, 0), dim)))
+        .collect();
     let manifest = CacheManifest {
         format: CACHE_FORMAT.into(),
         target: a.target.display().to_string(),
@@ -150,16 +184,26 @@ pub fn run(a: BuildKnowledgeArgs) -> Result<()> {
         tokens,
         hidden_size: cfg.hidden_size,
         cache_dim: dim,
-        projection: if dim < cfg.hidden_size { "pca".into() } else { "none".into() },
+        projection: if dim < cfg.hidden_size {
+            "pca".into()
+        } else {
+            "none".into()
+        },
         layers,
     };
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("--out: cannot create {}", dir.display()))?;
     }
-    let cache = KnowledgeCache { manifest, layers: stored };
-    cache.write(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
+    let cache = KnowledgeCache {
+        manifest,
+        layers: stored,
+    };
+    cache
+        .write(&a.out)
+        .with_context(|| format!("--out {}", a.out.display()))?;
     let side = a.out.with_extension("manifest.json");
-    std::fs::write(&side, serde_json::to_string_pretty(&cache.manifest)? + "\n").with_context(|| format!("writing {}", side.display()))?;
+    std::fs::write(&side, serde_json::to_string_pretty(&cache.manifest)? + "\n")
+        .with_context(|| format!("writing {}", side.display()))?;
     let mb = std::fs::metadata(&a.out).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
     println!(
         "forge build-knowledge: wrote {} ({} entries, {} answer tokens x {} per layer, {} layers, {:.1} MB) and {}",

@@ -178,8 +178,7 @@ pub fn read_manifest(ckpt: &Path) -> Result<Manifest> {
             TrainerError::Io { path: p.clone(), source }
         }
     })?;
-    let m: Manifest = serde_json::from_str(&text)
-        .map_err(|e| TrainerError::Config(format!("{}: {e}", p.display())))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| TrainerError::Config(format!("{}: {e}", p.display())))?;
     if m.format != CHECKPOINT_FORMAT {
         return Err(TrainerError::Config(format!(
             "{}: format {} is not {CHECKPOINT_FORMAT}",
@@ -258,8 +257,8 @@ pub fn load(ckpt: &Path) -> Result<Loaded> {
     let manifest = read_manifest(ckpt)?;
     let sp = ckpt.join(STATE);
     let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| TrainerError::Config(format!("{}: {e}", sp.display())))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| TrainerError::Config(format!("{}: {e}", sp.display())))?;
     let weights = SafetensorsFile::open(&ckpt.join(WEIGHTS))?.tensors()?;
     // sharded state: every rank's pieces (see dist::zero::assemble_full_state)
     let optimizer = if manifest.optimizer_shards == 0 {

@@ -76,7 +76,13 @@ impl Checkpointer {
     /// Writes the checkpoint of `state.step`: the weights of `weights`, `opt`'s state and
     /// `state`. Every rank calls it (it holds barriers when `opt`'s state is sharded).
     /// Returns the checkpoint folder on rank 0, None on the other ranks.
-    pub fn save(&self, dp: &mut dyn Comm, state: &TrainerState, weights: &nn::VarStore, opt: &DistAdamW) -> Result<Option<PathBuf>> {
+    pub fn save(
+        &self,
+        dp: &mut dyn Comm,
+        state: &TrainerState,
+        weights: &nn::VarStore,
+        opt: &DistAdamW,
+    ) -> Result<Option<PathBuf>> {
         let (rank, world) = (dp.rank(), dp.world());
         let rank0 = rank == 0;
         // sharded state: every rank writes its shard into rank 0's temporary folder
@@ -131,20 +137,36 @@ impl Checkpointer {
     /// Rank 0 writes the weights of `state.step` as `best/` (weights, trainer state and a
     /// manifest without optimizer state: for export and eval, not for resuming), with
     /// `best.json` naming `metric`, its value and the step. The other ranks do nothing.
-    pub fn save_best(&self, dp: &dyn Comm, state: &TrainerState, weights: &nn::VarStore, metric: &str, value: f64) -> Result<()> {
+    pub fn save_best(
+        &self,
+        dp: &dyn Comm,
+        state: &TrainerState,
+        weights: &nn::VarStore,
+        metric: &str,
+        value: f64,
+    ) -> Result<()> {
         if dp.rank() != 0 {
             return Ok(());
         }
         let tmp = self.dir.join(format!(".best.tmp.{}", self.tag));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io { path: tmp.clone(), source })?;
+            std::fs::remove_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io {
+                path: tmp.clone(),
+                source,
+            })?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io { path: tmp.clone(), source })?;
+        std::fs::create_dir_all(&tmp).map_err(|source| crate::error::TrainerError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
         let mut w: Vec<(String, Tensor)> = weights.variables().into_iter().collect();
         w.sort_by(|a, b| a.0.cmp(&b.0));
         let best = json!({ "metric": metric, "value": value, "step": state.step });
         let p = tmp.join(BEST_JSON);
-        std::fs::write(&p, best.to_string()).map_err(|source| crate::error::TrainerError::Io { path: p.clone(), source })?;
+        std::fs::write(&p, best.to_string()).map_err(|source| crate::error::TrainerError::Io {
+            path: p.clone(),
+            source,
+        })?;
         // assembled beside, then swapped in: a crash at any moment leaves a complete best/
         // (or the previous one under .best.old.<pid>)
         let staged = self.dir.join(format!(".best.new.{}", self.tag));
@@ -224,12 +246,22 @@ mod tests {
         )
         .expect("recipe");
         let mut dp = SingleProcess;
-        let c = Checkpointer::new(&recipe, dir.clone(), 7, spec(), PathBuf::from("/target"), serde_json::json!({}), &mut dp)
-            .expect("checkpointer");
+        let c = Checkpointer::new(
+            &recipe,
+            dir.clone(),
+            7,
+            spec(),
+            PathBuf::from("/target"),
+            serde_json::json!({}),
+            &mut dp,
+        )
+        .expect("checkpointer");
         assert_eq!((1..=8).filter(|&s| c.due(s)).collect::<Vec<_>>(), [3, 6, 7]);
 
         let vs = nn::VarStore::new(Device::Cpu);
-        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]));
+        let w = vs
+            .root()
+            .var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]));
         let cfg = AdamWConfig {
             lr: 1e-3,
             beta1: 0.9,
@@ -238,8 +270,15 @@ mod tests {
             weight_decay: 0.0,
         };
         for stage in [0, 1] {
-            let opt = DistAdamW::new(vec![("w".into(), w.shallow_clone())], cfg, &ParamPolicy::default(), stage, 25.0, &dp)
-                .expect("optimizer");
+            let opt = DistAdamW::new(
+                vec![("w".into(), w.shallow_clone())],
+                cfg,
+                &ParamPolicy::default(),
+                stage,
+                25.0,
+                &dp,
+            )
+            .expect("optimizer");
             let mut last = None;
             for step in [3, 6, 7] {
                 last = c.save(&mut dp, &state(step), &vs, &opt).expect("save");
@@ -255,7 +294,11 @@ mod tests {
             assert_eq!(loaded.manifest.optimizer_shards, stage as usize);
             let mut names: Vec<&str> = loaded.optimizer.iter().map(|(n, _)| n.as_str()).collect();
             names.sort();
-            let want: &[&str] = if stage == 0 { &["exp_avg/w", "exp_avg_sq/w"] } else { &["exp_avg/w@0", "exp_avg_sq/w@0"] };
+            let want: &[&str] = if stage == 0 {
+                &["exp_avg/w", "exp_avg_sq/w"]
+            } else {
+                &["exp_avg/w@0", "exp_avg_sq/w@0"]
+            };
             assert_eq!(names, want);
             assert!(loaded.weights[0].1.to_kind(Kind::Float).equal(&w.detach()));
             // no temporary folder is left behind

@@ -96,7 +96,15 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
     let template = chat_template(recipe)?;
     let opts = tokenize_options(recipe);
     let cache = &recipe.data.cache_dir;
-    let train = load_files(&recipe.data.train, &tokenizer, &template, &opts, cache, "tokenising", show_progress)?;
+    let train = load_files(
+        &recipe.data.train,
+        &tokenizer,
+        &template,
+        &opts,
+        cache,
+        "tokenising",
+        show_progress,
+    )?;
     if train.dataset.is_empty() {
         return Err(TrainerError::Config(format!(
             "data.train ({}) gives no trainable sample: {} conversations read, {} without assistant tokens, {} with none within max_length {}",
@@ -110,7 +118,15 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
     let eval = if recipe.data.eval.is_empty() {
         None
     } else {
-        Some(load_files(&recipe.data.eval, &tokenizer, &template, &opts, cache, "eval data", show_progress)?)
+        Some(load_files(
+            &recipe.data.eval,
+            &tokenizer,
+            &template,
+            &opts,
+            cache,
+            "eval data",
+            show_progress,
+        )?)
     };
     Ok(TokenData {
         tokenizer,
@@ -130,7 +146,15 @@ pub fn load_eval_data(recipe: &Recipe) -> Result<Option<LoadedDataset>> {
     let tokenizer = TextTokenizer::from_dir(dir)?;
     let template = chat_template(recipe)?;
     let opts = tokenize_options(recipe);
-    Ok(Some(load_files(&recipe.data.eval, &tokenizer, &template, &opts, &recipe.data.cache_dir, "eval data", false)?))
+    Ok(Some(load_files(
+        &recipe.data.eval,
+        &tokenizer,
+        &template,
+        &opts,
+        &recipe.data.cache_dir,
+        "eval data",
+        false,
+    )?))
 }
 
 /// The target's config.json.
@@ -209,7 +233,10 @@ pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
     };
     // Under `forge launch --gpus N` each worker takes the GPU of its LOCAL_RANK.
     if device.is_cuda() && matches!(recipe.target.device.as_str(), "auto" | "cuda") {
-        if let Some(local) = std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        if let Some(local) = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
             device = parse_device(&format!("cuda:{local}"))?;
         }
     }
@@ -309,8 +336,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
             let mut order: Vec<usize> = range.clone().collect();
             order.sort_by_key(|&i| std::cmp::Reverse(ds.sample_len(i)));
             for chunk in order.chunks(opts.batch_size.max(1)) {
-                let samples: Vec<(&[u32], &[u8])> =
-                    chunk.iter().map(|&i| (ds.input_ids(i), ds.mask(i))).collect();
+                let samples: Vec<(&[u32], &[u8])> = chunk.iter().map(|&i| (ds.input_ids(i), ds.mask(i))).collect();
                 let batch = forge_data::Batch::collate(&samples, 0);
                 let (b, l) = (batch.batch as i64, batch.len as i64);
                 let ids = Tensor::from_slice(&batch.input_ids).view([b, l]);

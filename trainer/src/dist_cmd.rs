@@ -117,7 +117,10 @@ fn run_train_bench(a: TrainBenchArgs) -> Result<()> {
     let mut header = true;
     bench_train::run(&opts, |r| {
         if std::mem::take(&mut header) {
-            println!("target: {} on {}, weights {}, drafter compute {}", r.target, r.device, r.target_dtype, r.compute_dtype);
+            println!(
+                "target: {} on {}, weights {}, drafter compute {}",
+                r.target, r.device, r.target_dtype, r.compute_dtype
+            );
             println!(
                 "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>11} {:>9} {:>7} {:>10}",
                 "drafter", "batch", "seq", "step ms", "target ms", "draft ms", "tokens/s", "TFLOP/s", "MFU", "peak MiB"
@@ -138,7 +141,9 @@ fn run_train_bench(a: TrainBenchArgs) -> Result<()> {
         );
         if let Some(f) = json.as_mut() {
             use std::io::Write;
-            let line = serde_json::to_string(r).map_err(std::io::Error::other).and_then(|s| writeln!(f, "{s}"));
+            let line = serde_json::to_string(r)
+                .map_err(std::io::Error::other)
+                .and_then(|s| writeln!(f, "{s}"));
             if let Err(e) = line {
                 write_err.get_or_insert(e);
             }
@@ -222,7 +227,10 @@ pub fn run_selftest(comm: CommArgs, fail_rank: Option<usize>, fail_after_rendezv
     }
     let (mut c, device) = open_comm(&comm)?;
     if fail_rank == Some(c.rank()) {
-        bail!("rank {} fails on purpose after the rendezvous (--fail-rank --fail-after-rendezvous)", c.rank());
+        bail!(
+            "rank {} fails on purpose after the rendezvous (--fail-rank --fail-after-rendezvous)",
+            c.rank()
+        );
     }
     let v = bench::selftest(c.as_mut(), device)?;
     println!("{}", serde_json::to_string(&v)?);

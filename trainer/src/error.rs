@@ -11,10 +11,7 @@ pub enum TrainerError {
     #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A recipe value that cannot work with this target or data (names the field and the fix).
     #[error("{0}")]
     Config(String),

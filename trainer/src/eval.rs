@@ -8,7 +8,7 @@
 //! speculative run's for the speculative run, the plain run's for the plain run).
 
 use crate::export::load_drafter_with_target;
-use crate::regenerate::{read_input, ChatArgs, resolve_dtype, show_progress, stop_ids, turn_seed, InputConversation};
+use crate::regenerate::{read_input, resolve_dtype, show_progress, stop_ids, turn_seed, ChatArgs, InputConversation};
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
@@ -107,7 +107,11 @@ fn check_args(a: &EvalArgs) -> Result<()> {
         bail!("--gamma must be at least 1");
     }
     if a.dynamic_gamma && (a.min_gamma == 0 || a.min_gamma > a.max_gamma) {
-        bail!("--min-gamma must be in 1..=--max-gamma ({}), got {}", a.max_gamma, a.min_gamma);
+        bail!(
+            "--min-gamma must be in 1..=--max-gamma ({}), got {}",
+            a.max_gamma,
+            a.min_gamma
+        );
     }
     if a.gamma > a.max_gamma {
         bail!("--gamma {} is above --max-gamma {}", a.gamma, a.max_gamma);
@@ -189,7 +193,11 @@ impl Tally {
         self.spec_tokens += o.spec_tokens;
         self.rounds += o.rounds;
         self.round_tokens += o.round_tokens;
-        for (v, w) in [(&mut self.proposed, &o.proposed), (&mut self.reached, &o.reached), (&mut self.accepted, &o.accepted)] {
+        for (v, w) in [
+            (&mut self.proposed, &o.proposed),
+            (&mut self.reached, &o.reached),
+            (&mut self.accepted, &o.accepted),
+        ] {
             if v.len() < w.len() {
                 v.resize(w.len(), 0);
             }
@@ -236,12 +244,18 @@ impl Tally {
 
     /// The draft's time per drafted token over the target's per plainly decoded token.
     fn draft_time_ratio(&self) -> Option<f64> {
-        (self.drafted > 0 && self.base_decode_tokens > 0 && self.base_decode_s > 0.0)
-            .then(|| ratio(self.draft_s, self.drafted as f64) / ratio(self.base_decode_s, self.base_decode_tokens as f64))
+        (self.drafted > 0 && self.base_decode_tokens > 0 && self.base_decode_s > 0.0).then(|| {
+            ratio(self.draft_s, self.drafted as f64) / ratio(self.base_decode_s, self.base_decode_tokens as f64)
+        })
     }
 
     fn to_json(&self, baseline: bool) -> Value {
-        let per = |num: &[usize], den: &[usize]| -> Vec<f64> { num.iter().zip(den).map(|(&a, &b)| round4(ratio(a as f64, b as f64))).collect() };
+        let per = |num: &[usize], den: &[usize]| -> Vec<f64> {
+            num.iter()
+                .zip(den)
+                .map(|(&a, &b)| round4(ratio(a as f64, b as f64)))
+                .collect()
+        };
         let mut v = json!({
             "turns": self.turns,
             "new_tokens": self.spec_tokens,
@@ -302,7 +316,12 @@ fn round4(x: f64) -> f64 {
 
 /// The draft must fit the target: same hidden size and vocabulary, auxiliary layers inside it.
 fn check_fit(draft_cfg: &Value, draft_src: &Path, target: &TargetConfig, target_dir: &Path) -> Result<()> {
-    let d = TargetConfig::from_value(draft_cfg.clone()).map_err(|e| anyhow::anyhow!("{}: the target config recorded with the draft: {e}", draft_src.display()))?;
+    let d = TargetConfig::from_value(draft_cfg.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the target config recorded with the draft: {e}",
+            draft_src.display()
+        )
+    })?;
     let mut problems = Vec::new();
     if d.hidden_size != target.hidden_size {
         problems.push(format!("hidden size {} vs {}", d.hidden_size, target.hidden_size));
@@ -430,7 +449,11 @@ impl Ctx<'_> {
                 stopped: s.stopped,
             };
             if !self.a.no_baseline {
-                let prompt_b = if k == 0 { prompt.clone() } else { self.encode(conv, k, &base_answers)? };
+                let prompt_b = if k == 0 {
+                    prompt.clone()
+                } else {
+                    self.encode(conv, k, &base_answers)?
+                };
                 let b = generate(self.model, &prompt_b, &self.base_opts(seed), |_| {})
                     .with_context(|| format!("plain decoding of prompt {} turn {}", conv.id, k + 1))?;
                 let base_s = b.prefill_seconds + b.decode_seconds;
@@ -442,8 +465,9 @@ impl Ctx<'_> {
                 rec.baseline_seconds = Some(round4(base_s));
                 if self.a.temperature <= 0.0 && prompt_b == prompt {
                     t.compared = 1;
-                    let d = greedy_divergence(self.model, &prompt, &b.tokens, &s.tokens)
-                        .with_context(|| format!("classifying the greedy mismatch of prompt {} turn {}", conv.id, k + 1))?;
+                    let d = greedy_divergence(self.model, &prompt, &b.tokens, &s.tokens).with_context(|| {
+                        format!("classifying the greedy mismatch of prompt {} turn {}", conv.id, k + 1)
+                    })?;
                     if let Some(d) = d {
                         t.mismatches = 1;
                         t.mismatches_at_ties = d.tie as usize;
@@ -480,14 +504,20 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
     line += &format!("  draft {:.2} ms/token", 1e3 * ratio(t.draft_s, t.drafted as f64));
     if !t.counters.is_empty() {
         let all: u64 = t.counters.values().sum();
-        let shares: Vec<String> = t.counters.iter().map(|(k, n)| format!("{k} {:.0}%", 100.0 * ratio(*n as f64, all as f64))).collect();
+        let shares: Vec<String> = t
+            .counters
+            .iter()
+            .map(|(k, n)| format!("{k} {:.0}%", 100.0 * ratio(*n as f64, all as f64)))
+            .collect();
         line += &format!("  [{}]", shares.join(" "));
     }
     if baseline {
         line += &format!(
             "  plain {:.1} tok/s  draft/target time {}  speedup {}",
             ratio(t.base_tokens as f64, t.base_s),
-            t.draft_time_ratio().map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
+            t.draft_time_ratio()
+                .map(|r| format!("{r:.3}"))
+                .unwrap_or_else(|| "-".into()),
             t.speedup().map(|s| format!("{s:.3}x")).unwrap_or_else(|| "-".into())
         );
         if t.compared > 0 {
@@ -502,7 +532,8 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
 
 /// A KEY=VALUE draft option given with `flag`, split.
 fn draft_option<'o>(opt: &'o str, flag: &str) -> Result<(&'o str, &'o str)> {
-    opt.split_once('=').ok_or_else(|| anyhow::anyhow!("{flag} {opt}: write KEY=VALUE"))
+    opt.split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("{flag} {opt}: write KEY=VALUE"))
 }
 
 /// Applies a KEY=VALUE draft option given with `flag`.
@@ -530,7 +561,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let loaded = load_drafter_with_target(&a.draft, device, dtype.kind(), a.target.as_deref())
         .with_context(|| format!("--draft {}", a.draft.display()))?;
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
-    let model = TargetModel::load(&target_dir, dtype, device).with_context(|| format!("loading target {}", target_dir.display()))?;
+    let model = TargetModel::load(&target_dir, dtype, device)
+        .with_context(|| format!("loading target {}", target_dir.display()))?;
     check_fit(&loaded.target_config, &loaded.source, &model.config, &target_dir)?;
     let mut drafter = loaded.drafter;
     for opt in &a.draft_options {
@@ -543,7 +575,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let description = drafter.describe();
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
-    let template = ChatTemplate::from_name(&a.chat.chat_template, &target_dir).with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
+    let template = ChatTemplate::from_name(&a.chat.chat_template, &target_dir)
+        .with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let stop = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
     let ctx = Ctx {
         a: &a,
@@ -558,7 +591,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // the draft's own weights (what it adds to the target's memory besides its KV cache)
     let draft_vars = drafter.var_store().variables();
     let draft_params: i64 = draft_vars.values().map(|t| t.numel() as i64).sum();
-    let draft_bytes: i64 = draft_vars.values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64).sum();
+    let draft_bytes: i64 = draft_vars
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64)
+        .sum();
     eprintln!(
         "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
         loaded.spec.kind(),
@@ -587,11 +623,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
         };
         let mut warm_args = a.clone();
         warm_args.max_new_tokens = a.max_new_tokens.min(8);
-        let warm_ctx = Ctx { a: &warm_args, stop: ctx.stop.clone(), ..ctx };
+        let warm_ctx = Ctx {
+            a: &warm_args,
+            stop: ctx.stop.clone(),
+            ..ctx
+        };
         warm_ctx.conversation(&warm, &mut Tally::default(), &mut Vec::new())?;
     }
 
-    let pb = crate::data::styled_bar(total_turns as u64, "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}", show_progress(&a.chat.progress));
+    let pb = crate::data::styled_bar(
+        total_turns as u64,
+        "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}",
+        show_progress(&a.chat.progress),
+    );
     let mut overall = Tally::default();
     let mut file_reports = Vec::new();
     // the report names its draft; on a terminal the header above (stderr) already did
@@ -605,7 +649,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         for conv in convs {
             let mut t = Tally::default();
             ctx.conversation(conv, &mut t, &mut records)?;
-            by_cat.entry(conv.category.clone().unwrap_or_else(|| "-".into())).or_default().merge(&t);
+            by_cat
+                .entry(conv.category.clone().unwrap_or_else(|| "-".into()))
+                .or_default()
+                .merge(&t);
             tally.merge(&t);
             pb.inc(conv.user_turns() as u64);
             pb.set_message(format!("tau {:.2}", tally.tau()));
@@ -638,11 +685,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
         set_draft_option(drafter.as_mut(), opt, "--ablate")?;
         let mut args = a.clone();
         args.no_baseline = true;
-        let actx = Ctx { a: &args, model: &model, drafter: drafter.as_ref(), tokenizer: &tokenizer, template: &template, stop: stop.clone() };
+        let actx = Ctx {
+            a: &args,
+            model: &model,
+            drafter: drafter.as_ref(),
+            tokenizer: &tokenizer,
+            template: &template,
+            stop: stop.clone(),
+        };
         let mut t = Tally::default();
         for (_, convs) in &files {
             for conv in convs {
-                actx.conversation(conv, &mut t, &mut Vec::new()).with_context(|| format!("--ablate {opt}"))?;
+                actx.conversation(conv, &mut t, &mut Vec::new())
+                    .with_context(|| format!("--ablate {opt}"))?;
             }
         }
         t.baseline_of(&overall);
@@ -682,7 +737,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("--json: cannot create {}", dir.display()))?;
         }
         let mut f = std::fs::File::create(out).with_context(|| format!("--json {}: cannot create", out.display()))?;
-        writeln!(f, "{}", serde_json::to_string_pretty(&report)?).with_context(|| format!("--json {}: write failed", out.display()))?;
+        writeln!(f, "{}", serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("--json {}: write failed", out.display()))?;
         eprintln!("forge eval: wrote {}", out.display());
     }
     let errors = overall.mismatches - overall.mismatches_at_ties;
@@ -701,7 +757,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             dtype.name()
         );
     } else if a.verify {
-        eprintln!("forge eval: verified: all {} greedy speculative outputs equal plain greedy decoding", overall.compared);
+        eprintln!(
+            "forge eval: verified: all {} greedy speculative outputs equal plain greedy decoding",
+            overall.compared
+        );
     }
     Ok(())
 }

@@ -60,16 +60,23 @@ pub fn load_drafter(path: &Path, device: Device) -> Result<LoadedDrafter> {
 /// [`load_drafter`] computing in `compute`, reading the tensors the drafter shares with its
 /// target (embedding, lm_head) from `target` instead of the target folder the checkpoint
 /// records.
-pub fn load_drafter_with_target(path: &Path, device: Device, compute: Kind, target: Option<&Path>) -> Result<LoadedDrafter> {
+pub fn load_drafter_with_target(
+    path: &Path,
+    device: Device,
+    compute: Kind,
+    target: Option<&Path>,
+) -> Result<LoadedDrafter> {
     let forge_desc = path.join(FORGE_EXPORT);
     if forge_desc.is_file() {
         let text = std::fs::read_to_string(&forge_desc).map_err(|source| TrainerError::Io {
             path: forge_desc.clone(),
             source,
         })?;
-        let d: ForgeExport = serde_json::from_str(&text)
-            .map_err(|e| TrainerError::Config(format!("{}: {e}", forge_desc.display())))?;
-        let target = target.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&d.target));
+        let d: ForgeExport =
+            serde_json::from_str(&text).map_err(|e| TrainerError::Config(format!("{}: {e}", forge_desc.display())))?;
+        let target = target
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&d.target));
         let access = shared_with_target(&d.drafter, &target, &d.target_config)?;
         let drafter = d.drafter.build(&access, device, compute)?;
         let weights = SafetensorsFile::open(&path.join("model.safetensors"))?.tensors()?;
@@ -87,7 +94,11 @@ pub fn load_drafter_with_target(path: &Path, device: Device, compute: Kind, targ
         let named = std::fs::read_to_string(path.join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("base_model_name_or_path").and_then(|b| b.as_str()).map(PathBuf::from))
+            .and_then(|v| {
+                v.get("base_model_name_or_path")
+                    .and_then(|b| b.as_str())
+                    .map(PathBuf::from)
+            })
             .filter(|p| p.join("config.json").is_file());
         let Some(target_dir) = target.map(Path::to_path_buf).or(named) else {
             return Err(TrainerError::Config(format!(
@@ -196,12 +207,18 @@ pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<Exp
             forge_version: env!("CARGO_PKG_VERSION").into(),
         };
         let v = serde_json::to_value(&desc).map_err(|e| TrainerError::Config(e.to_string()))?;
-        (vec![("model.safetensors".to_string(), w)], vec![(FORGE_EXPORT.to_string(), v)])
+        (
+            vec![("model.safetensors".to_string(), w)],
+            vec![(FORGE_EXPORT.to_string(), v)],
+        )
     } else {
         // engines read the target's name from the HF `_name_or_path`, often empty in a
         // local folder's config.json: the target path the draft was trained against then
         let mut target_config = l.target_config.clone();
-        let named = target_config.get("_name_or_path").and_then(|v| v.as_str()).is_some_and(|s| !s.is_empty());
+        let named = target_config
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .is_some_and(|s| !s.is_empty());
         if !named {
             if let Some(obj) = target_config.as_object_mut() {
                 obj.insert("_name_or_path".into(), l.target.display().to_string().into());
@@ -237,7 +254,10 @@ pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<Exp
         }
         let p = out.join(&name);
         let text = serde_json::to_string_pretty(&value).map_err(|e| TrainerError::Config(e.to_string()))?;
-        std::fs::write(&p, text + "\n").map_err(|source| TrainerError::Io { path: p.clone(), source })?;
+        std::fs::write(&p, text + "\n").map_err(|source| TrainerError::Io {
+            path: p.clone(),
+            source,
+        })?;
         files.push(p);
     }
     let files = files

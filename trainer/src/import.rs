@@ -41,14 +41,18 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 fn int(cfg: &Value, key: &str, file: &Path) -> Result<i64> {
-    cfg.get(key)
-        .and_then(Value::as_i64)
-        .ok_or_else(|| TrainerError::Config(format!("{}: no integer \"{key}\" (an engine draft's config.json holds it)", file.display())))
+    cfg.get(key).and_then(Value::as_i64).ok_or_else(|| {
+        TrainerError::Config(format!(
+            "{}: no integer \"{key}\" (an engine draft's config.json holds it)",
+            file.display()
+        ))
+    })
 }
 
 /// The draft layer an engine builds from the draft's own Llama config.json.
 fn layer(cfg: &Value, file: &Path) -> Result<DraftLayerSpec> {
-    let c = TargetConfig::from_value(cfg.clone()).map_err(|e| TrainerError::Config(format!("{}: {e}", file.display())))?;
+    let c =
+        TargetConfig::from_value(cfg.clone()).map_err(|e| TrainerError::Config(format!("{}: {e}", file.display())))?;
     let l = DraftLayerSpec {
         hidden_size: c.hidden_size,
         num_heads: c.num_heads,
@@ -68,7 +72,10 @@ fn layer(cfg: &Value, file: &Path) -> Result<DraftLayerSpec> {
 /// capture points (output + 1); without either, the engines' default layers of the target.
 fn aux_layers(cfg: &Value, target: &TargetConfig) -> Vec<i64> {
     let ids = |v: Option<&Value>| -> Option<Vec<i64>> { v?.as_array()?.iter().map(Value::as_i64).collect() };
-    if let Some(a) = ids(cfg.get("eagle_config").and_then(|e| e.get("eagle_aux_hidden_state_layer_ids"))) {
+    if let Some(a) = ids(cfg
+        .get("eagle_config")
+        .and_then(|e| e.get("eagle_aux_hidden_state_layer_ids")))
+    {
         return a;
     }
     if let Some(a) = ids(cfg.get("eagle_aux_hidden_state_layer_ids")) {
@@ -131,10 +138,16 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
             None => layer(&cfg, &cfg_path)?,
         };
         let draft_vocab = cfg.get("draft_vocab_size").and_then(Value::as_i64).unwrap_or(vocab);
-        let target_hidden = cfg.get("target_hidden_size").and_then(Value::as_i64).unwrap_or(l.hidden_size);
+        let target_hidden = cfg
+            .get("target_hidden_size")
+            .and_then(Value::as_i64)
+            .unwrap_or(l.hidden_size);
         // forge's midlayer adds the un-normed hidden state to the residual: SGLang's and
         // vLLM's EAGLE-3 by default, the speculators parser only with an explicit false
-        let nbr = cfg.get("norm_before_residual").and_then(Value::as_bool).unwrap_or(speculators);
+        let nbr = cfg
+            .get("norm_before_residual")
+            .and_then(Value::as_bool)
+            .unwrap_or(speculators);
         if nbr {
             return Err(TrainerError::Config(format!(
                 "{}: norm_before_residual is {} for this EAGLE-3 draft (the residual is the normed hidden state); forge's EAGLE-3 adds the un-normed one and cannot load it",
@@ -160,7 +173,11 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
                 vocab_size: vocab,
                 layer: l,
             }),
-            format: if speculators { ExportFormat::Speculators } else { ExportFormat::Sglang },
+            format: if speculators {
+                ExportFormat::Speculators
+            } else {
+                ExportFormat::Sglang
+            },
             weights: model_file,
             what: "EAGLE-3 (SGLang / vLLM)",
         }
@@ -197,10 +214,16 @@ fn recognise(dir: &Path, target: &TargetConfig) -> Result<Option<Found>> {
 /// Loads the engine-format draft in `dir` against the target folder `target_dir` (its
 /// embedding and lm_head, and its config for what the draft's config leaves out). None when
 /// `dir` is not an engine-format draft.
-pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute: Kind) -> Result<Option<LoadedDrafter>> {
+pub fn load_engine_draft(
+    dir: &Path,
+    target_dir: &Path,
+    device: Device,
+    compute: Kind,
+) -> Result<Option<LoadedDrafter>> {
     let target_cfg_path = target_dir.join("config.json");
     let target_raw = read_json(&target_cfg_path)?;
-    let target = TargetConfig::from_value(target_raw.clone()).map_err(|e| TrainerError::Config(format!("{}: {e}", target_cfg_path.display())))?;
+    let target = TargetConfig::from_value(target_raw.clone())
+        .map_err(|e| TrainerError::Config(format!("{}: {e}", target_cfg_path.display())))?;
     let Some(found) = recognise(dir, &target)? else {
         return Ok(None);
     };
@@ -212,7 +235,12 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
     let views = drafter.export(found.format, &target_raw)?;
     // views of the drafter's own variables take the folder's values; any other tensor of the
     // layout (the target's shared lm_head, a fixed zero bias) must already equal them
-    let own: Vec<i64> = drafter.var_store().variables().values().map(|v| v.data_ptr() as i64).collect();
+    let own: Vec<i64> = drafter
+        .var_store()
+        .variables()
+        .values()
+        .map(|v| v.data_ptr() as i64)
+        .collect();
     let mut missing = Vec::new();
     let mut used = Vec::new();
     tch::no_grad(|| -> Result<()> {
@@ -230,7 +258,8 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
                         used.push(name.clone());
                     }
                     Some(t) if t.size() == view.size() => {
-                        view.shallow_clone().copy_(&t.to_kind(view.kind()).to_device(view.device()));
+                        view.shallow_clone()
+                            .copy_(&t.to_kind(view.kind()).to_device(view.device()));
                         used.push(name.clone());
                     }
                     Some(t) => {
@@ -261,7 +290,10 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
             )));
         }
     }
-    let extra: Vec<&String> = file.keys().filter(|k| !used.contains(k) && !ignored.contains(&k.as_str())).collect();
+    let extra: Vec<&String> = file
+        .keys()
+        .filter(|k| !used.contains(k) && !ignored.contains(&k.as_str()))
+        .collect();
     if !missing.is_empty() || !extra.is_empty() {
         return Err(TrainerError::Config(format!(
             "{}: not a {} draft for this target: missing {missing:?}, unexpected {extra:?}",
@@ -285,7 +317,14 @@ pub fn load_engine_draft(dir: &Path, target_dir: &Path, device: Device, compute:
     for (_, tensors) in &again.tensor_files {
         for (name, t) in tensors {
             let f = &file[name];
-            let same = t.to_device(Device::Cpu).to_kind(f.kind()).equal(f) || (f.is_floating_point() && t.to_kind(Kind::Double).to_device(Device::Cpu).allclose(&f.to_kind(Kind::Double), 0.0, 0.0, false));
+            let same = t.to_device(Device::Cpu).to_kind(f.kind()).equal(f)
+                || (f.is_floating_point()
+                    && t.to_kind(Kind::Double).to_device(Device::Cpu).allclose(
+                        &f.to_kind(Kind::Double),
+                        0.0,
+                        0.0,
+                        false,
+                    ));
             if !same {
                 return Err(TrainerError::Config(format!(
                     "{}: {name} does not survive loading into a {} drafter",

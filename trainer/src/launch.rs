@@ -103,10 +103,17 @@ impl LaunchArgs {
             (None, Some(n)) => (n, false),
         };
         if nproc == 0 {
-            return Err(bad(if gpus { "--gpus" } else { "--nproc" }, "must be at least 1".into()));
+            return Err(bad(
+                if gpus { "--gpus" } else { "--nproc" },
+                "must be at least 1".into(),
+            ));
         }
         if gpus {
-            let have = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+            let have = if tch::Cuda::is_available() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
             if have < nproc {
                 return Err(bad(
                     "--gpus",
@@ -120,15 +127,24 @@ impl LaunchArgs {
         if self.node_rank >= self.nnodes {
             return Err(bad(
                 "--node-rank",
-                format!("{} is not below --nnodes {} (nodes are numbered 0..nnodes)", self.node_rank, self.nnodes),
+                format!(
+                    "{} is not below --nnodes {} (nodes are numbered 0..nnodes)",
+                    self.node_rank, self.nnodes
+                ),
             ));
         }
         let (master_addr, master_port) = if self.nnodes > 1 {
             let addr = self.master_addr.clone().ok_or_else(|| {
-                bad("--master-addr", "is required with --nnodes > 1: the address of node 0, reachable from every node".into())
+                bad(
+                    "--master-addr",
+                    "is required with --nnodes > 1: the address of node 0, reachable from every node".into(),
+                )
             })?;
             let port = self.master_port.ok_or_else(|| {
-                bad("--master-port", "is required with --nnodes > 1: a free TCP port on node 0, the same on every node".into())
+                bad(
+                    "--master-port",
+                    "is required with --nnodes > 1: a free TCP port on node 0, the same on every node".into(),
+                )
             })?;
             (addr, port)
         } else {
@@ -140,7 +156,10 @@ impl LaunchArgs {
             (addr, port)
         };
         if self.command.is_empty() {
-            return Err(bad("--", "give the forge command to run after --, e.g. `forge launch --nproc 2 -- train recipe.yaml`".into()));
+            return Err(bad(
+                "--",
+                "give the forge command to run after --, e.g. `forge launch --nproc 2 -- train recipe.yaml`".into(),
+            ));
         }
         Ok(Plan {
             nproc,
@@ -181,7 +200,8 @@ fn pump(
                             if line.starts_with(b"error:") {
                                 if let Ok(mut e) = errors.lock() {
                                     if !e.iter().any(|(r, _)| r == rank) {
-                                        let text = String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
+                                        let text =
+                                            String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
                                         e.push((*rank, text));
                                     }
                                 }
@@ -240,7 +260,11 @@ fn stop_all(workers: &mut [Worker], exits: &std::sync::mpsc::Receiver<Exit>, gra
     let deadline = Instant::now() + grace;
     let mut killed = false;
     while workers.iter().any(|w| w.status.is_none()) {
-        let wait = if killed { Duration::from_secs(1) } else { deadline.saturating_duration_since(Instant::now()) };
+        let wait = if killed {
+            Duration::from_secs(1)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
         match exits.recv_timeout(wait) {
             Ok(e) => record(workers, &e),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !killed => {
@@ -277,10 +301,13 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         plan.master_port
     );
     // like torchrun: workers share this node's cores instead of each taking all of them
-    let threads = std::env::var("OMP_NUM_THREADS").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / plan.nproc).max(1).to_string()
-    });
+    let threads = std::env::var("OMP_NUM_THREADS")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / plan.nproc).max(1).to_string()
+        });
     let (tx, exits) = std::sync::mpsc::channel::<Exit>();
     let error_lines: ErrorLines = Default::default();
     let mut workers: Vec<Worker> = Vec::new();
@@ -325,7 +352,10 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
-                spawn_error = Some(TrainerError::Io { path: exe.clone(), source });
+                spawn_error = Some(TrainerError::Io {
+                    path: exe.clone(),
+                    source,
+                });
                 break;
             }
         };
@@ -382,7 +412,10 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     if let (Some(f), false) = (failure.as_mut(), errors.is_empty()) {
         // when one rank fails, the others' collectives fail moments later and one of them may
         // exit (and even print) first: every rank's error names the cause among them
-        let each: Vec<String> = errors.iter().map(|(rank, line)| format!("rank {rank}: {line}")).collect();
+        let each: Vec<String> = errors
+            .iter()
+            .map(|(rank, line)| format!("rank {rank}: {line}"))
+            .collect();
         f.push_str(&format!(" (errors: {})", each.join("; ")));
     }
     if let Some(e) = spawn_error {

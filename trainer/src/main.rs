@@ -214,12 +214,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             }
         }
     })?;
-    let content: Vec<i64> = gen
-        .tokens
-        .iter()
-        .copied()
-        .filter(|id| !stop_ids.contains(id))
-        .collect();
+    let content: Vec<i64> = gen.tokens.iter().copied().filter(|id| !stop_ids.contains(id)).collect();
     let out_text = tokenizer.decode(&content, true)?;
     if a.json {
         let v = serde_json::json!({
@@ -277,11 +272,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Check { recipe, set, print } => run_check(recipe, set, print),
-        Command::Train {
-            recipe,
-            set,
-            resume,
-        } => train_cmd::run_train(recipe, set, resume),
+        Command::Train { recipe, set, resume } => train_cmd::run_train(recipe, set, resume),
         Command::RecipeReference => {
             print!("{}", forge_trainer::recipe::reference::markdown());
             Ok(())

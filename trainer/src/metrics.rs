@@ -55,12 +55,7 @@ impl MetricsLogger {
     /// metrics.jsonl keeps only the rows with step <= resume_step (rewritten atomically:
     /// temp file + rename; torn or unreadable lines are dropped too), and TensorBoard hides
     /// earlier events with step > resume_step.
-    pub fn open_resume(
-        dir: &Path,
-        tensorboard: bool,
-        jsonl: bool,
-        resume_step: u64,
-    ) -> Result<Self> {
+    pub fn open_resume(dir: &Path, tensorboard: bool, jsonl: bool, resume_step: u64) -> Result<Self> {
         Self::open(dir, tensorboard, jsonl, Some(resume_step))
     }
 
@@ -115,9 +110,7 @@ impl MetricsLogger {
         let time = unix_seconds();
         if let Some((path, w)) = self.jsonl.as_mut() {
             let line = jsonl_row(step, time, scalars);
-            w.write_all(line.as_bytes())
-                .and_then(|_| w.flush())
-                .map_err(io(path))?;
+            w.write_all(line.as_bytes()).and_then(|_| w.flush()).map_err(io(path))?;
         }
         if let Some(tb) = self.tb.as_mut() {
             tb.write_event(&scalar_event(time, step, scalars))?;
@@ -213,11 +206,7 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
             k += 1;
         }
         table[i] = c;
@@ -401,8 +390,7 @@ mod tests {
     use super::*;
 
     fn tmpdir(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("forge-metrics-test-{name}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("forge-metrics-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }
@@ -450,17 +438,9 @@ mod tests {
             assert!(i + 12 <= bytes.len(), "truncated header at {i}");
             let len_bytes = &bytes[i..i + 8];
             let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
-            assert_eq!(
-                u32_at(i + 8),
-                masked(len_bytes),
-                "length CRC of record at {i}"
-            );
+            assert_eq!(u32_at(i + 8), masked(len_bytes), "length CRC of record at {i}");
             let data = &bytes[i + 12..i + 12 + len];
-            assert_eq!(
-                u32_at(i + 12 + len),
-                masked(data),
-                "data CRC of record at {i}"
-            );
+            assert_eq!(u32_at(i + 12 + len), masked(data), "data CRC of record at {i}");
             out.push(data.to_vec());
             i += 12 + len + 4;
         }
@@ -544,15 +524,12 @@ mod tests {
                         let (mut tag, mut simple) = (None, None);
                         for (k, x) in decode(&value) {
                             match (k, x) {
-                                (1, Field::Bytes(t)) => {
-                                    tag = Some(String::from_utf8(t).expect("utf8"))
-                                }
+                                (1, Field::Bytes(t)) => tag = Some(String::from_utf8(t).expect("utf8")),
                                 (2, Field::Fixed32(x)) => simple = Some(f32::from_le_bytes(x)),
                                 other => panic!("unexpected Summary.Value field {other:?}"),
                             }
                         }
-                        ev.scalars
-                            .push((tag.expect("tag"), simple.expect("simple_value")));
+                        ev.scalars.push((tag.expect("tag"), simple.expect("simple_value")));
                     }
                 }
                 (7, Field::Bytes(log)) => {
@@ -579,10 +556,7 @@ mod tests {
 
     fn read_events(path: &Path) -> Vec<Ev> {
         let bytes = std::fs::read(path).expect("event file");
-        read_records(&bytes)
-            .iter()
-            .map(|r| parse_event(r))
-            .collect()
+        read_records(&bytes).iter().map(|r| parse_event(r)).collect()
     }
 
     fn read_jsonl(dir: &Path) -> Vec<serde_json::Value> {
@@ -600,13 +574,9 @@ mod tests {
         let dir = tmpdir("jsonl");
         let mut log = MetricsLogger::new(&dir, false, true).expect("open");
         assert!(log.event_file().is_none());
-        log.log(1, &[("train/loss", 2.5), ("train/lr", 1.0e-4)])
+        log.log(1, &[("train/loss", 2.5), ("train/lr", 1.0e-4)]).expect("log");
+        log.log(2, &[("train/loss", 0.1 + 0.2), ("weird \"name\"", f64::NAN)])
             .expect("log");
-        log.log(
-            2,
-            &[("train/loss", 0.1 + 0.2), ("weird \"name\"", f64::NAN)],
-        )
-        .expect("log");
         log.flush();
         let rows = read_jsonl(&dir);
         assert_eq!(rows.len(), 2);
@@ -633,8 +603,7 @@ mod tests {
         let mut log = MetricsLogger::new(&dir, true, false).expect("open");
         assert!(log.jsonl_path().is_none());
         log.log(0, &[("eval/loss", 3.0)]).expect("log");
-        log.log(10, &[("train/loss", 1.25), ("train/lr", 3.0e-4)])
-            .expect("log");
+        log.log(10, &[("train/loss", 1.25), ("train/lr", 3.0e-4)]).expect("log");
         log.log(300, &[("train/loss", 0.5)]).expect("log");
         log.flush();
         let files = event_files(&dir);
@@ -652,10 +621,7 @@ mod tests {
         assert_eq!(ev[3].step, 10);
         assert_eq!(
             ev[3].scalars,
-            [
-                ("train/loss".to_string(), 1.25f32),
-                ("train/lr".to_string(), 3.0e-4f32)
-            ]
+            [("train/loss".to_string(), 1.25f32), ("train/lr".to_string(), 3.0e-4f32)]
         );
         assert_eq!(ev[4].step, 300);
         assert_eq!(ev[4].scalars, [("train/loss".to_string(), 0.5f32)]);
@@ -678,10 +644,7 @@ mod tests {
         drop(f);
 
         let mut log = MetricsLogger::open_resume(&dir, true, true, 3).expect("resume");
-        let steps: Vec<u64> = read_jsonl(&dir)
-            .iter()
-            .filter_map(|r| r["step"].as_u64())
-            .collect();
+        let steps: Vec<u64> = read_jsonl(&dir).iter().filter_map(|r| r["step"].as_u64()).collect();
         assert_eq!(steps, [1, 2, 3]);
         assert!(!dir.join("metrics.jsonl.tmp").exists());
         log.log(4, &[("train/loss", 40.0)]).expect("log");
@@ -698,10 +661,7 @@ mod tests {
         let new = files
             .iter()
             .map(|f| read_events(f))
-            .find(|ev| {
-                ev.iter()
-                    .any(|e| e.session_status == Some(1) && e.step == 4)
-            })
+            .find(|ev| ev.iter().any(|e| e.session_status == Some(1) && e.step == 4))
             .expect("resumed event file");
         assert_eq!(
             new.last().map(|e| (e.step, e.scalars.clone())),

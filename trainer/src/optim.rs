@@ -274,11 +274,7 @@ impl AdamW {
                 }
             })
             .collect();
-        Ok(AdamW {
-            cfg,
-            slots,
-            step: 0,
-        })
+        Ok(AdamW { cfg, slots, step: 0 })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -309,16 +305,9 @@ impl AdamW {
             let device = first.device();
             let squares: Vec<Tensor> = grads
                 .iter()
-                .map(|g| {
-                    g.norm_scalaropt_dtype(2, Kind::Double)
-                        .square()
-                        .to_device(device)
-                })
+                .map(|g| g.norm_scalaropt_dtype(2, Kind::Double).square().to_device(device))
                 .collect();
-            let norm = Tensor::stack(&squares, 0)
-                .sum(Kind::Double)
-                .sqrt()
-                .double_value(&[]);
+            let norm = Tensor::stack(&squares, 0).sum(Kind::Double).sqrt().double_value(&[]);
             let coef = clip_coef(norm, max_norm);
             if coef != 1.0 {
                 for mut g in grads {
@@ -350,7 +339,16 @@ impl AdamW {
                     s.param.to_kind(Kind::Float)
                 };
                 let lr = lr * s.rule.lr_scale;
-                adamw_update(&mut p, &g, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, s.rule.decay);
+                adamw_update(
+                    &mut p,
+                    &g,
+                    &mut s.exp_avg,
+                    &mut s.exp_avg_sq,
+                    step,
+                    lr,
+                    &cfg,
+                    s.rule.decay,
+                );
                 if !fp32 {
                     s.param.copy_(&p);
                 }
@@ -370,10 +368,7 @@ impl AdamW {
         let mut out = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
             out.push((format!("{EXP_AVG}{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((
-                format!("{EXP_AVG_SQ}{}", s.name),
-                s.exp_avg_sq.shallow_clone(),
-            ));
+            out.push((format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.shallow_clone()));
         }
         out
     }
@@ -382,15 +377,11 @@ impl AdamW {
     /// on their device, as fp32) and the step count. Every parameter needs both tensors with
     /// its shape, and every tensor must belong to a parameter; errors name the tensor.
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
-        let by_name: HashMap<&str, &Tensor> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let err = |m: String| TrainerError::OptimizerState(m);
         // Check everything before touching the state.
         for s in &self.slots {
-            for key in [
-                format!("{EXP_AVG}{}", s.name),
-                format!("{EXP_AVG_SQ}{}", s.name),
-            ] {
+            for key in [format!("{EXP_AVG}{}", s.name), format!("{EXP_AVG_SQ}{}", s.name)] {
                 let t = by_name
                     .get(key.as_str())
                     .ok_or_else(|| err(format!("missing tensor {key}")))?;
@@ -402,10 +393,7 @@ impl AdamW {
                     )));
                 }
                 if !t.is_floating_point() {
-                    return Err(err(format!(
-                        "tensor {key} is {:?}, expected a float tensor",
-                        t.kind()
-                    )));
+                    return Err(err(format!("tensor {key} is {:?}, expected a float tensor", t.kind())));
                 }
             }
         }
@@ -446,8 +434,7 @@ impl AdamW {
             .iter()
             .map(|s| {
                 (s.exp_avg.numel() * s.exp_avg.kind().elt_size_in_bytes()
-                    + s.exp_avg_sq.numel() * s.exp_avg_sq.kind().elt_size_in_bytes())
-                    as u64
+                    + s.exp_avg_sq.numel() * s.exp_avg_sq.kind().elt_size_in_bytes()) as u64
             })
             .sum()
     }
@@ -481,9 +468,7 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f64> {
         let flat = t.detach().to_kind(Kind::Double).flatten(0, -1);
-        (0..flat.size()[0])
-            .map(|i| flat.double_value(&[i]))
-            .collect()
+        (0..flat.size()[0]).map(|i| flat.double_value(&[i])).collect()
     }
 
     /// Sets the gradients through autograd: d/dp sum(p * G) = G.
@@ -501,10 +486,7 @@ mod tests {
         let w = var(&W0, &[2, 2]);
         let b = var(&B0, &[2]);
         let opt = AdamW::new(
-            vec![
-                ("w".into(), w.shallow_clone()),
-                ("b".into(), b.shallow_clone()),
-            ],
+            vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
             cfg(),
             &ParamPolicy::default(),
         )
@@ -515,10 +497,7 @@ mod tests {
     fn assert_close(got: &[f64], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= tol,
-                "element {i}: got {g}, want {w} (tol {tol})"
-            );
+            assert!((g - w).abs() <= tol, "element {i}: got {g}, want {w} (tol {tol})");
         }
     }
 
@@ -554,16 +533,8 @@ mod tests {
             opt.step(LR);
         }
         assert_eq!(opt.step_count(), 3);
-        let want_w: Vec<f64> = W0
-            .iter()
-            .zip(GW)
-            .map(|(&p, g)| by_hand(p, g, 3, true))
-            .collect();
-        let want_b: Vec<f64> = B0
-            .iter()
-            .zip(GB)
-            .map(|(&p, g)| by_hand(p, g, 3, false))
-            .collect();
+        let want_w: Vec<f64> = W0.iter().zip(GW).map(|(&p, g)| by_hand(p, g, 3, true)).collect();
+        let want_b: Vec<f64> = B0.iter().zip(GB).map(|(&p, g)| by_hand(p, g, 3, false)).collect();
         assert_close(&values(&w), &want_w, 2e-6);
         assert_close(&values(&b), &want_b, 2e-6);
         // With a constant gradient every bias-corrected update is g/(|g|+eps) ~ sign(g), so
@@ -573,18 +544,14 @@ mod tests {
         let lit_b = [0.5 - 0.3 * s(0.01), -1.0 - 0.3 * s(-0.5)]; // [0.2, -0.7]
         assert_close(&values(&b), &lit_b, 1e-5);
         assert_close(&want_b, &[0.2, -0.7], 1e-5);
-        let shrink =
-            |p0: f64, g: f64| ((p0 * 0.99 - 0.1 * s(g)) * 0.99 - 0.1 * s(g)) * 0.99 - 0.1 * s(g);
+        let shrink = |p0: f64, g: f64| ((p0 * 0.99 - 0.1 * s(g)) * 0.99 - 0.1 * s(g)) * 0.99 - 0.1 * s(g);
         let lit_w: Vec<f64> = W0.iter().zip(GW).map(|(&p, g)| shrink(p, g)).collect();
         // w[0][0]: ((0.99 - 0.1)*0.99 - 0.1)*0.99 - 0.1 = 0.673289 (up to O(eps) terms)
         assert!((lit_w[0] - 0.673289).abs() < 1e-12);
         assert_close(&values(&w), &lit_w, 1e-5);
         // and the decay really hits only the matrix: without it w would be w0 - 0.3*sign(g)
         let no_decay: Vec<f64> = W0.iter().zip(GW).map(|(&p, g)| p - 0.3 * s(g)).collect();
-        assert!(values(&w)
-            .iter()
-            .zip(&no_decay)
-            .all(|(a, b)| (a - b).abs() > 1e-3));
+        assert!(values(&w).iter().zip(&no_decay).all(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     /// Cross-check against libtorch's own C++ torch::optim::AdamW (through tch's opaque
@@ -612,25 +579,15 @@ mod tests {
         let w = w_init.copy().set_requires_grad(true);
         let b = b_init.copy().set_requires_grad(true);
         let mut ours = AdamW::new(
-            vec![
-                ("w".into(), w.shallow_clone()),
-                ("b".into(), b.shallow_clone()),
-            ],
+            vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
             cfg(),
             &ParamPolicy::default(),
         )
         .expect("adamw");
 
-        let x = Tensor::from_slice(&[
-            1.0f32, 2.0, -1.0, 0.5, -0.3, 0.8, 2.0, 1.0, 0.0, -1.5, 0.2, 0.7,
-        ])
-        .view([4, 3]);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5, -0.3, 0.8, 2.0, 1.0, 0.0, -1.5, 0.2, 0.7]).view([4, 3]);
         let y = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 2.0, -0.5, 0.3, 1.5, -2.0]).view([4, 2]);
-        let loss = |w: &Tensor, b: &Tensor| {
-            (x.matmul(&w.transpose(0, 1)) + b - &y)
-                .square()
-                .sum(Kind::Float)
-        };
+        let loss = |w: &Tensor, b: &Tensor| (x.matmul(&w.transpose(0, 1)) + b - &y).square().sum(Kind::Float);
         for (i, lr) in [1e-2, 3e-2, 5e-2, 2e-2, 1e-2, 4e-2].into_iter().enumerate() {
             reference.set_lr(lr);
             reference.zero_grad();
@@ -708,7 +665,8 @@ mod tests {
         // the clipped norm is the max norm (minus the 1e-6 guard)
         assert!((opt.clip_grad_norm(0.0) - 6.5).abs() < 1e-5);
         // no grads at all: norm 0
-        let mut empty = AdamW::new(vec![("x".into(), var(&[1.0], &[1]))], cfg(), &ParamPolicy::default()).expect("adamw");
+        let mut empty =
+            AdamW::new(vec![("x".into(), var(&[1.0], &[1]))], cfg(), &ParamPolicy::default()).expect("adamw");
         assert_eq!(empty.clip_grad_norm(1.0), 0.0);
     }
 
@@ -721,25 +679,15 @@ mod tests {
             a.step(LR);
         }
         // "checkpoint": deep copies of state and weights
-        let saved: Vec<(String, Tensor)> = a
-            .state_tensors()
-            .iter()
-            .map(|(n, t)| (n.clone(), t.copy()))
-            .collect();
+        let saved: Vec<(String, Tensor)> = a.state_tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         let names: Vec<&str> = saved.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            ["exp_avg/w", "exp_avg_sq/w", "exp_avg/b", "exp_avg_sq/b"]
-        );
+        assert_eq!(names, ["exp_avg/w", "exp_avg_sq/w", "exp_avg/b", "exp_avg_sq/b"]);
         assert!(saved.iter().all(|(_, t)| t.kind() == Kind::Float));
         assert_eq!(a.state_bytes(), 2 * (4 + 2) * 4);
         let w2 = w.detach().copy().set_requires_grad(true);
         let b2 = b.detach().copy().set_requires_grad(true);
         let mut c = AdamW::new(
-            vec![
-                ("w".into(), w2.shallow_clone()),
-                ("b".into(), b2.shallow_clone()),
-            ],
+            vec![("w".into(), w2.shallow_clone()), ("b".into(), b2.shallow_clone())],
             cfg(),
             &ParamPolicy::default(),
         )
@@ -759,7 +707,8 @@ mod tests {
         }
         // and a fresh optimizer (no state loaded) would not match: the state matters
         let w3 = w.detach().copy().set_requires_grad(true);
-        let mut fresh = AdamW::new(vec![("w".into(), w3.shallow_clone())], cfg(), &ParamPolicy::default()).expect("adamw");
+        let mut fresh =
+            AdamW::new(vec![("w".into(), w3.shallow_clone())], cfg(), &ParamPolicy::default()).expect("adamw");
         backward(&[(&w3, &GW)]);
         fresh.step(LR);
         assert!(!w3.equal(&w));
@@ -779,8 +728,7 @@ mod tests {
         let e = msg(opt.load_state(&missing, 1));
         assert!(e.contains("missing tensor exp_avg_sq/b"), "{e}");
 
-        let mut misshapen: Vec<(String, Tensor)> =
-            good.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut misshapen: Vec<(String, Tensor)> = good.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         misshapen[0].1 = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
         let e = msg(opt.load_state(&misshapen, 1));
         assert!(
@@ -788,8 +736,7 @@ mod tests {
             "{e}"
         );
 
-        let mut extra: Vec<(String, Tensor)> =
-            good.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut extra: Vec<(String, Tensor)> = good.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         extra.push((
             "exp_avg/ghost".into(),
             Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
@@ -832,9 +779,18 @@ mod tests {
         assert_eq!(
             policy.rules(&named).expect("rules"),
             [
-                ParamRule { lr_scale: 1.0, decay: false },
-                ParamRule { lr_scale: 1.0, decay: true },
-                ParamRule { lr_scale: 0.5, decay: false },
+                ParamRule {
+                    lr_scale: 1.0,
+                    decay: false
+                },
+                ParamRule {
+                    lr_scale: 1.0,
+                    decay: true
+                },
+                ParamRule {
+                    lr_scale: 0.5,
+                    decay: false
+                },
             ]
         );
         let mut opt = AdamW::new(named, cfg(), &policy).expect("adamw");
@@ -845,7 +801,10 @@ mod tests {
             opt.step(LR);
         }
         let hand = |p0: &[f64], g: &[f64], lr: f64, decay: bool| -> Vec<f64> {
-            p0.iter().zip(g).map(|(&p, &g)| by_hand_at(p, g, 3, lr, decay)).collect()
+            p0.iter()
+                .zip(g)
+                .map(|(&p, &g)| by_hand_at(p, g, 3, lr, decay))
+                .collect()
         };
         assert_close(&values(&hw), &hand(&W0, &GW, 0.5 * LR, false), 2e-6);
         assert_close(&values(&bw), &hand(&[0.7, -0.3, 1.5, -2.5], &gbw, LR, true), 2e-6);
@@ -862,8 +821,12 @@ mod tests {
     fn a_group_at_scale_s_steps_exactly_as_the_whole_optimizer_at_lr_times_s() {
         let run = |policy: &ParamPolicy, lr: f64| {
             let (w, b) = (var(&W0, &[2, 2]), var(&B0, &[2]));
-            let mut opt = AdamW::new(vec![("head.w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())], cfg(), policy)
-                .expect("adamw");
+            let mut opt = AdamW::new(
+                vec![("head.w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
+                cfg(),
+                policy,
+            )
+            .expect("adamw");
             for _ in 0..2 {
                 opt.zero_grad();
                 backward(&[(&w, &GW), (&b, &GB)]);
@@ -871,7 +834,8 @@ mod tests {
             }
             (w, b)
         };
-        let only_head = ParamPolicy::new(vec![group("head", "head.", 0.5, true), group("rest", "", 1.0, true)]).expect("policy");
+        let only_head =
+            ParamPolicy::new(vec![group("head", "head.", 0.5, true), group("rest", "", 1.0, true)]).expect("policy");
         let (w, b) = run(&only_head, LR);
         let (w_half, _) = run(&ParamPolicy::default(), 0.5 * LR);
         let (_, b_full) = run(&ParamPolicy::default(), LR);
@@ -895,10 +859,26 @@ mod tests {
         assert_eq!(name("layers.1.w"), "layers");
         assert_eq!(name("fc.weight"), "all");
         let m = var(&W0, &[2, 2]);
-        assert_eq!(p.rule("layers.0.w", &m).expect("rule"), ParamRule { lr_scale: 3.0, decay: false });
-        assert_eq!(p.rule("layers.1.w", &m).expect("rule"), ParamRule { lr_scale: 2.0, decay: true });
+        assert_eq!(
+            p.rule("layers.0.w", &m).expect("rule"),
+            ParamRule {
+                lr_scale: 3.0,
+                decay: false
+            }
+        );
+        assert_eq!(
+            p.rule("layers.1.w", &m).expect("rule"),
+            ParamRule {
+                lr_scale: 2.0,
+                decay: true
+            }
+        );
         // the summary counts tensors and elements per group
-        let named = vec![("layers.0.w".to_string(), m.shallow_clone()), ("layers.0.b".to_string(), var(&B0, &[2])), ("fc.w".to_string(), m.shallow_clone())];
+        let named = vec![
+            ("layers.0.w".to_string(), m.shallow_clone()),
+            ("layers.0.b".to_string(), var(&B0, &[2])),
+            ("fc.w".to_string(), m.shallow_clone()),
+        ];
         let s = p.summary(&named).expect("summary");
         let counts: Vec<(&str, usize, i64)> = s.iter().map(|g| (g.name.as_str(), g.tensors, g.numel)).collect();
         assert_eq!(counts, [("all", 1, 4), ("layers", 0, 0), ("layer0", 2, 6)]);
@@ -911,16 +891,28 @@ mod tests {
     #[test]
     fn a_parameter_no_group_matches_is_an_error_naming_it() {
         let p = ParamPolicy::new(vec![group("head", "head.", 1.0, true)]).expect("policy");
-        let named = vec![("head.w".to_string(), var(&W0, &[2, 2])), ("fc.weight".to_string(), var(&W0, &[2, 2]))];
-        let e = AdamW::new(named, cfg(), &p).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("trainable parameter fc.weight matches no optimizer parameter group") && e.contains("'head.'"), "{e}");
+        let named = vec![
+            ("head.w".to_string(), var(&W0, &[2, 2])),
+            ("fc.weight".to_string(), var(&W0, &[2, 2])),
+        ];
+        let e = AdamW::new(named, cfg(), &p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("trainable parameter fc.weight matches no optimizer parameter group") && e.contains("'head.'"),
+            "{e}"
+        );
         // and groups that cannot decide are refused up front
         let e = ParamPolicy::new(vec![group("a", "x.", 1.0, true), group("b", "x.", 2.0, true)])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("a and b have the same prefix 'x.'"), "{e}");
-        let e = ParamPolicy::new(vec![group("a", "", f64::NAN, true)]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = ParamPolicy::new(vec![group("a", "", f64::NAN, true)])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("group a: lr_scale NaN"), "{e}");
     }
 }

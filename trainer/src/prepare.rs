@@ -10,10 +10,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 fn show_progress(recipe: &Recipe) -> bool {
-    recipe
-        .log
-        .progress
-        .unwrap_or_else(|| std::io::stderr().is_terminal())
+    recipe.log.progress.unwrap_or_else(|| std::io::stderr().is_terminal())
 }
 
 fn status_json(s: &CacheStatus) -> serde_json::Value {

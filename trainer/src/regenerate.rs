@@ -92,10 +92,7 @@ pub struct InputConversation {
 
 impl InputConversation {
     pub fn user_turns(&self) -> usize {
-        self.messages
-            .iter()
-            .filter(|m| m.role == Role::User)
-            .count()
+        self.messages.iter().filter(|m| m.role == Role::User).count()
     }
 
     /// The conversation up to and including user turn `k` (0-based), with `answers[j]`
@@ -137,12 +134,10 @@ fn text_of(v: &Value, what: &str) -> std::result::Result<String, String> {
         // OpenAI-style content parts: [{"type": "text", "text": "..."}]
         Value::Array(parts) => parts
             .iter()
-            .map(
-                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text") | None, Some(Value::String(t))) => Ok(t.as_str()),
-                    _ => Err(format!("{what}: only text content parts are supported")),
-                },
-            )
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                (Some("text") | None, Some(Value::String(t))) => Ok(t.as_str()),
+                _ => Err(format!("{what}: only text content parts are supported")),
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map(|v| v.concat()),
         Value::Null => Err(format!("{what} is missing")),
@@ -155,9 +150,7 @@ fn id_of(v: Option<&Value>) -> std::result::Result<Option<String>, String> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(format!(
-            "id must be a non-empty string or a number, got {other}"
-        )),
+        Some(other) => Err(format!("id must be a non-empty string or a number, got {other}")),
     }
 }
 
@@ -191,9 +184,10 @@ fn parse_record(v: &Value) -> std::result::Result<(Option<String>, Vec<Message>)
             } else {
                 ("role", "content")
             };
-            let role_name = turn.get(role_key).and_then(Value::as_str).ok_or_else(|| {
-                format!("{key}[{i}]: expected {{\"from\", \"value\"}} or {{\"role\", \"content\"}}")
-            })?;
+            let role_name = turn
+                .get(role_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{key}[{i}]: expected {{\"from\", \"value\"}} or {{\"role\", \"content\"}}"))?;
             let role = role_of(role_name).ok_or_else(|| {
                 format!("{key}[{i}]: role '{role_name}' is not supported (regenerate keeps system and user turns and answers the user turns)")
             })?;
@@ -206,21 +200,14 @@ fn parse_record(v: &Value) -> std::result::Result<(Option<String>, Vec<Message>)
             }
         }
     } else if let Some(turns) = obj.get("turns") {
-        let turns = turns
-            .as_array()
-            .ok_or("\"turns\" must be an array of strings")?;
+        let turns = turns.as_array().ok_or("\"turns\" must be an array of strings")?;
         for (i, t) in turns.iter().enumerate() {
-            messages.push(Message::new(
-                Role::User,
-                text_of(t, &format!("turns[{i}]"))?,
-            ));
+            messages.push(Message::new(Role::User, text_of(t, &format!("turns[{i}]"))?));
         }
     } else if let Some(p) = obj.get("prompt") {
         messages.push(Message::new(Role::User, text_of(p, "\"prompt\"")?));
     } else {
-        return Err(
-            "expected \"conversations\", \"messages\", \"turns\" (MT-Bench) or \"prompt\"".into(),
-        );
+        return Err("expected \"conversations\", \"messages\", \"turns\" (MT-Bench) or \"prompt\"".into());
     }
     if !messages.iter().any(|m| m.role == Role::User) {
         return Err("no user turn to answer".into());
@@ -229,10 +216,7 @@ fn parse_record(v: &Value) -> std::result::Result<(Option<String>, Vec<Message>)
         .iter()
         .position(|m| m.role == Role::User && m.content.trim().is_empty())
     {
-        let n = messages[..i]
-            .iter()
-            .filter(|m| m.role == Role::User)
-            .count();
+        let n = messages[..i].iter().filter(|m| m.role == Role::User).count();
         return Err(format!("user turn {} is empty", n + 1));
     }
     Ok((id, messages))
@@ -291,8 +275,8 @@ pub fn parse_input(text: &str, path: &Path) -> Result<Vec<InputConversation>> {
     let p = path.display();
     let mut records: Vec<(usize, Value)> = Vec::new();
     if text.trim_start().starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(text)
-            .map_err(|e| anyhow!("{p}:{}: not a valid JSON array: {e}", e.line()))?;
+        let values: Vec<Value> =
+            serde_json::from_str(text).map_err(|e| anyhow!("{p}:{}: not a valid JSON array: {e}", e.line()))?;
         let lines = array_element_lines(text);
         for (i, v) in values.into_iter().enumerate() {
             records.push((lines.get(i).copied().unwrap_or(1), v));
@@ -302,8 +286,7 @@ pub fn parse_input(text: &str, path: &Path) -> Result<Vec<InputConversation>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| anyhow!("{p}:{}: not valid JSON: {e}", i + 1))?;
+            let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{p}:{}: not valid JSON: {e}", i + 1))?;
             records.push((i + 1, v));
         }
     }
@@ -332,8 +315,7 @@ pub fn parse_input(text: &str, path: &Path) -> Result<Vec<InputConversation>> {
 
 /// Reads an input file (see [`parse_input`]).
 pub fn read_input(path: &Path) -> Result<Vec<InputConversation>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--in {}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("--in {}: cannot read", path.display()))?;
     parse_input(&text, path)
 }
 
@@ -344,8 +326,7 @@ pub fn done_ids(out: &Path) -> Result<HashSet<String>> {
     if !out.exists() {
         return Ok(ids);
     }
-    let text = std::fs::read_to_string(out)
-        .with_context(|| format!("--out {}: cannot read", out.display()))?;
+    let text = std::fs::read_to_string(out).with_context(|| format!("--out {}: cannot read", out.display()))?;
     let mut offset = 0usize;
     let n_lines = text.lines().count();
     for (i, line) in text.lines().enumerate() {
@@ -462,11 +443,7 @@ struct ShareGptTurn<'a> {
 impl Regenerator<'_> {
     /// Regenerates a batch of conversations: turn k of every conversation that has one is
     /// decoded in one batch. `on_token` is called for each new token.
-    pub fn run_batch(
-        &self,
-        convs: &[&InputConversation],
-        mut on_token: impl FnMut(),
-    ) -> Result<Vec<Regenerated>> {
+    pub fn run_batch(&self, convs: &[&InputConversation], mut on_token: impl FnMut()) -> Result<Vec<Regenerated>> {
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); convs.len()];
         let mut new_tokens = vec![0usize; convs.len()];
         let mut hit_max = vec![0usize; convs.len()];
@@ -474,9 +451,7 @@ impl Regenerator<'_> {
         let turns = convs.iter().map(|c| c.user_turns()).max().unwrap_or(0);
         let stop = &self.opts.stop_ids;
         for k in 0..turns {
-            let rows: Vec<usize> = (0..convs.len())
-                .filter(|&i| convs[i].user_turns() > k)
-                .collect();
+            let rows: Vec<usize> = (0..convs.len()).filter(|&i| convs[i].user_turns() > k).collect();
             let mut prompts = Vec::with_capacity(rows.len());
             let mut seeds = Vec::with_capacity(rows.len());
             for &i in &rows {
@@ -485,19 +460,13 @@ impl Regenerator<'_> {
                 prompts.push(self.tokenizer.encode(&text)?);
                 seeds.push(turn_seed(self.opts.seed, &convs[i].id, k));
             }
-            let gens =
-                generate_batch_seeded(self.model, &prompts, &seeds, &self.opts, |_, _| on_token())?;
+            let gens = generate_batch_seeded(self.model, &prompts, &seeds, &self.opts, |_, _| on_token())?;
             for (&i, g) in rows.iter().zip(gens) {
                 new_tokens[i] += g.tokens.len();
                 if !g.stopped {
                     hit_max[i] += 1;
                 }
-                let content: Vec<i64> = g
-                    .tokens
-                    .iter()
-                    .copied()
-                    .filter(|id| !stop.contains(id))
-                    .collect();
+                let content: Vec<i64> = g.tokens.iter().copied().filter(|id| !stop.contains(id)).collect();
                 let text = self.tokenizer.decode(&content, true)?;
                 if text.trim().is_empty() {
                     empty[i] += 1;
@@ -510,8 +479,7 @@ impl Regenerator<'_> {
             .enumerate()
             .map(|(i, c)| {
                 let n = c.user_turns();
-                let mut messages =
-                    c.context(n.saturating_sub(1), &answers[i], self.system.as_deref());
+                let mut messages = c.context(n.saturating_sub(1), &answers[i], self.system.as_deref());
                 if let Some(last) = answers[i].last() {
                     messages.push(Message::new(Role::Assistant, last.clone()));
                 }
@@ -531,23 +499,19 @@ impl Regenerator<'_> {
 /// `--dtype`: auto (bf16 on CUDA, fp32 on CPU) or a named dtype.
 pub fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
     if name == "auto" {
-        return Ok(if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        });
+        return Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 });
     }
-    DType::parse(name).with_context(|| {
-        format!(
-            "--dtype '{name}' is not one of auto, {}",
-            DType::NAMES.join(", ")
-        )
-    })
+    DType::parse(name).with_context(|| format!("--dtype '{name}' is not one of auto, {}", DType::NAMES.join(", ")))
 }
 
 /// The ids an answer ends at: the target's eos ids and the chat template's end-of-turn token
 /// (`template_flag` is the --chat-template value, for the error message).
-pub fn stop_ids(model: &TargetModel, tokenizer: &TextTokenizer, template: &ChatTemplate, template_flag: &str) -> Result<Vec<i64>> {
+pub fn stop_ids(
+    model: &TargetModel,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    template_flag: &str,
+) -> Result<Vec<i64>> {
     let mut stop_ids = model.config.eos_token_ids.clone();
     match tokenizer.token_id(template.end_of_turn()) {
         Some(id) => stop_ids.push(id),
@@ -576,10 +540,7 @@ fn check_args(a: &RegenerateArgs) -> Result<()> {
         bail!("--max-new-tokens must be at least 1");
     }
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!(
-            "--temperature must be >= 0 (0 = greedy), got {}",
-            a.temperature
-        );
+        bail!("--temperature must be >= 0 (0 = greedy), got {}", a.temperature);
     }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
@@ -588,8 +549,7 @@ fn check_args(a: &RegenerateArgs) -> Result<()> {
         bail!("--limit must be at least 1");
     }
     if a.input == a.out
-        || (a.out.exists()
-            && std::fs::canonicalize(&a.input).ok() == std::fs::canonicalize(&a.out).ok())
+        || (a.out.exists() && std::fs::canonicalize(&a.input).ok() == std::fs::canonicalize(&a.out).ok())
     {
         bail!("--out must not be the --in file ({})", a.input.display());
     }
@@ -641,8 +601,7 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
     };
 
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--out: cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("--out: cannot create {}", dir.display()))?;
     }
     let needs_newline = a.out.exists()
         && std::fs::read(&a.out)
@@ -693,8 +652,7 @@ pub fn run(a: RegenerateArgs) -> Result<()> {
         })?;
         for r in &results {
             let line = r.to_jsonl()?;
-            writeln!(file, "{line}")
-                .with_context(|| format!("--out {}: write failed", a.out.display()))?;
+            writeln!(file, "{line}").with_context(|| format!("--out {}: write failed", a.out.display()))?;
             tokens += r.new_tokens;
             turns += r.answers.len();
             hit_max += r.hit_max;

@@ -40,9 +40,7 @@ impl LrSchedule {
         let factor = match self.kind {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Linear => min + (1.0 - min) * (1.0 - progress()),
-            ScheduleKind::Cosine => {
-                min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress()).cos())
-            }
+            ScheduleKind::Cosine => min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress()).cos()),
         };
         self.base_lr * factor
     }
@@ -114,11 +112,7 @@ mod tests {
 
     #[test]
     fn warmup_starts_above_zero_and_reaches_base() {
-        for kind in [
-            ScheduleKind::Constant,
-            ScheduleKind::Linear,
-            ScheduleKind::Cosine,
-        ] {
+        for kind in [ScheduleKind::Constant, ScheduleKind::Linear, ScheduleKind::Cosine] {
             let s = sched(kind);
             close(s.lr_at(0), 0.25e-3);
             close(s.lr_at(1), 0.50e-3);
@@ -177,10 +171,7 @@ mod tests {
         // total <= warm-up: the decay span counts as one step
         close(s.lr_at(0), 2.0);
         close(s.lr_at(1), 0.0);
-        let s = LrSchedule {
-            total_steps: 2,
-            ..s
-        };
+        let s = LrSchedule { total_steps: 2, ..s };
         close(s.lr_at(0), 2.0);
         close(s.lr_at(1), 1.0);
         close(s.lr_at(2), 0.0);

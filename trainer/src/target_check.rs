@@ -44,10 +44,7 @@ pub fn check_against_target(recipe: &Recipe) -> Result<Vec<String>> {
     }
     for f in &recipe.data.train {
         if !f.exists() {
-            notes.push(format!(
-                "data.train file {} does not exist (yet)",
-                f.display()
-            ));
+            notes.push(format!("data.train file {} does not exist (yet)", f.display()));
         }
     }
     if !problems.is_empty() {

@@ -10,17 +10,17 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir, target_placement};
-use crate::error::{Result, TrainerError};
-use crate::metrics::MetricsLogger;
 use crate::dist::zero::{assemble_full_state, DistAdamW};
 use crate::dist::{keys, Comm, ReduceOp};
+use crate::drafter::{target_access, Prepare, PrepareSource};
+use crate::error::{Result, TrainerError};
+use crate::metrics::MetricsLogger;
 use crate::optim::{AdamWConfig, ParamPolicy};
 use crate::recipe::{DataMode, Precision, Recipe, Schedule};
 use crate::schedule::{Cadence, LrSchedule, ScheduleKind};
 use forge_data::batch::{global_plan, global_plan_grouped, shard_plan, PlanOptions};
 use forge_data::hidden::HiddenDataset;
 use forge_data::{Batch, TokenDataset};
-use crate::drafter::{target_access, Prepare, PrepareSource};
 use forge_models::drafters::{Drafter, DrafterSpec, FeatureNeeds, Features, Metric, StepContext};
 use forge_models::{Capture, LogitsMode, TargetConfig, TargetModel};
 use std::collections::{BTreeMap, BTreeSet};
@@ -250,7 +250,9 @@ impl<'a> Trainer<'a> {
             }
             DataMode::Offline => {
                 let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
-                    TrainerError::Config("data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into())
+                    TrainerError::Config(
+                        "data.hidden_dir is not set (offline mode reads forge prepare-hidden output)".into(),
+                    )
                 })?;
                 let ds = HiddenDataset::open(hd)?;
                 let s = ds.settings();
@@ -314,11 +316,19 @@ impl<'a> Trainer<'a> {
                 ))
             })?;
             if dp.rank() == 0 {
-                eprintln!("train.init_from: {} weights from {} ({})", w.len(), init.display(), src.source.display());
+                eprintln!(
+                    "train.init_from: {} weights from {} ({})",
+                    w.len(),
+                    init.display(),
+                    src.source.display()
+                );
             }
         }
         let source = match train_data {
-            TrainData::Tokens(td, target) => Source::Online { target, data: td.dataset },
+            TrainData::Tokens(td, target) => Source::Online {
+                target,
+                data: td.dataset,
+            },
             TrainData::Shards(ds) => Source::Offline { data: *ds },
         };
         let params: Vec<(String, Tensor)> = {
@@ -500,7 +510,12 @@ impl<'a> Trainer<'a> {
         Ok((target_features(target, needs, ids, am, pos, lm)?, batch.tokens()))
     }
 
-    fn offline_features(data: &mut HiddenDataset, needs: &FeatureNeeds, idx: &[usize], device: Device) -> Result<(Features, usize)> {
+    fn offline_features(
+        data: &mut HiddenDataset,
+        needs: &FeatureNeeds,
+        idx: &[usize],
+        device: Device,
+    ) -> Result<(Features, usize)> {
         let s = data.settings().clone();
         let h = s.hidden_size as i64;
         let a = (s.aux_layers.len() * s.hidden_size) as i64;
@@ -509,8 +524,8 @@ impl<'a> Trainer<'a> {
         for &i in idx {
             let v = data.sample(i)?;
             let t = v.input_ids.len() as i64;
-            let hid = (!v.hidden_state.is_empty())
-                .then(|| Tensor::from_data_size(v.hidden_state, &[t, h], Kind::BFloat16));
+            let hid =
+                (!v.hidden_state.is_empty()).then(|| Tensor::from_data_size(v.hidden_state, &[t, h], Kind::BFloat16));
             let aux = (!v.aux_hidden_state.is_empty())
                 .then(|| Tensor::from_data_size(v.aux_hidden_state, &[t, a], Kind::BFloat16));
             let topk = (needs.target_topk > 0 && k > 0).then(|| {
@@ -535,7 +550,13 @@ impl<'a> Trainer<'a> {
                     if n == l {
                         t.shallow_clone()
                     } else {
-                        Tensor::cat(&[t.shallow_clone(), Tensor::zeros([l - n, width], (Kind::BFloat16, Device::Cpu))], 0)
+                        Tensor::cat(
+                            &[
+                                t.shallow_clone(),
+                                Tensor::zeros([l - n, width], (Kind::BFloat16, Device::Cpu)),
+                            ],
+                            0,
+                        )
                     }
                 })
                 .collect();
@@ -549,11 +570,26 @@ impl<'a> Trainer<'a> {
             let (mut lps, mut idss) = (Vec::new(), Vec::new());
             for r in &rows {
                 let (lp, ids) = r.4.as_ref().ok_or_else(|| {
-                    TrainerError::Config("the hidden-state shards hold no target top-k: run forge prepare-hidden with this recipe".into())
+                    TrainerError::Config(
+                        "the hidden-state shards hold no target top-k: run forge prepare-hidden with this recipe"
+                            .into(),
+                    )
                 })?;
                 let n = lp.size()[0];
-                lps.push(Tensor::cat(&[lp.to_kind(Kind::Float), Tensor::zeros([l - n, k], (Kind::Float, Device::Cpu))], 0));
-                idss.push(Tensor::cat(&[ids.shallow_clone(), Tensor::zeros([l - n, k], (Kind::Int64, Device::Cpu))], 0));
+                lps.push(Tensor::cat(
+                    &[
+                        lp.to_kind(Kind::Float),
+                        Tensor::zeros([l - n, k], (Kind::Float, Device::Cpu)),
+                    ],
+                    0,
+                ));
+                idss.push(Tensor::cat(
+                    &[
+                        ids.shallow_clone(),
+                        Tensor::zeros([l - n, k], (Kind::Int64, Device::Cpu)),
+                    ],
+                    0,
+                ));
             }
             let lp = Tensor::stack(&lps, 0).narrow(2, 0, want).to_device(device);
             let ids = Tensor::stack(&idss, 0).narrow(2, 0, want).to_device(device);
@@ -615,7 +651,13 @@ impl<'a> Trainer<'a> {
 
 /// The recipe's AdamW over `params` (sorted by name) with the drafter's parameter groups,
 /// its state sharded at `zero_stage` over the ranks of `dp`.
-pub(crate) fn optimizer(recipe: &Recipe, params: &[(String, Tensor)], policy: &ParamPolicy, zero_stage: u32, dp: &mut dyn Comm) -> Result<DistAdamW> {
+pub(crate) fn optimizer(
+    recipe: &Recipe,
+    params: &[(String, Tensor)],
+    policy: &ParamPolicy,
+    zero_stage: u32,
+    dp: &mut dyn Comm,
+) -> Result<DistAdamW> {
     let t = &recipe.train;
     DistAdamW::new(
         params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
@@ -652,7 +694,10 @@ pub(crate) fn target_features(
     let aux_hidden = (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1));
     let target_topk = (needs.target_topk > 0).then(|| {
         tch::no_grad(|| {
-            let logp = target.logits(&out.hidden_normed).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+            let logp = target
+                .logits(&out.hidden_normed)
+                .to_kind(Kind::Float)
+                .log_softmax(-1, Kind::Float);
             logp.topk(needs.target_topk as i64, -1, true, true)
         })
     });
@@ -670,7 +715,12 @@ pub(crate) fn target_features(
 fn batch_tensors(b: &Batch, device: Device) -> (Tensor, Tensor, Tensor, Tensor) {
     let shape = [b.batch as i64, b.len as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    (t(&b.input_ids), t(&b.attention_mask), t(&b.position_ids), t(&b.loss_mask))
+    (
+        t(&b.input_ids),
+        t(&b.attention_mask),
+        t(&b.position_ids),
+        t(&b.loss_mask),
+    )
 }
 
 fn schedule_kind(s: Schedule) -> ScheduleKind {
@@ -803,7 +853,14 @@ struct RunLog {
 
 impl RunLog {
     /// The metric files in `ckpt_dir` (new, or continued at `start_step`) on rank 0.
-    fn open(recipe: &Recipe, ckpt_dir: &Path, start_step: u64, total: u64, show_progress: bool, rank0: bool) -> Result<RunLog> {
+    fn open(
+        recipe: &Recipe,
+        ckpt_dir: &Path,
+        start_step: u64,
+        total: u64,
+        show_progress: bool,
+        rank0: bool,
+    ) -> Result<RunLog> {
         let logger = if rank0 {
             Some(if start_step == 0 {
                 MetricsLogger::new(ckpt_dir, recipe.log.tensorboard, recipe.log.jsonl)?
@@ -854,7 +911,8 @@ impl RunLog {
         let secs = self.window_start.elapsed().as_secs_f64();
         let tps = self.window.tokens / secs.max(1e-9);
         self.pb.set_position(step);
-        self.pb.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", self.last_loss, m.lr));
+        self.pb
+            .set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", self.last_loss, m.lr));
         if !self.rows.due(step) {
             return Ok(None);
         }
@@ -937,7 +995,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
         }
     }
     if let DrafterSpec::Spaf(s) = &spec {
-        let deepest = s.layer_weights.iter().rposition(|w| *w > 0.0).map(|i| s.cutoff_layer + i as i64);
+        let deepest = s
+            .layer_weights
+            .iter()
+            .rposition(|w| *w > 0.0)
+            .map(|i| s.cutoff_layer + i as i64);
         if deepest.is_none_or(|d| d < s.exit_layer) && dp.rank() == 0 {
             eprintln!(
                 "warning: drafter.exit_layer {} is below no trained exit (the deepest is {deepest:?}): decoding would use adapters this run does not train; add it to train_exits",
@@ -970,7 +1032,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let mut last_ckpt = None;
     // the best simulated acceptance so far: a resumed run continues its record, a fresh one
     // starts its own (a best/ left by an earlier, crashed run is replaced at its first eval)
-    let mut best = if start_step > 0 { checkpointer.best().map(|(v, _)| v) } else { None };
+    let mut best = if start_step > 0 {
+        checkpointer.best().map(|(v, _)| v)
+    } else {
+        None
+    };
     let loop_start = Instant::now();
     for step in start_step..total {
         let m = trainer.train_step(step, dp)?;
@@ -1022,7 +1088,10 @@ fn same_start_on_every_rank(dp: &mut dyn Comm, state: &TrainerState) -> Result<(
     if dp.world() < 2 {
         return Ok(());
     }
-    let r = min_max_over_ranks(dp, &[state.step as f64, state.epoch as f64, state.batch_in_epoch as f64])?;
+    let r = min_max_over_ranks(
+        dp,
+        &[state.step as f64, state.epoch as f64, state.batch_in_epoch as f64],
+    )?;
     if r.iter().any(|(lo, hi)| lo != hi) {
         return Err(TrainerError::Dist {
             op: "resume check".into(),

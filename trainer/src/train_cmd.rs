@@ -16,10 +16,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         .log
         .progress
         .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let opts = forge_trainer::train::TrainOptions {
-        resume,
-        show_progress,
-    };
+    let opts = forge_trainer::train::TrainOptions { resume, show_progress };
     // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks.
     let (_, device) = forge_trainer::data::target_placement(&recipe)?;
     let mut comm = forge_trainer::dist::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
@@ -67,8 +64,8 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
 }
 
 pub fn run_export(ckpt: PathBuf, format: String, out: PathBuf, dtype: String) -> Result<()> {
-    let dtype = DType::parse(&dtype)
-        .with_context(|| format!("--dtype '{dtype}' is not one of {}", DType::NAMES.join(", ")))?;
+    let dtype =
+        DType::parse(&dtype).with_context(|| format!("--dtype '{dtype}' is not one of {}", DType::NAMES.join(", ")))?;
     let r = forge_trainer::export::export(&ckpt, &format, &out, dtype)
         .with_context(|| format!("exporting {}", ckpt.display()))?;
     println!(
@@ -83,4 +80,3 @@ pub fn run_export(ckpt: PathBuf, format: String, out: PathBuf, dtype: String) ->
     }
     Ok(())
 }
-

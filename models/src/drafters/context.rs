@@ -124,7 +124,10 @@ impl StepRng {
 
     /// Uniform numbers in [0, 1) (24 random bits each), fp32, of `shape`, on `device`.
     pub fn uniform(&self, shape: &[i64], device: Device) -> Tensor {
-        self.bits(shape, device).bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) * (1.0 / (1u64 << 24) as f64)
+        self.bits(shape, device)
+            .bitwise_right_shift_tensor_scalar(8)
+            .to_kind(Kind::Float)
+            * (1.0 / (1u64 << 24) as f64)
     }
 
     /// Standard Gumbel noise `-log(-log(u))` with u uniform in (0, 1), fp32: always finite.

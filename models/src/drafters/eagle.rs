@@ -66,8 +66,16 @@ impl DraftLayerSpec {
         let hidden = hidden_size.unwrap_or(cfg.hidden_size);
         let heads = num_heads.unwrap_or(cfg.num_heads);
         // the target's KV heads unless they do not divide an overridden head count
-        let kv = num_kv_heads.unwrap_or(if heads % cfg.num_kv_heads == 0 { cfg.num_kv_heads } else { heads });
-        let head_dim = if num_heads.is_none() && hidden_size.is_none() { cfg.head_dim } else { hidden / heads.max(1) };
+        let kv = num_kv_heads.unwrap_or(if heads % cfg.num_kv_heads == 0 {
+            cfg.num_kv_heads
+        } else {
+            heads
+        });
+        let head_dim = if num_heads.is_none() && hidden_size.is_none() {
+            cfg.head_dim
+        } else {
+            hidden / heads.max(1)
+        };
         let s = Self {
             hidden_size: hidden,
             num_heads: heads,
@@ -142,7 +150,13 @@ impl DraftLayerSpec {
             "mlp_bias": false,
             "tie_word_embeddings": false,
         });
-        for key in ["bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "rope_scaling"] {
+        for key in [
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "max_position_embeddings",
+            "rope_scaling",
+        ] {
             if let Some(v) = target_config.get(key) {
                 if !v.is_null() {
                     c[key] = v.clone();
@@ -179,7 +193,10 @@ pub(crate) fn shift_left(x: &Tensor, k: i64) -> Tensor {
     }
     let mut pad_shape = x.size();
     pad_shape[1] = k;
-    Tensor::cat(&[x.narrow(1, k, t - k), Tensor::zeros(&pad_shape, (x.kind(), x.device()))], 1)
+    Tensor::cat(
+        &[x.narrow(1, k, t - k), Tensor::zeros(&pad_shape, (x.kind(), x.device()))],
+        1,
+    )
 }
 
 /// Row indices `[N]` of a `[B, T]` mask, flattened.

@@ -16,15 +16,15 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
-    StepContext, TargetAccess, EMBED, LM_HEAD,
+    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, StepContext,
+    TargetAccess, EMBED, LM_HEAD,
 };
-use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
+use crate::target::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-1's hyper-parameters plus the target dimensions it is built for.
@@ -91,7 +91,13 @@ impl Eagle1 {
         let b = f.input_ids.size()[0];
         let t = f.input_ids.size()[1];
         let mask = build_mask(b, 0, t, Some(&f.attention_mask), None, features.device());
-        Ok(self.layer(features, &shift_left(&f.input_ids, 1), &f.position_ids, &AttnMask::Explicit(mask), Keys::Own))
+        Ok(self.layer(
+            features,
+            &shift_left(&f.input_ids, 1),
+            &f.position_ids,
+            &AttnMask::Explicit(mask),
+            Keys::Own,
+        ))
     }
 
     /// The draft layer: at each position the input feature `[B, T, h]` and the embedding of
@@ -102,7 +108,9 @@ impl Eagle1 {
         let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
         let h = self.e.layer.hidden_size;
         let emb = self.embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
-        let x = self.fc.forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1));
+        let x = self
+            .fc
+            .forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1));
         let (cos, sin) = self.rotary.cos_sin(positions, c);
         self.layer.forward(&x, &cos, &sin, mask, keys)
     }
@@ -115,7 +123,11 @@ impl Eagle1 {
     fn expected(&self, bias: bool) -> Vec<(String, Vec<i64>)> {
         let l = &self.e.layer;
         let h = l.hidden_size;
-        let (q, kv, i) = (l.num_heads * l.head_dim, l.num_kv_heads * l.head_dim, l.intermediate_size);
+        let (q, kv, i) = (
+            l.num_heads * l.head_dim,
+            l.num_kv_heads * l.head_dim,
+            l.intermediate_size,
+        );
         let mut e: Vec<(String, Vec<i64>)> = vec![("fc.weight".into(), vec![h, 2 * h])];
         if bias {
             e.push(("fc.bias".into(), vec![h]));
@@ -230,9 +242,16 @@ impl Drafter for Eagle1 {
             )));
         }
         let expected = self.expected(bias);
-        let mut tensors = export_same_names(&self.vs, &self.expected(self.e.fc_bias && bias), &format!("{} eagle1", format.name()))?;
+        let mut tensors = export_same_names(
+            &self.vs,
+            &self.expected(self.e.fc_bias && bias),
+            &format!("{} eagle1", format.name()),
+        )?;
         if bias && !self.e.fc_bias {
-            tensors.push(("fc.bias".into(), Tensor::zeros([self.e.layer.hidden_size], (Kind::Float, self.vs.device()))));
+            tensors.push((
+                "fc.bias".into(),
+                Tensor::zeros([self.e.layer.hidden_size], (Kind::Float, self.vs.device())),
+            ));
         }
         super::check_names_and_shapes(&format!("{} eagle1", format.name()), &tensors, &expected)?;
         let mut config = self.e.layer.llama_config(arch, target_config);
@@ -279,7 +298,10 @@ impl Eagle1Session<'_> {
 impl DraftSession for Eagle1Session<'_> {
     fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
         if start != self.committed {
-            return Err(ModelError::Invalid(format!("eagle1: commit at {start}, {} positions committed", self.committed)));
+            return Err(ModelError::Invalid(format!(
+                "eagle1: commit at {start}, {} positions committed",
+                self.committed
+            )));
         }
         self.cache.truncate(start);
         let k = next.len() as i64;
@@ -290,9 +312,20 @@ impl DraftSession for Eagle1Session<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let first = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?.shallow_clone();
+        let first = self
+            .last
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?
+            .shallow_clone();
         let (m, committed) = (self.m, self.committed);
         // the predicted feature of position committed + i, followed by proposal i
-        propose_chain(&first, gamma, temperature, rng, |f| m.readout(f), |f, token, i| self.step(f, &[token], committed + i as i64))
+        propose_chain(
+            &first,
+            gamma,
+            temperature,
+            rng,
+            |f| m.readout(f),
+            |f, token, i| self.step(f, &[token], committed + i as i64),
+        )
     }
 }

@@ -24,16 +24,16 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric,
-    PrepareData, StepContext, TargetAccess, EMBED, LM_HEAD,
+    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, PrepareData,
+    StepContext, TargetAccess, EMBED, LM_HEAD,
 };
-use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 pub use crate::layers::attention::{ttt_attention, ttt_mask};
 use crate::layers::{linear, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, RmsNorm, Rotary, TttKv};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::target::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-3's hyper-parameters plus the target dimensions it is built for.
@@ -88,15 +88,25 @@ fn speculators_config(llama: serde_json::Value, tokens: i64, target_config: &ser
     let mut top = serde_json::Map::new();
     if let Some(o) = layer.as_object_mut() {
         o.remove("architectures");
-        for key in ["draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids"] {
+        for key in [
+            "draft_vocab_size",
+            "target_hidden_size",
+            "eagle_aux_hidden_state_layer_ids",
+        ] {
             if let Some(v) = o.remove(key) {
                 top.insert(key.into(), v);
             }
         }
         o.insert("model_type".into(), "llama".into());
     }
-    let verifier_arch = target_config.get("architectures").cloned().unwrap_or_else(|| serde_json::json!(["LlamaForCausalLM"]));
-    let verifier = target_config.get("_name_or_path").cloned().unwrap_or(serde_json::Value::Null);
+    let verifier_arch = target_config
+        .get("architectures")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!(["LlamaForCausalLM"]));
+    let verifier = target_config
+        .get("_name_or_path")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
     let mut c = serde_json::json!({
         "architectures": ["Eagle3Speculator"],
         "speculators_model_type": "eagle3",
@@ -118,7 +128,12 @@ fn speculators_config(llama: serde_json::Value, tokens: i64, target_config: &ser
 
 /// Writes a vocabulary mapping into an EAGLE-3 VarStore's `d2t` / `t2d` buffers and, when the
 /// target's lm_head is given, initialises `lm_head` from its rows at the draft vocabulary.
-pub fn install_vocab_mapping(vs: &nn::VarStore, d2t: &[i64], t2d: &[bool], target_lm_head: Option<&Tensor>) -> Result<()> {
+pub fn install_vocab_mapping(
+    vs: &nn::VarStore,
+    d2t: &[i64],
+    t2d: &[bool],
+    target_lm_head: Option<&Tensor>,
+) -> Result<()> {
     let vars = vs.variables();
     let (Some(d), Some(t)) = (vars.get("d2t"), vars.get("t2d")) else {
         return Err(ModelError::Invalid("this drafter has no d2t/t2d buffers".into()));
@@ -144,16 +159,21 @@ pub fn install_vocab_mapping(vs: &nn::VarStore, d2t: &[i64], t2d: &[bool], targe
     let mut new_t = Tensor::zeros([t2d.len() as i64], (Kind::Bool, dev));
     let _ = new_t.index_fill_(0, &ids, 1);
     let given: Vec<bool> = t2d.to_vec();
-    let given = Tensor::from_slice(&given.iter().map(|&b| b as u8).collect::<Vec<u8>>()).to_device(dev).to_kind(Kind::Bool);
+    let given = Tensor::from_slice(&given.iter().map(|&b| b as u8).collect::<Vec<u8>>())
+        .to_device(dev)
+        .to_kind(Kind::Bool);
     if !given.equal(&new_t) {
-        return Err(ModelError::Invalid("vocabulary mapping: t2d does not mark exactly the d2t targets".into()));
+        return Err(ModelError::Invalid(
+            "vocabulary mapping: t2d does not mark exactly the d2t targets".into(),
+        ));
     }
     tch::no_grad(|| {
         d.shallow_clone().copy_(&new_d);
         t.shallow_clone().copy_(&new_t);
         if let (Some(w), Some(head)) = (target_lm_head, vars.get("lm_head.weight")) {
             if w.size()[1] == head.size()[1] {
-                head.shallow_clone().copy_(&w.to_device(dev).to_kind(Kind::Float).index_select(0, &ids));
+                head.shallow_clone()
+                    .copy_(&w.to_device(dev).to_kind(Kind::Float).index_select(0, &ids));
             }
         }
     });
@@ -245,7 +265,11 @@ impl Eagle3 {
             while s < n {
                 let m = chunk.min(n - s);
                 let sel = idx.narrow(0, s, m);
-                let logits = flat.index_select(0, &sel).to_kind(kind).matmul(&head.tr()).to_kind(Kind::Float);
+                let logits = flat
+                    .index_select(0, &sel)
+                    .to_kind(kind)
+                    .matmul(&head.tr())
+                    .to_kind(Kind::Float);
                 let arg = logits.argmax(-1, false);
                 let ok = self.t2d.index_select(0, &arg);
                 let p = logits.index_select(1, &ids).softmax(-1, Kind::Float);
@@ -261,8 +285,19 @@ impl Eagle3 {
     /// decoder layer with attention input `cat(input_layernorm(emb), hidden_norm(hidden))`
     /// (2h wide) and residual `hidden`; returns the output hidden state `[B, T, h]` (before
     /// `norm`).
-    fn midlayer(&self, emb: &Tensor, hidden: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttnMask, keys: Keys) -> Tensor {
-        let x = Tensor::cat(&[self.input_layernorm.forward(emb), self.hidden_norm.forward(hidden)], -1);
+    fn midlayer(
+        &self,
+        emb: &Tensor,
+        hidden: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        keys: Keys,
+    ) -> Tensor {
+        let x = Tensor::cat(
+            &[self.input_layernorm.forward(emb), self.hidden_norm.forward(hidden)],
+            -1,
+        );
         self.midlayer.forward_split(hidden, &x, cos, sin, mask, keys)
     }
 
@@ -358,7 +393,8 @@ impl Drafter for Eagle3 {
                     ce_v = ce.double_value(&[]);
                     hits = hit;
                     // KL(target || draft) = soft-CE - target entropy: 0 for a perfect draft
-                    let ent = tch::no_grad(|| -(&p * p.clamp_min(1e-30).log()).sum(Kind::Float).double_value(&[]) / cnt);
+                    let ent =
+                        tch::no_grad(|| -(&p * p.clamp_min(1e-30).log()).sum(Kind::Float).double_value(&[]) / cnt);
                     kl_v = ce_v - ent;
                 }
             }
@@ -406,7 +442,10 @@ impl Drafter for Eagle3 {
     }
 
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
-        if !matches!(format, ExportFormat::Sglang | ExportFormat::Vllm | ExportFormat::Speculators) {
+        if !matches!(
+            format,
+            ExportFormat::Sglang | ExportFormat::Vllm | ExportFormat::Speculators
+        ) {
             return Err(ModelError::Invalid(format!(
                 "eagle3 drafters export to sglang, vllm, speculators or forge, not {}",
                 format.name()
@@ -418,7 +457,10 @@ impl Drafter for Eagle3 {
         let (q, kv) = (l.num_heads * l.head_dim, l.num_kv_heads * l.head_dim);
         // One table for both engines: forge names are the engines' names.
         let expected: Vec<(String, Vec<i64>)> = vec![
-            ("fc.weight".into(), vec![h, e.aux_layers.len() as i64 * e.target_hidden_size]),
+            (
+                "fc.weight".into(),
+                vec![h, e.aux_layers.len() as i64 * e.target_hidden_size],
+            ),
             ("midlayer.hidden_norm.weight".into(), vec![h]),
             ("midlayer.input_layernorm.weight".into(), vec![h]),
             ("midlayer.self_attn.q_proj.weight".into(), vec![q, 2 * h]),
@@ -500,7 +542,10 @@ struct Eagle3Session<'a> {
 impl DraftSession for Eagle3Session<'_> {
     fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
         if start != self.committed {
-            return Err(ModelError::Invalid(format!("eagle3: commit at {start}, {} positions committed", self.committed)));
+            return Err(ModelError::Invalid(format!(
+                "eagle3: commit at {start}, {} positions committed",
+                self.committed
+            )));
         }
         let aux = features
             .aux
@@ -516,17 +561,27 @@ impl DraftSession for Eagle3Session<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let mut hidden = self.last.as_ref().ok_or_else(|| ModelError::Invalid("eagle3: propose before commit".into()))?.shallow_clone();
+        let mut hidden = self
+            .last
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("eagle3: propose before commit".into()))?
+            .shallow_clone();
         let v = self.m.e.vocab_size;
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
             let draft = self.m.logits(&hidden.view([1, -1])).view([-1]);
-            let full = Tensor::full([v], f64::NEG_INFINITY, (Kind::Float, draft.device())).index_copy(0, &self.draft_ids, &draft);
+            let full = Tensor::full([v], f64::NEG_INFINITY, (Kind::Float, draft.device())).index_copy(
+                0,
+                &self.draft_ids,
+                &draft,
+            );
             let token = pick(&full, temperature, rng)?;
             tokens.push(token);
             logits.push(full);
             if i + 1 < gamma {
-                hidden = self.m.midlayer_cached(&hidden, &[token], self.committed + i as i64, &mut self.cache);
+                hidden = self
+                    .m
+                    .midlayer_cached(&hidden, &[token], self.committed + i as i64, &mut self.cache);
             }
         }
         self.cache.truncate(self.committed);

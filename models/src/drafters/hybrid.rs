@@ -38,15 +38,15 @@
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::eagle3::install_vocab_mapping;
 use super::{
-    Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData,
-    StepContext, TargetAccess, EMBED, LM_HEAD,
+    Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData, StepContext, TargetAccess, EMBED,
+    LM_HEAD,
 };
-use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
+use crate::target::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// How the per-block costs of the compute-cost loss are set.
@@ -108,7 +108,13 @@ impl HybridSpec {
     /// The per-block costs of `CostMode::Fixed` (the starting value of `block_costs`).
     pub fn fixed_costs(&self) -> Vec<f64> {
         (0..self.num_blocks())
-            .map(|i| if i < self.num_mlp_blocks { self.mlp_cost } else { self.transformer_cost })
+            .map(|i| {
+                if i < self.num_mlp_blocks {
+                    self.mlp_cost
+                } else {
+                    self.transformer_cost
+                }
+            })
             .collect()
     }
 
@@ -136,7 +142,10 @@ impl HybridSpec {
                 bad.push(format!("draft_vocab_size must be in 1..={}, got {dv}", self.vocab_size));
             }
         }
-        for (name, v) in [("gumbel_temperature", self.gumbel_temperature), ("gumbel_temperature_end", self.gumbel_temperature_end)] {
+        for (name, v) in [
+            ("gumbel_temperature", self.gumbel_temperature),
+            ("gumbel_temperature_end", self.gumbel_temperature_end),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 bad.push(format!("{name} must be > 0, got {v}"));
             }
@@ -163,7 +172,9 @@ pub fn gumbel_softmax(logits: &Tensor, noise: &Tensor, tau: f64, hard: bool) -> 
 
 /// One-hot `[.., n]` (fp32) of the arg-max over the last dimension.
 pub fn one_hot_argmax(x: &Tensor) -> Tensor {
-    x.zeros_like().to_kind(Kind::Float).scatter_value(-1, &x.argmax(-1, true), 1.0)
+    x.zeros_like()
+        .to_kind(Kind::Float)
+        .scatter_value(-1, &x.argmax(-1, true), 1.0)
 }
 
 /// Expected cost `sum_i p_i c_i` of gate probabilities `p` `[.., n]` and costs `c` `[n]`.
@@ -236,7 +247,14 @@ impl Hybrid {
         let gate_fc1 = linear(&root / "gate" / "fc1", h, s.gate_hidden_size, true, init, compute);
         // zero output layer: the gate starts uniform over the blocks, so that no block gets a
         // head start from a random initialisation
-        let gate_fc2 = linear(&root / "gate" / "fc2", s.gate_hidden_size, s.num_blocks(), true, ParamInit::Zeros, compute);
+        let gate_fc2 = linear(
+            &root / "gate" / "fc2",
+            s.gate_hidden_size,
+            s.num_blocks(),
+            true,
+            ParamInit::Zeros,
+            compute,
+        );
         let mlp_blocks = (0..s.num_mlp_blocks)
             .map(|i| {
                 let p = &root / "mlp_blocks" / i;
@@ -262,7 +280,9 @@ impl Hybrid {
             d2t: root.add("d2t", Tensor::zeros([vd], (Kind::Int64, device)), false),
             t2d: root.add("t2d", Tensor::arange(v, (Kind::Int64, device)).lt(vd), false),
         });
-        let costs = Tensor::from_slice(&s.fixed_costs()).to_kind(Kind::Float).to_device(device);
+        let costs = Tensor::from_slice(&s.fixed_costs())
+            .to_kind(Kind::Float)
+            .to_device(device);
         let block_costs = root.add("block_costs", costs, false);
         let rotary = Rotary::new(l.head_dim, l.rope_theta, &l.rope_scaling, device);
         Ok(Self {
@@ -292,12 +312,15 @@ impl Hybrid {
         let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
         let h = self.s.layer.hidden_size;
         let emb = self.embed.index_select(0, &next_ids.reshape([-1])).view([b, t, h]);
-        self.fc.forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1))
+        self.fc
+            .forward(&Tensor::cat(&[emb.to_kind(c), features.to_kind(c)], -1))
     }
 
     /// Gate logits `[.., n]` fp32 of draft inputs `[.., h]`.
     pub fn gate_logits(&self, x: &Tensor) -> Tensor {
-        self.gate_fc2.forward(&self.gate_fc1.forward(x).silu()).to_kind(Kind::Float)
+        self.gate_fc2
+            .forward(&self.gate_fc1.forward(x).silu())
+            .to_kind(Kind::Float)
     }
 
     /// Block `i` (gate order) on `x` `[B, T, h]`; transformer blocks attend over `keys`.
@@ -316,13 +339,20 @@ impl Hybrid {
         let x = self.draft_input(features, &shift_left(&f.input_ids, 1));
         let mask = AttnMask::Explicit(build_mask(b, 0, t, Some(&f.attention_mask), None, x.device()));
         let (cos, sin) = self.rotary.cos_sin(&f.position_ids, self.compute);
-        let outs = (0..self.s.num_blocks()).map(|i| self.block(i, &x, &cos, &sin, &mask, Keys::Own)).collect();
+        let outs = (0..self.s.num_blocks())
+            .map(|i| self.block(i, &x, &cos, &sin, &mask, Keys::Own))
+            .collect();
         (x, outs)
     }
 
     /// The whole training-side forward: every block on every position, fused with `weights`
     /// computed from the gate logits by `weigh`.
-    pub fn forward_with(&self, f: &Features, features: &Tensor, weigh: impl FnOnce(&Tensor) -> Tensor) -> Result<Forward> {
+    pub fn forward_with(
+        &self,
+        f: &Features,
+        features: &Tensor,
+        weigh: impl FnOnce(&Tensor) -> Tensor,
+    ) -> Result<Forward> {
         let (x, outs) = self.block_outputs(f, features);
         let gate_logits = self.gate_logits(&x);
         let weights = weigh(&gate_logits);
@@ -361,7 +391,11 @@ impl Hybrid {
         let l = self.readout(predicted);
         match &self.draft_head {
             Some(d) => {
-                let full = Tensor::full([l.size()[0], self.s.vocab_size], f64::NEG_INFINITY, (Kind::Float, l.device()));
+                let full = Tensor::full(
+                    [l.size()[0], self.s.vocab_size],
+                    f64::NEG_INFINITY,
+                    (Kind::Float, l.device()),
+                );
                 full.index_copy(1, &self.draft_ids(d), &l)
             }
             None => l,
@@ -394,7 +428,12 @@ impl Hybrid {
                         let mut cache = LayerKv::default();
                         if i >= self.s.num_mlp_blocks {
                             let blk = &self.transformer_blocks[(i - self.s.num_mlp_blocks) as usize];
-                            blk.append_kv(&x.narrow(1, 0, ctx), &cos.narrow(2, 0, ctx), &sin.narrow(2, 0, ctx), &mut cache);
+                            blk.append_kv(
+                                &x.narrow(1, 0, ctx),
+                                &cos.narrow(2, 0, ctx),
+                                &sin.narrow(2, 0, ctx),
+                                &mut cache,
+                            );
                         }
                         crate::dtype::synchronize(device);
                         let t0 = std::time::Instant::now();
@@ -452,8 +491,16 @@ impl Drafter for Hybrid {
         let ms = self.time_blocks();
         let nm = self.s.num_mlp_blocks as usize;
         // relative to the MLP blocks' mean (or, without MLP blocks, to the first block)
-        let base = if nm > 0 { ms[..nm].iter().sum::<f64>() / nm as f64 } else { ms[0] };
-        let unit = if nm > 0 { self.s.mlp_cost } else { self.s.transformer_cost };
+        let base = if nm > 0 {
+            ms[..nm].iter().sum::<f64>() / nm as f64
+        } else {
+            ms[0]
+        };
+        let unit = if nm > 0 {
+            self.s.mlp_cost
+        } else {
+            self.s.transformer_cost
+        };
         let costs: Vec<f64> = ms.iter().map(|t| t / base.max(1e-12) * unit).collect();
         tch::no_grad(|| self.block_costs.copy_(&Tensor::from_slice(&costs).to_kind(Kind::Float)));
         let names = self.s.block_names();
@@ -462,7 +509,11 @@ impl Drafter for Hybrid {
             .zip(ms.iter().zip(&costs))
             .map(|(n, (t, c))| format!("{n} {t:.3} ms -> {c:.3}"))
             .collect();
-        data.report(&format!("hybrid: measured block costs on {:?}: {}", self.vs.device(), parts.join(", ")));
+        data.report(&format!(
+            "hybrid: measured block costs on {:?}: {}",
+            self.vs.device(),
+            parts.join(", ")
+        ));
         Ok(())
     }
 
@@ -473,7 +524,12 @@ impl Drafter for Hybrid {
         let tau = self.s.temperature_at(ctx.step, ctx.total_steps);
         let fw = self.forward_with(f, &feats, |logits| {
             if ctx.train {
-                gumbel_softmax(logits, &ctx.rng.gumbel(&logits.size(), logits.device()), tau, self.s.hard)
+                gumbel_softmax(
+                    logits,
+                    &ctx.rng.gumbel(&logits.size(), logits.device()),
+                    tau,
+                    self.s.hard,
+                )
             } else {
                 one_hot_argmax(logits)
             }
@@ -502,7 +558,11 @@ impl Drafter for Hybrid {
             let target_logits = |idx: &Tensor| tch::no_grad(|| self.target_readout(&sel_at(&feats, 1, idx)));
             if let Some(d) = &self.draft_head {
                 // a reduced vocabulary trains the positions whose label it holds
-                let labels = if self.s.distill { target_logits(&idx).argmax(-1, false) } else { data_labels(&idx) };
+                let labels = if self.s.distill {
+                    target_logits(&idx).argmax(-1, false)
+                } else {
+                    data_labels(&idx)
+                };
                 idx = idx.masked_select(&d.t2d.index_select(0, &labels));
             }
             let count = idx.size()[0];
@@ -550,20 +610,31 @@ impl Drafter for Hybrid {
                     let (_, top) = logits.topk(5.min(v), -1, true, true);
                     let hit = top.eq_tensor(&labels.unsqueeze(-1));
                     for (slot, k) in [1i64, 3, 5].iter().enumerate() {
-                        hits[slot] = hit.narrow(1, 0, (*k).min(v)).any_dim(-1, false).sum(Kind::Float).double_value(&[]);
+                        hits[slot] = hit
+                            .narrow(1, 0, (*k).min(v))
+                            .any_dim(-1, false)
+                            .sum(Kind::Float)
+                            .double_value(&[]);
                     }
                     let ps = Vec::<f64>::try_from(&probs.sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
-                    let ch = Vec::<f64>::try_from(&one_hot_argmax(&gate_logits).sum_dim_intlist(0, false, Kind::Double)).unwrap_or_default();
+                    let ch =
+                        Vec::<f64>::try_from(&one_hot_argmax(&gate_logits).sum_dim_intlist(0, false, Kind::Double))
+                            .unwrap_or_default();
                     for i in 0..n_blocks as usize {
                         probs_sum[i] = ps.get(i).copied().unwrap_or(0.0);
                         chosen[i] = ch.get(i).copied().unwrap_or(0.0);
                     }
-                    entropy = -(&probs * probs.clamp_min(1e-12).log()).sum(Kind::Double).double_value(&[]);
+                    entropy = -(&probs * probs.clamp_min(1e-12).log())
+                        .sum(Kind::Double)
+                        .double_value(&[]);
                 });
             }
         }
         let m = |name: String, sum: f64| Metric { name, sum, count: cnt };
-        let mut parts = vec![m("draft/ce".into(), ce_v * cnt), m("cost/weighted".into(), self.s.cost_lambda * cost_v * cnt)];
+        let mut parts = vec![
+            m("draft/ce".into(), ce_v * cnt),
+            m("cost/weighted".into(), self.s.cost_lambda * cost_v * cnt),
+        ];
         if self.s.feature_weight > 0.0 {
             parts.push(m("feature/smooth_l1".into(), self.s.feature_weight * feat_v * cnt));
         }
@@ -605,7 +676,10 @@ impl Drafter for Hybrid {
             .iter()
             .filter_map(|n| {
                 let key = format!("gate/{n}_prob");
-                interval.iter().find(|(k, _)| k.ends_with(&key)).map(|(_, v)| (n.clone(), *v))
+                interval
+                    .iter()
+                    .find(|(k, _)| k.ends_with(&key))
+                    .map(|(_, v)| (n.clone(), *v))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1));
         match top {
@@ -686,7 +760,12 @@ impl HybridSession<'_> {
             let blk = &m.transformer_blocks[j];
             let cache = &mut self.caches[j];
             if k > 1 {
-                blk.append_kv(&x.narrow(1, 0, k - 1), &cos.narrow(2, 0, k - 1), &sin.narrow(2, 0, k - 1), cache);
+                blk.append_kv(
+                    &x.narrow(1, 0, k - 1),
+                    &cos.narrow(2, 0, k - 1),
+                    &sin.narrow(2, 0, k - 1),
+                    cache,
+                );
             }
             blk.forward(&x_last, &cos_l, &sin_l, &AttnMask::Full, Keys::Cache(cache))
         };
@@ -698,7 +777,10 @@ impl HybridSession<'_> {
 impl DraftSession for HybridSession<'_> {
     fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()> {
         if start != self.committed {
-            return Err(ModelError::Invalid(format!("hybrid: commit at {start}, {} positions committed", self.committed)));
+            return Err(ModelError::Invalid(format!(
+                "hybrid: commit at {start}, {} positions committed",
+                self.committed
+            )));
         }
         for c in &mut self.caches {
             c.truncate(start);
@@ -710,10 +792,21 @@ impl DraftSession for HybridSession<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let first = self.last.as_ref().ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?.shallow_clone();
+        let first = self
+            .last
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?
+            .shallow_clone();
         let (m, committed) = (self.m, self.committed);
         // the predicted feature of position committed + i, followed by proposal i
-        propose_chain(&first, gamma, temperature, rng, |f| m.proposal_logits(f), |f, token, i| self.step(f, &[token], committed + i as i64))
+        propose_chain(
+            &first,
+            gamma,
+            temperature,
+            rng,
+            |f| m.proposal_logits(f),
+            |f, token, i| self.step(f, &[token], committed + i as i64),
+        )
     }
 
     fn counters(&self) -> Vec<(String, u64)> {

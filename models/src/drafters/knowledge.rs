@@ -93,10 +93,17 @@ pub struct KnowledgeCache {
 impl KnowledgeCache {
     /// Writes the cache (atomically: a temporary file renamed).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.layers.iter().map(|(l, t)| (format!("layers.{l}"), t.to_kind(Kind::Float).contiguous())).collect();
-        let json = serde_json::to_string(&self.manifest).map_err(|e| ModelError::Invalid(format!("knowledge manifest: {e}")))?;
-        let meta = HashMap::from([("format".to_string(), "pt".to_string()), (MANIFEST_KEY.to_string(), json)]);
+        let tensors: Vec<(String, Tensor)> = self
+            .layers
+            .iter()
+            .map(|(l, t)| (format!("layers.{l}"), t.to_kind(Kind::Float).contiguous()))
+            .collect();
+        let json = serde_json::to_string(&self.manifest)
+            .map_err(|e| ModelError::Invalid(format!("knowledge manifest: {e}")))?;
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (MANIFEST_KEY.to_string(), json),
+        ]);
         write_safetensors(path, &tensors, &meta)
     }
 
@@ -104,7 +111,10 @@ impl KnowledgeCache {
         let path = file.path();
         let meta = file.metadata()?;
         let json = meta.get(MANIFEST_KEY).ok_or_else(|| {
-            ModelError::Invalid(format!("{}: not a knowledge cache (no {MANIFEST_KEY} in its metadata): build one with forge build-knowledge", path.display()))
+            ModelError::Invalid(format!(
+                "{}: not a knowledge cache (no {MANIFEST_KEY} in its metadata): build one with forge build-knowledge",
+                path.display()
+            ))
         })?;
         let m: CacheManifest = serde_json::from_str(json)
             .map_err(|e| ModelError::Invalid(format!("{}: unreadable knowledge manifest: {e}", path.display())))?;
@@ -208,7 +218,8 @@ pub struct KnowledgeSpec {
 
 impl KnowledgeSpec {
     pub fn target_config(&self) -> Result<TargetConfig> {
-        TargetConfig::from_value(self.target.clone()).map_err(|e| ModelError::Invalid(format!("knowledge: the target config recorded with the draft: {e}")))
+        TargetConfig::from_value(self.target.clone())
+            .map_err(|e| ModelError::Invalid(format!("knowledge: the target config recorded with the draft: {e}")))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -218,12 +229,19 @@ impl KnowledgeSpec {
             p.push("no layers sampled".to_string());
         }
         if let Some(bad) = self.layers.iter().find(|&&l| l < 0 || l >= cfg.num_layers) {
-            p.push(format!("layer {bad} does not exist (the target has layers 0..{})", cfg.num_layers - 1));
+            p.push(format!(
+                "layer {bad} does not exist (the target has layers 0..{})",
+                cfg.num_layers - 1
+            ));
         }
         if self.layers.windows(2).any(|w| w[0] >= w[1]) {
             p.push(format!("layers {:?} must ascend without repeats", self.layers));
         }
-        for (name, v) in [("kl_weight", self.kl_weight), ("acceptance_weight", self.acceptance_weight), ("ce_weight", self.ce_weight)] {
+        for (name, v) in [
+            ("kl_weight", self.kl_weight),
+            ("acceptance_weight", self.acceptance_weight),
+            ("ce_weight", self.ce_weight),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 p.push(format!("{name} must be >= 0"));
             }
@@ -335,14 +353,25 @@ impl KnowledgeBlock {
     fn forward(&self, x: &Tensor, mem: &(Tensor, Tensor)) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let xn = self.q_norm.forward(x);
-        let q = self.q_proj.forward(&xn).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-        let (k, v) = (mem.0.expand([b, -1, -1, -1], false), mem.1.expand([b, -1, -1, -1], false));
+        let q = self
+            .q_proj
+            .forward(&xn)
+            .view([b, t, self.heads, self.head_dim])
+            .transpose(1, 2);
+        let (k, v) = (
+            mem.0.expand([b, -1, -1, -1], false),
+            mem.1.expand([b, -1, -1, -1], false),
+        );
         let k = k.to_kind(q.kind());
         let v = v.to_kind(q.kind());
         let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false);
         let a = a.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
         let o = self.o_proj.forward(&a).to_kind(x.kind());
-        let g = self.gate.forward(&Tensor::cat(&[&xn, &o], -1)).sigmoid().to_kind(x.kind());
+        let g = self
+            .gate
+            .forward(&Tensor::cat(&[&xn, &o], -1))
+            .sigmoid()
+            .to_kind(x.kind());
         x + g * o
     }
 }
@@ -386,15 +415,29 @@ impl Knowledge {
         let (blocks, knowledge) = match &s.cache {
             Some(c) => (0..s.layers.len() as i64)
                 .map(|j| {
-                    let b = KnowledgeBlock::new(&root / "blocks" / j, h, c.dim, cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, compute);
-                    let buf = (&root / "knowledge").add(&j.to_string(), Tensor::zeros([c.tokens, c.dim], (Kind::Float, device)), false);
+                    let b = KnowledgeBlock::new(
+                        &root / "blocks" / j,
+                        h,
+                        c.dim,
+                        cfg.num_heads,
+                        cfg.head_dim,
+                        cfg.rms_norm_eps,
+                        compute,
+                    );
+                    let buf = (&root / "knowledge").add(
+                        &j.to_string(),
+                        Tensor::zeros([c.tokens, c.dim], (Kind::Float, device)),
+                        false,
+                    );
                     (b, buf)
                 })
                 .unzip(),
             None => (Vec::new(), Vec::new()),
         };
         let transitions = if s.transition {
-            (0..s.layers.len() as i64).map(|j| linear(&root / "transitions" / j, h, h, false, ParamInit::Zeros, compute)).collect()
+            (0..s.layers.len() as i64)
+                .map(|j| linear(&root / "transitions" / j, h, h, false, ParamInit::Zeros, compute))
+                .collect()
         } else {
             Vec::new()
         };
@@ -419,7 +462,10 @@ impl Knowledge {
         })?;
         let per_layer = vars.keys().filter(|n| n.starts_with("layers.0.")).count();
         if copied != 0 && copied != per_layer * s.layers.len() {
-            return Err(ModelError::Invalid(format!("{who}: the target gave {copied} of the {} layer weights", per_layer * s.layers.len())));
+            return Err(ModelError::Invalid(format!(
+                "{who}: the target gave {copied} of the {} layer weights",
+                per_layer * s.layers.len()
+            )));
         }
         let rotary = Rotary::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, device);
         Ok(Self {
@@ -457,15 +503,35 @@ impl Knowledge {
         if !self.knowledge_on() {
             return Vec::new();
         }
-        self.blocks.iter().zip(&self.knowledge).map(|(b, k)| b.memory(k, self.compute)).collect()
+        self.blocks
+            .iter()
+            .zip(&self.knowledge)
+            .map(|(b, k)| b.memory(k, self.compute))
+            .collect()
     }
 
     /// The draft's normed last hidden states `[B, T, H]` for `ids` `[B, T]` at positions
     /// `past..`, over `cache` when given.
-    fn hidden(&self, ids: &Tensor, past: i64, mems: &[(Tensor, Tensor)], mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        past: i64,
+        mems: &[(Tensor, Tensor)],
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let mut x = self.embed.index_select(0, &ids.reshape([-1])).view([b, t, -1]);
-        let inputs = layer_inputs(&self.rotary, self.compute, self.cfg.sliding_window, x.device(), b, t, past, None, None)?;
+        let inputs = layer_inputs(
+            &self.rotary,
+            self.compute,
+            self.cfg.sliding_window,
+            x.device(),
+            b,
+            t,
+            past,
+            None,
+            None,
+        )?;
         for (j, layer) in self.layers.iter().enumerate() {
             let keys = match cache.as_deref_mut() {
                 Some(c) => Keys::Cache(&mut c.layers[j]),
@@ -540,18 +606,34 @@ impl Knowledge {
                 TargetRows::Full(t) => {
                     let tl = tch::no_grad(|| self.readout(&t.narrow(0, start, rows)));
                     let (kl, rej) = kl_and_rejection(&logits, &tl, s.temperature);
-                    let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&tl.argmax(-1, false)).sum(Kind::Float).double_value(&[]));
+                    let agree = tch::no_grad(|| {
+                        logits
+                            .argmax(-1, false)
+                            .eq_tensor(&tl.argmax(-1, false))
+                            .sum(Kind::Float)
+                            .double_value(&[])
+                    });
                     (kl, rej, agree)
                 }
                 TargetRows::TopK(lp, ids) => {
                     let ids = ids.narrow(0, start, rows);
                     let (kl, rej) = kl_and_rejection_topk(&logits, &lp.narrow(0, start, rows), &ids);
-                    let agree = tch::no_grad(|| logits.argmax(-1, false).eq_tensor(&ids.select(1, 0)).sum(Kind::Float).double_value(&[]));
+                    let agree = tch::no_grad(|| {
+                        logits
+                            .argmax(-1, false)
+                            .eq_tensor(&ids.select(1, 0))
+                            .sum(Kind::Float)
+                            .double_value(&[])
+                    });
                     (kl, rej, agree)
                 }
             };
             // CE joins the graph only when it is in the loss
-            let (ce, top1, _) = if s.ce_weight > 0.0 { ce_and_hits(&logits, &lab, 1) } else { tch::no_grad(|| ce_and_hits(&logits, &lab, 1)) };
+            let (ce, top1, _) = if s.ce_weight > 0.0 {
+                ce_and_hits(&logits, &lab, 1)
+            } else {
+                tch::no_grad(|| ce_and_hits(&logits, &lab, 1))
+            };
             let r = rows as f64;
             sums.kl += kl.double_value(&[]) * r;
             sums.rejection += rej.double_value(&[]) * r;
@@ -562,7 +644,11 @@ impl Knowledge {
                 // this chunk's share of the mean loss over all M rows
                 let part = (kl * s.kl_weight + rej * s.acceptance_weight + ce * s.ce_weight) * (r / m as f64);
                 let g = Tensor::run_backward(&[part], &[&h], false, false);
-                grads.push(g.into_iter().next().ok_or_else(|| ModelError::Invalid("knowledge: no gradient for a loss chunk".into()))?);
+                grads.push(
+                    g.into_iter()
+                        .next()
+                        .ok_or_else(|| ModelError::Invalid("knowledge: no gradient for a loss chunk".into()))?,
+                );
             }
             start += rows;
         }
@@ -582,7 +668,11 @@ impl Knowledge {
 
 fn copy_into(var: &Tensor, src: &Tensor, name: &str) -> Result<()> {
     if var.size() != src.size() {
-        return Err(ModelError::Invalid(format!("knowledge: the target's {name} is {:?}, the draft's copy is {:?}", src.size(), var.size())));
+        return Err(ModelError::Invalid(format!(
+            "knowledge: the target's {name} is {:?}, the draft's copy is {:?}",
+            src.size(),
+            var.size()
+        )));
     }
     let mut v = var.shallow_clone();
     v.copy_(&src.to_device(var.device()).to_kind(var.kind()));
@@ -634,8 +724,16 @@ impl Drafter for Knowledge {
     /// The copied target layers and final norm at the recipe's learning rate; the knowledge
     /// blocks and transitions, which start from zero, at `new_lr_scale` times it.
     fn param_groups(&self) -> Vec<ParamGroup> {
-        let new = |name: &str| ParamGroup { name: name.into(), prefix: format!("{name}."), lr_scale: self.s.new_lr_scale, weight_decay: true };
-        let mut groups = vec![ParamGroup { name: "layers".into(), ..ParamGroup::all() }];
+        let new = |name: &str| ParamGroup {
+            name: name.into(),
+            prefix: format!("{name}."),
+            lr_scale: self.s.new_lr_scale,
+            weight_decay: true,
+        };
+        let mut groups = vec![ParamGroup {
+            name: "layers".into(),
+            ..ParamGroup::all()
+        }];
         if !self.blocks.is_empty() {
             groups.push(new("blocks"));
         }
@@ -660,12 +758,18 @@ impl Drafter for Knowledge {
     /// A fresh draft with a cache loads it into its buffers.
     fn prepare(&mut self, data: &mut dyn PrepareData, _target: &TargetAccess) -> Result<()> {
         let Some(c) = self.s.cache.clone() else {
-            data.report("knowledge: no knowledge cache (drafter.knowledge_cache is not set): the draft has no knowledge blocks");
+            data.report(
+                "knowledge: no knowledge cache (drafter.knowledge_cache is not set): the draft has no knowledge blocks",
+            );
             return Ok(());
         };
         let cache = KnowledgeCache::read_layers(Path::new(&c.path), Some(&self.s.layers))?;
         let m = &cache.manifest;
-        if m.tokens != c.tokens || m.cache_dim != c.dim || m.target_fingerprint != c.target_fingerprint || m.data_hash != c.data_hash {
+        if m.tokens != c.tokens
+            || m.cache_dim != c.dim
+            || m.target_fingerprint != c.target_fingerprint
+            || m.data_hash != c.data_hash
+        {
             return Err(ModelError::Invalid(format!(
                 "{}: the knowledge cache changed since the recipe was resolved ({} tokens x {}, target {}, data {}; expected {} x {}, target {}, data {}): run forge train again",
                 c.path, m.tokens, m.cache_dim, m.target_fingerprint, m.data_hash, c.tokens, c.dim, c.target_fingerprint, c.data_hash
@@ -698,20 +802,37 @@ impl Drafter for Knowledge {
         let hn = self.hidden(&f.input_ids, 0, &self.memories(), None)?;
         // position p predicts token p+1 where that token is trained
         let idx = if n > 0 {
-            f.loss_mask.narrow(1, 1, n).ne(0).reshape([-1]).nonzero().squeeze_dim(-1)
+            f.loss_mask
+                .narrow(1, 1, n)
+                .ne(0)
+                .reshape([-1])
+                .nonzero()
+                .squeeze_dim(-1)
         } else {
             Tensor::zeros([0], (Kind::Int64, hn.device()))
         };
         let count = idx.size()[0];
         // the weighted parts of the loss, named apart from the plain metrics
-        let weighted = [("loss/kl", s.kl_weight), ("loss/acceptance", s.acceptance_weight), ("loss/ce", s.ce_weight)];
+        let weighted = [
+            ("loss/kl", s.kl_weight),
+            ("loss/acceptance", s.acceptance_weight),
+            ("loss/ce", s.ce_weight),
+        ];
         if count == 0 {
             // nothing trained here: a zero loss on the graph, every metric with count 0 (the
             // metric sets of all ranks agree)
-            let zero = |name: &str| Metric { name: name.into(), sum: 0.0, count: 0.0 };
+            let zero = |name: &str| Metric {
+                name: name.into(),
+                sum: 0.0,
+                count: 0.0,
+            };
             return Ok(LossOutput {
                 loss: hn.sum(Kind::Float) * 0.0,
-                parts: weighted.iter().filter(|(_, w)| *w > 0.0).map(|(name, _)| zero(name)).collect(),
+                parts: weighted
+                    .iter()
+                    .filter(|(_, w)| *w > 0.0)
+                    .map(|(name, _)| zero(name))
+                    .collect(),
                 metrics: ["kl", "overlap", "ce", "acc", "agree"].into_iter().map(zero).collect(),
             });
         }
@@ -725,10 +846,11 @@ impl Drafter for Knowledge {
         let hn_rows = rows(&hn);
         let labels = f.input_ids.narrow(1, 1, n).reshape([-1]).index_select(0, &idx);
         let target = if s.target_topk > 0 {
-            let (lp, ids) = f
-                .target_topk
-                .as_ref()
-                .ok_or_else(|| ModelError::Invalid("the knowledge drafter needs the target's top-k log-probabilities (target_topk)".into()))?;
+            let (lp, ids) = f.target_topk.as_ref().ok_or_else(|| {
+                ModelError::Invalid(
+                    "the knowledge drafter needs the target's top-k log-probabilities (target_topk)".into(),
+                )
+            })?;
             let k = s.target_topk as i64;
             TargetRows::TopK(rows(&lp.narrow(2, 0, k)), rows(&ids.narrow(2, 0, k)))
         } else {
@@ -738,15 +860,39 @@ impl Drafter for Knowledge {
         let mut parts = Vec::new();
         for ((name, w), sum) in weighted.into_iter().zip([sums.kl, sums.rejection, sums.ce]) {
             if w > 0.0 {
-                parts.push(Metric { name: name.into(), sum: sum * w, count: c });
+                parts.push(Metric {
+                    name: name.into(),
+                    sum: sum * w,
+                    count: c,
+                });
             }
         }
         let metrics = vec![
-            Metric { name: "kl".into(), sum: sums.kl, count: c },
-            Metric { name: "overlap".into(), sum: c - sums.rejection, count: c },
-            Metric { name: "ce".into(), sum: sums.ce, count: c },
-            Metric { name: "acc".into(), sum: sums.top1, count: c },
-            Metric { name: "agree".into(), sum: sums.agree, count: c },
+            Metric {
+                name: "kl".into(),
+                sum: sums.kl,
+                count: c,
+            },
+            Metric {
+                name: "overlap".into(),
+                sum: c - sums.rejection,
+                count: c,
+            },
+            Metric {
+                name: "ce".into(),
+                sum: sums.ce,
+                count: c,
+            },
+            Metric {
+                name: "acc".into(),
+                sum: sums.top1,
+                count: c,
+            },
+            Metric {
+                name: "agree".into(),
+                sum: sums.agree,
+                count: c,
+            },
         ];
         Ok(LossOutput { loss, parts, metrics })
     }
@@ -755,12 +901,18 @@ impl Drafter for Knowledge {
         match (key, value) {
             ("knowledge", "on" | "off") => {
                 if self.blocks.is_empty() && value == "on" {
-                    return Err(ModelError::Invalid("knowledge=on: this draft was trained without a knowledge cache".into()));
+                    return Err(ModelError::Invalid(
+                        "knowledge=on: this draft was trained without a knowledge cache".into(),
+                    ));
                 }
                 Ok(())
             }
-            ("knowledge", other) => Err(ModelError::Invalid(format!("knowledge={other}: use knowledge=on or knowledge=off"))),
-            _ => Err(ModelError::Invalid(format!("the knowledge drafter has no option {key} (it has knowledge=on|off)"))),
+            ("knowledge", other) => Err(ModelError::Invalid(format!(
+                "knowledge={other}: use knowledge=on or knowledge=off"
+            ))),
+            _ => Err(ModelError::Invalid(format!(
+                "the knowledge drafter has no option {key} (it has knowledge=on|off)"
+            ))),
         }
     }
 
@@ -773,7 +925,10 @@ impl Drafter for Knowledge {
     fn describe(&self) -> Vec<String> {
         let mut lines = vec![format!("target layers {:?}", self.s.layers)];
         match &self.s.cache {
-            Some(c) if self.use_knowledge => lines.push(format!("knowledge cache on ({} entries, {} tokens x {})", c.entries, c.tokens, c.dim)),
+            Some(c) if self.use_knowledge => lines.push(format!(
+                "knowledge cache on ({} entries, {} tokens x {})",
+                c.entries, c.tokens, c.dim
+            )),
             Some(_) => lines.push("knowledge cache off".into()),
             None => lines.push("no knowledge cache".into()),
         }
@@ -842,7 +997,10 @@ impl DraftSession for KnowledgeSession<'_> {
     fn commit(&mut self, start: i64, _features: &StepFeatures, next: &[i64]) -> Result<()> {
         let start = start as usize;
         if start >= self.seq.len() {
-            return Err(ModelError::Invalid(format!("knowledge: commit from position {start} of a sequence of {} tokens (begin not called?)", self.seq.len())));
+            return Err(ModelError::Invalid(format!(
+                "knowledge: commit from position {start} of a sequence of {} tokens (begin not called?)",
+                self.seq.len()
+            )));
         }
         self.seq.truncate(start + 1);
         self.seq.extend_from_slice(next);
@@ -870,6 +1028,9 @@ impl DraftSession for KnowledgeSession<'_> {
                 l = self.next_logits(&[token])?;
             }
         }
-        Ok(Proposal { tokens, logits: Tensor::stack(&logits, 0) })
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
+        })
     }
 }

@@ -11,11 +11,11 @@ use super::{
     ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput,
     Metric, StepContext, TargetAccess, TargetNeeds, LM_HEAD,
 };
-use crate::target::TargetModel;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{project, Linear};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::target::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Medusa's hyper-parameters plus the target dimensions it is built for.
@@ -89,9 +89,8 @@ impl Medusa {
             }
         }
         let (lm_heads, shared_lm_head) = if m.original_lm_head {
-            let w = head_init.ok_or_else(|| {
-                ModelError::Invalid("medusa with original_lm_head needs the target's lm_head".into())
-            })?;
+            let w = head_init
+                .ok_or_else(|| ModelError::Invalid("medusa with original_lm_head needs the target's lm_head".into()))?;
             (Vec::new(), Some(w.detach().to_device(device).to_kind(Kind::Float)))
         } else {
             let heads = (0..m.num_heads)
@@ -321,7 +320,10 @@ impl Drafter for Medusa {
                             ));
                         }
                     }
-                    tensors.push((format!("{k}.{}.weight", m.num_layers), self.lm_head_weight(k as usize).detach()));
+                    tensors.push((
+                        format!("{k}.{}.weight", m.num_layers),
+                        self.lm_head_weight(k as usize).detach(),
+                    ));
                 }
                 check_names_and_shapes("original medusa", &tensors, &self.expected_medusa())?;
                 let base = target_config
@@ -372,12 +374,23 @@ impl DraftSession for MedusaSession<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let h = self.last.as_ref().ok_or_else(|| ModelError::Invalid("medusa: propose before commit".into()))?;
+        let h = self
+            .last
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("medusa: propose before commit".into()))?;
         if gamma > self.m.m.num_heads as usize {
-            return Err(ModelError::Invalid(format!("medusa has {} heads, {gamma} proposals asked", self.m.m.num_heads)));
+            return Err(ModelError::Invalid(format!(
+                "medusa has {} heads, {gamma} proposals asked",
+                self.m.m.num_heads
+            )));
         }
-        let logits: Vec<Tensor> = (0..gamma).map(|k| self.m.head_logits(k, h).to_kind(Kind::Float).view([-1])).collect();
-        let tokens = logits.iter().map(|l| pick(l, temperature, rng)).collect::<Result<Vec<_>>>()?;
+        let logits: Vec<Tensor> = (0..gamma)
+            .map(|k| self.m.head_logits(k, h).to_kind(Kind::Float).view([-1]))
+            .collect();
+        let tokens = logits
+            .iter()
+            .map(|l| pick(l, temperature, rng))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Proposal {
             tokens,
             logits: Tensor::stack(&logits, 0),

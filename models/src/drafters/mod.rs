@@ -203,7 +203,11 @@ pub struct ExportBundle {
 /// The error for an engine format asked of a drafter that exports to the forge format only,
 /// with the drafter's reason (`Drafter::engines_note`).
 pub(crate) fn forge_format_only(kind: &str, format: ExportFormat, note: Option<&str>) -> ModelError {
-    ModelError::Invalid(format!("{kind} drafters export to forge only, not {}: {}", format.name(), note.unwrap_or_default()))
+    ModelError::Invalid(format!(
+        "{kind} drafters export to forge only, not {}: {}",
+        format.name(),
+        note.unwrap_or_default()
+    ))
 }
 
 /// An optimizer parameter group a drafter declares: the trainable variables whose names start
@@ -259,7 +263,10 @@ pub trait Drafter {
     /// Whether `key=value` is a decoding option of this drafter (`forge eval --draft-option`,
     /// `--ablate`), e.g. the knowledge drafter's `knowledge=off`. Default: no options.
     fn check_option(&self, key: &str, _value: &str) -> Result<()> {
-        Err(ModelError::Invalid(format!("{} drafters have no option {key}", self.spec().kind())))
+        Err(ModelError::Invalid(format!(
+            "{} drafters have no option {key}",
+            self.spec().kind()
+        )))
     }
     /// Sets a decoding option that [`Drafter::check_option`] accepts. Default: no options.
     fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
@@ -292,11 +299,7 @@ pub trait Drafter {
 
 /// Checks exported names and shapes against an expectation computed independently from the
 /// config (the engine's view), before anything is written.
-pub fn check_names_and_shapes(
-    what: &str,
-    got: &[(String, Tensor)],
-    expected: &[(String, Vec<i64>)],
-) -> Result<()> {
+pub fn check_names_and_shapes(what: &str, got: &[(String, Tensor)], expected: &[(String, Vec<i64>)]) -> Result<()> {
     let mut problems = Vec::new();
     for (name, shape) in expected {
         match got.iter().find(|(n, _)| n == name) {
@@ -315,13 +318,20 @@ pub fn check_names_and_shapes(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(ModelError::Invalid(format!("{what} export does not match what the engine loads: {}", problems.join("; "))))
+        Err(ModelError::Invalid(format!(
+            "{what} export does not match what the engine loads: {}",
+            problems.join("; ")
+        )))
     }
 }
 
 /// The variables of `vs` named in `expected` (an export whose names are the VarStore's own),
 /// detached, checked against the expected names and shapes.
-pub fn export_same_names(vs: &nn::VarStore, expected: &[(String, Vec<i64>)], what: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn export_same_names(
+    vs: &nn::VarStore,
+    expected: &[(String, Vec<i64>)],
+    what: &str,
+) -> Result<Vec<(String, Tensor)>> {
     let vars = vs.variables();
     let mut tensors = Vec::new();
     for (name, _) in expected {
@@ -378,11 +388,13 @@ pub fn sim_tau(rows: &BTreeMap<String, f64>, prefix: &str) -> Option<f64> {
 
 /// Mean cross-entropy and top-1 / top-k hits of `logits` `[N, V]` against `labels` `[N]`.
 pub fn ce_and_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, f64, f64) {
-    let ce = logits
-        .to_kind(Kind::Float)
-        .cross_entropy_for_logits(labels);
+    let ce = logits.to_kind(Kind::Float).cross_entropy_for_logits(labels);
     let (top1, topk) = tch::no_grad(|| {
-        let top1 = logits.argmax(-1, false).eq_tensor(labels).sum(Kind::Float).double_value(&[]);
+        let top1 = logits
+            .argmax(-1, false)
+            .eq_tensor(labels)
+            .sum(Kind::Float)
+            .double_value(&[]);
         let k = k.min(logits.size()[1]).max(1);
         let (_, idx) = logits.topk(k, -1, true, false);
         let topk = idx

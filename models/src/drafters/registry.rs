@@ -66,7 +66,9 @@ impl DrafterSpec {
     /// vocabulary.
     pub fn prepare_data(&self, data: &mut dyn PrepareData) -> Result<()> {
         match self {
-            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Spaf(_) | DrafterSpec::Knowledge(_) => Ok(()),
+            DrafterSpec::Medusa(_) | DrafterSpec::Eagle1(_) | DrafterSpec::Spaf(_) | DrafterSpec::Knowledge(_) => {
+                Ok(())
+            }
             DrafterSpec::Eagle3(e) => data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ()),
             DrafterSpec::Hybrid(h) => match h.draft_vocab_size {
                 Some(vd) => data.vocab_mapping(vd as usize).map(|_| ()),

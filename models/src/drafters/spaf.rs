@@ -28,8 +28,7 @@
 //! over layer k's q_proj, checked against the target a draft is used with.
 
 use super::{
-    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, StepContext,
-    TargetAccess, TargetNeeds, EMBED,
+    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, StepContext, TargetAccess, TargetNeeds, EMBED,
 };
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
@@ -91,15 +90,25 @@ impl SpafSpec {
         let mut p = Vec::new();
         let (k, l) = (self.cutoff_layer, self.num_layers);
         if k < 1 || k >= l {
-            p.push(format!("cutoff_layer {k} must be in 1..{} (the target has {l} layers; layer k-1 feeds the alignment target)", l - 1));
+            p.push(format!(
+                "cutoff_layer {k} must be in 1..{} (the target has {l} layers; layer k-1 feeds the alignment target)",
+                l - 1
+            ));
         }
         if self.adapter_dim < 1 || self.alignment_hidden_size < 1 || self.alignment_num_layers < 1 {
             p.push("adapter and alignment widths and alignment_num_layers must be at least 1".into());
         }
         if k >= 1 && k < l {
             if self.layer_weights.len() as i64 != l - k {
-                p.push(format!("layer_weights has {} entries for {} exits (layers {k}..{})", self.layer_weights.len(), l - k, l - 1));
-            } else if self.layer_weights.iter().any(|w| !w.is_finite() || *w < 0.0) || self.layer_weights.iter().all(|w| *w == 0.0) {
+                p.push(format!(
+                    "layer_weights has {} entries for {} exits (layers {k}..{})",
+                    self.layer_weights.len(),
+                    l - k,
+                    l - 1
+                ));
+            } else if self.layer_weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+                || self.layer_weights.iter().all(|w| *w == 0.0)
+            {
                 p.push("the exits' weights (layer_weights or train_exits) must be >= 0 with at least one > 0".into());
             }
         }
@@ -118,7 +127,10 @@ impl SpafSpec {
 
     /// The target tensors the probe samples.
     fn probe_names(&self) -> Vec<String> {
-        vec![EMBED.into(), format!("model.layers.{}.self_attn.q_proj.weight", self.cutoff_layer)]
+        vec![
+            EMBED.into(),
+            format!("model.layers.{}.self_attn.q_proj.weight", self.cutoff_layer),
+        ]
     }
 
     /// A fresh drafter records the probe of the target it is built for; a loaded one has it
@@ -141,7 +153,9 @@ fn probe(tensors: &[Tensor]) -> Tensor {
         .map(|t| {
             let flat = t.detach().reshape([-1]);
             let n = flat.size()[0].max(1);
-            let idx: Vec<i64> = (0..PROBES).map(|i| (i * n / PROBES + (i * 7919) % (n / PROBES).max(1)).min(n - 1)).collect();
+            let idx: Vec<i64> = (0..PROBES)
+                .map(|i| (i * n / PROBES + (i * 7919) % (n / PROBES).max(1)).min(n - 1))
+                .collect();
             // picked where the tensor lives; only the picked values travel and widen
             let picked = flat.index_select(0, &Tensor::from_slice(&idx).to_device(flat.device()));
             picked.to_device(Device::Cpu).to_kind(Kind::Float)
@@ -197,7 +211,11 @@ impl Spaf {
                 linear(&root / "align" / i, din, dout, true, init, compute)
             })
             .collect();
-        let mut target_probe = root.add("target_probe", Tensor::zeros([2 * PROBES], (Kind::Float, device)), false);
+        let mut target_probe = root.add(
+            "target_probe",
+            Tensor::zeros([2 * PROBES], (Kind::Float, device)),
+            false,
+        );
         // a fresh drafter is given the probed tensors and records them
         let named: Vec<Tensor> = s.probe_names().iter().filter_map(|n| target.tensor(n)).collect();
         if named.len() == 2 {
@@ -218,7 +236,8 @@ impl Spaf {
     /// tells another model apart; a close fine-tune of the same base may pass.
     pub fn check_target(&self, target: &TargetModel) -> Result<()> {
         let c = &target.config;
-        if c.hidden_size != self.s.hidden_size || c.num_layers != self.s.num_layers || c.vocab_size != self.s.vocab_size {
+        if c.hidden_size != self.s.hidden_size || c.num_layers != self.s.num_layers || c.vocab_size != self.s.vocab_size
+        {
             return Err(ModelError::Invalid(format!(
                 "this SpAF draft was trained inside a target with hidden {}, {} layers, vocabulary {}; this target has hidden {}, {} layers, vocabulary {}: SpAF adapters only work inside the target they were trained in",
                 self.s.hidden_size, self.s.num_layers, self.s.vocab_size, c.hidden_size, c.num_layers, c.vocab_size
@@ -295,7 +314,9 @@ impl Drafter for Spaf {
         let h_prev = f
             .aux_hidden
             .as_ref()
-            .ok_or_else(|| ModelError::Invalid("spaf needs the target's output of layer cutoff_layer - 1 (aux features)".into()))?
+            .ok_or_else(|| {
+                ModelError::Invalid("spaf needs the target's output of layer cutoff_layer - 1 (aux features)".into())
+            })?
             .detach();
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let device = h_prev.device();
@@ -310,8 +331,14 @@ impl Drafter for Spaf {
         let labels = f.input_ids.narrow(1, 1, n).reshape([-1]).index_select(0, &idx);
         let target_logp = match (s.adapter_loss, count > 0) {
             (AdapterLoss::Kl, true) => {
-                let hn = f.hidden_normed()?.narrow(1, 0, n).reshape([b * n, -1]).index_select(0, &idx);
-                Some(tch::no_grad(|| target.logits(&hn).to_kind(Kind::Float).log_softmax(-1, Kind::Float)))
+                let hn = f
+                    .hidden_normed()?
+                    .narrow(1, 0, n)
+                    .reshape([b * n, -1])
+                    .index_select(0, &idx);
+                Some(tch::no_grad(|| {
+                    target.logits(&hn).to_kind(Kind::Float).log_softmax(-1, Kind::Float)
+                }))
             }
             _ => None,
         };
@@ -333,17 +360,35 @@ impl Drafter for Spaf {
                 let term = match &target_logp {
                     Some(tl) => {
                         let q = logits.log_softmax(-1, Kind::Float);
-                        let kl = (tl.exp() * (tl - &q)).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
-                        parts.push(Metric { name: format!("kl/{name}"), sum: kl.double_value(&[]) * c * w * s.adapter_weight, count: c });
-                        metrics.push(Metric { name: format!("ce/{name}"), sum: ce.double_value(&[]) * c, count: c });
+                        let kl = (tl.exp() * (tl - &q))
+                            .sum_dim_intlist(-1, false, Kind::Float)
+                            .mean(Kind::Float);
+                        parts.push(Metric {
+                            name: format!("kl/{name}"),
+                            sum: kl.double_value(&[]) * c * w * s.adapter_weight,
+                            count: c,
+                        });
+                        metrics.push(Metric {
+                            name: format!("ce/{name}"),
+                            sum: ce.double_value(&[]) * c,
+                            count: c,
+                        });
                         kl
                     }
                     None => {
-                        parts.push(Metric { name: format!("ce/{name}"), sum: ce.double_value(&[]) * c * w * s.adapter_weight, count: c });
+                        parts.push(Metric {
+                            name: format!("ce/{name}"),
+                            sum: ce.double_value(&[]) * c * w * s.adapter_weight,
+                            count: c,
+                        });
                         ce
                     }
                 };
-                metrics.push(Metric { name: format!("acc/{name}"), sum: top1, count: c });
+                metrics.push(Metric {
+                    name: format!("acc/{name}"),
+                    sum: top1,
+                    count: c,
+                });
                 if w > 0.0 {
                     total += term * (w * s.adapter_weight);
                 }
@@ -354,22 +399,45 @@ impl Drafter for Spaf {
         let valid = f.attention_mask.reshape([-1]).ne(0).nonzero().squeeze_dim(-1);
         let nv = valid.size()[0];
         if nv > 0 {
-            let emb = target.embed(&f.input_ids).detach().reshape([b * t, -1]).index_select(0, &valid);
+            let emb = target
+                .embed(&f.input_ids)
+                .detach()
+                .reshape([b * t, -1])
+                .index_select(0, &valid);
             let pseudo = self.align(&emb).to_kind(Kind::Float);
             let real = h_prev.reshape([b * t, -1]).index_select(0, &valid).to_kind(Kind::Float);
-            let mse = (&pseudo - &real).square().mean_dim(-1, false, Kind::Float).mean(Kind::Float);
+            let mse = (&pseudo - &real)
+                .square()
+                .mean_dim(-1, false, Kind::Float)
+                .mean(Kind::Float);
             let cos = Tensor::cosine_similarity(&pseudo, &real, -1, 1e-8).mean(Kind::Float);
             let term = match s.alignment_loss {
                 AlignmentLoss::Mse => mse.shallow_clone(),
                 AlignmentLoss::Cosine => cos.neg() + 1.0,
             };
             let c = nv as f64;
-            parts.push(Metric { name: "align".into(), sum: term.double_value(&[]) * c * s.alignment_weight, count: c });
-            metrics.push(Metric { name: "align/mse".into(), sum: mse.double_value(&[]) * c, count: c });
-            metrics.push(Metric { name: "align/cos".into(), sum: cos.double_value(&[]) * c, count: c });
+            parts.push(Metric {
+                name: "align".into(),
+                sum: term.double_value(&[]) * c * s.alignment_weight,
+                count: c,
+            });
+            metrics.push(Metric {
+                name: "align/mse".into(),
+                sum: mse.double_value(&[]) * c,
+                count: c,
+            });
+            metrics.push(Metric {
+                name: "align/cos".into(),
+                sum: cos.double_value(&[]) * c,
+                count: c,
+            });
             total += term * s.alignment_weight;
         }
-        Ok(LossOutput { loss: total, parts, metrics })
+        Ok(LossOutput {
+            loss: total,
+            parts,
+            metrics,
+        })
     }
 
     fn engines_note(&self) -> Option<&'static str> {
@@ -464,7 +532,13 @@ impl SpafSession<'_> {
             let t = self.target;
             let inputs = t.layer_inputs(1, h_k.size()[1], pos, None, None)?;
             for l in k + 1..=e {
-                x = t.run_layers(x, l as usize..l as usize + 1, &inputs, Some(&mut self.draft_cache), None)?;
+                x = t.run_layers(
+                    x,
+                    l as usize..l as usize + 1,
+                    &inputs,
+                    Some(&mut self.draft_cache),
+                    None,
+                )?;
                 x = self.m.adapter(l).forward(&x);
             }
         }
@@ -497,7 +571,9 @@ impl DraftSession for SpafSession<'_> {
     }
 
     fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
-        let mut token = self.last.ok_or_else(|| ModelError::Invalid("spaf: propose before commit".into()))?;
+        let mut token = self
+            .last
+            .ok_or_else(|| ModelError::Invalid("spaf: propose before commit".into()))?;
         let (k, transition) = (self.k(), self.m.s.serial_parallel_transition as usize);
         let t = self.target;
         self.serial.clear();
@@ -511,7 +587,11 @@ impl DraftSession for SpafSession<'_> {
             let h_k = if i < transition {
                 self.counts.serial += 1;
                 let (h_prev, h_k) = self.shallow(&[token], pos)?;
-                self.serial.push(SerialInput { token, h_prev, h_k: h_k.shallow_clone() });
+                self.serial.push(SerialInput {
+                    token,
+                    h_prev,
+                    h_k: h_k.shallow_clone(),
+                });
                 h_k
             } else {
                 self.counts.parallel += 1;
@@ -520,7 +600,13 @@ impl DraftSession for SpafSession<'_> {
                 let emb = t.embed(&Tensor::from_slice(&[token]).view([1, 1]).to_device(t.device()));
                 let pseudo = self.m.align(&emb).to_kind(t.kind());
                 let inputs = t.layer_inputs(1, 1, pos, None, None)?;
-                t.layers()[k as usize].forward(&pseudo, &inputs.cos, &inputs.sin, &inputs.mask, Keys::Cache(layer_cache))
+                t.layers()[k as usize].forward(
+                    &pseudo,
+                    &inputs.cos,
+                    &inputs.sin,
+                    &inputs.mask,
+                    Keys::Cache(layer_cache),
+                )
             };
             let s = self.adapted(&h_k, pos)?;
             let l = Spaf::exit_logits(t, &s).view([-1]);
@@ -528,7 +614,10 @@ impl DraftSession for SpafSession<'_> {
             tokens.push(token);
             logits.push(l);
         }
-        Ok(Proposal { tokens, logits: Tensor::stack(&logits, 0) })
+        Ok(Proposal {
+            tokens,
+            logits: Tensor::stack(&logits, 0),
+        })
     }
 
     fn shared_target(&mut self) -> Option<&mut dyn SharedTarget> {
@@ -551,14 +640,21 @@ impl SharedTarget for SpafSession<'_> {
         let k = self.k();
         let n = ids.len() as i64;
         if capture.layers.iter().any(|&l| l != k - 1) {
-            return Err(ModelError::Invalid(format!("spaf: the shared target forward captures layer {} only", k - 1)));
+            return Err(ModelError::Invalid(format!(
+                "spaf: the shared target forward captures layer {} only",
+                k - 1
+            )));
         }
         // the draft inputs whose layers 0..k drafting ran (the same tokens, in order)
-        let reuse = self.serial.iter().zip(ids).take_while(|(s, id)| s.token == **id).count();
+        let reuse = self
+            .serial
+            .iter()
+            .zip(ids)
+            .take_while(|(s, id)| s.token == **id)
+            .count();
         self.serial.truncate(reuse);
         self.cache.truncate(self.committed + reuse as i64);
-        let (mut prevs, mut hks): (Vec<Tensor>, Vec<Tensor>) =
-            self.serial.drain(..).map(|s| (s.h_prev, s.h_k)).unzip();
+        let (mut prevs, mut hks): (Vec<Tensor>, Vec<Tensor>) = self.serial.drain(..).map(|s| (s.h_prev, s.h_k)).unzip();
         if (reuse as i64) < n {
             let (h_prev, h_k) = self.shallow(&ids[reuse..], self.committed + reuse as i64)?;
             prevs.push(h_prev);
@@ -568,7 +664,13 @@ impl SharedTarget for SpafSession<'_> {
         let h_k = Tensor::cat(&hks, 1);
         let inputs = t.layer_inputs(1, n, self.committed, None, None)?;
         let l = t.num_layers() as usize;
-        let x = t.run_layers(h_k.shallow_clone(), k as usize + 1..l, &inputs, Some(&mut self.cache), None)?;
+        let x = t.run_layers(
+            h_k.shallow_clone(),
+            k as usize + 1..l,
+            &inputs,
+            Some(&mut self.cache),
+            None,
+        )?;
         self.committed += n;
         self.verified_hk = Some(h_k);
         let hidden_normed = t.final_norm(&x);
@@ -577,8 +679,17 @@ impl SharedTarget for SpafSession<'_> {
             LogitsMode::All => Some(t.logits(&hidden_normed)),
             LogitsMode::Last => Some(t.logits(&hidden_normed.narrow(1, n - 1, 1))),
         };
-        let layers = if capture.layers.is_empty() { Vec::new() } else { vec![h_prev] };
-        Ok(TargetOutput { logits, hidden: x, hidden_normed, layers })
+        let layers = if capture.layers.is_empty() {
+            Vec::new()
+        } else {
+            vec![h_prev]
+        };
+        Ok(TargetOutput {
+            logits,
+            hidden: x,
+            hidden_normed,
+            layers,
+        })
     }
 
     fn truncate(&mut self, len: i64) {

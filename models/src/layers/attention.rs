@@ -159,7 +159,9 @@ impl Attention {
     pub fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let AttentionConfig {
-            num_heads: h, head_dim: d, ..
+            num_heads: h,
+            head_dim: d,
+            ..
         } = self.cfg;
         let mut q = self.q_proj.forward(x).view([b, t, h, d]);
         if let Some(qn) = &self.q_norm {
@@ -196,15 +198,9 @@ impl Attention {
         let (k, v) = (self.expand_kv(k), self.expand_kv(v));
         let gqa = self.cfg.num_heads != k.size()[1];
         let y = match mask {
-            AttnMask::Full => {
-                Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, false, None, gqa)
-            }
-            AttnMask::Causal => {
-                Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, true, None, gqa)
-            }
-            AttnMask::Explicit(m) => {
-                Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, None, gqa)
-            }
+            AttnMask::Full => Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, false, None, gqa),
+            AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, 0.0, true, None, gqa),
+            AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, None, gqa),
         };
         self.output(&y)
     }
@@ -212,7 +208,9 @@ impl Attention {
     /// `[B, h, T, d]` attention values -> o_proj `[B, T, out_dim]`.
     fn output(&self, y: &Tensor) -> Tensor {
         let (b, t) = (y.size()[0], y.size()[2]);
-        let y = y.transpose(1, 2).reshape([b, t, self.cfg.num_heads * self.cfg.head_dim]);
+        let y = y
+            .transpose(1, 2)
+            .reshape([b, t, self.cfg.num_heads * self.cfg.head_dim]);
         self.o_proj.forward(&y)
     }
 
@@ -298,7 +296,11 @@ pub fn ttt_attention(q: &Tensor, ks: &[Tensor], vs: &[Tensor], mask0: &Tensor) -
         scores.push((q * k).sum_dim_intlist(-1, true, q.kind()) * scale);
     }
     let t = q.size()[2];
-    let sk = if q.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let sk = if q.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
     let w = Tensor::cat(&scores, -1).softmax(-1, sk).to_kind(q.kind());
     let mut out = w.narrow(-1, 0, t).matmul(&vs[0]);
     for (j, v) in vs.iter().enumerate().skip(1) {
@@ -393,7 +395,13 @@ mod tests {
             // a rollback is a truncation: re-appending gives the same again
             cache.truncate(5);
             let (c, sn) = rope(5, 2);
-            let again = a.forward(&x.narrow(1, 5, 2), &c, &sn, &AttnMask::for_cache(1, 5, 2, Device::Cpu), Keys::Cache(&mut cache));
+            let again = a.forward(
+                &x.narrow(1, 5, 2),
+                &c,
+                &sn,
+                &AttnMask::for_cache(1, 5, 2, Device::Cpu),
+                Keys::Cache(&mut cache),
+            );
             assert!(again.equal(&outs[2]));
         }
     }
@@ -405,7 +413,9 @@ mod tests {
         let mask0 = AttnMask::Explicit(build_mask(1, 0, t, None, None, Device::Cpu));
         let mut kv = TttKv::default();
         let (cos, sin) = rope(0, t);
-        let xs: Vec<Tensor> = (0..3).map(|_| Tensor::randn([1, t, 16], (Kind::Float, Device::Cpu))).collect();
+        let xs: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn([1, t, 16], (Kind::Float, Device::Cpu)))
+            .collect();
         for (step, x) in xs.iter().enumerate() {
             let got = a.forward(x, &cos, &sin, &mask0, Keys::Ttt(&mut kv));
             // reference: queries of this step over the concatenated keys of every step so far
@@ -430,7 +440,9 @@ mod tests {
             panic!("explicit mask expected")
         };
         // query 0 (position 2) sees keys 0..=2, query 2 (position 4) sees all 5
-        let want = Tensor::from_slice(&[1u8, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]).view([1, 1, 3, 5]).to_kind(Kind::Bool);
+        let want = Tensor::from_slice(&[1u8, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1])
+            .view([1, 1, 3, 5])
+            .to_kind(Kind::Bool);
         assert!(m.equal(&want));
     }
 }

@@ -34,8 +34,7 @@ impl DecoderLayer {
             .input_norm
             .then(|| RmsNorm::new(&p / "input_layernorm", cfg.attn.in_dim, cfg.eps, init));
         let self_attn = Attention::new(&p / "self_attn", cfg.attn, init, cfg.compute);
-        let post_attention_layernorm =
-            RmsNorm::new(&p / "post_attention_layernorm", hidden, cfg.eps, init);
+        let post_attention_layernorm = RmsNorm::new(&p / "post_attention_layernorm", hidden, cfg.eps, init);
         let mlp = Mlp::new(&p / "mlp", hidden, cfg.intermediate, cfg.mlp_bias, init, cfg.compute);
         Self {
             input_layernorm,
@@ -131,10 +130,15 @@ mod tests {
         };
         let q = rot(&lin(&a.q_proj, &h).view([b, t, 4, 8]).transpose(1, 2));
         let k = rot(&lin(&a.k_proj, &h).view([b, t, 2, 8]).transpose(1, 2)).repeat_interleave_self_int(2, 1, None);
-        let v = lin(&a.v_proj, &h).view([b, t, 2, 8]).transpose(1, 2).repeat_interleave_self_int(2, 1, None);
+        let v = lin(&a.v_proj, &h)
+            .view([b, t, 2, 8])
+            .transpose(1, 2)
+            .repeat_interleave_self_int(2, 1, None);
         let s = q.matmul(&k.transpose(-1, -2)) / 8f64.sqrt();
         let causal = build_mask(b, 0, t, None, None, Device::Cpu);
-        let w = s.masked_fill(&causal.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double);
+        let w = s
+            .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+            .softmax(-1, Kind::Double);
         let y = w.matmul(&v).transpose(1, 2).reshape([b, t, 32]);
         let h1 = d(x) + lin(&a.o_proj, &y);
         let z = rms(&l.post_attention_layernorm, &h1);
@@ -175,7 +179,14 @@ mod tests {
         assert!(a.equal(&b));
         // a 2h-wide attention input (EAGLE-3's midlayer) with an h-wide residual
         let (_vs, wide) = layer(Kind::Float, false, 64, true);
-        let y = wide.forward_split(&x, &Tensor::cat(&[&x, &x], -1), &cos, &sin, &AttnMask::Causal, Keys::Own);
+        let y = wide.forward_split(
+            &x,
+            &Tensor::cat(&[&x, &x], -1),
+            &cos,
+            &sin,
+            &AttnMask::Causal,
+            Keys::Own,
+        );
         assert_eq!(y.size(), [1, 4, 32]);
     }
 
@@ -185,7 +196,13 @@ mod tests {
         assert_eq!(l.self_attn.q_proj.ws.kind(), Kind::Float, "masters stay fp32");
         let x = Tensor::randn([1, 5, 32], (Kind::Float, Device::Cpu));
         let (cos, sin) = rope(5);
-        let y = l.forward(&x.to_kind(Kind::BFloat16), &cos.to_kind(Kind::BFloat16), &sin.to_kind(Kind::BFloat16), &AttnMask::Causal, Keys::Own);
+        let y = l.forward(
+            &x.to_kind(Kind::BFloat16),
+            &cos.to_kind(Kind::BFloat16),
+            &sin.to_kind(Kind::BFloat16),
+            &AttnMask::Causal,
+            Keys::Own,
+        );
         assert_eq!(y.kind(), Kind::BFloat16);
         let want = reference(&l, &x, &cos, &sin);
         let rel = (y.to_kind(Kind::Double) - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);

@@ -75,7 +75,11 @@ pub fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, init: ParamIni
 /// `x @ w^T` in `compute` (a bias-free projection onto a shared, frozen matrix such as the
 /// target's lm_head or embedding), casting `x` and `w` where they are another kind.
 pub fn project(x: &Tensor, w: &Tensor, compute: Kind) -> Tensor {
-    let xc = if x.kind() == compute { x.shallow_clone() } else { x.to_kind(compute) };
+    let xc = if x.kind() == compute {
+        x.shallow_clone()
+    } else {
+        x.to_kind(compute)
+    };
     if w.kind() == compute {
         xc.matmul(&w.tr())
     } else {
@@ -98,7 +102,11 @@ mod tests {
         let got = l32.forward(&x);
         assert!((&got - &want).abs().max().double_value(&[]) < 1e-6);
         // bf16 compute over the same fp32 masters: bf16 out, weights untouched
-        let l16 = Linear::from_weights(l32.ws.shallow_clone(), l32.bs.as_ref().map(|b| b.shallow_clone()), Kind::BFloat16);
+        let l16 = Linear::from_weights(
+            l32.ws.shallow_clone(),
+            l32.bs.as_ref().map(|b| b.shallow_clone()),
+            Kind::BFloat16,
+        );
         let y = l16.forward(&x);
         assert_eq!(y.kind(), Kind::BFloat16);
         assert_eq!(l16.ws.kind(), Kind::Float);
@@ -115,7 +123,11 @@ mod tests {
     fn rms_norm_computes_in_fp32_and_returns_the_input_kind() {
         let vs = nn::VarStore::new(Device::Cpu);
         let n = RmsNorm::new(vs.root() / "n", 6, 1e-6, ParamInit::Default);
-        tch::no_grad(|| n.weight.shallow_clone().copy_(&Tensor::from_slice(&[0.55f32, 1.13, 1.57, 2.21, -0.93, 3.07])));
+        tch::no_grad(|| {
+            n.weight
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(&[0.55f32, 1.13, 1.57, 2.21, -0.93, 3.07]))
+        });
         let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5, 0.0, 4.0]).view([1, 6]);
         let ms: f64 = [1.0f64, 4.0, 9.0, 0.25, 0.0, 16.0].iter().sum::<f64>() / 6.0;
         let w = [0.55, 1.13, 1.57, 2.21, -0.93, 3.07];

@@ -104,11 +104,10 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
 impl TargetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_value(value).map_err(|msg| ModelError::Config {
             path: path.to_path_buf(),
             msg,
@@ -116,8 +115,7 @@ impl TargetConfig {
     }
 
     pub fn from_value(value: serde_json::Value) -> std::result::Result<Self, String> {
-        let raw: RawConfig = serde_json::from_value(value.clone())
-            .map_err(|e| format!("unsupported config: {e}"))?;
+        let raw: RawConfig = serde_json::from_value(value.clone()).map_err(|e| format!("unsupported config: {e}"))?;
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
         let family = match model_type.as_str() {
             "llama" => Family::Llama,
@@ -143,9 +141,7 @@ impl TargetConfig {
                 raw.num_attention_heads, num_kv_heads
             ));
         }
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         let rope_scaling = match &raw.rope_scaling {
             None => RopeScaling::None,
             Some(s) => match s.rope_type.as_deref().unwrap_or("default") {
@@ -155,12 +151,8 @@ impl TargetConfig {
                 },
                 "llama3" => RopeScaling::Llama3 {
                     factor: s.factor.ok_or("rope_scaling.factor missing")?,
-                    low_freq_factor: s
-                        .low_freq_factor
-                        .ok_or("rope_scaling.low_freq_factor missing")?,
-                    high_freq_factor: s
-                        .high_freq_factor
-                        .ok_or("rope_scaling.high_freq_factor missing")?,
+                    low_freq_factor: s.low_freq_factor.ok_or("rope_scaling.low_freq_factor missing")?,
+                    high_freq_factor: s.high_freq_factor.ok_or("rope_scaling.high_freq_factor missing")?,
                     original_max_position_embeddings: s
                         .original_max_position_embeddings
                         .ok_or("rope_scaling.original_max_position_embeddings missing")?,
@@ -175,9 +167,7 @@ impl TargetConfig {
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match family {
             Family::Mistral => raw.sliding_window,
-            Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
-                raw.sliding_window
-            }
+            Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => raw.sliding_window,
             _ => None,
         };
         Ok(TargetConfig {

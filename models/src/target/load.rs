@@ -14,11 +14,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: index.clone(),
-                source,
-            })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.clone(),
+            source,
+        })?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -26,15 +25,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 path: index.clone(),
                 msg: "no \"weight_map\" object".into(),
             })?;
-        let files: BTreeSet<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
+        let files: BTreeSet<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
-    let hint = if dir.join("pytorch_model.bin").exists()
-        || dir.join("pytorch_model.bin.index.json").exists()
-    {
+    let hint = if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
         " (found pytorch_model.bin: convert it to safetensors first)"
     } else {
         ""
@@ -48,12 +42,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Fills every variable of `vs` from the safetensors files, converting dtype and moving to
 /// the store's device. Tensors on disk that the model does not use are listed in the
 /// returned vector (ignored); variables with no tensor on disk are an error.
-pub fn load_var_store(
-    vs: &mut VarStore,
-    dir: &Path,
-    files: &[PathBuf],
-    ignore: &[&str],
-) -> Result<Vec<String>> {
+pub fn load_var_store(vs: &mut VarStore, dir: &Path, files: &[PathBuf], ignore: &[&str]) -> Result<Vec<String>> {
     let vars: HashMap<String, tch::Tensor> = vs.variables();
     let mut remaining: BTreeSet<String> = vars.keys().cloned().collect();
     let mut unused = Vec::new();

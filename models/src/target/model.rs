@@ -3,10 +3,7 @@ use super::load::{load_var_store, weight_files};
 use crate::dtype::DType;
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
-use crate::layers::{
-    AttnMask, DecoderLayer, Keys, LayerKv, ParamInit, RmsNorm,
-    Rotary,
-};
+use crate::layers::{AttnMask, DecoderLayer, Keys, LayerKv, ParamInit, RmsNorm, Rotary};
 use crate::safetensors_io::write_safetensors;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -131,7 +128,6 @@ pub fn layer_inputs(
     Ok(LayerInputs { cos, sin, mask })
 }
 
-
 /// A frozen Llama-family target model (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3).
 pub struct TargetModel {
     pub config: TargetConfig,
@@ -157,10 +153,7 @@ impl TargetModel {
                 ..Default::default()
             },
             ParamInit::Default => nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.,
-                    stdev: 0.02,
-                },
+                ws_init: nn::Init::Randn { mean: 0., stdev: 0.02 },
                 ..Default::default()
             },
         };
@@ -173,12 +166,7 @@ impl TargetModel {
         let layers = (0..config.num_layers)
             .map(|i| DecoderLayer::new(&model / "layers" / i, config.layer_config(dtype.kind()), init))
             .collect();
-        let norm = RmsNorm::new(
-            &model / "norm",
-            config.hidden_size,
-            config.rms_norm_eps,
-            init,
-        );
+        let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, init);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             crate::layers::linear(
                 &root / "lm_head",
@@ -190,12 +178,7 @@ impl TargetModel {
             )
             .ws
         });
-        let rotary = Rotary::new(
-            config.head_dim,
-            config.rope_theta,
-            &config.rope_scaling,
-            device,
-        );
+        let rotary = Rotary::new(config.head_dim, config.rope_theta, &config.rope_scaling, device);
         vs.freeze();
         Self {
             config,
@@ -242,11 +225,10 @@ impl TargetModel {
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(&dir.join("model.safetensors"), &tensors, &meta)?;
         let cfg_path = dir.join("config.json");
-        let text =
-            serde_json::to_string_pretty(&self.config.raw).map_err(|source| ModelError::Json {
-                path: cfg_path.clone(),
-                source,
-            })?;
+        let text = serde_json::to_string_pretty(&self.config.raw).map_err(|source| ModelError::Json {
+            path: cfg_path.clone(),
+            source,
+        })?;
         std::fs::write(&cfg_path, text).map_err(crate::error::io_err(&cfg_path))?;
         Ok(())
     }
@@ -308,7 +290,17 @@ impl TargetModel {
         positions: Option<&Tensor>,
         key_valid: Option<&Tensor>,
     ) -> Result<LayerInputs> {
-        layer_inputs(&self.rotary, self.kind, self.config.sliding_window, self.device(), batch, t, past, positions, key_valid)
+        layer_inputs(
+            &self.rotary,
+            self.kind,
+            self.config.sliding_window,
+            self.device(),
+            batch,
+            t,
+            past,
+            positions,
+            key_valid,
+        )
     }
 
     /// Runs layers `range` on `x` `[B, T, H]` (the embeddings, or the output of the layer
@@ -388,12 +380,7 @@ impl TargetModel {
         let layers = capture
             .layers
             .iter()
-            .filter_map(|l| {
-                captured
-                    .iter()
-                    .find(|(i, _)| i == l)
-                    .map(|(_, t)| t.shallow_clone())
-            })
+            .filter_map(|l| captured.iter().find(|(i, _)| i == l).map(|(_, t)| t.shallow_clone()))
             .collect();
         let hidden_normed = self.norm.forward(&x);
         let logits = match capture.logits {
@@ -445,7 +432,9 @@ mod tests {
         let ids = ids();
         let inputs = t.layer_inputs(2, 5, 0, None, None).expect("inputs");
         let x = t.embed(&ids);
-        let x = t.run_layers(x, 0..t.num_layers() as usize, &inputs, None, hook).expect("layers");
+        let x = t
+            .run_layers(x, 0..t.num_layers() as usize, &inputs, None, hook)
+            .expect("layers");
         t.logits(&t.final_norm(&x))
     }
 
@@ -453,7 +442,9 @@ mod tests {
     fn staged_forward_equals_the_full_forward_bit_for_bit() {
         for model_type in ["llama", "qwen3"] {
             let t = tiny(model_type);
-            let full = t.forward(&ids(), None, None, None, &Capture::logits(LogitsMode::All)).expect("forward");
+            let full = t
+                .forward(&ids(), None, None, None, &Capture::logits(LogitsMode::All))
+                .expect("forward");
             let logits = full.logits.expect("logits");
             assert!(staged(&t, None).equal(&logits), "{model_type}");
             // split into two ranges: the same
@@ -475,16 +466,18 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let adapter = linear(vs.root() / "adapter", 64, 64, true, ParamInit::Default, Kind::Float);
         // an adapter after layer 0: its output passes through frozen layers 1 and 2
-        let mut hook = |i: usize, x: &Tensor| -> Result<Option<Tensor>> {
-            Ok((i == 0).then(|| x + adapter.forward(x)))
-        };
+        let mut hook =
+            |i: usize, x: &Tensor| -> Result<Option<Tensor>> { Ok((i == 0).then(|| x + adapter.forward(x))) };
         let logits = staged(&t, Some(&mut hook));
         let plain = staged(&t, None);
         assert!(!logits.equal(&plain), "the adapter changes the output");
         logits.square().mean(Kind::Float).backward();
         for (name, v) in vs.variables() {
             let g = v.grad();
-            assert!(g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} has no gradient");
+            assert!(
+                g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{name} has no gradient"
+            );
         }
         for (name, v) in t.vs.variables() {
             assert!(!v.requires_grad(), "{name} is trainable");
@@ -496,7 +489,10 @@ mod tests {
     fn decoding_with_a_cache_through_run_layers_equals_the_full_forward() {
         let t = tiny("llama");
         let ids = ids().narrow(0, 0, 1);
-        let full = t.forward(&ids, None, None, None, &Capture::default()).expect("forward").hidden;
+        let full = t
+            .forward(&ids, None, None, None, &Capture::default())
+            .expect("forward")
+            .hidden;
         let mut cache = t.new_cache();
         let mut outs = Vec::new();
         for (start, len) in [(0, 3), (3, 1), (4, 1)] {
@@ -508,6 +504,9 @@ mod tests {
         // fp32 rounding only: the cached path sums in another order (a wrong cache is off by O(1))
         let diff = (&got - &full).abs().max().double_value(&[]);
         let scale = full.abs().max().double_value(&[]).max(1.0);
-        assert!(diff < 5e-6 * scale, "cached decoding differs by {diff} (largest value {scale})");
+        assert!(
+            diff < 5e-6 * scale,
+            "cached decoding differs by {diff} (largest value {scale})"
+        );
     }
 }

@@ -54,7 +54,9 @@ pub fn allreduce(comm: &mut dyn Comm, sizes_mb: &[f64], iters: usize, device: De
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(&t.to_kind(Kind::Double).to_device(Device::Cpu).view(-1))?)
+    Ok(Vec::<f64>::try_from(
+        &t.to_kind(Kind::Double).to_device(Device::Cpu).view(-1),
+    )?)
 }
 
 /// Runs each collective on inputs that depend on the rank and returns the results, keyed by
@@ -89,7 +91,9 @@ pub fn selftest(comm: &mut dyn Comm, device: Device) -> Result<serde_json::Value
     let mut scattered = Tensor::zeros([2], (Kind::Float, device));
     comm.reduce_scatter(&mut scattered, &f32s(&input), ReduceOp::Sum)?;
     // metric-name agreement: rank r knows {"loss", "rank<r>"}
-    let mine: std::collections::BTreeSet<String> = ["loss".to_string(), format!("rank{}", comm.rank())].into_iter().collect();
+    let mine: std::collections::BTreeSet<String> = ["loss".to_string(), format!("rank{}", comm.rank())]
+        .into_iter()
+        .collect();
     let union = super::keys::union_keys(comm, &mine)?;
     comm.barrier()?;
     Ok(serde_json::json!({

@@ -26,7 +26,12 @@ extern "C" {
     fn forge_c10d_all_reduce(group: *mut c_void, t: *mut C_tensor, op: c_int) -> *mut c_char;
     fn forge_c10d_broadcast(group: *mut c_void, t: *mut C_tensor, root: c_int) -> *mut c_char;
     fn forge_c10d_all_gather(group: *mut c_void, out: *mut C_tensor, input: *mut C_tensor) -> *mut c_char;
-    fn forge_c10d_reduce_scatter(group: *mut c_void, out: *mut C_tensor, input: *mut C_tensor, op: c_int) -> *mut c_char;
+    fn forge_c10d_reduce_scatter(
+        group: *mut c_void,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        op: c_int,
+    ) -> *mut c_char;
     fn forge_c10d_barrier(group: *mut c_void) -> *mut c_char;
     fn forge_cuda_peak_allocated(device: c_int) -> c_longlong;
     fn forge_cuda_reset_peak(device: c_int);
@@ -84,10 +89,7 @@ fn check(op: &str, err: *mut c_char) -> Result<()> {
         forge_c10d_free_error(err);
         m
     };
-    Err(TrainerError::Dist {
-        op: op.into(),
-        message,
-    })
+    Err(TrainerError::Dist { op: op.into(), message })
 }
 
 fn op_code(op: ReduceOp) -> c_int {
@@ -206,7 +208,9 @@ impl Comm for ProcessGroup {
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         contiguous("all_reduce", t)?;
         // SAFETY: live group handle and tensor; the shim only reads/writes the tensor's data.
-        check("all_reduce", unsafe { forge_c10d_all_reduce(self.handle, t.as_mut_ptr(), op_code(op)) })
+        check("all_reduce", unsafe {
+            forge_c10d_all_reduce(self.handle, t.as_mut_ptr(), op_code(op))
+        })
     }
     fn reduce_scatter(&mut self, out: &mut Tensor, input: &Tensor, op: ReduceOp) -> Result<()> {
         check_chunked("reduce_scatter", out, input, self.world)?;
@@ -220,7 +224,9 @@ impl Comm for ProcessGroup {
         check_chunked("all_gather", input, out, self.world)?;
         let mut input = input.shallow_clone();
         // SAFETY: as above; `input` is only read.
-        check("all_gather", unsafe { forge_c10d_all_gather(self.handle, out.as_mut_ptr(), input.as_mut_ptr()) })
+        check("all_gather", unsafe {
+            forge_c10d_all_gather(self.handle, out.as_mut_ptr(), input.as_mut_ptr())
+        })
     }
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
         contiguous("broadcast", t)?;
@@ -231,7 +237,9 @@ impl Comm for ProcessGroup {
             });
         }
         // SAFETY: as above.
-        check("broadcast", unsafe { forge_c10d_broadcast(self.handle, t.as_mut_ptr(), root as c_int) })
+        check("broadcast", unsafe {
+            forge_c10d_broadcast(self.handle, t.as_mut_ptr(), root as c_int)
+        })
     }
     fn barrier(&mut self) -> Result<()> {
         // SAFETY: live group handle.

@@ -36,7 +36,12 @@ pub fn union_keys(comm: &mut dyn Comm, keys: &BTreeSet<String>) -> Result<BTreeS
     if mx == !not_mn {
         return Ok(keys.clone());
     }
-    let joined: Vec<u8> = keys.iter().map(String::as_str).collect::<Vec<_>>().join("\n").into_bytes();
+    let joined: Vec<u8> = keys
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes();
     let mut len = Tensor::from_slice(&[joined.len() as i64]).to_device(dev);
     comm.all_reduce(&mut len, ReduceOp::Max)?;
     let max_len = len.int64_value(&[0]).max(1);

@@ -162,7 +162,11 @@ mod tests {
         assert!(seen.iter().all(|&c| c == 1), "{seen:?}");
         // rank 1 owns flat [2,4), [6,8), [10,12), [14,16), [17,18) = padding at 17
         let segs1 = l1.shard_segments();
-        let flat1: Vec<i64> = segs1.iter().flat_map(|s| (0..s.len).map(move |i| (s.param, s.param_offset + i))).map(|(p, o)| l1.starts[p] + o).collect();
+        let flat1: Vec<i64> = segs1
+            .iter()
+            .flat_map(|s| (0..s.len).map(move |i| (s.param, s.param_offset + i)))
+            .map(|(p, o)| l1.starts[p] + o)
+            .collect();
         assert_eq!(flat1, vec![2, 3, 6, 7, 10, 11, 14, 15]);
     }
 }

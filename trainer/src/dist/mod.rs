@@ -128,7 +128,9 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
     match env_var(name) {
         None => Ok(None),
         Some(v) => v.trim().parse::<T>().map(Some).map_err(|_| {
-            TrainerError::Config(format!("environment variable {name}='{v}' is not a valid non-negative number"))
+            TrainerError::Config(format!(
+                "environment variable {name}='{v}' is not a valid non-negative number"
+            ))
         }),
     }
 }
@@ -150,7 +152,9 @@ impl DistEnv {
         let local_world = env_num::<usize>("LOCAL_WORLD_SIZE")?.unwrap_or(world);
         let master_addr = env_var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port = env_num::<u16>("MASTER_PORT")?.ok_or_else(|| {
-            TrainerError::Config("WORLD_SIZE is set but MASTER_PORT is not: set it to a free TCP port on MASTER_ADDR".into())
+            TrainerError::Config(
+                "WORLD_SIZE is set but MASTER_PORT is not: set it to a free TCP port on MASTER_ADDR".into(),
+            )
         })?;
         if world == 0 || rank >= world {
             return Err(TrainerError::Config(format!(

@@ -37,10 +37,7 @@ pub fn materialize_grads(params: &[Tensor]) {
     if params.iter().all(|p| p.grad().defined()) {
         return;
     }
-    let zero = params
-        .iter()
-        .map(|p| (p * 0.0).sum(Kind::Float))
-        .reduce(|a, b| a + b);
+    let zero = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).reduce(|a, b| a + b);
     if let Some(z) = zero {
         z.backward();
     }
@@ -84,7 +81,9 @@ impl DistAdamW {
         comm: &dyn Comm,
     ) -> Result<DistAdamW> {
         if stage > 2 {
-            return Err(TrainerError::Config(format!("dist.zero_stage must be 0, 1 or 2, got {stage}")));
+            return Err(TrainerError::Config(format!(
+                "dist.zero_stage must be 0, 1 or 2, got {stage}"
+            )));
         }
         let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
         if stage > 0 {
@@ -153,7 +152,9 @@ impl DistAdamW {
     pub fn state_bytes(&self) -> u64 {
         match &self.state {
             State::Replicated(a) => a.state_bytes(),
-            State::Sharded { exp_avg, exp_avg_sq, .. } => ((exp_avg.numel() + exp_avg_sq.numel()) * 4) as u64,
+            State::Sharded {
+                exp_avg, exp_avg_sq, ..
+            } => ((exp_avg.numel() + exp_avg_sq.numel()) * 4) as u64,
         }
     }
 
@@ -205,7 +206,10 @@ impl DistAdamW {
             let g = Tensor::zeros([shard_len], (Kind::Float, self.device));
             for k in 0..self.layout.buckets.len() {
                 let (s, l, off) = self.layout.piece(k);
-                tch::no_grad(|| g.narrow(0, off, l).copy_(&gather_flat(&self.layout, &grads, s, l, self.device)));
+                tch::no_grad(|| {
+                    g.narrow(0, off, l)
+                        .copy_(&gather_flat(&self.layout, &grads, s, l, self.device))
+                });
             }
             g
         } else {
@@ -226,7 +230,10 @@ impl DistAdamW {
         } else {
             // stage 1 holds the full averaged gradients: compute the norm from them, as stage 0
             let grads = self.grads();
-            let squares: Vec<Tensor> = grads.iter().map(|g| g.norm_scalaropt_dtype(2, Kind::Double).square().reshape([1])).collect();
+            let squares: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.norm_scalaropt_dtype(2, Kind::Double).square().reshape([1]))
+                .collect();
             sq = Tensor::cat(&squares, 0).sum(Kind::Double).reshape([1]);
         }
         let norm = sq.double_value(&[0]).sqrt();
@@ -323,10 +330,15 @@ impl DistAdamW {
                 }
                 if by_name.len() != 2 * self.names.len() {
                     if let Some(n) = by_name.keys().find(|n| {
-                        let p = n.strip_prefix(EXP_AVG_SQ).or_else(|| n.strip_prefix(EXP_AVG)).unwrap_or("");
+                        let p = n
+                            .strip_prefix(EXP_AVG_SQ)
+                            .or_else(|| n.strip_prefix(EXP_AVG))
+                            .unwrap_or("");
                         !self.names.iter().any(|x| x == p)
                     }) {
-                        return Err(TrainerError::OptimizerState(format!("unexpected tensor {n} (no such parameter)")));
+                        return Err(TrainerError::OptimizerState(format!(
+                            "unexpected tensor {n} (no such parameter)"
+                        )));
                     }
                 }
                 tch::no_grad(|| {
@@ -335,8 +347,11 @@ impl DistAdamW {
                         for (prefix, dst) in [(EXP_AVG, &*exp_avg), (EXP_AVG_SQ, &*exp_avg_sq)] {
                             let src = by_name[format!("{prefix}{name}").as_str()];
                             let src = src.to_device(dst.device()).to_kind(Kind::Float);
-                            dst.narrow(0, seg.shard_offset, seg.len)
-                                .copy_(&src.view(-1).narrow(0, seg.param_offset, seg.len));
+                            dst.narrow(0, seg.shard_offset, seg.len).copy_(&src.view(-1).narrow(
+                                0,
+                                seg.param_offset,
+                                seg.len,
+                            ));
                         }
                     }
                 });
@@ -351,7 +366,10 @@ impl DistAdamW {
 /// pieces `exp_avg/<param>@<offset>` (from every rank's shard file) are placed into zeroed
 /// tensors of the parameter's shape. `shapes`: parameter name -> shape. Errors when the
 /// pieces do not cover every element exactly once.
-pub fn assemble_full_state(tensors: Vec<(String, Tensor)>, shapes: &BTreeMap<String, Vec<i64>>) -> Result<Vec<(String, Tensor)>> {
+pub fn assemble_full_state(
+    tensors: Vec<(String, Tensor)>,
+    shapes: &BTreeMap<String, Vec<i64>>,
+) -> Result<Vec<(String, Tensor)>> {
     if !tensors.iter().any(|(n, _)| n.contains('@')) {
         return Ok(tensors);
     }
@@ -359,15 +377,25 @@ pub fn assemble_full_state(tensors: Vec<(String, Tensor)>, shapes: &BTreeMap<Str
     let mut full: BTreeMap<String, (Tensor, i64)> = BTreeMap::new();
     for (name, t) in tensors {
         let Some((key, off)) = name.rsplit_once('@') else {
-            return Err(err(format!("tensor {name}: a sharded checkpoint mixes full and sharded tensors")));
+            return Err(err(format!(
+                "tensor {name}: a sharded checkpoint mixes full and sharded tensors"
+            )));
         };
         let off: i64 = off.parse().map_err(|_| err(format!("tensor {name}: bad offset")))?;
-        let param = key.strip_prefix(EXP_AVG_SQ).or_else(|| key.strip_prefix(EXP_AVG)).unwrap_or("");
-        let shape = shapes.get(param).ok_or_else(|| err(format!("unexpected tensor {name} (no such parameter)")))?;
+        let param = key
+            .strip_prefix(EXP_AVG_SQ)
+            .or_else(|| key.strip_prefix(EXP_AVG))
+            .unwrap_or("");
+        let shape = shapes
+            .get(param)
+            .ok_or_else(|| err(format!("unexpected tensor {name} (no such parameter)")))?;
         let numel: i64 = shape.iter().product();
         let len = t.numel() as i64;
         if off < 0 || off + len > numel {
-            return Err(err(format!("tensor {name}: elements {off}..{} outside the parameter's {numel}", off + len)));
+            return Err(err(format!(
+                "tensor {name}: elements {off}..{} outside the parameter's {numel}",
+                off + len
+            )));
         }
         let entry = full
             .entry(key.to_string())
@@ -377,7 +405,10 @@ pub fn assemble_full_state(tensors: Vec<(String, Tensor)>, shapes: &BTreeMap<Str
     }
     let mut out = Vec::with_capacity(full.len());
     for (key, (t, covered)) in full {
-        let param = key.strip_prefix(EXP_AVG_SQ).or_else(|| key.strip_prefix(EXP_AVG)).unwrap_or("");
+        let param = key
+            .strip_prefix(EXP_AVG_SQ)
+            .or_else(|| key.strip_prefix(EXP_AVG))
+            .unwrap_or("");
         let shape = &shapes[param];
         let numel: i64 = shape.iter().product();
         if covered != numel {
@@ -411,7 +442,10 @@ mod tests {
     fn params() -> Vec<(String, Tensor)> {
         let b = Tensor::from_slice(&[0.3f32, -1.2, 0.7, 2.0]);
         let w = (Tensor::arange(9, (Kind::Float, Device::Cpu)).view([3, 3]) * 0.37).sin();
-        vec![("b".to_string(), b.set_requires_grad(true)), ("w".to_string(), w.set_requires_grad(true))]
+        vec![
+            ("b".to_string(), b.set_requires_grad(true)),
+            ("w".to_string(), w.set_requires_grad(true)),
+        ]
     }
 
     fn backward(ps: &[(String, Tensor)], k: f64) {
@@ -428,8 +462,15 @@ mod tests {
     fn run_with(policy: &ParamPolicy, stage: u32, bucket_mb: f64, steps: usize) -> (Vec<(String, Tensor)>, DistAdamW) {
         let ps = params();
         let mut comm = crate::dist::SingleProcess;
-        let mut opt = DistAdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), policy, stage, bucket_mb, &comm)
-            .expect("optimizer");
+        let mut opt = DistAdamW::new(
+            ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            cfg(),
+            policy,
+            stage,
+            bucket_mb,
+            &comm,
+        )
+        .expect("optimizer");
         for i in 0..steps {
             backward(&ps, 1.0 + i as f64);
             // clipping active: the gradient norm is ~8-10
@@ -468,8 +509,12 @@ mod tests {
         // w (the matrix) in its own group: once at a quarter of the rate with decay, once at
         // three times the rate without; b at twice the rate
         for w_group in [group("w", "w", 0.25, true), group("w", "w", 3.0, false)] {
-            let policy = ParamPolicy::new(vec![group("rest", "", 1.0, true), group("b", "b", 2.0, true), w_group.clone()])
-                .expect("policy");
+            let policy = ParamPolicy::new(vec![
+                group("rest", "", 1.0, true),
+                group("b", "b", 2.0, true),
+                w_group.clone(),
+            ])
+            .expect("policy");
             let (p0, _) = run_with(&policy, 0, 25.0, 3);
             // the groups matter: stage 0 with them differs from stage 0 without
             let (plain, _) = run(0, 25.0, 3);
@@ -494,7 +539,10 @@ mod tests {
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            assert!(e.contains("trainable parameter b matches no optimizer parameter group"), "stage {stage}: {e}");
+            assert!(
+                e.contains("trainable parameter b matches no optimizer parameter group"),
+                "stage {stage}: {e}"
+            );
         }
     }
 
@@ -506,11 +554,21 @@ mod tests {
         // 3 sharded steps, save pieces, load into a fresh stage-0 optimizer, 1 more step
         let (p, o) = run(2, 16.0 / (1024.0 * 1024.0), 3);
         let pieces = o.state_tensors();
-        assert!(pieces.iter().all(|(n, _)| n.contains('@')), "pieces are named <moment>/<param>@<offset>");
+        assert!(
+            pieces.iter().all(|(n, _)| n.contains('@')),
+            "pieces are named <moment>/<param>@<offset>"
+        );
         let full = assemble_full_state(pieces, &shapes).expect("assemble");
         let mut comm = crate::dist::SingleProcess;
-        let mut again = DistAdamW::new(p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg(), &ParamPolicy::default(), 0, 25.0, &comm)
-            .expect("optimizer");
+        let mut again = DistAdamW::new(
+            p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            cfg(),
+            &ParamPolicy::default(),
+            0,
+            25.0,
+            &comm,
+        )
+        .expect("optimizer");
         again.load_full_state(&full, 3).expect("load");
         backward(&p, 4.0);
         again.step(&mut comm, 0.05, 5.0).expect("step");
@@ -524,10 +582,17 @@ mod tests {
     fn parameters_sharing_storage_are_refused() {
         let w = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let alias = w.detach().set_requires_grad(true);
-        let e = DistAdamW::new(vec![("a".into(), w), ("b".into(), alias)], cfg(), &ParamPolicy::default(), 1, 25.0, &crate::dist::SingleProcess)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = DistAdamW::new(
+            vec![("a".into(), w), ("b".into(), alias)],
+            cfg(),
+            &ParamPolicy::default(),
+            1,
+            25.0,
+            &crate::dist::SingleProcess,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(e.contains("a and b share storage"), "{e}");
     }
 
@@ -547,9 +612,15 @@ mod tests {
         .expect("assemble");
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].0, "exp_avg/w");
-        assert_eq!(Vec::<f32>::try_from(got[0].1.view(-1)).expect("vec"), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(got[0].1.view(-1)).expect("vec"),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
         assert_eq!(got[1].1.size(), vec![2, 2]);
-        assert_eq!(Vec::<f32>::try_from(got[1].1.view(-1)).expect("vec"), vec![5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(got[1].1.view(-1)).expect("vec"),
+            vec![5.0, 6.0, 7.0, 8.0]
+        );
         let e = assemble_full_state(vec![piece("exp_avg/w@0", &[1.0, 2.0])], &shapes)
             .err()
             .map(|e| e.to_string())

@@ -203,8 +203,7 @@ pub enum DrafterSection {
 }
 
 impl DrafterSection {
-    pub const KINDS: &'static [&'static str] =
-        &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
+    pub const KINDS: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
     /// The kinds this build trains (the others parse, and are refused by validation).
     pub const IMPLEMENTED: &'static [&'static str] = &["medusa", "eagle1", "eagle3", "hybrid", "spaf", "knowledge"];
 
@@ -212,7 +211,11 @@ impl DrafterSection {
     /// plus the target's dimensions, with the recipe's defaults resolved against the target.
     /// `target_dir` (the recipe's target.path) is where a knowledge cache's fingerprint is
     /// checked; `None` skips that check (synthetic targets).
-    pub fn to_spec(&self, cfg: &TargetConfig, target_dir: Option<&std::path::Path>) -> crate::error::Result<DrafterSpec> {
+    pub fn to_spec(
+        &self,
+        cfg: &TargetConfig,
+        target_dir: Option<&std::path::Path>,
+    ) -> crate::error::Result<DrafterSpec> {
         Ok(match self {
             DrafterSection::Medusa(m) => DrafterSpec::Medusa(MedusaSpec {
                 num_heads: m.num_heads,
@@ -234,9 +237,17 @@ impl DrafterSection {
             DrafterSection::Eagle3(e) => {
                 let aux_layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
                 let mut problems = Vec::new();
-                let missing: Vec<String> = aux_layers.iter().filter(|&&l| l < 0 || l >= cfg.num_layers).map(|l| l.to_string()).collect();
+                let missing: Vec<String> = aux_layers
+                    .iter()
+                    .filter(|&&l| l < 0 || l >= cfg.num_layers)
+                    .map(|l| l.to_string())
+                    .collect();
                 if !missing.is_empty() {
-                    problems.push(format!("layer(s) {} do not exist (the target has layers 0..{})", missing.join(", "), cfg.num_layers - 1));
+                    problems.push(format!(
+                        "layer(s) {} do not exist (the target has layers 0..{})",
+                        missing.join(", "),
+                        cfg.num_layers - 1
+                    ));
                 }
                 if aux_layers.len() != 3 {
                     problems.push(format!(
@@ -245,10 +256,14 @@ impl DrafterSection {
                     ));
                 }
                 if aux_layers.windows(2).any(|w| w[0] > w[1]) {
-                    problems.push("the layers must ascend (engines concatenate the captured layers in layer order)".into());
+                    problems
+                        .push("the layers must ascend (engines concatenate the captured layers in layer order)".into());
                 }
                 if !problems.is_empty() {
-                    return Err(TrainerError::Config(format!("drafter.aux_layers {aux_layers:?}: {}", problems.join("; "))));
+                    return Err(TrainerError::Config(format!(
+                        "drafter.aux_layers {aux_layers:?}: {}",
+                        problems.join("; ")
+                    )));
                 }
                 DrafterSpec::Eagle3(Eagle3Spec {
                     ttt_length: e.ttt_length,
@@ -257,7 +272,13 @@ impl DrafterSection {
                     draft_vocab_size: e.draft_vocab_size.min(cfg.vocab_size).max(1),
                     target_hidden_size: cfg.hidden_size,
                     vocab_size: cfg.vocab_size,
-                    layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
+                    layer: DraftLayerSpec::from_target(
+                        cfg,
+                        e.hidden_size,
+                        e.num_heads,
+                        e.num_kv_heads,
+                        e.intermediate_size,
+                    )?,
                 })
             }
             DrafterSection::Hybrid(x) => {
@@ -307,12 +328,16 @@ impl DrafterSection {
                     alignment_weight: x.alignment_weight,
                     layer_weights: match (&x.layer_weights, &x.train_exits) {
                         (Some(_), Some(_)) => {
-                            return Err(TrainerError::Config("drafter: set layer_weights or train_exits, not both".into()))
+                            return Err(TrainerError::Config(
+                                "drafter: set layer_weights or train_exits, not both".into(),
+                            ))
                         }
                         (Some(w), None) => w.clone(),
                         (None, Some(list)) => {
                             if list.is_empty() {
-                                return Err(TrainerError::Config("drafter.train_exits: list at least one exit layer".into()));
+                                return Err(TrainerError::Config(
+                                    "drafter.train_exits: list at least one exit layer".into(),
+                                ));
                             }
                             if let Some(bad) = list.iter().find(|&&e| e < k || e >= l) {
                                 return Err(TrainerError::Config(format!(
@@ -332,7 +357,8 @@ impl DrafterSection {
                     num_layers: l,
                     vocab_size: cfg.vocab_size,
                 };
-                spec.validate().map_err(|e| TrainerError::Config(format!("drafter: {e}")))?;
+                spec.validate()
+                    .map_err(|e| TrainerError::Config(format!("drafter: {e}")))?;
                 DrafterSpec::Spaf(spec)
             }
             DrafterSection::Knowledge(x) => DrafterSpec::Knowledge(knowledge_spec(x, cfg, target_dir)?),
@@ -392,10 +418,7 @@ impl FromNode for DrafterSection {
                 cx.issue(
                     &kind_path,
                     &node.loc,
-                    format!(
-                        "missing; set drafter.kind to one of {}",
-                        Self::KINDS.join(", ")
-                    ),
+                    format!("missing; set drafter.kind to one of {}", Self::KINDS.join(", ")),
                 );
                 return None;
             }
@@ -405,13 +428,7 @@ impl FromNode for DrafterSection {
             }
         };
         let rest = Node {
-            kind: NodeKind::Map(
-                entries
-                    .iter()
-                    .filter(|(k, _, _)| k != "kind")
-                    .cloned()
-                    .collect(),
-            ),
+            kind: NodeKind::Map(entries.iter().filter(|(k, _, _)| k != "kind").cloned().collect()),
             loc: node.loc.clone(),
         };
         Some(match kind.as_str() {
@@ -444,7 +461,11 @@ impl FromNode for DrafterSection {
 /// The knowledge drafter's spec: its layers resolved against the target, and its cache's
 /// shape and provenance read from the cache's manifest (checked against the recipe and the
 /// target: a cache built for another target or from other data is refused).
-fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&std::path::Path>) -> crate::error::Result<KnowledgeSpec> {
+fn knowledge_spec(
+    x: &KnowledgeConfig,
+    cfg: &TargetConfig,
+    target_dir: Option<&std::path::Path>,
+) -> crate::error::Result<KnowledgeSpec> {
     let bad = |msg: String| TrainerError::Config(msg);
     let layers = match (x.strategy, &x.layers) {
         (LayerStrategy::Uniform, None) => {
@@ -474,17 +495,24 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
             let build = format!(
                 "forge build-knowledge --target {} --in {} --entries {}{} --out {shown}",
                 target_dir.map_or("<target>".into(), |d| d.display().to_string()),
-                x.knowledge_data.as_ref().map_or("<questions and answers>".into(), |d| d.display().to_string()),
+                x.knowledge_data
+                    .as_ref()
+                    .map_or("<questions and answers>".into(), |d| d.display().to_string()),
                 x.num_knowledge_entries,
                 x.cache_dim.map_or(String::new(), |d| format!(" --cache-dim {d}")),
             );
             if !path.exists() {
-                return Err(bad(format!("drafter.knowledge_cache: {shown} does not exist: build it with `{build}`")));
+                return Err(bad(format!(
+                    "drafter.knowledge_cache: {shown} does not exist: build it with `{build}`"
+                )));
             }
             let m = KnowledgeCache::read_manifest(path).map_err(|e| bad(format!("drafter.knowledge_cache: {e}")))?;
             let mut problems = Vec::new();
             if m.hidden_size != cfg.hidden_size {
-                problems.push(format!("it holds states of hidden size {}, the target's is {}", m.hidden_size, cfg.hidden_size));
+                problems.push(format!(
+                    "it holds states of hidden size {}, the target's is {}",
+                    m.hidden_size, cfg.hidden_size
+                ));
             }
             if let Some(dir) = target_dir {
                 let fp = crate::data::target_fingerprint(dir)?;
@@ -498,7 +526,10 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
                 }
             }
             if let Some(d) = x.cache_dim.filter(|&d| d > cfg.hidden_size) {
-                return Err(bad(format!("drafter.cache_dim {d} is above the target's hidden size {}: at most {}", cfg.hidden_size, cfg.hidden_size)));
+                return Err(bad(format!(
+                    "drafter.cache_dim {d} is above the target's hidden size {}: at most {}",
+                    cfg.hidden_size, cfg.hidden_size
+                )));
             }
             if let Some(d) = x.cache_dim {
                 if d != m.cache_dim {
@@ -506,19 +537,32 @@ fn knowledge_spec(x: &KnowledgeConfig, cfg: &TargetConfig, target_dir: Option<&s
                 }
             }
             if x.num_knowledge_entries != m.entries {
-                problems.push(format!("it holds {} entries, drafter.num_knowledge_entries is {}", m.entries, x.num_knowledge_entries));
+                problems.push(format!(
+                    "it holds {} entries, drafter.num_knowledge_entries is {}",
+                    m.entries, x.num_knowledge_entries
+                ));
             }
             if let Some(data) = &x.knowledge_data {
-                let bytes = std::fs::read(data).map_err(|source| TrainerError::Io { path: data.clone(), source })?;
+                let bytes = std::fs::read(data).map_err(|source| TrainerError::Io {
+                    path: data.clone(),
+                    source,
+                })?;
                 if crate::build_knowledge::data_hash(&bytes) != m.data_hash {
-                    problems.push(format!("it was built from other data than drafter.knowledge_data {} ({})", data.display(), m.data));
+                    problems.push(format!(
+                        "it was built from other data than drafter.knowledge_data {} ({})",
+                        data.display(),
+                        m.data
+                    ));
                 }
             }
             if let Some(l) = layers.iter().find(|l| !m.layers.contains(l)) {
                 problems.push(format!("it has no states of target layer {l}"));
             }
             if !problems.is_empty() {
-                return Err(bad(format!("drafter.knowledge_cache {shown}: {}: rebuild it with `{build}`", problems.join("; "))));
+                return Err(bad(format!(
+                    "drafter.knowledge_cache {shown}: {}: rebuild it with `{build}`",
+                    problems.join("; ")
+                )));
             }
             Some(CacheSpec {
                 path: path.display().to_string(),

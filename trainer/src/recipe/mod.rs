@@ -153,15 +153,7 @@ pub struct Recipe {
     pub log: LogSection,
 }
 
-const SECTIONS: &[&str] = &[
-    "drafter",
-    "target",
-    "data",
-    "train",
-    "dist",
-    "checkpoint",
-    "log",
-];
+const SECTIONS: &[&str] = &["drafter", "target", "data", "train", "dist", "checkpoint", "log"];
 
 /// Every problem found in a recipe, printable as `file:line:col: path: message` lines.
 #[derive(Debug, Clone)]
@@ -182,9 +174,7 @@ impl fmt::Display for RecipeErrors {
         )?;
         for i in &self.issues {
             match &i.loc {
-                Loc::File { line, col } => {
-                    writeln!(f, "  {}:{line}:{col}: {i}", self.file.display())?
-                }
+                Loc::File { line, col } => writeln!(f, "  {}:{line}:{col}: {i}", self.file.display())?,
                 other => writeln!(f, "  ({other}): {i}")?,
             }
         }
@@ -248,10 +238,7 @@ impl Recipe {
             _ => cx.issue(
                 "",
                 &root.loc,
-                format!(
-                    "a recipe is a mapping with sections {}",
-                    SECTIONS.join(", ")
-                ),
+                format!("a recipe is a mapping with sections {}", SECTIONS.join(", ")),
             ),
         }
         let drafter = match root.get("drafter") {
@@ -335,10 +322,7 @@ impl Recipe {
             DrafterSection::Medusa(m) => {
                 positive(cx, "drafter.num_heads", m.num_heads);
                 if m.num_layers < 0 {
-                    cx.issue_at(
-                        "drafter.num_layers",
-                        format!("must be >= 0, got {}", m.num_layers),
-                    );
+                    cx.issue_at("drafter.num_layers", format!("must be >= 0, got {}", m.num_layers));
                 }
                 fraction(cx, "drafter.loss_decay", m.loss_decay);
                 positive(cx, "drafter.top_k", m.top_k);
@@ -354,7 +338,10 @@ impl Recipe {
                 positive(cx, "drafter.draft_vocab_size", e.draft_vocab_size);
                 if let Some(layers) = &e.aux_layers {
                     if layers.is_empty() {
-                        cx.issue_at("drafter.aux_layers", "must list at least one layer (or be left out for the default 1, L/2-1, L-4)");
+                        cx.issue_at(
+                            "drafter.aux_layers",
+                            "must list at least one layer (or be left out for the default 1, L/2-1, L-4)",
+                        );
                     }
                     for (i, &l) in layers.iter().enumerate() {
                         if l < 0 {
@@ -388,9 +375,15 @@ impl Recipe {
                     || h.num_transformer_blocks < 0
                     || h.num_mlp_blocks + h.num_transformer_blocks < 1
                 {
-                    cx.issue_at("drafter.num_mlp_blocks", "num_mlp_blocks and num_transformer_blocks must be >= 0 with at least one block");
+                    cx.issue_at(
+                        "drafter.num_mlp_blocks",
+                        "num_mlp_blocks and num_transformer_blocks must be >= 0 with at least one block",
+                    );
                 }
-                for (k, v) in [("gumbel_temperature", Some(h.gumbel_temperature)), ("gumbel_temperature_end", h.gumbel_temperature_end)] {
+                for (k, v) in [
+                    ("gumbel_temperature", Some(h.gumbel_temperature)),
+                    ("gumbel_temperature_end", h.gumbel_temperature_end),
+                ] {
                     if let Some(v) = v {
                         if !(v.is_finite() && v > 0.0) {
                             cx.issue_at(&format!("drafter.{k}"), format!("must be > 0, got {v}"));
@@ -407,7 +400,10 @@ impl Recipe {
                     ],
                 );
                 if h.anneal_steps == Some(0) {
-                    cx.issue_at("drafter.anneal_steps", "must be >= 1 (leave it unset to anneal over the whole run)");
+                    cx.issue_at(
+                        "drafter.anneal_steps",
+                        "must be >= 1 (leave it unset to anneal over the whole run)",
+                    );
                 }
                 non_negative(cx, "drafter.feature_weight", h.feature_weight);
                 non_negative(cx, "drafter.gate_lr_scale", h.gate_lr_scale);
@@ -431,7 +427,10 @@ impl Recipe {
                 non_negative(cx, "drafter.alignment_weight", s.alignment_weight);
                 if let Some(w) = &s.layer_weights {
                     if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) {
-                        cx.issue_at("drafter.layer_weights", "must be >= 0, one per layer from cutoff_layer to the last, with at least one > 0");
+                        cx.issue_at(
+                            "drafter.layer_weights",
+                            "must be >= 0, one per layer from cutoff_layer to the last, with at least one > 0",
+                        );
                     }
                 }
                 positive(cx, "drafter.num_draft_tokens", s.num_draft_tokens);
@@ -449,15 +448,24 @@ impl Recipe {
                 positive(cx, "drafter.num_sampled_layers", k.num_sampled_layers);
                 if k.knowledge_cache.is_none() {
                     if k.knowledge_data.is_some() {
-                        cx.issue_at("drafter.knowledge_data", "names what the knowledge cache was built from, but drafter.knowledge_cache is not set");
+                        cx.issue_at(
+                            "drafter.knowledge_data",
+                            "names what the knowledge cache was built from, but drafter.knowledge_cache is not set",
+                        );
                     }
                     if k.cache_dim.is_some() {
-                        cx.issue_at("drafter.cache_dim", "is checked against the knowledge cache, but drafter.knowledge_cache is not set");
+                        cx.issue_at(
+                            "drafter.cache_dim",
+                            "is checked against the knowledge cache, but drafter.knowledge_cache is not set",
+                        );
                     }
                 }
                 if let Some(layers) = &k.layers {
                     if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
-                        cx.issue_at("drafter.layers", "must be a non-empty ascending list of distinct layer indices >= 0");
+                        cx.issue_at(
+                            "drafter.layers",
+                            "must be a non-empty ascending list of distinct layer indices >= 0",
+                        );
                     }
                 }
                 positive(cx, "drafter.num_knowledge_entries", k.num_knowledge_entries);
@@ -468,16 +476,25 @@ impl Recipe {
                 non_negative(cx, "drafter.acceptance_weight", k.acceptance_weight);
                 non_negative(cx, "drafter.ce_weight", k.ce_weight);
                 if k.kl_weight + k.acceptance_weight + k.ce_weight <= 0.0 {
-                    cx.issue_at("drafter.kl_weight", "kl_weight, acceptance_weight and ce_weight are all 0: nothing to train");
+                    cx.issue_at(
+                        "drafter.kl_weight",
+                        "kl_weight, acceptance_weight and ce_weight are all 0: nothing to train",
+                    );
                 }
                 if !(k.temperature.is_finite() && k.temperature > 0.0) {
                     cx.issue_at("drafter.temperature", "must be > 0");
                 }
                 if k.target_topk < 0 {
-                    cx.issue_at("drafter.target_topk", "must be >= 0 (0 = the target's full distribution)");
+                    cx.issue_at(
+                        "drafter.target_topk",
+                        "must be >= 0 (0 = the target's full distribution)",
+                    );
                 }
                 if k.target_topk > 0 && k.temperature != 1.0 {
-                    cx.issue_at("drafter.temperature", "needs the target's full distribution: set target_topk: 0");
+                    cx.issue_at(
+                        "drafter.temperature",
+                        "needs the target's full distribution: set target_topk: 0",
+                    );
                 }
                 positive(cx, "drafter.num_draft_tokens", k.num_draft_tokens);
                 if !(k.new_lr_scale.is_finite() && k.new_lr_scale > 0.0) {
@@ -501,10 +518,7 @@ impl Recipe {
         if crate::recipe::parse_device_name(&self.target.device).is_none() {
             cx.issue_at(
                 "target.device",
-                format!(
-                    "'{}' is not one of auto, cpu, cuda, cuda:N",
-                    self.target.device
-                ),
+                format!("'{}' is not one of auto, cpu, cuda, cuda:N", self.target.device),
             );
         }
         let d = &self.data;
@@ -521,10 +535,7 @@ impl Recipe {
             );
         }
         if d.max_length < 2 {
-            cx.issue_at(
-                "data.max_length",
-                format!("must be at least 2, got {}", d.max_length),
-            );
+            cx.issue_at("data.max_length", format!("must be at least 2, got {}", d.max_length));
         }
         let t = &self.train;
         if t.max_steps == Some(0) {
@@ -534,10 +545,7 @@ impl Recipe {
             );
         }
         if t.max_steps.is_none() && t.epochs == 0 {
-            cx.issue_at(
-                "train.epochs",
-                "must be at least 1 when train.max_steps is not set",
-            );
+            cx.issue_at("train.epochs", "must be at least 1 when train.max_steps is not set");
         }
         if t.micro_batch_size == 0 {
             cx.issue_at("train.micro_batch_size", "must be at least 1");
@@ -578,10 +586,7 @@ impl Recipe {
             cx.issue_at("train.eval_every", "must be at least 1 (or left out)");
         }
         if t.eval_every.is_some() && d.eval.is_empty() {
-            cx.issue_at(
-                "train.eval_every",
-                "is set but data.eval lists no files to evaluate on",
-            );
+            cx.issue_at("train.eval_every", "is set but data.eval lists no files to evaluate on");
         }
         if self.dist.zero_stage > 2 {
             cx.issue_at(
@@ -596,10 +601,7 @@ impl Recipe {
             cx.issue_at("dist.timeout_s", "must be at least 1");
         }
         if self.checkpoint.dir.is_none() {
-            cx.issue_at(
-                "checkpoint.dir",
-                "missing: set checkpoint.dir to the output folder",
-            );
+            cx.issue_at("checkpoint.dir", "missing: set checkpoint.dir to the output folder");
         }
         if self.checkpoint.every_steps == 0 {
             cx.issue_at("checkpoint.every_steps", "must be at least 1");
@@ -617,10 +619,7 @@ impl Recipe {
 pub fn parse_device_name(s: &str) -> Option<&str> {
     match s {
         "auto" | "cpu" | "cuda" => Some(s),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .map(|_| s),
+        _ => s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).map(|_| s),
     }
 }
 
@@ -636,9 +635,7 @@ fn apply_override(root: &mut Node, spec: &str) -> Result<(), Issue> {
         .ok_or_else(|| bad("expected key.path=value, e.g. --set train.max_steps=20".into()))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(|s| s.is_empty()) {
-        return Err(bad(format!(
-            "'{key}' is not a dotted key path like train.lr"
-        )));
+        return Err(bad(format!("'{key}' is not a dotted key path like train.lr")));
     }
     let node = yaml::parse(value, Some(spec.to_string())).map_err(|e| Issue {
         path: key.to_string(),

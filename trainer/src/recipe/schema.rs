@@ -89,10 +89,7 @@ pub fn type_issue<T: FromNode>(node: &Node, path: &str, cx: &mut Ctx) {
 
 fn plain(node: &Node) -> Option<&str> {
     match &node.kind {
-        NodeKind::Scalar {
-            text,
-            quoted: false,
-        } => Some(text.as_str()),
+        NodeKind::Scalar { text, quoted: false } => Some(text.as_str()),
         _ => None,
     }
 }
@@ -233,10 +230,7 @@ pub fn check_keys(path: &str, entries: &[(String, Loc, Node)], known: &[&str], c
             cx.issue(
                 &join(path, key),
                 loc,
-                format!(
-                    "unknown key '{key}'; {hint}valid keys here: {}",
-                    known.join(", ")
-                ),
+                format!("unknown key '{key}'; {hint}valid keys here: {}", known.join(", ")),
             );
         }
     }

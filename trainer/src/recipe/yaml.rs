@@ -149,23 +149,20 @@ pub fn parse(text: &str, origin: Option<String>) -> Result<Node, YamlError> {
             Event::DocumentStart(_) => {
                 docs += 1;
                 if docs > 1 {
-                    return Err(err(
-                        "a recipe is one YAML document; found a second one (---)".into(),
-                    ));
+                    return Err(err("a recipe is one YAML document; found a second one (---)".into()));
                 }
                 None
             }
             Event::Scalar(value, style, anchor, _tag) => {
                 let quoted = !matches!(style, ScalarStyle::Plain);
-                let kind =
-                    if !quoted && matches!(value.as_ref(), "" | "~" | "null" | "Null" | "NULL") {
-                        NodeKind::Null
-                    } else {
-                        NodeKind::Scalar {
-                            text: value.to_string(),
-                            quoted,
-                        }
-                    };
+                let kind = if !quoted && matches!(value.as_ref(), "" | "~" | "null" | "Null" | "NULL") {
+                    NodeKind::Null
+                } else {
+                    NodeKind::Scalar {
+                        text: value.to_string(),
+                        quoted,
+                    }
+                };
                 Some((Node { kind, loc }, anchor))
             }
             Event::Alias(id) => match anchors.get(&id) {
