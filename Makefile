@@ -12,7 +12,7 @@ setup:
 	@bash scripts/setup.sh
 
 build: setup
-	$(CARGO) build --release -p forge-trainer
+	$(CARGO) build --release -p forge
 	@echo "built $(FORGE_BIN)"
 
 demo-model:

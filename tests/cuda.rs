@@ -11,7 +11,7 @@ use forge_models::speculative::{greedy_divergence, speculative_generate, SpecOpt
 use forge_models::{parse_device, Capture, DType, LogitsMode, TargetModel};
 use forge_tests::random_target;
 use forge_trainer::bench_train::{self, target_forward_flops, BenchTarget, TrainBenchOptions};
-use forge_trainer::dist::{bench, c10d};
+use forge_trainer::parallel::{bench, c10d};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 

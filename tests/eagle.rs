@@ -531,7 +531,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
         "fp32",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let re = forge_trainer::export::load_drafter(&ffx, Device::Cpu).expect("reload");
+    let re = forge_trainer::engines::load_drafter(&ffx, Device::Cpu).expect("reload");
     let mut ck_all = ck.tensors().expect("tensors");
     ck_all.sort_by(|a, b| a.0.cmp(&b.0));
     let mut rw: Vec<(String, Tensor)> = re.drafter.var_store().variables().into_iter().collect();

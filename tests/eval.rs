@@ -780,7 +780,7 @@ fn tiny_recipe_with(dir: &Path, name: &str, drafter: &str) -> std::path::PathBuf
 
 #[test]
 fn engine_format_drafts_load_back_to_the_same_drafter() {
-    use forge_trainer::export::{load_drafter, load_drafter_with_target};
+    use forge_trainer::engines::{load_drafter, load_drafter_with_target};
     let mut run = TinyRun::with_layers("eval-import", "recipes/eagle3-tiny.yaml", true, 4);
     let target = TargetModel::load(&run.target, forge_models::DType::F32, Device::Cpu).expect("target");
     let seq: Vec<i64> = vec![1, 300, 4000, 77, 12, 9, 50, 610, 8, 31, 7, 2];

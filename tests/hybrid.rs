@@ -402,7 +402,7 @@ fn a_large_cost_weight_drives_the_gate_to_the_mlp_blocks_and_training_exports_an
     let exp = run.dir.join("export");
     let a = forge_tests::export_forge_equal_to(&ck, &exp);
     assert!(a.iter().any(|(n, _)| n == "block_costs"));
-    let loaded = forge_trainer::export::load_drafter(&exp, Device::Cpu).expect("reload export");
+    let loaded = forge_trainer::engines::load_drafter(&exp, Device::Cpu).expect("reload export");
     assert_eq!(loaded.spec.kind(), "hybrid");
 
     // forge eval decodes with the export: lossless, with the block histogram and draft time

@@ -21,7 +21,7 @@ pub fn tmp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// The `forge` binary built by `make build` / `cargo build --release -p forge-trainer`
+/// The `forge` binary built by `make build` / `cargo build --release -p forge`
 /// (same profile folder as this test binary).
 pub fn forge_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -29,7 +29,7 @@ pub fn forge_bin() -> PathBuf {
     let bin = profile_dir.join("forge");
     assert!(
         bin.is_file(),
-        "{} not found: build it first (make build, or cargo build -p forge-trainer with the same profile)",
+        "{} not found: build it first (make build, or cargo build -p forge with the same profile)",
         bin.display()
     );
     bin

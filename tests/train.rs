@@ -347,7 +347,7 @@ fn medusa_exports_for_vllm_original_medusa_and_forge() {
         "fp32",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let re = forge_trainer::export::load_drafter(&fx, Device::Cpu).expect("reload");
+    let re = forge_trainer::engines::load_drafter(&fx, Device::Cpu).expect("reload");
     let mut rw: Vec<(String, Tensor)> = re.drafter.var_store().variables().into_iter().collect();
     rw.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(rw.len(), ck.len());

@@ -125,3 +125,52 @@ mod tests {
         assert_ne!(x.finish(), y.finish());
     }
 }
+
+/// A cheap fingerprint of a target folder: config.json, the weight files' names and sizes,
+/// and the first and last MiB of each (their headers and some weights: two fine-tunes of one
+/// base differ there).
+pub fn target_fingerprint(dir: &std::path::Path) -> crate::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut h = ContentHash::new();
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| crate::DataError::Io { path, source }
+    };
+    let cfg = dir.join("config.json");
+    let bytes = std::fs::read(&cfg).map_err(io(&cfg))?;
+    h.field(&bytes);
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // the file's size, through symlinks (Hugging Face hub snapshots link their blobs)
+            let len = std::fs::metadata(e.path()).ok()?.len();
+            name.ends_with(".safetensors").then_some((name, len))
+        })
+        .collect();
+    files.sort();
+    const SAMPLE: u64 = 1 << 20;
+    for (name, len) in files {
+        h.field(name.as_bytes()).field(&len.to_le_bytes());
+        let path = dir.join(&name);
+        let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut buf = vec![0u8; SAMPLE.min(len) as usize];
+        f.read_exact(&mut buf).map_err(io(&path))?;
+        h.field(&buf);
+        if len > SAMPLE {
+            let tail = SAMPLE.min(len - SAMPLE);
+            f.seek(SeekFrom::Start(len - tail)).map_err(io(&path))?;
+            let mut buf = vec![0u8; tail as usize];
+            f.read_exact(&mut buf).map_err(io(&path))?;
+            h.field(&buf);
+        }
+    }
+    Ok(h.hex())
+}
+
+/// The hash of a data file's bytes stored in manifests built from it (the knowledge cache's
+/// `data_hash`, what a recipe's `knowledge_data` is checked against).
+pub fn data_hash(bytes: &[u8]) -> String {
+    format!("{:032x}", hash_bytes(bytes))
+}

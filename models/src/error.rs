@@ -26,6 +26,8 @@ pub enum ModelError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Data(#[from] forge_data::DataError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -2,7 +2,7 @@
 //! left-padded batch of independent prompts ([`generate_batch`]).
 
 use crate::error::{ModelError, Result};
-use crate::target::{Capture, LogitsMode, TargetModel};
+use crate::llm::{Capture, LogitsMode, TargetModel};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 

@@ -8,12 +8,13 @@
 pub mod drafters;
 pub mod dtype;
 pub mod error;
+pub mod features;
 pub mod generate;
 pub mod layers;
 pub mod safetensors_io;
 pub mod speculative;
-pub mod target;
+pub mod llm;
 
 pub use dtype::{parse_device, synchronize, DType};
 pub use error::{ModelError, Result};
-pub use target::{Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};
+pub use llm::{Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};

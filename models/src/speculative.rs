@@ -17,10 +17,10 @@
 //! Greedy output equals plain greedy decoding token for token; sampled output follows the
 //! target's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
 
-use crate::drafters::FeatureNeeds;
+use crate::features::FeatureNeeds;
 use crate::error::{ModelError, Result};
 use crate::generate::{sample_rows, RowRng};
-use crate::target::{Capture, LogitsMode, TargetModel};
+use crate::llm::{Capture, LogitsMode, TargetModel};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -85,7 +85,7 @@ pub trait SharedTarget {
     fn cached(&self) -> i64;
     /// The target's forward over `ids` at positions `cached()..`, appending them to the
     /// cache: what [`TargetModel::forward`] returns with a cache of `cached()` positions.
-    fn forward(&mut self, ids: &[i64], capture: &Capture) -> Result<crate::target::TargetOutput>;
+    fn forward(&mut self, ids: &[i64], capture: &Capture) -> Result<crate::llm::TargetOutput>;
     /// Keeps the first `len` positions (rollback of rejected drafts).
     fn truncate(&mut self, len: i64);
 }
@@ -95,10 +95,10 @@ pub trait SharedTarget {
 fn target_forward(
     target: &TargetModel,
     draft: &mut dyn DraftSession,
-    cache: &mut crate::target::KvCache,
+    cache: &mut crate::llm::KvCache,
     ids: &[i64],
     capture: &Capture,
-) -> Result<crate::target::TargetOutput> {
+) -> Result<crate::llm::TargetOutput> {
     match draft.shared_target() {
         Some(s) => s.forward(ids, capture),
         None => {
@@ -108,14 +108,14 @@ fn target_forward(
     }
 }
 
-fn cached(draft: &mut dyn DraftSession, cache: &crate::target::KvCache) -> i64 {
+fn cached(draft: &mut dyn DraftSession, cache: &crate::llm::KvCache) -> i64 {
     match draft.shared_target() {
         Some(s) => s.cached(),
         None => cache.len(),
     }
 }
 
-fn truncate(draft: &mut dyn DraftSession, cache: &mut crate::target::KvCache, len: i64) {
+fn truncate(draft: &mut dyn DraftSession, cache: &mut crate::llm::KvCache, len: i64) {
     match draft.shared_target() {
         Some(s) => s.truncate(len),
         None => cache.truncate(len),
@@ -275,7 +275,7 @@ fn draw(weights: &Tensor, rng: &mut RowRng) -> Result<i64> {
     pick(&weights.clamp_min(0.0).log(), 1.0, rng)
 }
 
-fn features_at(out: &crate::target::TargetOutput, start: i64, len: i64) -> StepFeatures {
+fn features_at(out: &crate::llm::TargetOutput, start: i64, len: i64) -> StepFeatures {
     StepFeatures {
         hidden_normed: out.hidden_normed.get(0).narrow(0, start, len),
         aux: (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1).get(0).narrow(0, start, len)),

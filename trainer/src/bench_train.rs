@@ -14,7 +14,7 @@
 //! peak of allocated bytes over the timed steps; CPU: the process's peak resident set), the
 //! target forward's useful FLOPs and, given the device's peak, its MFU.
 
-use crate::dist::SingleProcess;
+use crate::parallel::SingleProcess;
 use crate::error::{Result, TrainerError};
 use crate::optim::ParamPolicy;
 use crate::recipe::Recipe;
@@ -271,7 +271,7 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
         let (mut step_ms, mut target_ms, mut drafter_ms) = (Vec::new(), Vec::new(), Vec::new());
         for step in 0..total {
             if step == opts.warmup as u64 {
-                crate::dist::c10d::cuda_reset_peak(device);
+                crate::parallel::c10d::cuda_reset_peak(device);
             }
             let ids = Tensor::randint(cfg.vocab_size, [b, l], (Kind::Int64, device));
             let ones = Tensor::ones([b, l], (Kind::Int64, device));
@@ -295,7 +295,7 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
                 drafter_ms.push(c - a);
             }
         }
-        let (peak_mem_mb, peak_mem_kind) = match crate::dist::c10d::cuda_peak_allocated(device) {
+        let (peak_mem_mb, peak_mem_kind) = match crate::parallel::c10d::cuda_peak_allocated(device) {
             Some(bytes) => (bytes as f64 / (1024.0 * 1024.0), "cuda_allocated"),
             None => (peak_rss_mb(), "process_rss"),
         };

@@ -4,7 +4,7 @@
 //! is below the hidden size, with a manifest (target fingerprint, data hash, counts) in the
 //! file's metadata and beside it as JSON.
 
-use crate::data::target_fingerprint;
+use forge_data::hash::{data_hash, target_fingerprint};
 use crate::regenerate::{resolve_dtype, show_progress, ChatArgs};
 use anyhow::{bail, Context, Result};
 use forge_data::conversation::parse_conversations;
@@ -44,12 +44,6 @@ pub struct BuildKnowledgeArgs {
     pub layers: Vec<i64>,
     #[command(flatten)]
     pub chat: ChatArgs,
-}
-
-/// The manifest's hash of the question/answer file's bytes (what a recipe's
-/// `knowledge_data` is checked against).
-pub fn data_hash(bytes: &[u8]) -> String {
-    format!("{:032x}", forge_data::hash::hash_bytes(bytes))
 }
 
 pub fn run(a: BuildKnowledgeArgs) -> Result<()> {

@@ -260,7 +260,7 @@ pub fn load(ckpt: &Path) -> Result<Loaded> {
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| TrainerError::Config(format!("{}: {e}", sp.display())))?;
     let weights = SafetensorsFile::open(&ckpt.join(WEIGHTS))?.tensors()?;
-    // sharded state: every rank's pieces (see dist::zero::assemble_full_state)
+    // sharded state: every rank's pieces (see parallel::zero::assemble_full_state)
     let optimizer = if manifest.optimizer_shards == 0 {
         SafetensorsFile::open(&ckpt.join(OPTIMIZER))?.tensors()?
     } else {

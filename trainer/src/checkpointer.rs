@@ -13,8 +13,8 @@
 //! Without shards there are no barriers: rank 0 does everything.
 
 use crate::checkpoint::{self, CheckpointData, TrainerState};
-use crate::dist::zero::DistAdamW;
-use crate::dist::Comm;
+use crate::parallel::zero::DistAdamW;
+use crate::parallel::Comm;
 use crate::error::Result;
 use crate::recipe::Recipe;
 use crate::schedule::Cadence;
@@ -205,7 +205,7 @@ const BEST_JSON: &str = "best.json";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::SingleProcess;
+    use crate::parallel::SingleProcess;
     use crate::optim::{AdamWConfig, ParamPolicy};
     use forge_models::drafters::medusa::MedusaSpec;
     use tch::{Device, Kind};

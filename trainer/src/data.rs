@@ -4,7 +4,6 @@
 use crate::error::{Result, TrainerError};
 use crate::recipe::{Precision, Recipe};
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
-use forge_data::hash::ContentHash;
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
 use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
@@ -179,49 +178,6 @@ pub fn vocab_mapping(
     )?)
 }
 
-/// A cheap fingerprint of a target folder: config.json, the weight files' names and sizes,
-/// and the first and last MiB of each (their headers and some weights: two fine-tunes of one
-/// base differ there).
-pub fn target_fingerprint(dir: &Path) -> Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut h = ContentHash::new();
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainerError::Io { path, source }
-    };
-    let cfg = dir.join("config.json");
-    let bytes = std::fs::read(&cfg).map_err(io(&cfg))?;
-    h.field(&bytes);
-    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            // the file's size, through symlinks (Hugging Face hub snapshots link their blobs)
-            let len = std::fs::metadata(e.path()).ok()?.len();
-            name.ends_with(".safetensors").then_some((name, len))
-        })
-        .collect();
-    files.sort();
-    const SAMPLE: u64 = 1 << 20;
-    for (name, len) in files {
-        h.field(name.as_bytes()).field(&len.to_le_bytes());
-        let path = dir.join(&name);
-        let mut f = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut buf = vec![0u8; SAMPLE.min(len) as usize];
-        f.read_exact(&mut buf).map_err(io(&path))?;
-        h.field(&buf);
-        if len > SAMPLE {
-            let tail = SAMPLE.min(len - SAMPLE);
-            f.seek(SeekFrom::Start(len - tail)).map_err(io(&path))?;
-            let mut buf = vec![0u8; tail as usize];
-            f.read_exact(&mut buf).map_err(io(&path))?;
-            h.field(&buf);
-        }
-    }
-    Ok(h.hex())
-}
-
 /// The target dtype and device a recipe asks for (auto: bf16 on CUDA, fp32 on CPU).
 pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
     // Under `forge launch --nproc N` the workers are CPU workers: `auto` means the CPU.
@@ -302,7 +258,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
     let settings = HiddenSettings {
         format: HIDDEN_FORMAT.into(),
         target: dir.display().to_string(),
-        target_fingerprint: target_fingerprint(dir)?,
+        target_fingerprint: forge_data::hash::target_fingerprint(dir)?,
         data_key: data.train.key.clone(),
         hidden_size: cfg.hidden_size as usize,
         last_hidden: needs.last_hidden,

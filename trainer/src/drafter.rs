@@ -8,7 +8,7 @@ use crate::recipe::Recipe;
 use forge_data::hidden::HiddenDataset;
 use forge_data::{CacheStatus, LoadedDataset, VocabMapping};
 use forge_models::drafters::{PrepareData, TargetAccess, TargetNeeds, EMBED, LM_HEAD};
-use forge_models::target::read_named_tensors;
+use forge_models::llm::read_named_tensors;
 use forge_models::{ModelError, TargetConfig, TargetModel};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! template. Multi-turn: turn k's context holds the model's own answers to turns < k (the
 //! speculative run's for the speculative run, the plain run's for the plain run).
 
-use crate::export::load_drafter_with_target;
+use crate::engines::load_drafter_with_target;
 use crate::regenerate::{read_input, resolve_dtype, show_progress, stop_ids, turn_seed, ChatArgs, InputConversation};
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};

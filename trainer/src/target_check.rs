@@ -1,6 +1,6 @@
 //! Checks of a recipe against its target's config.json (when the target is present).
 
-use crate::recipe::{DrafterSection, Recipe};
+use crate::recipe::Recipe;
 use anyhow::{bail, Result};
 use forge_models::TargetConfig;
 
@@ -23,25 +23,11 @@ pub fn check_against_target(recipe: &Recipe) -> Result<Vec<String>> {
     // the drafter spec resolved against this target: layer indices, head shapes, ...; a
     // knowledge cache not built yet is a note (the spec is checked without it)
     let mut drafter = recipe.drafter.clone();
-    if let DrafterSection::Knowledge(k) = &mut drafter {
-        if let Some(cache) = k.knowledge_cache.take_if(|c| !c.exists()) {
-            notes.push(format!(
-                "drafter.knowledge_cache {} does not exist (yet): build it with forge build-knowledge before training (the recipe's comment or docs/methods/knowledge.md has the command)",
-                cache.display()
-            ));
-        }
-    }
+    let kind_notes = drafter.check_notes(&cfg);
     if let Err(e) = drafter.to_spec(&cfg, Some(path)) {
         problems.push(e.to_string());
     }
-    if let DrafterSection::Eagle3(e) = &recipe.drafter {
-        if e.draft_vocab_size > cfg.vocab_size {
-            notes.push(format!(
-                "drafter.draft_vocab_size {} is capped at the target vocabulary {}",
-                e.draft_vocab_size, cfg.vocab_size
-            ));
-        }
-    }
+    notes.extend(kind_notes);
     for f in &recipe.data.train {
         if !f.exists() {
             notes.push(format!("data.train file {} does not exist (yet)", f.display()));

@@ -10,8 +10,8 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir, target_placement};
-use crate::dist::zero::{assemble_full_state, DistAdamW};
-use crate::dist::{keys, Comm, ReduceOp};
+use crate::parallel::zero::{assemble_full_state, DistAdamW};
+use crate::parallel::{keys, Comm, ReduceOp};
 use crate::drafter::{target_access, Prepare, PrepareSource};
 use crate::error::{Result, TrainerError};
 use crate::metrics::MetricsLogger;
@@ -29,7 +29,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// The single-process communicator (what `forge train` uses outside `forge launch`).
-pub use crate::dist::SingleProcess;
+pub use crate::parallel::SingleProcess;
 
 /// Options of `forge train` besides the recipe.
 #[derive(Debug, Clone, Default)]
@@ -296,7 +296,7 @@ impl<'a> Trainer<'a> {
         drop(access);
         // a warm start: another draft's weights (and buffers, e.g. EAGLE-3's vocabulary)
         if let (true, Some(init)) = (fresh, &t.init_from) {
-            let src = crate::export::load_drafter_with_target(init, device, compute_kind(recipe, device), Some(dir))
+            let src = crate::engines::load_drafter_with_target(init, device, compute_kind(recipe, device), Some(dir))
                 .map_err(|e| TrainerError::Config(format!("train.init_from {}: {e}", init.display())))?;
             if src.spec.kind() != spec.kind() || src.spec.feature_needs() != spec.feature_needs() {
                 return Err(TrainerError::Config(format!(
@@ -986,25 +986,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, dp: &mut dyn Comm) -> Result<
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
     let spec = recipe.drafter.to_spec(&cfg, Some(&dir))?;
-    if let DrafterSpec::Eagle3(e) = &spec {
-        if !forge_models::drafters::eagle3::engines_serve_aux_layers(&e.aux_layers) && dp.rank() == 0 {
-            eprintln!(
-                "warning: drafter.aux_layers {:?} repeats a layer: this trains, but no engine can serve it (they capture each layer once) and forge export will refuse it",
-                e.aux_layers
-            );
-        }
-    }
-    if let DrafterSpec::Spaf(s) = &spec {
-        let deepest = s
-            .layer_weights
-            .iter()
-            .rposition(|w| *w > 0.0)
-            .map(|i| s.cutoff_layer + i as i64);
-        if deepest.is_none_or(|d| d < s.exit_layer) && dp.rank() == 0 {
-            eprintln!(
-                "warning: drafter.exit_layer {} is below no trained exit (the deepest is {deepest:?}): decoding would use adapters this run does not train; add it to train_exits",
-                s.exit_layer
-            );
+    if dp.rank() == 0 {
+        for w in spec.warnings() {
+            eprintln!("warning: {w}");
         }
     }
     // decided before any expensive loading: refuses to overwrite an earlier run

@@ -9,7 +9,7 @@
 //!   grad_accum W*a draws (the global micro-batch index already says which rank runs it);
 //! - they are the same on CPU and CUDA, and parallel test threads cannot disturb them.
 
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 

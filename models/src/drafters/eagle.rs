@@ -7,11 +7,11 @@
 use super::{TargetAccess, TargetNeeds, EMBED, LM_HEAD};
 use crate::error::{ModelError, Result};
 use crate::layers::{AttentionConfig, DecoderLayerConfig, RopeScaling};
-use crate::target::TargetConfig;
+use crate::llm::TargetConfig;
 use tch::{Device, Kind, Tensor};
 
 /// EAGLE drafters read the target's embedding and lm_head (frozen, shared, never saved).
-pub(crate) fn target_needs() -> TargetNeeds {
+pub fn target_needs() -> TargetNeeds {
     TargetNeeds::Tensors(vec![LM_HEAD.into(), EMBED.into()])
 }
 
@@ -88,6 +88,27 @@ impl DraftLayerSpec {
         };
         s.validate()?;
         Ok(s)
+    }
+
+    /// The draft layer an engine builds from an engine draft's own Llama config.json
+    /// (`file` names it in errors).
+    pub fn from_engine_config(cfg: &serde_json::Value, file: &std::path::Path) -> Result<Self> {
+        let c = TargetConfig::from_value(cfg.clone()).map_err(|msg| ModelError::Config {
+            path: file.to_path_buf(),
+            msg,
+        })?;
+        let l = Self {
+            hidden_size: c.hidden_size,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            intermediate_size: c.intermediate_size,
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling,
+        };
+        l.validate()?;
+        Ok(l)
     }
 
     pub fn validate(&self) -> Result<()> {

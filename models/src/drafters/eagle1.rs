@@ -16,15 +16,19 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, StepContext,
-    TargetAccess, EMBED, LM_HEAD,
+    architecture, export_same_names, Drafter, DrafterKind, DrafterSpec, EngineDraft, ExportBundle, ExportFormat,
+    FeatureNeeds, Features, LossOutput, Metric, ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
 };
+use crate::llm::TargetConfig;
+use crate::safetensors_io::SafetensorsFile;
+use forge_schema::Ctx;
+use std::path::Path;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-1's hyper-parameters plus the target dimensions it is built for.
@@ -45,6 +49,81 @@ pub struct Eagle1Spec {
 
 fn fc_bias_default() -> bool {
     true
+}
+
+forge_schema::section! {
+    /// EAGLE-1: one decoder layer over cat(embed(t+1), feature_t).
+    pub struct Eagle1Section {
+        /// Weight of the SmoothL1 feature-regression loss.
+        feature_weight: f64 = 1.0,
+        /// Weight of the soft cross-entropy against the target distribution.
+        token_weight: f64 = 0.1,
+        /// Half-width of uniform noise added to input features during training (0 = off).
+        feature_noise: f64 = 0.0,
+        /// A bias in fc. SGLang's LlamaForCausalLMEagle has one (a bias-free draft exports with a zero bias); vLLM's EagleLlamaForCausalLM has none and refuses a draft trained with one: set false to serve with vLLM.
+        fc_bias: bool = true,
+    }
+}
+
+impl DrafterKind for Eagle1 {
+    const DOCS: &'static str = "docs/methods/eagle1.md";
+    type Section = Eagle1Section;
+    type Spec = Eagle1Spec;
+
+    fn validate(e: &Eagle1Section, cx: &mut Ctx) {
+        cx.non_negative("drafter.feature_weight", e.feature_weight);
+        cx.non_negative("drafter.token_weight", e.token_weight);
+        cx.non_negative("drafter.feature_noise", e.feature_noise);
+    }
+
+    fn resolve(e: &Eagle1Section, target: ResolveTarget) -> Result<Eagle1Spec> {
+        Ok(Eagle1Spec {
+            feature_weight: e.feature_weight,
+            token_weight: e.token_weight,
+            feature_noise: e.feature_noise,
+            fc_bias: e.fc_bias,
+            vocab_size: target.config.vocab_size,
+            layer: DraftLayerSpec::from_target(target.config, None, None, None, None)?,
+        })
+    }
+
+    fn build(spec: &Eagle1Spec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Eagle1::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(_spec: &Eagle1Spec, _fresh: bool) -> TargetNeeds {
+        super::eagle::target_needs()
+    }
+
+    fn feature_needs(_spec: &Eagle1Spec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            ..FeatureNeeds::default()
+        }
+    }
+
+    /// SGLang's `LlamaForCausalLMEagle` (fc with a bias) or vLLM's `EagleLlamaForCausalLM`.
+    fn recognise(dir: &Path, cfg: &serde_json::Value, target: &TargetConfig) -> Result<Option<EngineDraft<Eagle1Spec>>> {
+        let arch = architecture(cfg);
+        if arch != "LlamaForCausalLMEagle" && arch != "EagleLlamaForCausalLM" {
+            return Ok(None);
+        }
+        let weights = dir.join("model.safetensors");
+        let bias = weights.is_file() && SafetensorsFile::open(&weights)?.names()?.iter().any(|n| n == "fc.bias");
+        Ok(Some(EngineDraft {
+            spec: Eagle1Spec {
+                feature_weight: 1.0,
+                token_weight: 0.1,
+                feature_noise: 0.0,
+                fc_bias: bias,
+                vocab_size: target.vocab_size,
+                layer: DraftLayerSpec::from_engine_config(cfg, &dir.join("config.json"))?,
+            },
+            format: if bias { ExportFormat::Sglang } else { ExportFormat::Vllm },
+            weights,
+            what: "EAGLE-1 (SGLang / vLLM)",
+        }))
+    }
 }
 
 pub struct Eagle1 {

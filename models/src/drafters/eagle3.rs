@@ -24,16 +24,21 @@
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
-    export_same_names, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput, Metric, PrepareData,
-    StepContext, TargetAccess, EMBED, LM_HEAD,
+    architecture, export_same_names, Drafter, DrafterKind, DrafterSpec, EngineDraft, ExportBundle, ExportFormat,
+    FeatureNeeds, Features, LossOutput, Metric, PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds,
+    EMBED, LM_HEAD,
 };
+use crate::llm::TargetConfig;
+use forge_schema::Ctx;
+use std::collections::BTreeMap;
+use std::path::Path;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 pub use crate::layers::attention::{ttt_attention, ttt_mask};
 use crate::layers::{linear, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, RmsNorm, Rotary, TttKv};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// EAGLE-3's hyper-parameters plus the target dimensions it is built for.
@@ -48,6 +53,216 @@ pub struct Eagle3Spec {
     /// The target's vocabulary size.
     pub vocab_size: i64,
     pub layer: DraftLayerSpec,
+}
+
+forge_schema::section! {
+    /// EAGLE-3 with training-time test.
+    pub struct Eagle3Section {
+        /// Unrolled training-time-test steps.
+        ttt_length: i64 = 7,
+        /// Loss weight of step i is step_decay^i.
+        step_decay: f64 = 0.8,
+        /// Draft vocabulary size (capped at the target's vocabulary).
+        draft_vocab_size: i64 = 32000,
+        /// Target layers whose outputs feed the draft (default: 1, L/2-1, L-4).
+        aux_layers: Option<Vec<i64>> = None,
+        /// Draft hidden size (default: the target's).
+        hidden_size: Option<i64> = None,
+        /// Draft attention heads (default: the target's).
+        num_heads: Option<i64> = None,
+        /// Draft KV heads (default: the target's).
+        num_kv_heads: Option<i64> = None,
+        /// Draft MLP width (default: the target's).
+        intermediate_size: Option<i64> = None,
+    }
+}
+
+impl DrafterKind for Eagle3 {
+    const DOCS: &'static str = "docs/methods/eagle3.md";
+    type Section = Eagle3Section;
+    type Spec = Eagle3Spec;
+
+    fn validate(e: &Eagle3Section, cx: &mut Ctx) {
+        cx.positive("drafter.ttt_length", e.ttt_length);
+        cx.fraction("drafter.step_decay", e.step_decay);
+        cx.positive("drafter.draft_vocab_size", e.draft_vocab_size);
+        if let Some(layers) = &e.aux_layers {
+            if layers.is_empty() {
+                cx.issue_at(
+                    "drafter.aux_layers",
+                    "must list at least one layer (or be left out for the default 1, L/2-1, L-4)",
+                );
+            }
+            for (i, &l) in layers.iter().enumerate() {
+                if l < 0 {
+                    cx.issue_at("drafter.aux_layers", format!("entry {i} is {l}; layer indices are >= 0"));
+                }
+            }
+        }
+        cx.positive_if_set("drafter.hidden_size", e.hidden_size);
+        cx.positive_if_set("drafter.num_heads", e.num_heads);
+        cx.positive_if_set("drafter.num_kv_heads", e.num_kv_heads);
+        cx.positive_if_set("drafter.intermediate_size", e.intermediate_size);
+        if let (Some(h), Some(kv)) = (e.num_heads, e.num_kv_heads) {
+            if kv > 0 && h % kv != 0 {
+                cx.issue_at(
+                    "drafter.num_kv_heads",
+                    format!("num_heads {h} must be a multiple of num_kv_heads {kv}"),
+                );
+            }
+        }
+    }
+
+    fn resolve(e: &Eagle3Section, target: ResolveTarget) -> Result<Eagle3Spec> {
+        let cfg = target.config;
+        let aux_layers = e.aux_layers.clone().unwrap_or_else(|| cfg.default_aux_layers());
+        let mut problems = Vec::new();
+        let missing: Vec<String> = aux_layers
+            .iter()
+            .filter(|&&l| l < 0 || l >= cfg.num_layers)
+            .map(|l| l.to_string())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "layer(s) {} do not exist (the target has layers 0..{})",
+                missing.join(", "),
+                cfg.num_layers - 1
+            ));
+        }
+        if aux_layers.len() != 3 {
+            problems.push(format!(
+                "{} layers given, EAGLE-3 takes exactly 3 (SGLang and vLLM build fc over 3 x hidden)",
+                aux_layers.len()
+            ));
+        }
+        if aux_layers.windows(2).any(|w| w[0] > w[1]) {
+            problems.push("the layers must ascend (engines concatenate the captured layers in layer order)".into());
+        }
+        if !problems.is_empty() {
+            return Err(ModelError::Invalid(format!("drafter.aux_layers {aux_layers:?}: {}", problems.join("; "))));
+        }
+        Ok(Eagle3Spec {
+            ttt_length: e.ttt_length,
+            step_decay: e.step_decay,
+            aux_layers,
+            draft_vocab_size: e.draft_vocab_size.min(cfg.vocab_size).max(1),
+            target_hidden_size: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            layer: DraftLayerSpec::from_target(cfg, e.hidden_size, e.num_heads, e.num_kv_heads, e.intermediate_size)?,
+        })
+    }
+
+    fn check_notes(e: &mut Eagle3Section, target: &TargetConfig) -> Vec<String> {
+        if e.draft_vocab_size > target.vocab_size {
+            vec![format!(
+                "drafter.draft_vocab_size {} is capped at the target vocabulary {}",
+                e.draft_vocab_size, target.vocab_size
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn build(spec: &Eagle3Spec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Eagle3::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(_spec: &Eagle3Spec, _fresh: bool) -> TargetNeeds {
+        super::eagle::target_needs()
+    }
+
+    fn feature_needs(e: &Eagle3Spec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            aux_layers: e.aux_layers.clone(),
+            target_topk: 0,
+        }
+    }
+
+    fn prepare_data(e: &Eagle3Spec, data: &mut dyn PrepareData) -> Result<()> {
+        data.vocab_mapping(e.draft_vocab_size as usize).map(|_| ())
+    }
+
+    fn warnings(e: &Eagle3Spec) -> Vec<String> {
+        if engines_serve_aux_layers(&e.aux_layers) {
+            Vec::new()
+        } else {
+            vec![format!(
+                "drafter.aux_layers {:?} repeats a layer: this trains, but no engine can serve it (they capture each layer once) and forge export will refuse it",
+                e.aux_layers
+            )]
+        }
+    }
+
+    /// SGLang's / the EAGLE authors' `LlamaForCausalLMEagle3`, or vLLM's speculators layout
+    /// (`Eagle3Speculator`).
+    fn recognise(dir: &Path, cfg: &serde_json::Value, target: &TargetConfig) -> Result<Option<EngineDraft<Eagle3Spec>>> {
+        let arch = architecture(cfg);
+        if arch != "LlamaForCausalLMEagle3" && arch != "Eagle3Speculator" {
+            return Ok(None);
+        }
+        let cfg_path = dir.join("config.json");
+        // the speculators layout keeps the draft layer's Llama fields apart
+        let speculators = arch == "Eagle3Speculator";
+        let l = match cfg.get("transformer_layer_config").filter(|_| speculators) {
+            Some(t) => DraftLayerSpec::from_engine_config(t, &cfg_path)?,
+            None => DraftLayerSpec::from_engine_config(cfg, &cfg_path)?,
+        };
+        let int = |key: &str| cfg.get(key).and_then(serde_json::Value::as_i64);
+        let draft_vocab = int("draft_vocab_size").unwrap_or(target.vocab_size);
+        let target_hidden = int("target_hidden_size").unwrap_or(l.hidden_size);
+        // forge's midlayer adds the un-normed hidden state to the residual: SGLang's and
+        // vLLM's EAGLE-3 by default, the speculators parser only with an explicit false
+        let nbr = cfg
+            .get("norm_before_residual")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(speculators);
+        if nbr {
+            return Err(ModelError::Invalid(format!(
+                "{}: norm_before_residual is {} for this EAGLE-3 draft (the residual is the normed hidden state); forge's EAGLE-3 adds the un-normed one and cannot load it",
+                cfg_path.display(),
+                if cfg.get("norm_before_residual").is_some() { "true" } else { "unset (true in the speculators layout)" }
+            )));
+        }
+        let aux = engine_aux_layers(cfg, target);
+        if !engines_serve_aux_layers(&aux) || aux.iter().any(|&a| a < 0 || a >= target.num_layers) {
+            return Err(ModelError::Invalid(format!(
+                "{}: auxiliary layers {aux:?} (as target layer outputs) are not 3 distinct ascending layers of this {}-layer target",
+                cfg_path.display(),
+                target.num_layers
+            )));
+        }
+        Ok(Some(EngineDraft {
+            spec: Eagle3Spec {
+                ttt_length: 1,
+                step_decay: 1.0,
+                aux_layers: aux,
+                draft_vocab_size: draft_vocab,
+                target_hidden_size: target_hidden,
+                vocab_size: target.vocab_size,
+                layer: l,
+            },
+            format: if speculators { ExportFormat::Speculators } else { ExportFormat::Sglang },
+            weights: dir.join("model.safetensors"),
+            what: "EAGLE-3 (SGLang / vLLM)",
+        }))
+    }
+}
+
+/// EAGLE-3's auxiliary layers (target layer outputs, 0-based) from an engine config: SGLang's
+/// `eagle_config.eagle_aux_hidden_state_layer_ids` are output ids, vLLM's top-level key
+/// capture points (output + 1); without either, the engines' default layers of the target.
+fn engine_aux_layers(cfg: &serde_json::Value, target: &TargetConfig) -> Vec<i64> {
+    let ids = |v: Option<&serde_json::Value>| -> Option<Vec<i64>> {
+        v?.as_array()?.iter().map(serde_json::Value::as_i64).collect()
+    };
+    if let Some(a) = ids(cfg.get("eagle_config").and_then(|e| e.get("eagle_aux_hidden_state_layer_ids"))) {
+        return a;
+    }
+    if let Some(a) = ids(cfg.get("eagle_aux_hidden_state_layer_ids")) {
+        return a.iter().map(|l| l - 1).collect();
+    }
+    target.default_aux_layers()
 }
 
 pub struct Eagle3 {
@@ -350,6 +565,17 @@ impl Eagle3 {
 impl Drafter for Eagle3 {
     fn spec(&self) -> &DrafterSpec {
         &self.spec
+    }
+
+    /// An engine folder's vocabulary mapping (`d2t`, `t2d`), validated as one: ascending
+    /// draft ids, `t2d` marking them.
+    fn imported(&self, file: &BTreeMap<String, Tensor>) -> Result<()> {
+        let (Some(d), Some(t)) = (file.get("d2t"), file.get("t2d")) else {
+            return Ok(());
+        };
+        let d2t = Vec::<i64>::try_from(&d.to_kind(Kind::Int64))?;
+        let t2d: Vec<bool> = Vec::<i64>::try_from(&t.to_kind(Kind::Int64))?.into_iter().map(|x| x != 0).collect();
+        install_vocab_mapping(&self.vs, &d2t, &t2d, None)
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -38,15 +38,16 @@
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::eagle3::install_vocab_mapping;
 use super::{
-    Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData, StepContext, TargetAccess, EMBED,
-    LM_HEAD,
+    Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ParamGroup, PrepareData,
+    ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
 };
+use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// How the per-block costs of the compute-cost loss are set.
@@ -200,6 +201,136 @@ struct DraftHead {
     lm_head: Linear,
     d2t: Tensor,
     t2d: Tensor,
+}
+
+forge_schema::choice! {
+    /// Where the hybrid drafter's per-block costs come from.
+    pub enum CostSetting { Fixed = "fixed", Measured = "measured" }
+}
+
+forge_schema::section! {
+    /// Gated hybrid drafter: a gate picks, per position, one of several MLP and transformer blocks (docs/methods/hybrid.md).
+    pub struct HybridSection {
+        /// Light blocks: x + SwiGLU(norm(x)).
+        num_mlp_blocks: i64 = 2,
+        /// Heavy blocks: one Llama decoder layer each (the target's shape).
+        num_transformer_blocks: i64 = 3,
+        /// Width of the gate's hidden layer (default: hidden_size / 4).
+        gate_hidden_size: Option<i64> = None,
+        /// Width of an MLP block's SwiGLU (default: hidden_size).
+        mlp_intermediate_size: Option<i64> = None,
+        /// Width of a transformer block's MLP (default: the target's intermediate_size).
+        transformer_intermediate_size: Option<i64> = None,
+        /// Gumbel-Softmax temperature at the start of training (lower = more discrete).
+        gumbel_temperature: f64 = 1.0,
+        /// Temperature at the end of the anneal (geometric from gumbel_temperature; default: no anneal).
+        gumbel_temperature_end: Option<f64> = None,
+        /// Steps of the anneal (default: the whole run).
+        anneal_steps: Option<u64> = None,
+        /// Straight-through hard (one-hot) samples in training instead of soft ones.
+        hard: bool = false,
+        /// Soft cross-entropy against the target's distribution instead of cross-entropy against the data's next token.
+        distill: bool = false,
+        /// fixed: mlp_cost / transformer_cost; measured: timed block forwards at the start of a run, scaled so that the MLP blocks' mean is mlp_cost.
+        cost: CostSetting = CostSetting::Fixed,
+        /// Cost of an MLP block.
+        mlp_cost: f64 = 1.0,
+        /// Cost of a transformer block.
+        transformer_cost: f64 = 5.0,
+        /// Weight of the expected compute cost in the loss.
+        cost_lambda: f64 = 0.01,
+        /// Weight of a SmoothL1 loss between the predicted and the target's next feature (0 = off).
+        feature_weight: f64 = 0.0,
+        /// Learning-rate scale of the gate's parameter group (never weight-decayed).
+        gate_lr_scale: f64 = 1.0,
+        /// A trainable head over the draft_vocab_size most frequent trained tokens (EAGLE-3's d2t/t2d mapping) instead of the target's frozen lm_head (default: the frozen lm_head).
+        draft_vocab_size: Option<i64> = None,
+    }
+}
+
+impl DrafterKind for Hybrid {
+    const DOCS: &'static str = "docs/methods/hybrid.md";
+    type Section = HybridSection;
+    type Spec = HybridSpec;
+
+    fn validate(h: &HybridSection, cx: &mut Ctx) {
+        if h.num_mlp_blocks < 0 || h.num_transformer_blocks < 0 || h.num_mlp_blocks + h.num_transformer_blocks < 1 {
+            cx.issue_at(
+                "drafter.num_mlp_blocks",
+                "num_mlp_blocks and num_transformer_blocks must be >= 0 with at least one block",
+            );
+        }
+        cx.above_zero("drafter.gumbel_temperature", h.gumbel_temperature);
+        if let Some(t) = h.gumbel_temperature_end {
+            cx.above_zero("drafter.gumbel_temperature_end", t);
+        }
+        cx.positive_if_set("drafter.gate_hidden_size", h.gate_hidden_size);
+        cx.positive_if_set("drafter.mlp_intermediate_size", h.mlp_intermediate_size);
+        cx.positive_if_set("drafter.transformer_intermediate_size", h.transformer_intermediate_size);
+        cx.positive_if_set("drafter.draft_vocab_size", h.draft_vocab_size);
+        if h.anneal_steps == Some(0) {
+            cx.issue_at("drafter.anneal_steps", "must be >= 1 (leave it unset to anneal over the whole run)");
+        }
+        cx.non_negative("drafter.feature_weight", h.feature_weight);
+        cx.non_negative("drafter.gate_lr_scale", h.gate_lr_scale);
+        cx.non_negative("drafter.mlp_cost", h.mlp_cost);
+        cx.non_negative("drafter.transformer_cost", h.transformer_cost);
+        cx.non_negative("drafter.cost_lambda", h.cost_lambda);
+    }
+
+    fn resolve(x: &HybridSection, target: ResolveTarget) -> Result<HybridSpec> {
+        let cfg = target.config;
+        let h = cfg.hidden_size;
+        Ok(HybridSpec {
+            num_mlp_blocks: x.num_mlp_blocks,
+            num_transformer_blocks: x.num_transformer_blocks,
+            gate_hidden_size: x.gate_hidden_size.unwrap_or((h / 4).max(1)),
+            mlp_intermediate_size: x.mlp_intermediate_size.unwrap_or(h),
+            gumbel_temperature: x.gumbel_temperature,
+            gumbel_temperature_end: x.gumbel_temperature_end.unwrap_or(x.gumbel_temperature),
+            anneal_steps: x.anneal_steps,
+            hard: x.hard,
+            distill: x.distill,
+            cost: match x.cost {
+                CostSetting::Fixed => CostMode::Fixed,
+                CostSetting::Measured => CostMode::Measured,
+            },
+            mlp_cost: x.mlp_cost,
+            transformer_cost: x.transformer_cost,
+            cost_lambda: x.cost_lambda,
+            feature_weight: x.feature_weight,
+            gate_lr_scale: x.gate_lr_scale,
+            draft_vocab_size: x.draft_vocab_size.map(|d| d.min(cfg.vocab_size)),
+            vocab_size: cfg.vocab_size,
+            layer: DraftLayerSpec::from_target(cfg, None, None, None, x.transformer_intermediate_size)?,
+        })
+    }
+
+    fn build(spec: &HybridSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Hybrid::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(_spec: &HybridSpec, _fresh: bool) -> TargetNeeds {
+        super::eagle::target_needs()
+    }
+
+    fn feature_needs(_spec: &HybridSpec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            ..FeatureNeeds::default()
+        }
+    }
+
+    fn prepare_data(spec: &HybridSpec, data: &mut dyn PrepareData) -> Result<()> {
+        match spec.draft_vocab_size {
+            Some(vd) => data.vocab_mapping(vd as usize).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    fn choices() -> Vec<(&'static str, &'static [&'static str])> {
+        vec![("`drafter.cost` (hybrid)", CostSetting::NAMES)]
+    }
 }
 
 pub struct Hybrid {

@@ -31,15 +31,16 @@
 //! checkpoints and exports).
 
 use super::{
-    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, ParamGroup, PrepareData, StepContext,
-    TargetAccess, TargetNeeds, EMBED, LM_HEAD,
+    ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ParamGroup,
+    PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
 };
+use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{linear, project, DecoderLayer, Keys, Linear, ParamInit, RmsNorm, Rotary};
 use crate::safetensors_io::{write_safetensors, SafetensorsFile};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
-use crate::target::{layer_inputs, KvCache, TargetConfig, TargetModel};
+use crate::llm::{layer_inputs, KvCache, TargetConfig, TargetModel};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
@@ -374,6 +375,277 @@ impl KnowledgeBlock {
             .to_kind(x.kind());
         x + g * o
     }
+}
+
+forge_schema::choice! {
+    /// How the knowledge drafter picks its target layers.
+    pub enum LayerStrategy { Uniform = "uniform", List = "list" }
+}
+
+forge_schema::section! {
+    /// KL-distilled drafter built from sampled target layers, reading a knowledge cache (docs/methods/knowledge.md).
+    pub struct KnowledgeSection {
+        /// uniform: num_sampled_layers spread from the first to the last target layer; list: the layers given in `layers`.
+        strategy: LayerStrategy = LayerStrategy::Uniform,
+        num_sampled_layers: i64 = 6,
+        /// Target layers copied into the draft (with strategy: list), ascending.
+        layers: Option<Vec<i64>> = None,
+        /// The cache written by forge build-knowledge (unset: no knowledge blocks).
+        knowledge_cache: Option<std::path::PathBuf> = None,
+        /// The question/answer file the cache must have been built from (checked against its manifest).
+        knowledge_data: Option<std::path::PathBuf> = None,
+        /// Conversations in the cache (checked against its manifest).
+        num_knowledge_entries: i64 = 15,
+        /// Width of the cache's states (checked against its manifest; unset: any).
+        cache_dim: Option<i64> = None,
+        /// A residual linear transition layer after each sampled layer.
+        transition: bool = true,
+        kl_weight: f64 = 0.8,
+        acceptance_weight: f64 = 0.3,
+        /// Cross-entropy against the data's next token (0 = off).
+        ce_weight: f64 = 0.0,
+        /// Softens target and draft in the KL and acceptance terms (KL scaled by T^2); needs target_topk: 0.
+        temperature: f64 = 1.0,
+        /// 0: the target's full distribution; k > 0: only its top-k log-probabilities (online computed per batch; offline read from shards written with --topk k or more).
+        target_topk: i64 = 0,
+        /// Draft length recorded with the draft, as the source system decodes (give it to forge eval as --gamma).
+        num_draft_tokens: i64 = 5,
+        /// Learning-rate scale of the knowledge blocks and transitions (which start from zero) over the copied target layers.
+        new_lr_scale: f64 = 10.0,
+    }
+}
+
+impl DrafterKind for Knowledge {
+    const DOCS: &'static str = "docs/methods/knowledge.md";
+    type Section = KnowledgeSection;
+    type Spec = KnowledgeSpec;
+
+    fn validate(k: &KnowledgeSection, cx: &mut Ctx) {
+        cx.positive("drafter.num_sampled_layers", k.num_sampled_layers);
+        if k.knowledge_cache.is_none() {
+            if k.knowledge_data.is_some() {
+                cx.issue_at(
+                    "drafter.knowledge_data",
+                    "names what the knowledge cache was built from, but drafter.knowledge_cache is not set",
+                );
+            }
+            if k.cache_dim.is_some() {
+                cx.issue_at(
+                    "drafter.cache_dim",
+                    "is checked against the knowledge cache, but drafter.knowledge_cache is not set",
+                );
+            }
+        }
+        if let Some(layers) = &k.layers {
+            if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
+                cx.issue_at(
+                    "drafter.layers",
+                    "must be a non-empty ascending list of distinct layer indices >= 0",
+                );
+            }
+        }
+        cx.positive("drafter.num_knowledge_entries", k.num_knowledge_entries);
+        cx.positive_if_set("drafter.cache_dim", k.cache_dim);
+        cx.non_negative("drafter.kl_weight", k.kl_weight);
+        cx.non_negative("drafter.acceptance_weight", k.acceptance_weight);
+        cx.non_negative("drafter.ce_weight", k.ce_weight);
+        if k.kl_weight + k.acceptance_weight + k.ce_weight <= 0.0 {
+            cx.issue_at(
+                "drafter.kl_weight",
+                "kl_weight, acceptance_weight and ce_weight are all 0: nothing to train",
+            );
+        }
+        if !(k.temperature.is_finite() && k.temperature > 0.0) {
+            cx.issue_at("drafter.temperature", "must be > 0");
+        }
+        if k.target_topk < 0 {
+            cx.issue_at("drafter.target_topk", "must be >= 0 (0 = the target's full distribution)");
+        }
+        if k.target_topk > 0 && k.temperature != 1.0 {
+            cx.issue_at("drafter.temperature", "needs the target's full distribution: set target_topk: 0");
+        }
+        cx.positive("drafter.num_draft_tokens", k.num_draft_tokens);
+        if !(k.new_lr_scale.is_finite() && k.new_lr_scale > 0.0) {
+            cx.issue_at("drafter.new_lr_scale", "must be > 0");
+        }
+    }
+
+    fn resolve(x: &KnowledgeSection, target: ResolveTarget) -> Result<KnowledgeSpec> {
+        knowledge_spec(x, target.config, target.dir)
+    }
+
+    /// A knowledge cache not built yet is a note; the rest of the section is checked without it.
+    fn check_notes(k: &mut KnowledgeSection, _target: &TargetConfig) -> Vec<String> {
+        match k.knowledge_cache.take_if(|c| !c.exists()) {
+            Some(cache) => vec![format!(
+                "drafter.knowledge_cache {} does not exist (yet): build it with forge build-knowledge before training (the recipe's comment or docs/methods/knowledge.md has the command)",
+                cache.display()
+            )],
+            None => Vec::new(),
+        }
+    }
+
+    fn build(spec: &KnowledgeSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Knowledge::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(spec: &KnowledgeSpec, fresh: bool) -> TargetNeeds {
+        spec.target_needs(fresh)
+    }
+
+    /// The target's next-token distribution: in full from its last hidden state, or its top-k
+    /// log-probabilities.
+    fn feature_needs(k: &KnowledgeSpec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: k.target_topk == 0,
+            aux_layers: Vec::new(),
+            target_topk: k.target_topk,
+        }
+    }
+}
+
+/// The knowledge drafter's spec: its layers resolved against the target, and its cache's
+/// shape and provenance read from the cache's manifest (checked against the recipe and the
+/// target: a cache built for another target or from other data is refused).
+fn knowledge_spec(x: &KnowledgeSection, cfg: &TargetConfig, target_dir: Option<&Path>) -> Result<KnowledgeSpec> {
+    let bad = |msg: String| ModelError::Invalid(msg);
+    let layers = match (x.strategy, &x.layers) {
+        (LayerStrategy::Uniform, None) => {
+            if x.num_sampled_layers > cfg.num_layers {
+                return Err(bad(format!(
+                    "drafter.num_sampled_layers: {} layers asked of a target with {}",
+                    x.num_sampled_layers, cfg.num_layers
+                )));
+            }
+            uniform_layers(x.num_sampled_layers, cfg.num_layers)
+        }
+        (LayerStrategy::List, Some(l)) => {
+            if let Some(missing) = l.iter().find(|&&x| x < 0 || x >= cfg.num_layers) {
+                return Err(bad(format!(
+                    "drafter.layers: layer {missing} does not exist (the target has layers 0..{})",
+                    cfg.num_layers - 1
+                )));
+            }
+            l.clone()
+        }
+        (LayerStrategy::Uniform, Some(_)) => {
+            return Err(bad(
+                "drafter.layers: set strategy: list to give the layers yourself (strategy: uniform spreads num_sampled_layers)"
+                    .into(),
+            ))
+        }
+        (LayerStrategy::List, None) => {
+            return Err(bad("drafter.layers: strategy: list needs the list of target layers".into()))
+        }
+    };
+    let cache = match &x.knowledge_cache {
+        None => None,
+        Some(path) => Some(checked_cache(x, path, &layers, cfg, target_dir)?),
+    };
+    let spec = KnowledgeSpec {
+        layers,
+        transition: x.transition,
+        kl_weight: x.kl_weight,
+        acceptance_weight: x.acceptance_weight,
+        ce_weight: x.ce_weight,
+        temperature: x.temperature,
+        target_topk: x.target_topk.max(0) as usize,
+        cache,
+        num_draft_tokens: x.num_draft_tokens,
+        new_lr_scale: x.new_lr_scale,
+        target: cfg.raw.clone(),
+    };
+    spec.validate().map_err(|e| bad(format!("drafter: {e}")))?;
+    Ok(spec)
+}
+
+/// The recipe's knowledge cache, its manifest checked against the recipe and the target.
+fn checked_cache(
+    x: &KnowledgeSection,
+    path: &Path,
+    layers: &[i64],
+    cfg: &TargetConfig,
+    target_dir: Option<&Path>,
+) -> Result<CacheSpec> {
+    let bad = |msg: String| ModelError::Invalid(msg);
+    let shown = path.display();
+    let build = format!(
+        "forge build-knowledge --target {} --in {} --entries {}{} --out {shown}",
+        target_dir.map_or("<target>".into(), |d| d.display().to_string()),
+        x.knowledge_data
+            .as_ref()
+            .map_or("<questions and answers>".into(), |d| d.display().to_string()),
+        x.num_knowledge_entries,
+        x.cache_dim.map_or(String::new(), |d| format!(" --cache-dim {d}")),
+    );
+    if !path.exists() {
+        return Err(bad(format!(
+            "drafter.knowledge_cache: {shown} does not exist: build it with `{build}`"
+        )));
+    }
+    let m = KnowledgeCache::read_manifest(path).map_err(|e| bad(format!("drafter.knowledge_cache: {e}")))?;
+    let mut problems = Vec::new();
+    if m.hidden_size != cfg.hidden_size {
+        problems.push(format!(
+            "it holds states of hidden size {}, the target's is {}",
+            m.hidden_size, cfg.hidden_size
+        ));
+    }
+    if let Some(dir) = target_dir {
+        let fp = forge_data::hash::target_fingerprint(dir)?;
+        if fp != m.target_fingerprint {
+            problems.push(format!(
+                "it was built for another target ({}, fingerprint {}; {} has {fp})",
+                m.target,
+                m.target_fingerprint,
+                dir.display()
+            ));
+        }
+    }
+    if let Some(d) = x.cache_dim.filter(|&d| d > cfg.hidden_size) {
+        return Err(bad(format!(
+            "drafter.cache_dim {d} is above the target's hidden size {}: at most {}",
+            cfg.hidden_size, cfg.hidden_size
+        )));
+    }
+    if let Some(d) = x.cache_dim {
+        if d != m.cache_dim {
+            problems.push(format!("its states are {} wide, drafter.cache_dim is {d}", m.cache_dim));
+        }
+    }
+    if x.num_knowledge_entries != m.entries {
+        problems.push(format!(
+            "it holds {} entries, drafter.num_knowledge_entries is {}",
+            m.entries, x.num_knowledge_entries
+        ));
+    }
+    if let Some(data) = &x.knowledge_data {
+        let bytes = std::fs::read(data).map_err(crate::error::io_err(data))?;
+        if forge_data::hash::data_hash(&bytes) != m.data_hash {
+            problems.push(format!(
+                "it was built from other data than drafter.knowledge_data {} ({})",
+                data.display(),
+                m.data
+            ));
+        }
+    }
+    if let Some(l) = layers.iter().find(|l| !m.layers.contains(l)) {
+        problems.push(format!("it has no states of target layer {l}"));
+    }
+    if !problems.is_empty() {
+        return Err(bad(format!(
+            "drafter.knowledge_cache {shown}: {}: rebuild it with `{build}`",
+            problems.join("; ")
+        )));
+    }
+    Ok(CacheSpec {
+        path: path.display().to_string(),
+        tokens: m.tokens,
+        dim: m.cache_dim,
+        entries: m.entries,
+        target_fingerprint: m.target_fingerprint,
+        data_hash: m.data_hash,
+    })
 }
 
 pub struct Knowledge {

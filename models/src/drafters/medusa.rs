@@ -8,14 +8,18 @@
 //! `[H, H]|[H]`, `lm_heads.{k}.weight` `[V, H]` (0-based k).
 
 use super::{
-    ce_and_hits, check_names_and_shapes, Drafter, DrafterSpec, ExportBundle, ExportFormat, Features, LossOutput,
-    Metric, StepContext, TargetAccess, TargetNeeds, LM_HEAD,
+    architecture, ce_and_hits, check_names_and_shapes, config_int, Drafter, DrafterKind, DrafterSpec, EngineDraft,
+    ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput, Metric, ResolveTarget, StepContext, TargetAccess,
+    TargetNeeds, LM_HEAD,
 };
+use crate::llm::TargetConfig;
+use forge_schema::Ctx;
+use std::path::Path;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{project, Linear};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Medusa's hyper-parameters plus the target dimensions it is built for.
@@ -39,6 +43,106 @@ impl MedusaSpec {
         } else {
             TargetNeeds::Nothing
         }
+    }
+}
+
+forge_schema::section! {
+    /// Medusa heads on the target's last hidden state (docs/methods/medusa.md).
+    pub struct MedusaSection {
+        /// Number of heads; head k (1-based) predicts token t+k+1.
+        num_heads: i64 = 4,
+        /// ResBlocks (x + SiLU(Linear(x))) per head.
+        num_layers: i64 = 1,
+        /// Share the target's lm_head (frozen) instead of one trainable copy per head.
+        original_lm_head: bool = false,
+        /// Loss weight of head k is loss_decay^k.
+        loss_decay: f64 = 0.8,
+        /// Accuracy@k logged per head besides top-1.
+        top_k: i64 = 3,
+    }
+}
+
+impl DrafterKind for Medusa {
+    const DOCS: &'static str = "docs/methods/medusa.md";
+    type Section = MedusaSection;
+    type Spec = MedusaSpec;
+
+    fn validate(m: &MedusaSection, cx: &mut Ctx) {
+        cx.positive("drafter.num_heads", m.num_heads);
+        if m.num_layers < 0 {
+            cx.issue_at("drafter.num_layers", format!("must be >= 0, got {}", m.num_layers));
+        }
+        cx.fraction("drafter.loss_decay", m.loss_decay);
+        cx.positive("drafter.top_k", m.top_k);
+    }
+
+    fn resolve(m: &MedusaSection, target: ResolveTarget) -> Result<MedusaSpec> {
+        Ok(MedusaSpec {
+            num_heads: m.num_heads,
+            num_layers: m.num_layers,
+            original_lm_head: m.original_lm_head,
+            loss_decay: m.loss_decay,
+            top_k: m.top_k,
+            hidden_size: target.config.hidden_size,
+            vocab_size: target.config.vocab_size,
+        })
+    }
+
+    fn build(spec: &MedusaSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Medusa::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(spec: &MedusaSpec, fresh: bool) -> TargetNeeds {
+        spec.target_needs(fresh)
+    }
+
+    fn feature_needs(_spec: &MedusaSpec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            ..FeatureNeeds::default()
+        }
+    }
+
+    /// vLLM's `MedusaModel` folder, or FasterDecoding / TensorRT-LLM's
+    /// `medusa_lm_head.safetensors` with its `medusa_num_heads` config.
+    fn recognise(dir: &Path, cfg: &serde_json::Value, target: &TargetConfig) -> Result<Option<EngineDraft<MedusaSpec>>> {
+        let cfg_path = dir.join("config.json");
+        let spec = |num_heads, num_layers, original_lm_head| MedusaSpec {
+            num_heads,
+            num_layers,
+            original_lm_head,
+            loss_decay: 0.8,
+            top_k: 3,
+            hidden_size: target.hidden_size,
+            vocab_size: target.vocab_size,
+        };
+        let heads_file = dir.join("medusa_lm_head.safetensors");
+        if heads_file.is_file() && cfg.get("medusa_num_heads").is_some() {
+            return Ok(Some(EngineDraft {
+                spec: spec(
+                    config_int(cfg, "medusa_num_heads", &cfg_path)?,
+                    config_int(cfg, "medusa_num_layers", &cfg_path)?,
+                    false,
+                ),
+                format: ExportFormat::FasterDecoding,
+                weights: heads_file,
+                what: "FasterDecoding / TensorRT-LLM Medusa",
+            }));
+        }
+        if architecture(cfg) == "MedusaModel" {
+            let original = cfg.get("original_lm_head").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            return Ok(Some(EngineDraft {
+                spec: spec(
+                    config_int(cfg, "num_heads", &cfg_path)?,
+                    config_int(cfg, "num_hidden_layers", &cfg_path)?,
+                    original,
+                ),
+                format: ExportFormat::Vllm,
+                weights: dir.join("model.safetensors"),
+                what: "vLLM Medusa",
+            }));
+        }
+        Ok(None)
     }
 }
 
@@ -261,7 +365,7 @@ impl Drafter for Medusa {
     }
 
     fn export_formats(&self) -> &'static [ExportFormat] {
-        &[ExportFormat::Vllm, ExportFormat::Medusa]
+        &[ExportFormat::Vllm, ExportFormat::FasterDecoding]
     }
 
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
@@ -308,7 +412,7 @@ impl Drafter for Medusa {
                     json_files: vec![("config.json".into(), config)],
                 })
             }
-            ExportFormat::Medusa => {
+            ExportFormat::FasterDecoding => {
                 // Table: blocks.{k}.layers.{j}.{p} -> {k}.{j}.linear.{p}; head k -> {k}.{L}.weight
                 let mut tensors = Vec::new();
                 for k in 0..m.num_heads {

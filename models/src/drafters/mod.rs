@@ -1,44 +1,41 @@
-//! Draft models. One file per algorithm; `registry.rs` holds the one enum of all kinds.
+//! Draft models: one file per kind, and the registry below (one line per kind).
 //!
 //! Every drafter owns its VarStore (only its weights are trained, checkpointed and exported),
 //! reads a batch of target features, returns its loss with named parts and metrics, and says
-//! how it is exported for each inference engine. Its spec ([`DrafterSpec`]) is the single
-//! source of what it needs: the target features it reads ([`FeatureNeeds`], online and
-//! offline alike), what of the target it is built from ([`TargetNeeds`]), and its
-//! data-dependent initialisation ([`Drafter::prepare`]). The methods are described in
-//! `docs/methods/`.
+//! how it is exported for each inference engine. Everything kind-specific lives in the kind's
+//! file: its recipe section, its spec, and the [`DrafterKind`] hooks the rest of forge calls
+//! (what it reads of the target, [`FeatureNeeds`]; what it is built from, [`TargetNeeds`];
+//! its data-dependent preparation; its engine formats). `registry.rs` turns the list below
+//! into [`DrafterSpec`], [`DrafterSection`], [`KINDS`] and every dispatch over them. The
+//! methods are described in `docs/methods/`; docs/adding-a-drafter.md walks through a new
+//! kind.
 
 pub mod context;
 pub mod eagle;
-pub mod eagle1;
-pub mod eagle3;
-pub mod hybrid;
-pub mod knowledge;
-pub mod medusa;
-pub mod registry;
-pub mod spaf;
+#[macro_use]
+mod registry;
 
+// The registry: `module::Type = "name"`, one line per kind (the file, its type implementing
+// `DrafterKind`, and its name in recipes, checkpoints and exports).
+drafters! {
+    medusa::Medusa = "medusa",
+    eagle1::Eagle1 = "eagle1",
+    eagle3::Eagle3 = "eagle3",
+    hybrid::Hybrid = "hybrid",
+    spaf::Spaf = "spaf",
+    knowledge::Knowledge = "knowledge",
+}
+
+pub use crate::features::FeatureNeeds;
 pub use context::{StepContext, StepRng};
-pub use registry::DrafterSpec;
+pub use registry::{architecture, config_int, DrafterKind, EngineDraft, ResolveTarget};
 
 use crate::error::{ModelError, Result};
 use crate::speculative::DraftSession;
-use crate::target::TargetModel;
+use crate::llm::TargetModel;
 use std::collections::BTreeMap;
 use tch::{nn, Kind, Tensor};
 
-/// What a drafter reads from the frozen target's forward, per batch. Online training computes
-/// exactly this; offline shards must hold it (`forge prepare-hidden` writes it); decoding
-/// captures it at verified positions.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FeatureNeeds {
-    /// The last hidden state after the final norm (`[B, T, H]`).
-    pub last_hidden: bool,
-    /// Outputs of these target layers, concatenated (`[B, T, A*H]`).
-    pub aux_layers: Vec<i64>,
-    /// The target's top-k next-token log-probabilities and ids at every position (0 = none).
-    pub target_topk: usize,
-}
 
 /// The target's HF name of its output projection; [`TargetAccess`] resolves it to the
 /// embedding when the target ties them.
@@ -161,8 +158,8 @@ pub enum ExportFormat {
     /// forge's own reloadable format (internal names + the drafter spec).
     Forge,
     Vllm,
-    /// The original FasterDecoding Medusa / TensorRT-LLM layout.
-    Medusa,
+    /// The original FasterDecoding Medusa / TensorRT-LLM layout (`--format medusa`).
+    FasterDecoding,
     Sglang,
     /// vLLM's `speculators` layout: an EAGLE-3 folder `vllm serve` recognises by itself.
     Speculators,
@@ -175,18 +172,27 @@ impl ExportFormat {
         Some(match s {
             "forge" => Self::Forge,
             "vllm" => Self::Vllm,
-            "medusa" => Self::Medusa,
+            "medusa" => Self::FasterDecoding,
             "sglang" => Self::Sglang,
             "speculators" => Self::Speculators,
             _ => return None,
         })
     }
 
+    /// The drafters an engine format holds, for the refusal of another kind.
+    pub fn holds(self) -> &'static str {
+        match self {
+            Self::FasterDecoding => "Medusa",
+            Self::Sglang => "EAGLE",
+            _ => "other",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Forge => "forge",
             Self::Vllm => "vllm",
-            Self::Medusa => "medusa",
+            Self::FasterDecoding => "medusa",
             Self::Sglang => "sglang",
             Self::Speculators => "speculators",
         }
@@ -281,6 +287,12 @@ pub trait Drafter {
     /// Default: none (the forge format only).
     fn export_formats(&self) -> &'static [ExportFormat] {
         &[]
+    }
+    /// Called by an engine-format import after the folder's tensors were copied in by the
+    /// export table's names, with every tensor of the folder: what the table does not name
+    /// (EAGLE-3's vocabulary mapping) is installed here. Default: nothing.
+    fn imported(&self, _file: &BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
     }
     /// Why no engine format can hold this drafter, for drafters with none (shown when one is
     /// asked for).

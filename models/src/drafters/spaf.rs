@@ -28,13 +28,15 @@
 //! over layer k's q_proj, checked against the target a draft is used with.
 
 use super::{
-    ce_and_hits, Drafter, DrafterSpec, Features, LossOutput, Metric, StepContext, TargetAccess, TargetNeeds, EMBED,
+    ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ResolveTarget,
+    StepContext, TargetAccess, TargetNeeds, EMBED,
 };
+use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{linear, Keys, LayerKv, Linear, ParamInit};
 use crate::speculative::{pick, DraftSession, Proposal, SharedTarget, StepFeatures};
-use crate::target::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};
+use crate::llm::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};
 use tch::{nn, Device, Kind, Tensor};
 
 /// What the alignment head's output is compared with the real `h_{k-1}` by.
@@ -173,6 +175,168 @@ impl Adapter {
     /// `x + up(SiLU(down(x)))`, in `x`'s kind.
     fn forward(&self, x: &Tensor) -> Tensor {
         x + self.up.forward(&self.down.forward(x).silu()).to_kind(x.kind())
+    }
+}
+
+forge_schema::choice! {
+    /// Alignment loss of the SpAF alignment head.
+    pub enum AlignLoss { Mse = "mse", Cosine = "cosine" }
+}
+
+forge_schema::choice! {
+    /// What each SpAF exit is trained against.
+    pub enum AdapterLossSetting { Ce = "ce", Kl = "kl" }
+}
+
+forge_schema::section! {
+    /// SpAF: adapters inside the frozen target, an alignment head, self-speculative decoding (docs/methods/spaf.md).
+    pub struct SpafSection {
+        /// First layer with an adapter, k (default: num_layers / 2); drafting runs the target's layers 0..k.
+        cutoff_layer: Option<i64> = None,
+        /// Adapter bottleneck width as a fraction of the hidden size.
+        adapter_dim_ratio: f64 = 0.25,
+        /// Linear layers of the alignment head (token embedding -> pseudo output of layer k-1).
+        alignment_num_layers: i64 = 2,
+        /// Alignment head width as a multiple of the hidden size.
+        alignment_hidden_dim_ratio: f64 = 2.0,
+        /// mse or cosine between the alignment head's output and the real output of layer k-1.
+        alignment_loss_type: AlignLoss = AlignLoss::Mse,
+        /// ce: each exit against the data's next token; kl: KL(target || exit) against the target's distribution.
+        adapter_loss: AdapterLossSetting = AdapterLossSetting::Ce,
+        adapter_weight: f64 = 1.0,
+        alignment_weight: f64 = 1.0,
+        /// Loss weight of each exit k..L-1, one per layer (default: 1 / (L - k) each, or as train_exits says).
+        layer_weights: Option<Vec<f64>> = None,
+        /// Train only these exits (target layers in k..L-1), weighted equally; the other exits are not in the loss (adapters below a trained exit still learn through it). Exclusive with layer_weights.
+        train_exits: Option<Vec<i64>> = None,
+        /// The exit drafting decodes with (default: cutoff_layer, the cheapest).
+        exit_layer: Option<i64> = None,
+        /// Draft length recorded with the draft, as the source system decodes (give it to forge eval as --gamma).
+        num_draft_tokens: i64 = 5,
+        /// Draft inputs per round that run the target's layers 0..k (their keys and values are reused by verification) before the alignment head takes over.
+        serial_parallel_transition: i64 = 2,
+    }
+}
+
+impl DrafterKind for Spaf {
+    const DOCS: &'static str = "docs/methods/spaf.md";
+    const ONLINE_ONLY: Option<&'static str> = Some("trains inside the live target (gradients flow through its layers)");
+    type Section = SpafSection;
+    type Spec = SpafSpec;
+
+    fn validate(s: &SpafSection, cx: &mut Ctx) {
+        cx.positive_if_set("drafter.cutoff_layer", s.cutoff_layer);
+        cx.positive_if_set("drafter.exit_layer", s.exit_layer);
+        cx.fraction("drafter.adapter_dim_ratio", s.adapter_dim_ratio);
+        cx.positive("drafter.alignment_num_layers", s.alignment_num_layers);
+        if !(s.alignment_hidden_dim_ratio.is_finite() && s.alignment_hidden_dim_ratio > 0.0) {
+            cx.issue_at("drafter.alignment_hidden_dim_ratio", "must be > 0");
+        }
+        cx.non_negative("drafter.adapter_weight", s.adapter_weight);
+        cx.non_negative("drafter.alignment_weight", s.alignment_weight);
+        if let Some(w) = &s.layer_weights {
+            if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) {
+                cx.issue_at(
+                    "drafter.layer_weights",
+                    "must be >= 0, one per layer from cutoff_layer to the last, with at least one > 0",
+                );
+            }
+        }
+        cx.positive("drafter.num_draft_tokens", s.num_draft_tokens);
+        if s.serial_parallel_transition < 0 {
+            cx.issue_at("drafter.serial_parallel_transition", "must be >= 0");
+        }
+    }
+
+    fn resolve(x: &SpafSection, target: ResolveTarget) -> Result<SpafSpec> {
+        let cfg = target.config;
+        let bad = |msg: String| ModelError::Invalid(msg);
+        let (h, l) = (cfg.hidden_size, cfg.num_layers);
+        let k = x.cutoff_layer.unwrap_or(l / 2);
+        let exits = (l - k).max(0) as usize;
+        let spec = SpafSpec {
+            cutoff_layer: k,
+            adapter_dim: ((h as f64 * x.adapter_dim_ratio).round() as i64).max(1),
+            alignment_num_layers: x.alignment_num_layers,
+            alignment_hidden_size: ((h as f64 * x.alignment_hidden_dim_ratio).round() as i64).max(1),
+            alignment_loss: match x.alignment_loss_type {
+                AlignLoss::Mse => AlignmentLoss::Mse,
+                AlignLoss::Cosine => AlignmentLoss::Cosine,
+            },
+            adapter_loss: match x.adapter_loss {
+                AdapterLossSetting::Ce => AdapterLoss::Ce,
+                AdapterLossSetting::Kl => AdapterLoss::Kl,
+            },
+            adapter_weight: x.adapter_weight,
+            alignment_weight: x.alignment_weight,
+            layer_weights: match (&x.layer_weights, &x.train_exits) {
+                (Some(_), Some(_)) => return Err(bad("drafter: set layer_weights or train_exits, not both".into())),
+                (Some(w), None) => w.clone(),
+                (None, Some(list)) => {
+                    if list.is_empty() {
+                        return Err(bad("drafter.train_exits: list at least one exit layer".into()));
+                    }
+                    if let Some(bad_exit) = list.iter().find(|&&e| e < k || e >= l) {
+                        return Err(bad(format!(
+                            "drafter.train_exits: layer {bad_exit} has no exit (exits are layers {k}..{})",
+                            l - 1
+                        )));
+                    }
+                    let n = list.iter().collect::<std::collections::BTreeSet<_>>().len().max(1) as f64;
+                    (k..l).map(|e| if list.contains(&e) { 1.0 / n } else { 0.0 }).collect()
+                }
+                (None, None) => vec![1.0 / exits.max(1) as f64; exits],
+            },
+            exit_layer: x.exit_layer.unwrap_or(k),
+            num_draft_tokens: x.num_draft_tokens,
+            serial_parallel_transition: x.serial_parallel_transition,
+            hidden_size: h,
+            num_layers: l,
+            vocab_size: cfg.vocab_size,
+        };
+        spec.validate().map_err(|e| bad(format!("drafter: {e}")))?;
+        Ok(spec)
+    }
+
+    fn build(spec: &SpafSpec, target: &TargetAccess, device: Device, compute: Kind) -> Result<Box<dyn Drafter>> {
+        Ok(Box::new(Spaf::new(spec.clone(), target, device, compute)?))
+    }
+
+    fn target_needs(spec: &SpafSpec, fresh: bool) -> TargetNeeds {
+        spec.target_needs(fresh)
+    }
+
+    /// The output of layer k-1 starts the draft's stream and is the alignment target; the
+    /// last hidden state gives the target's distribution (KL).
+    fn feature_needs(s: &SpafSpec) -> FeatureNeeds {
+        FeatureNeeds {
+            last_hidden: true,
+            aux_layers: vec![s.cutoff_layer - 1],
+            target_topk: 0,
+        }
+    }
+
+    fn warnings(s: &SpafSpec) -> Vec<String> {
+        let deepest = s
+            .layer_weights
+            .iter()
+            .rposition(|w| *w > 0.0)
+            .map(|i| s.cutoff_layer + i as i64);
+        if deepest.is_none_or(|d| d < s.exit_layer) {
+            vec![format!(
+                "drafter.exit_layer {} is below no trained exit (the deepest is {deepest:?}): decoding would use adapters this run does not train; add it to train_exits",
+                s.exit_layer
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn choices() -> Vec<(&'static str, &'static [&'static str])> {
+        vec![
+            ("`drafter.alignment_loss_type` (spaf)", AlignLoss::NAMES),
+            ("`drafter.adapter_loss` (spaf)", AdapterLossSetting::NAMES),
+        ]
     }
 }
 

@@ -4,16 +4,12 @@
 //! applied to the tree -> typed [`Recipe`] with every problem collected -> semantic checks.
 //! All problems are reported at once, each with its key path and line.
 
-pub mod drafter;
 pub mod reference;
-pub mod schema;
-pub mod yaml;
 
-pub use drafter::*;
-use schema::{choice, section, Ctx, FromNode, Issue};
+pub use forge_models::drafters::{DrafterSection, KINDS};
+use forge_schema::{choice, section, yaml, Ctx, FromNode, Issue, Loc, Node, NodeKind};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use yaml::{Loc, Node};
 
 choice! {
     /// Floating-point format; `auto` = bf16 on CUDA, fp32 on CPU.
@@ -223,7 +219,7 @@ impl Recipe {
                 msg: format!("YAML syntax: {}", e.msg),
             }]
         })?;
-        if matches!(root.kind, yaml::NodeKind::Null) {
+        if matches!(root.kind, NodeKind::Null) {
             root = Node::empty_map(Loc::File { line: 1, col: 1 });
         }
         let mut issues = Vec::new();
@@ -234,7 +230,7 @@ impl Recipe {
         }
         let mut cx = Ctx::default();
         match &root.kind {
-            yaml::NodeKind::Map(entries) => schema::check_keys("", entries, SECTIONS, &mut cx),
+            NodeKind::Map(entries) => forge_schema::check_keys("", entries, SECTIONS, &mut cx),
             _ => cx.issue(
                 "",
                 &root.loc,
@@ -244,7 +240,7 @@ impl Recipe {
         let drafter = match root.get("drafter") {
             Some(node) => {
                 cx.locs.insert("drafter".into(), node.loc.clone());
-                DrafterSection::from_node(node, "drafter", &mut cx)
+                read_drafter(node, "drafter", &mut cx)
             }
             None => {
                 cx.issue(
@@ -252,16 +248,14 @@ impl Recipe {
                     &root.loc,
                     format!(
                         "missing section; add `drafter: {{kind: ...}}` with kind one of {}",
-                        DrafterSection::KINDS.join(", ")
+                        KINDS.join(", ")
                     ),
                 );
                 None
             }
         };
         let recipe = Recipe {
-            drafter: drafter
-                .clone()
-                .unwrap_or(DrafterSection::Medusa(MedusaConfig::default())),
+            drafter: drafter.clone().unwrap_or_default(),
             target: read_section(&root, "target", &mut cx),
             data: read_section(&root, "data", &mut cx),
             train: read_section(&root, "train", &mut cx),
@@ -295,216 +289,14 @@ impl Recipe {
 
     fn validate(&self, cx: &mut Ctx) {
         self.validate_common(cx);
-        let positive = |cx: &mut Ctx, path: &str, v: i64| {
-            if v < 1 {
-                cx.issue_at(path, format!("must be at least 1, got {v}"));
-            }
-        };
-        // optional drafter keys that, when set, must be at least 1
-        let positive_if_set = |cx: &mut Ctx, keys: &[(&str, Option<i64>)]| {
-            for (k, v) in keys {
-                if let Some(v) = *v {
-                    positive(cx, &format!("drafter.{k}"), v);
-                }
-            }
-        };
-        let fraction = |cx: &mut Ctx, path: &str, v: f64| {
-            if !(v > 0.0 && v <= 1.0) {
-                cx.issue_at(path, format!("must be in (0, 1], got {v}"));
-            }
-        };
-        let non_negative = |cx: &mut Ctx, path: &str, v: f64| {
-            if v < 0.0 {
-                cx.issue_at(path, format!("must be >= 0, got {v}"));
-            }
-        };
-        match &self.drafter {
-            DrafterSection::Medusa(m) => {
-                positive(cx, "drafter.num_heads", m.num_heads);
-                if m.num_layers < 0 {
-                    cx.issue_at("drafter.num_layers", format!("must be >= 0, got {}", m.num_layers));
-                }
-                fraction(cx, "drafter.loss_decay", m.loss_decay);
-                positive(cx, "drafter.top_k", m.top_k);
-            }
-            DrafterSection::Eagle1(e) => {
-                non_negative(cx, "drafter.feature_weight", e.feature_weight);
-                non_negative(cx, "drafter.token_weight", e.token_weight);
-                non_negative(cx, "drafter.feature_noise", e.feature_noise);
-            }
-            DrafterSection::Eagle3(e) => {
-                positive(cx, "drafter.ttt_length", e.ttt_length);
-                fraction(cx, "drafter.step_decay", e.step_decay);
-                positive(cx, "drafter.draft_vocab_size", e.draft_vocab_size);
-                if let Some(layers) = &e.aux_layers {
-                    if layers.is_empty() {
-                        cx.issue_at(
-                            "drafter.aux_layers",
-                            "must list at least one layer (or be left out for the default 1, L/2-1, L-4)",
-                        );
-                    }
-                    for (i, &l) in layers.iter().enumerate() {
-                        if l < 0 {
-                            cx.issue_at(
-                                "drafter.aux_layers",
-                                format!("entry {i} is {l}; layer indices are >= 0"),
-                            );
-                        }
-                    }
-                }
-                positive_if_set(
-                    cx,
-                    &[
-                        ("hidden_size", e.hidden_size),
-                        ("num_heads", e.num_heads),
-                        ("num_kv_heads", e.num_kv_heads),
-                        ("intermediate_size", e.intermediate_size),
-                    ],
+        self.drafter.validate(cx);
+        if let Some(why) = self.drafter.online_only() {
+            if self.data.mode == DataMode::Offline {
+                cx.issue_at(
+                    "data.mode",
+                    format!("{} {why}: set data.mode: online", self.drafter.kind()),
                 );
-                if let (Some(h), Some(kv)) = (e.num_heads, e.num_kv_heads) {
-                    if kv > 0 && h % kv != 0 {
-                        cx.issue_at(
-                            "drafter.num_kv_heads",
-                            format!("num_heads {h} must be a multiple of num_kv_heads {kv}"),
-                        );
-                    }
-                }
             }
-            DrafterSection::Hybrid(h) => {
-                if h.num_mlp_blocks < 0
-                    || h.num_transformer_blocks < 0
-                    || h.num_mlp_blocks + h.num_transformer_blocks < 1
-                {
-                    cx.issue_at(
-                        "drafter.num_mlp_blocks",
-                        "num_mlp_blocks and num_transformer_blocks must be >= 0 with at least one block",
-                    );
-                }
-                for (k, v) in [
-                    ("gumbel_temperature", Some(h.gumbel_temperature)),
-                    ("gumbel_temperature_end", h.gumbel_temperature_end),
-                ] {
-                    if let Some(v) = v {
-                        if !(v.is_finite() && v > 0.0) {
-                            cx.issue_at(&format!("drafter.{k}"), format!("must be > 0, got {v}"));
-                        }
-                    }
-                }
-                positive_if_set(
-                    cx,
-                    &[
-                        ("gate_hidden_size", h.gate_hidden_size),
-                        ("mlp_intermediate_size", h.mlp_intermediate_size),
-                        ("transformer_intermediate_size", h.transformer_intermediate_size),
-                        ("draft_vocab_size", h.draft_vocab_size),
-                    ],
-                );
-                if h.anneal_steps == Some(0) {
-                    cx.issue_at(
-                        "drafter.anneal_steps",
-                        "must be >= 1 (leave it unset to anneal over the whole run)",
-                    );
-                }
-                non_negative(cx, "drafter.feature_weight", h.feature_weight);
-                non_negative(cx, "drafter.gate_lr_scale", h.gate_lr_scale);
-                non_negative(cx, "drafter.mlp_cost", h.mlp_cost);
-                non_negative(cx, "drafter.transformer_cost", h.transformer_cost);
-                non_negative(cx, "drafter.cost_lambda", h.cost_lambda);
-            }
-            DrafterSection::Spaf(s) => {
-                if let Some(k) = s.cutoff_layer {
-                    positive(cx, "drafter.cutoff_layer", k);
-                }
-                if let Some(e) = s.exit_layer {
-                    positive(cx, "drafter.exit_layer", e);
-                }
-                fraction(cx, "drafter.adapter_dim_ratio", s.adapter_dim_ratio);
-                positive(cx, "drafter.alignment_num_layers", s.alignment_num_layers);
-                if !(s.alignment_hidden_dim_ratio.is_finite() && s.alignment_hidden_dim_ratio > 0.0) {
-                    cx.issue_at("drafter.alignment_hidden_dim_ratio", "must be > 0");
-                }
-                non_negative(cx, "drafter.adapter_weight", s.adapter_weight);
-                non_negative(cx, "drafter.alignment_weight", s.alignment_weight);
-                if let Some(w) = &s.layer_weights {
-                    if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) {
-                        cx.issue_at(
-                            "drafter.layer_weights",
-                            "must be >= 0, one per layer from cutoff_layer to the last, with at least one > 0",
-                        );
-                    }
-                }
-                positive(cx, "drafter.num_draft_tokens", s.num_draft_tokens);
-                if s.serial_parallel_transition < 0 {
-                    cx.issue_at("drafter.serial_parallel_transition", "must be >= 0");
-                }
-                if self.data.mode == DataMode::Offline {
-                    cx.issue_at(
-                        "data.mode",
-                        "spaf trains inside the live target (gradients flow through its layers): set data.mode: online",
-                    );
-                }
-            }
-            DrafterSection::Knowledge(k) => {
-                positive(cx, "drafter.num_sampled_layers", k.num_sampled_layers);
-                if k.knowledge_cache.is_none() {
-                    if k.knowledge_data.is_some() {
-                        cx.issue_at(
-                            "drafter.knowledge_data",
-                            "names what the knowledge cache was built from, but drafter.knowledge_cache is not set",
-                        );
-                    }
-                    if k.cache_dim.is_some() {
-                        cx.issue_at(
-                            "drafter.cache_dim",
-                            "is checked against the knowledge cache, but drafter.knowledge_cache is not set",
-                        );
-                    }
-                }
-                if let Some(layers) = &k.layers {
-                    if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
-                        cx.issue_at(
-                            "drafter.layers",
-                            "must be a non-empty ascending list of distinct layer indices >= 0",
-                        );
-                    }
-                }
-                positive(cx, "drafter.num_knowledge_entries", k.num_knowledge_entries);
-                if let Some(d) = k.cache_dim {
-                    positive(cx, "drafter.cache_dim", d);
-                }
-                non_negative(cx, "drafter.kl_weight", k.kl_weight);
-                non_negative(cx, "drafter.acceptance_weight", k.acceptance_weight);
-                non_negative(cx, "drafter.ce_weight", k.ce_weight);
-                if k.kl_weight + k.acceptance_weight + k.ce_weight <= 0.0 {
-                    cx.issue_at(
-                        "drafter.kl_weight",
-                        "kl_weight, acceptance_weight and ce_weight are all 0: nothing to train",
-                    );
-                }
-                if !(k.temperature.is_finite() && k.temperature > 0.0) {
-                    cx.issue_at("drafter.temperature", "must be > 0");
-                }
-                if k.target_topk < 0 {
-                    cx.issue_at(
-                        "drafter.target_topk",
-                        "must be >= 0 (0 = the target's full distribution)",
-                    );
-                }
-                if k.target_topk > 0 && k.temperature != 1.0 {
-                    cx.issue_at(
-                        "drafter.temperature",
-                        "needs the target's full distribution: set target_topk: 0",
-                    );
-                }
-                positive(cx, "drafter.num_draft_tokens", k.num_draft_tokens);
-                if !(k.new_lr_scale.is_finite() && k.new_lr_scale > 0.0) {
-                    cx.issue_at("drafter.new_lr_scale", "must be > 0");
-                }
-            }
-        }
-        let kind = self.drafter.kind();
-        if !DrafterSection::IMPLEMENTED.contains(&kind) {
-            cx.issue_at("drafter.kind", DrafterSection::not_implemented(kind));
         }
     }
 
@@ -648,4 +440,52 @@ fn apply_override(root: &mut Node, spec: &str) -> Result<(), Issue> {
         loc: Loc::Override(spec.to_string()),
         msg,
     })
+}
+
+/// The `drafter:` section: `kind` picks the kind, whose own section reads the other keys.
+fn read_drafter(node: &Node, path: &str, cx: &mut Ctx) -> Option<DrafterSection> {
+    let entries = match &node.kind {
+        NodeKind::Map(e) => e,
+        _ => {
+            cx.issue(
+                path,
+                &node.loc,
+                format!("expected a mapping with 'kind', got {}", forge_schema::describe(node)),
+            );
+            return None;
+        }
+    };
+    let kind_path = forge_schema::join(path, "kind");
+    let kind = match entries.iter().find(|(k, _, _)| k == "kind") {
+        None => {
+            cx.issue(
+                &kind_path,
+                &node.loc,
+                format!("missing; set drafter.kind to one of {}", KINDS.join(", ")),
+            );
+            return None;
+        }
+        Some((_, _, v)) => {
+            cx.locs.insert(kind_path.clone(), v.loc.clone());
+            String::from_node(v, &kind_path, cx)?
+        }
+    };
+    let rest = Node {
+        kind: NodeKind::Map(entries.iter().filter(|(k, _, _)| k != "kind").cloned().collect()),
+        loc: node.loc.clone(),
+    };
+    let section = DrafterSection::parse(&kind, &rest, path, cx);
+    if section.is_none() {
+        let loc = cx.locs.get(&kind_path).cloned().unwrap_or(node.loc.clone());
+        let hint = match forge_schema::suggest(&kind, KINDS) {
+            Some(s) => format!(" (did you mean '{s}'?)"),
+            None => String::new(),
+        };
+        cx.issue(
+            &kind_path,
+            &loc,
+            format!("unknown drafter kind '{kind}'{hint}; kinds: {}", KINDS.join(", ")),
+        );
+    }
+    section
 }

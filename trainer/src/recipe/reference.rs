@@ -2,6 +2,7 @@
 //! cannot drift from the code: `forge recipe-reference > docs/recipes.md`.
 
 use super::*;
+use forge_schema::SectionDocs;
 use serde::Serialize;
 
 fn default_text(v: &serde_json::Value) -> String {
@@ -14,6 +15,10 @@ fn default_text(v: &serde_json::Value) -> String {
 
 fn table<T: Serialize + Default>(out: &mut String, docs: Vec<(&'static str, String)>) {
     let defaults = serde_json::to_value(T::default()).unwrap_or(serde_json::Value::Null);
+    rows(out, &docs, &defaults);
+}
+
+fn rows(out: &mut String, docs: &[(&'static str, String)], defaults: &serde_json::Value) {
     out.push_str("| key | default | meaning |\n|---|---|---|\n");
     for (key, doc) in docs {
         let d = defaults.get(key).map(default_text).unwrap_or_default();
@@ -37,42 +42,13 @@ pub fn markdown() -> String {
          (every default filled in).\n\n",
     );
     o.push_str("## `drafter`\n\n`kind` (required) picks the algorithm: ");
-    o.push_str(
-        &DrafterSection::KINDS
-            .iter()
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
+    o.push_str(&KINDS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "));
     o.push_str(". The other keys depend on the kind.\n\n");
-    let pending: Vec<&str> = DrafterSection::KINDS
-        .iter()
-        .copied()
-        .filter(|k| !DrafterSection::IMPLEMENTED.contains(k))
-        .collect();
-    if !pending.is_empty() {
-        o.push_str(&format!(
-            "Not implemented yet (their keys parse, `forge check` and `forge train` refuse them): {}.\n\n",
-            pending.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
-        ));
+    let kinds = forge_models::drafters::kinds();
+    for k in &kinds {
+        o.push_str(&format!("### `kind: {}`\n\n", k.name));
+        rows(&mut o, &k.fields, &k.defaults);
     }
-    macro_rules! kind {
-        ($name:literal, $t:ty) => {
-            let note = if DrafterSection::IMPLEMENTED.contains(&$name) {
-                ""
-            } else {
-                " (not implemented yet)"
-            };
-            o.push_str(&format!("### `kind: {}`{note}\n\n", $name));
-            table::<$t>(&mut o, <$t>::field_docs());
-        };
-    }
-    kind!("medusa", MedusaConfig);
-    kind!("eagle1", Eagle1Config);
-    kind!("eagle3", Eagle3Config);
-    kind!("hybrid", HybridConfig);
-    kind!("spaf", SpafConfig);
-    kind!("knowledge", KnowledgeConfig);
     macro_rules! section {
         ($name:literal, $t:ty, $note:literal) => {
             o.push_str(&format!("## `{}`\n\n{}", $name, $note));
@@ -90,16 +66,15 @@ pub fn markdown() -> String {
     section!("checkpoint", CheckpointSection, "`dir` is required.\n\n");
     section!("log", LogSection, "");
     o.push_str("## Choices\n\n");
-    for (name, values) in [
+    let common: [(&str, &[&str]); 5] = [
         ("precision (`target.dtype`, `train.dtype`)", Precision::NAMES),
         ("`train.schedule`", Schedule::NAMES),
         ("`data.mode`", DataMode::NAMES),
         ("`data.chat_template`", TemplateName::NAMES),
         ("`dist.backend`", Backend::NAMES),
-        ("`drafter.cost` (hybrid)", CostSetting::NAMES),
-        ("`drafter.alignment_loss_type` (spaf)", AlignLoss::NAMES),
-        ("`drafter.adapter_loss` (spaf)", AdapterLossSetting::NAMES),
-    ] {
+    ];
+    let of_kinds = kinds.iter().flat_map(|k| k.choices.iter().copied());
+    for (name, values) in common.into_iter().chain(of_kinds) {
         o.push_str(&format!(
             "- {name}: {}\n",
             values.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use forge_models::parse_device;
-use forge_trainer::dist::bench;
+use forge_trainer::parallel::bench;
 use forge_trainer::recipe::Backend;
 
 #[derive(clap::Args)]
@@ -156,7 +156,7 @@ fn run_train_bench(a: TrainBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn open_comm(a: &CommArgs) -> Result<(Box<dyn forge_trainer::dist::Comm>, tch::Device)> {
+fn open_comm(a: &CommArgs) -> Result<(Box<dyn forge_trainer::parallel::Comm>, tch::Device)> {
     let backend = match a.backend.as_str() {
         "auto" => Backend::Auto,
         "gloo" => Backend::Gloo,
@@ -172,7 +172,7 @@ fn open_comm(a: &CommArgs) -> Result<(Box<dyn forge_trainer::dist::Comm>, tch::D
             device = parse_device(&format!("cuda:{local}"))?;
         }
     }
-    let comm = forge_trainer::dist::from_env(backend, device, a.timeout_s)
+    let comm = forge_trainer::parallel::from_env(backend, device, a.timeout_s)
         .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
     Ok((comm, device))
 }
@@ -221,7 +221,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
 /// right after it (the others' first collective fails). Used by the tests of how the other
 /// ranks and `forge launch` react.
 pub fn run_selftest(comm: CommArgs, fail_rank: Option<usize>, fail_after_rendezvous: bool) -> Result<()> {
-    let rank = forge_trainer::dist::DistEnv::from_env()?.map_or(0, |e| e.rank);
+    let rank = forge_trainer::parallel::DistEnv::from_env()?.map_or(0, |e| e.rank);
     if fail_rank == Some(rank) && !fail_after_rendezvous {
         bail!("rank {rank} fails on purpose before the rendezvous (--fail-rank)");
     }

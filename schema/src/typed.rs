@@ -1,7 +1,7 @@
 //! Typed reading of a YAML node tree: every problem is collected (with the key path and the
 //! line it came from) instead of stopping at the first one.
 
-use super::yaml::{Loc, Node, NodeKind};
+use crate::yaml::{Loc, Node, NodeKind};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -56,6 +56,46 @@ impl Ctx {
     }
 }
 
+/// Checks shared by recipe sections, each reported at `path` (where it was written).
+impl Ctx {
+    /// At least 1.
+    pub fn positive(&mut self, path: &str, v: i64) {
+        if v < 1 {
+            self.issue_at(path, format!("must be at least 1, got {v}"));
+        }
+    }
+    /// At least 1 when set.
+    pub fn positive_if_set(&mut self, path: &str, v: Option<i64>) {
+        if let Some(v) = v {
+            self.positive(path, v);
+        }
+    }
+    /// In (0, 1].
+    pub fn fraction(&mut self, path: &str, v: f64) {
+        if !(v > 0.0 && v <= 1.0) {
+            self.issue_at(path, format!("must be in (0, 1], got {v}"));
+        }
+    }
+    /// At least 0.
+    pub fn non_negative(&mut self, path: &str, v: f64) {
+        if v < 0.0 {
+            self.issue_at(path, format!("must be >= 0, got {v}"));
+        }
+    }
+    /// Finite and above 0.
+    pub fn above_zero(&mut self, path: &str, v: f64) {
+        if !(v.is_finite() && v > 0.0) {
+            self.issue_at(path, format!("must be > 0, got {v}"));
+        }
+    }
+}
+
+/// The documented keys of a section ([`section!`]), for the recipe reference.
+pub trait SectionDocs {
+    /// (key, documentation) of every field, in declaration order.
+    fn field_docs() -> Vec<(&'static str, String)>;
+}
+
 pub fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -71,7 +111,8 @@ pub trait FromNode: Sized {
     fn from_node(node: &Node, path: &str, cx: &mut Ctx) -> Option<Self>;
 }
 
-fn describe(node: &Node) -> String {
+/// How a node reads in a message ("the string \"x\"", "'x'", "a list").
+pub fn describe(node: &Node) -> String {
     match &node.kind {
         NodeKind::Scalar { text, quoted: true } => format!("the string \"{text}\""),
         NodeKind::Scalar { text, .. } => format!("'{text}'"),
@@ -238,6 +279,7 @@ pub fn check_keys(path: &str, entries: &[(String, Loc, Node)], known: &[&str], c
 
 /// Defines a recipe section: a struct with documented, defaulted fields that reads itself
 /// from a node (unknown keys are errors) and serialises back to YAML.
+#[macro_export]
 macro_rules! section {
     ($(#[$meta:meta])* pub struct $name:ident {
         $( $(#[doc = $doc:expr])* $field:ident : $ty:ty = $default:expr ),* $(,)?
@@ -252,29 +294,31 @@ macro_rules! section {
 
         impl $name {
             pub const FIELDS: &'static [&'static str] = &[ $( stringify!($field) ),* ];
-            /// (key, documentation) of every field, for the recipe reference.
-            pub fn field_docs() -> Vec<(&'static str, String)> {
+        }
+
+        impl $crate::SectionDocs for $name {
+            fn field_docs() -> Vec<(&'static str, String)> {
                 vec![ $( (stringify!($field), [$($doc),*].iter().map(|s: &&str| s.trim()).collect::<Vec<_>>().join(" ")) ),* ]
             }
         }
 
-        impl $crate::recipe::schema::FromNode for $name {
+        impl $crate::FromNode for $name {
             const EXPECTED: &'static str = "a mapping";
             #[allow(unused_variables)]
-            fn from_node(node: &$crate::recipe::yaml::Node, path: &str, cx: &mut $crate::recipe::schema::Ctx) -> Option<Self> {
-                use $crate::recipe::yaml::NodeKind;
+            fn from_node(node: &$crate::yaml::Node, path: &str, cx: &mut $crate::Ctx) -> Option<Self> {
+                use $crate::yaml::NodeKind;
                 let entries = match &node.kind {
                     NodeKind::Null => return Some(Self::default()),
                     NodeKind::Map(e) => e,
-                    _ => { $crate::recipe::schema::type_issue::<Self>(node, path, cx); return None; }
+                    _ => { $crate::type_issue::<Self>(node, path, cx); return None; }
                 };
-                $crate::recipe::schema::check_keys(path, entries, Self::FIELDS, cx);
+                $crate::check_keys(path, entries, Self::FIELDS, cx);
                 let mut out = Self::default();
                 $(
                     if let Some((_, _, v)) = entries.iter().find(|(k, _, _)| k == stringify!($field)) {
-                        let p = $crate::recipe::schema::join(path, stringify!($field));
+                        let p = $crate::join(path, stringify!($field));
                         cx.locs.insert(p.clone(), v.loc.clone());
-                        if let Some(x) = <$ty as $crate::recipe::schema::FromNode>::from_node(v, &p, cx) {
+                        if let Some(x) = <$ty as $crate::FromNode>::from_node(v, &p, cx) {
                             out.$field = x;
                         }
                     }
@@ -286,6 +330,7 @@ macro_rules! section {
 }
 
 /// Defines a string-valued choice (`schedule: cosine`).
+#[macro_export]
 macro_rules! choice {
     ($(#[$meta:meta])* pub enum $name:ident { $( $(#[doc = $doc:expr])* $var:ident = $s:literal ),* $(,)? }) => {
         $(#[$meta])*
@@ -300,19 +345,19 @@ macro_rules! choice {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
         }
         impl serde::Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> { s.serialize_str(self.as_str()) }
+            fn serialize<S: serde::Serializer>(&self, s: S) -> ::std::result::Result<S::Ok, S::Error> { s.serialize_str(self.as_str()) }
         }
-        impl $crate::recipe::schema::FromNode for $name {
+        impl $crate::FromNode for $name {
             const EXPECTED: &'static str = concat!("one of: ", $( $s, " " ),*);
-            fn from_node(node: &$crate::recipe::yaml::Node, path: &str, cx: &mut $crate::recipe::schema::Ctx) -> Option<Self> {
+            fn from_node(node: &$crate::yaml::Node, path: &str, cx: &mut $crate::Ctx) -> Option<Self> {
                 let text = match &node.kind {
-                    $crate::recipe::yaml::NodeKind::Scalar { text, .. } => text.as_str(),
-                    _ => { $crate::recipe::schema::type_issue::<Self>(node, path, cx); return None; }
+                    $crate::yaml::NodeKind::Scalar { text, .. } => text.as_str(),
+                    _ => { $crate::type_issue::<Self>(node, path, cx); return None; }
                 };
                 match text {
                     $( $s => Some(Self::$var), )*
                     other => {
-                        let hint = match $crate::recipe::schema::suggest(other, Self::NAMES) {
+                        let hint = match $crate::suggest(other, Self::NAMES) {
                             Some(s) => format!(" (did you mean '{s}'?)"),
                             None => String::new(),
                         };
@@ -325,4 +370,4 @@ macro_rules! choice {
     };
 }
 
-pub(crate) use {choice, section};
+

@@ -461,7 +461,7 @@ mod tests {
 
     fn run_with(policy: &ParamPolicy, stage: u32, bucket_mb: f64, steps: usize) -> (Vec<(String, Tensor)>, DistAdamW) {
         let ps = params();
-        let mut comm = crate::dist::SingleProcess;
+        let mut comm = crate::parallel::SingleProcess;
         let mut opt = DistAdamW::new(
             ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
             cfg(),
@@ -535,7 +535,7 @@ mod tests {
         // a parameter no group matches: refused at every stage
         let only_w = ParamPolicy::new(vec![group("w", "w", 1.0, true)]).expect("policy");
         for stage in [0, 1, 2] {
-            let e = DistAdamW::new(params(), cfg(), &only_w, stage, 25.0, &crate::dist::SingleProcess)
+            let e = DistAdamW::new(params(), cfg(), &only_w, stage, 25.0, &crate::parallel::SingleProcess)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -559,7 +559,7 @@ mod tests {
             "pieces are named <moment>/<param>@<offset>"
         );
         let full = assemble_full_state(pieces, &shapes).expect("assemble");
-        let mut comm = crate::dist::SingleProcess;
+        let mut comm = crate::parallel::SingleProcess;
         let mut again = DistAdamW::new(
             p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
             cfg(),
@@ -588,7 +588,7 @@ mod tests {
             &ParamPolicy::default(),
             1,
             25.0,
-            &crate::dist::SingleProcess,
+            &crate::parallel::SingleProcess,
         )
         .err()
         .map(|e| e.to_string())

@@ -10,9 +10,8 @@ use forge_trainer::target_check;
 use std::io::Write;
 use std::path::PathBuf;
 
-mod dist_cmd;
-mod prepare;
-mod train_cmd;
+mod cli;
+use cli::{dist as dist_cmd, prepare, train as train_cmd};
 
 #[derive(Parser)]
 #[command(

@@ -19,7 +19,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     let opts = forge_trainer::train::TrainOptions { resume, show_progress };
     // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks.
     let (_, device) = forge_trainer::data::target_placement(&recipe)?;
-    let mut comm = forge_trainer::dist::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
+    let mut comm = forge_trainer::parallel::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
         .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
     let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut())
         .with_context(|| format!("training {}", path.display()))?;
@@ -66,7 +66,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
 pub fn run_export(ckpt: PathBuf, format: String, out: PathBuf, dtype: String) -> Result<()> {
     let dtype =
         DType::parse(&dtype).with_context(|| format!("--dtype '{dtype}' is not one of {}", DType::NAMES.join(", ")))?;
-    let r = forge_trainer::export::export(&ckpt, &format, &out, dtype)
+    let r = forge_trainer::engines::export(&ckpt, &format, &out, dtype)
         .with_context(|| format!("exporting {}", ckpt.display()))?;
     println!(
         "exported {} ({} tensors, {}) from {}:",

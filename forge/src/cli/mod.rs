@@ -1,0 +1,6 @@
+//! One file per subcommand: argument parsing, progress bars and printing, errors with
+//! context (`anyhow`), over the forge-trainer library.
+
+pub mod dist;
+pub mod prepare;
+pub mod train;
