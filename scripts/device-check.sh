@@ -1,33 +1,87 @@
 #!/usr/bin/env bash
-# forge's GPU check, prepared on the CPU machine and run on a GPU machine in one go
-# (docs/gpu.md). Two halves:
+# forge's whole GPU check, prepared on a CPU machine with network access and run in one go
+# on a GPU machine without it (docs/gpu.md says how to use forge on a CUDA machine of your
+# own; this script is for the other case).
+#
+# Why it is built this way: the GPU machine is lent for a short time (one H200), reaches no
+# network, has a Python venv with torch 2.11.0+cu130 (so libtorch 2.11, not forge's 2.13)
+# and probably no Rust. Its tool runs one command per call, in a copy of the working tree
+# plus the ignored folders named in the call's `carry`; what one call carries, working tree
+# included, must stay under 64 MiB, and the machine keeps what earlier calls left in ignored
+# folders only while it stays warm (about 30 s after a call). So everything is built here,
+# packed into a bundle, split into parts of at most 56 MiB, and carried over in one call per
+# part: `receive` for every part but the last, `device` with the last.
 #
 # Here (no GPU needed):
 #   scripts/device-check.sh build [--without-demo-model]
-#       Builds `forge` and the integration-test binary against libtorch 2.11.0+cu130, the
-#       version on the GPU machine (the PyPI torch 2.11.0 wheel, with a copy of torch-sys
-#       0.26 whose 15 wrappers of operators 2.11 lacks are stubbed:
-#       scripts/device/stub_torch_sys.py; LIBTORCH_BYPASS_VERSION_CHECK=1), linked to
-#       libtorch_cuda with the NCCL backend in the c10d shim. Packs what must travel (the two
-#       binaries, the demo target's Q4_1 GGUF file and the gguf wheel to convert it there,
-#       prompts, the benchmark questions, recipes come with the working tree) into parts under
-#       .forge/device/carry<k>/, each small enough to travel in one call, and prints the
-#       exact device calls.
+#     1. downloads the pinned wheels into .forge/device/wheels: torch==2.11.0 (the CUDA 13.0
+#        build, the GPU machine's version) and the headers (and NCCL's library) that the c10d
+#        shim's NCCL backend compiles against: nvidia-nccl-cu13, -cuda-runtime, -cuda-crt,
+#        -cuda-cccl, -cublas, -cusolver, -cusparse; unpacks torch/{lib,include} and
+#        nvidia/*/{include,lib} into .forge/device/site;
+#     2. copies torch-sys 0.26.0 (made for libtorch 2.13) to .forge/device/torch-sys and stubs
+#        the 15 wrappers of operators that 2.11 lacks (scripts/device/stub_torch_sys.py:
+#        _philox_*, _upsample_lanczos2d_aa*, _flash_attention_forward_no_dropout_inplace,
+#        _scaled_dot_product_attention_math_for_mps; forge calls none of them, and a call
+#        would raise an error naming the operator);
+#     3. builds `forge` and the integration-test binary into .forge/device/target with
+#        LIBTORCH_BYPASS_VERSION_CHECK=1, the patched torch-sys (`--config patch...`;
+#        Cargo.lock is restored afterwards), FORGE_LINK_TORCH_CUDA=1 (links libtorch_cuda) and
+#        NCCL in the shim, and checks both in the binary;
+#     4. packs the binaries, the demo target's Q4_1 GGUF with the gguf wheel to convert it
+#        there, the self-distillation prompts (the 1190 distinct prompts of
+#        bench/smollm2_selfdistill.jsonl and recipes/data/demo_prompts.jsonl) and the 80
+#        held-out benchmark questions (bench/vicuna_bench_questions.jsonl) into a gzip'd tar
+#        with a manifest of checksums (recipes and scripts come with the working tree), split
+#        into parts .forge/device/carry<k> (the bundle is about 95 MiB: 2 parts);
+#     5. prints the device calls (also in .forge/device/bundle.txt), e.g.
+#          run(command="bash scripts/device-check.sh receive", carry=[".forge/device/carry1"], timeout_s=120)
+#          run(command="set -o pipefail; bash scripts/device-check.sh device 2>&1 | tee $OUT/device.log", carry=[".forge/device/carry2"], timeout_s=590)
+#        to be made each within 30 s of the last.
+#     --without-demo-model: a one-call bundle without the demo target (the generate, demo
+#     bench and quality stages are then skipped).
 #   scripts/device-check.sh build --dry-run
-#       The same bundle from this machine's own build (libtorch 2.13, CPU): what CI checks
-#       (size and contents); it is not for the GPU machine.
+#       The same bundle from this machine's own build (libtorch 2.13, CPU): what the tests
+#       check (size and contents); it is not for the GPU machine.
 #
 # There (the GPU machine, run from the repository root; results go to $OUT):
-#   bash scripts/device-check.sh receive     every call but the last: stores its part
-#   bash scripts/device-check.sh device      the last call: assembles the bundle and runs
-#       CUDA generate (bf16), the CUDA-marked tests, the NCCL world-1 check, `forge bench
-#       train` (Llama-8B-shaped random target and the demo target), and the draft-quality
-#       run (regenerate on the GPU, EAGLE-3 training, eval at gamma 5 and 7).
-#   Options of `device`: --cpu (rehearsal on the CPU machine at a tiny scale: what CI runs),
-#   --only STAGES / --skip STAGES (comma-separated: generate,tests,nccl,bench,quality), to
-#   rerun only what failed.
+#   bash scripts/device-check.sh receive     every call but the last: stores its part in
+#       .forge/device/recv
+#   bash scripts/device-check.sh device      the last call: assembles and verifies the bundle
+#       (parts and checksum carry the bundle's key, so parts of two builds never mix; a part
+#       missing because the machine was given back between calls is named; a dry-run bundle
+#       is refused), points LD_LIBRARY_PATH at the machine's torch/lib, and runs each stage
+#       with a time limit inside a 540 s budget (FORGE_DEVICE_BUDGET_S):
+#         convert   the GGUF to a HF folder (scripts/convert_gguf.py)
+#         generate  `forge generate` on CUDA in bf16
+#         tests     the CUDA-marked tests, `forge-tests --ignored cuda::` (tests/cuda.rs)
+#         nccl      `forge launch --gpus 1 -- dist-selftest --backend nccl` and `bench allreduce`
+#         bench     `forge bench train` on llama3-8b (random, bf16, 2048 tokens) and on the demo
+#                   target, EAGLE-3 and Medusa, MFU against 989 TFLOP/s
+#         quality   `forge regenerate` of the 1190 prompts on the GPU (batch 128, 256 tokens),
+#                   EAGLE-3 (recipes/eagle3-smollm2.yaml, batch 4, up to 1024 tokens) for as
+#                   many steps as fit in 120 s (FORGE_DEVICE_TRAIN_S, cut to what the budget
+#                   leaves after a reserve for the evals; steps from the bench's step time; a
+#                   checkpoint every quarter of the steps, so that a run cut short still leaves
+#                   one), then `forge eval` on the 80 questions at gamma 5 (with plain decoding
+#                   and --verify) and 7
+#       It writes $OUT/summary.md (every stage's status and time, then every figure; a figure
+#       that could not be measured is marked **missing**) and $OUT/logs.tar.gz (every log and
+#       JSON report); the exit status is 0 when every stage passed.
+#   Options of `device`: --cpu (rehearsal on the CPU machine at a tiny scale: what the tests
+#   run), --only STAGES / --skip STAGES (comma-separated: generate,tests,nccl,bench,quality),
+#   to rerun only what failed: on the still-warm machine only the last call is needed.
 #
-# Reads ../shared/data (the demo prompts and benchmark questions) when building the bundle.
+# Tested without a GPU by tests/device_check.rs (part of `make test`): `build --dry-run` into
+# its own folder (FORGE_DEVICE_DIR, so a real bundle in .forge/device is never replaced), the
+# contents checked against the manifest and every call's size against 64 MiB, the calls
+# played (the first part received, then the last part alone; the dry-run bundle refused
+# without --cpu), then `device --cpu` (every stage on the CPU at a tiny scale: 8-layer random
+# shape, 32-token demo bench, 6 prompts regenerated, 3 training steps, 2 questions) and every
+# line of its summary checked.
+#
+# Reads bench/ (the self-distillation prompts and the benchmark questions, see
+# bench/README.md) when building the bundle: nothing outside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -171,30 +225,31 @@ host_binaries() {
   [ -n "$TESTS_BIN" ] && [ -x "$TESTS_BIN" ] || die "the integration-test binary was not found (cargo test --release --test main --no-run)"
 }
 
-# Prompts for the self-distilled set: every prompt of ../shared/data/smollm2_selfdistill.jsonl
-# and alpaca_en_demo.json plus the committed demo prompts, as ShareGPT conversations with
-# one human turn; and the held-out benchmark questions.
+# Prompts for the self-distilled set: every distinct prompt of bench/smollm2_selfdistill.jsonl
+# plus the committed demo prompts, as ShareGPT conversations with one human turn; and the
+# held-out benchmark questions (bench/vicuna_bench_questions.jsonl). See bench/README.md.
 write_data() {
-  local out=$1 shared=$ROOT/../shared/data
-  [ -f "$shared/vicuna_bench_questions.jsonl" ] || die "$shared/vicuna_bench_questions.jsonl not found: this script reads the briefing's demo data in ../shared/data"
+  local out=$1 bench=$ROOT/bench
+  local f
+  for f in vicuna_bench_questions.jsonl smollm2_selfdistill.jsonl; do
+    [ -f "$bench/$f" ] || die "$bench/$f not found (it is part of the repository: see bench/README.md)"
+  done
   mkdir -p "$out"
-  cp "$shared/vicuna_bench_questions.jsonl" "$out/bench_questions.jsonl"
-  python3 - "$shared" "$ROOT/recipes/data/demo_prompts.jsonl" "$out/prompts.jsonl" <<'PY'
+  cp "$bench/vicuna_bench_questions.jsonl" "$out/bench_questions.jsonl"
+  python3 - "$bench/smollm2_selfdistill.jsonl" "$ROOT/recipes/data/demo_prompts.jsonl" "$out/prompts.jsonl" <<'PY'
 import json, sys
-shared, demo, out = sys.argv[1:]
+selfdistill, demo, out = sys.argv[1:]
 rows, seen = [], set()
 def add(pid, text):
     text = (text or "").strip()
     if text and text not in seen:
         seen.add(text)
         rows.append({"id": pid, "conversations": [{"from": "human", "value": text}]})
-for i, line in enumerate(open(f"{shared}/smollm2_selfdistill.jsonl", encoding="utf-8")):
+for i, line in enumerate(open(selfdistill, encoding="utf-8")):
     c = json.loads(line)
     turns = c.get("conversations") or []
     if turns and turns[0].get("from") == "human":
         add(f"sd-{i}", turns[0]["value"])
-for i, r in enumerate(json.load(open(f"{shared}/alpaca_en_demo.json", encoding="utf-8"))):
-    add(f"alpaca-{i}", r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""))
 for i, line in enumerate(open(demo, encoding="utf-8")):
     c = json.loads(line)
     for t in c.get("conversations") or c.get("messages") or []:

@@ -2,7 +2,9 @@
 # Installs what forge builds against, into the project-local folder .forge/ (idempotent):
 #  - libtorch 2.13.0 from the PyPI torch wheel (tch 0.26 expects exactly this version):
 #    CPU machines get the small no-deps install (torch + the two CUDA runtime libraries
-#    libtorch_cpu.so links against); machines with nvidia-smi get the full CUDA install.
+#    libtorch_cpu.so links against); machines with nvidia-smi (or FORGE_CUDA=cuda) get the
+#    full CUDA install, plus the CUDA headers the c10d shim's NCCL backend compiles against
+#    that the torch wheel does not bring (nvidia-cuda-crt, nvidia-cuda-cccl: headers only).
 #  - gloo headers (Debian's libgloo-dev, unpacked locally) for the c10d shim.
 # Re-running does nothing once .forge/py/.complete-<variant> exists.
 set -euo pipefail
@@ -39,6 +41,26 @@ else
   fi
   [ -f "$PY_TARGET/torch/lib/libtorch_cpu.so" ] || die "libtorch_cpu.so missing after install in $PY_TARGET/torch/lib"
   touch "$marker"
+fi
+
+# NCCL in the c10d shim: trainer/build.rs compiles it in only when it finds every header it
+# needs under nvidia/*/include. The full torch install has NCCL's, the CUDA runtime's, cuBLAS',
+# cuSPARSE's and cuSOLVER's, but not crt/host_config.h (nvidia-cuda-crt) nor nv/target
+# (nvidia-cuda-cccl): those two wheels (the versions the torch wheel's CUDA 13.0 pins) are
+# unpacked aside and their headers copied in, also into an install made before this step.
+if [ "$variant" = cuda ]; then
+  inc=$PY_TARGET/nvidia/cu13/include
+  if [ ! -f "$inc/crt/host_config.h" ] || [ ! -e "$inc/nv/target" ]; then
+    echo "setup: adding the CUDA headers the NCCL backend of the c10d shim compiles against ..."
+    tmp=$(mktemp -d)
+    "$PYTHON" -m pip install --disable-pip-version-check --no-deps --target "$tmp" \
+      nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 \
+      || die "pip install nvidia-cuda-crt nvidia-cuda-cccl failed (see above)"
+    mkdir -p "$inc"
+    cp -r "$tmp/nvidia/cu13/include/." "$inc/"
+    rm -rf "$tmp"
+    [ -f "$inc/crt/host_config.h" ] && [ -e "$inc/nv/target" ] || die "CUDA headers missing in $inc after install"
+  fi
 fi
 
 # gloo headers: the torch wheel ships c10d's headers but not gloo's own.

@@ -1,8 +1,8 @@
 //! scripts/device-check.sh on this machine: the dry run of its "here" half (the bundle, its
 //! size and contents), the way its parts travel in separate calls, and its "there" half
 //! rehearsed on the CPU at a tiny scale (every stage, every figure of the summary). Also
-//! `forge bench train`'s figures. Reads ../shared/data through the script (the bundle's
-//! prompts and benchmark questions).
+//! `forge bench train`'s figures. Reads bench/ through the script (the bundle's prompts and
+//! benchmark questions, see bench/README.md).
 
 use forge_tests::{forge, root, tmp_dir};
 use std::path::{Path, PathBuf};
