@@ -195,7 +195,7 @@ build_device_binaries() {
     RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined -C link-arg=-Wl,-rpath-link,$site/torch/lib:$nvlibs -L native=$site/nvidia/nccl/lib"
   )
   local ok=1
-  env "${envs[@]}" cargo build --release -p forge-trainer --config "$cfg" >&2 || ok=0
+  env "${envs[@]}" cargo build --release -p forge --config "$cfg" >&2 || ok=0
   if [ $ok = 1 ]; then
     env "${envs[@]}" cargo test --release --test main --no-run --config "$cfg" --message-format=json 2>/dev/null \
       | python3 "$ROOT/scripts/device/test_binary.py" > "$D/tests-binary.txt" || ok=2
