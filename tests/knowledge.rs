@@ -361,7 +361,7 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     let tokens = manifest["tokens"].as_i64().expect("tokens");
     assert!(tokens > 20, "{manifest}");
     // the PCA keeps the states' top directions: the stored states' variance falls along them
-    let stored = forge_models::drafters::knowledge::KnowledgeCache::read(&cache).expect("read");
+    let stored = forge_models::drafters::knowledge_cache::KnowledgeCache::read(&cache).expect("read");
     let l3 = &stored.layers[&3];
     assert_eq!(l3.size(), vec![tokens, 32]);
     let var = l3.var_dim(0, true, false);

@@ -1,10 +1,11 @@
 //! Batched generation (`generate_batch`) and `forge regenerate`.
 
+use forge_data::conversation::{parse_prompts, read_prompts, PromptConversation};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, generate_batch, sample_rows, GenerateOptions, Generation, RowRng};
 use forge_models::{DType, TargetModel};
 use forge_tests::{demo_model, forge, random_target, tmp_dir};
-use forge_trainer::regenerate::{parse_input, InputConversation, Regenerator};
+use forge_trainer::regenerate::Regenerator;
 use std::path::Path;
 use tch::{Device, Tensor};
 
@@ -165,7 +166,7 @@ fn batched_equals_single_on_demo_target_and_multi_turn_context() {
     assert!(text.contains("Paris"), "{text:?}");
 
     // regenerate's turn 2 sees the target's own answer to turn 1.
-    let conv = InputConversation {
+    let conv = PromptConversation {
         id: "mt".into(),
         line: 1,
         messages: vec![
@@ -316,7 +317,7 @@ fn bad_input_lines_and_options_are_named() {
     let cases = [
         (
             "{\"prompt\": \"ok\"}\n{\"prompt\": \"unterminated\n",
-            ":2: not valid JSON",
+            ":2: invalid JSON",
         ),
         (
             "{\"prompt\": \"ok\"}\n\n{\"conversations\": [{\"from\": \"robot\", \"value\": \"x\"}]}\n",
@@ -367,12 +368,12 @@ fn input_formats() {
   {"prompt": "Just a prompt", "system": "Sys"},
   {"question_id": 81, "category": "writing", "turns": ["One", "Two"]}
 ]"#;
-    let convs = parse_input(text, Path::new("x.json")).expect("parse");
+    let convs = parse_prompts(text, Path::new("x.json")).expect("parse");
     let ids: Vec<&str> = convs.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["s", "regen-1", "regen-2", "81"]);
     let lines: Vec<usize> = convs.iter().map(|c| c.line).collect();
     assert_eq!(lines, [2, 3, 4, 5]);
-    let shape = |c: &InputConversation| -> Vec<(Role, String)> {
+    let shape = |c: &PromptConversation| -> Vec<(Role, String)> {
         c.messages.iter().map(|m| (m.role, m.content.clone())).collect()
     };
     assert_eq!(
@@ -393,14 +394,13 @@ fn input_formats() {
     assert_eq!(ctx[2].content, "A0");
     let ctx = convs[3].context(0, &[], Some("Default"));
     assert_eq!(ctx[0], Message::new(Role::System, "Default"));
-    let err = parse_input("[{\"prompt\": 1}]", Path::new("y.json")).expect_err("bad prompt");
+    let err = parse_prompts("[{\"prompt\": 1}]", Path::new("y.json")).expect_err("bad prompt");
     assert!(
         err.to_string().starts_with("y.json:1: \"prompt\" must be a string"),
         "{err}"
     );
     // The demo prompt set parses.
-    let demo = forge_trainer::regenerate::read_input(&forge_tests::root().join("recipes/data/demo_prompts.jsonl"))
-        .expect("demo prompts");
+    let demo = read_prompts(&forge_tests::root().join("recipes/data/demo_prompts.jsonl")).expect("demo prompts");
     assert!(demo.len() >= 150, "{}", demo.len());
     assert!(demo.iter().filter(|c| c.user_turns() == 2).count() >= 15);
 }

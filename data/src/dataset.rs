@@ -111,6 +111,46 @@ pub fn tokenize_conversation(
     }))
 }
 
+/// The first samples of one file (see [`read_first_samples`]).
+#[derive(Debug, Clone)]
+pub struct FirstSamples {
+    pub samples: Vec<Sample>,
+    /// Conversations in the file (valid records).
+    pub conversations: usize,
+    /// [`crate::hash::data_hash`] of the file's bytes.
+    pub data_hash: String,
+}
+
+/// Reads a conversation file and tokenises conversations from its start until `limit` of
+/// them give a sample (an answer within `max_length`); fewer when the file runs out.
+pub fn read_first_samples(
+    path: &Path,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    opts: &TokenizeOptions,
+    limit: usize,
+) -> Result<FirstSamples> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let read = crate::conversation::parse_conversations(&text, path, opts.skip_invalid)?;
+    let mut samples = Vec::new();
+    for conv in &read.conversations {
+        if samples.len() == limit {
+            break;
+        }
+        if let Ok(s) = tokenize_conversation(tok, template, conv, opts)? {
+            samples.push(s);
+        }
+    }
+    Ok(FirstSamples {
+        samples,
+        conversations: read.conversations.len(),
+        data_hash: crate::hash::data_hash(text.as_bytes()),
+    })
+}
+
 /// Counts of what a data file produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataStats {

@@ -13,7 +13,7 @@ pub mod vocab;
 
 pub use batch::{Batch, PlanOptions};
 pub use chat::{ChatTemplate, Message, RenderedChat, Role};
-pub use conversation::{read_conversations, Conversation, InvalidRecord};
+pub use conversation::{read_conversations, read_prompts, Conversation, InvalidRecord, PromptConversation};
 pub use dataset::{load_dataset, CacheStatus, DataStats, LoadedDataset, TokenDataset, TokenizeOptions};
 pub use error::{DataError, Result};
 pub use hidden::{HiddenDataset, HiddenManifest, HiddenSettings, HiddenWriter};

@@ -89,40 +89,14 @@ enum Command {
     /// acceptance per draft position, speedup over plain decoding, and the greedy lossless check.
     Eval(forge_trainer::eval::EvalArgs),
     /// Tokenise a recipe's data into the token cache and print what it holds.
-    PrepareData {
-        recipe: PathBuf,
-        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
-        set: Vec<String>,
-        /// Print the counts as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    PrepareData(prepare::DataArgs),
     /// Run the frozen target over the recipe's data and write hidden-state shards (offline mode).
-    PrepareHidden(PrepareHiddenArgs),
+    PrepareHidden(prepare::HiddenArgs),
     /// Build a knowledge drafter's cache: the target's layer outputs at the answers of
     /// question/answer conversations, with a manifest (target fingerprint, data hash).
-    BuildKnowledge(forge_trainer::build_knowledge::BuildKnowledgeArgs),
+    BuildKnowledge(cli::build_knowledge::Args),
     /// Answer every user turn of a conversation set with the target itself (batched), as ShareGPT JSONL.
-    Regenerate(forge_trainer::regenerate::RegenerateArgs),
-}
-
-#[derive(clap::Args)]
-struct PrepareHiddenArgs {
-    recipe: PathBuf,
-    /// Output folder (shards + manifest.json); an interrupted run continues in it.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
-    set: Vec<String>,
-    /// Samples per target forward.
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    /// Samples per shard file.
-    #[arg(long, default_value_t = 256)]
-    samples_per_shard: usize,
-    /// Also store the target's top-k log-probabilities per token (0 = no).
-    #[arg(long, default_value_t = 0)]
-    topk: usize,
+    Regenerate(cli::regenerate::Args),
 }
 
 #[derive(clap::Args)]
@@ -290,20 +264,10 @@ fn main() {
             dtype,
         } => train_cmd::run_export(checkpoint, format, out, dtype),
         Command::Eval(a) => forge_trainer::eval::run(a),
-        Command::PrepareData { recipe, set, json } => prepare::run_prepare_data(recipe, set, json),
-        Command::Regenerate(a) => forge_trainer::regenerate::run(a),
-        Command::BuildKnowledge(a) => forge_trainer::build_knowledge::run(a),
-        Command::PrepareHidden(a) => prepare::run_prepare_hidden(
-            a.recipe,
-            a.set,
-            forge_trainer::data::HiddenOptions {
-                out: a.out,
-                batch_size: a.batch_size,
-                samples_per_shard: a.samples_per_shard,
-                topk: a.topk,
-                show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            },
-        ),
+        Command::PrepareData(a) => prepare::run_prepare_data(a),
+        Command::Regenerate(a) => cli::regenerate::run(a),
+        Command::BuildKnowledge(a) => cli::build_knowledge::run(a),
+        Command::PrepareHidden(a) => prepare::run_prepare_hidden(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));

@@ -65,6 +65,13 @@ pub struct TokenData {
     pub seconds: f64,
 }
 
+/// How a data step reports progress: `(what, done, total)`, `what` naming the step
+/// ("tokenising", "eval data", "hidden states"); `total` may change when a step starts.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+/// A [`Progress`] that reports nothing.
+pub fn no_progress(_: &str, _: u64, _: u64) {}
+
 fn load_files(
     files: &[PathBuf],
     tok: &TextTokenizer,
@@ -72,23 +79,41 @@ fn load_files(
     opts: &TokenizeOptions,
     cache_dir: &Path,
     what: &str,
-    show_progress: bool,
+    progress: Progress,
 ) -> Result<LoadedDataset> {
-    let pb = progress_bar(0, what, show_progress);
-    let progress = |done: u64, total: u64| {
-        if pb.length() != Some(total) {
-            pb.set_length(total);
-            pb.set_position(0);
-        }
-        pb.set_position(done);
-    };
-    let r = load_dataset(files, tok, template, opts, Some(cache_dir), &progress);
-    pb.finish_and_clear();
-    Ok(r?)
+    let report = |done: u64, total: u64| progress(what, done, total);
+    Ok(load_dataset(files, tok, template, opts, Some(cache_dir), &report)?)
 }
 
-/// Loads the recipe's conversations from the token cache, tokenising what is not cached.
+/// Loads the recipe's conversations from the token cache, tokenising what is not cached,
+/// with a progress bar on stderr when `show_progress` (see [`load_token_data_with`]).
 pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData> {
+    let bars = std::sync::Mutex::new(None::<(String, ProgressBar)>);
+    let progress = |what: &str, done: u64, total: u64| {
+        let Ok(mut bars) = bars.lock() else { return };
+        if bars.as_ref().is_none_or(|(w, _)| w != what) {
+            if let Some((_, pb)) = bars.take() {
+                pb.finish_and_clear();
+            }
+            *bars = Some((what.to_string(), progress_bar(0, what, show_progress)));
+        }
+        if let Some((_, pb)) = bars.as_ref() {
+            if pb.length() != Some(total) {
+                pb.set_length(total);
+            }
+            pb.set_position(done);
+        }
+    };
+    let r = load_token_data_with(recipe, &progress);
+    if let Ok(Some((_, pb))) = bars.lock().map(|mut b| b.take()) {
+        pb.finish_and_clear();
+    }
+    r
+}
+
+/// Loads the recipe's conversations from the token cache, tokenising what is not cached;
+/// `progress` hears of each file's tokenisation.
+pub fn load_token_data_with(recipe: &Recipe, progress: Progress) -> Result<TokenData> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
@@ -102,7 +127,7 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
         &opts,
         cache,
         "tokenising",
-        show_progress,
+        progress,
     )?;
     if train.dataset.is_empty() {
         return Err(TrainerError::Config(format!(
@@ -124,7 +149,7 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
             &opts,
             cache,
             "eval data",
-            show_progress,
+            progress,
         )?)
     };
     Ok(TokenData {
@@ -152,7 +177,7 @@ pub fn load_eval_data(recipe: &Recipe) -> Result<Option<LoadedDataset>> {
         &opts,
         &recipe.data.cache_dir,
         "eval data",
-        false,
+        &no_progress,
     )?))
 }
 
@@ -218,7 +243,6 @@ pub struct HiddenOptions {
     pub batch_size: usize,
     pub samples_per_shard: usize,
     pub topk: usize,
-    pub show_progress: bool,
 }
 
 /// What `prepare-hidden` did.
@@ -244,8 +268,9 @@ pub fn bf16_bytes(t: &Tensor) -> Vec<u8> {
 }
 
 /// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
-/// Finished shards of an interrupted run with the same settings are kept.
-pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenReport> {
+/// Finished shards of an interrupted run with the same settings are kept. `progress` hears of
+/// the tokenisation, then of the tokens run through the target ("hidden states").
+pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: Progress) -> Result<HiddenReport> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
@@ -253,7 +278,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
     // the drafter's own top-k need, or more when asked on the command line
     let topk = opts.topk.max(needs.target_topk);
-    let data = load_token_data(recipe, opts.show_progress)?;
+    let data = load_token_data_with(recipe, progress)?;
     let ds = &data.train.dataset;
     let settings = HiddenSettings {
         format: HIDDEN_FORMAT.into(),
@@ -280,7 +305,8 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
             .iter()
             .map(|&k| writer.shard_range(k).map(|i| ds.sample_len(i) as u64).sum::<u64>())
             .sum();
-        let pb = progress_bar(todo, "hidden states", opts.show_progress);
+        let mut done = 0u64;
+        progress("hidden states", done, todo);
         let capture = Capture {
             layers: needs.aux_layers.clone(),
             logits: forge_models::LogitsMode::None,
@@ -331,14 +357,14 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
                         s.topk_ids = Vec::<i32>::try_from(&idx)?;
                     }
                     tokens_written += n as u64;
-                    pb.inc(n as u64);
+                    done += n as u64;
+                    progress("hidden states", done, todo);
                     rows[i - range.start] = s;
                 }
             }
             writer.write_shard(k, &rows)?;
             shards_written += 1;
         }
-        pb.finish_and_clear();
     }
     let m = writer.manifest();
     Ok(HiddenReport {

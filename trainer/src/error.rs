@@ -21,6 +21,16 @@ pub enum TrainerError {
     /// A collective (or the rendezvous) failed; `op` names it (all_reduce, barrier, init...).
     #[error("distributed {op} failed: {message}")]
     Dist { op: String, message: String },
+    /// A command-line value that cannot work (`flag` names it, the message says the fix).
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
+    /// A record of a file the command appends to that it cannot take (names file and line).
+    #[error("{path}:{line}: {message}")]
+    Record {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     /// `forge launch`: a worker failed or the launch was interrupted.
     #[error("forge launch: {0}")]
     Launch(String),

@@ -8,8 +8,9 @@
 //! speculative run's for the speculative run, the plain run's for the plain run).
 
 use crate::engines::load_drafter_with_target;
-use crate::regenerate::{read_input, resolve_dtype, show_progress, stop_ids, turn_seed, ChatArgs, InputConversation};
+use crate::regenerate::{resolve_dtype, show_progress, stop_ids, turn_seed, ChatArgs};
 use anyhow::{bail, Context, Result};
+use forge_data::conversation::{read_prompts, PromptConversation as InputConversation};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate, GenerateOptions};
 use forge_models::speculative::{greedy_divergence, speculative_generate, Acceptance, Round, SpecOptions};
@@ -547,7 +548,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     check_args(&a)?;
     let mut files = Vec::new();
     for p in &a.prompts {
-        let mut convs = read_input(p).with_context(|| format!("--prompts {}", p.display()))?;
+        let mut convs = read_prompts(p).with_context(|| format!("--prompts {}", p.display()))?;
         if let Some(n) = a.limit {
             convs.truncate(n);
         }

@@ -1,7 +1,6 @@
 //! forge-trainer: recipes, the training loop, checkpoints, export, and the `forge` CLI.
 
 pub mod bench_train;
-pub mod build_knowledge;
 pub mod checkpoint;
 pub mod checkpointer;
 pub mod data;

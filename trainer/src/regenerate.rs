@@ -1,64 +1,30 @@
-//! `forge regenerate`: answer every user turn of a conversation set with the target itself.
+//! `forge regenerate`, the library part: answer every user turn of a conversation set with the
+//! target itself (the command, forge/src/cli/regenerate.rs, reads its flags, loads the target
+//! and draws the progress).
 //!
-//! Drafters learn best from the target's own distribution. This command keeps the system and
+//! Drafters learn best from the target's own distribution. Regeneration keeps the system and
 //! user turns of each input conversation, drops its assistant turns and lets the target
 //! answer every user turn in order (turn k sees the target's own earlier answers), rendered
 //! with the target's chat template and stopped at its end-of-turn token. Conversations are
 //! decoded in batches (turn k of every conversation in the batch together) and written as
 //! ShareGPT JSONL; a run that finds its output file continues it, skipping ids already there.
 //!
-//! Input: JSONL (or one JSON array) of any of
-//! - ShareGPT `{"id"?, "system"?, "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`,
-//! - `{"id"?, "conversations"|"messages": [{"role": "user"|"assistant"|"system", "content"}]}`,
-//! - prompts `{"id"?, "system"?, "prompt": "..."}`,
-//! - MT-Bench questions `{"question_id", "turns": ["...", "..."]}`.
+//! Input: any prompt file [`forge_data::conversation::read_prompts`] reads (ShareGPT,
+//! OpenAI messages, `{"prompt"}` records, MT-Bench questions; JSONL or a JSON array).
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Result, TrainerError};
+use forge_data::conversation::PromptConversation;
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::{generate_batch_seeded, GenerateOptions};
-use forge_models::{parse_device, DType, TargetModel};
+use forge_models::{DType, TargetModel};
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-/// Options of `forge regenerate`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct RegenerateArgs {
-    /// Hugging Face model folder of the target (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    pub target: PathBuf,
-    /// Input conversations or prompts (JSONL, or a JSON array).
-    #[arg(long = "in", value_name = "FILE")]
-    pub input: PathBuf,
-    /// Output ShareGPT JSONL; if it exists, conversations whose ids it holds are skipped and
-    /// the rest appended (an interrupted run continues).
-    #[arg(long, value_name = "OUT.jsonl")]
-    pub out: PathBuf,
-    /// Conversations decoded together.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Most tokens per answer (answers that reach it are kept, and counted in the summary).
-    #[arg(long, default_value_t = 512)]
-    pub max_new_tokens: usize,
-    /// 0 = greedy; > 0 samples from softmax(logits / T).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub temperature: f64,
-    /// Nucleus sampling threshold (with --temperature > 0).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub top_p: f64,
-    /// Sampling seed (each conversation turn draws from its own stream: seed, id, turn).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Only the first N input conversations.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    #[command(flatten)]
-    pub chat: ChatArgs,
-}
-
-/// How a target is run on chat prompts: the flags `forge regenerate` and `forge eval` share.
+/// How a target is run on chat prompts: the flags `forge regenerate`, `forge build-knowledge`
+/// and `forge eval` share (here while `forge eval`'s arguments live in this library).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChatArgs {
     /// System message for conversations that have none (default: the template's own, if any).
@@ -78,255 +44,35 @@ pub struct ChatArgs {
     pub progress: String,
 }
 
-/// One input conversation, reduced to what regeneration keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InputConversation {
-    pub id: String,
-    /// 1-based line of the record in the input (its array element's line for JSON arrays).
-    pub line: usize,
-    /// System and user messages in order; an answer is generated after every user message.
-    pub messages: Vec<Message>,
-    /// MT-Bench `category`, when the record has one.
-    pub category: Option<String>,
+/// What an existing output file holds.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// The ids already answered.
+    pub ids: HashSet<String>,
+    /// The line of an incomplete last record (an interrupted write) that was cut off.
+    pub dropped_incomplete_line: Option<usize>,
 }
 
-impl InputConversation {
-    pub fn user_turns(&self) -> usize {
-        self.messages.iter().filter(|m| m.role == Role::User).count()
-    }
-
-    /// The conversation up to and including user turn `k` (0-based), with `answers[j]`
-    /// after user turn j < k; `system` is added first when the conversation has none.
-    pub fn context(&self, k: usize, answers: &[String], system: Option<&str>) -> Vec<Message> {
-        let mut out = Vec::new();
-        if let Some(sys) = system {
-            if self.messages.first().map(|m| m.role) != Some(Role::System) {
-                out.push(Message::new(Role::System, sys));
-            }
-        }
-        let mut users = 0;
-        for m in &self.messages {
-            out.push(m.clone());
-            if m.role == Role::User {
-                if users == k {
-                    break;
-                }
-                out.push(Message::new(Role::Assistant, answers[users].clone()));
-                users += 1;
-            }
-        }
-        out
-    }
-}
-
-fn role_of(name: &str) -> Option<Role> {
-    match name {
-        "human" | "user" => Some(Role::User),
-        "gpt" | "assistant" | "chatgpt" | "bard" | "bing" | "model" => Some(Role::Assistant),
-        "system" => Some(Role::System),
+fn id_of(v: &Value) -> Option<String> {
+    match v.get("id")? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
-fn text_of(v: &Value, what: &str) -> std::result::Result<String, String> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        // OpenAI-style content parts: [{"type": "text", "text": "..."}]
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                (Some("text") | None, Some(Value::String(t))) => Ok(t.as_str()),
-                _ => Err(format!("{what}: only text content parts are supported")),
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map(|v| v.concat()),
-        Value::Null => Err(format!("{what} is missing")),
-        other => Err(format!("{what} must be a string, got {other}")),
-    }
-}
-
-fn id_of(v: Option<&Value>) -> std::result::Result<Option<String>, String> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(format!("id must be a non-empty string or a number, got {other}")),
-    }
-}
-
-/// One record -> (id if given, system + user messages).
-fn parse_record(v: &Value) -> std::result::Result<(Option<String>, Vec<Message>), String> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| format!("expected a JSON object, got {}", short(v)))?;
-    let id = match obj.get("id") {
-        Some(x) => id_of(Some(x))?,
-        None => id_of(obj.get("question_id"))?,
-    };
-    let mut messages = Vec::new();
-    if let Some(sys) = obj.get("system") {
-        let sys = text_of(sys, "\"system\"")?;
-        if !sys.is_empty() {
-            messages.push(Message::new(Role::System, sys));
-        }
-    }
-    let list = obj
-        .get("conversations")
-        .map(|l| ("conversations", l))
-        .or_else(|| obj.get("messages").map(|l| ("messages", l)));
-    if let Some((key, list)) = list {
-        let list = list
-            .as_array()
-            .ok_or_else(|| format!("\"{key}\" must be an array of turns"))?;
-        for (i, turn) in list.iter().enumerate() {
-            let (role_key, text_key) = if turn.get("from").is_some() {
-                ("from", "value")
-            } else {
-                ("role", "content")
-            };
-            let role_name = turn
-                .get(role_key)
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("{key}[{i}]: expected {{\"from\", \"value\"}} or {{\"role\", \"content\"}}"))?;
-            let role = role_of(role_name).ok_or_else(|| {
-                format!("{key}[{i}]: role '{role_name}' is not supported (regenerate keeps system and user turns and answers the user turns)")
-            })?;
-            let text = text_of(
-                turn.get(text_key).unwrap_or(&Value::Null),
-                &format!("{key}[{i}].{text_key}"),
-            )?;
-            if role != Role::Assistant {
-                messages.push(Message::new(role, text));
-            }
-        }
-    } else if let Some(turns) = obj.get("turns") {
-        let turns = turns.as_array().ok_or("\"turns\" must be an array of strings")?;
-        for (i, t) in turns.iter().enumerate() {
-            messages.push(Message::new(Role::User, text_of(t, &format!("turns[{i}]"))?));
-        }
-    } else if let Some(p) = obj.get("prompt") {
-        messages.push(Message::new(Role::User, text_of(p, "\"prompt\"")?));
-    } else {
-        return Err("expected \"conversations\", \"messages\", \"turns\" (MT-Bench) or \"prompt\"".into());
-    }
-    if !messages.iter().any(|m| m.role == Role::User) {
-        return Err("no user turn to answer".into());
-    }
-    if let Some(i) = messages
-        .iter()
-        .position(|m| m.role == Role::User && m.content.trim().is_empty())
-    {
-        let n = messages[..i].iter().filter(|m| m.role == Role::User).count();
-        return Err(format!("user turn {} is empty", n + 1));
-    }
-    Ok((id, messages))
-}
-
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.chars().count() > 60 {
-        format!("{}...", s.chars().take(60).collect::<String>())
-    } else {
-        s
-    }
-}
-
-/// The 1-based line of every element start of a top-level JSON array (by a light scan).
-fn array_element_lines(text: &str) -> Vec<usize> {
-    let mut lines = Vec::new();
-    let (mut depth, mut line) = (0i32, 1usize);
-    let (mut in_str, mut esc, mut expect) = (false, false, false);
-    for c in text.chars() {
-        if c == '\n' {
-            line += 1;
-        }
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == '\\' {
-                esc = true;
-            } else if c == '"' {
-                in_str = false;
-            }
-            continue;
-        }
-        if expect && !c.is_whitespace() && !(depth == 1 && c == ']') {
-            lines.push(line);
-            expect = false;
-        }
-        match c {
-            '"' => in_str = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth == 1 {
-                    expect = true;
-                }
-            }
-            ']' | '}' => depth -= 1,
-            ',' if depth == 1 => expect = true,
-            _ => {}
-        }
-    }
-    lines
-}
-
-/// Parses input text (JSONL, or a JSON array); errors name `path:line`.
-pub fn parse_input(text: &str, path: &Path) -> Result<Vec<InputConversation>> {
-    let p = path.display();
-    let mut records: Vec<(usize, Value)> = Vec::new();
-    if text.trim_start().starts_with('[') {
-        let values: Vec<Value> =
-            serde_json::from_str(text).map_err(|e| anyhow!("{p}:{}: not a valid JSON array: {e}", e.line()))?;
-        let lines = array_element_lines(text);
-        for (i, v) in values.into_iter().enumerate() {
-            records.push((lines.get(i).copied().unwrap_or(1), v));
-        }
-    } else {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{p}:{}: not valid JSON: {e}", i + 1))?;
-            records.push((i + 1, v));
-        }
-    }
-    let mut out = Vec::with_capacity(records.len());
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for (index, (line, v)) in records.into_iter().enumerate() {
-        let (id, messages) = parse_record(&v).map_err(|e| anyhow!("{p}:{line}: {e}"))?;
-        let category = match v.get("category") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(c)) => Some(c.clone()),
-            Some(other) => bail!("{p}:{line}: \"category\" must be a string, got {}", short(other)),
-        };
-        let id = id.unwrap_or_else(|| format!("regen-{index}"));
-        if let Some(first) = seen.insert(id.clone(), line) {
-            bail!("{p}:{line}: id '{id}' is already used on line {first} (ids must be unique: the output is resumed by id)");
-        }
-        out.push(InputConversation {
-            id,
-            line,
-            messages,
-            category,
-        });
-    }
-    Ok(out)
-}
-
-/// Reads an input file (see [`parse_input`]).
-pub fn read_input(path: &Path) -> Result<Vec<InputConversation>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--in {}: cannot read", path.display()))?;
-    parse_input(&text, path)
-}
-
 /// The ids already in an output file. A last line cut off by an interrupted run is removed
-/// (it is regenerated); any other unreadable line is an error.
-pub fn done_ids(out: &Path) -> Result<HashSet<String>> {
-    let mut ids = HashSet::new();
+/// (it is regenerated, and reported); any other unreadable line is an error.
+pub fn resume(out: &Path) -> Result<Resume> {
+    let mut r = Resume::default();
     if !out.exists() {
-        return Ok(ids);
+        return Ok(r);
     }
-    let text = std::fs::read_to_string(out).with_context(|| format!("--out {}: cannot read", out.display()))?;
+    let io = |source| TrainerError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(out).map_err(io)?;
     let mut offset = 0usize;
     let n_lines = text.lines().count();
     for (i, line) in text.lines().enumerate() {
@@ -335,34 +81,52 @@ pub fn done_ids(out: &Path) -> Result<HashSet<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let id = serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| id_of(v.get("id")).ok().flatten());
-        match id {
+        match serde_json::from_str::<Value>(line).ok().and_then(|v| id_of(&v)) {
             Some(id) => {
-                ids.insert(id);
+                r.ids.insert(id);
             }
             None if i + 1 == n_lines && !text.ends_with('\n') => {
-                eprintln!(
-                    "forge regenerate: {}:{}: dropping an incomplete last record (an interrupted write)",
-                    out.display(),
-                    i + 1
-                );
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(out)
-                    .with_context(|| format!("--out {}: cannot open", out.display()))?;
-                f.set_len(start as u64)
-                    .with_context(|| format!("--out {}: cannot truncate", out.display()))?;
+                let f = std::fs::OpenOptions::new().write(true).open(out).map_err(io)?;
+                f.set_len(start as u64).map_err(io)?;
+                r.dropped_incomplete_line = Some(i + 1);
             }
-            None => bail!(
-                "--out {}:{}: not a ShareGPT record with an \"id\" (is --out the right file? forge regenerate appends to it)",
-                out.display(),
-                i + 1
-            ),
+            None => {
+                return Err(TrainerError::Record {
+                    path: out.to_path_buf(),
+                    line: i + 1,
+                    message:
+                        "not a ShareGPT record with an \"id\" (is --out the right file? forge regenerate appends to it)"
+                            .into(),
+                })
+            }
         }
     }
-    Ok(ids)
+    Ok(r)
+}
+
+/// Opens an output file for appending (its folder created), starting a new line when its last
+/// one is unterminated.
+pub fn open_output(out: &Path) -> Result<std::fs::File> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainerError::Io { path, source }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let needs_newline = out.exists()
+        && std::fs::read(out)
+            .map(|b| !b.is_empty() && !b.ends_with(b"\n"))
+            .unwrap_or(false);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(io(out))?;
+    if needs_newline {
+        writeln!(file).map_err(io(out))?;
+    }
+    Ok(file)
 }
 
 /// A stable per-(seed, conversation, turn) sampling seed, independent of batching and resume.
@@ -443,7 +207,7 @@ struct ShareGptTurn<'a> {
 impl Regenerator<'_> {
     /// Regenerates a batch of conversations: turn k of every conversation that has one is
     /// decoded in one batch. `on_token` is called for each new token.
-    pub fn run_batch(&self, convs: &[&InputConversation], mut on_token: impl FnMut()) -> Result<Vec<Regenerated>> {
+    pub fn run_batch(&self, convs: &[&PromptConversation], mut on_token: impl FnMut()) -> Result<Vec<Regenerated>> {
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); convs.len()];
         let mut new_tokens = vec![0usize; convs.len()];
         let mut hit_max = vec![0usize; convs.len()];
@@ -496,12 +260,78 @@ impl Regenerator<'_> {
     }
 }
 
+/// Totals of a regeneration run.
+#[derive(Debug, Clone, Default)]
+pub struct RegenerateReport {
+    /// Conversations written.
+    pub written: usize,
+    pub answers: usize,
+    /// Tokens generated (stop tokens included).
+    pub tokens: usize,
+    /// Answers that ended at max_new_tokens, and empty answers.
+    pub hit_max: usize,
+    pub empty: usize,
+    pub seconds: f64,
+}
+
+/// What [`Regenerator::run_all`] reports as it goes.
+pub trait RegenerateProgress {
+    /// A token was generated; `tokens` so far in this run.
+    fn token(&mut self, _tokens: usize, _seconds: f64) {}
+    /// A batch of `conversations` was written; the totals so far.
+    fn batch(&mut self, _conversations: usize, _so_far: &RegenerateReport) {}
+}
+
+impl Regenerator<'_> {
+    /// Regenerates `pending` in batches of `batch_size`, appending each finished batch as
+    /// ShareGPT JSONL to `out` (`out_path` names it in errors) and flushing it.
+    pub fn run_all(
+        &self,
+        pending: &[&PromptConversation],
+        batch_size: usize,
+        out: &mut dyn Write,
+        out_path: &Path,
+        progress: &mut dyn RegenerateProgress,
+    ) -> Result<RegenerateReport> {
+        let t0 = Instant::now();
+        let io = |source| TrainerError::Io {
+            path: out_path.to_path_buf(),
+            source,
+        };
+        let mut r = RegenerateReport::default();
+        for batch in pending.chunks(batch_size.max(1)) {
+            let mut live = r.tokens;
+            let results = self.run_batch(batch, || {
+                live += 1;
+                progress.token(live, t0.elapsed().as_secs_f64());
+            })?;
+            for g in &results {
+                let line = g.to_jsonl().map_err(|e| io(std::io::Error::other(e)))?;
+                writeln!(out, "{line}").map_err(io)?;
+                r.tokens += g.new_tokens;
+                r.answers += g.answers.len();
+                r.hit_max += g.hit_max;
+                r.empty += g.empty;
+                r.written += 1;
+            }
+            out.flush().map_err(io)?;
+            r.seconds = t0.elapsed().as_secs_f64();
+            progress.batch(batch.len(), &r);
+        }
+        r.seconds = t0.elapsed().as_secs_f64();
+        Ok(r)
+    }
+}
+
 /// `--dtype`: auto (bf16 on CUDA, fp32 on CPU) or a named dtype.
 pub fn resolve_dtype(name: &str, device: tch::Device) -> Result<DType> {
     if name == "auto" {
         return Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 });
     }
-    DType::parse(name).with_context(|| format!("--dtype '{name}' is not one of auto, {}", DType::NAMES.join(", ")))
+    DType::parse(name).ok_or_else(|| TrainerError::Flag {
+        flag: format!("--dtype '{name}'"),
+        message: format!("is not one of auto, {}", DType::NAMES.join(", ")),
+    })
 }
 
 /// The ids an answer ends at: the target's eos ids and the chat template's end-of-turn token
@@ -515,10 +345,15 @@ pub fn stop_ids(
     let mut stop_ids = model.config.eos_token_ids.clone();
     match tokenizer.token_id(template.end_of_turn()) {
         Some(id) => stop_ids.push(id),
-        None => bail!(
-            "the target's tokenizer has no token for the chat template's end of turn {:?} (--chat-template {template_flag})",
-            template.end_of_turn(),
-        ),
+        None => {
+            return Err(TrainerError::Flag {
+                flag: format!("--chat-template {template_flag}"),
+                message: format!(
+                    "the target's tokenizer has no token for the chat template's end of turn {:?} (pick the template the target was trained with)",
+                    template.end_of_turn()
+                ),
+            })
+        }
     }
     Ok(stop_ids)
 }
@@ -530,154 +365,4 @@ pub fn show_progress(flag: &str) -> bool {
         "never" => false,
         _ => std::io::stderr().is_terminal(),
     }
-}
-
-fn check_args(a: &RegenerateArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if a.max_new_tokens == 0 {
-        bail!("--max-new-tokens must be at least 1");
-    }
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be >= 0 (0 = greedy), got {}", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
-    if a.limit == Some(0) {
-        bail!("--limit must be at least 1");
-    }
-    if a.input == a.out
-        || (a.out.exists() && std::fs::canonicalize(&a.input).ok() == std::fs::canonicalize(&a.out).ok())
-    {
-        bail!("--out must not be the --in file ({})", a.input.display());
-    }
-    Ok(())
-}
-
-/// `forge regenerate`.
-pub fn run(a: RegenerateArgs) -> Result<()> {
-    check_args(&a)?;
-    let mut convs = read_input(&a.input)?;
-    let total_input = convs.len();
-    if let Some(n) = a.limit {
-        convs.truncate(n);
-    }
-    let done = done_ids(&a.out)?;
-    let pending: Vec<&InputConversation> = convs.iter().filter(|c| !done.contains(&c.id)).collect();
-    let skipped = convs.len() - pending.len();
-    if pending.is_empty() {
-        eprintln!(
-            "forge regenerate: nothing to do: all {} conversations are already in {}",
-            convs.len(),
-            a.out.display()
-        );
-        return Ok(());
-    }
-
-    let device = parse_device(&a.chat.device).context("--device")?;
-    let dtype = resolve_dtype(&a.chat.dtype, device)?;
-    let tokenizer = TextTokenizer::from_dir(&a.target)?;
-    let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target)
-        .with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
-    let t_load = Instant::now();
-    let model = TargetModel::load(&a.target, dtype, device)
-        .with_context(|| format!("loading target {}", a.target.display()))?;
-    let load_s = t_load.elapsed().as_secs_f64();
-    let stop_ids = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
-    let regen = Regenerator {
-        model: &model,
-        tokenizer: &tokenizer,
-        template: &template,
-        system: a.chat.system.clone(),
-        opts: GenerateOptions {
-            max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-            stop_ids,
-        },
-    };
-
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("--out: cannot create {}", dir.display()))?;
-    }
-    let needs_newline = a.out.exists()
-        && std::fs::read(&a.out)
-            .map(|b| !b.is_empty() && !b.ends_with(b"\n"))
-            .unwrap_or(false);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&a.out)
-        .with_context(|| format!("--out {}: cannot open for appending", a.out.display()))?;
-    if needs_newline {
-        writeln!(file)?;
-    }
-
-    let show = show_progress(&a.chat.progress);
-    let pb = crate::data::styled_bar(
-        pending.len() as u64,
-        "regenerate [{bar:30}] {pos}/{len} conversations {msg} eta {eta}",
-        show,
-    );
-    eprintln!(
-        "forge regenerate: {} conversations to answer ({} in {}, {} already in {}), batch {}, {} on {:?} ({}), load {:.1}s",
-        pending.len(),
-        total_input,
-        a.input.display(),
-        skipped,
-        a.out.display(),
-        a.batch_size,
-        a.target.display(),
-        device,
-        dtype.name(),
-        load_s
-    );
-
-    let t0 = Instant::now();
-    let (mut tokens, mut turns, mut hit_max, mut empty, mut written) = (0usize, 0, 0, 0, 0);
-    for batch in pending.chunks(a.batch_size) {
-        let mut live_tokens = tokens;
-        let results = regen.run_batch(batch, || {
-            live_tokens += 1;
-            if show && live_tokens % 8 == 0 {
-                let s = t0.elapsed().as_secs_f64();
-                pb.set_message(format!(
-                    "{live_tokens} tokens {:.1} tokens/s",
-                    live_tokens as f64 / s.max(1e-9)
-                ));
-            }
-        })?;
-        for r in &results {
-            let line = r.to_jsonl()?;
-            writeln!(file, "{line}").with_context(|| format!("--out {}: write failed", a.out.display()))?;
-            tokens += r.new_tokens;
-            turns += r.answers.len();
-            hit_max += r.hit_max;
-            empty += r.empty;
-            written += 1;
-        }
-        file.flush()?;
-        pb.inc(batch.len() as u64);
-        if !show {
-            let s = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "forge regenerate: {written}/{} conversations, {tokens} tokens, {:.1} tokens/s",
-                pending.len(),
-                tokens as f64 / s.max(1e-9)
-            );
-        }
-    }
-    pb.finish_and_clear();
-    let s = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "forge regenerate: done: {written} conversations ({skipped} skipped, already in {}), {turns} answers, {tokens} generated tokens in {s:.1}s ({:.1} tokens/s), {hit_max} answers hit --max-new-tokens {}, {empty} empty; wrote {}",
-        a.out.display(),
-        tokens as f64 / s.max(1e-9),
-        a.max_new_tokens,
-        a.out.display()
-    );
-    Ok(())
 }

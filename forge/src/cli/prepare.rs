@@ -1,5 +1,6 @@
 //! `forge prepare-data` and `forge prepare-hidden`.
 
+use super::progress::Steps;
 use crate::load_recipe;
 use anyhow::{Context, Result};
 use forge_data::dataset::{CacheStatus, LoadedDataset};
@@ -8,6 +9,37 @@ use forge_trainer::drafter;
 use forge_trainer::recipe::Recipe;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+
+/// Options of `forge prepare-data`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    recipe: PathBuf,
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    set: Vec<String>,
+    /// Print the counts as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `forge prepare-hidden`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HiddenArgs {
+    recipe: PathBuf,
+    /// Output folder (shards + manifest.json); an interrupted run continues in it.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    set: Vec<String>,
+    /// Samples per target forward.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Samples per shard file.
+    #[arg(long, default_value_t = 256)]
+    samples_per_shard: usize,
+    /// Also store the target's top-k log-probabilities per token (0 = no).
+    #[arg(long, default_value_t = 0)]
+    topk: usize,
+}
 
 fn show_progress(recipe: &Recipe) -> bool {
     recipe.log.progress.unwrap_or_else(|| std::io::stderr().is_terminal())
@@ -86,12 +118,19 @@ fn print_summary(v: &serde_json::Value) {
     }
 }
 
-pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<()> {
+/// `forge prepare-data`.
+pub fn run_prepare_data(a: DataArgs) -> Result<()> {
+    let DataArgs {
+        recipe: path,
+        set,
+        json,
+    } = a;
     let recipe = load_recipe(&path, &set)?;
-    let progress = show_progress(&recipe) && !json;
+    let steps = Steps::new(show_progress(&recipe) && !json);
     let t0 = std::time::Instant::now();
-    let td = data::load_token_data(&recipe, progress)
+    let td = data::load_token_data_with(&recipe, &|what, done, total| steps.update(what, done, total))
         .with_context(|| format!("preparing the data of {}", path.display()))?;
+    drop(steps);
     let seconds = t0.elapsed().as_secs_f64();
     let mut out = vec![summary("train", &recipe.data.train, &td.train)];
     if let Some(e) = &td.eval {
@@ -145,11 +184,19 @@ pub fn run_prepare_data(path: PathBuf, set: Vec<String>, json: bool) -> Result<(
     Ok(())
 }
 
-pub fn run_prepare_hidden(path: PathBuf, set: Vec<String>, mut opts: HiddenOptions) -> Result<()> {
-    let recipe = load_recipe(&path, &set)?;
-    opts.show_progress = recipe.log.progress.unwrap_or(opts.show_progress);
-    let r = data::prepare_hidden(&recipe, &opts)
-        .with_context(|| format!("preparing hidden states for {}", path.display()))?;
+/// `forge prepare-hidden`.
+pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
+    let recipe = load_recipe(&a.recipe, &a.set)?;
+    let opts = HiddenOptions {
+        out: a.out,
+        batch_size: a.batch_size,
+        samples_per_shard: a.samples_per_shard,
+        topk: a.topk,
+    };
+    let steps = Steps::new(show_progress(&recipe));
+    let r = data::prepare_hidden(&recipe, &opts, &|what, done, total| steps.update(what, done, total))
+        .with_context(|| format!("preparing hidden states for {}", a.recipe.display()))?;
+    drop(steps);
     let already = r.shards_total - r.shards_written;
     println!(
         "{}: {} samples in {} shard(s) ({} written now, {} already there), {} tokens, {:.1} MB, {:.0} bytes/token",

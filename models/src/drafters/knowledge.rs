@@ -30,6 +30,7 @@
 //! the non-trainable buffers `knowledge.{j}` `[N, cache_dim]` (the cache, carried by
 //! checkpoints and exports).
 
+use super::knowledge_cache::KnowledgeCache;
 use super::{
     ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ParamGroup,
     PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
@@ -38,10 +39,8 @@ use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
 use crate::generate::RowRng;
 use crate::layers::{linear, project, DecoderLayer, Keys, Linear, ParamInit, RmsNorm, Rotary};
-use crate::safetensors_io::{write_safetensors, SafetensorsFile};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use crate::llm::{layer_inputs, KvCache, TargetConfig, TargetModel};
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -55,127 +54,6 @@ pub fn uniform_layers(n: i64, num_layers: i64) -> Vec<i64> {
     (0..n)
         .map(|i| ((i * (num_layers - 1)) as f64 / (n - 1) as f64).round() as i64)
         .collect()
-}
-
-/// The knowledge cache file: `layers.{l}` `[N, cache_dim]` fp32 per stored target layer l,
-/// and this manifest as JSON in the safetensors metadata (key [`MANIFEST_KEY`]).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CacheManifest {
-    pub format: String,
-    /// The target folder the cache was built with (for people; the fingerprint decides).
-    pub target: String,
-    /// Fingerprint of the target's files (`forge build-knowledge` and training compare it).
-    pub target_fingerprint: String,
-    /// The question/answer file and the hash of its bytes.
-    pub data: String,
-    pub data_hash: String,
-    /// Conversations read, and answer tokens stored per layer (N).
-    pub entries: i64,
-    pub tokens: i64,
-    pub hidden_size: i64,
-    /// Width of the stored states: the hidden size, or less by PCA (`projection`).
-    pub cache_dim: i64,
-    /// `none` or `pca` (centred states onto their top cache_dim principal directions, per layer).
-    pub projection: String,
-    /// Target layers stored (their outputs).
-    pub layers: Vec<i64>,
-}
-
-pub const CACHE_FORMAT: &str = "forge-knowledge-cache-v1";
-pub const MANIFEST_KEY: &str = "forge_knowledge_manifest";
-
-/// A knowledge cache in memory.
-pub struct KnowledgeCache {
-    pub manifest: CacheManifest,
-    /// Target layer -> `[N, cache_dim]` fp32.
-    pub layers: BTreeMap<i64, Tensor>,
-}
-
-impl KnowledgeCache {
-    /// Writes the cache (atomically: a temporary file renamed).
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = self
-            .layers
-            .iter()
-            .map(|(l, t)| (format!("layers.{l}"), t.to_kind(Kind::Float).contiguous()))
-            .collect();
-        let json = serde_json::to_string(&self.manifest)
-            .map_err(|e| ModelError::Invalid(format!("knowledge manifest: {e}")))?;
-        let meta = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            (MANIFEST_KEY.to_string(), json),
-        ]);
-        write_safetensors(path, &tensors, &meta)
-    }
-
-    fn manifest_of(file: &SafetensorsFile) -> Result<CacheManifest> {
-        let path = file.path();
-        let meta = file.metadata()?;
-        let json = meta.get(MANIFEST_KEY).ok_or_else(|| {
-            ModelError::Invalid(format!(
-                "{}: not a knowledge cache (no {MANIFEST_KEY} in its metadata): build one with forge build-knowledge",
-                path.display()
-            ))
-        })?;
-        let m: CacheManifest = serde_json::from_str(json)
-            .map_err(|e| ModelError::Invalid(format!("{}: unreadable knowledge manifest: {e}", path.display())))?;
-        if m.format != CACHE_FORMAT {
-            return Err(ModelError::Invalid(format!(
-                "{}: knowledge cache format {} (this forge reads {CACHE_FORMAT}): rebuild it with forge build-knowledge",
-                path.display(),
-                m.format
-            )));
-        }
-        Ok(m)
-    }
-
-    /// The manifest alone.
-    pub fn read_manifest(path: &Path) -> Result<CacheManifest> {
-        Self::manifest_of(&SafetensorsFile::open(path)?)
-    }
-
-    /// The whole cache, shapes checked against the manifest.
-    pub fn read(path: &Path) -> Result<Self> {
-        Self::read_layers(path, None)
-    }
-
-    /// The cache with the states of `only` these layers (all when `None`; a layer the cache
-    /// lacks is left out), shapes checked against the manifest.
-    pub fn read_layers(path: &Path, only: Option<&[i64]>) -> Result<Self> {
-        let file = SafetensorsFile::open(path)?;
-        let manifest = Self::manifest_of(&file)?;
-        let mut layers = BTreeMap::new();
-        for &l in manifest.layers.iter().filter(|l| only.is_none_or(|o| o.contains(l))) {
-            let t = file.tensor(&format!("layers.{l}"))?.to_kind(Kind::Float);
-            if t.size() != [manifest.tokens, manifest.cache_dim] {
-                return Err(ModelError::Invalid(format!(
-                    "{}: layers.{l} is {:?}, the manifest says [{}, {}]",
-                    path.display(),
-                    t.size(),
-                    manifest.tokens,
-                    manifest.cache_dim
-                )));
-            }
-            layers.insert(l, t);
-        }
-        Ok(Self { manifest, layers })
-    }
-}
-
-/// States `[N, H]` onto their top `dim` principal directions after centring (`[N, dim]` fp32);
-/// unchanged (fp32) when `dim >= H`.
-pub fn project_pca(states: &Tensor, dim: i64) -> Tensor {
-    let x = states.to_kind(Kind::Double);
-    let h = x.size()[1];
-    if dim >= h {
-        return states.to_kind(Kind::Float);
-    }
-    let centred = &x - x.mean_dim(0, true, Kind::Double);
-    let cov = centred.tr().matmul(&centred);
-    // eigh: ascending eigenvalues; the last `dim` columns are the top directions
-    let (_, vecs) = cov.linalg_eigh("L");
-    let top = vecs.narrow(1, h - dim, dim).flip([1]);
-    centred.matmul(&top).to_kind(Kind::Float)
 }
 
 /// What the draft knows of the cache it was built with (the buffers' shape and provenance).

@@ -12,6 +12,7 @@
 
 pub mod context;
 pub mod eagle;
+pub mod knowledge_cache;
 #[macro_use]
 mod registry;
 
