@@ -730,7 +730,8 @@ impl Drafter for Hybrid {
                         .mean_dim(-1, false, Kind::Float)
                         .mean(Kind::Float);
                     feat_v = feature.double_value(&[]);
-                    total = total + feature * self.s.feature_weight;
+                    // out of place, as the line above: the loss graph stays as it was
+                    total = &total + feature * self.s.feature_weight;
                 }
                 cnt = count as f64;
                 ce_v = ce.double_value(&[]);
