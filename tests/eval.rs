@@ -428,6 +428,7 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
     let ff = features(&t, &full, &[0, 1]);
     let steps = tch::no_grad(|| m.step_hidden(&ff)).expect("steps");
     let ids = m.draft_ids();
+    #[allow(clippy::needless_range_loop)]
     for i in 0..3 {
         let h = steps[i].get(0).narrow(0, n as i64 - 1, 1);
         let want = tch::no_grad(|| m.logits(&h)).view([-1]);
@@ -543,7 +544,7 @@ fn speculative_sampling_follows_the_target_distribution() {
     let m = eagle1(&t);
     let prompt: Vec<i64> = vec![1, 17, 42, 5];
     // exact marginals of the 2nd and 3rd sampled tokens under the target
-    let p1 = softmax_rows(&t, &[prompt.clone()]).get(0);
+    let p1 = softmax_rows(&t, std::slice::from_ref(&prompt)).get(0);
     let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
     let p2_given = softmax_rows(&t, &ctx1); // [V, V]
     let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);

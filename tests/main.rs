@@ -9,6 +9,7 @@ mod eagle;
 mod eval;
 mod hybrid;
 mod knowledge;
+mod layout;
 mod recipes;
 mod regenerate;
 mod spaf;

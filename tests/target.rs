@@ -47,7 +47,7 @@ fn save_reload_gives_identical_logits() {
             names.contains_key("model.layers.0.self_attn.q_proj.bias"),
             *fam == "qwen2"
         );
-        assert_eq!(names.contains_key("model.layers.0.self_attn.o_proj.bias"), false);
+        assert!(!names.contains_key("model.layers.0.self_attn.o_proj.bias"));
     }
 }
 
@@ -202,9 +202,9 @@ fn hidden_state_capture() {
         layers: vec![2],
         logits: LogitsMode::None,
     };
-    let err = tch::no_grad(|| m.forward(&x, None, None, None, &bad))
-        .err()
-        .expect("layer 2 does not exist");
+    let Err(err) = tch::no_grad(|| m.forward(&x, None, None, None, &bad)) else {
+        panic!("layer 2 does not exist");
+    };
     assert!(err.to_string().contains("layer 2"), "{err}");
 }
 

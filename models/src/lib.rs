@@ -11,9 +11,9 @@ pub mod error;
 pub mod features;
 pub mod generate;
 pub mod layers;
+pub mod llm;
 pub mod safetensors_io;
 pub mod speculative;
-pub mod llm;
 
 pub use dtype::{parse_device, synchronize, DType};
 pub use error::{ModelError, Result};

@@ -17,8 +17,8 @@
 //! Greedy output equals plain greedy decoding token for token; sampled output follows the
 //! target's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
 
-use crate::features::FeatureNeeds;
 use crate::error::{ModelError, Result};
+use crate::features::FeatureNeeds;
 use crate::generate::{sample_rows, RowRng};
 use crate::llm::{Capture, LogitsMode, TargetModel};
 use std::time::Instant;

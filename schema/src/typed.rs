@@ -369,5 +369,3 @@ macro_rules! choice {
         }
     };
 }
-
-

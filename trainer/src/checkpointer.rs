@@ -13,9 +13,9 @@
 //! Without shards there are no barriers: rank 0 does everything.
 
 use crate::checkpoint::{self, CheckpointData, TrainerState};
+use crate::error::Result;
 use crate::parallel::zero::DistAdamW;
 use crate::parallel::Comm;
-use crate::error::Result;
 use crate::recipe::Recipe;
 use crate::schedule::Cadence;
 use forge_models::drafters::DrafterSpec;
@@ -205,8 +205,8 @@ const BEST_JSON: &str = "best.json";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parallel::SingleProcess;
     use crate::optim::{AdamWConfig, ParamPolicy};
+    use crate::parallel::SingleProcess;
     use forge_models::drafters::medusa::MedusaSpec;
     use tch::{Device, Kind};
 

@@ -76,15 +76,24 @@ pub struct Prepare<'a> {
     pub source: PrepareSource<'a>,
     /// The vocabulary mapping handed out, and whether it came from the cache.
     pub vocab: Option<(VocabMapping, CacheStatus)>,
+    /// Where the drafter's report lines go (the library prints nothing itself).
+    report: &'a mut dyn FnMut(&str),
 }
 
 impl<'a> Prepare<'a> {
-    pub fn new(recipe: &'a Recipe, cfg: &'a TargetConfig, source: PrepareSource<'a>) -> Self {
+    /// Preparation over `source`; the drafter's report lines go to `report`.
+    pub fn new(
+        recipe: &'a Recipe,
+        cfg: &'a TargetConfig,
+        source: PrepareSource<'a>,
+        report: &'a mut dyn FnMut(&str),
+    ) -> Self {
         Self {
             recipe,
             cfg,
             source,
             vocab: None,
+            report,
         }
     }
 
@@ -122,6 +131,6 @@ impl PrepareData for Prepare<'_> {
     }
 
     fn report(&mut self, line: &str) {
-        eprintln!("{line}");
+        (self.report)(line);
     }
 }

@@ -140,7 +140,8 @@ pub fn run_prepare_data(a: DataArgs) -> Result<()> {
     // drafter itself is not built
     let cfg = data::target_config(&recipe)?;
     let spec = recipe.drafter.to_spec(&cfg, recipe.target.path.as_deref())?;
-    let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train));
+    let mut report = |line: &str| eprintln!("{line}");
+    let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train), &mut report);
     spec.prepare_data(&mut prep)?;
     let vocab = prep.vocab;
     let vocab_json = vocab.as_ref().map(|(m, st)| {

@@ -4,7 +4,57 @@ use crate::load_recipe;
 use anyhow::{Context, Result};
 use forge_models::DType;
 use forge_trainer::target_check;
+use forge_trainer::train::{StepProgress, TrainObserver};
+use indicatif::ProgressBar;
 use std::path::PathBuf;
+
+/// What `forge train` shows of a run on stderr: notes and warnings, and a progress bar when
+/// `show_progress` (lines are printed above it).
+struct Terminal {
+    show_progress: bool,
+    pb: Option<ProgressBar>,
+}
+
+impl Terminal {
+    fn print(&self, line: &str) {
+        match &self.pb {
+            Some(pb) => pb.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl TrainObserver for Terminal {
+    fn note(&mut self, line: &str) {
+        self.print(line);
+    }
+
+    fn warn(&mut self, line: &str) {
+        self.print(&format!("warning: {line}"));
+    }
+
+    fn started(&mut self, start_step: u64, total_steps: u64) {
+        let pb = forge_trainer::data::progress_bar(total_steps, "training", self.show_progress);
+        pb.set_position(start_step);
+        self.pb = Some(pb);
+    }
+
+    fn step(&mut self, p: &StepProgress) {
+        if let Some(pb) = &self.pb {
+            pb.set_position(p.step);
+            pb.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                p.loss, p.lr, p.tokens_per_second
+            ));
+        }
+    }
+
+    fn finished(&mut self) {
+        if let Some(pb) = self.pb.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
 
 pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Result<()> {
     let recipe = load_recipe(&path, &set)?;
@@ -21,7 +71,11 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     let (_, device) = forge_trainer::data::target_placement(&recipe)?;
     let mut comm = forge_trainer::parallel::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
         .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
-    let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut())
+    let mut terminal = Terminal {
+        show_progress,
+        pb: None,
+    };
+    let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut(), &mut terminal)
         .with_context(|| format!("training {}", path.display()))?;
     if s.rank != 0 {
         // rank 0 reports for everyone

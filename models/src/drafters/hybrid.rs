@@ -1,5 +1,6 @@
 //! Gated hybrid drafter: a gating network picks, per position, one of several light MLP
 //! blocks and heavy transformer blocks. Method: docs/methods/hybrid.md.
+//! One file (about 950 lines): the registry's rule is one drafter kind, one file.
 //!
 //! At position p the draft input is EAGLE-1's: `x_p = fc(cat(embed(x_{p+1}), f_p))` with f_p
 //! the target's last hidden state after the final norm. The gate reads x_p:
@@ -730,7 +731,8 @@ impl Drafter for Hybrid {
                         .mean_dim(-1, false, Kind::Float)
                         .mean(Kind::Float);
                     feat_v = feature.double_value(&[]);
-                    total = total + feature * self.s.feature_weight;
+                    // out of place, as the line above: the loss graph stays as it was
+                    total = &total + feature * self.s.feature_weight;
                 }
                 cnt = count as f64;
                 ce_v = ce.double_value(&[]);

@@ -32,11 +32,10 @@ pub use context::{StepContext, StepRng};
 pub use registry::{architecture, config_int, DrafterKind, EngineDraft, ResolveTarget};
 
 use crate::error::{ModelError, Result};
-use crate::speculative::DraftSession;
 use crate::llm::TargetModel;
+use crate::speculative::DraftSession;
 use std::collections::BTreeMap;
 use tch::{nn, Kind, Tensor};
-
 
 /// The target's HF name of its output projection; [`TargetAccess`] resolves it to the
 /// embedding when the target ties them.

@@ -95,7 +95,11 @@ pub trait DrafterKind {
     /// An engine-format draft of this kind in `dir` (its `config.json` given), for `forge
     /// eval --draft` and `train.init_from`: `Ok(None)` when the folder is not one. Default:
     /// none (a kind without engine formats).
-    fn recognise(_dir: &Path, _config: &serde_json::Value, _target: &TargetConfig) -> Result<Option<EngineDraft<Self::Spec>>> {
+    fn recognise(
+        _dir: &Path,
+        _config: &serde_json::Value,
+        _target: &TargetConfig,
+    ) -> Result<Option<EngineDraft<Self::Spec>>> {
         Ok(None)
     }
     /// The section's choice-valued keys and their values, for the recipe reference.
@@ -114,10 +118,12 @@ pub fn architecture(cfg: &serde_json::Value) -> &str {
 
 /// An integer field of an engine draft's config.json, or an error naming the file.
 pub fn config_int(cfg: &serde_json::Value, key: &str, file: &Path) -> Result<i64> {
-    cfg.get(key).and_then(serde_json::Value::as_i64).ok_or_else(|| ModelError::Config {
-        path: file.to_path_buf(),
-        msg: format!("no integer \"{key}\" (an engine draft's config.json holds it)"),
-    })
+    cfg.get(key)
+        .and_then(serde_json::Value::as_i64)
+        .ok_or_else(|| ModelError::Config {
+            path: file.to_path_buf(),
+            msg: format!("no integer \"{key}\" (an engine draft's config.json holds it)"),
+        })
 }
 
 /// Defines the registry from one list: the kinds' modules, [`super::DrafterSpec`] and
@@ -253,4 +259,3 @@ macro_rules! drafters {
     };
     (@first $first:ident $(, $rest:ident)*) => { Self::$first(Default::default()) };
 }
-

@@ -7,8 +7,8 @@
 //! be there with its shape and none may be left over; the copy is then exported again and
 //! compared with the folder's tensors, so what is loaded is exactly what the engine serves.
 
-use crate::error::{Result, TrainerError};
 use super::LoadedDrafter;
+use crate::error::{Result, TrainerError};
 use forge_models::drafters::{DrafterSpec, EngineDraft};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_models::TargetConfig;

@@ -117,4 +117,3 @@ pub fn load_drafter_with_target(
         source: ckpt,
     })
 }
-

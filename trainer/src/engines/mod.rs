@@ -34,4 +34,3 @@ pub(crate) struct ForgeExport {
     pub target_config: serde_json::Value,
     pub forge_version: String,
 }
-

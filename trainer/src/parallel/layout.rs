@@ -148,7 +148,7 @@ mod tests {
         assert_eq!(l0.buckets, vec![(0, 4), (4, 4), (8, 4), (12, 4), (16, 2)]);
         let mut seen = vec![0; 17];
         for l in [&l0, &l1] {
-            let mut shard_cover = vec![0; 9];
+            let mut shard_cover = [0; 9];
             for seg in l.shard_segments() {
                 let flat = l.starts[seg.param] + seg.param_offset;
                 for i in 0..seg.len {

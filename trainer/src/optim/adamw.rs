@@ -1,0 +1,214 @@
+//! AdamW over named parameters in one process: the moments, clipping, the step and the
+//! checkpointed state.
+
+use super::{adamw_update, clip_coef, AdamWConfig, ParamPolicy, ParamRule};
+use crate::error::{Result, TrainerError};
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    rule: ParamRule,
+}
+
+/// AdamW over named parameters; its state is created eagerly (zeros) at construction.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+const EXP_AVG: &str = "exp_avg/";
+const EXP_AVG_SQ: &str = "exp_avg_sq/";
+
+impl AdamW {
+    /// params: (name, fp32 trainable variable) pairs, e.g. from a VarStore's trainable
+    /// variables. The tensors share storage with the variables (steps update them in place).
+    /// `policy` gives each its learning-rate scale and weight decay; a parameter that no
+    /// group matches is an error.
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, policy: &ParamPolicy) -> Result<Self> {
+        let rules = policy.rules(&params)?;
+        let slots = params
+            .into_iter()
+            .zip(rules)
+            .map(|((name, param), rule)| {
+                let opts = (Kind::Float, param.device());
+                let exp_avg = Tensor::zeros(param.size(), opts);
+                let exp_avg_sq = Tensor::zeros(param.size(), opts);
+                Slot {
+                    name,
+                    param,
+                    exp_avg,
+                    exp_avg_sq,
+                    rule,
+                }
+            })
+            .collect();
+        Ok(AdamW { cfg, slots, step: 0 })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Zeroes every defined gradient (torch's `set_to_none=False`; tch cannot unset a grad).
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.param.zero_grad();
+        }
+    }
+
+    /// Global L2 norm of all gradients (fp64 accumulate), and scales grads by
+    /// max_norm/(norm+1e-6) when norm > max_norm (max_norm <= 0: no clipping). Returns the
+    /// norm before clipping (NaN/inf when a gradient is not finite; then nothing is scaled).
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self
+                .slots
+                .iter()
+                .map(|s| s.param.grad())
+                .filter(|g| g.defined())
+                .collect();
+            let Some(first) = grads.first() else {
+                return 0.0;
+            };
+            let device = first.device();
+            let squares: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.norm_scalaropt_dtype(2, Kind::Double).square().to_device(device))
+                .collect();
+            let norm = Tensor::stack(&squares, 0).sum(Kind::Double).sqrt().double_value(&[]);
+            let coef = clip_coef(norm, max_norm);
+            if coef != 1.0 {
+                for mut g in grads {
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+            norm
+        })
+    }
+
+    /// One step at learning rate lr (schedule applied by the caller; each parameter runs at
+    /// lr times its group's scale). Params without a grad are skipped. Runs under no_grad,
+    /// in place.
+    pub fn step(&mut self, lr: f64) {
+        self.step += 1;
+        let step = self.step;
+        let cfg = self.cfg;
+        tch::no_grad(|| {
+            for s in &mut self.slots {
+                let g = s.param.grad();
+                if !g.defined() {
+                    continue;
+                }
+                // Non-fp32 parameters are updated through an fp32 copy written back after.
+                let fp32 = s.param.kind() == Kind::Float;
+                let mut p = if fp32 {
+                    s.param.shallow_clone()
+                } else {
+                    s.param.to_kind(Kind::Float)
+                };
+                let lr = lr * s.rule.lr_scale;
+                adamw_update(
+                    &mut p,
+                    &g,
+                    &mut s.exp_avg,
+                    &mut s.exp_avg_sq,
+                    step,
+                    lr,
+                    &cfg,
+                    s.rule.decay,
+                );
+                if !fp32 {
+                    s.param.copy_(&p);
+                }
+            }
+        })
+    }
+
+    /// Optimizer steps taken (restored by `load_state`).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// State for checkpoints: fp32 tensors `exp_avg/<param>` and `exp_avg_sq/<param>`, in
+    /// parameter order. They share storage with the live state: save (or copy) them before
+    /// the next step.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.slots.len());
+        for s in &self.slots {
+            out.push((format!("{EXP_AVG}{}", s.name), s.exp_avg.shallow_clone()));
+            out.push((format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.shallow_clone()));
+        }
+        out
+    }
+
+    /// Restores the state written by `state_tensors` (copied into this optimizer's tensors,
+    /// on their device, as fp32) and the step count. Every parameter needs both tensors with
+    /// its shape, and every tensor must belong to a parameter; errors name the tensor.
+    pub fn load_state(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
+        let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let err = |m: String| TrainerError::OptimizerState(m);
+        // Check everything before touching the state.
+        for s in &self.slots {
+            for key in [format!("{EXP_AVG}{}", s.name), format!("{EXP_AVG_SQ}{}", s.name)] {
+                let t = by_name
+                    .get(key.as_str())
+                    .ok_or_else(|| err(format!("missing tensor {key}")))?;
+                if t.size() != s.param.size() {
+                    return Err(err(format!(
+                        "tensor {key} has shape {:?}, the parameter has {:?}",
+                        t.size(),
+                        s.param.size()
+                    )));
+                }
+                if !t.is_floating_point() {
+                    return Err(err(format!("tensor {key} is {:?}, expected a float tensor", t.kind())));
+                }
+            }
+        }
+        if by_name.len() != tensors.len() {
+            let mut seen = std::collections::HashSet::new();
+            if let Some((n, _)) = tensors.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+                return Err(err(format!("tensor {n} appears twice")));
+            }
+        }
+        for (name, _) in tensors {
+            let known = self.slots.iter().any(|s| {
+                name.strip_prefix(EXP_AVG_SQ)
+                    .or_else(|| name.strip_prefix(EXP_AVG))
+                    .is_some_and(|p| p == s.name)
+            });
+            if !known {
+                return Err(err(format!("unexpected tensor {name} (no such parameter)")));
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            for s in &mut self.slots {
+                for (prefix, dst) in [(EXP_AVG, &mut s.exp_avg), (EXP_AVG_SQ, &mut s.exp_avg_sq)] {
+                    let key = format!("{prefix}{}", s.name);
+                    if let Some(src) = by_name.get(key.as_str()) {
+                        dst.f_copy_(&src.to_device(dst.device()).to_kind(Kind::Float))?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// Bytes of optimizer state held (both moments, fp32).
+    pub fn state_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| {
+                (s.exp_avg.numel() * s.exp_avg.kind().elt_size_in_bytes()
+                    + s.exp_avg_sq.numel() * s.exp_avg_sq.kind().elt_size_in_bytes()) as u64
+            })
+            .sum()
+    }
+}
