@@ -2,13 +2,14 @@
 //! vocabulary mapping, and hidden-state datasets for offline training (`forge prepare-hidden`).
 
 use crate::error::{Result, TrainerError};
+use crate::progress::Progress;
 use crate::recipe::{Precision, Recipe};
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
 use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -35,26 +36,10 @@ pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
     )?)
 }
 
-/// A progress bar on stderr (hidden when `show` is false).
-pub fn progress_bar(total: u64, what: &str, show: bool) -> ProgressBar {
-    let pb = styled_bar(total, "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}", show);
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// A progress bar on stderr with an indicatif template, or a hidden one when `show` is false.
-pub fn styled_bar(total: u64, template: &str, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb
-}
+// The indicatif helpers moved to the transitional shared-UI module; re-exported here for the
+// callers that still draw bars from inside the library (train.rs, regenerate.rs,
+// build_knowledge.rs).
+pub use crate::ui::{progress_bar, styled_bar};
 
 /// Tokenised train (and eval) data with the tokenizer and template that made it.
 pub struct TokenData {
@@ -72,23 +57,33 @@ fn load_files(
     opts: &TokenizeOptions,
     cache_dir: &Path,
     what: &str,
-    show_progress: bool,
+    progress: &mut dyn Progress,
 ) -> Result<LoadedDataset> {
-    let pb = progress_bar(0, what, show_progress);
-    let progress = |done: u64, total: u64| {
-        if pb.length() != Some(total) {
-            pb.set_length(total);
-            pb.set_position(0);
-        }
-        pb.set_position(done);
+    progress.start(what, 0);
+    let r = {
+        // load_dataset reports from its worker threads
+        let shared = Mutex::new(&mut *progress);
+        let report = |done: u64, total: u64| {
+            if let Ok(mut p) = shared.lock() {
+                p.set_len(total);
+                p.set_position(done);
+            }
+        };
+        load_dataset(files, tok, template, opts, Some(cache_dir), &report)
     };
-    let r = load_dataset(files, tok, template, opts, Some(cache_dir), &progress);
-    pb.finish_and_clear();
+    progress.finish();
     Ok(r?)
 }
 
-/// Loads the recipe's conversations from the token cache, tokenising what is not cached.
+/// [`load_token_data_with`] drawing indicatif bars when `show_progress` (for the callers
+/// that have not moved their progress bars out of the library yet).
 pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData> {
+    load_token_data_with(recipe, &mut crate::ui::LegacyBars::new(show_progress))
+}
+
+/// Loads the recipe's conversations from the token cache, tokenising what is not cached;
+/// reports the phases `tokenising` and `eval data` (conversations) to `progress`.
+pub fn load_token_data_with(recipe: &Recipe, progress: &mut dyn Progress) -> Result<TokenData> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
@@ -102,7 +97,7 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
         &opts,
         cache,
         "tokenising",
-        show_progress,
+        progress,
     )?;
     if train.dataset.is_empty() {
         return Err(TrainerError::Config(format!(
@@ -124,7 +119,7 @@ pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData
             &opts,
             cache,
             "eval data",
-            show_progress,
+            progress,
         )?)
     };
     Ok(TokenData {
@@ -152,7 +147,7 @@ pub fn load_eval_data(recipe: &Recipe) -> Result<Option<LoadedDataset>> {
         &opts,
         &recipe.data.cache_dir,
         "eval data",
-        false,
+        &mut crate::progress::NoProgress,
     )?))
 }
 
@@ -218,6 +213,8 @@ pub struct HiddenOptions {
     pub batch_size: usize,
     pub samples_per_shard: usize,
     pub topk: usize,
+    /// Read by [`prepare_hidden`] only (indicatif bars); [`prepare_hidden_with`] reports to
+    /// its `progress`.
     pub show_progress: bool,
 }
 
@@ -243,9 +240,17 @@ pub fn bf16_bytes(t: &Tensor) -> Vec<u8> {
     out
 }
 
-/// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
-/// Finished shards of an interrupted run with the same settings are kept.
+/// [`prepare_hidden_with`] drawing indicatif bars when `opts.show_progress` (for the callers
+/// that have not moved their progress bars out of the library yet).
 pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenReport> {
+    prepare_hidden_with(recipe, opts, &mut crate::ui::LegacyBars::new(opts.show_progress))
+}
+
+/// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
+/// Finished shards of an interrupted run with the same settings are kept. Reports the
+/// tokenising phases, then `hidden states` (tokens) to `progress` (`opts.show_progress` is
+/// not read).
+pub fn prepare_hidden_with(recipe: &Recipe, opts: &HiddenOptions, progress: &mut dyn Progress) -> Result<HiddenReport> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
@@ -253,7 +258,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
     // the drafter's own top-k need, or more when asked on the command line
     let topk = opts.topk.max(needs.target_topk);
-    let data = load_token_data(recipe, opts.show_progress)?;
+    let data = load_token_data_with(recipe, progress)?;
     let ds = &data.train.dataset;
     let settings = HiddenSettings {
         format: HIDDEN_FORMAT.into(),
@@ -280,7 +285,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
             .iter()
             .map(|&k| writer.shard_range(k).map(|i| ds.sample_len(i) as u64).sum::<u64>())
             .sum();
-        let pb = progress_bar(todo, "hidden states", opts.show_progress);
+        progress.start("hidden states", todo);
         let capture = Capture {
             layers: needs.aux_layers.clone(),
             logits: forge_models::LogitsMode::None,
@@ -331,14 +336,14 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions) -> Result<HiddenRep
                         s.topk_ids = Vec::<i32>::try_from(&idx)?;
                     }
                     tokens_written += n as u64;
-                    pb.inc(n as u64);
+                    progress.inc(n as u64);
                     rows[i - range.start] = s;
                 }
             }
             writer.write_shard(k, &rows)?;
             shards_written += 1;
         }
-        pb.finish_and_clear();
+        progress.finish();
     }
     let m = writer.manifest();
     Ok(HiddenReport {
