@@ -1,5 +1,5 @@
 //! Errors of the trainer library: typed, each naming the file, field or flag and the fix
-//! (the `forge` binary adds its own context with anyhow).
+//! (the `forge` binary adds its own context on top).
 
 use std::path::PathBuf;
 
@@ -75,7 +75,7 @@ impl TrainerError {
 }
 
 /// `.context(..)` / `.with_context(|| ..)` on library results, wrapping the error in
-/// [`TrainerError::Context`] (typed, unlike anyhow's).
+/// [`TrainerError::Context`] (the library's typed context).
 pub trait ResultExt<T> {
     fn context(self, what: impl Into<String>) -> Result<T>;
     fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
