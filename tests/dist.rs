@@ -698,3 +698,36 @@ fn knowledge_drafter_with_its_cache_on_two_ranks_equals_one() {
     train(&run, 2, &two, &[&sets[..], &["dist.zero_stage=1"]].concat(), &[]);
     assert_same_run(&one, &two, 4, "knowledge");
 }
+
+/// `forge launch`'s process management is library code: its flag checks are typed errors that
+/// name the flag, usable without the binary.
+#[test]
+fn launch_plan_is_library_code_with_typed_errors() {
+    use forge_trainer::error::TrainerError;
+    use forge_trainer::launch::LaunchOptions;
+    let opts = LaunchOptions {
+        gpus: None,
+        nproc: Some(2),
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: None,
+        master_port: Some(29555),
+        grace_s: 5,
+        command: vec!["dist-selftest".into()],
+        rank0_inherits_stderr: false,
+    };
+    let plan = opts.plan().expect("plan");
+    assert_eq!((plan.nproc, plan.world, plan.first_rank), (2, 2, 0));
+    assert_eq!((plan.master_addr.as_str(), plan.master_port), ("127.0.0.1", 29555));
+    let bad = LaunchOptions {
+        nnodes: 2,
+        node_rank: 2,
+        ..opts.clone()
+    };
+    match bad.plan() {
+        Err(TrainerError::Config(m)) => assert!(m.contains("--node-rank") && m.contains("--nnodes 2"), "{m}"),
+        other => panic!("expected a --node-rank error, got {other:?}"),
+    }
+    let both = LaunchOptions { gpus: Some(1), ..opts };
+    assert!(both.plan().unwrap_err().to_string().contains("--gpus/--nproc"));
+}

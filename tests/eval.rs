@@ -1096,3 +1096,46 @@ pub(crate) fn greedy_lossless(
     }
     (accepted, rejected)
 }
+
+/// `forge eval`'s checks are library code: options that cannot work fail with typed errors
+/// naming the flag, before anything is loaded and without printing.
+#[test]
+fn eval_options_are_checked_by_the_library() {
+    use forge_trainer::eval::{self, EvalOptions};
+    use forge_trainer::progress::NoProgress;
+    let ok = EvalOptions {
+        target: None,
+        draft: "no-such-draft".into(),
+        prompts: vec!["no-such-prompts.jsonl".into()],
+        max_new_tokens: 8,
+        gamma: 4,
+        dynamic_gamma: false,
+        min_gamma: 4,
+        max_gamma: 32,
+        temperature: 0.0,
+        acceptance: Default::default(),
+        seed: 0,
+        verify: true,
+        no_baseline: false,
+        draft_options: vec![],
+        ablate: vec![],
+        limit: None,
+        system: None,
+        chat_template: "auto".into(),
+        dtype: "auto".into(),
+        device: "cpu".into(),
+    };
+    eval::check_options(&ok).expect("valid options");
+    let hot = EvalOptions {
+        temperature: 0.7,
+        ..ok.clone()
+    };
+    let e = eval::check_options(&hot).unwrap_err().to_string();
+    assert!(e.contains("--verify") && e.contains("--temperature 0"), "{e}");
+    let mut events = 0;
+    let e = eval::run(&ok, &mut NoProgress, |_| events += 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--prompts no-such-prompts.jsonl"), "{e}");
+    assert_eq!(events, 0);
+}

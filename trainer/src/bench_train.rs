@@ -14,9 +14,9 @@
 //! peak of allocated bytes over the timed steps; CPU: the process's peak resident set), the
 //! target forward's useful FLOPs and, given the device's peak, its MFU.
 
-use crate::parallel::SingleProcess;
 use crate::error::{Result, TrainerError};
 use crate::optim::ParamPolicy;
+use crate::parallel::SingleProcess;
 use crate::recipe::Recipe;
 use crate::train::{compute_kind, optimizer, peak_rss_mb, target_features};
 use forge_models::drafters::{PrepareData, StepContext, TargetAccess};
@@ -201,8 +201,26 @@ fn kind_name(k: Kind) -> &'static str {
     DType::of(k).map_or("other", DType::name)
 }
 
+/// What [`run_observed`] reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum BenchEvent<'a> {
+    /// A remark on the settings (the run goes on).
+    Note(&'a str),
+    /// A drafter's row, as soon as it is measured.
+    Row(&'a TrainBenchRow),
+}
+
 /// Runs the benchmark; `on_row` sees each drafter's row as soon as it is measured.
 pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> Result<Vec<TrainBenchRow>> {
+    run_observed(opts, |e| {
+        if let BenchEvent::Row(r) = e {
+            on_row(r)
+        }
+    })
+}
+
+/// Runs the benchmark; `on_event` sees its notes and each drafter's row as soon as measured.
+pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEvent)) -> Result<Vec<TrainBenchRow>> {
     if opts.batch == 0 || opts.seq_len < 2 || opts.steps == 0 {
         return Err(TrainerError::Config(
             "--batch must be at least 1, --seq-len at least 2 and --steps at least 1".into(),
@@ -226,10 +244,10 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
     };
     let cfg = target.config.clone();
     if opts.seq_len as i64 > cfg.max_position_embeddings.unwrap_or(i64::MAX) {
-        eprintln!(
-            "bench train: --seq-len {} is beyond the target's max_position_embeddings {:?} (timed anyway)",
+        on_event(BenchEvent::Note(&format!(
+            "--seq-len {} is beyond the target's max_position_embeddings {:?} (timed anyway)",
             opts.seq_len, cfg.max_position_embeddings
-        );
+        )));
     }
     let target_params: i64 = target.vs.variables().values().map(|t| t.numel() as i64).sum();
     let mut rows = Vec::new();
@@ -330,7 +348,7 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
             peak_mem_mb,
             peak_mem_kind: peak_mem_kind.into(),
         };
-        on_row(&row);
+        on_event(BenchEvent::Row(&row));
         rows.push(row);
         drop(opt);
         drop(drafter);

@@ -2,12 +2,13 @@
 //! vocabulary mapping, and hidden-state datasets for offline training (`forge prepare-hidden`).
 
 use crate::error::{Result, TrainerError};
+
 use crate::recipe::{Precision, Recipe};
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
 use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -35,26 +36,10 @@ pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
     )?)
 }
 
-/// A progress bar on stderr (hidden when `show` is false).
-pub fn progress_bar(total: u64, what: &str, show: bool) -> ProgressBar {
-    let pb = styled_bar(total, "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}", show);
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// A progress bar on stderr with an indicatif template, or a hidden one when `show` is false.
-pub fn styled_bar(total: u64, template: &str, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb
-}
+// The indicatif helpers moved to the transitional shared-UI module; re-exported here for the
+// callers that still draw bars from inside the library (train.rs, regenerate.rs,
+// build_knowledge.rs).
+pub use crate::ui::{progress_bar, styled_bar};
 
 /// Tokenised train (and eval) data with the tokenizer and template that made it.
 pub struct TokenData {

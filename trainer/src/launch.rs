@@ -1,43 +1,53 @@
 //! `forge launch`: starts data-parallel workers like torchrun. Each worker is this same
 //! `forge` binary running the given subcommand with RANK, LOCAL_RANK, WORLD_SIZE,
 //! LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (and OMP_NUM_THREADS = cores / workers
-//! unless already set); their output lines are prefixed with
-//! the rank; when one fails the others are stopped and launch reports the rank and status;
+//! unless already set); their output goes line by line to a [`WorkerOutput`] (the binary
+//! prefixes each line with the rank); when one fails the others are stopped and launch reports the rank and status;
 //! Ctrl-C (SIGINT), SIGTERM or SIGHUP stops them all, and workers get SIGTERM if the
 //! launcher itself dies.
 
 use crate::error::{Result, TrainerError};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct LaunchArgs {
+/// What to launch: the workers of this node and the forge command they run (`forge launch`'s
+/// flags, parsed by the binary).
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
     /// One worker per GPU on this node; worker i uses cuda:<LOCAL_RANK>.
-    #[arg(long, value_name = "N")]
     pub gpus: Option<usize>,
     /// N CPU workers on this node (Gloo).
-    #[arg(long, value_name = "N")]
     pub nproc: Option<usize>,
-    /// Number of nodes (machines) taking part.
-    #[arg(long, default_value_t = 1)]
+    /// Number of nodes (machines) taking part (at least 1).
     pub nnodes: usize,
     /// This node's index, 0..nnodes (node 0 hosts the rendezvous).
-    #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
     /// Address of node 0, reachable from every node (default 127.0.0.1 on one node).
-    #[arg(long)]
     pub master_addr: Option<String>,
     /// TCP port on node 0 for the rendezvous (default on one node: a free port).
-    #[arg(long)]
     pub master_port: Option<u16>,
     /// Seconds the other workers get to exit after a failure or Ctrl-C before being killed.
-    #[arg(long, default_value_t = 5)]
     pub grace_s: u64,
-    /// The forge command each worker runs, after `--`, e.g. `-- train recipe.yaml`.
-    #[arg(last = true, required = true, value_name = "FORGE_ARGS")]
+    /// The forge command each worker runs, e.g. `["train", "recipe.yaml"]`.
     pub command: Vec<String>,
+    /// Rank 0 writes to the launcher's own stderr (on a terminal: its progress bar) instead
+    /// of through [`WorkerOutput`]; its `error:` line is then not collected.
+    pub rank0_inherits_stderr: bool,
+}
+
+/// Which of a worker's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Where the workers' output goes, line by line (each line ends with `\n`); called from one
+/// thread per worker stream.
+pub trait WorkerOutput: Send + Sync {
+    fn line(&self, rank: usize, stream: Stream, line: &[u8]);
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -88,7 +98,7 @@ pub struct Plan {
     pub master_port: u16,
 }
 
-impl LaunchArgs {
+impl LaunchOptions {
     /// Checks the flags and fills the defaults; errors name the flag and the fix.
     pub fn plan(&self) -> Result<Plan> {
         let (nproc, gpus) = match (self.gpus, self.nproc) {
@@ -175,12 +185,14 @@ impl LaunchArgs {
 /// Each worker's first `error: ...` line on stderr, with its rank, in the order seen.
 type ErrorLines = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
 
-/// Copies `from` line by line to the launcher's stdout or stderr, each line prefixed; on
-/// stderr, the worker's first line starting with `error:` is kept in the shared list.
+/// Hands `from` line by line to `output`; on stderr, the worker's first line starting with
+/// `error:` is also kept in the shared list.
 fn pump(
     from: impl Read + Send + 'static,
-    prefix: String,
-    to_stderr: Option<(usize, ErrorLines)>,
+    rank: usize,
+    stream: Stream,
+    output: std::sync::Arc<dyn WorkerOutput>,
+    errors: ErrorLines,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut r = BufReader::new(from);
@@ -193,23 +205,15 @@ fn pump(
                     if !line.ends_with(b"\n") {
                         line.push(b'\n');
                     }
-                    let mut buf = prefix.clone().into_bytes();
-                    buf.extend_from_slice(&line);
-                    let _ = match &to_stderr {
-                        Some((rank, errors)) => {
-                            if line.starts_with(b"error:") {
-                                if let Ok(mut e) = errors.lock() {
-                                    if !e.iter().any(|(r, _)| r == rank) {
-                                        let text =
-                                            String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
-                                        e.push((*rank, text));
-                                    }
-                                }
+                    if stream == Stream::Stderr && line.starts_with(b"error:") {
+                        if let Ok(mut e) = errors.lock() {
+                            if !e.iter().any(|(r, _)| *r == rank) {
+                                let text = String::from_utf8_lossy(&line[6..]).trim().chars().take(300).collect();
+                                e.push((rank, text));
                             }
-                            std::io::stderr().lock().write_all(&buf)
                         }
-                        None => std::io::stdout().lock().write_all(&buf),
-                    };
+                    }
+                    output.line(rank, stream, &line);
                 }
             }
         }
@@ -276,30 +280,18 @@ fn stop_all(workers: &mut [Worker], exits: &std::sync::mpsc::Receiver<Exit>, gra
     }
 }
 
-/// Runs the workers to completion. Ok when all exit 0; otherwise an error naming the first
-/// rank whose failure the launcher saw and its status, plus each worker's first `error:`
-/// line (when one rank fails, the others' collectives fail moments later and may exit first;
-/// the errors together name the cause), or the interruption.
-pub fn run(args: &LaunchArgs) -> Result<()> {
-    let plan = args.plan()?;
+/// Runs the workers of `plan` (from [`LaunchOptions::plan`]) to completion, their output
+/// going to `output`. Ok when all exit 0; otherwise an error naming the first rank whose
+/// failure the launcher saw and its status, plus each worker's first `error:` line (when one
+/// rank fails, the others' collectives fail moments later and may exit first; the errors
+/// together name the cause), or the interruption. Installs handlers for SIGINT, SIGTERM and
+/// SIGHUP that stop the workers.
+pub fn run(args: &LaunchOptions, plan: &Plan, output: std::sync::Arc<dyn WorkerOutput>) -> Result<()> {
     let exe = std::env::current_exe().map_err(|source| TrainerError::Io {
         path: "/proc/self/exe".into(),
         source,
     })?;
     install_signal_handlers();
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    eprintln!(
-        "forge launch: {} {} worker(s) on node {} of {} (ranks {}..{} of {}), rendezvous {}:{}",
-        plan.nproc,
-        if plan.gpus { "GPU" } else { "CPU" },
-        args.node_rank,
-        args.nnodes,
-        plan.first_rank,
-        plan.first_rank + plan.nproc - 1,
-        plan.world,
-        plan.master_addr,
-        plan.master_port
-    );
     // like torchrun: workers share this node's cores instead of each taking all of them
     let threads = std::env::var("OMP_NUM_THREADS")
         .ok()
@@ -329,7 +321,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         // rank 0 keeps the terminal for its progress bar; other output is prefixed
-        if rank == 0 && tty {
+        if rank == 0 && args.rank0_inherits_stderr {
             cmd.stderr(Stdio::inherit());
         } else {
             cmd.stderr(Stdio::piped());
@@ -359,12 +351,11 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
                 break;
             }
         };
-        let prefix = format!("[rank {rank}] ");
         if let Some(out) = child.stdout.take() {
-            pumps.push(pump(out, prefix.clone(), None));
+            pumps.push(pump(out, rank, Stream::Stdout, output.clone(), error_lines.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, prefix, Some((rank, error_lines.clone()))));
+            pumps.push(pump(err, rank, Stream::Stderr, output.clone(), error_lines.clone()));
         }
         workers.push(Worker {
             rank,

@@ -1,4 +1,5 @@
-//! forge-trainer: recipes, the training loop, checkpoints, export, and the `forge` CLI.
+//! forge-trainer: recipes, the training loop, checkpoints, export, evaluation and launch, as a
+//! library (typed errors, no printing); the `forge` binary (forge/) is its command line.
 
 pub mod bench_train;
 pub mod checkpoint;
@@ -12,8 +13,10 @@ pub mod launch;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod progress;
 pub mod recipe;
 pub mod regenerate;
 pub mod schedule;
 pub mod target_check;
 pub mod train;
+pub mod ui;

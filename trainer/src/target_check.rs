@@ -1,7 +1,7 @@
 //! Checks of a recipe against its target's config.json (when the target is present).
 
+use crate::error::{Result, TrainerError};
 use crate::recipe::Recipe;
-use anyhow::{bail, Result};
 use forge_models::TargetConfig;
 
 /// Returns notes (warnings) and fails on values the target makes impossible.
@@ -34,11 +34,10 @@ pub fn check_against_target(recipe: &Recipe) -> Result<Vec<String>> {
         }
     }
     if !problems.is_empty() {
-        bail!(
-            "recipe does not fit the target {}:\n  {}",
-            path.display(),
-            problems.join("\n  ")
-        );
+        return Err(TrainerError::RecipeTargetMismatch {
+            target: path.clone(),
+            problems,
+        });
     }
     Ok(notes)
 }
