@@ -97,35 +97,6 @@ pub fn hash_bytes(data: &[u8]) -> u128 {
     h.finish()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunking_does_not_change_the_hash() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let whole = hash_bytes(&data);
-        for split in [1, 3, 7, 8, 9, 500, 999] {
-            let mut h = ContentHash::new();
-            h.update(&data[..split]);
-            h.update(&data[split..]);
-            assert_eq!(h.finish(), whole, "split at {split}");
-        }
-    }
-
-    #[test]
-    fn different_inputs_differ() {
-        assert_ne!(hash_bytes(b"abc"), hash_bytes(b"abd"));
-        assert_ne!(hash_bytes(b""), hash_bytes(b"\0"));
-        assert_ne!(hash_bytes(b"\0"), hash_bytes(b"\0\0"));
-        let mut x = ContentHash::new();
-        x.field(b"ab").field(b"c");
-        let mut y = ContentHash::new();
-        y.field(b"a").field(b"bc");
-        assert_ne!(x.finish(), y.finish());
-    }
-}
-
 /// A cheap fingerprint of a target folder: config.json, the weight files' names and sizes,
 /// and the first and last MiB of each (their headers and some weights: two fine-tunes of one
 /// base differ there).
@@ -173,4 +144,33 @@ pub fn target_fingerprint(dir: &std::path::Path) -> crate::Result<String> {
 /// `data_hash`, what a recipe's `knowledge_data` is checked against).
 pub fn data_hash(bytes: &[u8]) -> String {
     format!("{:032x}", hash_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_does_not_change_the_hash() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = hash_bytes(&data);
+        for split in [1, 3, 7, 8, 9, 500, 999] {
+            let mut h = ContentHash::new();
+            h.update(&data[..split]);
+            h.update(&data[split..]);
+            assert_eq!(h.finish(), whole, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn different_inputs_differ() {
+        assert_ne!(hash_bytes(b"abc"), hash_bytes(b"abd"));
+        assert_ne!(hash_bytes(b""), hash_bytes(b"\0"));
+        assert_ne!(hash_bytes(b"\0"), hash_bytes(b"\0\0"));
+        let mut x = ContentHash::new();
+        x.field(b"ab").field(b"c");
+        let mut y = ContentHash::new();
+        y.field(b"a").field(b"bc");
+        assert_ne!(x.finish(), y.finish());
+    }
 }

@@ -82,7 +82,7 @@ struct Progress {
 
 impl RegenerateProgress for Progress {
     fn token(&mut self, tokens: usize, seconds: f64) {
-        if self.show && tokens % 8 == 0 {
+        if self.show && tokens.is_multiple_of(8) {
             self.pb.set_message(format!(
                 "{tokens} tokens {:.1} tokens/s",
                 tokens as f64 / seconds.max(1e-9)
