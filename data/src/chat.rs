@@ -11,6 +11,8 @@
 //!   tool results under `ipython`, JSON-quoted;
 //! - Qwen3: reasoning (`<think>`) kept only after the last user query, the empty think block
 //!   of the last assistant turn, and the generation prompt that can disable thinking.
+//!
+//! One file over ~500 lines: the template families share one renderer; its tests are half of it.
 
 use crate::error::{DataError, Result};
 use std::ops::Range;

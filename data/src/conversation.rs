@@ -18,6 +18,8 @@
 //!   turn to be answered in order; assistant turns are dropped.
 //!
 //! Errors name `file:line` (the line a JSON array element starts on) and what to change.
+//!
+//! One file over ~500 lines: it is the one reader, and half of it is its tests of every form.
 
 use crate::chat::{Message, Role};
 use crate::error::{DataError, Result};

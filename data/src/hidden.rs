@@ -11,6 +11,8 @@
 //!
 //! A shard file is written under a temporary name and renamed; the manifest is rewritten after
 //! every shard, so an interrupted run keeps its finished shards and continues from them.
+//!
+//! One file over ~500 lines: the shard writer and reader share one on-disk layout.
 
 use crate::dataset::{tensor_bytes, u32s, u64s, with_tensors, write_tensors};
 use crate::error::{DataError, Result};

@@ -16,6 +16,8 @@
 //!
 //! Greedy output equals plain greedy decoding token for token; sampled output follows the
 //! target's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
+//!
+//! One file over ~500 lines: the verification loop and its acceptance rules read one state.
 
 use crate::error::{ModelError, Result};
 use crate::features::FeatureNeeds;

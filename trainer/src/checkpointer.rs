@@ -207,19 +207,15 @@ mod tests {
     use super::*;
     use crate::optim::{AdamWConfig, ParamPolicy};
     use crate::parallel::SingleProcess;
-    use forge_models::drafters::medusa::MedusaSpec;
     use tch::{Device, Kind};
 
+    /// Any spec will do: checkpoints store it as it is (read as a checkpoint would be).
     fn spec() -> DrafterSpec {
-        DrafterSpec::Medusa(MedusaSpec {
-            num_heads: 1,
-            num_layers: 1,
-            original_lm_head: false,
-            loss_decay: 0.8,
-            top_k: 1,
-            hidden_size: 2,
-            vocab_size: 3,
-        })
+        serde_json::from_value(serde_json::json!({
+            "kind": "medusa", "num_heads": 1, "num_layers": 1, "original_lm_head": false,
+            "loss_decay": 0.8, "top_k": 1, "hidden_size": 2, "vocab_size": 3
+        }))
+        .expect("a stored spec")
     }
 
     fn state(step: u64) -> TrainerState {

@@ -21,6 +21,8 @@
 //! `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj.weight`,
 //! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
 //! `lm_head.weight`, `d2t`, `t2d`.
+//!
+//! One file over ~500 lines: one drafter kind is one file (the registry's rule).
 
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{

@@ -29,6 +29,9 @@
 //! `blocks.{j}.{q_proj,k_proj,v_proj,o_proj,gate}.weight|bias`, `transitions.{j}.weight`, and
 //! the non-trainable buffers `knowledge.{j}` `[N, cache_dim]` (the cache, carried by
 //! checkpoints and exports).
+//!
+//! One file over ~500 lines: one drafter kind is one file (the registry's rule; its cache is
+//! knowledge_cache.rs).
 
 use super::knowledge_cache::KnowledgeCache;
 use super::{

@@ -26,6 +26,8 @@
 //! `adapters.{l}.up.weight|bias` `[H, r]|[H]` (l = the target layer), `align.{i}.weight|bias`,
 //! and the buffer `target_probe` `[128]`: 64 values spread over the target's embedding and 64
 //! over layer k's q_proj, checked against the target a draft is used with.
+//!
+//! One file over ~500 lines: one drafter kind is one file (the registry's rule).
 
 use super::{
     ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ResolveTarget,

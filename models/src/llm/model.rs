@@ -1,3 +1,6 @@
+//! The target model: the Llama-family block stack with its KV cache and hidden-state capture.
+//! One file over ~500 lines: loading, forward, cache and capture share one layer walk.
+
 use super::config::TargetConfig;
 use super::load::{load_var_store, weight_files};
 use crate::dtype::DType;
