@@ -8,7 +8,6 @@ use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOpti
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
 use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
-use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -35,11 +34,6 @@ pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
         target_dir(recipe)?,
     )?)
 }
-
-// The indicatif helpers moved to the transitional shared-UI module; re-exported here for the
-// callers that still draw bars from inside the library (train.rs, regenerate.rs,
-// build_knowledge.rs).
-pub use crate::ui::{progress_bar, styled_bar};
 
 /// Tokenised train (and eval) data with the tokenizer and template that made it.
 pub struct TokenData {
@@ -68,32 +62,6 @@ fn load_files(
 ) -> Result<LoadedDataset> {
     let report = |done: u64, total: u64| progress(what, done, total);
     Ok(load_dataset(files, tok, template, opts, Some(cache_dir), &report)?)
-}
-
-/// Loads the recipe's conversations from the token cache, tokenising what is not cached,
-/// with a progress bar on stderr when `show_progress` (see [`load_token_data_with`]).
-pub fn load_token_data(recipe: &Recipe, show_progress: bool) -> Result<TokenData> {
-    let bars = std::sync::Mutex::new(None::<(String, ProgressBar)>);
-    let progress = |what: &str, done: u64, total: u64| {
-        let Ok(mut bars) = bars.lock() else { return };
-        if bars.as_ref().is_none_or(|(w, _)| w != what) {
-            if let Some((_, pb)) = bars.take() {
-                pb.finish_and_clear();
-            }
-            *bars = Some((what.to_string(), progress_bar(0, what, show_progress)));
-        }
-        if let Some((_, pb)) = bars.as_ref() {
-            if pb.length() != Some(total) {
-                pb.set_length(total);
-            }
-            pb.set_position(done);
-        }
-    };
-    let r = load_token_data_with(recipe, &progress);
-    if let Ok(Some((_, pb))) = bars.lock().map(|mut b| b.take()) {
-        pb.finish_and_clear();
-    }
-    r
 }
 
 /// Loads the recipe's conversations from the token cache, tokenising what is not cached;

@@ -19,4 +19,3 @@ pub mod regenerate;
 pub mod schedule;
 pub mod target_check;
 pub mod train;
-pub mod ui;

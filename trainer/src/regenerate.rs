@@ -19,30 +19,9 @@ use forge_models::generate::{generate_batch_seeded, GenerateOptions};
 use forge_models::{DType, TargetModel};
 use serde_json::Value;
 use std::collections::HashSet;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
-
-/// How a target is run on chat prompts: the flags `forge regenerate`, `forge build-knowledge`
-/// and `forge eval` share (here while `forge eval`'s arguments live in this library).
-#[derive(clap::Args, Debug, Clone)]
-pub struct ChatArgs {
-    /// System message for conversations that have none (default: the template's own, if any).
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Chat template: auto (from the target's tokenizer_config.json), chatml, llama3, llama3.1, qwen3.
-    #[arg(long, default_value = "auto")]
-    pub chat_template: String,
-    /// Weight format of the target: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Progress bar on stderr: auto (when stderr is a terminal), always, never.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
-    pub progress: String,
-}
 
 /// What an existing output file holds.
 #[derive(Debug, Clone, Default)]
@@ -356,13 +335,4 @@ pub fn stop_ids(
         }
     }
     Ok(stop_ids)
-}
-
-/// `--progress auto|always|never`: whether to draw a progress bar.
-pub fn show_progress(flag: &str) -> bool {
-    match flag {
-        "always" => true,
-        "never" => false,
-        _ => std::io::stderr().is_terminal(),
-    }
 }

@@ -2,6 +2,7 @@
 //! command reads and tokenises the question/answer conversations and loads the target; the
 //! cache itself is built by forge_models::drafters::knowledge_cache.
 
+use super::chat::ChatArgs;
 use super::progress;
 use anyhow::{bail, Context, Result};
 use forge_data::dataset::read_first_samples;
@@ -9,7 +10,7 @@ use forge_data::hash::target_fingerprint;
 use forge_data::{ChatTemplate, TextTokenizer, TokenizeOptions};
 use forge_models::drafters::knowledge_cache::{build_cache, CacheOptions, CacheSource};
 use forge_models::{parse_device, TargetModel};
-use forge_trainer::regenerate::{resolve_dtype, ChatArgs};
+use forge_trainer::regenerate::resolve_dtype;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]

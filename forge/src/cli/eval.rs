@@ -2,10 +2,10 @@
 //! `forge_trainer::eval`, and the `--json` report file.
 
 use super::bars::{self, Bar};
+use super::chat::ChatArgs;
 use anyhow::{Context, Result};
 use forge_models::speculative::Acceptance;
 use forge_trainer::eval::{self, ratio, EvalEvent, EvalOptions, Tally, Verified};
-use forge_trainer::regenerate::ChatArgs;
 use std::io::Write;
 use std::path::PathBuf;
 

@@ -4,6 +4,7 @@
 pub mod bars;
 pub mod bench;
 pub mod build_knowledge;
+pub mod chat;
 pub mod check;
 pub mod dist;
 pub mod dist_selftest;

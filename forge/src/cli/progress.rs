@@ -42,6 +42,15 @@ impl Steps {
         }
     }
 
+    /// Clears the current bar (the last step is done).
+    pub fn finish(&self) {
+        if let Ok(mut cur) = self.current.lock() {
+            if let Some((_, pb)) = cur.take() {
+                pb.finish_and_clear();
+            }
+        }
+    }
+
     pub fn update(&self, what: &str, done: u64, total: u64) {
         let Ok(mut cur) = self.current.lock() else { return };
         if cur.as_ref().is_none_or(|(w, _)| w != what) {

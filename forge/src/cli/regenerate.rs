@@ -1,6 +1,7 @@
 //! `forge regenerate`: answer every user turn of a conversation set with the target itself
 //! (batched), as ShareGPT JSONL; the library part is forge_trainer::regenerate.
 
+use super::chat::ChatArgs;
 use super::progress;
 use anyhow::{bail, Context, Result};
 use forge_data::conversation::{read_prompts, PromptConversation};
@@ -8,7 +9,7 @@ use forge_data::{ChatTemplate, TextTokenizer};
 use forge_models::generate::GenerateOptions;
 use forge_models::{parse_device, TargetModel};
 use forge_trainer::regenerate::{
-    open_output, resolve_dtype, resume, stop_ids, ChatArgs, RegenerateProgress, RegenerateReport, Regenerator,
+    open_output, resolve_dtype, resume, stop_ids, RegenerateProgress, RegenerateReport, Regenerator,
 };
 use indicatif::ProgressBar;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! `forge train` and `forge export`.
 
+use super::progress::Steps;
 use crate::load_recipe;
 use anyhow::{Context, Result};
 use forge_models::DType;
@@ -7,12 +8,15 @@ use forge_trainer::target_check;
 use forge_trainer::train::{StepProgress, TrainObserver};
 use indicatif::ProgressBar;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What `forge train` shows of a run on stderr: notes and warnings, and a progress bar when
 /// `show_progress` (lines are printed above it).
 struct Terminal {
     show_progress: bool,
     pb: Option<ProgressBar>,
+    /// The data loading's bars (cleared when training starts).
+    data: Arc<Steps>,
 }
 
 impl Terminal {
@@ -34,7 +38,13 @@ impl TrainObserver for Terminal {
     }
 
     fn started(&mut self, start_step: u64, total_steps: u64) {
-        let pb = forge_trainer::data::progress_bar(total_steps, "training", self.show_progress);
+        self.data.finish();
+        let pb = super::progress::bar(
+            total_steps,
+            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+            self.show_progress,
+        );
+        pb.set_message("training");
         pb.set_position(start_step);
         self.pb = Some(pb);
     }
@@ -66,7 +76,14 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         .log
         .progress
         .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let opts = forge_trainer::train::TrainOptions { resume, show_progress };
+    let data = Arc::new(Steps::new(show_progress));
+    let shown = data.clone();
+    let opts = forge_trainer::train::TrainOptions {
+        resume,
+        data_progress: Some(Arc::new(move |what: &str, done: u64, total: u64| {
+            shown.update(what, done, total)
+        })),
+    };
     // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks.
     let (_, device) = forge_trainer::data::target_placement(&recipe)?;
     let mut comm = forge_trainer::parallel::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
@@ -74,6 +91,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     let mut terminal = Terminal {
         show_progress,
         pb: None,
+        data,
     };
     let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut(), &mut terminal)
         .with_context(|| format!("training {}", path.display()))?;

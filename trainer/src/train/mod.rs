@@ -50,13 +50,16 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 use validator::Validator;
 
+/// Hears how loading (and tokenising) the data goes: (what, done, total).
+pub type DataProgress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
 /// Options of `forge train` besides the recipe.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TrainOptions {
     /// `auto` (newest complete checkpoint, or a fresh start if none) or a checkpoint folder.
     pub resume: Option<String>,
-    /// Show the progress of loading (and tokenising) the data on rank 0.
-    pub show_progress: bool,
+    /// Told how loading the data goes, on rank 0 (the command draws it).
+    pub data_progress: Option<DataProgress>,
 }
 
 /// Where a run stands after an optimizer step (what a progress display shows).

@@ -48,7 +48,10 @@ impl<'a> Trainer<'a> {
         let eval_tokens;
         let train_data = match recipe.data.mode {
             DataMode::Online => {
-                let td = data::load_token_data(recipe, opts.show_progress && dp.rank() == 0)?;
+                let td = match opts.data_progress.as_ref().filter(|_| dp.rank() == 0) {
+                    Some(p) => data::load_token_data_with(recipe, &|w: &str, d: u64, t: u64| p(w, d, t))?,
+                    None => data::load_token_data_with(recipe, &|_: &str, _: u64, _: u64| {})?,
+                };
                 eval_tokens = td.eval.map(|e| e.dataset);
                 TrainData::Tokens(
                     Box::new(td.train),
