@@ -46,7 +46,7 @@ pub struct TokenData {
 
 /// How a data step reports progress: `(what, done, total)`, `what` naming the step
 /// ("tokenising", "eval data", "hidden states"); `total` may change when a step starts.
-pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+pub type PhaseReport<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
 /// A [`Progress`] that reports nothing.
 pub fn no_progress(_: &str, _: u64, _: u64) {}
@@ -58,7 +58,7 @@ fn load_files(
     opts: &TokenizeOptions,
     cache_dir: &Path,
     what: &str,
-    progress: Progress,
+    progress: PhaseReport,
 ) -> Result<LoadedDataset> {
     let report = |done: u64, total: u64| progress(what, done, total);
     Ok(load_dataset(files, tok, template, opts, Some(cache_dir), &report)?)
@@ -66,7 +66,7 @@ fn load_files(
 
 /// Loads the recipe's conversations from the token cache, tokenising what is not cached;
 /// `progress` hears of each file's tokenisation.
-pub fn load_token_data_with(recipe: &Recipe, progress: Progress) -> Result<TokenData> {
+pub fn load_token_data(recipe: &Recipe, progress: PhaseReport) -> Result<TokenData> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
@@ -223,7 +223,7 @@ pub fn bf16_bytes(t: &Tensor) -> Vec<u8> {
 /// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
 /// Finished shards of an interrupted run with the same settings are kept. `progress` hears of
 /// the tokenisation, then of the tokens run through the target ("hidden states").
-pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: Progress) -> Result<HiddenReport> {
+pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseReport) -> Result<HiddenReport> {
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
@@ -231,7 +231,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: Progress)
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
     // the drafter's own top-k need, or more when asked on the command line
     let topk = opts.topk.max(needs.target_topk);
-    let data = load_token_data_with(recipe, progress)?;
+    let data = load_token_data(recipe, progress)?;
     let ds = &data.train.dataset;
     let settings = HiddenSettings {
         format: HIDDEN_FORMAT.into(),

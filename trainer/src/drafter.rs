@@ -109,7 +109,7 @@ impl<'a> Prepare<'a> {
                         return Ok((m, CacheStatus::Hit(cached)));
                     }
                 }
-                let td = data::load_token_data_with(recipe, &|_: &str, _: u64, _: u64| {})?;
+                let td = data::load_token_data(recipe, &|_: &str, _: u64, _: u64| {})?;
                 if &td.train.key != key {
                     return Err(TrainerError::Config(format!(
                         "the draft vocabulary is built from data.train, which is not the data the hidden states in {} were computed from: point data.train at that data",

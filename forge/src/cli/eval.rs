@@ -1,8 +1,8 @@
 //! `forge eval`: the flags, the progress bar and the printed summaries of
 //! `forge_trainer::eval`, and the `--json` report file.
 
-use super::bars::{self, Bar};
 use super::chat::ChatArgs;
+use super::progress::{self, Bar};
 use anyhow::{Context, Result};
 use forge_models::speculative::Acceptance;
 use forge_trainer::eval::{self, ratio, EvalEvent, EvalOptions, Tally, Verified};
@@ -157,7 +157,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         device: a.chat.device.clone(),
     };
     let mut bar = Bar::new(
-        bars::wanted(&a.chat.progress),
+        progress::show(&a.chat.progress),
         "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}",
         false,
     );

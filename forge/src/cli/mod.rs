@@ -1,7 +1,6 @@
 //! One file per subcommand: argument parsing, progress bars and printing, errors with
 //! context (`anyhow`), over the forge-trainer library.
 
-pub mod bars;
 pub mod bench;
 pub mod build_knowledge;
 pub mod chat;

@@ -1,13 +1,11 @@
 //! `forge prepare-data` and `forge prepare-hidden`.
 
-use super::progress::Steps;
+use super::progress::{self, Steps};
 use crate::load_recipe;
 use anyhow::{Context, Result};
 use forge_data::dataset::{CacheStatus, LoadedDataset};
 use forge_trainer::data::{self, HiddenOptions};
 use forge_trainer::drafter;
-use forge_trainer::recipe::Recipe;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// Options of `forge prepare-data`.
@@ -39,10 +37,6 @@ pub struct HiddenArgs {
     /// Also store the target's top-k log-probabilities per token (0 = no).
     #[arg(long, default_value_t = 0)]
     topk: usize,
-}
-
-fn show_progress(recipe: &Recipe) -> bool {
-    recipe.log.progress.unwrap_or_else(|| std::io::stderr().is_terminal())
 }
 
 fn status_json(s: &CacheStatus) -> serde_json::Value {
@@ -126,9 +120,9 @@ pub fn run_prepare_data(a: DataArgs) -> Result<()> {
         json,
     } = a;
     let recipe = load_recipe(&path, &set)?;
-    let steps = Steps::new(show_progress(&recipe) && !json);
+    let steps = Steps::new(progress::for_recipe(&recipe) && !json);
     let t0 = std::time::Instant::now();
-    let td = data::load_token_data_with(&recipe, &|what, done, total| steps.update(what, done, total))
+    let td = data::load_token_data(&recipe, &|what, done, total| steps.update(what, done, total))
         .with_context(|| format!("preparing the data of {}", path.display()))?;
     drop(steps);
     let seconds = t0.elapsed().as_secs_f64();
@@ -194,7 +188,7 @@ pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
         samples_per_shard: a.samples_per_shard,
         topk: a.topk,
     };
-    let steps = Steps::new(show_progress(&recipe));
+    let steps = Steps::new(progress::for_recipe(&recipe));
     let r = data::prepare_hidden(&recipe, &opts, &|what, done, total| steps.update(what, done, total))
         .with_context(|| format!("preparing hidden states for {}", a.recipe.display()))?;
     drop(steps);

@@ -1,5 +1,7 @@
-//! Progress bars on stderr (indicatif) for the commands' library callbacks.
+//! Progress bars on stderr (indicatif) for the library's progress reports: `(what, done,
+//! total)` callbacks ([`Steps`]) and the [`Progress`] trait ([`Bar`]).
 
+use forge_trainer::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -11,6 +13,11 @@ pub fn show(flag: &str) -> bool {
         "never" => false,
         _ => std::io::stderr().is_terminal(),
     }
+}
+
+/// The recipe's `log.progress`, or (unset) whether stderr is a terminal.
+pub fn for_recipe(recipe: &forge_trainer::recipe::Recipe) -> bool {
+    recipe.log.progress.unwrap_or_else(|| std::io::stderr().is_terminal())
 }
 
 /// A bar with an indicatif template, or a hidden one when `show` is false.
@@ -27,7 +34,10 @@ pub fn bar(total: u64, template: &str, show: bool) -> ProgressBar {
     pb
 }
 
-/// One bar per step for a `(what, done, total)` callback (forge_trainer::data::Progress): a
+/// The template of a bar named by its phase (data loading, training).
+pub const STEP_TEMPLATE: &str = "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}";
+
+/// One bar per step for a `(what, done, total)` callback (forge_trainer::data::PhaseReport): a
 /// new `what` finishes the bar before it.
 pub struct Steps {
     show: bool,
@@ -57,7 +67,7 @@ impl Steps {
             if let Some((_, pb)) = cur.take() {
                 pb.finish_and_clear();
             }
-            let pb = bar(total, "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}", self.show);
+            let pb = bar(total, STEP_TEMPLATE, self.show);
             pb.set_message(what.to_string());
             *cur = Some((what.to_string(), pb));
         }
@@ -72,8 +82,55 @@ impl Steps {
 
 impl Drop for Steps {
     fn drop(&mut self) {
-        if let Ok(Some((_, pb))) = self.current.lock().map(|mut c| c.take()) {
-            pb.finish_and_clear();
+        self.finish();
+    }
+}
+
+/// One bar per phase the library starts ([`Progress::start`]), drawn with an indicatif
+/// template (hidden when not `show`n); with `name_in_message` the phase's name is the bar's
+/// message.
+pub struct Bar {
+    show: bool,
+    template: &'static str,
+    name_in_message: bool,
+    bar: ProgressBar,
+}
+
+impl Bar {
+    pub fn new(show: bool, template: &'static str, name_in_message: bool) -> Self {
+        Bar {
+            show,
+            template,
+            name_in_message,
+            bar: ProgressBar::hidden(),
         }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&mut self, what: &str, len: u64) {
+        self.bar.finish_and_clear();
+        self.bar = bar(len, self.template, self.show);
+        if self.name_in_message {
+            self.bar.set_message(what.to_string());
+        }
+    }
+    fn set_len(&mut self, len: u64) {
+        if self.bar.length() != Some(len) {
+            self.bar.set_length(len);
+            self.bar.set_position(0);
+        }
+    }
+    fn set_position(&mut self, pos: u64) {
+        self.bar.set_position(pos);
+    }
+    fn inc(&mut self, n: u64) {
+        self.bar.inc(n);
+    }
+    fn set_message(&mut self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
     }
 }

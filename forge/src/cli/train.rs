@@ -39,11 +39,7 @@ impl TrainObserver for Terminal {
 
     fn started(&mut self, start_step: u64, total_steps: u64) {
         self.data.finish();
-        let pb = super::progress::bar(
-            total_steps,
-            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-            self.show_progress,
-        );
+        let pb = super::progress::bar(total_steps, super::progress::STEP_TEMPLATE, self.show_progress);
         pb.set_message("training");
         pb.set_position(start_step);
         self.pb = Some(pb);
@@ -72,10 +68,7 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     for n in &notes {
         eprintln!("note: {n}");
     }
-    let show_progress = recipe
-        .log
-        .progress
-        .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let show_progress = super::progress::for_recipe(&recipe);
     let data = Arc::new(Steps::new(show_progress));
     let shown = data.clone();
     let opts = forge_trainer::train::TrainOptions {

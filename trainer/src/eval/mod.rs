@@ -86,11 +86,6 @@ pub enum EvalEvent<'a> {
     Ablation(&'a AblationReport),
 }
 
-/// An error of regenerate.rs (whose functions eval shares) as text with its causes.
-fn shared<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
-    r.map_err(|e| TrainerError::Config(format!("{e:#}")))
-}
-
 /// The options' own consistency (before anything is loaded); errors name the flag.
 pub fn check_options(a: &EvalOptions) -> Result<()> {
     let bail = |m: String| Err(TrainerError::Config(m));
@@ -177,7 +172,7 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
     check_options(a)?;
     let mut files = Vec::new();
     for p in &a.prompts {
-        let mut convs = shared(read_prompts(p)).with_context(|| format!("--prompts {}", p.display()))?;
+        let mut convs = read_prompts(p).with_context(|| format!("--prompts {}", p.display()))?;
         if let Some(n) = a.limit {
             convs.truncate(n);
         }
@@ -190,7 +185,7 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
         files.push((p.clone(), convs));
     }
     let device = parse_device(&a.device).context("--device")?;
-    let dtype = shared(resolve_dtype(&a.dtype, device))?;
+    let dtype = resolve_dtype(&a.dtype, device)?;
     let loaded = load_drafter_with_target(&a.draft, device, dtype.kind(), a.target.as_deref())
         .with_context(|| format!("--draft {}", a.draft.display()))?;
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
@@ -210,7 +205,7 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
     let tokenizer = TextTokenizer::from_dir(&target_dir)?;
     let template = ChatTemplate::from_name(&a.chat_template, &target_dir)
         .with_context(|| format!("--chat-template {}", a.chat_template))?;
-    let stop = shared(stop_ids(&model, &tokenizer, &template, &a.chat_template))?;
+    let stop = stop_ids(&model, &tokenizer, &template, &a.chat_template)?;
     let ctx = Ctx {
         a,
         model: &model,

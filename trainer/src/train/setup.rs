@@ -48,10 +48,12 @@ impl<'a> Trainer<'a> {
         let eval_tokens;
         let train_data = match recipe.data.mode {
             DataMode::Online => {
-                let td = match opts.data_progress.as_ref().filter(|_| dp.rank() == 0) {
-                    Some(p) => data::load_token_data_with(recipe, &|w: &str, d: u64, t: u64| p(w, d, t))?,
-                    None => data::load_token_data_with(recipe, &|_: &str, _: u64, _: u64| {})?,
-                };
+                let shown = opts.data_progress.as_ref().filter(|_| dp.rank() == 0);
+                let td = data::load_token_data(recipe, &|w: &str, d: u64, t: u64| {
+                    if let Some(p) = shown {
+                        p(w, d, t)
+                    }
+                })?;
                 eval_tokens = td.eval.map(|e| e.dataset);
                 TrainData::Tokens(
                     Box::new(td.train),
