@@ -112,6 +112,12 @@ fn every_collective_gives_the_expected_numbers_over_gloo() {
         );
         // metric names: the union of {"loss", "rank0"} and {"loss", "rank1"}
         assert_eq!(v["union_keys"], serde_json::json!(["loss", "rank0", "rank1"]));
+        // the fused AdamW over 2 ranks (replicated, and ZeRO-2 with parameters split across
+        // buckets and ranks) against the per-tensor AdamW on the averaged gradients, 5 steps
+        for stage in ["zero0", "zero2"] {
+            let rel = v["fused_adamw_max_rel_diff"][stage].as_f64().expect("fused check");
+            assert!(rel <= 1e-6, "rank {r} {stage}: fused vs per-tensor max relative difference {rel:e}");
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //    so `forge` runs without LD_LIBRARY_PATH (torch-sys exports the folder as
 //    DEP_TCH_LIBTORCH_LIB).
 // 2. Compiles the c10d shim (trainer/csrc/c10d_shim.cpp: TCPStore + ProcessGroupGloo, and
-//    ProcessGroupNCCL when libtorch_cuda and the NCCL headers are present) with the `cc`
-//    crate against libtorch's headers and gloo's (FORGE_GLOO_INCLUDE, from scripts/setup.sh).
+//    ProcessGroupNCCL when libtorch_cuda and the NCCL headers are present) and the optimizer
+//    shim (trainer/csrc/optim_shim.cpp: fused AdamW and the foreach ops, which tch does not
+//    bind) with the `cc` crate against libtorch's headers and gloo's (FORGE_GLOO_INCLUDE,
+//    from scripts/setup.sh).
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -13,6 +15,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=FORGE_NCCL");
     println!("cargo:rerun-if-env-changed=FORGE_LINK_TORCH_CUDA");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
     println!("cargo::rustc-check-cfg=cfg(forge_nccl)");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not find libtorch (run scripts/setup.sh)");
@@ -77,6 +80,7 @@ fn build_shim(lib: &Path) {
     let mut b = cc::Build::new();
     b.cpp(true)
         .file("csrc/c10d_shim.cpp")
+        .file("csrc/optim_shim.cpp")
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)

@@ -303,7 +303,7 @@ pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEven
             let out = drafter.loss(&f, &ctx)?;
             out.loss.backward();
             opt.step(&mut dp, t.lr, t.max_grad_norm)?;
-            opt.zero_grad();
+            opt.zero_grad()?;
             synchronize(device);
             let t2 = Instant::now();
             if step >= opts.warmup as u64 {

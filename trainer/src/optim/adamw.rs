@@ -1,7 +1,7 @@
 //! AdamW over named parameters in one process: the moments, clipping, the step and the
 //! checkpointed state.
 
-use super::{adamw_update, clip_coef, AdamWConfig, ParamPolicy, ParamRule};
+use super::{adamw_update, clip_coef, fused, AdamWConfig, ParamPolicy};
 use crate::error::{Result, TrainerError};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -11,13 +11,21 @@ struct Slot {
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    rule: ParamRule,
+}
+
+/// Parameters that share a learning-rate scale and weight decay: one fused kernel per step.
+struct Group {
+    lr_scale: f64,
+    decay: bool,
+    /// Indices into the slots, in parameter order.
+    slots: Vec<usize>,
 }
 
 /// AdamW over named parameters; its state is created eagerly (zeros) at construction.
 pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
+    groups: Vec<Group>,
     step: u64,
 }
 
@@ -31,10 +39,20 @@ impl AdamW {
     /// group matches is an error.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, policy: &ParamPolicy) -> Result<Self> {
         let rules = policy.rules(&params)?;
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.lr_scale == rule.lr_scale && g.decay == rule.decay) {
+                Some(g) => g.slots.push(i),
+                None => groups.push(Group {
+                    lr_scale: rule.lr_scale,
+                    decay: rule.decay,
+                    slots: vec![i],
+                }),
+            }
+        }
         let slots = params
             .into_iter()
-            .zip(rules)
-            .map(|((name, param), rule)| {
+            .map(|(name, param)| {
                 let opts = (Kind::Float, param.device());
                 let exp_avg = Tensor::zeros(param.size(), opts);
                 let exp_avg_sq = Tensor::zeros(param.size(), opts);
@@ -43,89 +61,80 @@ impl AdamW {
                     param,
                     exp_avg,
                     exp_avg_sq,
-                    rule,
                 }
             })
             .collect();
-        Ok(AdamW { cfg, slots, step: 0 })
+        Ok(AdamW {
+            cfg,
+            slots,
+            groups,
+            step: 0,
+        })
     }
 
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
     }
 
-    /// Zeroes every defined gradient (torch's `set_to_none=False`; tch cannot unset a grad).
-    pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            s.param.zero_grad();
-        }
+    /// Zeroes every defined gradient (torch's `set_to_none=False`; tch cannot unset a grad),
+    /// in one multi-tensor kernel.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(|g| g.defined()).collect();
+        fused::zero_(&grads)
     }
 
-    /// Global L2 norm of all gradients (fp64 accumulate), and scales grads by
+    /// Global L2 norm of all gradients (per-tensor norms in one multi-tensor kernel, their
+    /// squares summed in fp64, as `torch.nn.utils.clip_grad_norm_`), and scales grads by
     /// max_norm/(norm+1e-6) when norm > max_norm (max_norm <= 0: no clipping). Returns the
     /// norm before clipping (NaN/inf when a gradient is not finite; then nothing is scaled).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self
-                .slots
-                .iter()
-                .map(|s| s.param.grad())
-                .filter(|g| g.defined())
-                .collect();
-            let Some(first) = grads.first() else {
-                return 0.0;
-            };
-            let device = first.device();
-            let squares: Vec<Tensor> = grads
-                .iter()
-                .map(|g| g.norm_scalaropt_dtype(2, Kind::Double).square().to_device(device))
-                .collect();
-            let norm = Tensor::stack(&squares, 0).sum(Kind::Double).sqrt().double_value(&[]);
+            let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(|g| g.defined()).collect();
+            if grads.is_empty() {
+                return Ok(0.0);
+            }
+            let norm = fused::sq_norm(&grads)?.sqrt();
             let coef = clip_coef(norm, max_norm);
             if coef != 1.0 {
-                for mut g in grads {
-                    let _ = g.g_mul_scalar_(coef);
-                }
+                fused::mul_(&grads, coef)?;
             }
-            norm
+            Ok(norm)
         })
     }
 
     /// One step at learning rate lr (schedule applied by the caller; each parameter runs at
     /// lr times its group's scale). Params without a grad are skipped. Runs under no_grad,
-    /// in place.
-    pub fn step(&mut self, lr: f64) {
+    /// in place: the fp32 parameters of each (lr scale, decay) group in one fused kernel
+    /// ([`fused::adamw`]); any other parameter (not fp32, or not contiguous) through an fp32
+    /// copy with [`adamw_update`], written back after.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
         self.step += 1;
         let step = self.step;
         let cfg = self.cfg;
         tch::no_grad(|| {
-            for s in &mut self.slots {
-                let g = s.param.grad();
-                if !g.defined() {
-                    continue;
+            for group in &self.groups {
+                let lr = lr * group.lr_scale;
+                let (mut p, mut g, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for &i in &group.slots {
+                    let s = &mut self.slots[i];
+                    let grad = s.param.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    if fused::fusable(&s.param, &grad) {
+                        p.push(s.param.shallow_clone());
+                        g.push(grad);
+                        m.push(s.exp_avg.shallow_clone());
+                        v.push(s.exp_avg_sq.shallow_clone());
+                        continue;
+                    }
+                    let mut p32 = s.param.to_kind(Kind::Float);
+                    adamw_update(&mut p32, &grad, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, group.decay);
+                    s.param.f_copy_(&p32)?;
                 }
-                // Non-fp32 parameters are updated through an fp32 copy written back after.
-                let fp32 = s.param.kind() == Kind::Float;
-                let mut p = if fp32 {
-                    s.param.shallow_clone()
-                } else {
-                    s.param.to_kind(Kind::Float)
-                };
-                let lr = lr * s.rule.lr_scale;
-                adamw_update(
-                    &mut p,
-                    &g,
-                    &mut s.exp_avg,
-                    &mut s.exp_avg_sq,
-                    step,
-                    lr,
-                    &cfg,
-                    s.rule.decay,
-                );
-                if !fp32 {
-                    s.param.copy_(&p);
-                }
+                fused::adamw(&p, &g, &m, &v, step, lr, &cfg, group.decay)?;
             }
+            Ok(())
         })
     }
 

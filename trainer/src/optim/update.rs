@@ -53,3 +53,42 @@ pub fn adamw_update(
         let _ = p.g_sub_(&update);
     })
 }
+
+/// Checks of the fused optimizer (the unit tests and `forge dist-selftest`): the per-tensor
+/// AdamW over copies of `init` (rule `rules[i]` for tensor i) taking the gradients
+/// `grads[s]` at step s+1, clipped to `max_norm` by their global norm computed in fp64.
+pub fn per_tensor_reference(
+    init: &[Tensor],
+    rules: &[super::ParamRule],
+    grads: &[Vec<Tensor>],
+    cfg: &AdamWConfig,
+    lr: f64,
+    max_norm: f64,
+) -> Vec<Tensor> {
+    let mut p: Vec<Tensor> = init.iter().map(|t| t.detach().copy()).collect();
+    let mut m: Vec<Tensor> = init.iter().map(Tensor::zeros_like).collect();
+    let mut v: Vec<Tensor> = init.iter().map(Tensor::zeros_like).collect();
+    for (step, g) in grads.iter().enumerate() {
+        let sq: f64 = g
+            .iter()
+            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]))
+            .sum();
+        let coef = super::clip_coef(sq.sqrt(), max_norm);
+        for (i, r) in rules.iter().enumerate().take(p.len()) {
+            let gi = &g[i] * coef;
+            adamw_update(&mut p[i], &gi, &mut m[i], &mut v[i], step as u64 + 1, lr * r.lr_scale, cfg, r.decay);
+        }
+    }
+    p
+}
+
+/// `max |a - b| / max |b|`, the worst over the pairs of tensors.
+pub fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let d = (a.detach() - b).abs().max().double_value(&[]);
+            d / b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+        })
+        .fold(0.0, f64::max)
+}

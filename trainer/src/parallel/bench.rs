@@ -95,6 +95,10 @@ pub fn selftest(comm: &mut dyn Comm, device: Device) -> Result<serde_json::Value
         .into_iter()
         .collect();
     let union = super::keys::union_keys(comm, &mine)?;
+    let fused_vs_per_tensor = serde_json::json!({
+        "zero0": fused_optimizer_check(comm, device, 0)?,
+        "zero2": fused_optimizer_check(comm, device, 2)?,
+    });
     comm.barrier()?;
     Ok(serde_json::json!({
         "union_keys": union,
@@ -108,5 +112,65 @@ pub fn selftest(comm: &mut dyn Comm, device: Device) -> Result<serde_json::Value
         "broadcast": values(&bc)?,
         "all_gather": values(&gathered)?,
         "reduce_scatter": values(&scattered)?,
+        "fused_adamw_max_rel_diff": fused_vs_per_tensor,
     }))
+}
+
+/// Five steps of the data-parallel optimizer at ZeRO `stage` (fused AdamW, 1 KiB buckets so
+/// that parameters split across buckets and ranks) against the per-tensor AdamW given the
+/// averaged gradients, clipping active, in two parameter groups. Rank q's gradient at step s
+/// is drawn from seed 1000 + 16 s + q, so every rank can also draw every other rank's.
+/// Returns `max |fused - reference| / max |reference|` over the parameters.
+fn fused_optimizer_check(comm: &mut dyn Comm, device: Device, stage: u32) -> Result<f64> {
+    use crate::optim::{per_tensor_reference, max_rel_diff, AdamWConfig, ParamPolicy};
+    use forge_models::drafters::ParamGroup;
+    let shapes: [&[i64]; 4] = [&[40, 9], &[9], &[300], &[7, 5]];
+    let names = ["body.a", "body.b", "head.c", "head.d"];
+    let opts = (Kind::Float, device);
+    tch::manual_seed(999);
+    let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, opts)).collect();
+    let draw = |step: usize, rank: usize| -> Vec<Tensor> {
+        tch::manual_seed(1000 + 16 * step as i64 + rank as i64);
+        shapes.iter().map(|s| Tensor::randn(*s, opts) * 0.3).collect()
+    };
+    let world = comm.world();
+    let steps = 5;
+    let mean_grads: Vec<Vec<Tensor>> = (0..steps)
+        .map(|s| {
+            let all: Vec<Vec<Tensor>> = (0..world).map(|q| draw(s, q)).collect();
+            (0..shapes.len())
+                .map(|i| all.iter().map(|g| g[i].shallow_clone()).reduce(|a, b| a + b).map_or_else(|| init[i].zeros_like(), |t| t / world as f64))
+                .collect()
+        })
+        .collect();
+    let group = |name: &str, prefix: &str, lr_scale, weight_decay| ParamGroup {
+        name: name.into(),
+        prefix: prefix.into(),
+        lr_scale,
+        weight_decay,
+    };
+    let policy = ParamPolicy::new(vec![group("body", "", 1.0, true), group("head", "head.", 0.5, false)])?;
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let params: Vec<Tensor> = init.iter().map(|t| t.copy().set_requires_grad(true)).collect();
+    let named: Vec<(String, Tensor)> = names.iter().map(|n| n.to_string()).zip(params.iter().map(Tensor::shallow_clone)).collect();
+    let rules = policy.rules(&named)?;
+    let mut opt = super::zero::DistAdamW::new(named, cfg, &policy, stage, 1.0 / 1024.0, comm)?;
+    let max_norm = 2.0;
+    for s in 0..steps {
+        opt.zero_grad()?;
+        let mine = draw(s, comm.rank());
+        let loss = params.iter().zip(&mine).map(|(p, g)| (p * g).sum(Kind::Float)).reduce(|a, b| a + b);
+        if let Some(loss) = loss {
+            loss.backward();
+        }
+        opt.step(comm, cfg.lr, max_norm)?;
+    }
+    let want = per_tensor_reference(&init, &rules, &mean_grads, &cfg, cfg.lr, max_norm);
+    Ok(max_rel_diff(&params, &want))
 }

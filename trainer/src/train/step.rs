@@ -49,7 +49,7 @@ impl Trainer<'_> {
             acc.samples += idx.len() as f64;
         }
         let grad_norm = self.opt.step(dp, lr, t.max_grad_norm)?;
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         let check_every = recipe.dist.check_weights_every;
         if world > 1 && check_every > 0 && (step + 1).is_multiple_of(check_every) {
             check_same_weights(dp, &self.params, step + 1)?;
