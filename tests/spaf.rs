@@ -1,7 +1,7 @@
 //! SpAF: adapters inside the frozen target, an alignment head, self-speculative decoding
 //! that shares the target's KV cache (models/src/drafters/spaf.rs, docs/methods/spaf.md).
 
-use forge_models::drafters::spaf::{AdapterLoss, AlignmentLoss, Spaf, SpafSpec};
+use forge_models::drafters::spaf::{AdapterLoss, AlignmentLoss, Spaf, SpafSpec, SpafTargetLayer};
 use forge_models::drafters::{Drafter, Features, TargetAccess};
 use forge_models::generate::RowRng;
 use forge_models::speculative::{speculative_generate, SpecOptions, StepFeatures};
@@ -36,6 +36,7 @@ fn spec(t: &TargetModel, k: i64, exit: i64, weights: Vec<f64>, transition: i64) 
         hidden_size: c.hidden_size,
         num_layers: c.num_layers,
         vocab_size: c.vocab_size,
+        target_layer: Some(SpafTargetLayer::of(c)),
     }
 }
 

@@ -129,6 +129,24 @@ impl DraftLayerSpec {
         }
     }
 
+    /// MACs per position of the layer's matrices (q/k/v over an `in_dim`-wide attention
+    /// input, o_proj, the MLP); attention's products apart ([`DraftLayerSpec::attention_macs`]).
+    pub fn layer_macs(&self, in_dim: i64) -> f64 {
+        super::decoder_layer_macs(
+            in_dim,
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
+    }
+
+    /// MACs per query of the layer's attention products (Q·K^T and A·V) over `keys` keys.
+    pub fn attention_macs(&self, keys: f64) -> f64 {
+        super::attention_macs(self.num_heads, self.head_dim, keys)
+    }
+
     /// The decoder-layer config with attention input width `in_dim`; no input_layernorm
     /// (EAGLE-1 has none; EAGLE-3 creates its own two norms).
     pub fn layer_config(&self, in_dim: i64, compute: Kind) -> DecoderLayerConfig {

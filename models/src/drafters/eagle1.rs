@@ -17,7 +17,8 @@
 use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     architecture, export_same_names, Drafter, DrafterKind, DrafterSpec, EngineDraft, ExportBundle, ExportFormat,
-    FeatureNeeds, Features, LossOutput, Metric, ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
+    FeatureNeeds, Features, LossOutput, Metric, ResolveTarget, StepContext, TargetAccess, TargetNeeds, TokenMacs,
+    EMBED, LM_HEAD,
 };
 use crate::llm::TargetConfig;
 use crate::safetensors_io::SafetensorsFile;
@@ -294,6 +295,22 @@ impl Drafter for Eagle1 {
         })
     }
 
+    /// Every position: fc over cat(embedding, target feature), whose inputs need no gradient
+    /// (noise included), then the draft layer over fc's output, its attention under an
+    /// explicit mask computing all T x T scores. Positions 0..T-2 (T-2 of them) are read out
+    /// by the target's frozen lm_head twice: the prediction (its input needs a gradient) and,
+    /// under no_grad, the target's next feature for the soft labels.
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        if seq_len < 1 {
+            return TokenMacs::default();
+        }
+        let l = &self.e.layer;
+        let (h, v, t) = (l.hidden_size as f64, self.e.vocab_size as f64, seq_len as f64);
+        let position = TokenMacs::one(2.0 * h * h) + TokenMacs::both(l.layer_macs(l.hidden_size) + l.attention_macs(t));
+        let readout = (TokenMacs::one(v * h) + TokenMacs::none(v * h)) * ((t - 2.0).max(0.0) / t);
+        position + readout
+    }
+
     fn export_formats(&self) -> &'static [ExportFormat] {
         &[ExportFormat::Sglang, ExportFormat::Vllm]
     }
@@ -406,5 +423,49 @@ impl DraftSession for Eagle1Session<'_> {
             |f| m.readout(f),
             |f, token, i| self.step(f, &[token], committed + i as i64),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, heads, macs, matrix_macs, tiny_layer};
+
+    /// Hidden 64 (4 heads / 2 KV heads of 16, MLP 128), vocabulary 96. Per position: fc
+    /// 128 x 64 = 8192 over the embedding and target feature (grad_one); the layer over fc's
+    /// output, q 4096 + k 2048 + v 2048 + o 4096 + MLP 24576 = 36864, and attention 2 x 64
+    /// MACs per key over all T keys: 2048 at T = 16, 4096 at T = 32 (grad_both). The frozen
+    /// lm_head (96 x 64 = 6144) reads T-2 of T positions twice: the prediction (grad_one) and
+    /// the target's feature (no_grad): 6144 * 14/16 = 5376 at T = 16, 6144 * 30/32 = 5760 at
+    /// T = 32. T = 16: grad_both 38912, grad_one 13568, no_grad 5376; T = 32: 40960, 13952,
+    /// 5760 (doubling T: + 2048 attention, + 384 readout share). T = 2: nothing read out.
+    #[test]
+    fn token_macs_count_fc_the_layer_its_full_attention_and_the_frozen_readouts() {
+        let spec = Eagle1Spec {
+            feature_weight: 1.0,
+            token_weight: 0.1,
+            feature_noise: 0.0,
+            fc_bias: true,
+            vocab_size: 96,
+            layer: tiny_layer(),
+        };
+        let m = Eagle1::new(spec, &heads(96, 64), Device::Cpu, Kind::Float).expect("eagle1");
+        for (t, want) in [
+            (16, macs(38912.0, 13568.0, 5376.0)),
+            (32, macs(40960.0, 13952.0, 5760.0)),
+            (2, macs(37120.0, 8192.0, 0.0)),
+        ] {
+            let got = m.token_macs(t);
+            assert_macs(got, want, &format!("T {t}"));
+            // from the VarStore: every trainable matrix once per position, plus attention
+            // over T keys and the frozen lm_head on the T-2 predictions
+            let trained = matrix_macs(&m.vs, |_| Some(1.0));
+            let tf = t as f64;
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + 2.0 * 64.0 * tf + 6144.0 * (tf - 2.0) / tf, 0.0, 0.0),
+                &format!("T {t}: from the VarStore"),
+            );
+        }
     }
 }

@@ -28,7 +28,7 @@ use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::{
     architecture, export_same_names, Drafter, DrafterKind, DrafterSpec, EngineDraft, ExportBundle, ExportFormat,
     FeatureNeeds, Features, LossOutput, Metric, PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds,
-    EMBED, LM_HEAD,
+    TokenMacs, EMBED, LM_HEAD,
 };
 use crate::llm::TargetConfig;
 use forge_schema::Ctx;
@@ -665,6 +665,37 @@ impl Drafter for Eagle3 {
         })
     }
 
+    /// The target's side under no_grad: its full lm_head `[V, H_t]` over the T-1 positions
+    /// whose next token is trained. fc over the auxiliary layers (inputs need no gradient) at
+    /// every position. Then min(ttt_length, T-1) unrolled steps, each running the midlayer
+    /// over all T positions: q/k/v over its 2h-wide input (the trainable norms make even step
+    /// 0's input need a gradient), o_proj and the MLP; attention computes the full T x T
+    /// scores over the step-0 keys plus one diagonal key per earlier step (T + i keys per
+    /// query in step i, values alike); step i's draft lm_head `[Vd, h]` reads the T-i-1
+    /// positions it is trained on.
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        if seq_len < 1 {
+            return TokenMacs::default();
+        }
+        let e = &self.e;
+        let l = &e.layer;
+        let t = seq_len as f64;
+        let (h, ht, v, vd) = (
+            l.hidden_size as f64,
+            e.target_hidden_size as f64,
+            e.vocab_size as f64,
+            e.draft_vocab_size as f64,
+        );
+        let aux = e.aux_layers.len() as f64 * ht;
+        let mut macs = TokenMacs::none(v * ht * (t - 1.0) / t) + TokenMacs::one(aux * h);
+        for i in 0..e.ttt_length.min(seq_len - 1) {
+            let i = i as f64;
+            let midlayer = l.layer_macs(2 * l.hidden_size) + l.attention_macs(t + i);
+            macs = macs + TokenMacs::both(midlayer + vd * h * (t - i - 1.0) / t);
+        }
+        macs
+    }
+
     fn export_formats(&self) -> &'static [ExportFormat] {
         &[ExportFormat::Sglang, ExportFormat::Vllm, ExportFormat::Speculators]
     }
@@ -817,5 +848,60 @@ impl DraftSession for Eagle3Session<'_> {
             tokens,
             logits: Tensor::stack(&logits, 0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, heads, macs, matrix_macs, tiny_layer};
+
+    /// Hidden 64 (4 heads / 2 KV heads of 16, MLP 128), 3 auxiliary layers, vocabulary 96,
+    /// draft vocabulary 32, ttt_length 3. Per position: fc 192 x 64 = 12288 (grad_one); per
+    /// step the midlayer, q 128 x 64 = 8192 + k 4096 + v 4096 over the 128-wide input, o 4096,
+    /// MLP 24576: 45056, and attention 2 x 64 MACs per key over T + i keys in step i; step i's
+    /// lm_head 32 x 64 = 2048 over T-i-1 of T positions (all grad_both). The target's lm_head
+    /// 96 x 64 = 6144 over T-1 of T positions (no_grad).
+    /// - T = 16, 3 steps: grad_both 3 * 45056 + 128 * (16 + 17 + 18) + 2048 * (15 + 14 + 13)/16
+    ///   = 135168 + 6528 + 5376 = 147072; no_grad 6144 * 15/16 = 5760.
+    /// - T = 32: 135168 + 128 * 99 + 2048 * 90/32 = 135168 + 12672 + 5760 = 153600; no_grad
+    ///   6144 * 31/32 = 5952 (doubling T: attention + 6144, the rest only by shares).
+    /// - T = 2: one step (T-1): 45056 + 128 * 2 + 2048 * 1/2 = 46336; no_grad 3072.
+    #[test]
+    fn token_macs_count_every_ttt_step_its_extra_keys_and_the_draft_head() {
+        let spec = Eagle3Spec {
+            ttt_length: 3,
+            step_decay: 0.8,
+            aux_layers: vec![0, 1, 2],
+            draft_vocab_size: 32,
+            target_hidden_size: 64,
+            vocab_size: 96,
+            layer: tiny_layer(),
+        };
+        let m = Eagle3::new(spec, &heads(96, 64), Device::Cpu, Kind::Float).expect("eagle3");
+        for (t, want) in [
+            (16, macs(147072.0, 12288.0, 5760.0)),
+            (32, macs(153600.0, 12288.0, 5952.0)),
+            (2, macs(46336.0, 12288.0, 3072.0)),
+        ] {
+            let got = m.token_macs(t);
+            assert_macs(got, want, &format!("T {t}"));
+            // from the VarStore: fc once, the midlayer once per step, the head on its share
+            // of the positions per step; plus attention over T + i keys in step i
+            let tf = t as f64;
+            let steps: Vec<f64> = (0..3.min(t - 1)).map(|i| i as f64).collect();
+            let trained = matrix_macs(&m.vs, |name| match name {
+                "fc.weight" => Some(1.0),
+                "lm_head.weight" => Some(steps.iter().map(|i| (tf - i - 1.0) / tf).sum()),
+                n if n.starts_with("midlayer.") => Some(steps.len() as f64),
+                _ => None,
+            });
+            let attention: f64 = steps.iter().map(|i| 2.0 * 64.0 * (tf + i)).sum();
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + attention, 0.0, 0.0),
+                &format!("T {t}: from the VarStore"),
+            );
+        }
     }
 }

@@ -40,7 +40,7 @@ use super::eagle::{frozen, rows, shift_left, soft_ce_and_hits, DraftLayerSpec};
 use super::eagle3::install_vocab_mapping;
 use super::{
     Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ParamGroup, PrepareData,
-    ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
+    ResolveTarget, StepContext, TargetAccess, TargetNeeds, TokenMacs, EMBED, LM_HEAD,
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
@@ -830,6 +830,39 @@ impl Drafter for Hybrid {
         Vec::new()
     }
 
+    /// Training runs every block on every position (the gated mixture weighs all of their
+    /// outputs): per position fc over cat(embedding, target feature) (inputs need no
+    /// gradient), the gate (fc1, fc2), each MLP block's SwiGLU and each transformer block
+    /// (projections, MLP, attention under an explicit mask computing all T x T scores).
+    /// Positions 0..T-2 are read out: by the draft-vocabulary head (trainable) or the target's
+    /// frozen lm_head; with `distill` the target's lm_head also reads the target's next
+    /// feature under no_grad, twice with a draft-vocabulary head (once to pick the positions
+    /// whose label it holds, once for the soft labels).
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        if seq_len < 1 {
+            return TokenMacs::default();
+        }
+        let s = &self.s;
+        let l = &s.layer;
+        let t = seq_len as f64;
+        let (h, v) = (l.hidden_size as f64, s.vocab_size as f64);
+        let g = s.gate_hidden_size as f64;
+        let gate = h * g + g * s.num_blocks() as f64;
+        let mlp_blocks = s.num_mlp_blocks as f64 * 3.0 * h * s.mlp_intermediate_size as f64;
+        let transformer_blocks = s.num_transformer_blocks as f64 * (l.layer_macs(l.hidden_size) + l.attention_macs(t));
+        let position = TokenMacs::one(2.0 * h * h) + TokenMacs::both(gate + mlp_blocks + transformer_blocks);
+        let head = match s.draft_vocab_size {
+            Some(vd) => TokenMacs::both(vd as f64 * h),
+            None => TokenMacs::one(v * h),
+        };
+        let target_reads = match (s.distill, s.draft_vocab_size) {
+            (false, _) => 0.0,
+            (true, None) => 1.0,
+            (true, Some(_)) => 2.0,
+        };
+        position + (head + TokenMacs::none(target_reads * v * h)) * ((t - 2.0).max(0.0) / t)
+    }
+
     fn engines_note(&self) -> Option<&'static str> {
         Some("no inference engine (vLLM, SGLang, TensorRT-LLM) has a gated multi-block draft architecture to load it into; the forge format (docs/methods/hybrid.md) holds it and forge eval decodes with it")
     }
@@ -950,5 +983,72 @@ impl DraftSession for HybridSession<'_> {
             .zip(&self.counts)
             .map(|(n, c)| (format!("block/{n}"), *c))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, heads, macs, matrix_macs, tiny_layer};
+
+    fn hybrid(draft_vocab_size: Option<i64>, distill: bool) -> Hybrid {
+        let spec = HybridSpec {
+            num_mlp_blocks: 2,
+            num_transformer_blocks: 1,
+            gate_hidden_size: 16,
+            mlp_intermediate_size: 64,
+            gumbel_temperature: 1.0,
+            gumbel_temperature_end: 1.0,
+            anneal_steps: None,
+            hard: false,
+            distill,
+            cost: CostMode::Fixed,
+            mlp_cost: 1.0,
+            transformer_cost: 5.0,
+            cost_lambda: 0.01,
+            feature_weight: 0.0,
+            gate_lr_scale: 1.0,
+            draft_vocab_size,
+            vocab_size: 96,
+            layer: tiny_layer(),
+        };
+        Hybrid::new(spec, &heads(96, 64), Device::Cpu, Kind::Float).expect("hybrid")
+    }
+
+    /// Hidden 64, vocabulary 96, 2 MLP blocks (SwiGLU 64 wide) and 1 transformer block (4
+    /// heads / 2 KV heads of 16, MLP 128), gate 16 wide. Every block runs on every position.
+    /// Per position: fc 128 x 64 = 8192 (grad_one); grad_both: gate 64 x 16 + 16 x 3 = 1072,
+    /// MLP blocks 2 x 3 x 64 x 64 = 24576, the transformer block 36864 + attention 2 x 64 x T
+    /// over all T keys (2048 at T = 16, 4096 at T = 32): 64560 at T = 16, 66608 at T = 32.
+    /// T-2 of T positions are read out (14/16, 30/32): the frozen lm_head 96 x 64 = 6144
+    /// (grad_one 5376 / 5760) or the draft head 32 x 64 = 2048 (grad_both 1792 / 1920);
+    /// distill adds the target's lm_head under no_grad, twice with a draft head.
+    #[test]
+    fn token_macs_count_every_block_on_every_position_and_the_readouts() {
+        let cases = [
+            (None, false, 16, macs(64560.0, 13568.0, 0.0)),
+            (None, false, 32, macs(66608.0, 13952.0, 0.0)),
+            (None, true, 16, macs(64560.0, 13568.0, 5376.0)),
+            (Some(32), false, 16, macs(66352.0, 8192.0, 0.0)),
+            (Some(32), true, 16, macs(66352.0, 8192.0, 10752.0)),
+            (Some(32), true, 32, macs(68528.0, 8192.0, 11520.0)),
+        ];
+        for (vd, distill, t, want) in cases {
+            let m = hybrid(vd, distill);
+            let got = m.token_macs(t);
+            let what = format!("draft vocabulary {vd:?}, distill {distill}, T {t}");
+            assert_macs(got, want, &what);
+            // from the VarStore: every trainable matrix once per position, the draft head on
+            // T-2 of T; plus attention over T keys and the frozen lm_head on the predictions
+            let tf = t as f64;
+            let read = (tf - 2.0) / tf;
+            let trained = matrix_macs(&m.vs, |name| Some(if name == "lm_head.weight" { read } else { 1.0 }));
+            let frozen_head = if vd.is_none() { 6144.0 * read } else { 0.0 };
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + 2.0 * 64.0 * tf + frozen_head, 0.0, 0.0),
+                &format!("{what}: from the VarStore"),
+            );
+        }
     }
 }

@@ -36,7 +36,7 @@
 use super::knowledge_cache::KnowledgeCache;
 use super::{
     ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ParamGroup,
-    PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds, EMBED, LM_HEAD,
+    PrepareData, ResolveTarget, StepContext, TargetAccess, TargetNeeds, TokenMacs, EMBED, LM_HEAD,
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
@@ -1088,6 +1088,50 @@ impl Drafter for Knowledge {
         lines
     }
 
+    /// The draft runs over the token sequence alone: every sampled layer at every position
+    /// (its input norm's weight is trained, so even the first layer's q/k/v read an input
+    /// that needs a gradient; attention counts the causal kernel's visible pairs, or all T x T
+    /// scores under a sliding window's explicit mask), then, with the knowledge cache on, its
+    /// block (q_proj, Q·K^T and A·V over the cache's N states, o_proj, the gate over
+    /// cat(x, o)) and the cache's keys and values (k_proj, v_proj over the N states, counted
+    /// once per sequence: a micro-batch of B sequences computes them once), and the
+    /// transition. The T-1 trained positions are read out by the frozen lm_head (its input
+    /// needs a gradient) and, with the target's full distribution (`target_topk: 0`), the
+    /// target's last hidden states through it under no_grad.
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        if seq_len < 1 {
+            return TokenMacs::default();
+        }
+        let c = &self.cfg;
+        let t = seq_len as f64;
+        let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
+        let layer = super::decoder_layer_macs(
+            c.hidden_size,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.intermediate_size,
+        ) + super::attention_macs(c.num_heads, c.head_dim, super::causal_keys(seq_len, c.sliding_window));
+        let block = match (&self.s.cache, self.knowledge_on()) {
+            (Some(cache), true) => {
+                let inner = (c.num_heads * c.head_dim) as f64;
+                let n = cache.tokens as f64;
+                let memory = 2.0 * cache.dim as f64 * inner * n / t;
+                2.0 * h * inner + super::attention_macs(c.num_heads, c.head_dim, n) + 2.0 * h * h + memory
+            }
+            _ => 0.0,
+        };
+        let transition = if self.transitions.is_empty() { 0.0 } else { h * h };
+        let readout = TokenMacs::one(v * h)
+            + if self.s.target_topk == 0 {
+                TokenMacs::none(v * h)
+            } else {
+                TokenMacs::default()
+            };
+        TokenMacs::both(self.layers.len() as f64 * (layer + block + transition)) + readout * ((t - 1.0) / t)
+    }
+
     fn engines_note(&self) -> Option<&'static str> {
         Some("its knowledge blocks cross-attend over a cache of target states, which no inference engine (vLLM, SGLang, TensorRT-LLM) draft model has; the forge format holds the sampled layers, blocks and the cache, and forge eval decodes with it")
     }
@@ -1185,5 +1229,108 @@ impl DraftSession for KnowledgeSession<'_> {
             tokens,
             logits: Tensor::stack(&logits, 0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, heads, macs, matrix_macs};
+
+    /// A knowledge drafter of target layers [0, 3] of a 4-layer target of hidden 64 (4 heads
+    /// / 2 KV heads of 16, MLP 128, vocabulary 96); a cache of 4 states 32 wide when `cache`.
+    fn knowledge(cache: bool, transition: bool, target_topk: usize, sliding_window: Option<i64>) -> Knowledge {
+        let mut target = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 96,
+            "tie_word_embeddings": false,
+        });
+        if let Some(w) = sliding_window {
+            target["model_type"] = "mistral".into();
+            target["sliding_window"] = w.into();
+        }
+        let spec = KnowledgeSpec {
+            layers: vec![0, 3],
+            transition,
+            kl_weight: 0.8,
+            acceptance_weight: 0.3,
+            ce_weight: 0.0,
+            temperature: 1.0,
+            target_topk,
+            cache: cache.then(|| CacheSpec {
+                path: String::new(),
+                tokens: 4,
+                dim: 32,
+                entries: 1,
+                target_fingerprint: String::new(),
+                data_hash: String::new(),
+            }),
+            num_draft_tokens: 5,
+            new_lr_scale: 10.0,
+            target,
+        };
+        Knowledge::new(spec, &heads(96, 64), Device::Cpu, Kind::Float).expect("knowledge")
+    }
+
+    /// Per position (all grad_both but the readouts): each of the 2 layers, q 4096 + k 2048 +
+    /// v 2048 + o 4096 + MLP 24576 = 36864 and causal attention 2 x 64 x (T+1)/2 (1088 at
+    /// T = 16, 2112 at T = 32; all 16 keys, 2048, under a sliding window of 8 < T); each
+    /// transition 64 x 64 = 4096. The frozen lm_head 96 x 64 = 6144 over T-1 of T positions
+    /// (5760 at T = 16, 5952 at T = 32) reads the draft's states (grad_one) and, with the
+    /// full target distribution, the target's (no_grad).
+    /// - T = 16: 2 x 37952 + 2 x 4096 = 84096; T = 32: 2 x 38976 + 8192 = 86144.
+    /// - a cache of N = 4 states 32 wide, per block: q_proj 4096, attention 2 x 64 x 4 = 512,
+    ///   o_proj 4096, gate 128 x 64 = 8192, the cache's keys and values 2 x 32 x 64 x 4 =
+    ///   16384 per sequence (1024 a token at T = 16, 512 at T = 32): + 2 x 17920 = 119936 at
+    ///   T = 16, + 2 x 17408 = 120960 at T = 32; knowledge=off: as without a cache.
+    /// - no transitions at T = 16: 75904; sliding window 8 at T = 16: 2 x 38912 + 8192 = 86016.
+    #[test]
+    fn token_macs_count_the_sampled_layers_blocks_transitions_and_distillation() {
+        let cases = [
+            (false, true, 0, None, true, 16, macs(84096.0, 5760.0, 5760.0)),
+            (false, true, 0, None, true, 32, macs(86144.0, 5952.0, 5952.0)),
+            (false, true, 8, None, true, 16, macs(84096.0, 5760.0, 0.0)),
+            (true, true, 0, None, true, 16, macs(119936.0, 5760.0, 5760.0)),
+            (true, true, 0, None, true, 32, macs(120960.0, 5952.0, 5952.0)),
+            (true, true, 0, None, false, 16, macs(84096.0, 5760.0, 5760.0)),
+            (false, false, 0, None, true, 16, macs(75904.0, 5760.0, 5760.0)),
+            (false, true, 0, Some(8), true, 16, macs(86016.0, 5760.0, 5760.0)),
+        ];
+        for (cache, transition, topk, window, on, t, want) in cases {
+            let mut m = knowledge(cache, transition, topk, window);
+            if cache && !on {
+                m.set_option("knowledge", "off").expect("knowledge=off");
+            }
+            let got = m.token_macs(t);
+            let what =
+                format!("cache {cache} (on {on}), transition {transition}, topk {topk}, window {window:?}, T {t}");
+            assert_macs(got, want, &what);
+            // from the VarStore: layers, transitions and the blocks' q/o/gate once per
+            // position, the blocks' k/v over the N cache states once per sequence; plus the
+            // attention terms and the frozen lm_head on the T-1 trained positions
+            let tf = t as f64;
+            let blocks_on = if cache && on { 1.0 } else { 0.0 };
+            let trained = matrix_macs(&m.vs, |name| {
+                let kv = name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight");
+                match name.split('.').next()? {
+                    "layers" | "transitions" => Some(1.0),
+                    "blocks" if kv => Some(blocks_on * 4.0 / tf),
+                    "blocks" => Some(blocks_on),
+                    _ => None,
+                }
+            });
+            let keys = if window.is_some_and(|w| t > w) {
+                tf
+            } else {
+                (tf + 1.0) / 2.0
+            };
+            let attention = 2.0 * 2.0 * 64.0 * keys + blocks_on * 2.0 * 2.0 * 64.0 * 4.0;
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + attention + 6144.0 * (tf - 1.0) / tf, 0.0, 0.0),
+                &format!("{what}: from the VarStore"),
+            );
+        }
     }
 }

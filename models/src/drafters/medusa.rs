@@ -10,7 +10,7 @@
 use super::{
     architecture, ce_and_hits, check_names_and_shapes, config_int, Drafter, DrafterKind, DrafterSpec, EngineDraft,
     ExportBundle, ExportFormat, FeatureNeeds, Features, LossOutput, Metric, ResolveTarget, StepContext, TargetAccess,
-    TargetNeeds, LM_HEAD,
+    TargetNeeds, TokenMacs, LM_HEAD,
 };
 use crate::llm::TargetConfig;
 use forge_schema::Ctx;
@@ -368,6 +368,40 @@ impl Drafter for Medusa {
         &[ExportFormat::Vllm, ExportFormat::FasterDecoding]
     }
 
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        let (h, v, layers) = (self.m.hidden_size as f64, self.m.vocab_size as f64, self.m.num_layers);
+        // one head over one position: the first ResBlock's input (the target's hidden state)
+        // needs no gradient, the later ones and the lm_head's input do (when there are blocks)
+        let blocks = if layers == 0 {
+            TokenMacs::default()
+        } else {
+            TokenMacs {
+                grad_one: h * h,
+                grad_both: (layers - 1) as f64 * h * h,
+                no_grad: 0.0,
+            }
+        };
+        let head = match (self.m.original_lm_head, layers > 0) {
+            (false, true) => TokenMacs {
+                grad_both: v * h,
+                ..Default::default()
+            },
+            (false, false) | (true, true) => TokenMacs {
+                grad_one: v * h,
+                ..Default::default()
+            },
+            (true, false) => TokenMacs {
+                no_grad: v * h,
+                ..Default::default()
+            },
+        };
+        // head k trains positions 0..T-k-2
+        let t = seq_len as f64;
+        (0..self.m.num_heads)
+            .map(|k| (blocks + head) * ((t - k as f64 - 2.0).max(0.0) / t))
+            .fold(TokenMacs::default(), |a, b| a + b)
+    }
+
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
         let m = &self.m;
         let vars = self.vs.variables();
@@ -499,5 +533,70 @@ impl DraftSession for MedusaSession<'_> {
             tokens,
             logits: Tensor::stack(&logits, 0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, heads, macs, matrix_macs};
+
+    fn medusa(layers: i64, original_lm_head: bool) -> Medusa {
+        let spec = MedusaSpec {
+            num_heads: 3,
+            num_layers: layers,
+            original_lm_head,
+            loss_decay: 0.8,
+            top_k: 3,
+            hidden_size: 64,
+            vocab_size: 96,
+        };
+        Medusa::new(spec, &heads(96, 64), Device::Cpu, Kind::Float).expect("medusa")
+    }
+
+    /// Hidden 64, vocabulary 96, 3 heads; a ResBlock is 64 x 64 = 4096 MACs a row, an lm_head
+    /// 96 x 64 = 6144. Head k (0-based) trains T-k-2 positions: 14 + 13 + 12 = 39 of T = 16,
+    /// 30 + 29 + 28 = 87 of T = 32 (no attention: doubling T changes only these counts).
+    /// - 2 ResBlocks, own heads: the first block reads the target's state (grad_one 4096),
+    ///   the second block and the head read trained outputs (grad_both 4096 + 6144).
+    ///   T = 16: grad_one 4096 * 39/16 = 9984, grad_both 10240 * 39/16 = 24960;
+    ///   T = 32: 4096 * 87/32 = 11136, 10240 * 87/32 = 27840.
+    /// - 2 ResBlocks, the target's frozen head shared: the head's input needs a gradient, its
+    ///   weight none (grad_one): grad_one 24960, grad_both 9984 (T = 32: 27840, 11136).
+    /// - no ResBlocks: an own head reads the target's state (grad_one 6144 * 39/16 = 14976);
+    ///   the shared frozen head trains nothing (no_grad 14976).
+    #[test]
+    fn token_macs_count_each_heads_blocks_and_lm_head_over_its_positions() {
+        let cases = [
+            (2, false, 16, macs(24960.0, 9984.0, 0.0)),
+            (2, false, 32, macs(27840.0, 11136.0, 0.0)),
+            (2, true, 16, macs(9984.0, 24960.0, 0.0)),
+            (2, true, 32, macs(11136.0, 27840.0, 0.0)),
+            (0, false, 16, macs(0.0, 14976.0, 0.0)),
+            (0, true, 16, macs(0.0, 0.0, 14976.0)),
+        ];
+        for (layers, original, t, want) in cases {
+            let m = medusa(layers, original);
+            let got = m.token_macs(t);
+            let what = format!("{layers} layers, original_lm_head {original}, T {t}");
+            assert_macs(got, want, &what);
+            // the same from the VarStore: every trainable matrix of head k applied to its
+            // (T-k-2)/T share of the positions, plus the shared frozen head on trained inputs
+            let share = |k: f64| (t as f64 - k - 2.0) / t as f64;
+            let trained = matrix_macs(&m.vs, |name| {
+                let k: f64 = name.split('.').nth(1)?.parse().ok()?;
+                (name.starts_with("blocks.") || name.starts_with("lm_heads.")).then(|| share(k))
+            });
+            let frozen_head = if original && layers > 0 {
+                6144.0 * (share(0.0) + share(1.0) + share(2.0))
+            } else {
+                0.0
+            };
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + frozen_head, 0.0, 0.0),
+                &format!("{what}: from the VarStore"),
+            );
+        }
     }
 }

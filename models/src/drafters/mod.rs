@@ -216,6 +216,128 @@ pub(crate) fn forge_format_only(kind: &str, format: ExportFormat, note: Option<&
     ))
 }
 
+/// Multiply-accumulates (MACs) of one trained token through a drafter's training step, by
+/// what the backward pass computes from them ([`Drafter::token_macs`]). A matrix product
+/// `[n, k] x [k, m]` is `k * m` MACs per row. FLOPs: 2 per MAC forward; backward 4 per
+/// `grad_both` MAC (a product for the gradient of each operand), 2 per `grad_one` MAC, none
+/// for `no_grad`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenMacs {
+    /// Both operands need a gradient: a trainable weight over an input that needs one (any
+    /// layer after the first trainable one), attention's Q·K and A·V inside the draft.
+    pub grad_both: f64,
+    /// One operand needs a gradient: a trainable weight over inputs that need none (the
+    /// first layer over the target's features), or a frozen weight whose input needs one
+    /// (a frozen shared lm_head after trainable layers).
+    pub grad_one: f64,
+    /// Neither: frozen work inside the step (e.g. frozen target layers run under no_grad).
+    pub no_grad: f64,
+}
+
+impl TokenMacs {
+    pub fn forward_flops(&self) -> f64 {
+        2.0 * (self.grad_both + self.grad_one + self.no_grad)
+    }
+
+    pub fn backward_flops(&self) -> f64 {
+        4.0 * self.grad_both + 2.0 * self.grad_one
+    }
+
+    /// Forward and backward.
+    pub fn train_flops(&self) -> f64 {
+        self.forward_flops() + self.backward_flops()
+    }
+}
+
+impl TokenMacs {
+    /// `macs` whose operands both need a gradient.
+    pub fn both(macs: f64) -> Self {
+        Self {
+            grad_both: macs,
+            ..Self::default()
+        }
+    }
+
+    /// `macs` of which one operand needs a gradient.
+    pub fn one(macs: f64) -> Self {
+        Self {
+            grad_one: macs,
+            ..Self::default()
+        }
+    }
+
+    /// `macs` of which no operand needs a gradient.
+    pub fn none(macs: f64) -> Self {
+        Self {
+            no_grad: macs,
+            ..Self::default()
+        }
+    }
+
+    /// All three kinds together.
+    pub fn total(&self) -> f64 {
+        self.grad_both + self.grad_one + self.no_grad
+    }
+}
+
+/// MACs per position of a Llama decoder layer's matrices: q/k/v over an `in_dim`-wide input,
+/// o_proj back to `hidden`, and the SwiGLU MLP (gate, up, down). Attention's products apart
+/// ([`attention_macs`]).
+pub(crate) fn decoder_layer_macs(
+    in_dim: i64,
+    hidden: i64,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    intermediate: i64,
+) -> f64 {
+    let (q, kv) = ((heads * head_dim) as f64, (kv_heads * head_dim) as f64);
+    let (i, h) = (in_dim as f64, hidden as f64);
+    i * (q + 2.0 * kv) + q * h + 3.0 * h * intermediate as f64
+}
+
+/// MACs per query of attention's two products (Q·K^T and A·V) over `keys` keys: `head_dim`
+/// each per key per query head (grouped KV heads are shared, not fewer products).
+pub(crate) fn attention_macs(heads: i64, head_dim: i64, keys: f64) -> f64 {
+    2.0 * (heads * head_dim) as f64 * keys
+}
+
+/// The keys per query, on average, whose scores a target-style self-attention over `seq_len`
+/// positions (`llm::layer_inputs` from an empty cache, no padding) computes: a causal kernel
+/// (`AttnMask::Causal`) visits the T(T+1)/2 visible pairs, (T+1)/2 per query; a sliding
+/// window shorter than the sequence makes the mask explicit, and a kernel under an explicit
+/// mask computes all T x T scores.
+pub(crate) fn causal_keys(seq_len: i64, sliding_window: Option<i64>) -> f64 {
+    let t = seq_len as f64;
+    if sliding_window.is_some_and(|w| seq_len > w) {
+        t
+    } else {
+        (t + 1.0) / 2.0
+    }
+}
+
+impl std::ops::Add for TokenMacs {
+    type Output = TokenMacs;
+    fn add(self, o: TokenMacs) -> TokenMacs {
+        TokenMacs {
+            grad_both: self.grad_both + o.grad_both,
+            grad_one: self.grad_one + o.grad_one,
+            no_grad: self.no_grad + o.no_grad,
+        }
+    }
+}
+
+impl std::ops::Mul<f64> for TokenMacs {
+    type Output = TokenMacs;
+    fn mul(self, k: f64) -> TokenMacs {
+        TokenMacs {
+            grad_both: self.grad_both * k,
+            grad_one: self.grad_one * k,
+            no_grad: self.no_grad * k,
+        }
+    }
+}
+
 /// An optimizer parameter group a drafter declares: the trainable variables whose names start
 /// with `prefix` (the longest matching prefix wins; `""` matches every name) get the recipe's
 /// learning rate times `lr_scale`, and the recipe's weight decay when `weight_decay` is true
@@ -307,6 +429,13 @@ pub trait Drafter {
     /// A speculative-decoding session over one sequence with `target` (`forge eval`,
     /// `speculative.rs`). Drafts that run inside the target (SpAF) use it; others ignore it.
     fn session<'a>(&'a self, target: &'a TargetModel) -> Result<Box<dyn DraftSession + 'a>>;
+    /// The work per token of this drafter's training step (its forward and backward; the
+    /// target's own forward that produces the features is not counted, it is the benchmark's
+    /// apart) on sequences of `seq_len` tokens, every position trained: the step's MACs
+    /// divided by `seq_len` (so positions a head or step cannot train, near the end of the
+    /// sequence, are left out, and attention grows with `seq_len`). `forge bench train`
+    /// turns it into the step's useful FLOPs and utilisation.
+    fn token_macs(&self, seq_len: i64) -> TokenMacs;
 }
 
 /// Checks exported names and shapes against an expectation computed independently from the
@@ -417,4 +546,73 @@ pub fn ce_and_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, f64, f6
         (top1, topk)
     });
     (ce, top1, topk)
+}
+
+/// What the drafters' `token_macs` tests share: tiny target tensors to build drafters from,
+/// the MACs of a VarStore's trainable matrices, and an exact comparison.
+#[cfg(test)]
+pub(crate) mod macs_tests {
+    use super::{TargetAccess, TokenMacs, EMBED, LM_HEAD};
+    use std::collections::BTreeMap;
+    use tch::{nn, Device, Kind, Tensor};
+
+    /// A target's embedding and lm_head `[v, h]` (zeros: only their shapes matter here).
+    pub fn heads(v: i64, h: i64) -> TargetAccess<'static> {
+        let m: BTreeMap<String, Tensor> = [EMBED, LM_HEAD]
+            .iter()
+            .map(|n| (n.to_string(), Tensor::zeros([v, h], (Kind::Float, Device::Cpu))))
+            .collect();
+        TargetAccess::Tensors(m)
+    }
+
+    /// Sum over the trainable matrices (2-D variables) of `vs` of their elements times
+    /// `applications(name)`, the rows each is applied to per token (`None`: a matrix the
+    /// test did not expect, which fails it). Vectors (norms, biases) and buffers do not count.
+    pub fn matrix_macs(vs: &nn::VarStore, applications: impl Fn(&str) -> Option<f64>) -> f64 {
+        let mut total = 0.0;
+        for (name, v) in vs.variables() {
+            if v.requires_grad() && v.dim() == 2 {
+                let n = applications(&name).unwrap_or_else(|| panic!("unexpected trainable matrix {name}"));
+                total += v.numel() as f64 * n;
+            }
+        }
+        total
+    }
+
+    /// `got` equals `want` in each kind (to f64 rounding of the divisions by T).
+    pub fn assert_macs(got: TokenMacs, want: TokenMacs, what: &str) {
+        for (name, g, w) in [
+            ("grad_both", got.grad_both, want.grad_both),
+            ("grad_one", got.grad_one, want.grad_one),
+            ("no_grad", got.no_grad, want.no_grad),
+        ] {
+            assert!(
+                (g - w).abs() <= 1e-9 * w.abs().max(1.0),
+                "{what}: {name} is {g}, expected {w} (got {got:?})"
+            );
+        }
+    }
+
+    /// A draft layer of hidden 64, 4 heads / 2 KV heads of 16, MLP 128: q 4096 + k 2048 +
+    /// v 2048 + o 4096 + MLP 3 x 8192 = 36864 MACs a row over a 64-wide input.
+    pub fn tiny_layer() -> super::eagle::DraftLayerSpec {
+        super::eagle::DraftLayerSpec {
+            hidden_size: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            intermediate_size: 128,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: crate::layers::RopeScaling::None,
+        }
+    }
+
+    pub fn macs(grad_both: f64, grad_one: f64, no_grad: f64) -> TokenMacs {
+        TokenMacs {
+            grad_both,
+            grad_one,
+            no_grad,
+        }
+    }
 }

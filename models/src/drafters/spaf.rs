@@ -31,7 +31,7 @@
 
 use super::{
     ce_and_hits, Drafter, DrafterKind, DrafterSpec, FeatureNeeds, Features, LossOutput, Metric, ResolveTarget,
-    StepContext, TargetAccess, TargetNeeds, EMBED,
+    StepContext, TargetAccess, TargetNeeds, TokenMacs, EMBED,
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
@@ -61,8 +61,32 @@ pub enum AdapterLoss {
     Kl,
 }
 
-/// SpAF's hyper-parameters plus the target dimensions it is built for.
+/// The shape of the target's decoder layers: what the frozen layers a training step runs
+/// cost ([`Drafter::token_macs`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpafTargetLayer {
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub intermediate_size: i64,
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
+}
+
+impl SpafTargetLayer {
+    pub fn of(cfg: &crate::llm::TargetConfig) -> Self {
+        Self {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            intermediate_size: cfg.intermediate_size,
+            sliding_window: cfg.sliding_window,
+        }
+    }
+}
+
+/// SpAF's hyper-parameters plus the target dimensions it is built for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SpafSpec {
     /// k: the first layer with an adapter (1 <= k < num_layers).
     pub cutoff_layer: i64,
@@ -87,6 +111,56 @@ pub struct SpafSpec {
     pub hidden_size: i64,
     pub num_layers: i64,
     pub vocab_size: i64,
+    /// The target's layer shape; `None` in specs written before it was recorded (their
+    /// [`Drafter::token_macs`] leaves the frozen target layers out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_layer: Option<SpafTargetLayer>,
+}
+
+/// Field by field, except that a spec written before the target's layer shape was recorded
+/// (`target_layer: None`) equals the same spec with it: the shape is the target's, which
+/// the other fields and the probe already tie the draft to, so a checkpoint from before it
+/// still resumes under the recipe it was trained with.
+impl PartialEq for SpafSpec {
+    fn eq(&self, o: &Self) -> bool {
+        let SpafSpec {
+            cutoff_layer,
+            adapter_dim,
+            alignment_num_layers,
+            alignment_hidden_size,
+            alignment_loss,
+            adapter_loss,
+            adapter_weight,
+            alignment_weight,
+            layer_weights,
+            exit_layer,
+            num_draft_tokens,
+            serial_parallel_transition,
+            hidden_size,
+            num_layers,
+            vocab_size,
+            target_layer,
+        } = self;
+        *cutoff_layer == o.cutoff_layer
+            && *adapter_dim == o.adapter_dim
+            && *alignment_num_layers == o.alignment_num_layers
+            && *alignment_hidden_size == o.alignment_hidden_size
+            && *alignment_loss == o.alignment_loss
+            && *adapter_loss == o.adapter_loss
+            && *adapter_weight == o.adapter_weight
+            && *alignment_weight == o.alignment_weight
+            && *layer_weights == o.layer_weights
+            && *exit_layer == o.exit_layer
+            && *num_draft_tokens == o.num_draft_tokens
+            && *serial_parallel_transition == o.serial_parallel_transition
+            && *hidden_size == o.hidden_size
+            && *num_layers == o.num_layers
+            && *vocab_size == o.vocab_size
+            && match (target_layer, &o.target_layer) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 impl SpafSpec {
@@ -295,6 +369,7 @@ impl DrafterKind for Spaf {
             hidden_size: h,
             num_layers: l,
             vocab_size: cfg.vocab_size,
+            target_layer: Some(SpafTargetLayer::of(cfg)),
         };
         spec.validate().map_err(|e| bad(format!("drafter: {e}")))?;
         Ok(spec)
@@ -606,6 +681,77 @@ impl Drafter for Spaf {
         })
     }
 
+    /// What the step runs besides the target's own forward (which gave `h_{k-1}` and the last
+    /// hidden state): with `adapter_loss: kl`, the target's lm_head over the T-1 trained
+    /// positions' last hidden states under no_grad; target layer k again from `h_{k-1}`
+    /// (nothing in it needs a gradient: no backward), then A_k (down over an input without
+    /// gradient, up over one with), then for each layer l from k+1 to the deepest trained
+    /// exit the frozen target layer l over the adapted stream (its matrices with a frozen
+    /// weight over an input that needs a gradient; attention's products with both operands
+    /// needing one) and A_l; every exit from k to the deepest trained one reads out its T-1
+    /// positions through the frozen final norm and lm_head (a gradient flows back only from
+    /// the exits with a weight > 0; an exit weighted 0 is forward work only); the alignment
+    /// head over all T positions (its first layer reads the target's embedding, which needs
+    /// no gradient). The target layers' attention counts the causal kernel's visible pairs
+    /// (what `forge bench train` counts for the target's forward).
+    fn token_macs(&self, seq_len: i64) -> TokenMacs {
+        if seq_len < 1 {
+            return TokenMacs::default();
+        }
+        let s = &self.s;
+        let t = seq_len as f64;
+        let (h, v, r) = (s.hidden_size as f64, s.vocab_size as f64, s.adapter_dim as f64);
+        let rows = (t - 1.0) / t;
+        // one frozen target layer per position: (matrices, attention's products)
+        let (layer, attention) = match &s.target_layer {
+            Some(c) => (
+                super::decoder_layer_macs(
+                    s.hidden_size,
+                    s.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    c.intermediate_size,
+                ),
+                super::attention_macs(c.num_heads, c.head_dim, super::causal_keys(seq_len, c.sliding_window)),
+            ),
+            None => (0.0, 0.0),
+        };
+        let mut macs = match s.adapter_loss {
+            AdapterLoss::Kl => TokenMacs::none(v * h * rows),
+            AdapterLoss::Ce => TokenMacs::default(),
+        };
+        let deepest = s.layer_weights.iter().rposition(|w| *w > 0.0).unwrap_or(0);
+        for (i, w) in s.layer_weights.iter().take(deepest + 1).enumerate() {
+            // target layer k + i and its adapter
+            macs = macs
+                + match i {
+                    0 => TokenMacs::none(layer + attention) + TokenMacs::one(h * r) + TokenMacs::both(r * h),
+                    _ => TokenMacs::one(layer) + TokenMacs::both(attention + 2.0 * h * r),
+                };
+            // its exit
+            let exit = v * h * rows;
+            macs = macs
+                + if *w > 0.0 {
+                    TokenMacs::one(exit)
+                } else {
+                    TokenMacs::none(exit)
+                };
+        }
+        // the alignment head: h -> a -> .. -> a -> h, its first layer over the embedding
+        let a = s.alignment_hidden_size as f64;
+        let n = s.alignment_num_layers;
+        for i in 0..n {
+            let (din, dout) = (if i == 0 { h } else { a }, if i == n - 1 { h } else { a });
+            macs = macs
+                + match i {
+                    0 => TokenMacs::one(din * dout),
+                    _ => TokenMacs::both(din * dout),
+                };
+        }
+        macs
+    }
+
     fn engines_note(&self) -> Option<&'static str> {
         Some("SpAF drafts run inside the target itself (adapters after its layers, its KV cache shared with verification); no inference engine (vLLM, SGLang, TensorRT-LLM) has that draft mode. The forge format holds the adapters and the alignment head alone, with the probe of the target they belong to; forge eval decodes with them")
     }
@@ -865,5 +1011,128 @@ impl SharedTarget for SpafSession<'_> {
         if let Some(h) = self.verified_hk.take() {
             self.verified_hk = Some(h.narrow(1, 0, kept.min(h.size()[1])));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drafters::macs_tests::{assert_macs, macs, matrix_macs};
+
+    /// A 4-layer target of hidden 64 (4 heads / 2 KV heads of 16, MLP 128, vocabulary 96),
+    /// cutoff 1, adapters 16 wide, an alignment head of 2 layers 128 wide.
+    fn spec(weights: Vec<f64>, loss: AdapterLoss, sliding_window: Option<i64>) -> SpafSpec {
+        SpafSpec {
+            cutoff_layer: 1,
+            adapter_dim: 16,
+            alignment_num_layers: 2,
+            alignment_hidden_size: 128,
+            alignment_loss: AlignmentLoss::Mse,
+            adapter_loss: loss,
+            adapter_weight: 1.0,
+            alignment_weight: 1.0,
+            layer_weights: weights,
+            exit_layer: 1,
+            num_draft_tokens: 5,
+            serial_parallel_transition: 2,
+            hidden_size: 64,
+            num_layers: 4,
+            vocab_size: 96,
+            target_layer: Some(SpafTargetLayer {
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 16,
+                intermediate_size: 128,
+                sliding_window,
+            }),
+        }
+    }
+
+    /// Per position: a target layer's matrices q 4096 + k 2048 + v 2048 + o 4096 + MLP 24576
+    /// = 36864, its causal attention 2 x 64 x (T+1)/2 = 1088 at T = 16, 2112 at T = 32 (all
+    /// 16 keys, 2048, under a sliding window of 8 < T); an adapter's down and up 64 x 16 =
+    /// 1024 each; an exit's lm_head 96 x 64 = 6144 over T-1 of T positions (5760 at T = 16,
+    /// 5952 at T = 32); the alignment head 64 x 128 = 8192 (grad_one) + 128 x 64 = 8192
+    /// (grad_both).
+    /// Weights [1, 0, 1] (exits 1, 2, 3; the deepest trained is 3), CE:
+    /// - layer 1 again from the target's h_0: no_grad 36864 + 1088;
+    /// - A_1: down grad_one 1024, up grad_both 1024;
+    /// - layers 2, 3 (frozen, on the adapted stream): grad_one 2 x 36864 = 73728, attention
+    ///   grad_both 2 x 1088 = 2176; A_2, A_3: grad_both 4 x 1024 = 4096;
+    /// - exits 1 and 3: grad_one 2 x 5760; exit 2 (weight 0): no_grad 5760.
+    ///
+    /// T = 16: grad_one 1024 + 73728 + 11520 + 8192 = 94464, grad_both 1024 + 2176 + 4096 +
+    /// 8192 = 15488, no_grad 36864 + 1088 + 5760 = 43712. KL adds the target's lm_head on T-1
+    /// positions: no_grad + 5760 = 49472. T = 32: grad_one 94848, grad_both 17536, no_grad
+    /// 44928. Sliding window 8 at T = 16: grad_both 17408, no_grad 44672.
+    /// Weights [1, 0, 0]: only layer 1, A_1 and exit 1: grad_one 1024 + 5760 + 8192 = 14976,
+    /// grad_both 1024 + 8192 = 9216, no_grad 37952.
+    #[test]
+    fn token_macs_count_the_frozen_layers_the_adapters_exits_and_alignment_head() {
+        use AdapterLoss::{Ce, Kl};
+        // (exit weights, loss, sliding window, T, [grad_both, grad_one, no_grad])
+        let cases = [
+            ([1.0, 0.0, 1.0], Ce, None, 16, [15488.0, 94464.0, 43712.0]),
+            ([1.0, 0.0, 1.0], Kl, None, 16, [15488.0, 94464.0, 49472.0]),
+            ([1.0, 0.0, 1.0], Ce, None, 32, [17536.0, 94848.0, 44928.0]),
+            ([1.0, 0.0, 1.0], Ce, Some(8), 16, [17408.0, 94464.0, 44672.0]),
+            ([1.0, 0.0, 0.0], Ce, None, 16, [9216.0, 14976.0, 37952.0]),
+        ];
+        for (weights, loss, window, t, [both, one, none]) in cases {
+            let want = macs(both, one, none);
+            let deepest = weights.iter().rposition(|w| *w > 0.0).expect("a trained exit") as i64 + 1;
+            let trained_exits = weights.iter().filter(|w| **w > 0.0).count() as f64;
+            let m = Spaf::new(
+                spec(weights.to_vec(), loss, window),
+                &TargetAccess::Nothing,
+                Device::Cpu,
+                Kind::Float,
+            )
+            .expect("spaf");
+            let got = m.token_macs(t);
+            let what = format!("weights {weights:?}, {loss:?}, window {window:?}, T {t}");
+            assert_macs(got, want, &what);
+            // from the VarStore: the adapters up to the deepest trained exit and the
+            // alignment head once per position; plus the frozen layers after the cutoff up to
+            // it, their attention, and the lm_head of the trained exits
+            let trained = matrix_macs(&m.vs, |name| {
+                if name.starts_with("align.") {
+                    return Some(1.0);
+                }
+                let l: i64 = name.strip_prefix("adapters.")?.split('.').next()?.parse().ok()?;
+                Some(if l <= deepest { 1.0 } else { 0.0 })
+            });
+            let tf = t as f64;
+            let keys = if window.is_some_and(|w| t > w) {
+                tf
+            } else {
+                (tf + 1.0) / 2.0
+            };
+            let frozen = (deepest - 1) as f64 * (36864.0 + 2.0 * 64.0 * keys);
+            let exits = trained_exits * 6144.0 * (tf - 1.0) / tf;
+            assert_macs(
+                macs(got.grad_both + got.grad_one, 0.0, 0.0),
+                macs(trained + frozen + exits, 0.0, 0.0),
+                &format!("{what}: from the VarStore"),
+            );
+        }
+    }
+
+    /// A spec written before the target's layer shape was recorded reads without it and
+    /// equals the same spec resolved now (a checkpoint resumes); two different shapes differ.
+    #[test]
+    fn a_spec_without_the_target_layer_shape_reads_and_matches() {
+        let now = spec(vec![1.0, 0.0, 1.0], AdapterLoss::Ce, None);
+        let mut old = serde_json::to_value(&now).expect("json");
+        old.as_object_mut().expect("object").remove("target_layer");
+        let old: SpafSpec = serde_json::from_value(old).expect("an old spec");
+        assert_eq!(old.target_layer, None);
+        assert_eq!(old, now);
+        assert_eq!(now, old);
+        let other = spec(vec![1.0, 0.0, 1.0], AdapterLoss::Ce, Some(8));
+        assert_ne!(other, now);
+        let mut changed = old.clone();
+        changed.adapter_dim = 8;
+        assert_ne!(changed, now);
     }
 }
