@@ -328,9 +328,10 @@ fn bench_train_on_the_device_reports_consistent_figures() {
         dtype: if dev.is_cuda() { DType::BF16 } else { DType::F32 },
         compute: "auto".into(),
         peak_tflops: 100.0,
+        zero_stage: 0,
         seed: 0,
     };
-    let rows = bench_train::run(&opts, |_| {}).expect("bench");
+    let rows = bench_train::run(&opts, &mut forge_trainer::parallel::SingleProcess, |_| {}).expect("bench");
     assert_eq!(rows.len(), 2);
     let cfg = forge_models::TargetConfig::from_value(bench_train::shape_config("tiny").expect("shape")).expect("cfg");
     for r in &rows {

@@ -116,7 +116,10 @@ fn every_collective_gives_the_expected_numbers_over_gloo() {
         // buckets and ranks) against the per-tensor AdamW on the averaged gradients, 5 steps
         for stage in ["zero0", "zero2"] {
             let rel = v["fused_adamw_max_rel_diff"][stage].as_f64().expect("fused check");
-            assert!(rel <= 1e-6, "rank {r} {stage}: fused vs per-tensor max relative difference {rel:e}");
+            assert!(
+                rel <= 1e-6,
+                "rank {r} {stage}: fused vs per-tensor max relative difference {rel:e}"
+            );
         }
     }
 }

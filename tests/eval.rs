@@ -847,7 +847,18 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
                 .filter(|m| !m.name.starts_with("chain/"))
             {
                 if let Some(b) = want.parts.iter().chain(&want.metrics).find(|b| b.name == a.name) {
-                    assert_eq!((a.sum, a.count), (b.sum, b.count), "{name} {fmt}: {}", a.name);
+                    // equal to rounding: EAGLE-3 runs its lm_head once over the rows of all
+                    // its steps, so a step's rows are rounded within a product whose size
+                    // depends on ttt_length (which an engine config does not record)
+                    assert_eq!(a.count, b.count, "{name} {fmt}: {}", a.name);
+                    let tol = 1e-6 * b.sum.abs().max(1.0);
+                    assert!(
+                        (a.sum - b.sum).abs() <= tol,
+                        "{name} {fmt}: {} {} vs {}",
+                        a.name,
+                        a.sum,
+                        b.sum
+                    );
                     common += 1;
                 }
             }

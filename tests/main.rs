@@ -1,5 +1,6 @@
 //! forge's integration tests: one binary, a module per area.
 
+mod bench;
 mod cli;
 mod cuda;
 mod data;

@@ -1,7 +1,7 @@
 // A C interface to libtorch's multi-tensor optimizer kernels, which tch 0.26 does not bind:
 // the fused AdamW step (`_fused_adamw_`, one kernel over a list of tensors, CPU and CUDA)
 // and the foreach ops gradient clipping needs (`_foreach_norm`, `_foreach_mul_`) and
-// zeroing (`_foreach_zero_`).
+// zeroing (`_foreach_zero_`), and dropping gradients (tch cannot unset one).
 //
 // As in c10d_shim.cpp: every entry point catches C++ exceptions and returns them as a
 // malloc'd error string (NULL on success) that the caller frees with
@@ -95,6 +95,16 @@ char* forge_foreach_mul_(at::Tensor** ts, int64_t n, double s) {
   return guarded([&] {
     if (n > 0) {
       at::_foreach_mul_(list(ts, n), s);
+    }
+  });
+}
+
+// Drops every tensor's gradient (torch's zero_grad(set_to_none=True)): the next backward
+// then stores its gradient instead of adding it to zeros.
+char* forge_release_grads(at::Tensor** ts, int64_t n) {
+  return guarded([&] {
+    for (int64_t i = 0; i < n; ++i) {
+      ts[i]->mutable_grad().reset();
     }
   });
 }

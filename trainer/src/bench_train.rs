@@ -9,14 +9,22 @@
 //! with random weights built directly on the device (never read from disk), so a Llama-8B
 //! shaped target needs no download.
 //!
-//! Reported per drafter: the step time (median over the timed steps) and the target
-//! forward's share of it, tokens per second, the peak memory (CUDA: the caching allocator's
-//! peak of allocated bytes over the timed steps; CPU: the process's peak resident set), the
-//! target forward's useful FLOPs and, given the device's peak, its MFU.
+//! Reported per drafter: the median step's time and its phases (target forward with the
+//! features, draft forward with the loss, backward, gradient communication, clipping,
+//! optimizer update; the device is synchronised between phases, and the phases add up to
+//! the step), tokens per second, the peak memory (CUDA: the caching allocator's peak of
+//! allocated bytes over the timed steps; CPU: the process's peak resident set), the
+//! optimizer's state, and the useful FLOPs: the target forward's, the drafter's
+//! ([`forge_models::drafters::Drafter::token_macs`]) and the step's, with the utilisation
+//! against a peak given (`--peak-tflops`) or measured by a matmul probe ([`probe_peak`]).
+//!
+//! Under `forge launch` every rank runs the same steps on its own random batch and the
+//! gradients go through the configured ZeRO stage's collectives (the comm phase); rank 0
+//! reports.
 
 use crate::error::{Result, TrainerError};
 use crate::optim::ParamPolicy;
-use crate::parallel::SingleProcess;
+use crate::parallel::Comm;
 use crate::recipe::Recipe;
 use crate::train::{compute_kind, optimizer, peak_rss_mb, target_features};
 use forge_models::drafters::{PrepareData, StepContext, TargetAccess};
@@ -113,12 +121,15 @@ pub struct TrainBenchOptions {
     pub dtype: DType,
     /// The drafter's compute precision, as `train.dtype` takes it (auto, fp32, bf16, fp16).
     pub compute: String,
-    /// The device's dense peak in TFLOP/s for the MFU (0 = not reported).
+    /// The device's dense peak in TFLOP/s for the utilisation (0 = measure it with
+    /// [`probe_peak`]).
     pub peak_tflops: f64,
+    /// ZeRO stage of the optimizer (0, 1, 2; matters under `forge launch`).
+    pub zero_stage: u32,
     pub seed: u64,
 }
 
-/// One drafter's figures.
+/// One drafter's figures. The step time and its phases are those of the median step.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBenchRow {
     pub target: String,
@@ -131,23 +142,80 @@ pub struct TrainBenchRow {
     pub steps: usize,
     pub target_params: i64,
     pub trainable_params: i64,
-    /// Median step time (target forward + drafter loss, backward, optimizer step).
+    /// Data-parallel ranks and the optimizer's ZeRO stage.
+    pub world: usize,
+    pub zero_stage: u32,
+    /// Intra-op threads of this process (torch's).
+    pub threads: i32,
+    /// The median step's time (target forward + drafter loss, backward, optimizer step).
     pub step_ms: f64,
     pub step_ms_min: f64,
     pub step_ms_max: f64,
-    /// Median time of the target forward (and the features) within the step.
+    /// The target forward (and the features) within the median step.
     pub target_ms: f64,
-    /// `step_ms - target_ms` (median of the per-step differences).
+    /// `step_ms - target_ms`.
     pub drafter_ms: f64,
+    /// The other phases of the median step (they add up to `step_ms` with `target_ms`): the
+    /// drafter's forward and loss, backward, the gradients' all-reduce / reduce-scatter /
+    /// all-gather, clipping, and the rest of the optimizer step (the update, zeroing the
+    /// gradients).
+    pub draft_forward_ms: f64,
+    pub backward_ms: f64,
+    pub comm_ms: f64,
+    pub clip_ms: f64,
+    pub optimizer_ms: f64,
     pub tokens_per_s: f64,
     /// Useful FLOPs of one target forward over the batch (causal attention counted once).
     pub target_flops: f64,
     pub target_tflops_per_s: f64,
     /// `target_tflops_per_s / peak_tflops` (absent without a peak).
     pub target_mfu: Option<f64>,
+    /// The drafter's training FLOPs (forward and backward) per token.
+    pub draft_flops_per_token: f64,
+    /// Useful FLOPs of the whole step: the target forward and the drafter's training.
+    pub step_flops: f64,
+    pub step_tflops_per_s: f64,
+    /// The peak the utilisation is measured against, and where it comes from.
+    pub peak_tflops: f64,
+    pub peak_source: String,
+    /// `step_tflops_per_s / peak_tflops`.
+    pub step_utilisation: f64,
     pub peak_mem_mb: f64,
     /// What `peak_mem_mb` measures: `cuda_allocated` or `process_rss`.
     pub peak_mem_kind: String,
+    /// Optimizer state this rank holds (both AdamW moments, fp32).
+    pub optimizer_state_mb: f64,
+}
+
+/// The dense matmul peak of `device` in TFLOP/s, measured: the best of 5 timed products of
+/// two square matrices (2048 fp32 on CPU, 8192 in `kind` on CUDA) after one warm-up. What
+/// the utilisation of a step is measured against when no `--peak-tflops` is given.
+pub fn probe_peak(device: Device, kind: Kind) -> (f64, String) {
+    let (n, kind) = if device.is_cuda() {
+        (8192, kind)
+    } else {
+        (2048, Kind::Float)
+    };
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
+    let _ = a.matmul(&b);
+    synchronize(device);
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let _ = a.matmul(&b);
+        synchronize(device);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let tflops = 2.0 * (n as f64).powi(3) / best / 1e12;
+    (
+        tflops,
+        format!(
+            "probe: {n}x{n} {} matmul, {} threads",
+            kind_name(kind),
+            tch::get_num_threads()
+        ),
+    )
 }
 
 /// Useful FLOPs of a target forward over `batch` sequences of `seq` tokens: 2 per weight per
@@ -183,18 +251,24 @@ impl PrepareData for FirstIds {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return 0.0;
-    }
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
+/// One timed step's phases, in milliseconds (they add up to `step`).
+#[derive(Debug, Clone, Copy, Default)]
+struct StepTimes {
+    step: f64,
+    target: f64,
+    draft: f64,
+    backward: f64,
+    comm: f64,
+    clip: f64,
+    optimizer: f64,
+}
+
+/// The step of median time (the upper one of the middle two for an even count), whose
+/// phases are reported: phases of one step add up to it, medians of each phase would not.
+fn median_step(times: &[StepTimes]) -> StepTimes {
+    let mut s = times.to_vec();
+    s.sort_by(|a, b| a.step.total_cmp(&b.step));
+    s.get(s.len() / 2).copied().unwrap_or_default()
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -211,8 +285,12 @@ pub enum BenchEvent<'a> {
 }
 
 /// Runs the benchmark; `on_row` sees each drafter's row as soon as it is measured.
-pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> Result<Vec<TrainBenchRow>> {
-    run_observed(opts, |e| {
+pub fn run(
+    opts: &TrainBenchOptions,
+    comm: &mut dyn Comm,
+    mut on_row: impl FnMut(&TrainBenchRow),
+) -> Result<Vec<TrainBenchRow>> {
+    run_observed(opts, comm, |e| {
         if let BenchEvent::Row(r) = e {
             on_row(r)
         }
@@ -220,7 +298,11 @@ pub fn run(opts: &TrainBenchOptions, mut on_row: impl FnMut(&TrainBenchRow)) -> 
 }
 
 /// Runs the benchmark; `on_event` sees its notes and each drafter's row as soon as measured.
-pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEvent)) -> Result<Vec<TrainBenchRow>> {
+pub fn run_observed(
+    opts: &TrainBenchOptions,
+    comm: &mut dyn Comm,
+    mut on_event: impl FnMut(BenchEvent),
+) -> Result<Vec<TrainBenchRow>> {
     if opts.batch == 0 || opts.seq_len < 2 || opts.steps == 0 {
         return Err(TrainerError::Config(
             "--batch must be at least 1, --seq-len at least 2 and --steps at least 1".into(),
@@ -231,6 +313,11 @@ pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEven
     }
     let device = opts.device;
     tch::manual_seed(opts.seed as i64);
+    let (peak_tflops, peak_source) = if opts.peak_tflops > 0.0 {
+        (opts.peak_tflops, "--peak-tflops".to_string())
+    } else {
+        probe_peak(device, opts.dtype.kind())
+    };
     let (target, target_name) = match &opts.target {
         BenchTarget::Dir(dir) => (TargetModel::load(dir, opts.dtype, device)?, dir.display().to_string()),
         BenchTarget::Shape(name) => {
@@ -281,12 +368,14 @@ pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEven
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let trainable_params: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
         let policy = ParamPolicy::new(drafter.param_groups())?;
-        let mut dp = SingleProcess;
         let t = &recipe.train;
-        let mut opt = optimizer(&recipe, &params, &policy, 0, &mut dp)?;
+        let mut opt = optimizer(&recipe, &params, &policy, opts.zero_stage, comm)?;
+        opt.set_phase_timing(true);
         let (b, l) = (opts.batch as i64, opts.seq_len as i64);
         let total = (opts.warmup + opts.steps) as u64;
-        let (mut step_ms, mut target_ms, mut drafter_ms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut times: Vec<StepTimes> = Vec::new();
+        // each rank its own batches
+        tch::manual_seed(opts.seed as i64 + 7919 * comm.rank() as i64);
         for step in 0..total {
             if step == opts.warmup as u64 {
                 crate::parallel::c10d::cuda_reset_peak(device);
@@ -301,27 +390,48 @@ pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEven
             let t1 = Instant::now();
             let ctx = StepContext::train(opts.seed, step, total, 0).with_target(Some(&target));
             let out = drafter.loss(&f, &ctx)?;
-            out.loss.backward();
-            opt.step(&mut dp, t.lr, t.max_grad_norm)?;
-            opt.zero_grad()?;
             synchronize(device);
             let t2 = Instant::now();
+            out.loss.backward();
+            synchronize(device);
+            let t3 = Instant::now();
+            opt.step(comm, t.lr, t.max_grad_norm)?;
+            opt.zero_grad()?;
+            synchronize(device);
+            let t5 = Instant::now();
             if step >= opts.warmup as u64 {
-                let (a, c) = ((t1 - t0).as_secs_f64() * 1e3, (t2 - t0).as_secs_f64() * 1e3);
-                target_ms.push(a);
-                step_ms.push(c);
-                drafter_ms.push(c - a);
+                let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+                let p = opt.last_phases();
+                // the optimizer phase is what is left of the step after the others, so that
+                // the phases add up to the step exactly
+                times.push(StepTimes {
+                    step: ms(t0, t5),
+                    target: ms(t0, t1),
+                    draft: ms(t1, t2),
+                    backward: ms(t2, t3),
+                    comm: p.comm_ms,
+                    clip: p.clip_ms,
+                    optimizer: ms(t3, t5) - p.comm_ms - p.clip_ms,
+                });
             }
         }
+        let median_step = median_step(&times);
         let (peak_mem_mb, peak_mem_kind) = match crate::parallel::c10d::cuda_peak_allocated(device) {
             Some(bytes) => (bytes as f64 / (1024.0 * 1024.0), "cuda_allocated"),
             None => (peak_rss_mb(), "process_rss"),
         };
-        let med_step = median(&step_ms);
-        let med_target = median(&target_ms);
+        let med_step = median_step.step;
+        let med_target = median_step.target;
         let flops = target_forward_flops(&cfg, opts.batch, opts.seq_len, needs.target_topk > 0);
         let tflops = if med_target > 0.0 {
             flops / (med_target / 1e3) / 1e12
+        } else {
+            0.0
+        };
+        let draft_flops_per_token = drafter.token_macs(l).train_flops();
+        let step_flops = flops + draft_flops_per_token * (opts.batch * opts.seq_len) as f64;
+        let step_tflops = if med_step > 0.0 {
+            step_flops / (med_step / 1e3) / 1e12
         } else {
             0.0
         };
@@ -336,17 +446,32 @@ pub fn run_observed(opts: &TrainBenchOptions, mut on_event: impl FnMut(BenchEven
             steps: opts.steps,
             target_params,
             trainable_params,
+            world: comm.world(),
+            zero_stage: opts.zero_stage,
+            threads: tch::get_num_threads(),
             step_ms: med_step,
-            step_ms_min: step_ms.iter().copied().fold(f64::INFINITY, f64::min),
-            step_ms_max: step_ms.iter().copied().fold(0.0, f64::max),
+            step_ms_min: times.iter().map(|t| t.step).fold(f64::INFINITY, f64::min),
+            step_ms_max: times.iter().map(|t| t.step).fold(0.0, f64::max),
             target_ms: med_target,
-            drafter_ms: median(&drafter_ms),
+            drafter_ms: med_step - med_target,
+            draft_forward_ms: median_step.draft,
+            backward_ms: median_step.backward,
+            comm_ms: median_step.comm,
+            clip_ms: median_step.clip,
+            optimizer_ms: median_step.optimizer,
             tokens_per_s: (opts.batch * opts.seq_len) as f64 / (med_step / 1e3),
             target_flops: flops,
             target_tflops_per_s: tflops,
-            target_mfu: (opts.peak_tflops > 0.0).then(|| tflops / opts.peak_tflops),
+            target_mfu: Some(tflops / peak_tflops),
+            draft_flops_per_token,
+            step_flops,
+            step_tflops_per_s: step_tflops,
+            peak_tflops,
+            peak_source: peak_source.clone(),
+            step_utilisation: step_tflops / peak_tflops,
             peak_mem_mb,
             peak_mem_kind: peak_mem_kind.into(),
+            optimizer_state_mb: opt.state_bytes() as f64 / (1024.0 * 1024.0),
         };
         on_event(BenchEvent::Row(&row));
         rows.push(row);

@@ -20,10 +20,12 @@ pub enum BenchCommand {
         #[command(flatten)]
         comm: CommArgs,
     },
-    /// The online training step's speed and memory per drafter: step time, target-forward
-    /// time, tokens/s, peak memory, and the target forward's TFLOP/s and MFU. The target is a
-    /// HF folder (--target) or a named shape with random weights built on the device
-    /// (--shape llama3-8b, llama2-7b, qwen3-0.6b, smollm2-135m, tiny).
+    /// The online training step per drafter: the time of each phase (target forward, draft
+    /// forward, backward, gradient communication, clipping, optimizer), tokens/s, useful
+    /// FLOPs and utilisation against a measured (or given) peak, peak memory and optimizer
+    /// state. The target is a HF folder (--target) or a named shape with random weights built
+    /// on the device (--shape llama3-8b, llama2-7b, qwen3-0.6b, smollm2-135m, tiny). Under
+    /// `forge launch` the gradients go through the ranks' collectives (--zero-stage).
     Train(TrainBenchArgs),
 }
 
@@ -59,10 +61,17 @@ pub struct TrainBenchArgs {
     /// The drafter's compute precision (train.dtype): auto, fp32, bf16, fp16.
     #[arg(long, default_value = "auto")]
     compute: String,
-    /// The device's dense peak in TFLOP/s for the target forward's MFU (H100/H200 SXM bf16:
-    /// 989); 0 = report TFLOP/s only.
+    /// The device's dense peak in TFLOP/s that utilisation is measured against (H100/H200 SXM
+    /// bf16: 989); 0 = measure it with a matmul probe (2048² fp32 on CPU, 8192² on CUDA).
     #[arg(long, default_value_t = 0.0)]
     peak_tflops: f64,
+    /// The optimizer's ZeRO stage (0, 1, 2): under `forge launch`, which collectives the
+    /// gradients go through.
+    #[arg(long, default_value_t = 0)]
+    zero_stage: u32,
+    /// Collective timeout in seconds (under `forge launch`).
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write the rows as JSON lines to this file.
@@ -72,10 +81,22 @@ pub struct TrainBenchArgs {
 
 fn run_train_bench(a: TrainBenchArgs) -> Result<()> {
     use forge_trainer::bench_train::{self, BenchEvent, BenchTarget, TrainBenchOptions};
-    let device = parse_device(&a.device)?;
+    let mut device = parse_device(&a.device)?;
+    if device.is_cuda() && (a.device == "auto" || a.device == "cuda") {
+        // one GPU per rank under `forge launch --gpus N`
+        if let Some(local) = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse::<usize>().ok()) {
+            device = parse_device(&format!("cuda:{local}"))?;
+        }
+    }
     let dtype = forge_trainer::regenerate::resolve_dtype(&a.dtype, device)?;
     if !a.peak_tflops.is_finite() || a.peak_tflops < 0.0 {
         bail!("--peak-tflops must be a number >= 0");
+    }
+    if a.zero_stage > 2 {
+        bail!("--zero-stage must be 0, 1 or 2, got {}", a.zero_stage);
+    }
+    if a.timeout_s == 0 {
+        bail!("--timeout-s must be at least 1");
     }
     let target = match (a.target, a.shape) {
         (Some(dir), _) => BenchTarget::Dir(dir),
@@ -93,44 +114,69 @@ fn run_train_bench(a: TrainBenchArgs) -> Result<()> {
         dtype,
         compute: a.compute,
         peak_tflops: a.peak_tflops,
+        zero_stage: a.zero_stage,
         seed: a.seed,
     };
-    let mut json = match &a.json {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
-        None => None,
+    let mut comm = forge_trainer::parallel::from_env(forge_trainer::recipe::Backend::Auto, device, a.timeout_s)
+        .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
+    let report = comm.rank() == 0;
+    let mut json = match (&a.json, report) {
+        (Some(p), true) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        _ => None,
     };
     let mut write_err = None;
     let mut header = true;
-    bench_train::run_observed(&opts, |e| {
+    bench_train::run_observed(&opts, comm.as_mut(), |e| {
         let r = match e {
             BenchEvent::Note(n) => {
-                eprintln!("bench train: {n}");
+                if report {
+                    eprintln!("bench train: {n}");
+                }
                 return;
             }
-            BenchEvent::Row(r) => r,
+            BenchEvent::Row(r) if report => r,
+            BenchEvent::Row(_) => return,
         };
         if std::mem::take(&mut header) {
             println!(
-                "target: {} on {}, weights {}, drafter compute {}",
-                r.target, r.device, r.target_dtype, r.compute_dtype
+                "target: {} on {}, weights {}, drafter compute {}, batch {} x {} tokens, {} threads, world {}, ZeRO-{}",
+                r.target, r.device, r.target_dtype, r.compute_dtype, r.batch, r.seq_len, r.threads, r.world, r.zero_stage
             );
+            println!("peak: {:.3} TFLOP/s ({}); median of {} timed steps", r.peak_tflops, r.peak_source, r.steps);
             println!(
-                "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>11} {:>9} {:>7} {:>10}",
-                "drafter", "batch", "seq", "step ms", "target ms", "draft ms", "tokens/s", "TFLOP/s", "MFU", "peak MiB"
+                "{:<9} {:>9} | {:>9} {:>9} {:>9} {:>8} {:>7} {:>9} | {:>9} {:>12} {:>10} {:>6} {:>9} {:>9}",
+                "drafter",
+                "step ms",
+                "target",
+                "draft fwd",
+                "backward",
+                "comm",
+                "clip",
+                "optimizer",
+                "tokens/s",
+                "draft GF/tok",
+                "step TF/s",
+                "util",
+                "peak MiB",
+                "optim MiB"
             );
         }
         println!(
-            "{:<8} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>11.0} {:>9.2} {:>7} {:>10.0}",
+            "{:<9} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>7.1} {:>9.1} | {:>9.0} {:>12.3} {:>10.3} {:>5.1}% {:>9.0} {:>9.0}",
             r.drafter,
-            r.batch,
-            r.seq_len,
             r.step_ms,
             r.target_ms,
-            r.drafter_ms,
+            r.draft_forward_ms,
+            r.backward_ms,
+            r.comm_ms,
+            r.clip_ms,
+            r.optimizer_ms,
             r.tokens_per_s,
-            r.target_tflops_per_s,
-            r.target_mfu.map_or("-".into(), |m| format!("{:.1}%", m * 100.0)),
-            r.peak_mem_mb
+            r.draft_flops_per_token / 1e9,
+            r.step_tflops_per_s,
+            r.step_utilisation * 100.0,
+            r.peak_mem_mb,
+            r.optimizer_state_mb
         );
         if let Some(f) = json.as_mut() {
             use std::io::Write;

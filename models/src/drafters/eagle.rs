@@ -31,7 +31,9 @@ pub(crate) fn frozen(
             w.size()
         )));
     }
-    Ok(w.detach().to_device(device).to_kind(Kind::Float).to_kind(compute))
+    // the target's own tensor when it already is on `device` in the compute kind (no copy);
+    // otherwise cast once, here (a direct cast rounds as through fp32 would)
+    Ok(w.detach().to_device(device).to_kind(compute))
 }
 
 /// Shape of the one draft decoder layer (Llama layout, no biases).
@@ -209,8 +211,7 @@ impl DraftLayerSpec {
 /// Soft cross-entropy `-sum p log softmax(logits)` averaged over rows, and the rows where the
 /// arg-maxes agree. `logits` and `p` are `[N, V]`.
 pub(crate) fn soft_ce_and_hits(logits: &Tensor, p: &Tensor) -> (Tensor, f64) {
-    let logp = logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-    let ce = -(p * logp).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
+    let ce = soft_ce(logits, p);
     let hits = tch::no_grad(|| {
         logits
             .argmax(-1, false)
@@ -219,6 +220,13 @@ pub(crate) fn soft_ce_and_hits(logits: &Tensor, p: &Tensor) -> (Tensor, f64) {
             .double_value(&[])
     });
     (ce, hits)
+}
+
+/// The mean over rows of the cross-entropy of `logits` `[N, V]` against the distributions
+/// `p` `[N, V]` (fp32).
+pub(crate) fn soft_ce(logits: &Tensor, p: &Tensor) -> Tensor {
+    let logp = logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    -(p * logp).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float)
 }
 
 /// Shifts `[B, T, ..]` left by `k` along dim 1, filling the end with zeros.

@@ -153,7 +153,10 @@ pub struct Medusa {
     blocks: Vec<Vec<Linear>>,
     /// Own heads' weights, or empty when the target's lm_head is shared.
     lm_heads: Vec<Tensor>,
-    shared_lm_head: Option<Tensor>,
+    /// The target's frozen lm_head when shared: as the target holds it (what export writes:
+    /// the target's own tensor, no copy), and in the compute kind (cast once here, not at
+    /// every use; the same tensor when the kinds agree).
+    shared_lm_head: Option<(Tensor, Tensor)>,
     compute: Kind,
 }
 
@@ -195,7 +198,13 @@ impl Medusa {
         let (lm_heads, shared_lm_head) = if m.original_lm_head {
             let w = head_init
                 .ok_or_else(|| ModelError::Invalid("medusa with original_lm_head needs the target's lm_head".into()))?;
-            (Vec::new(), Some(w.detach().to_device(device).to_kind(Kind::Float)))
+            let stored = w.detach().to_device(device);
+            let cast = if stored.kind() == compute {
+                stored.shallow_clone()
+            } else {
+                stored.to_kind(compute)
+            };
+            (Vec::new(), Some((stored, cast)))
         } else {
             let heads = (0..m.num_heads)
                 .map(|k| {
@@ -226,7 +235,10 @@ impl Medusa {
         for l in &self.blocks[k] {
             x = &x + l.forward(&x).silu();
         }
-        project(&x, &self.lm_head_weight(k), self.compute)
+        match &self.shared_lm_head {
+            Some((_, w)) => project(&x, w, self.compute),
+            None => project(&x, &self.lm_heads[k], self.compute),
+        }
     }
 
     /// Logits of every head at the given positions: `[K, N, V]` for hidden `[N, H]`.
@@ -268,10 +280,10 @@ impl Medusa {
         e
     }
 
-    /// The lm_head weight of head k (own or shared).
+    /// The lm_head weight of head k (own, or the target's as it stores it).
     fn lm_head_weight(&self, k: usize) -> Tensor {
         match &self.shared_lm_head {
-            Some(w) => w.shallow_clone(),
+            Some((w, _)) => w.shallow_clone(),
             None => self.lm_heads[k].shallow_clone(),
         }
     }

@@ -41,7 +41,10 @@ impl AdamW {
         let rules = policy.rules(&params)?;
         let mut groups: Vec<Group> = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
-            match groups.iter_mut().find(|g| g.lr_scale == rule.lr_scale && g.decay == rule.decay) {
+            match groups
+                .iter_mut()
+                .find(|g| g.lr_scale == rule.lr_scale && g.decay == rule.decay)
+            {
                 Some(g) => g.slots.push(i),
                 None => groups.push(Group {
                     lr_scale: rule.lr_scale,
@@ -79,7 +82,12 @@ impl AdamW {
     /// Zeroes every defined gradient (torch's `set_to_none=False`; tch cannot unset a grad),
     /// in one multi-tensor kernel.
     pub fn zero_grad(&mut self) -> Result<()> {
-        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| s.param.grad())
+            .filter(|g| g.defined())
+            .collect();
         fused::zero_(&grads)
     }
 
@@ -89,7 +97,12 @@ impl AdamW {
     /// norm before clipping (NaN/inf when a gradient is not finite; then nothing is scaled).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(|g| g.defined()).collect();
+            let grads: Vec<Tensor> = self
+                .slots
+                .iter()
+                .map(|s| s.param.grad())
+                .filter(|g| g.defined())
+                .collect();
             if grads.is_empty() {
                 return Ok(0.0);
             }
@@ -129,7 +142,16 @@ impl AdamW {
                         continue;
                     }
                     let mut p32 = s.param.to_kind(Kind::Float);
-                    adamw_update(&mut p32, &grad, &mut s.exp_avg, &mut s.exp_avg_sq, step, lr, &cfg, group.decay);
+                    adamw_update(
+                        &mut p32,
+                        &grad,
+                        &mut s.exp_avg,
+                        &mut s.exp_avg_sq,
+                        step,
+                        lr,
+                        &cfg,
+                        group.decay,
+                    );
                     s.param.f_copy_(&p32)?;
                 }
                 fused::adamw(&p, &g, &m, &v, step, lr, &cfg, group.decay)?;

@@ -2,7 +2,8 @@
 //! `trainer/csrc/optim_shim.cpp` (tch 0.26 binds none of them): the fused AdamW step
 //! (`_fused_adamw_`: one kernel reads each parameter, gradient and moment once and writes
 //! the parameter and moments in place, no temporaries), the gradients' global norm
-//! (`_foreach_norm`), their scaling (`_foreach_mul_`) and zeroing (`_foreach_zero_`).
+//! (`_foreach_norm`), their scaling (`_foreach_mul_`), zeroing (`_foreach_zero_`) and
+//! release (set to none).
 
 use super::AdamWConfig;
 use crate::error::{Result, TrainerError};
@@ -28,6 +29,7 @@ extern "C" {
     fn forge_foreach_sq_norm(ts: *const *mut C_tensor, n: i64, out: *mut f64) -> *mut c_char;
     fn forge_foreach_mul_(ts: *const *mut C_tensor, n: i64, s: f64) -> *mut c_char;
     fn forge_foreach_zero_(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
+    fn forge_release_grads(ts: *const *mut C_tensor, n: i64) -> *mut c_char;
 }
 
 fn check(op: &str, err: *mut c_char) -> Result<()> {
@@ -148,4 +150,15 @@ pub fn zero_(ts: &[Tensor]) -> Result<()> {
     // SAFETY: n live tensor handles; exceptions are caught.
     let err = unsafe { forge_foreach_zero_(p.as_ptr(), p.len() as i64) };
     check("zeroing gradients", err)
+}
+
+/// Drops the gradients of these parameters (torch's `zero_grad(set_to_none=True)`): the next
+/// backward stores its gradient instead of adding it to a tensor of zeros (one pass over
+/// every gradient less, and none to zero them).
+pub fn release_grads(params: &[Tensor]) -> Result<()> {
+    let p = ptrs(params);
+    // SAFETY: n live tensor handles; the shim resets each one's grad (the handle's autograd
+    // metadata, not the handle itself); exceptions are caught.
+    let err = unsafe { forge_release_grads(p.as_ptr(), p.len() as i64) };
+    check("releasing gradients", err)
 }

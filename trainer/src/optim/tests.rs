@@ -482,22 +482,35 @@ fn fused_adamw_gives_the_per_tensor_parameters_after_five_steps() {
     tch::manual_seed(7);
     let shapes: [&[i64]; 5] = [&[64, 33], &[33], &[5, 7, 3], &[1000], &[3, 3]];
     let names = ["body.a", "body.b", "body.c", "head.d", "head.e"];
-    let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu)))
+        .collect();
     let grads: Vec<Vec<Tensor>> = (0..5)
-        .map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu)) * 0.3).collect())
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu)) * 0.3)
+                .collect()
+        })
         .collect();
     let params: Vec<Tensor> = init.iter().map(|t| t.copy().set_requires_grad(true)).collect();
-    let named: Vec<(String, Tensor)> = names.iter().map(|n| n.to_string()).zip(params.iter().map(Tensor::shallow_clone)).collect();
+    let named: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| n.to_string())
+        .zip(params.iter().map(Tensor::shallow_clone))
+        .collect();
     let policy = two_groups();
     let rules = policy.rules(&named).expect("rules");
     let mut opt = AdamW::new(named, cfg(), &policy).expect("adamw");
     let (lr, max_norm) = (1e-2, 5.0);
     for g in &grads {
         opt.zero_grad().expect("zero_grad");
-        let loss = params.iter().zip(g).map(|(p, g)| (p * g).sum(Kind::Float)).fold(
-            Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
-            |a, b| a + b,
-        );
+        let loss = params
+            .iter()
+            .zip(g)
+            .map(|(p, g)| (p * g).sum(Kind::Float))
+            .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b);
         loss.backward();
         let norm = opt.clip_grad_norm(max_norm).expect("clip");
         assert!(norm > max_norm, "clipping must be active: norm {norm}");
@@ -505,7 +518,10 @@ fn fused_adamw_gives_the_per_tensor_parameters_after_five_steps() {
     }
     let want = per_tensor_reference(&init, &rules, &grads, &cfg(), lr, max_norm);
     let rel = max_rel_diff(&params, &want);
-    assert!(rel <= 1e-6, "fused vs per-tensor AdamW after 5 steps: max relative difference {rel:e}");
+    assert!(
+        rel <= 1e-6,
+        "fused vs per-tensor AdamW after 5 steps: max relative difference {rel:e}"
+    );
     // and the parameters did move (by ~lr per step): the comparison is not vacuous
     assert!(max_rel_diff(&params, &init) > 1e-3);
 }

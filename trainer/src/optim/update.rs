@@ -76,7 +76,16 @@ pub fn per_tensor_reference(
         let coef = super::clip_coef(sq.sqrt(), max_norm);
         for (i, r) in rules.iter().enumerate().take(p.len()) {
             let gi = &g[i] * coef;
-            adamw_update(&mut p[i], &gi, &mut m[i], &mut v[i], step as u64 + 1, lr * r.lr_scale, cfg, r.decay);
+            adamw_update(
+                &mut p[i],
+                &gi,
+                &mut m[i],
+                &mut v[i],
+                step as u64 + 1,
+                lr * r.lr_scale,
+                cfg,
+                r.decay,
+            );
         }
     }
     p

@@ -122,7 +122,7 @@ pub fn selftest(comm: &mut dyn Comm, device: Device) -> Result<serde_json::Value
 /// is drawn from seed 1000 + 16 s + q, so every rank can also draw every other rank's.
 /// Returns `max |fused - reference| / max |reference|` over the parameters.
 fn fused_optimizer_check(comm: &mut dyn Comm, device: Device, stage: u32) -> Result<f64> {
-    use crate::optim::{per_tensor_reference, max_rel_diff, AdamWConfig, ParamPolicy};
+    use crate::optim::{max_rel_diff, per_tensor_reference, AdamWConfig, ParamPolicy};
     use forge_models::drafters::ParamGroup;
     let shapes: [&[i64]; 4] = [&[40, 9], &[9], &[300], &[7, 5]];
     let names = ["body.a", "body.b", "head.c", "head.d"];
@@ -139,7 +139,12 @@ fn fused_optimizer_check(comm: &mut dyn Comm, device: Device, stage: u32) -> Res
         .map(|s| {
             let all: Vec<Vec<Tensor>> = (0..world).map(|q| draw(s, q)).collect();
             (0..shapes.len())
-                .map(|i| all.iter().map(|g| g[i].shallow_clone()).reduce(|a, b| a + b).map_or_else(|| init[i].zeros_like(), |t| t / world as f64))
+                .map(|i| {
+                    all.iter()
+                        .map(|g| g[i].shallow_clone())
+                        .reduce(|a, b| a + b)
+                        .map_or_else(|| init[i].zeros_like(), |t| t / world as f64)
+                })
                 .collect()
         })
         .collect();
@@ -158,14 +163,22 @@ fn fused_optimizer_check(comm: &mut dyn Comm, device: Device, stage: u32) -> Res
         weight_decay: 0.1,
     };
     let params: Vec<Tensor> = init.iter().map(|t| t.copy().set_requires_grad(true)).collect();
-    let named: Vec<(String, Tensor)> = names.iter().map(|n| n.to_string()).zip(params.iter().map(Tensor::shallow_clone)).collect();
+    let named: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| n.to_string())
+        .zip(params.iter().map(Tensor::shallow_clone))
+        .collect();
     let rules = policy.rules(&named)?;
     let mut opt = super::zero::DistAdamW::new(named, cfg, &policy, stage, 1.0 / 1024.0, comm)?;
     let max_norm = 2.0;
     for s in 0..steps {
         opt.zero_grad()?;
         let mine = draw(s, comm.rank());
-        let loss = params.iter().zip(&mine).map(|(p, g)| (p * g).sum(Kind::Float)).reduce(|a, b| a + b);
+        let loss = params
+            .iter()
+            .zip(&mine)
+            .map(|(p, g)| (p * g).sum(Kind::Float))
+            .reduce(|a, b| a + b);
         if let Some(loss) = loss {
             loss.backward();
         }

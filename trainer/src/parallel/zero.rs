@@ -40,7 +40,11 @@ pub fn materialize_grads(params: &[Tensor]) {
     if params.iter().all(|p| p.grad().defined()) {
         return;
     }
-    let zero = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).reduce(|a, b| a + b);
+    let zero = params
+        .iter()
+        .filter(|p| !p.grad().defined())
+        .map(|p| (p * 0.0).sum(Kind::Float))
+        .reduce(|a, b| a + b);
     if let Some(z) = zero {
         z.backward();
     }
@@ -221,10 +225,11 @@ impl DistAdamW {
         }
     }
 
-    /// Zeroes every defined gradient in one multi-tensor kernel.
+    /// Drops every gradient (torch's `set_to_none=True`): the next backward writes fresh
+    /// gradients instead of adding to zeros. [`DistAdamW::step`] gives a parameter that got
+    /// no gradient a zero one first, so the step is the one zeroed gradients would give.
     pub fn zero_grad(&mut self) -> Result<()> {
-        let grads: Vec<Tensor> = self.grads().into_iter().filter(|g| g.defined()).collect();
-        fused::zero_(&grads)
+        fused::release_grads(&self.params)
     }
 
     fn grads(&self) -> Vec<Tensor> {
@@ -251,6 +256,9 @@ impl DistAdamW {
     /// takes one AdamW step at `lr`. Returns the gradient norm before clipping. Every rank
     /// must call it at the same step.
     pub fn step(&mut self, comm: &mut dyn Comm, lr: f64, max_norm: f64) -> Result<f64> {
+        // every parameter has a gradient (zero when it got none: every rank sends the same
+        // buckets, and the update is the one zeroed gradients would give)
+        materialize_grads(&self.params);
         let mut clock = Clock::start(self.timing, self.device);
         let mut phases = StepPhases::default();
         let norm = self.step_timed(comm, lr, max_norm, &mut clock, &mut phases)?;
@@ -307,7 +315,8 @@ impl DistAdamW {
         phases.comm_ms += clock.lap();
         // global norm: the shards partition the flat gradient (padding is zero)
         let norm = if self.stage == 2 {
-            let mut sq = Tensor::from_slice(&[fused::sq_norm(std::slice::from_ref(&grad_shard))?]).to_device(self.device);
+            let mut sq =
+                Tensor::from_slice(&[fused::sq_norm(std::slice::from_ref(&grad_shard))?]).to_device(self.device);
             comm.all_reduce(&mut sq, ReduceOp::Sum)?;
             sq.double_value(&[0]).sqrt()
         } else {
