@@ -65,6 +65,9 @@ enum Command {
 }
 
 fn main() {
+    // before anything allocates: freed host buffers stay for the next step (FORGE_MALLOC=default
+    // keeps glibc's defaults)
+    forge_trainer::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cli::generate::run(a),

@@ -94,6 +94,12 @@ def main():
         for r in rows:
             mfu = f"{100 * r['target_mfu']:.1f}%" if r.get("target_mfu") is not None else "-"
             print(f"| {r['drafter']} | {r['step_ms']:.1f} | {r['target_ms']:.1f} | {r['drafter_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['target_tflops_per_s']:.1f} | {mfu} | {r['peak_mem_mb']:.0f} ({r['peak_mem_kind']}) | {r['trainable_params'] / 1e6:.1f}M |")
+        if all("backward_ms" in r for r in rows):
+            # the phases of the median step (forge bench train since issue 28)
+            print("\n| drafter | target | draft fwd | backward | comm | clip | optimizer | draft GFLOP/token | step TFLOP/s | util | optim MiB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['drafter']} | {r['target_ms']:.1f} | {r['draft_forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['comm_ms']:.1f} | {r['clip_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['draft_flops_per_token'] / 1e9:.3f} | {r['step_tflops_per_s']:.1f} | {100 * r['step_utilisation']:.1f}% | {r['optimizer_state_mb']:.0f} |")
     if not any_bench:
         missing("no benchmark rows (see logs/bench-*.log)")
 

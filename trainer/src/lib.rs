@@ -9,6 +9,7 @@ pub mod drafter;
 pub mod engines;
 pub mod error;
 pub mod eval;
+pub mod host_memory;
 pub mod launch;
 pub mod metrics;
 pub mod optim;
