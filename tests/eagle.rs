@@ -365,7 +365,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
             "--set",
             "checkpoint.every_steps=2",
             "--set",
-            "drafter.aux_layers=[0,1,3]",
+            "drafter.aux_layers=[0,1,2]",
         ],
     );
     let (h, v, vd) = (64i64, 49152i64, 16384i64);
@@ -388,6 +388,12 @@ fn eagle3_exports_for_sglang_and_vllm() {
         ("t2d".into(), vec![v], Kind::Bool),
     ];
     want.sort_by(|a, b| a.0.cmp(&b.0));
+    // the speculators layout names the decoder layer as its published checkpoints do
+    let mut want_speculators: Vec<(String, Vec<i64>, Kind)> = want
+        .iter()
+        .map(|(n, s, k)| (n.replace("midlayer.", "layers.0."), s.clone(), *k))
+        .collect();
+    want_speculators.sort_by(|a, b| a.0.cmp(&b.0));
     let ck = SafetensorsFile::open(&ckpt.join("step_2/model.safetensors")).expect("ckpt");
     for fmt in ["sglang", "vllm"] {
         let out_dir = run.dir.join(fmt);
@@ -431,18 +437,20 @@ fn eagle3_exports_for_sglang_and_vllm() {
         assert_eq!(cfg["num_key_value_heads"], 2);
         assert_eq!(cfg["intermediate_size"], 128);
         assert_eq!(cfg["torch_dtype"], "bfloat16");
-        // the layers, as each engine reads them: forge's are target layer outputs; SGLang
-        // takes output ids under eagle_config (and adds 1), vLLM capture points at top level
-        if fmt == "sglang" {
-            assert_eq!(
-                cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
-                serde_json::json!([0, 1, 3])
-            );
-            assert!(cfg.get("eagle_aux_hidden_state_layer_ids").is_none());
-        } else {
-            assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
-            assert!(cfg.get("eagle_config").is_none());
-        }
+        // the layers, as each engine reads them, in both folders (a folder served by the
+        // other engine reads the trained layers too): forge's are target layer outputs;
+        // SGLang takes output ids under eagle_config (and adds 1), vLLM capture points at
+        // top level
+        assert_eq!(
+            cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+            serde_json::json!([0, 1, 2]),
+            "{fmt}"
+        );
+        assert_eq!(
+            cfg["eagle_aux_hidden_state_layer_ids"],
+            serde_json::json!([1, 2, 3]),
+            "{fmt}"
+        );
     }
     // vLLM's speculators layout: the same tensors as vllm, a config vllm serve recognises
     let sp = run.dir.join("speculators");
@@ -455,7 +463,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
         sp.to_str().expect("utf8"),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(keys_shapes_kinds(&sp.join("model.safetensors")), want);
+    assert_eq!(keys_shapes_kinds(&sp.join("model.safetensors")), want_speculators);
     let cfg = read_json(&sp.join("config.json"));
     assert!(
         cfg.get("model_type").is_none(),
@@ -478,7 +486,12 @@ fn eagle3_exports_for_sglang_and_vllm() {
     assert_eq!(cfg["draft_vocab_size"], vd);
     assert_eq!(cfg["target_hidden_size"], h);
     assert_eq!(cfg["norm_before_residual"], false);
-    assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
+    assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 3]));
+    assert_eq!(
+        cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+        serde_json::json!([0, 1, 2])
+    );
+    assert!(layer.get("eagle_config").is_none());
     // layers an engine cannot serve as trained (a 2-layer target's [0, 1, 1]): refused
     let small = setup("eagle3-export-refused", "recipes/eagle3-tiny.yaml");
     let ck2 = small.dir.join("run");
@@ -550,7 +563,7 @@ fn eagle3_exports_for_sglang_and_vllm() {
             "--set",
             "checkpoint.every_steps=1",
             "--set",
-            "drafter.aux_layers=[0,1,3]",
+            "drafter.aux_layers=[0,1,2]",
             "--resume",
             "auto",
         ],
@@ -1042,4 +1055,84 @@ fn eagle3_ttt_loss_equals_a_per_step_reference() {
     }
     let got = out.loss.double_value(&[]);
     assert!((got - want).abs() < 1e-4, "loss {got} vs reference {want}");
+}
+
+/// What engines serve (issue 26): a full-vocabulary draft's folder leaves out the identity
+/// d2t / t2d (vLLM's loader refuses them as unexpected) and the importer takes the folder with
+/// or without them; both engines' aux-layer keys are in every folder and must agree; an aux
+/// layer at the target's last layer is refused for SGLang, which captures the input of layer
+/// l + 1 for aux layer l.
+#[test]
+fn eagle3_full_vocabulary_and_last_layer_exports_are_what_engines_serve() {
+    use forge_trainer::engines::load_drafter_with_target;
+    let run = TinyRun::with_layers("eagle3-engines", "recipes/eagle3-tiny.yaml", true, 4);
+    let ckpt = run.dir.join("run");
+    run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "checkpoint.every_steps=1",
+            "--set",
+            "drafter.aux_layers=[0,1,3]",
+            "--set",
+            "drafter.draft_vocab_size=49152",
+        ],
+    );
+    let export = |fmt: &str| {
+        let dir = run.dir.join(fmt);
+        let out = forge(&[
+            "export",
+            ckpt.to_str().expect("utf8"),
+            "--format",
+            fmt,
+            "--dtype",
+            "fp32",
+            "--out",
+            dir.to_str().expect("utf8"),
+        ]);
+        (dir, out)
+    };
+    // layer 3 of 4 is the last: SGLang cannot capture its output
+    let (_, out) = export("sglang");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("sglang")
+            && err.contains("largest it serves on this 4-layer target is 2"),
+        "{err}"
+    );
+    let (dir, out) = export("vllm");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = dir.join("model.safetensors");
+    let names: Vec<String> = keys_shapes_kinds(&file).into_iter().map(|(n, _, _)| n).collect();
+    assert!(
+        !names.iter().any(|n| n == "d2t" || n == "t2d"),
+        "identity mapping written: {names:?}"
+    );
+    let cfg = read_json(&dir.join("config.json"));
+    assert_eq!(cfg["eagle_aux_hidden_state_layer_ids"], serde_json::json!([1, 2, 4]));
+    assert_eq!(
+        cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+        serde_json::json!([0, 1, 3])
+    );
+    // loads without the mapping, and with the identity mapping written by another tool
+    let load = || load_drafter_with_target(&dir, Device::Cpu, Kind::Float, Some(&run.target));
+    let loaded = load().expect("full-vocabulary folder without d2t/t2d");
+    assert_eq!(loaded.spec.feature_needs().aux_layers, vec![0, 1, 3]);
+    let mut w = SafetensorsFile::open(&file).expect("open").tensors().expect("tensors");
+    w.push(("d2t".into(), Tensor::zeros([49152], (Kind::Int64, Device::Cpu))));
+    w.push(("t2d".into(), Tensor::ones([49152], (Kind::Bool, Device::Cpu))));
+    forge_models::safetensors_io::write_safetensors(&file, &w, &std::collections::HashMap::new()).expect("write");
+    load().expect("full-vocabulary folder with the identity d2t/t2d");
+    // the two engines' keys naming different layers: refused, both named
+    let mut bad = cfg.clone();
+    bad["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = serde_json::json!([0, 1, 2]);
+    std::fs::write(dir.join("config.json"), bad.to_string()).expect("write");
+    let err = load().err().expect("disagreeing aux keys").to_string();
+    assert!(
+        err.contains("eagle_config.eagle_aux_hidden_state_layer_ids") && err.contains("[1, 2, 4]"),
+        "{err}"
+    );
 }

@@ -800,7 +800,7 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
         ),
         (
             "eagle3",
-            "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 3]\n",
+            "  kind: eagle3\n  ttt_length: 2\n  draft_vocab_size: 1000\n  aux_layers: [0, 1, 2]\n",
             &["sglang", "vllm", "speculators"],
         ),
     ];

@@ -20,7 +20,9 @@
 //! Weight names = SGLang / vLLM `LlamaForCausalLMEagle3`: `fc.weight`,
 //! `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj.weight`,
 //! `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`, `norm.weight`,
-//! `lm_head.weight`, `d2t`, `t2d`.
+//! `lm_head.weight`, `d2t`, `t2d` (left out of engine folders when the mapping is the
+//! identity, a full-vocabulary draft's). The speculators layout names `midlayer.*`
+//! `layers.0.*`, as its published checkpoints do (the one rename, in `export`).
 //!
 //! One file over ~500 lines: one drafter kind is one file (the registry's rule).
 
@@ -226,7 +228,7 @@ impl DrafterKind for Eagle3 {
                 if cfg.get("norm_before_residual").is_some() { "true" } else { "unset (true in the speculators layout)" }
             )));
         }
-        let aux = engine_aux_layers(cfg, target);
+        let aux = engine_aux_layers(cfg, target, &cfg_path)?;
         if !engines_serve_aux_layers(&aux) || aux.iter().any(|&a| a < 0 || a >= target.num_layers) {
             return Err(ModelError::Invalid(format!(
                 "{}: auxiliary layers {aux:?} (as target layer outputs) are not 3 distinct ascending layers of this {}-layer target",
@@ -244,7 +246,9 @@ impl DrafterKind for Eagle3 {
                 vocab_size: target.vocab_size,
                 layer: l,
             },
-            format: if speculators { ExportFormat::Speculators } else { ExportFormat::Sglang },
+            // SGLang's and vLLM's layouts hold the same tensors; vLLM's export also holds drafts
+            // whose last aux layer SGLang cannot capture
+            format: if speculators { ExportFormat::Speculators } else { ExportFormat::Vllm },
             weights: dir.join("model.safetensors"),
             what: "EAGLE-3 (SGLang / vLLM)",
         }))
@@ -253,18 +257,23 @@ impl DrafterKind for Eagle3 {
 
 /// EAGLE-3's auxiliary layers (target layer outputs, 0-based) from an engine config: SGLang's
 /// `eagle_config.eagle_aux_hidden_state_layer_ids` are output ids, vLLM's top-level key
-/// capture points (output + 1); without either, the engines' default layers of the target.
-fn engine_aux_layers(cfg: &serde_json::Value, target: &TargetConfig) -> Vec<i64> {
+/// capture points (output + 1); forge writes both (they must agree); without either, the
+/// engines' default layers of the target.
+fn engine_aux_layers(cfg: &serde_json::Value, target: &TargetConfig, cfg_path: &Path) -> Result<Vec<i64>> {
     let ids = |v: Option<&serde_json::Value>| -> Option<Vec<i64>> {
         v?.as_array()?.iter().map(serde_json::Value::as_i64).collect()
     };
-    if let Some(a) = ids(cfg.get("eagle_config").and_then(|e| e.get("eagle_aux_hidden_state_layer_ids"))) {
-        return a;
+    let sglang = ids(cfg.get("eagle_config").and_then(|e| e.get("eagle_aux_hidden_state_layer_ids")));
+    let vllm: Option<Vec<i64>> = ids(cfg.get("eagle_aux_hidden_state_layer_ids")).map(|a| a.iter().map(|l| l - 1).collect());
+    match (sglang, vllm) {
+        (Some(s), Some(v)) if s != v => Err(ModelError::Invalid(format!(
+            "{}: eagle_config.eagle_aux_hidden_state_layer_ids {s:?} (SGLang: layer outputs) and eagle_aux_hidden_state_layer_ids {:?} (vLLM: capture points, output + 1) name different layers; fix one of them",
+            cfg_path.display(),
+            v.iter().map(|l| l + 1).collect::<Vec<_>>()
+        ))),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Ok(target.default_aux_layers()),
     }
-    if let Some(a) = ids(cfg.get("eagle_aux_hidden_state_layer_ids")) {
-        return a.iter().map(|l| l - 1).collect();
-    }
-    target.default_aux_layers()
 }
 
 pub struct Eagle3 {
@@ -309,6 +318,7 @@ fn speculators_config(llama: serde_json::Value, tokens: i64, target_config: &ser
             "draft_vocab_size",
             "target_hidden_size",
             "eagle_aux_hidden_state_layer_ids",
+            "eagle_config",
         ] {
             if let Some(v) = o.remove(key) {
                 top.insert(key.into(), v);
@@ -594,14 +604,27 @@ impl Drafter for Eagle3 {
     }
 
     /// An engine folder's vocabulary mapping (`d2t`, `t2d`), validated as one: ascending
-    /// draft ids, `t2d` marking them.
-    fn imported(&self, file: &BTreeMap<String, Tensor>) -> Result<()> {
+    /// draft ids, `t2d` marking them. A full-vocabulary draft's folder may leave them out
+    /// (forge's exports do: the only mapping is the identity, the one built) or hold them.
+    fn imported(&self, file: &BTreeMap<String, Tensor>) -> Result<Vec<String>> {
         let (Some(d), Some(t)) = (file.get("d2t"), file.get("t2d")) else {
-            return Ok(());
+            if file.contains_key("d2t") || file.contains_key("t2d") {
+                return Err(ModelError::Invalid(
+                    "the folder holds one of d2t and t2d without the other".into(),
+                ));
+            }
+            if self.e.draft_vocab_size < self.e.vocab_size {
+                return Err(ModelError::Invalid(format!(
+                    "a draft vocabulary of {} of the target's {} tokens needs its mapping: d2t and t2d are missing",
+                    self.e.draft_vocab_size, self.e.vocab_size
+                )));
+            }
+            return Ok(Vec::new());
         };
         let d2t = Vec::<i64>::try_from(&d.to_kind(Kind::Int64))?;
         let t2d: Vec<bool> = Vec::<i64>::try_from(&t.to_kind(Kind::Int64))?.into_iter().map(|x| x != 0).collect();
-        install_vocab_mapping(&self.vs, &d2t, &t2d, None)
+        install_vocab_mapping(&self.vs, &d2t, &t2d, None)?;
+        Ok(vec!["d2t".into(), "t2d".into()])
     }
 
     fn var_store(&self) -> &nn::VarStore {
@@ -792,9 +815,15 @@ impl Drafter for Eagle3 {
             ("midlayer.mlp.down_proj.weight".into(), vec![h, l.intermediate_size]),
             ("norm.weight".into(), vec![h]),
             ("lm_head.weight".into(), vec![vd, h]),
-            ("d2t".into(), vec![vd]),
-            ("t2d".into(), vec![e.vocab_size]),
         ];
+        // The vocabulary mapping, unless it is the identity (a full-vocabulary draft: d2t must
+        // map ascending ids inside the vocabulary, so no other mapping exists), which engines
+        // assume when it is absent and vLLM's loader refuses as unexpected tensors.
+        let mut expected = expected;
+        if vd < e.vocab_size {
+            expected.push(("d2t".into(), vec![vd]));
+            expected.push(("t2d".into(), vec![e.vocab_size]));
+        }
         // Both engines capture each auxiliary layer once, in layer order, and build fc over
         // exactly 3 of them: the draft's fc reads its layers in the listed order, so only 3
         // distinct ascending layers serve what was trained.
@@ -805,23 +834,40 @@ impl Drafter for Eagle3 {
                 format.name()
             )));
         }
-        let tensors = export_same_names(&self.vs, &expected, &format!("{} eagle3", format.name()))?;
+        let mut tensors = export_same_names(&self.vs, &expected, &format!("{} eagle3", format.name()))?;
+        if format == ExportFormat::Speculators {
+            // the speculators layout (what its checkpoints on the hub hold) names the decoder
+            // layer layers.0.*; SGLang and vLLM's own layout name it midlayer.*
+            for (name, _) in &mut tensors {
+                if let Some(rest) = name.strip_prefix("midlayer.") {
+                    *name = format!("layers.0.{rest}");
+                }
+            }
+        }
         let mut config = l.llama_config("LlamaForCausalLMEagle3", target_config);
         config["vocab_size"] = e.vocab_size.into();
         config["draft_vocab_size"] = vd.into();
         config["target_hidden_size"] = e.target_hidden_size.into();
         // forge's aux layer l is the *output* of target layer l (0-based). Both engines
         // capture a layer's input: SGLang reads eagle_config.eagle_aux_hidden_state_layer_ids
-        // and adds 1 itself; vLLM reads the top-level key as capture points (no + 1).
-        match format {
-            ExportFormat::Sglang => {
-                config["eagle_config"] = serde_json::json!({ "eagle_aux_hidden_state_layer_ids": a });
-            }
-            _ => {
-                let ids: Vec<i64> = a.iter().map(|l| l + 1).collect();
-                config["eagle_aux_hidden_state_layer_ids"] = ids.into();
+        // and adds 1 itself; vLLM reads the top-level key as capture points (no + 1). Both
+        // keys go into every folder, so that a draft exported for one engine and served by the
+        // other reads the layers it was trained on (not the engine's default ones).
+        if format == ExportFormat::Sglang {
+            // SGLang captures the input of layer l + 1: the last layer's output is not there
+            let layers = target_config.get("num_hidden_layers").and_then(serde_json::Value::as_i64);
+            if let (Some(n), Some(&last)) = (layers, a.iter().max()) {
+                if last >= n - 1 {
+                    return Err(ModelError::Invalid(format!(
+                        "eagle3 aux_layers {a:?} cannot be served by sglang: SGLang captures the input of layer l + 1 for aux layer l, so the largest it serves on this {n}-layer target is {} (train with drafter.aux_layers below it, or export for vllm)",
+                        n - 2
+                    )));
+                }
             }
         }
+        config["eagle_config"] = serde_json::json!({ "eagle_aux_hidden_state_layer_ids": a });
+        let ids: Vec<i64> = a.iter().map(|l| l + 1).collect();
+        config["eagle_aux_hidden_state_layer_ids"] = ids.into();
         if format == ExportFormat::Speculators {
             config = speculators_config(config, e.ttt_length, target_config);
         }

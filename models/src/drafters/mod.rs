@@ -412,9 +412,11 @@ pub trait Drafter {
     }
     /// Called by an engine-format import after the folder's tensors were copied in by the
     /// export table's names, with every tensor of the folder: what the table does not name
-    /// (EAGLE-3's vocabulary mapping) is installed here. Default: nothing.
-    fn imported(&self, _file: &BTreeMap<String, Tensor>) -> Result<()> {
-        Ok(())
+    /// (EAGLE-3's vocabulary mapping, which an identity mapping leaves out) is installed here.
+    /// Returns the names of the tensors it took (the import accepts them beside the table's).
+    /// Default: nothing.
+    fn imported(&self, _file: &BTreeMap<String, Tensor>) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
     /// Why no engine format can hold this drafter, for drafters with none (shown when one is
     /// asked for).

@@ -126,9 +126,17 @@ pub fn load_engine_draft(
             )));
         }
     }
+    // what the layout holds beyond the export table (EAGLE-3's vocabulary mapping)
+    let taken = if missing.is_empty() {
+        drafter
+            .imported(&file)
+            .map_err(|e| TrainerError::Config(format!("{}: {e}", found.weights.display())))?
+    } else {
+        Vec::new()
+    };
     let extra: Vec<&String> = file
         .keys()
-        .filter(|k| !used.contains(k) && !ignored.contains(&k.as_str()))
+        .filter(|k| !used.contains(k) && !taken.contains(k) && !ignored.contains(&k.as_str()))
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         return Err(TrainerError::Config(format!(
@@ -137,10 +145,6 @@ pub fn load_engine_draft(
             found.what
         )));
     }
-    // what the layout holds beyond the export table (EAGLE-3's vocabulary mapping)
-    drafter
-        .imported(&file)
-        .map_err(|e| TrainerError::Config(format!("{}: {e}", found.weights.display())))?;
     // exported again, the loaded drafter is exactly the folder's tensors
     let again = drafter.export(found.format, &target_raw)?;
     for (_, tensors) in &again.tensor_files {
