@@ -3,13 +3,33 @@
 //! the gradients' collectives show in the comm phase and the optimizer state is sharded.
 
 use forge_tests::{forge, tmp_dir};
-use std::path::Path;
 
-fn rows(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).expect("bench json");
-    text.lines()
+/// Runs `forge [launch..] bench train --shape tiny --drafter medusa --device cpu ARGS` with
+/// `--json` into a fresh folder named `name`; returns its stdout and the JSON rows.
+fn bench_tiny_medusa(name: &str, launch: &[&str], args: &[&str]) -> (String, Vec<serde_json::Value>) {
+    let json = tmp_dir(name).join("rows.jsonl");
+    let json_arg = json.to_str().expect("utf-8");
+    let mut all: Vec<&str> = launch.to_vec();
+    all.extend([
+        "bench",
+        "train",
+        "--shape",
+        "tiny",
+        "--drafter",
+        "medusa",
+        "--device",
+        "cpu",
+    ]);
+    all.extend(args);
+    all.extend(["--json", json_arg]);
+    let out = forge(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&json).expect("bench json");
+    let rows = text
+        .lines()
         .map(|l| serde_json::from_str(l).expect("json row"))
-        .collect()
+        .collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), rows)
 }
 
 fn f(r: &serde_json::Value, key: &str) -> f64 {
@@ -27,36 +47,25 @@ fn medusa_tiny_flops_per_token(t: f64) -> f64 {
 
 #[test]
 fn bench_train_phases_add_up_and_flops_are_the_drafters_count() {
-    let dir = tmp_dir("bench-phases");
-    let json = dir.join("rows.jsonl");
-    let out = forge(&[
-        "bench",
-        "train",
-        "--shape",
-        "tiny",
-        "--drafter",
-        "medusa",
-        "--batch",
-        "2",
-        "--seq-len",
-        "32",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--peak-tflops",
-        "0.5",
-        "--json",
-        json.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, rs) = bench_tiny_medusa(
+        "bench-phases",
+        &[],
+        &[
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--peak-tflops",
+            "0.5",
+        ],
+    );
     for col in ["target", "draft fwd", "backward", "comm", "clip", "optimizer", "util"] {
         assert!(stdout.contains(col), "no {col} column in\n{stdout}");
     }
-    let rs = rows(&json);
     assert_eq!(rs.len(), 1);
     let r = &rs[0];
     let phases: f64 = [
@@ -100,28 +109,12 @@ fn bench_train_phases_add_up_and_flops_are_the_drafters_count() {
 
 #[test]
 fn bench_train_without_a_peak_measures_one() {
-    let dir = tmp_dir("bench-probe");
-    let json = dir.join("rows.jsonl");
-    let out = forge(&[
-        "bench",
-        "train",
-        "--shape",
-        "tiny",
-        "--drafter",
-        "medusa",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-        "--json",
-        json.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r = &rows(&json)[0];
+    let (_, rs) = bench_tiny_medusa(
+        "bench-probe",
+        &[],
+        &["--seq-len", "16", "--steps", "1", "--warmup", "0"],
+    );
+    let r = &rs[0];
     assert!(
         r["peak_source"]
             .as_str()
@@ -135,36 +128,22 @@ fn bench_train_without_a_peak_measures_one() {
 
 #[test]
 fn bench_train_under_launch_with_zero2_shards_state_and_times_the_collectives() {
-    let dir = tmp_dir("bench-zero2");
-    let json = dir.join("rows.jsonl");
-    let out = forge(&[
-        "launch",
-        "--nproc",
-        "2",
-        "--",
-        "bench",
-        "train",
-        "--shape",
-        "tiny",
-        "--drafter",
-        "medusa",
-        "--seq-len",
-        "16",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--peak-tflops",
-        "1",
-        "--zero-stage",
-        "2",
-        "--json",
-        json.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rs = rows(&json);
+    let (_, rs) = bench_tiny_medusa(
+        "bench-zero2",
+        &["launch", "--nproc", "2", "--"],
+        &[
+            "--seq-len",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--peak-tflops",
+            "1",
+            "--zero-stage",
+            "2",
+        ],
+    );
     assert_eq!(rs.len(), 1, "rank 0 alone writes the rows");
     let r = &rs[0];
     assert_eq!(r["world"].as_u64(), Some(2));

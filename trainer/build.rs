@@ -16,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=FORGE_LINK_TORCH_CUDA");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/guarded.h");
     println!("cargo::rustc-check-cfg=cfg(forge_nccl)");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not find libtorch (run scripts/setup.sh)");

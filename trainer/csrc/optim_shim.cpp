@@ -20,27 +20,11 @@
 #include <string>
 #include <vector>
 
+#include "guarded.h"
+
 namespace {
 
-char* dup_error(const std::string& what) {
-  char* out = static_cast<char*>(std::malloc(what.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what.c_str(), what.size() + 1);
-  }
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return dup_error(e.what());
-  } catch (...) {
-    return dup_error("unknown C++ exception");
-  }
-}
+using forge_shim::guarded;
 
 std::vector<at::Tensor> list(at::Tensor** ts, int64_t n) {
   std::vector<at::Tensor> out;

@@ -79,16 +79,19 @@ impl AdamW {
         &self.cfg
     }
 
-    /// Zeroes every defined gradient (torch's `set_to_none=False`; tch cannot unset a grad),
-    /// in one multi-tensor kernel.
-    pub fn zero_grad(&mut self) -> Result<()> {
-        let grads: Vec<Tensor> = self
-            .slots
+    /// The gradients the parameters have.
+    fn defined_grads(&self) -> Vec<Tensor> {
+        self.slots
             .iter()
             .map(|s| s.param.grad())
             .filter(|g| g.defined())
-            .collect();
-        fused::zero_(&grads)
+            .collect()
+    }
+
+    /// Zeroes every defined gradient (torch's `set_to_none=False`; the data-parallel optimizer
+    /// releases them instead), in one multi-tensor kernel.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        fused::zero_(&self.defined_grads())
     }
 
     /// Global L2 norm of all gradients (per-tensor norms in one multi-tensor kernel, their
@@ -97,12 +100,7 @@ impl AdamW {
     /// norm before clipping (NaN/inf when a gradient is not finite; then nothing is scaled).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self
-                .slots
-                .iter()
-                .map(|s| s.param.grad())
-                .filter(|g| g.defined())
-                .collect();
+            let grads = self.defined_grads();
             if grads.is_empty() {
                 return Ok(0.0);
             }
