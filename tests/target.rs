@@ -316,3 +316,122 @@ fn llama3_rope_scaling_frequencies() {
     cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
     assert_eq!(TargetConfig::from_value(cfg).expect("cfg").rope_scaling, scaling);
 }
+
+/// transformers v5 `rope_parameters` (theta inside, yarn and llama3) read as transformers
+/// computes them: frequencies and attention factor against tests/fixtures/rope_transformers.json
+/// (made by scripts/make_rope_fixture.py with transformers), and the same RoPE as the
+/// equivalent v4 `rope_theta` + `rope_scaling` config.
+#[test]
+fn rope_parameters_v5_match_transformers_and_the_v4_form() {
+    let path = forge_tests::root().join("tests/fixtures/rope_transformers.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json");
+    let cases = fixture["cases"].as_object().expect("cases");
+    assert!(cases.len() >= 4);
+    for (name, case) in cases {
+        let params = case["rope_parameters"].clone();
+        let mut v5 = forge_tests::tiny_config("llama");
+        v5["head_dim"] = 16.into();
+        v5["max_position_embeddings"] = case["max_position_embeddings"].clone();
+        v5.as_object_mut().expect("object").remove("rope_theta");
+        v5["rope_parameters"] = params.clone();
+        let cfg = TargetConfig::from_value(v5.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(cfg.rope_theta, params["rope_theta"].as_f64().expect("theta"), "{name}");
+        // the v4 form: theta at the top, the rest under rope_scaling
+        let mut v4 = v5.clone();
+        v4.as_object_mut().expect("object").remove("rope_parameters");
+        let mut scaling = params.clone();
+        v4["rope_theta"] = scaling
+            .as_object_mut()
+            .expect("object")
+            .remove("rope_theta")
+            .expect("theta");
+        v4["rope_scaling"] = scaling;
+        let old = TargetConfig::from_value(v4).unwrap_or_else(|e| panic!("{name} v4: {e}"));
+        assert_eq!(
+            (old.rope_theta, &old.rope_scaling),
+            (cfg.rope_theta, &cfg.rope_scaling),
+            "{name}"
+        );
+
+        // at position 1 the angle of (cos, sin) is the frequency and its length the factor
+        let rotary = Rotary::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, Device::Cpu);
+        let (c, s) = rotary.cos_sin(&Tensor::from_slice(&[1i64]).view([1, 1]), Kind::Double);
+        let half = cfg.head_dim / 2;
+        let (c, s) = (c.view([-1]).narrow(0, 0, half), s.view([-1]).narrow(0, 0, half));
+        let freq = Vec::<f64>::try_from(s.atan2(&c)).expect("angles");
+        let scale = Vec::<f64>::try_from((&c * &c + &s * &s).sqrt()).expect("lengths");
+        let want: Vec<f64> = case["inv_freq"]
+            .as_array()
+            .expect("inv_freq")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect();
+        let factor = case["attention_factor"].as_f64().expect("attention_factor");
+        assert_eq!(freq.len(), want.len(), "{name}");
+        for (i, (g, w)) in freq.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs(),
+                "{name}: frequency {i}: {g} vs transformers {w}"
+            );
+        }
+        for l in &scale {
+            assert!(
+                (l - factor).abs() < 1e-6,
+                "{name}: attention factor {l} vs transformers {factor}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_configs_forge_cannot_compute_are_refused_by_name() {
+    let with = |key: &str, v: serde_json::Value, keep_theta: bool| {
+        let mut c = forge_tests::tiny_config("llama");
+        if !keep_theta {
+            c.as_object_mut().expect("object").remove("rope_theta");
+        }
+        c[key] = v;
+        TargetConfig::from_value(c).err().unwrap_or_default()
+    };
+    let e = with(
+        "rope_parameters",
+        serde_json::json!({"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}),
+        false,
+    );
+    assert!(e.contains("'dynamic'") && e.contains("yarn"), "{e}");
+    let e = with(
+        "rope_scaling",
+        serde_json::json!({"type": "longrope", "factor": 2.0}),
+        true,
+    );
+    assert!(e.contains("'longrope'"), "{e}");
+    // v5 without a theta anywhere: never a silent 10000
+    let e = with("rope_parameters", serde_json::json!({"rope_type": "default"}), false);
+    assert!(e.contains("rope_parameters has no rope_theta"), "{e}");
+    let e = with(
+        "rope_parameters",
+        serde_json::json!({"rope_type": "default", "rope_theta": 5e5}),
+        true,
+    );
+    assert!(e.contains("disagrees"), "{e}");
+    // one RoPE per layer type (Gemma 3 style)
+    let e = with(
+        "rope_parameters",
+        serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        false,
+    );
+    assert!(e.contains("per layer type"), "{e}");
+    let e = with(
+        "rope_parameters",
+        serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+        false,
+    );
+    assert!(e.contains("partial_rotary_factor"), "{e}");
+    // the v5 default type reads its theta
+    let mut c = forge_tests::tiny_config("llama");
+    c.as_object_mut().expect("object").remove("rope_theta");
+    c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+    let cfg = TargetConfig::from_value(c).expect("v5 default");
+    assert_eq!((cfg.rope_theta, cfg.rope_scaling), (1e6, RopeScaling::None));
+}

@@ -197,6 +197,8 @@ impl DraftLayerSpec {
             "pad_token_id",
             "max_position_embeddings",
             "rope_scaling",
+            // transformers v5 targets keep theta and scaling here (read by the same loaders)
+            "rope_parameters",
         ] {
             if let Some(v) = target_config.get(key) {
                 if !v.is_null() {

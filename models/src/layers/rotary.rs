@@ -1,7 +1,7 @@
 use tch::{Device, Kind, Tensor};
 
-/// RoPE frequency scaling from HF `rope_scaling` (serialised in drafter specs as
-/// `{"rope_type": "none" | "linear" | "llama3", ...}`).
+/// RoPE frequency scaling from HF `rope_scaling` / `rope_parameters` (serialised in drafter
+/// specs as `{"rope_type": "none" | "linear" | "llama3" | "yarn", ...}`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "rope_type", rename_all = "lowercase")]
 pub enum RopeScaling {
@@ -17,12 +17,26 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (Peng et al. 2023) as transformers computes it: frequencies interpolated by
+    /// `factor` below the correction range given by `beta_fast` / `beta_slow` rotations over
+    /// the original context, kept above it, a linear ramp between; cos and sin are multiplied
+    /// by `attention_factor` (resolved from `mscale` when the config gives none).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
+    },
 }
 
 /// Rotary position embedding (HF "rotate_half" layout).
 #[derive(Debug)]
 pub struct Rotary {
     inv_freq: Tensor,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    attention_scaling: f64,
     pub head_dim: i64,
 }
 
@@ -32,6 +46,7 @@ impl Rotary {
         let mut freqs: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
             .collect();
+        let mut attention_scaling = 1.0;
         match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => freqs.iter_mut().for_each(|f| *f /= factor),
@@ -55,10 +70,36 @@ impl Rotary {
                     }
                 }
             }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: old,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            } => {
+                let d = head_dim as f64;
+                // the dimension whose wavelength makes `rotations` turns over the old context
+                let dim_of =
+                    |rotations: f64| d * (old / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+                let (mut low, mut high) = (dim_of(beta_fast), dim_of(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, high) = (low.max(0.0), high.min(d - 1.0));
+                let span = if low == high { 0.001 } else { high - low };
+                for (i, f) in freqs.iter_mut().enumerate() {
+                    let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    *f = *f / factor * (1.0 - extrapolation) + *f * extrapolation;
+                }
+                attention_scaling = attention_factor;
+            }
         }
         let freqs: Vec<f32> = freqs.into_iter().map(|f| f as f32).collect();
         Self {
             inv_freq: Tensor::from_slice(&freqs).to_device(device),
+            attention_scaling,
             head_dim,
         }
     }
@@ -68,7 +109,11 @@ impl Rotary {
         let pos = positions.to_kind(Kind::Float).unsqueeze(-1); // [B,T,1]
         let ang = pos * self.inv_freq.view([1, 1, -1]); // [B,T,half]
         let emb = Tensor::cat(&[&ang, &ang], -1).unsqueeze(1); // [B,1,T,d]
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+        if self.attention_scaling == 1.0 {
+            return (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
+        }
+        let a = self.attention_scaling;
+        ((emb.cos() * a).to_kind(kind), (emb.sin() * a).to_kind(kind))
     }
 }
 

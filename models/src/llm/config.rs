@@ -19,14 +19,130 @@ impl Family {
     pub const MODEL_TYPES: &'static [&'static str] = &["llama", "mistral", "qwen2", "qwen3"];
 }
 
+/// The RoPE keys of config.json: transformers v5's `rope_parameters` (theta and scaling in one
+/// object) or v4's `rope_scaling` (with `rope_theta` beside it).
 #[derive(Debug, Clone, Deserialize)]
-struct RawRopeScaling {
+struct RawRope {
     #[serde(alias = "type")]
     rope_type: Option<String>,
+    rope_theta: Option<f64>,
     factor: Option<f64>,
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    attention_factor: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    truncate: Option<bool>,
+    partial_rotary_factor: Option<f64>,
+}
+
+/// YaRN's attention scaling for a context `scale` (DeepSeek's `yarn_get_mscale`).
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+/// RoPE theta and scaling from either config form. Every rope type forge does not compute is
+/// an error naming it (never a silent fallback); a v5 `rope_parameters` that disagrees with a
+/// top-level `rope_theta` is refused.
+fn rope_of(
+    rope_theta: Option<f64>,
+    rope_scaling: &Option<serde_json::Value>,
+    rope_parameters: &Option<serde_json::Value>,
+    max_position_embeddings: Option<i64>,
+) -> std::result::Result<(f64, RopeScaling), String> {
+    let (key, value) = match (rope_parameters, rope_scaling) {
+        (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+        (_, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+        _ => ("rope_scaling", None),
+    };
+    let Some(value) = value else {
+        // transformers' own default for these families when config.json has no rope_theta
+        return Ok((rope_theta.unwrap_or(10000.0), RopeScaling::None));
+    };
+    if key == "rope_parameters" && value.as_object().is_some_and(|o| o.values().all(|v| v.is_object())) {
+        let kinds: Vec<&String> = value.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        return Err(format!(
+            "rope_parameters per layer type ({kinds:?}) is not supported: forge's targets use one RoPE for every layer"
+        ));
+    }
+    let r: RawRope = serde_json::from_value(value.clone()).map_err(|e| format!("{key}: {e}"))?;
+    let theta = match (key, r.rope_theta, rope_theta) {
+        ("rope_parameters", Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "rope_parameters.rope_theta {a} disagrees with rope_theta {b}: keep one of them"
+            ))
+        }
+        ("rope_parameters", Some(a), _) => a,
+        ("rope_parameters", None, Some(b)) => b,
+        ("rope_parameters", None, None) => {
+            return Err("rope_parameters has no rope_theta (transformers v5 keeps the RoPE base there)".into())
+        }
+        (_, _, b) => b.unwrap_or(10000.0),
+    };
+    if let Some(f) = r.partial_rotary_factor.filter(|&f| f != 1.0) {
+        return Err(format!(
+            "{key}.partial_rotary_factor {f} is not supported (forge rotates every head dimension)"
+        ));
+    }
+    let need = |v: Option<f64>, field: &str| v.ok_or_else(|| format!("{key}.{field} missing"));
+    let scaling = match r.rope_type.as_deref().unwrap_or("default") {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need(r.factor, "factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need(r.factor, "factor")?,
+            low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+            // transformers 5 falls back to max_position_embeddings as well
+            original_max_position_embeddings: need(
+                r.original_max_position_embeddings
+                    .or(max_position_embeddings.map(|m| m as f64)),
+                "original_max_position_embeddings",
+            )?,
+        },
+        "yarn" => {
+            // as transformers 5: the original length from the rope keys, else
+            // max_position_embeddings; without a factor, the ratio of the two lengths
+            let original = r
+                .original_max_position_embeddings
+                .or(max_position_embeddings.map(|m| m as f64))
+                .ok_or_else(|| {
+                    format!("{key}.original_max_position_embeddings missing (and no max_position_embeddings)")
+                })?;
+            let factor = match (r.factor, max_position_embeddings) {
+                (Some(f), _) => f,
+                (None, Some(m)) => m as f64 / original,
+                (None, None) => return Err(format!("{key}.factor missing")),
+            };
+            let attention_factor = match (r.attention_factor, r.mscale, r.mscale_all_dim) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(d)) if m != 0.0 && d != 0.0 => yarn_mscale(factor, m) / yarn_mscale(factor, d),
+                _ => yarn_mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: r.beta_fast.unwrap_or(32.0),
+                beta_slow: r.beta_slow.unwrap_or(1.0),
+                attention_factor,
+                truncate: r.truncate.unwrap_or(true),
+            }
+        }
+        other => {
+            return Err(format!(
+                "{key}: rope_type '{other}' is not supported (forge computes default, linear, llama3 and yarn)"
+            ))
+        }
+    };
+    Ok((theta, scaling))
 }
 
 /// The fields of a HF `config.json` forge reads (unknown fields are ignored: config.json
@@ -42,9 +158,9 @@ struct RawConfig {
     head_dim: Option<i64>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
-    rope_scaling: Option<RawRopeScaling>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
     vocab_size: i64,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -61,9 +177,6 @@ struct RawConfig {
 
 fn default_eps() -> f64 {
     1e-6
-}
-fn default_theta() -> f64 {
-    10000.0
 }
 
 /// A validated target configuration.
@@ -142,28 +255,12 @@ impl TargetConfig {
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        let rope_scaling = match &raw.rope_scaling {
-            None => RopeScaling::None,
-            Some(s) => match s.rope_type.as_deref().unwrap_or("default") {
-                "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear {
-                    factor: s.factor.ok_or("rope_scaling.factor missing")?,
-                },
-                "llama3" => RopeScaling::Llama3 {
-                    factor: s.factor.ok_or("rope_scaling.factor missing")?,
-                    low_freq_factor: s.low_freq_factor.ok_or("rope_scaling.low_freq_factor missing")?,
-                    high_freq_factor: s.high_freq_factor.ok_or("rope_scaling.high_freq_factor missing")?,
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .ok_or("rope_scaling.original_max_position_embeddings missing")?,
-                },
-                other => {
-                    return Err(format!(
-                        "rope_scaling type '{other}' is not supported (default, linear, llama3)"
-                    ))
-                }
-            },
-        };
+        let (rope_theta, rope_scaling) = rope_of(
+            raw.rope_theta,
+            &raw.rope_scaling,
+            &raw.rope_parameters,
+            raw.max_position_embeddings,
+        )?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match family {
             Family::Mistral => raw.sliding_window,
@@ -180,7 +277,7 @@ impl TargetConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta,
+            rope_theta,
             rope_scaling,
             vocab_size: raw.vocab_size,
             tie_word_embeddings: raw.tie_word_embeddings,
