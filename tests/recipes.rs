@@ -1,5 +1,6 @@
 use forge_tests::{forge, root};
 use forge_trainer::recipe::{DrafterSection, Recipe, Schedule};
+use forge_trainer::target_check;
 
 fn errors(text: &str, overrides: &[&str]) -> Vec<String> {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -20,14 +21,30 @@ fn every_recipe_passes_forge_check() {
             continue;
         }
         n += 1;
-        Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let out = forge(&["check", path.to_str().expect("utf8")]);
+        let recipe = Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let p = path.to_str().expect("utf8");
+        let out = forge(&["check", p, "--recipe-only"]);
         assert!(
             out.status.success(),
-            "forge check {} failed: {}",
+            "forge check {} --recipe-only failed: {}",
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        // with its target: passes where the folder is complete (the demo target after `make
+        // demo-model`), otherwise fails naming target.path, what is missing and the fix
+        let target = recipe.target.path.clone().expect("every recipe names its target");
+        let complete = target_check::target_folder_problems(&target).is_empty();
+        let out = forge(&["check", p]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if complete {
+            assert!(out.status.success(), "forge check {p} failed: {err}");
+        } else {
+            assert!(
+                !out.status.success() && err.contains("target.path") && err.contains(&target.display().to_string()),
+                "forge check {p} must refuse its missing target {}: {err}",
+                target.display()
+            );
+        }
     }
     assert!(n >= 6, "expected the real-scale, demo and tiny recipes, found {n}");
 }
@@ -313,4 +330,50 @@ fn eagle3_aux_layers_must_be_three_ascending_layers_of_the_target() {
     assert!(e.contains("must ascend"), "{e}");
     let e = spec("[0, 1, 5, 7]").expect_err("four, out of range");
     assert!(e.contains("5, 7 do not exist") && e.contains("exactly 3"), "{e}");
+}
+
+#[test]
+fn forge_check_names_what_a_target_folder_lacks() {
+    let dir = forge_tests::tmp_dir("check-target");
+    let target = dir.join("target");
+    let recipe = dir.join("r.yaml");
+    std::fs::write(&recipe, BASE.replace("path: m", &format!("path: {}", target.display()))).expect("write");
+    let check = |extra: &[&str]| {
+        let mut args = vec!["check", recipe.to_str().expect("utf8")];
+        args.extend(extra);
+        let o = forge(&args);
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // no folder at all
+    let (ok, err) = check(&[]);
+    assert!(
+        !ok && err.contains("does not exist") && err.contains("huggingface-cli download"),
+        "{err}"
+    );
+    let (ok, err) = check(&["--recipe-only"]);
+    assert!(ok && err.contains("note: target.path"), "{err}");
+    // a saved tiny target has config and weights but no tokenizer
+    forge_tests::saved_tiny_target("llama", 3, &target);
+    let (ok, err) = check(&[]);
+    assert!(
+        !ok && err.contains("no tokenizer.json") && !err.contains("no config.json"),
+        "{err}"
+    );
+    // a sharded folder whose index names a shard that is not there
+    std::fs::write(target.join("tokenizer.json"), "{}").expect("tokenizer");
+    std::fs::rename(
+        target.join("model.safetensors"),
+        target.join("model-00001-of-00002.safetensors"),
+    )
+    .expect("mv");
+    let index = serde_json::json!({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}});
+    std::fs::write(target.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let (ok, err) = check(&[]);
+    assert!(
+        !ok && err.contains("model-00002-of-00002.safetensors") && !err.contains("00001"),
+        "{err}"
+    );
+    assert_eq!(target_check::target_folder_problems(&target).len(), 1);
 }

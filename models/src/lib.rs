@@ -17,4 +17,4 @@ pub mod speculative;
 
 pub use dtype::{parse_device, synchronize, DType};
 pub use error::{ModelError, Result};
-pub use llm::{Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};
+pub use llm::{weight_files, Capture, KvCache, LogitsMode, TargetConfig, TargetModel, TargetOutput};

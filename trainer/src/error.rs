@@ -46,6 +46,13 @@ pub enum TrainerError {
         #[source]
         source: Box<TrainerError>,
     },
+    /// The recipe's target folder lacks what training reads.
+    #[error("target.path {}: {}: {fix}", path.display(), problems.join("; "))]
+    TargetFolder {
+        path: PathBuf,
+        problems: Vec<String>,
+        fix: String,
+    },
     /// The recipe's drafter cannot be built on its target (each problem names the field).
     #[error("recipe does not fit the target {}:\n  {}", target.display(), problems.join("\n  "))]
     RecipeTargetMismatch { target: PathBuf, problems: Vec<String> },

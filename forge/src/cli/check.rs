@@ -1,4 +1,5 @@
-//! `forge check`: validate a recipe without training.
+//! `forge check`: validate a recipe without training, and that its target folder holds
+//! what training reads.
 
 use super::load_recipe;
 use anyhow::Result;
@@ -15,11 +16,15 @@ pub struct CheckArgs {
     /// Print the resolved recipe (every default filled in).
     #[arg(long)]
     print: bool,
+    /// Check the recipe alone: a target folder that is not here yet is a note, not an error
+    /// (by default the folder must hold config.json, every weight file and tokenizer.json).
+    #[arg(long)]
+    recipe_only: bool,
 }
 
 pub fn run(a: CheckArgs) -> Result<()> {
     let recipe = load_recipe(&a.recipe, &a.set)?;
-    let notes = target_check::check_against_target(&recipe)?;
+    let notes = target_check::check_against_target(&recipe, !a.recipe_only)?;
     for n in &notes {
         eprintln!("note: {n}");
     }

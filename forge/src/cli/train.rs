@@ -64,7 +64,8 @@ impl TrainObserver for Terminal {
 
 pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Result<()> {
     let recipe = load_recipe(&path, &set)?;
-    let notes = target_check::check_against_target(&recipe)?;
+    // the target folder itself is read (with its own errors) when training sets up
+    let notes = target_check::check_against_target(&recipe, false)?;
     for n in &notes {
         eprintln!("note: {n}");
     }

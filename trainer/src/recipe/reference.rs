@@ -38,7 +38,9 @@ pub fn markdown() -> String {
          once with their line. Any value can be overridden from the command line with \
          `--set section.key=value` (YAML syntax: `--set data.train=[a.jsonl,b.jsonl]`); \
          overrides go through the same validation. Relative paths are relative to the directory \
-         forge is run from. `forge check RECIPE --print` shows the resolved recipe \
+         forge is run from. `forge check RECIPE` validates the recipe and that `target.path` \
+         holds what training reads (config.json, every weight file, tokenizer.json; \
+         `--recipe-only` skips the target); `--print` shows the resolved recipe \
          (every default filled in).\n\n",
     );
     o.push_str("## `drafter`\n\n`kind` (required) picks the algorithm: ");
