@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
 # The demo job (run by `make demo` after the build and the demo model are ready): chat with the
-# demo target, tokenise the demo conversations, train Medusa heads on the demo target, export
-# them for vLLM, measure them with speculative decoding, and print where everything is.
+# demo target, tokenise the demo conversations, train an EAGLE-3 draft on the demo target,
+# export it in the layout SGLang and vLLM serve (LlamaForCausalLMEagle3; docs/export.md names
+# the versions), load that export back and measure it with speculative decoding, and print
+# where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FORGE=target/release/forge
 MODEL=.forge/models/SmolLM2-135M-Instruct
-RECIPE=recipes/medusa-smollm2.yaml
-RUN=runs/medusa-smollm2
+RECIPE=recipes/eagle3-smollm2.yaml
+RUN=runs/eagle3-smollm2
+EXPORT=$RUN/export-engines
 echo "== forge generate (demo target: SmolLM2-135M-Instruct, greedy, KV cache)"
 "$FORGE" generate --target "$MODEL" --chat --prompt "What is the capital of France?" --max-new-tokens 32
 echo
-echo "== forge check on every recipe"
-for r in recipes/*.yaml; do "$FORGE" check "$r"; done
+echo "== forge check on every recipe (the recipe alone: real-scale targets are not here), then $RECIPE with its target"
+for r in recipes/*.yaml; do "$FORGE" check "$r" --recipe-only; done
+"$FORGE" check "$RECIPE"
 echo
 echo "== forge prepare-data $RECIPE (token cache)"
 "$FORGE" prepare-data "$RECIPE"
 echo
-echo "== forge train $RECIPE (Medusa, 4 heads; resumes if interrupted)"
+echo "== forge train $RECIPE (EAGLE-3, training-time test; resumes if interrupted)"
 "$FORGE" train "$RECIPE" --resume auto
 echo
-echo "== forge export $RUN --format vllm"
-"$FORGE" export "$RUN" --format vllm --out "$RUN/export-vllm"
+echo "== forge export $RUN --format sglang (the same folder serves vLLM: both engines' keys are in it)"
+"$FORGE" export "$RUN" --format sglang --out "$EXPORT"
 echo
-echo "== forge eval: speculative decoding with the trained heads vs plain decoding (held-out prompts)"
-"$FORGE" eval --draft "$RUN" --prompts recipes/data/demo_eval_prompts.jsonl --limit 4 \
+echo "== forge eval: the exported folder, read back as the engines read it, speculative vs plain decoding (held-out prompts)"
+"$FORGE" eval --draft "$EXPORT" --target "$MODEL" --prompts recipes/data/demo_eval_prompts.jsonl --limit 4 \
   --max-new-tokens 64 --verify --json "$RUN/eval.json"
 echo
 echo "demo: done."
 echo "  checkpoints:   $RUN/step_*/"
 echo "  metrics:       $RUN/metrics.jsonl, TensorBoard: tensorboard --logdir $RUN/tb"
-echo "  vLLM export:   $RUN/export-vllm/ (config.json + model.safetensors)"
+echo "  engine export: $EXPORT/ (config.json + model.safetensors: SGLang 0.5.23, vLLM 0.33/0.34)"
 echo "  eval report:   $RUN/eval.json (tau, acceptance per position, speedup)"

@@ -10,9 +10,10 @@ use forge_models::drafters::eagle3::{install_vocab_mapping, Eagle3, Eagle3Spec};
 use forge_models::drafters::hybrid::Hybrid;
 use forge_models::drafters::medusa::{Medusa, MedusaSpec};
 use forge_models::drafters::{Drafter, FeatureNeeds, Features};
-use forge_models::generate::{generate, GenerateOptions, RowRng};
+use forge_models::generate::{generate, sample_rows, GenerateOptions, RowRng, Sampling};
 use forge_models::speculative::{
-    greedy_divergence, next_gamma, speculative_generate, Acceptance, DraftSession, Proposal, SpecOptions, StepFeatures,
+    accept_sampled, greedy_divergence, next_gamma, speculative_generate, Acceptance, DraftSession, Proposal,
+    SpecOptions, StepFeatures,
 };
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::TargetHeads;
@@ -235,7 +236,7 @@ impl DraftSession for Scripted {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, _t: f64, _rng: &mut RowRng) -> forge_models::Result<Proposal> {
+    fn propose(&mut self, gamma: usize, _s: &Sampling, _rng: &mut RowRng) -> forge_models::Result<Proposal> {
         let wrong = self.errors[self.round % self.errors.len()];
         self.round += 1;
         // the committed sequence ends with token `committed` (not yet in the cache)
@@ -422,7 +423,7 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
     let f = features(&t, &seq[..n], &[0, 1]);
     let mut s = m.session(&t).expect("session");
     s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
-    let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
+    let p = tch::no_grad(|| s.propose(3, &Sampling::greedy(), &mut RowRng::new(0))).expect("propose");
     // the training unroll over the sequence continued with the proposals
     let full: Vec<i64> = seq.iter().copied().chain(p.tokens[..2].iter().copied()).collect();
     let ff = features(&t, &full, &[0, 1]);
@@ -449,11 +450,11 @@ fn eagle3_decoding_session_computes_what_training_time_test_computes() {
         &full[n + 1..n + 3],
     )
     .expect("commit");
-    let p2 = tch::no_grad(|| s.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
+    let p2 = tch::no_grad(|| s.propose(1, &Sampling::greedy(), &mut RowRng::new(0))).expect("propose");
     let mut fresh = m.session(&t).expect("session");
     let all = step_features(&ff, n as i64 + 2);
     fresh.commit(0, &all, &full[1..n + 3]).expect("commit");
-    let p3 = tch::no_grad(|| fresh.propose(1, 0.0, &mut RowRng::new(0))).expect("propose");
+    let p3 = tch::no_grad(|| fresh.propose(1, &Sampling::greedy(), &mut RowRng::new(0))).expect("propose");
     let d = max_abs_diff(&p2.logits.index_select(1, &ids), &p3.logits.index_select(1, &ids));
     assert!(d < 1e-4, "incremental commits equal one commit: {d}");
 }
@@ -480,7 +481,7 @@ fn eagle1_decoding_session_computes_what_the_training_forward_computes() {
     let f = features(&t, &seq[..n], &[]);
     let mut s = m.session(&t).expect("session");
     s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
-    let p = tch::no_grad(|| s.propose(2, 0.0, &mut RowRng::new(0))).expect("propose");
+    let p = tch::no_grad(|| s.propose(2, &Sampling::greedy(), &mut RowRng::new(0))).expect("propose");
     let head = t.lm_head_weight();
     // proposal 1: the predicted feature at the last committed position, read out
     let full: Vec<i64> = seq.iter().copied().chain([p.tokens[0]]).collect();
@@ -538,24 +539,84 @@ fn softmax_rows(t: &TargetModel, seqs: &[Vec<i64>]) -> Tensor {
     out.logits.expect("logits").squeeze_dim(1).softmax(-1, Kind::Double)
 }
 
+/// An independent reference of the engines' sampling filters, on probabilities at
+/// temperature 1 `[N, V]`: softmax(logits / T) is p^(1/T) renormalised; then the top-k tokens
+/// (with ties at the k-th); then the most likely tokens whose preceding mass is below top-p;
+/// each step renormalised.
+fn filtered(p: &Tensor, s: &Sampling) -> Tensor {
+    let (n, v) = p.size2().expect("[N, V]");
+    let rows: Vec<f64> = Vec::try_from(p.to_kind(Kind::Double).view(-1)).expect("probs");
+    let norm = |w: &mut [f64]| {
+        let z: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= z);
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows.chunks(v as usize) {
+        let mut w: Vec<f64> = row.iter().map(|x| x.powf(1.0 / s.temperature)).collect();
+        norm(&mut w);
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by(|&i, &j| w[j].total_cmp(&w[i]));
+        if s.top_k > 0 && s.top_k < w.len() {
+            let kth = w[order[s.top_k - 1]];
+            w.iter_mut().filter(|x| **x < kth).for_each(|x| *x = 0.0);
+            norm(&mut w);
+        }
+        if s.top_p < 1.0 {
+            let mut before = 0.0;
+            let mut keep = vec![false; w.len()];
+            for &i in &order {
+                keep[i] = before < s.top_p;
+                before += w[i];
+            }
+            w.iter_mut()
+                .zip(&keep)
+                .filter(|(_, k)| !**k)
+                .for_each(|(x, _)| *x = 0.0);
+            norm(&mut w);
+        }
+        out.extend(w);
+    }
+    Tensor::from_slice(&out).view([n, v])
+}
+
+/// The 2nd and 3rd tokens of speculative sampling (gamma 2, so both pass verification)
+/// follow the target's sampled distribution with the engines' temperature, top-k and top-p:
+/// chi-square against the exact marginals, for both acceptance rules.
 #[test]
 fn speculative_sampling_follows_the_target_distribution() {
     let t = random_target("llama", 25);
     let m = eagle1(&t);
     let prompt: Vec<i64> = vec![1, 17, 42, 5];
-    // exact marginals of the 2nd and 3rd sampled tokens under the target
-    let p1 = softmax_rows(&t, std::slice::from_ref(&prompt)).get(0);
+    let p1_raw = softmax_rows(&t, std::slice::from_ref(&prompt));
     let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
-    let p2_given = softmax_rows(&t, &ctx1); // [V, V]
-    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
+    let p2_raw = softmax_rows(&t, &ctx1); // [V, V]
     let ctx2: Vec<Vec<i64>> = (0..V * V)
         .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
         .collect();
-    let p3_given = softmax_rows(&t, &ctx2).view([V, V, V]);
+    let p3_raw = softmax_rows(&t, &ctx2); // [V*V, V]
+                                          // the nearly flat random target at T 0.5: top-k 24, then top-p 0.8 cuts a few more (T 1
+                                          // without filters is the same code with the filters off, and sample_rows' own test)
+    let sampling = Sampling {
+        temperature: 0.5,
+        top_p: 0.8,
+        top_k: 24,
+    };
+    // exact marginals of the 2nd and 3rd sampled tokens under the target
+    let p1 = filtered(&p1_raw, &sampling).get(0);
+    let p2_given = filtered(&p2_raw, &sampling);
+    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
+    let p3_given = filtered(&p3_raw, &sampling).view([V, V, V]);
     let p12 = p1.unsqueeze(1) * &p2_given; // [V, V]
     let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
-    // the draft's own marginal of its first proposal (what a broken verifier would emit)
-    let q2: Vec<f64> = {
+    let kept = p2_given.gt(0.0).sum(Kind::Int64).double_value(&[]) / V as f64;
+    assert!(
+        kept > 4.0 && kept < sampling.top_k as f64,
+        "{sampling:?} keeps {kept:.1} tokens per row: the filters must both act"
+    );
+    // what a broken verifier would emit: the draft's own marginal of its first proposal
+    // (as exact acceptance samples it: temperature, no filters), or the target's
+    // distribution without the filters
+    let draft_marginal: Vec<f64> = {
         let mut q = Tensor::zeros([V], (Kind::Double, Device::Cpu));
         for a in 0..V {
             let mut s = m.session(&t).expect("session");
@@ -563,10 +624,15 @@ fn speculative_sampling_follows_the_target_distribution() {
             let f = features(&t, &prompt, &[]);
             s.commit(0, &step_features(&f, prompt.len() as i64), &seq[1..])
                 .expect("commit");
-            let pr = tch::no_grad(|| s.propose(1, 1.0, &mut RowRng::new(0))).expect("propose");
-            q += pr.logits.get(0).softmax(-1, Kind::Double) * p1.double_value(&[a]);
+            let at_t = Sampling::at(sampling.temperature);
+            let pr = tch::no_grad(|| s.propose(1, &at_t, &mut RowRng::new(0))).expect("propose");
+            q += at_t.probs(&pr.logits.get(0)).to_kind(Kind::Double) * p1.double_value(&[a]);
         }
         Vec::<f64>::try_from(&q).expect("q")
+    };
+    let unfiltered: Vec<f64> = {
+        let p = p1_raw.get(0);
+        Vec::<f64>::try_from(p.unsqueeze(0).matmul(&p2_raw).squeeze_dim(0)).expect("unfiltered")
     };
 
     let samples = 3000;
@@ -579,7 +645,7 @@ fn speculative_sampling_follows_the_target_distribution() {
             let mut s = m.session(&t).expect("session");
             let opts = SpecOptions {
                 gamma: 2,
-                temperature: 1.0,
+                sampling,
                 max_new_tokens: 3,
                 seed: seed as u64,
                 acceptance,
@@ -603,21 +669,96 @@ fn speculative_sampling_follows_the_target_distribution() {
         };
         assert!(
             accepted > min_accepted && rejected > samples / 10,
-            "{acceptance:?}: both acceptance and resampling happen: {accepted} accepted, {rejected} rejections"
+            "{sampling:?} {acceptance:?}: both acceptance and resampling happen: {accepted} accepted, {rejected} rejections"
         );
         for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
             let (stat, dof) = chi_square(counts, probs);
             assert!(
                 stat < chi_square_critical(dof),
-                "{acceptance:?} {what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}",
+                "{sampling:?} {acceptance:?} {what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}",
                 chi_square_critical(dof)
             );
         }
-        // the test has power: the draft's distribution is far from the samples
-        let (stat, dof) = chi_square(&c2, &q2);
+        // the test has power: the wrong distributions are far from the samples
+        for (what, wrong) in [
+            ("the draft's", &draft_marginal),
+            ("the unfiltered target's", &unfiltered),
+        ] {
+            let (stat, dof) = chi_square(&c2, wrong);
+            assert!(
+                stat > 3.0 * chi_square_critical(dof),
+                "{acceptance:?}: {what} distribution should be rejected: {stat:.1} ({dof} dof)"
+            );
+        }
+    }
+}
+
+/// The acceptance rule on a known pair of distributions: the share of first drafts accepted
+/// estimates sum_x min(p(x), q(x)) (exact) or p(d) for the greedy draft d (engine) without
+/// bias, and the emitted token follows p, for filtered p and q as `Sampling::probs` gives them.
+#[test]
+fn acceptance_of_a_known_pair_of_distributions_is_unbiased() {
+    let target = Tensor::from_slice(&[2.0f32, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.8]);
+    let draft = Tensor::from_slice(&[1.0f32, 2.2, 0.1, 0.9, -0.2, -2.0, 0.4, -1.0]);
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 6,
+    };
+    let v = 8;
+    // p: the target's filtered distribution after the prefix (row 0) and after the draft (row 1)
+    let p = sampling.probs(&Tensor::stack(&[&target, &target.flip([0])], 0));
+    let q = sampling.probs(&draft.view([1, v]));
+    let (pv, qv) = (
+        Vec::<f32>::try_from(p.get(0)).expect("p"),
+        Vec::<f32>::try_from(q.get(0)).expect("q"),
+    );
+    // the filters act: some tokens are cut from both
+    assert!(pv.iter().filter(|&&x| x == 0.0).count() >= 2 && qv.iter().filter(|&&x| x == 0.0).count() >= 2);
+    let ref_p = filtered(&target.view([1, v]).softmax(-1, Kind::Double), &sampling);
+    let ref_q = filtered(&draft.view([1, v]).softmax(-1, Kind::Double), &sampling);
+    assert!(max_abs_diff(&p.get(0).to_kind(Kind::Double), &ref_p.get(0)) < 1e-6);
+    assert!(max_abs_diff(&q.get(0).to_kind(Kind::Double), &ref_q.get(0)) < 1e-6);
+
+    let n = 20000;
+    let greedy = draft.argmax(0, false).int64_value(&[]);
+    for (name, rate) in [
+        ("exact", pv.iter().zip(&qv).map(|(a, b)| a.min(*b) as f64).sum::<f64>()),
+        ("engine", pv[greedy as usize] as f64),
+    ] {
+        let mut rng = RowRng::new(11);
+        let (mut accepted, mut counts) = (0usize, vec![0.0; v as usize]);
+        for _ in 0..n {
+            let (d, qrow) = if name == "exact" {
+                let d = sample_rows(&draft.view([1, v]), &sampling, &[rng.next_f64()]).expect("q")[0];
+                (d, q.shallow_clone())
+            } else {
+                (
+                    greedy,
+                    Tensor::zeros([1, v], (Kind::Float, Device::Cpu)).index_fill(
+                        1,
+                        &Tensor::from_slice(&[greedy]),
+                        1.0,
+                    ),
+                )
+            };
+            let (a, next) = accept_sampled(&p, &qrow, &[d], &mut rng).expect("accept");
+            accepted += a;
+            // the first emitted token: the draft when accepted, else the resampled one
+            let first = if a == 1 { d } else { next };
+            counts[first as usize] += 1.0;
+        }
+        let got = accepted as f64 / n as f64;
+        let sd = (rate * (1.0 - rate) / n as f64).sqrt();
         assert!(
-            stat > 3.0 * chi_square_critical(dof),
-            "{acceptance:?}: the draft's distribution should be rejected: {stat:.1} ({dof} dof)"
+            (got - rate).abs() < 4.0 * sd,
+            "{name}: accepted {got:.4}, expected {rate:.4} (sd {sd:.4})"
+        );
+        let probs: Vec<f64> = pv.iter().map(|&x| x as f64).collect();
+        let (stat, dof) = chi_square(&counts, &probs);
+        assert!(
+            stat < chi_square_critical(dof),
+            "{name}: emitted tokens: chi-square {stat:.1} ({dof} dof)"
         );
     }
 }
@@ -1123,7 +1264,7 @@ fn eval_options_are_checked_by_the_library() {
         dynamic_gamma: false,
         min_gamma: 4,
         max_gamma: 32,
-        temperature: 0.0,
+        sampling: Sampling::greedy(),
         acceptance: Default::default(),
         seed: 0,
         verify: true,
@@ -1138,7 +1279,7 @@ fn eval_options_are_checked_by_the_library() {
     };
     eval::check_options(&ok).expect("valid options");
     let hot = EvalOptions {
-        temperature: 0.7,
+        sampling: Sampling::at(0.7),
         ..ok.clone()
     };
     let e = eval::check_options(&hot).unwrap_err().to_string();

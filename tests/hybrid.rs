@@ -7,7 +7,7 @@ use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle3::install_vocab_mapping;
 use forge_models::drafters::hybrid::{expected_cost, gumbel_softmax, one_hot_argmax, CostMode, Hybrid, HybridSpec};
 use forge_models::drafters::{Drafter, Features, StepContext, StepRng};
-use forge_models::generate::RowRng;
+use forge_models::generate::{RowRng, Sampling};
 use forge_models::speculative::StepFeatures;
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, max_abs_diff, metrics_rows, random_target, reinit_trainable, TargetHeads, TinyRun};
@@ -310,7 +310,7 @@ fn hard_gated_decoding_equals_the_training_forward_with_one_hot_gates() {
         let f = features(&t, &seq[..n], &[1; 8]);
         let mut s = m.session(&t).expect("session");
         s.commit(0, &step_features(&f, n as i64), &seq[1..=n]).expect("commit");
-        let p = tch::no_grad(|| s.propose(3, 0.0, &mut RowRng::new(0))).expect("propose");
+        let p = tch::no_grad(|| s.propose(3, &Sampling::greedy(), &mut RowRng::new(0))).expect("propose");
         let counts = s.counters();
         // the training forward with arg-max gates on the sequence continued with the proposals
         let full: Vec<i64> = seq.iter().copied().chain(p.tokens[..2].iter().copied()).collect();

@@ -6,7 +6,7 @@ use forge_models::drafters::knowledge::{
     kl_and_rejection, kl_and_rejection_topk, uniform_layers, CacheSpec, Knowledge, KnowledgeSpec,
 };
 use forge_models::drafters::{Drafter, TargetAccess};
-use forge_models::generate::RowRng;
+use forge_models::generate::{RowRng, Sampling};
 use forge_models::speculative::StepFeatures;
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{forge, losses, max_abs_diff, random_target_from, reinit_trainable, tiny_config, TestRng, TinyRun};
@@ -265,7 +265,7 @@ fn proposals_equal_the_draft_forward_without_a_cache() {
         seq.push(9);
         let mut rng = RowRng::new(0);
         for (round, accept) in [(0, 2usize), (1, 0), (2, 3)] {
-            let p = tch::no_grad(|| s.propose(3, 0.0, &mut rng)).expect("propose");
+            let p = tch::no_grad(|| s.propose(3, &Sampling::greedy(), &mut rng)).expect("propose");
             for i in 0..3 {
                 let mut ctx = seq.clone();
                 ctx.extend_from_slice(&p.tokens[..i]);
@@ -440,7 +440,9 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
-    assert!(e.contains("knowledge cache on (4 entries"), "{e}");
+    // the header line (stdout, once) names the draft's cache
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("knowledge cache on (4 entries"), "{out}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("with knowledge=off (all files):"));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
     assert_eq!(r["summary"]["greedy_mismatches"], 0);

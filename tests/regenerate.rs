@@ -2,7 +2,7 @@
 
 use forge_data::conversation::{parse_prompts, read_prompts, PromptConversation};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
-use forge_models::generate::{generate, generate_batch, sample_rows, GenerateOptions, Generation, RowRng};
+use forge_models::generate::{generate, generate_batch, sample_rows, GenerateOptions, Generation, RowRng, Sampling};
 use forge_models::{DType, TargetModel};
 use forge_tests::{demo_model, forge, random_target, tmp_dir};
 use forge_trainer::regenerate::Regenerator;
@@ -70,8 +70,11 @@ fn batched_equals_single_on_tiny_targets() {
         // Sampling: row i of the batch draws like a single run with seed + i.
         let opts = GenerateOptions {
             max_new_tokens: 10,
-            temperature: 0.9,
-            top_p: 0.8,
+            sampling: Sampling {
+                temperature: 0.9,
+                top_p: 0.8,
+                top_k: 0,
+            },
             seed: 7,
             stop_ids: Vec::new(),
         };
@@ -112,19 +115,39 @@ fn sampling_follows_the_distribution_and_nucleus() {
     let mut rng = RowRng::new(3);
     let u: Vec<f64> = (0..n).map(|_| rng.next_f64()).collect();
     let freq = |ids: &[i64], k: i64| ids.iter().filter(|&&i| i == k).count() as f64 / n as f64;
-    let ids = sample_rows(&logits, 1.0, 1.0, &u).expect("sample");
+    let ids = sample_rows(&logits, &Sampling::at(1.0), &u).expect("sample");
     for (k, p) in [(0, 0.7), (1, 0.2), (2, 0.1)] {
         assert!((freq(&ids, k) - p).abs() < 0.02, "token {k}: {} vs {p}", freq(&ids, k));
     }
     // top_p 0.75 keeps tokens 0 and 1 (mass before them < 0.75), renormalised.
-    let ids = sample_rows(&logits, 1.0, 0.75, &u).expect("sample");
+    let nucleus = Sampling {
+        temperature: 1.0,
+        top_p: 0.75,
+        top_k: 0,
+    };
+    let ids = sample_rows(&logits, &nucleus, &u).expect("sample");
     assert_eq!(freq(&ids, 2), 0.0);
     assert!((freq(&ids, 0) - 0.7 / 0.9).abs() < 0.02);
     // draws at the edges stay inside the nucleus
-    let edge = sample_rows(&logits.narrow(0, 0, 2), 1.0, 0.75, &[0.0, 0.999_999_999]).expect("sample");
+    let edge = sample_rows(&logits.narrow(0, 0, 2), &nucleus, &[0.0, 0.999_999_999]).expect("sample");
     assert_eq!(edge, [0, 1]);
+    // top-k 2 keeps tokens 0 and 1, renormalised to 7/9 and 2/9
+    let top2 = Sampling {
+        top_k: 2,
+        top_p: 1.0,
+        ..nucleus
+    };
+    let ids = sample_rows(&logits, &top2, &u).expect("sample");
+    assert_eq!(freq(&ids, 2), 0.0);
+    assert!((freq(&ids, 1) - 0.2 / 0.9).abs() < 0.02, "{}", freq(&ids, 1));
+    // top-k before top-p (vLLM's and SGLang's order): after top-k 2 the mass before token 1 is
+    // 7/9 >= 0.75, so only token 0 is left (top-p first would have kept token 1)
+    let both = Sampling { top_k: 2, ..nucleus };
+    assert!(sample_rows(&logits, &both, &u).expect("sample").iter().all(|&i| i == 0));
+    let p = both.probs(&row.view([1, 3]));
+    assert_eq!(Vec::<f32>::try_from(p.view(-1)).expect("probs"), [1.0, 0.0, 0.0]);
     assert_eq!(
-        sample_rows(&logits.narrow(0, 0, 2), 0.0, 1.0, &[]).expect("argmax"),
+        sample_rows(&logits.narrow(0, 0, 2), &Sampling::greedy(), &[]).expect("argmax"),
         [0, 0]
     );
 }

@@ -3,7 +3,7 @@
 
 use forge_models::drafters::spaf::{AdapterLoss, AlignmentLoss, Spaf, SpafSpec, SpafTargetLayer};
 use forge_models::drafters::{Drafter, Features, TargetAccess};
-use forge_models::generate::RowRng;
+use forge_models::generate::{RowRng, Sampling};
 use forge_models::speculative::{speculative_generate, SpecOptions, StepFeatures};
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::{
@@ -268,7 +268,7 @@ fn verification_reusing_the_drafts_shallow_layers_equals_a_full_forward() {
     let mut next = prompt[1..].to_vec();
     next.push(40);
     s.commit(0, &features, &next).expect("commit");
-    let p = s.propose(4, 0.0, &mut RowRng::new(0)).expect("propose");
+    let p = s.propose(4, &Sampling::greedy(), &mut RowRng::new(0)).expect("propose");
     let mut input = vec![40];
     input.extend_from_slice(&p.tokens);
     let ver = s
@@ -340,7 +340,7 @@ fn proposals_equal_the_training_stream_computed_without_a_cache() {
         next.push(last);
         s.commit(0, &features, &next).expect("commit");
         let g = 6;
-        let p = s.propose(g, 0.0, &mut RowRng::new(0)).expect("propose");
+        let p = s.propose(g, &Sampling::greedy(), &mut RowRng::new(0)).expect("propose");
         // by hand: inputs = prompt, last, d_1..d_{g-1}; layer k's inputs are the real h_1 for
         // the prompt and the serial inputs, the pseudo ones for the parallel inputs
         let inputs: Vec<i64> = prompt
@@ -405,7 +405,7 @@ fn sampled_self_speculative_decoding_runs() {
     let opts = SpecOptions {
         gamma: 4,
         max_new_tokens: 40,
-        temperature: 0.8,
+        sampling: Sampling::at(0.8),
         seed: 3,
         ..Default::default()
     };

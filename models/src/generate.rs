@@ -6,13 +6,116 @@ use crate::llm::{Capture, LogitsMode, TargetModel};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+/// How the next token is picked from logits, as vLLM and SGLang apply their sampling
+/// parameters: temperature first, then top-k, then top-p (nucleus) over what top-k kept, then
+/// renormalised. Greedy (arg-max) when `temperature <= 0`, where top-k and top-p do nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy; > 0 = sample from softmax(logits / temperature), filtered as below.
+    pub temperature: f64,
+    /// Keep the smallest set of most likely tokens whose mass reaches `top_p` (every token
+    /// whose preceding mass is below it; the most likely token always stays). 1.0 = off.
+    pub top_p: f64,
+    /// Keep the `top_k` most likely tokens (and any tied with the k-th, as vLLM does).
+    /// 0 = off.
+    pub top_k: usize,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl Sampling {
+    pub const fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
+    }
+
+    /// Sampling at `temperature` with no top-p or top-k filter.
+    pub const fn at(temperature: f64) -> Self {
+        Self {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// The values allowed: temperature >= 0 and finite, top_p in (0, 1]; the error names the
+    /// parameter and what it got.
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::Invalid(format!(
+                "temperature must be >= 0 (0 = greedy), got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Invalid(format!(
+                "top-p must be in (0, 1] (1 = off), got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// Says what is sampled, e.g. "temperature 0.7, top-p 0.9, top-k 50" or "greedy".
+    pub fn describe(&self) -> String {
+        if self.is_greedy() {
+            return "greedy".into();
+        }
+        let mut s = format!("temperature {}", self.temperature);
+        if self.top_p < 1.0 {
+            s += &format!(", top-p {}", self.top_p);
+        }
+        if self.top_k > 0 {
+            s += &format!(", top-k {}", self.top_k);
+        }
+        s
+    }
+
+    /// The distribution sampled from logits `[.., V]`: fp32 probabilities, zero outside the
+    /// tokens top-k and top-p keep, each row summing to 1. Greedy sampling gives the one-hot
+    /// row of the arg-max.
+    pub fn probs(&self, logits: &Tensor) -> Tensor {
+        let logits = logits.to_kind(Kind::Float);
+        if self.is_greedy() {
+            let best = logits.argmax(-1, true);
+            return logits.zeros_like().scatter_value(-1, &best, 1.0);
+        }
+        let mut probs = (&logits / self.temperature).softmax(-1, Kind::Float);
+        let v = logits.size().last().copied().unwrap_or(0);
+        if self.top_k > 0 && (self.top_k as i64) < v {
+            let (top, _) = probs.topk(self.top_k as i64, -1, true, true);
+            let kth = top.narrow(-1, self.top_k as i64 - 1, 1);
+            probs = probs.where_self(&probs.ge_tensor(&kth), &probs.zeros_like());
+            probs = &probs / probs.sum_dim_intlist(-1, true, Kind::Float);
+        }
+        if self.top_p < 1.0 {
+            let (sorted, idx) = probs.sort(-1, true);
+            let cum = sorted.cumsum(-1, Kind::Float);
+            // keep tokens whose preceding mass is < top_p (always keeps the top token)
+            let keep = (&cum - &sorted).lt(self.top_p).to_kind(Kind::Float);
+            probs = probs.zeros_like().scatter(-1, &idx, &(sorted * keep));
+            probs = &probs / probs.sum_dim_intlist(-1, true, Kind::Float);
+        }
+        probs
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
-    /// 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature).
-    pub temperature: f64,
-    /// Nucleus sampling threshold (1.0 = off). Only used when sampling.
-    pub top_p: f64,
+    /// Greedy or sampled, with its filters.
+    pub sampling: Sampling,
     pub seed: u64,
     /// Generation stops after emitting any of these ids (the id is kept in the output).
     pub stop_ids: Vec<i64>,
@@ -22,8 +125,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
             max_new_tokens: 128,
-            temperature: 0.0,
-            top_p: 1.0,
+            sampling: Sampling::greedy(),
             seed: 0,
             stop_ids: Vec::new(),
         }
@@ -46,26 +148,6 @@ impl Generation {
         }
         (self.tokens.len() - 1) as f64 / self.decode_seconds
     }
-}
-
-/// Picks the next token from logits `[V]` (fp32).
-pub fn sample_next(logits: &Tensor, temperature: f64, top_p: f64) -> Result<i64> {
-    let logits = logits.to_kind(Kind::Float);
-    let id = if temperature <= 0.0 {
-        logits.argmax(-1, false)
-    } else {
-        let mut probs = (logits / temperature).softmax(-1, Kind::Float);
-        if top_p < 1.0 {
-            let (sorted, idx) = probs.sort(-1, true);
-            let cum = sorted.cumsum(-1, Kind::Float);
-            // keep tokens whose preceding mass is < top_p (always keeps the top token)
-            let keep = (&cum - &sorted).lt(top_p);
-            let filtered = sorted * keep.to_kind(Kind::Float);
-            probs = Tensor::zeros_like(&probs).scatter(-1, &idx, &filtered);
-        }
-        probs.multinomial(1, false).squeeze()
-    };
-    i64::try_from(&id).map_err(ModelError::Torch)
 }
 
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` for each new token.
@@ -105,13 +187,12 @@ impl RowRng {
     }
 }
 
-/// Picks one token per row from logits `[B, V]`: argmax when `temperature <= 0`, else
-/// inverse-CDF sampling from softmax(logits / temperature) restricted to the top-p nucleus,
-/// with `uniforms[i]` in [0, 1) as row i's random draw.
-pub fn sample_rows(logits: &Tensor, temperature: f64, top_p: f64, uniforms: &[f64]) -> Result<Vec<i64>> {
+/// Picks one token per row from logits `[B, V]`: arg-max when greedy, else inverse-CDF
+/// sampling from [`Sampling::probs`] with `uniforms[i]` in [0, 1) as row i's random draw.
+pub fn sample_rows(logits: &Tensor, sampling: &Sampling, uniforms: &[f64]) -> Result<Vec<i64>> {
     let logits = logits.to_kind(Kind::Float);
     let (b, v) = logits.size2().map_err(ModelError::Torch)?;
-    let ids = if temperature <= 0.0 {
+    let ids = if sampling.is_greedy() {
         logits.argmax(-1, false)
     } else {
         if uniforms.len() as i64 != b {
@@ -120,14 +201,7 @@ pub fn sample_rows(logits: &Tensor, temperature: f64, top_p: f64, uniforms: &[f6
                 uniforms.len()
             )));
         }
-        let probs = (&logits / temperature).softmax(-1, Kind::Float);
-        let (mut sorted, idx) = probs.sort(-1, true);
-        if top_p < 1.0 {
-            let cum = sorted.cumsum(-1, Kind::Float);
-            // keep tokens whose preceding mass is < top_p (always keeps the top token)
-            let keep = (&cum - &sorted).lt(top_p);
-            sorted *= keep.to_kind(Kind::Float);
-        }
+        let (sorted, idx) = sampling.probs(&logits).sort(-1, true);
         let cum = sorted.cumsum(-1, Kind::Float);
         let total = cum.narrow(1, v - 1, 1);
         let u: Vec<f32> = uniforms.iter().map(|&u| u as f32).collect();
@@ -212,7 +286,7 @@ pub fn generate_batch_seeded<P: AsRef<[i64]>>(
     }
     let device = model.device();
     let mut rngs: Vec<RowRng> = seeds.iter().map(|&s| RowRng::new(s)).collect();
-    let sampling = opts.temperature > 0.0;
+    let sampling = !opts.sampling.is_greedy();
     let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); b];
     let mut stopped = vec![false; b];
     let mut finished_at: Vec<Option<f64>> = vec![None; b];
@@ -244,7 +318,7 @@ pub fn generate_batch_seeded<P: AsRef<[i64]>>(
             } else {
                 Vec::new()
             };
-            let next = sample_rows(&logits, opts.temperature, opts.top_p, &uniforms)?;
+            let next = sample_rows(&logits, &opts.sampling, &uniforms)?;
             if step == 0 {
                 prefill_seconds = t0.elapsed().as_secs_f64();
             }

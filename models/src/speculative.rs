@@ -7,8 +7,10 @@
 //! cached position. A round feeds `[last, d_1..d_g]` to the target, which gives g + 1
 //! next-token distributions:
 //! - greedy (temperature 0): d_i is accepted iff it equals the target's arg-max after d_1..d_{i-1};
-//! - sampling: d_i is accepted with probability min(1, p(d_i) / q(d_i)); on the first
-//!   rejection a token is drawn from norm(max(0, p - q)) instead. With [`Acceptance::Engine`]
+//! - sampling: p is the target's distribution as sampled ([`Sampling::probs`]: temperature,
+//!   then top-k, then top-p, renormalised, the order vLLM and SGLang apply them in), q the
+//!   draft's ([`draft_sampling`]); d_i is accepted with probability min(1, p(d_i) / q(d_i)); on
+//!   the first rejection a token is drawn from norm(max(0, p - q)) instead. With [`Acceptance::Engine`]
 //!   (the default, what vLLM and SGLang do) the draft chain is greedy, q is one-hot, and
 //!   this is: accept d_i with probability p(d_i), else draw from p without d_i;
 //! - after a accepted drafts the target's token at position a (the correction, or the bonus
@@ -21,7 +23,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::features::FeatureNeeds;
-use crate::generate::{sample_rows, RowRng};
+use crate::generate::{sample_rows, RowRng, Sampling};
 use crate::llm::{Capture, LogitsMode, TargetModel};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -41,8 +43,9 @@ pub struct Proposal {
     /// Target-vocabulary ids `d_1..d_g`.
     pub tokens: Vec<i64>,
     /// The draft's logits over the target vocabulary for each proposed position, `[g, V]`
-    /// fp32 (-inf outside a reduced draft vocabulary). With temperature T the draft sampled
-    /// d_i from softmax(logits_i / T); verification uses the same distribution as q.
+    /// fp32 (-inf outside a reduced draft vocabulary). A sampled draft drew d_i from
+    /// `sampling.probs(logits_i)` (temperature, top-k, top-p); verification uses the same
+    /// distribution as q.
     pub logits: Tensor,
 }
 
@@ -64,9 +67,9 @@ pub trait DraftSession {
     /// draft computed past `start` during earlier proposals is discarded.
     fn commit(&mut self, start: i64, features: &StepFeatures, next: &[i64]) -> Result<()>;
     /// Proposes `gamma` tokens to follow the committed sequence (whose last token is the
-    /// `next` of the latest commit). Greedy (arg-max) when `temperature <= 0`, otherwise each
-    /// token sampled from softmax(logits / temperature) with uniforms from `rng`.
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal>;
+    /// `next` of the latest commit). Greedy (arg-max) when `sampling` is, otherwise each
+    /// token drawn from `sampling.probs(logits)` with uniforms from `rng` (see [`pick`]).
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal>;
     /// Named event counts of this session (the hybrid drafter: how often each block ran),
     /// summed and reported by `forge eval`. Default: none.
     fn counters(&self) -> Vec<(String, u64)> {
@@ -132,7 +135,7 @@ fn truncate(draft: &mut dyn DraftSession, cache: &mut crate::llm::KvCache, len: 
 pub fn propose_chain(
     first: &Tensor,
     gamma: usize,
-    temperature: f64,
+    sampling: &Sampling,
     rng: &mut RowRng,
     readout: impl Fn(&Tensor) -> Tensor,
     mut advance: impl FnMut(&Tensor, i64, usize) -> Result<Tensor>,
@@ -141,7 +144,7 @@ pub fn propose_chain(
     let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
     for i in 0..gamma {
         let l = readout(&feature.view([1, -1])).view([-1]);
-        let token = pick(&l, temperature, rng)?;
+        let token = pick(&l, sampling, rng)?;
         tokens.push(token);
         logits.push(l);
         if i + 1 < gamma {
@@ -173,8 +176,9 @@ pub enum Acceptance {
     /// rejection the token is drawn from p with d removed (renormalised).
     #[default]
     Engine,
-    /// Draft tokens sampled from q = softmax(draft logits / T) and accepted with probability
-    /// min(1, p(d) / q(d)); on a rejection drawn from norm(max(0, p - q)).
+    /// Draft tokens sampled from q = softmax(draft logits / T) (no top-k or top-p on q, as
+    /// the engines' probabilistic drafting) and accepted with probability min(1, p(d) / q(d));
+    /// on a rejection drawn from norm(max(0, p - q)).
     Exact,
 }
 
@@ -196,7 +200,8 @@ pub struct SpecOptions {
     pub dynamic_min_gamma: Option<usize>,
     /// Upper bound on any draft length (dynamic gamma grows up to it).
     pub max_gamma: usize,
-    pub temperature: f64,
+    /// Greedy, or the target's sampling (temperature, top-k, top-p) as the engine serves it.
+    pub sampling: Sampling,
     pub max_new_tokens: usize,
     /// Decoding stops after emitting any of these ids (kept in the output).
     pub stop_ids: Vec<i64>,
@@ -211,7 +216,7 @@ impl Default for SpecOptions {
             gamma: 5,
             dynamic_min_gamma: None,
             max_gamma: 32,
-            temperature: 0.0,
+            sampling: Sampling::greedy(),
             max_new_tokens: 128,
             stop_ids: Vec::new(),
             seed: 0,
@@ -263,10 +268,11 @@ impl SpecOutput {
     }
 }
 
-/// Picks from logits `[V]` with temperature (arg-max at 0) using one uniform from `rng`.
-pub fn pick(logits: &Tensor, temperature: f64, rng: &mut RowRng) -> Result<i64> {
-    let u = if temperature > 0.0 { rng.next_f64() } else { 0.0 };
-    let ids = sample_rows(&logits.reshape([1, -1]), temperature, 1.0, &[u])?;
+/// Picks from logits `[V]` (arg-max when greedy, else from `sampling.probs(logits)`) using one
+/// uniform from `rng`.
+pub fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut RowRng) -> Result<i64> {
+    let u = if sampling.is_greedy() { 0.0 } else { rng.next_f64() };
+    let ids = sample_rows(&logits.reshape([1, -1]), sampling, &[u])?;
     ids.first()
         .copied()
         .ok_or_else(|| ModelError::Invalid("pick: no token".into()))
@@ -274,7 +280,67 @@ pub fn pick(logits: &Tensor, temperature: f64, rng: &mut RowRng) -> Result<i64> 
 
 /// Draws from an unnormalised distribution `[V]` (non-negative weights).
 fn draw(weights: &Tensor, rng: &mut RowRng) -> Result<i64> {
-    pick(&weights.clamp_min(0.0).log(), 1.0, rng)
+    pick(&weights.clamp_min(0.0).log(), &Sampling::at(1.0), rng)
+}
+
+/// How the draft samples its chain: greedy under [`Acceptance::Engine`] (also when the target
+/// samples); under [`Acceptance::Exact`] from softmax(logits / T) with the target's
+/// temperature and no top-k or top-p, as vLLM's `probabilistic` draft sampling and SGLang's
+/// `--speculative-use-rejection-sampling` build q (either q keeps the output exact).
+pub fn draft_sampling(opts: &SpecOptions) -> Sampling {
+    match opts.acceptance {
+        Acceptance::Engine => Sampling::greedy(),
+        Acceptance::Exact => Sampling::at(opts.sampling.temperature),
+    }
+}
+
+/// One-hot rows at `tokens`, shaped like the first `tokens.len()` rows of `like` `[n, V]`.
+fn one_hot(tokens: &[i64], like: &Tensor) -> Tensor {
+    let ids = Tensor::from_slice(tokens).view([-1, 1]).to_device(like.device());
+    like.narrow(0, 0, tokens.len() as i64)
+        .zeros_like()
+        .scatter_value(1, &ids, 1.0)
+}
+
+/// Speculative sampling's verification of one chain: `p` `[g+1, V]` is the target's sampled
+/// distribution after each prefix (`Sampling::probs`: temperature, top-k, top-p), `q` `[g, V]`
+/// the distribution each draft token was drawn from (one-hot for a greedy chain). Draft d_i
+/// is accepted with probability min(1, p(d_i) / q(d_i)); at the first rejection a token is
+/// drawn from norm(max(0, p - q)) (from p when that is empty); when all are accepted the
+/// bonus token is drawn from the last row of p. Returns (accepted drafts, the next token).
+///
+/// Each emitted token follows p exactly; the chance that d_i is accepted, given it is
+/// reached, is sum_x min(p(x), q(x)) (p(d_i) for a greedy chain), so accepted / reached
+/// counts estimate it without bias.
+pub fn accept_sampled(p: &Tensor, q: &Tensor, tokens: &[i64], rng: &mut RowRng) -> Result<(usize, i64)> {
+    let g = tokens.len() as i64;
+    if p.size().first() != Some(&(g + 1)) || q.size().first() != Some(&g) {
+        return Err(ModelError::Invalid(format!(
+            "accept_sampled: {g} drafts with target rows {:?} and draft rows {:?}",
+            p.size(),
+            q.size()
+        )));
+    }
+    let q = q.to_kind(Kind::Float);
+    for (i, &d) in tokens.iter().enumerate() {
+        let (pi, qi) = (p.get(i as i64), q.get(i as i64));
+        let (pd, qd) = (pi.double_value(&[d]), qi.double_value(&[d]));
+        let u = rng.next_f64();
+        // accept with probability min(1, p/q); q(d) > 0 since d was drawn from q
+        // (engine: q(d) = 1, so with probability p(d))
+        if u * qd < pd {
+            continue;
+        }
+        let residual = (&pi - &qi).clamp_min(0.0);
+        let mass = residual.sum(Kind::Double).double_value(&[]);
+        let new = if mass > 0.0 {
+            draw(&residual, rng)?
+        } else {
+            draw(&pi, rng)?
+        };
+        return Ok((i, new));
+    }
+    Ok((tokens.len(), draw(&p.get(g), rng)?))
 }
 
 fn features_at(out: &crate::llm::TargetOutput, start: i64, len: i64) -> StepFeatures {
@@ -302,12 +368,13 @@ pub fn speculative_generate(
     if opts.dynamic_min_gamma == Some(0) {
         return Err(ModelError::Invalid("the minimum gamma must be at least 1".into()));
     }
+    opts.sampling.check()?;
     if opts.max_new_tokens == 0 {
         return Ok(SpecOutput::default());
     }
     let t_start = Instant::now();
     let device = target.device();
-    let temp = opts.temperature;
+    let sampling = &opts.sampling;
     let mut rng = RowRng::new(opts.seed);
     let cap = draft.max_gamma().unwrap_or(usize::MAX).min(opts.max_gamma).max(1);
     // dynamic gamma never goes below its minimum, so it starts there at least
@@ -336,7 +403,7 @@ pub fn speculative_generate(
         .logits
         .as_ref()
         .ok_or_else(|| ModelError::Invalid("prefill gave no logits".into()))?;
-    let mut last = pick(&logits.reshape([-1]), temp, &mut rng)?;
+    let mut last = pick(&logits.reshape([-1]), sampling, &mut rng)?;
     out.prefill_seconds = t_start.elapsed().as_secs_f64();
     out.tokens.push(last);
     if opts.stop_ids.contains(&last) {
@@ -356,13 +423,8 @@ pub fn speculative_generate(
         let g = gamma.min(left - 1);
         let t = Instant::now();
         let proposal = if g > 0 {
-            // engine acceptance drafts greedily also when the target samples
-            let draft_temp = if opts.acceptance == Acceptance::Engine {
-                0.0
-            } else {
-                temp
-            };
-            let p = tch::no_grad(|| draft.propose(g, draft_temp, &mut rng))?;
+            let draft_sampling = draft_sampling(opts);
+            let p = tch::no_grad(|| draft.propose(g, &draft_sampling, &mut rng))?;
             if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
                 return Err(ModelError::Invalid(format!(
                     "the draft proposed {} tokens with {:?} logits, {g} were asked for",
@@ -390,51 +452,20 @@ pub fn speculative_generate(
             .get(0)
             .to_kind(Kind::Float); // [g+1, V]
         let (accepted, new) = match &proposal {
-            None => (0, pick(&logits.get(0), temp, &mut rng)?),
-            Some(p) if temp <= 0.0 => {
+            None => (0, pick(&logits.get(0), sampling, &mut rng)?),
+            Some(p) if sampling.is_greedy() => {
                 let best = Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
                 let a = p.tokens.iter().zip(&best).take_while(|(d, b)| d == b).count();
                 (a, best[a])
             }
             Some(p) => {
-                let pt = (&logits / temp).softmax(-1, Kind::Float);
+                let pt = sampling.probs(&logits);
                 let q = match opts.acceptance {
                     // a greedy chain: q is one-hot at each proposal
-                    Acceptance::Engine => {
-                        let ids = Tensor::from_slice(&p.tokens).view([-1, 1]).to_device(device);
-                        pt.narrow(0, 0, p.tokens.len() as i64)
-                            .zeros_like()
-                            .scatter_value(1, &ids, 1.0)
-                    }
-                    Acceptance::Exact => {
-                        (p.logits.to_device(device).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float)
-                    }
+                    Acceptance::Engine => one_hot(&p.tokens, &pt),
+                    Acceptance::Exact => draft_sampling(opts).probs(&p.logits.to_device(device)),
                 };
-                let mut a = 0;
-                let mut new = None;
-                for (i, &d) in p.tokens.iter().enumerate() {
-                    let (pi, qi) = (pt.get(i as i64), q.get(i as i64));
-                    let (pd, qd) = (pi.double_value(&[d]), qi.double_value(&[d]));
-                    let u = rng.next_f64();
-                    // accept with probability min(1, p/q); q(d) > 0 since d was drawn from q
-                    // (engine: q(d) = 1, so with probability p(d))
-                    if u * qd < pd {
-                        a += 1;
-                        continue;
-                    }
-                    let residual = (&pi - &qi).clamp_min(0.0);
-                    let mass = residual.sum(Kind::Double).double_value(&[]);
-                    new = Some(if mass > 0.0 {
-                        draw(&residual, &mut rng)?
-                    } else {
-                        draw(&pi, &mut rng)?
-                    });
-                    break;
-                }
-                match new {
-                    Some(n) => (a, n),
-                    None => (a, draw(&pt.get(a as i64), &mut rng)?),
-                }
+                accept_sampled(&pt, &q, &p.tokens, &mut rng)?
             }
         };
         // keep `last` and the accepted drafts in the cache

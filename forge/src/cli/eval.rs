@@ -4,6 +4,7 @@
 use super::chat::ChatArgs;
 use super::progress::{self, Bar};
 use anyhow::{Context, Result};
+use forge_models::generate::Sampling;
 use forge_models::speculative::Acceptance;
 use forge_trainer::eval::{self, ratio, EvalEvent, EvalOptions, Tally, Verified};
 use std::io::Write;
@@ -54,6 +55,13 @@ pub struct EvalArgs {
     /// 0 = greedy; > 0 = speculative sampling at this temperature.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
+    /// Sampling only: keep the most likely tokens whose mass reaches P (1 = off), applied
+    /// after --top-k to target and draft distributions, as vLLM and SGLang apply it.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f64,
+    /// Sampling only: keep the K most likely tokens (0 = off), before --top-p.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     /// Sampled acceptance (temperature > 0): engine = a greedy draft chain accepted with
     /// probability p(d), as vLLM and SGLang serve; exact = drafts sampled from the draft's
     /// distribution q, accepted with min(1, p/q). Both follow the target's distribution.
@@ -143,7 +151,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         dynamic_gamma: a.dynamic_gamma,
         min_gamma: a.min_gamma,
         max_gamma: a.max_gamma,
-        temperature: a.temperature,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+        },
         acceptance: a.acceptance.into(),
         seed: a.seed,
         verify: a.verify,
@@ -167,8 +179,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         EvalEvent::Started(s) => {
             files = s.files;
             baseline = s.baseline();
-            eprintln!(
-                "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, temperature {}{}, max {} new tokens",
+            // once, on stdout (the report's first line, also when piped), before any progress
+            println!(
+                "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, {}{}, max {} new tokens",
                 s.kind,
                 s.source.display(),
                 s.weights as f64 / 1e6,
@@ -181,14 +194,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 s.files,
                 a.gamma,
                 if a.dynamic_gamma { format!(" (dynamic, min {}, max {})", a.min_gamma, a.max_gamma) } else { String::new() },
-                a.temperature,
-                if a.temperature > 0.0 { format!(" ({} acceptance)", Acceptance::from(a.acceptance).name()) } else { String::new() },
+                opts.sampling.describe(),
+                if opts.sampling.is_greedy() { String::new() } else { format!(" ({} acceptance)", Acceptance::from(a.acceptance).name()) },
                 a.max_new_tokens
             );
-            // the report names its draft; on a terminal the header above (stderr) already did
-            if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                println!("forge eval: {} draft {}", s.kind, s.source.display());
-            }
+            let _ = std::io::stdout().flush();
         }
         EvalEvent::File(f) => {
             println!("{}:", f.path.display());

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
-use forge_models::generate::{generate, GenerateOptions};
+use forge_models::generate::{generate, GenerateOptions, Sampling};
 use forge_models::{parse_device, TargetModel};
 use forge_trainer::regenerate::resolve_dtype;
 use std::io::Write;
@@ -30,6 +30,9 @@ pub struct GenerateArgs {
     /// Nucleus sampling threshold (with --temperature > 0).
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Keep only the K most likely tokens before top-p (with --temperature > 0; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Weight format: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
@@ -72,8 +75,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompt_ids = tokenizer.encode(&text)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+        },
         seed: a.seed,
         stop_ids: stop_ids.clone(),
     };

@@ -6,7 +6,7 @@ use super::progress;
 use anyhow::{bail, Context, Result};
 use forge_data::conversation::{read_prompts, PromptConversation};
 use forge_data::{ChatTemplate, TextTokenizer};
-use forge_models::generate::GenerateOptions;
+use forge_models::generate::{GenerateOptions, Sampling};
 use forge_models::{parse_device, TargetModel};
 use forge_trainer::regenerate::{
     open_output, resolve_dtype, resume, stop_ids, RegenerateProgress, RegenerateReport, Regenerator,
@@ -40,6 +40,9 @@ pub struct Args {
     /// Nucleus sampling threshold (with --temperature > 0).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
+    /// Keep only the K most likely tokens before top-p (with --temperature > 0; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     /// Sampling seed (each conversation turn draws from its own stream: seed, id, turn).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -148,8 +151,11 @@ pub fn run(a: Args) -> Result<()> {
         system: a.chat.system.clone(),
         opts: GenerateOptions {
             max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_p: a.top_p,
+            sampling: Sampling {
+                temperature: a.temperature,
+                top_p: a.top_p,
+                top_k: a.top_k,
+            },
             seed: a.seed,
             stop_ids,
         },

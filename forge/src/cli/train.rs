@@ -144,5 +144,8 @@ pub fn run_export(ckpt: PathBuf, format: String, out: PathBuf, dtype: String) ->
     for (p, n) in &r.files {
         println!("  {} ({:.1} MB)", p.display(), *n as f64 / 1e6);
     }
+    if let Some(s) = r.serving {
+        println!("serve: {}", s.replace("DIR", &out.display().to_string()));
+    }
     Ok(())
 }

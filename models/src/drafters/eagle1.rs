@@ -25,7 +25,7 @@ use crate::safetensors_io::SafetensorsFile;
 use forge_schema::Ctx;
 use std::path::Path;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
@@ -315,6 +315,19 @@ impl Drafter for Eagle1 {
         &[ExportFormat::Sglang, ExportFormat::Vllm]
     }
 
+    fn serving(&self, format: ExportFormat) -> Option<&'static str> {
+        match format {
+            ExportFormat::Sglang => Some(
+                "SGLang 0.5.23: --speculative-algorithm EAGLE --speculative-draft-model-path DIR \
+                 (--speculative-num-steps / --speculative-eagle-topk / --speculative-num-draft-tokens; unset, a Llama target gets a tree 5/4/8)",
+            ),
+            ExportFormat::Vllm => Some(
+                "vLLM 0.33 / 0.34: --speculative-config '{\"method\": \"eagle\", \"model\": \"DIR\", \"num_speculative_tokens\": 5}'",
+            ),
+            _ => None,
+        }
+    }
+
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
         // SGLang's LlamaForCausalLMEagle has a bias in fc; vLLM's EagleLlamaForCausalLM has
         // none (and is found under that architecture name).
@@ -407,7 +420,7 @@ impl DraftSession for Eagle1Session<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         let first = self
             .last
             .as_ref()
@@ -418,7 +431,7 @@ impl DraftSession for Eagle1Session<'_> {
         propose_chain(
             &first,
             gamma,
-            temperature,
+            sampling,
             rng,
             |f| m.readout(f),
             |f, token, i| self.step(f, &[token], committed + i as i64),

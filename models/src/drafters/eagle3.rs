@@ -1,6 +1,6 @@
 //! EAGLE-3 (Li et al. 2025) with training-time test. Method: docs/methods/eagle3.md.
 //!
-//! - `fc`: Linear(A * H_t -> h, no bias) over the concatenated auxiliary target layers.
+//! - `fc`: Linear(3 * H_t -> h, no bias) over the 3 concatenated auxiliary target layers.
 //! - `midlayer`: one decoder layer whose attention reads
 //!   `cat(input_layernorm(embed(token)), hidden_norm(h))` (width 2h); residual on h; then
 //!   post_attention_layernorm + SwiGLU MLP.
@@ -37,7 +37,7 @@ use forge_schema::Ctx;
 use std::collections::BTreeMap;
 use std::path::Path;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 pub use crate::layers::attention::{ttt_attention, ttt_mask};
 use crate::layers::{linear, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, RmsNorm, Rotary, TttKv};
@@ -783,6 +783,22 @@ impl Drafter for Eagle3 {
         &[ExportFormat::Sglang, ExportFormat::Vllm, ExportFormat::Speculators]
     }
 
+    fn serving(&self, format: ExportFormat) -> Option<&'static str> {
+        match format {
+            // every folder carries both engines' aux-layer keys (docs/export.md)
+            ExportFormat::Sglang | ExportFormat::Vllm => Some(
+                "SGLang 0.5.23: --speculative-algorithm EAGLE3 --speculative-draft-model-path DIR \
+                 (unset steps/topk/draft tokens give a Llama target a tree 5/4/8, other targets a chain 3/1/4); \
+                 vLLM 0.33 / 0.34: --speculative-config '{\"method\": \"eagle3\", \"model\": \"DIR\", \"num_speculative_tokens\": 5}'",
+            ),
+            ExportFormat::Speculators => Some(
+                "vLLM 0.33 / 0.34 (the speculators layout is read by its speculators config parser): \
+                 --speculative-config '{\"model\": \"DIR\", \"num_speculative_tokens\": 5}'",
+            ),
+            _ => None,
+        }
+    }
+
     fn export(&self, format: ExportFormat, target_config: &serde_json::Value) -> Result<ExportBundle> {
         if !matches!(
             format,
@@ -925,7 +941,7 @@ impl DraftSession for Eagle3Session<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         let mut hidden = self
             .last
             .as_ref()
@@ -940,7 +956,7 @@ impl DraftSession for Eagle3Session<'_> {
                 &self.draft_ids,
                 &draft,
             );
-            let token = pick(&full, temperature, rng)?;
+            let token = pick(&full, sampling, rng)?;
             tokens.push(token);
             logits.push(full);
             if i + 1 < gamma {

@@ -44,7 +44,7 @@ use super::{
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
 use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
@@ -957,7 +957,7 @@ impl DraftSession for HybridSession<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         let first = self
             .last
             .as_ref()
@@ -968,7 +968,7 @@ impl DraftSession for HybridSession<'_> {
         propose_chain(
             &first,
             gamma,
-            temperature,
+            sampling,
             rng,
             |f| m.proposal_logits(f),
             |f, token, i| self.step(f, &[token], committed + i as i64),

@@ -40,7 +40,7 @@ use super::{
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::{linear, project, DecoderLayer, Keys, Linear, ParamInit, RmsNorm, Rotary};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use crate::llm::{layer_inputs, KvCache, TargetConfig, TargetModel};
@@ -1204,7 +1204,7 @@ impl DraftSession for KnowledgeSession<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         // keep the cache of the tokens that are still the sequence's (accepted drafts too),
         // and run at least the last committed token for its logits
         let same = self.inputs.iter().zip(&self.seq).take_while(|(a, b)| a == b).count();
@@ -1218,7 +1218,7 @@ impl DraftSession for KnowledgeSession<'_> {
         let mut l = self.next_logits(&pending)?;
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
-            let token = pick(&l, temperature, rng)?;
+            let token = pick(&l, sampling, rng)?;
             tokens.push(token);
             logits.push(l.shallow_clone());
             if i + 1 < gamma {

@@ -16,7 +16,7 @@ use crate::llm::TargetConfig;
 use forge_schema::Ctx;
 use std::path::Path;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::{project, Linear};
 use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
 use crate::llm::TargetModel;
@@ -380,6 +380,20 @@ impl Drafter for Medusa {
         &[ExportFormat::Vllm, ExportFormat::FasterDecoding]
     }
 
+    fn serving(&self, format: ExportFormat) -> Option<&'static str> {
+        match format {
+            ExportFormat::Vllm => Some(
+                "vLLM 0.32 and earlier: --speculative-config '{\"method\": \"medusa\", \"model\": \"DIR\", \"num_speculative_tokens\": HEADS}'. \
+                 vLLM 0.33 removed Medusa and SGLang (0.5.23) never served it: for those, train EAGLE-3 (recipes/eagle3-*.yaml)",
+            ),
+            ExportFormat::FasterDecoding => Some(
+                "Hugging Face TGI (medusa_lm_head.safetensors beside the config) and TensorRT-LLM's Medusa converter; \
+                 not vLLM or SGLang",
+            ),
+            _ => None,
+        }
+    }
+
     fn token_macs(&self, seq_len: i64) -> TokenMacs {
         let (h, v, layers) = (self.m.hidden_size as f64, self.m.vocab_size as f64, self.m.num_layers);
         // one head over one position: the first ResBlock's input (the target's hidden state)
@@ -523,7 +537,7 @@ impl DraftSession for MedusaSession<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         let h = self
             .last
             .as_ref()
@@ -539,7 +553,7 @@ impl DraftSession for MedusaSession<'_> {
             .collect();
         let tokens = logits
             .iter()
-            .map(|l| pick(l, temperature, rng))
+            .map(|l| pick(l, sampling, rng))
             .collect::<Result<Vec<_>>>()?;
         Ok(Proposal {
             tokens,

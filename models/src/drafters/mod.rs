@@ -418,6 +418,11 @@ pub trait Drafter {
     fn imported(&self, _file: &BTreeMap<String, Tensor>) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Which engine versions serve this drafter's export in `format`, and how (printed by
+    /// `forge export`; the table in docs/export.md). Default: none.
+    fn serving(&self, _format: ExportFormat) -> Option<&'static str> {
+        None
+    }
     /// Why no engine format can hold this drafter, for drafters with none (shown when one is
     /// asked for).
     fn engines_note(&self) -> Option<&'static str> {

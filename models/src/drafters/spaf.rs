@@ -35,7 +35,7 @@ use super::{
 };
 use forge_schema::Ctx;
 use crate::error::{ModelError, Result};
-use crate::generate::RowRng;
+use crate::generate::{RowRng, Sampling};
 use crate::layers::{linear, Keys, LayerKv, Linear, ParamInit};
 use crate::speculative::{pick, DraftSession, Proposal, SharedTarget, StepFeatures};
 use crate::llm::{Capture, KvCache, LogitsMode, TargetModel, TargetOutput};
@@ -882,7 +882,7 @@ impl DraftSession for SpafSession<'_> {
         Ok(())
     }
 
-    fn propose(&mut self, gamma: usize, temperature: f64, rng: &mut RowRng) -> Result<Proposal> {
+    fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         let mut token = self
             .last
             .ok_or_else(|| ModelError::Invalid("spaf: propose before commit".into()))?;
@@ -922,7 +922,7 @@ impl DraftSession for SpafSession<'_> {
             };
             let s = self.adapted(&h_k, pos)?;
             let l = Spaf::exit_logits(t, &s).view([-1]);
-            token = pick(&l, temperature, rng)?;
+            token = pick(&l, sampling, rng)?;
             tokens.push(token);
             logits.push(l);
         }

@@ -17,6 +17,8 @@ pub struct ExportReport {
     pub files: Vec<(PathBuf, u64)>,
     pub tensors: usize,
     pub source: PathBuf,
+    /// Which engine versions serve it and how (`Drafter::serving`).
+    pub serving: Option<&'static str>,
 }
 
 fn cast(t: &Tensor, dtype: DType) -> Tensor {
@@ -137,6 +139,7 @@ pub fn export(path: &Path, format: &str, out: &Path, dtype: DType) -> Result<Exp
     Ok(ExportReport {
         files,
         tensors: count,
+        serving: l.drafter.serving(fmt),
         source: l.source,
     })
 }

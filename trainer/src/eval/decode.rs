@@ -62,7 +62,7 @@ impl Ctx<'_> {
             gamma: a.gamma,
             dynamic_min_gamma: a.dynamic_gamma.then_some(a.min_gamma),
             max_gamma: a.max_gamma,
-            temperature: a.temperature,
+            sampling: a.sampling,
             max_new_tokens: a.max_new_tokens,
             stop_ids: self.stop.clone(),
             seed,
@@ -73,8 +73,7 @@ impl Ctx<'_> {
     fn base_opts(&self, seed: u64) -> GenerateOptions {
         GenerateOptions {
             max_new_tokens: self.a.max_new_tokens,
-            temperature: self.a.temperature,
-            top_p: 1.0,
+            sampling: self.a.sampling,
             seed,
             stop_ids: self.stop.clone(),
         }
@@ -138,7 +137,7 @@ impl Ctx<'_> {
                 t.base_decode_tokens = b.tokens.len().saturating_sub(1);
                 rec.baseline_tokens = Some(b.tokens.len());
                 rec.baseline_seconds = Some(round4(base_s));
-                if self.a.temperature <= 0.0 && prompt_b == prompt {
+                if self.a.sampling.is_greedy() && prompt_b == prompt {
                     t.compared = 1;
                     let d = greedy_divergence(self.model, &prompt, &b.tokens, &s.tokens).with_context(|| {
                         format!("classifying the greedy mismatch of prompt {} turn {}", conv.id, k + 1)

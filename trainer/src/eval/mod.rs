@@ -25,6 +25,7 @@ use crate::regenerate::{resolve_dtype, stop_ids};
 use decode::Ctx;
 use forge_data::conversation::{read_prompts, PromptConversation as InputConversation};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
+use forge_models::generate::Sampling;
 use forge_models::speculative::Acceptance;
 use forge_models::{parse_device, TargetConfig, TargetModel};
 use serde_json::Value;
@@ -47,8 +48,9 @@ pub struct EvalOptions {
     pub dynamic_gamma: bool,
     pub min_gamma: usize,
     pub max_gamma: usize,
-    /// 0 = greedy; > 0 = speculative sampling at this temperature.
-    pub temperature: f64,
+    /// Greedy (temperature 0), or speculative sampling with the target's sampling parameters
+    /// (temperature, top-p, top-k) applied to target and draft as the engines apply them.
+    pub sampling: Sampling,
     /// Sampled acceptance (temperature > 0).
     pub acceptance: Acceptance,
     pub seed: u64,
@@ -104,13 +106,18 @@ pub fn check_options(a: &EvalOptions) -> Result<()> {
     if a.gamma > a.max_gamma {
         return bail(format!("--gamma {} is above --max-gamma {}", a.gamma, a.max_gamma));
     }
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        return bail(format!(
-            "--temperature must be >= 0 (0 = greedy), got {}",
-            a.temperature
-        ));
+    let t = a.sampling.temperature;
+    if !(t >= 0.0 && t.is_finite()) {
+        return bail(format!("--temperature must be >= 0 (0 = greedy), got {t}"));
     }
-    if a.verify && a.temperature > 0.0 {
+    let top_p = a.sampling.top_p;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return bail(format!("--top-p must be in (0, 1] (1 = off), got {top_p}"));
+    }
+    if a.sampling.is_greedy() && (top_p < 1.0 || a.sampling.top_k > 0) {
+        return bail("--top-p and --top-k filter sampled tokens: give --temperature > 0 with them (greedy decoding ignores them)".into());
+    }
+    if a.verify && !a.sampling.is_greedy() {
         return bail("--verify compares with plain greedy decoding: use it with --temperature 0".into());
     }
     if a.verify && a.no_baseline {
