@@ -316,3 +316,24 @@ fn llama3_rope_scaling_frequencies() {
     cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
     assert_eq!(TargetConfig::from_value(cfg).expect("cfg").rope_scaling, scaling);
 }
+
+/// The parameter count a config gives (printed at the start of every run) is that of the
+/// model built from it, for every family, tied and untied, with and without biases.
+#[test]
+fn the_config_parameter_count_is_the_built_models() {
+    for fam in FAMILIES {
+        for tied in [true, false] {
+            let mut c = forge_tests::tiny_config(fam);
+            c["tie_word_embeddings"] = tied.into();
+            if *fam == "llama" && !tied {
+                c["attention_bias"] = true.into();
+                c["mlp_bias"] = true.into();
+            }
+            let cfg = TargetConfig::from_value(c).expect("config");
+            let want = cfg.num_parameters();
+            let m = TargetModel::build(cfg, DType::F32, Device::Cpu, forge_models::layers::ParamInit::Zeros);
+            let got: i64 = m.vs.variables().values().map(|t| t.numel() as i64).sum();
+            assert_eq!(want, got, "{fam}, tied {tied}");
+        }
+    }
+}
