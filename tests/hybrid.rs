@@ -5,7 +5,9 @@
 
 use forge_models::drafters::eagle::DraftLayerSpec;
 use forge_models::drafters::eagle3::install_vocab_mapping;
-use forge_models::drafters::hybrid::{expected_cost, gumbel_softmax, one_hot_argmax, CostMode, Hybrid, HybridSpec};
+use forge_models::drafters::hybrid::{
+    expected_cost, gumbel_softmax, one_hot_argmax, CostMode, Hybrid, HybridSpec, LambdaSchedule, TemperatureSchedule,
+};
 use forge_models::drafters::{Drafter, Features, StepContext, StepRng};
 use forge_models::generate::{RowRng, Sampling};
 use forge_models::speculative::StepFeatures;
@@ -22,12 +24,16 @@ pub(crate) fn spec(t: &TargetModel, mlp: i64, transformer: i64) -> HybridSpec {
         gumbel_temperature: 2.0,
         gumbel_temperature_end: 0.5,
         anneal_steps: None,
+        temperature_schedule: TemperatureSchedule::Geometric,
         hard: false,
         distill: false,
         cost: CostMode::Fixed,
         mlp_cost: 1.0,
         transformer_cost: 5.0,
         cost_lambda: 0.3,
+        cost_lambda_schedule: LambdaSchedule::Constant,
+        cost_lambda_start: 0.0,
+        cost_lambda_steps: None,
         feature_weight: 0.0,
         gate_lr_scale: 1.0,
         draft_vocab_size: None,
@@ -557,4 +563,86 @@ fn measured_costs_are_timed_printed_scaled_to_the_mlp_cost_and_saved() {
     let e = rows[0]["train/gate/expected_cost"].as_f64().expect("expected cost");
     let (lo, hi) = c.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     assert!(e >= lo - 1e-6 && e <= hi + 1e-6, "{e} outside {c:?}");
+}
+
+/// The temperature schedules and the lambda schedule give the exact values of their formulas
+/// at chosen steps (0-based step of a 100-step run; anneal or ramp over 40 steps, then flat),
+/// and specs written before the choices existed read as geometric and constant.
+#[test]
+fn temperature_and_cost_lambda_schedules_give_their_values_at_given_steps() {
+    let t = random_target("llama", 3);
+    let mut s = spec(&t, 2, 1);
+    (s.gumbel_temperature, s.gumbel_temperature_end, s.anneal_steps) = (1.0, 0.2, Some(40));
+    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() < 1e-12, "{what}: {a} != {b}");
+    // (step, geometric 1.0 * 0.2^f, linear 1.0 - 0.8 f, cosine 0.2 + 0.8 (1 + cos(pi f)) / 2)
+    let cases = [
+        (0, 1.0, 1.0, 1.0),
+        (
+            10,
+            0.2f64.powf(0.25),
+            0.8,
+            0.2 + 0.4 * (1.0 + std::f64::consts::FRAC_1_SQRT_2),
+        ),
+        (20, 0.2f64.sqrt(), 0.6, 0.6),
+        (
+            30,
+            0.2f64.powf(0.75),
+            0.4,
+            0.2 + 0.4 * (1.0 - std::f64::consts::FRAC_1_SQRT_2),
+        ),
+        (40, 0.2, 0.2, 0.2),
+        (99, 0.2, 0.2, 0.2),
+    ];
+    for (step, geometric, linear, cosine) in cases {
+        for (kind, want) in [
+            (TemperatureSchedule::Geometric, geometric),
+            (TemperatureSchedule::Linear, linear),
+            (TemperatureSchedule::Cosine, cosine),
+        ] {
+            s.temperature_schedule = kind;
+            close(s.temperature_at(step, 100), want, &format!("{kind:?} at step {step}"));
+        }
+    }
+    // without anneal_steps the anneal spans the run: linear at step 25 of 100 is 1 - 0.8 / 4
+    s.anneal_steps = None;
+    s.temperature_schedule = TemperatureSchedule::Linear;
+    close(s.temperature_at(25, 100), 0.8, "linear over the run");
+
+    // lambda: constant 0.3; linear from 0.01 to 0.3 over 40 steps, then 0.3
+    assert_eq!(s.cost_lambda_schedule, LambdaSchedule::Constant);
+    for step in [0, 17, 99] {
+        close(s.cost_lambda_at(step, 100), 0.3, "constant");
+    }
+    (s.cost_lambda_schedule, s.cost_lambda_start, s.cost_lambda_steps) = (LambdaSchedule::Linear, 0.01, Some(40));
+    for (step, want) in [(0, 0.01), (10, 0.0825), (20, 0.155), (40, 0.3), (70, 0.3)] {
+        close(
+            s.cost_lambda_at(step, 100),
+            want,
+            &format!("linear lambda at step {step}"),
+        );
+    }
+    s.cost_lambda_steps = None;
+    close(s.cost_lambda_at(50, 100), 0.155, "linear lambda over the run");
+
+    // the loss uses the step's lambda and reports it
+    let m = hybrid(&t, s.clone(), 1);
+    let seq = [1i64, 30, 4, 77, 12, 9, 50, 61, 8, 3];
+    let f = features(&t, &seq, &[0, 0, 0, 1, 1, 0, 1, 1, 1, 1]);
+    let out = m.loss(&f, &StepContext::train(7, 50, 100, 2)).expect("loss");
+    close(metric(&out, "gate/cost_lambda"), 0.155, "reported lambda");
+    let cost = metric(&out, "gate/expected_cost");
+    assert!((metric(&out, "cost/weighted") - 0.155 * cost).abs() < 1e-6);
+
+    // an old spec (no schedule fields) reads with the old behaviour and equals a new default
+    let mut old = serde_json::to_value(spec(&t, 2, 1)).expect("json");
+    for key in [
+        "temperature_schedule",
+        "cost_lambda_schedule",
+        "cost_lambda_start",
+        "cost_lambda_steps",
+    ] {
+        old.as_object_mut().expect("object").remove(key);
+    }
+    let old: HybridSpec = serde_json::from_value(old).expect("an old spec");
+    assert_eq!(old, spec(&t, 2, 1));
 }

@@ -298,7 +298,22 @@ fn spaf_recipes_are_validated_all_at_once_and_offline_training_is_refused() {
         panic!("not spaf")
     };
     assert_eq!((s.cutoff_layer, s.exit_layer, s.adapter_dim), (3, 3, 16));
+    // by default only the drafting exit is in the loss, also when it is not the cutoff's
+    assert_eq!(s.layer_weights, vec![1.0, 0.0, 0.0]);
+    let DrafterSpec::Spaf(s) = spec("\n  exit_layer: 4").expect("exit 4") else {
+        panic!("not spaf")
+    };
+    assert_eq!(s.layer_weights, vec![0.0, 1.0, 0.0]);
+    // `all`: every exit, equally (what the default was before)
+    let DrafterSpec::Spaf(s) = spec("\n  train_exits: all").expect("all exits") else {
+        panic!("not spaf")
+    };
     assert_eq!(s.layer_weights, vec![1.0 / 3.0; 3]);
+    let e = spec("\n  train_exits: every").expect_err("not a list");
+    assert!(
+        e.contains("drafter.train_exits") && e.contains("expected all or a list of exit layers"),
+        "{e}"
+    );
     let DrafterSpec::Spaf(s) = spec("\n  train_exits: [3, 5]").expect("exits") else {
         panic!("not spaf")
     };

@@ -435,3 +435,24 @@ fn rope_configs_forge_cannot_compute_are_refused_by_name() {
     let cfg = TargetConfig::from_value(c).expect("v5 default");
     assert_eq!((cfg.rope_theta, cfg.rope_scaling), (1e6, RopeScaling::None));
 }
+
+/// The parameter count a config gives (printed at the start of every run) is that of the
+/// model built from it, for every family, tied and untied, with and without biases.
+#[test]
+fn the_config_parameter_count_is_the_built_models() {
+    for fam in FAMILIES {
+        for tied in [true, false] {
+            let mut c = forge_tests::tiny_config(fam);
+            c["tie_word_embeddings"] = tied.into();
+            if *fam == "llama" && !tied {
+                c["attention_bias"] = true.into();
+                c["mlp_bias"] = true.into();
+            }
+            let cfg = TargetConfig::from_value(c).expect("config");
+            let want = cfg.num_parameters();
+            let m = TargetModel::build(cfg, DType::F32, Device::Cpu, forge_models::layers::ParamInit::Zeros);
+            let got: i64 = m.vs.variables().values().map(|t| t.numel() as i64).sum();
+            assert_eq!(want, got, "{fam}, tied {tied}");
+        }
+    }
+}

@@ -670,3 +670,66 @@ fn evaluation_reports_the_simulated_acceptance_and_keeps_the_best_weights() {
         Some("step_6")
     );
 }
+
+/// Every `forge train` run prints its trainable parameter count at the start; the number is
+/// the sum of the elements of the tensors the optimizer updates (one `exp_avg/<name>` moment
+/// each in the checkpoint), for every drafter kind with a tiny recipe, and for Medusa also
+/// the hand count: per head H^2 + H (one ResBlock) plus V x H without the shared lm_head.
+#[test]
+fn every_run_prints_its_trainable_parameter_count() {
+    let (h, v) = (64i64, 49152i64);
+    let cases: [(&str, &str, &[&str], Option<i64>); 6] = [
+        (
+            "medusa",
+            "recipes/medusa-tiny.yaml",
+            &[],
+            Some(2 * (h * h + h) + 2 * v * h),
+        ),
+        (
+            "medusa-shared",
+            "recipes/medusa-tiny.yaml",
+            &["drafter.original_lm_head=true"],
+            Some(2 * (h * h + h)),
+        ),
+        ("eagle3", "recipes/eagle3-tiny.yaml", &[], None),
+        ("hybrid", "recipes/hybrid-tiny.yaml", &[], None),
+        ("spaf", "recipes/spaf-tiny.yaml", &[], None),
+        ("spaf-all", "recipes/spaf-tiny.yaml", &["drafter.train_exits=all"], None),
+    ];
+    for (name, recipe, sets, hand) in cases {
+        let run = TinyRun::new(&format!("trainable-{name}"), recipe, false);
+        let ckpt = run.dir.join("run");
+        let mut extra = vec!["--set", "train.max_steps=1", "--set", "checkpoint.every_steps=1"];
+        for s in sets {
+            extra.extend(["--set", s]);
+        }
+        let out = run.train(&ckpt, &extra);
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("trainable parameters: "))
+            .unwrap_or_else(|| panic!("{name}: no trainable parameter line in\n{text}"));
+        let printed: i64 = line["trainable parameters: ".len()..]
+            .split(' ')
+            .next()
+            .expect("a number")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {line}: {e}"));
+        assert!(line.contains("frozen target"), "{line}");
+        let opt = SafetensorsFile::open(&ckpt.join("step_1").join("optimizer.safetensors"))
+            .expect("optimizer state")
+            .tensors()
+            .expect("tensors");
+        let moments: i64 = opt
+            .iter()
+            .filter(|(n, _)| n.starts_with("exp_avg/"))
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        assert!(moments > 0, "{name}: no exp_avg moments");
+        assert_eq!(printed, moments, "{name}: {line}");
+        if let Some(hand) = hand {
+            assert_eq!(printed, hand, "{name}: {line}");
+        }
+    }
+}

@@ -16,13 +16,16 @@
 //! vocabulary); the token predicted is x_{p+2}.
 //!
 //! Gate weights: training draws a Gumbel-Softmax sample `softmax((logits + g) / tau)` (g from
-//! the step's generator; straight-through one-hot with `hard`), tau annealed geometrically from
-//! `gumbel_temperature` to `gumbel_temperature_end` over `anneal_steps` (default: the run).
-//! Evaluation and decoding use the arg-max block alone.
+//! the step's generator; straight-through one-hot with `hard`), tau annealed (geometric, linear
+//! or cosine: `temperature_schedule`) from `gumbel_temperature` to `gumbel_temperature_end`
+//! over `anneal_steps` (default: the run). Evaluation and decoding use the arg-max block alone,
+//! with no noise and no temperature: training's soft mixture is not what decoding runs
+//! (docs/methods/hybrid.md measures the gap).
 //!
 //! Loss over positions whose predicted token x_{p+2} is trained: cross-entropy against x_{p+2}
 //! (or, with `distill`, soft cross-entropy against the target's distribution at p + 1) +
-//! `cost_lambda * sum_i softmax(logits)_i * cost_i` + optionally `feature_weight *
+//! `lambda * sum_i softmax(logits)_i * cost_i` (lambda: `cost_lambda`, or a linear ramp to it
+//! with `cost_lambda_schedule: linear`) + optionally `feature_weight *
 //! SmoothL1(predicted feature, f_{p+1})`.
 //!
 //! KV cache at decoding: every transformer block appends the keys and values of every
@@ -62,6 +65,32 @@ pub enum CostMode {
     Measured,
 }
 
+/// How the Gumbel-Softmax temperature goes from `gumbel_temperature` (t0) to
+/// `gumbel_temperature_end` (t1) over the anneal, with f = min(1, step / anneal steps).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemperatureSchedule {
+    /// `t0 * (t1 / t0)^f` (what specs written before the choice existed use).
+    #[default]
+    Geometric,
+    /// `t0 + (t1 - t0) * f`.
+    Linear,
+    /// `t1 + (t0 - t1) * (1 + cos(pi f)) / 2`.
+    Cosine,
+}
+
+/// How the cost-loss weight lambda goes from `cost_lambda_start` to `cost_lambda`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LambdaSchedule {
+    /// `cost_lambda` at every step (what specs written before the choice existed use).
+    #[default]
+    Constant,
+    /// `start + (cost_lambda - start) * min(1, step / cost_lambda_steps)`: a small weight
+    /// while the blocks learn, rising to `cost_lambda`.
+    Linear,
+}
+
 /// The hybrid drafter's hyper-parameters plus the target dimensions it is built for.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HybridSpec {
@@ -75,12 +104,22 @@ pub struct HybridSpec {
     pub gumbel_temperature_end: f64,
     /// Steps of the temperature anneal (`None`: the whole run).
     pub anneal_steps: Option<u64>,
+    #[serde(default)]
+    pub temperature_schedule: TemperatureSchedule,
     pub hard: bool,
     pub distill: bool,
     pub cost: CostMode,
     pub mlp_cost: f64,
     pub transformer_cost: f64,
     pub cost_lambda: f64,
+    #[serde(default)]
+    pub cost_lambda_schedule: LambdaSchedule,
+    /// Lambda at step 0 under [`LambdaSchedule::Linear`].
+    #[serde(default)]
+    pub cost_lambda_start: f64,
+    /// Steps of the lambda ramp (`None`: the whole run).
+    #[serde(default)]
+    pub cost_lambda_steps: Option<u64>,
     pub feature_weight: f64,
     /// Learning-rate scale of the gate's parameter group.
     pub gate_lr_scale: f64,
@@ -120,12 +159,28 @@ impl HybridSpec {
             .collect()
     }
 
-    /// The Gumbel-Softmax temperature at `step` of `total`: geometric from the start to the
-    /// end value over `anneal_steps` (or the whole run), then constant.
+    /// The Gumbel-Softmax temperature at the 0-based `step` of `total`: from the start to
+    /// the end value over `anneal_steps` (or the whole run) as `temperature_schedule` says,
+    /// then constant.
     pub fn temperature_at(&self, step: u64, total: u64) -> f64 {
-        let span = self.anneal_steps.unwrap_or(total).max(1) as f64;
-        let frac = (step as f64 / span).clamp(0.0, 1.0);
-        self.gumbel_temperature * (self.gumbel_temperature_end / self.gumbel_temperature).powf(frac)
+        let f = progress(step, self.anneal_steps.unwrap_or(total));
+        let (t0, t1) = (self.gumbel_temperature, self.gumbel_temperature_end);
+        match self.temperature_schedule {
+            TemperatureSchedule::Geometric => t0 * (t1 / t0).powf(f),
+            TemperatureSchedule::Linear => t0 + (t1 - t0) * f,
+            TemperatureSchedule::Cosine => t1 + (t0 - t1) * 0.5 * (1.0 + (std::f64::consts::PI * f).cos()),
+        }
+    }
+
+    /// The cost-loss weight lambda at the 0-based `step` of `total`.
+    pub fn cost_lambda_at(&self, step: u64, total: u64) -> f64 {
+        match self.cost_lambda_schedule {
+            LambdaSchedule::Constant => self.cost_lambda,
+            LambdaSchedule::Linear => {
+                let f = progress(step, self.cost_lambda_steps.unwrap_or(total));
+                self.cost_lambda_start + (self.cost_lambda - self.cost_lambda_start) * f
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -152,12 +207,20 @@ impl HybridSpec {
                 bad.push(format!("{name} must be > 0, got {v}"));
             }
         }
+        if !(self.cost_lambda_start.is_finite() && self.cost_lambda_start >= 0.0) {
+            bad.push(format!("cost_lambda_start must be >= 0, got {}", self.cost_lambda_start));
+        }
         if bad.is_empty() {
             self.layer.validate()
         } else {
             Err(ModelError::Invalid(format!("hybrid: {}", bad.join("; "))))
         }
     }
+}
+
+/// `step / span` clamped to [0, 1] (a span of 0 counts as 1).
+fn progress(step: u64, span: u64) -> f64 {
+    (step as f64 / span.max(1) as f64).clamp(0.0, 1.0)
 }
 
 /// A Gumbel-Softmax sample over the last dimension of `logits` with Gumbel `noise` of the same
@@ -209,6 +272,16 @@ forge_schema::choice! {
     pub enum CostSetting { Fixed = "fixed", Measured = "measured" }
 }
 
+forge_schema::choice! {
+    /// How the hybrid drafter's Gumbel-Softmax temperature is annealed.
+    pub enum TemperatureScheduleSetting { Geometric = "geometric", Linear = "linear", Cosine = "cosine" }
+}
+
+forge_schema::choice! {
+    /// How the hybrid drafter's cost-loss weight changes over the run.
+    pub enum LambdaScheduleSetting { Constant = "constant", Linear = "linear" }
+}
+
 forge_schema::section! {
     /// Gated hybrid drafter: a gate picks, per position, one of several MLP and transformer blocks (docs/methods/hybrid.md).
     pub struct HybridSection {
@@ -224,10 +297,12 @@ forge_schema::section! {
         transformer_intermediate_size: Option<i64> = None,
         /// Gumbel-Softmax temperature at the start of training (lower = more discrete).
         gumbel_temperature: f64 = 1.0,
-        /// Temperature at the end of the anneal (geometric from gumbel_temperature; default: no anneal).
+        /// Temperature at the end of the anneal (default: gumbel_temperature, no anneal).
         gumbel_temperature_end: Option<f64> = None,
         /// Steps of the anneal (default: the whole run).
         anneal_steps: Option<u64> = None,
+        /// Shape of the anneal from gumbel_temperature to gumbel_temperature_end: geometric (t0 (t1/t0)^f), linear (t0 + (t1 - t0) f) or cosine, f = step / anneal_steps.
+        temperature_schedule: TemperatureScheduleSetting = TemperatureScheduleSetting::Geometric,
         /// Straight-through hard (one-hot) samples in training instead of soft ones.
         hard: bool = false,
         /// Soft cross-entropy against the target's distribution instead of cross-entropy against the data's next token.
@@ -238,8 +313,14 @@ forge_schema::section! {
         mlp_cost: f64 = 1.0,
         /// Cost of a transformer block.
         transformer_cost: f64 = 5.0,
-        /// Weight of the expected compute cost in the loss.
+        /// Weight of the expected compute cost in the loss (with cost_lambda_schedule linear: the weight the ramp ends at).
         cost_lambda: f64 = 0.01,
+        /// constant: cost_lambda throughout; linear: from cost_lambda_start to cost_lambda over cost_lambda_steps, then cost_lambda (the source's advice: a small weight first, then larger).
+        cost_lambda_schedule: LambdaScheduleSetting = LambdaScheduleSetting::Constant,
+        /// The weight at step 0 of a linear lambda schedule.
+        cost_lambda_start: f64 = 0.0,
+        /// Steps of the lambda ramp (default: the whole run).
+        cost_lambda_steps: Option<u64> = None,
         /// Weight of a SmoothL1 loss between the predicted and the target's next feature (0 = off).
         feature_weight: f64 = 0.0,
         /// Learning-rate scale of the gate's parameter group (never weight-decayed).
@@ -277,6 +358,24 @@ impl DrafterKind for Hybrid {
         cx.non_negative("drafter.mlp_cost", h.mlp_cost);
         cx.non_negative("drafter.transformer_cost", h.transformer_cost);
         cx.non_negative("drafter.cost_lambda", h.cost_lambda);
+        cx.non_negative("drafter.cost_lambda_start", h.cost_lambda_start);
+        if h.cost_lambda_steps == Some(0) {
+            cx.issue_at(
+                "drafter.cost_lambda_steps",
+                "must be >= 1 (leave it unset to ramp over the whole run)",
+            );
+        }
+        if h.cost_lambda_schedule == LambdaScheduleSetting::Constant {
+            for key in ["cost_lambda_start", "cost_lambda_steps"] {
+                let path = format!("drafter.{key}");
+                if cx.is_set(&path) {
+                    cx.issue_at(
+                        &path,
+                        "only a linear lambda schedule reads it: set drafter.cost_lambda_schedule: linear, or remove it",
+                    );
+                }
+            }
+        }
     }
 
     fn resolve(x: &HybridSection, target: ResolveTarget) -> Result<HybridSpec> {
@@ -290,6 +389,11 @@ impl DrafterKind for Hybrid {
             gumbel_temperature: x.gumbel_temperature,
             gumbel_temperature_end: x.gumbel_temperature_end.unwrap_or(x.gumbel_temperature),
             anneal_steps: x.anneal_steps,
+            temperature_schedule: match x.temperature_schedule {
+                TemperatureScheduleSetting::Geometric => TemperatureSchedule::Geometric,
+                TemperatureScheduleSetting::Linear => TemperatureSchedule::Linear,
+                TemperatureScheduleSetting::Cosine => TemperatureSchedule::Cosine,
+            },
             hard: x.hard,
             distill: x.distill,
             cost: match x.cost {
@@ -299,6 +403,12 @@ impl DrafterKind for Hybrid {
             mlp_cost: x.mlp_cost,
             transformer_cost: x.transformer_cost,
             cost_lambda: x.cost_lambda,
+            cost_lambda_schedule: match x.cost_lambda_schedule {
+                LambdaScheduleSetting::Constant => LambdaSchedule::Constant,
+                LambdaScheduleSetting::Linear => LambdaSchedule::Linear,
+            },
+            cost_lambda_start: x.cost_lambda_start,
+            cost_lambda_steps: x.cost_lambda_steps,
             feature_weight: x.feature_weight,
             gate_lr_scale: x.gate_lr_scale,
             draft_vocab_size: x.draft_vocab_size.map(|d| d.min(cfg.vocab_size)),
@@ -330,7 +440,11 @@ impl DrafterKind for Hybrid {
     }
 
     fn choices() -> Vec<(&'static str, &'static [&'static str])> {
-        vec![("`drafter.cost` (hybrid)", CostSetting::NAMES)]
+        vec![
+            ("`drafter.cost` (hybrid)", CostSetting::NAMES),
+            ("`drafter.temperature_schedule` (hybrid)", TemperatureScheduleSetting::NAMES),
+            ("`drafter.cost_lambda_schedule` (hybrid)", LambdaScheduleSetting::NAMES),
+        ]
     }
 }
 
@@ -654,6 +768,7 @@ impl Drafter for Hybrid {
         let (b, t) = (f.input_ids.size()[0], f.input_ids.size()[1]);
         let n_blocks = self.s.num_blocks();
         let tau = self.s.temperature_at(ctx.step, ctx.total_steps);
+        let lambda = self.s.cost_lambda_at(ctx.step, ctx.total_steps);
         let fw = self.forward_with(f, &feats, |logits| {
             if ctx.train {
                 gumbel_softmax(
@@ -723,7 +838,7 @@ impl Drafter for Hybrid {
                 let gate_logits = sel(&fw.gate_logits, 0);
                 let probs = gate_logits.softmax(-1, Kind::Float);
                 let cost = expected_cost(&probs, &self.block_costs).mean(Kind::Float);
-                total = total + &ce + &cost * self.s.cost_lambda;
+                total = total + &ce + &cost * lambda;
                 if self.s.feature_weight > 0.0 {
                     let feature = pred
                         .to_kind(Kind::Float)
@@ -766,7 +881,7 @@ impl Drafter for Hybrid {
         let m = |name: String, sum: f64| Metric { name, sum, count: cnt };
         let mut parts = vec![
             m("draft/ce".into(), ce_v * cnt),
-            m("cost/weighted".into(), self.s.cost_lambda * cost_v * cnt),
+            m("cost/weighted".into(), lambda * cost_v * cnt),
         ];
         if self.s.feature_weight > 0.0 {
             parts.push(m("feature/smooth_l1".into(), self.s.feature_weight * feat_v * cnt));
@@ -778,6 +893,7 @@ impl Drafter for Hybrid {
             m("gate/expected_cost".into(), cost_v * cnt),
             m("gate/entropy".into(), entropy),
             m("gate/temperature".into(), tau * cnt),
+            m("gate/cost_lambda".into(), lambda * cnt),
         ];
         if !ctx.train {
             // one proposal per chain in training's view (later ones read the draft's own features)
@@ -1000,12 +1116,16 @@ mod tests {
             gumbel_temperature: 1.0,
             gumbel_temperature_end: 1.0,
             anneal_steps: None,
+            temperature_schedule: TemperatureSchedule::Geometric,
             hard: false,
             distill,
             cost: CostMode::Fixed,
             mlp_cost: 1.0,
             transformer_cost: 5.0,
             cost_lambda: 0.01,
+            cost_lambda_schedule: LambdaSchedule::Constant,
+            cost_lambda_start: 0.0,
+            cost_lambda_steps: None,
             feature_weight: 0.0,
             gate_lr_scale: 1.0,
             draft_vocab_size,

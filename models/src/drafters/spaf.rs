@@ -264,6 +264,42 @@ forge_schema::choice! {
     pub enum AdapterLossSetting { Ce = "ce", Kl = "kl" }
 }
 
+/// `drafter.train_exits`: `all` (every exit k..L-1, weighted equally) or a list of exit layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainExits {
+    All,
+    Layers(Vec<i64>),
+}
+
+impl serde::Serialize for TrainExits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            TrainExits::All => s.serialize_str("all"),
+            TrainExits::Layers(l) => l.serialize(s),
+        }
+    }
+}
+
+impl forge_schema::FromNode for TrainExits {
+    const EXPECTED: &'static str = "all or a list of exit layers";
+    fn from_node(node: &forge_schema::yaml::Node, path: &str, cx: &mut Ctx) -> Option<Self> {
+        if let forge_schema::yaml::NodeKind::Scalar { text, .. } = &node.kind {
+            if text == "all" {
+                return Some(TrainExits::All);
+            }
+            if text.parse::<i64>().is_err() {
+                cx.issue(
+                    path,
+                    &node.loc,
+                    format!("expected all or a list of exit layers (e.g. [16]), got '{text}'"),
+                );
+                return None;
+            }
+        }
+        <Vec<i64> as forge_schema::FromNode>::from_node(node, path, cx).map(TrainExits::Layers)
+    }
+}
+
 forge_schema::section! {
     /// SpAF: adapters inside the frozen target, an alignment head, self-speculative decoding (docs/methods/spaf.md).
     pub struct SpafSection {
@@ -281,10 +317,10 @@ forge_schema::section! {
         adapter_loss: AdapterLossSetting = AdapterLossSetting::Ce,
         adapter_weight: f64 = 1.0,
         alignment_weight: f64 = 1.0,
-        /// Loss weight of each exit k..L-1, one per layer (default: 1 / (L - k) each, or as train_exits says).
+        /// Loss weight of each exit k..L-1, one per layer (default: as train_exits says). Exclusive with train_exits.
         layer_weights: Option<Vec<f64>> = None,
-        /// Train only these exits (target layers in k..L-1), weighted equally; the other exits are not in the loss (adapters below a trained exit still learn through it). Exclusive with layer_weights.
-        train_exits: Option<Vec<i64>> = None,
+        /// The exits in the loss, weighted equally: a list of target layers in k..L-1, or all (every exit, 1 / (L - k) each, the default of runs before this one was). Default: the drafting exit (exit_layer) alone. The other exits are not in the loss (adapters below a trained exit still learn through it). Exclusive with layer_weights.
+        train_exits: Option<TrainExits> = None,
         /// The exit drafting decodes with (default: cutoff_layer, the cheapest).
         exit_layer: Option<i64> = None,
         /// Draft length recorded with the draft, as the source system decodes (give it to forge eval as --gamma).
@@ -348,7 +384,8 @@ impl DrafterKind for Spaf {
             layer_weights: match (&x.layer_weights, &x.train_exits) {
                 (Some(_), Some(_)) => return Err(bad("drafter: set layer_weights or train_exits, not both".into())),
                 (Some(w), None) => w.clone(),
-                (None, Some(list)) => {
+                (None, Some(TrainExits::All)) => vec![1.0 / exits.max(1) as f64; exits],
+                (None, Some(TrainExits::Layers(list))) => {
                     if list.is_empty() {
                         return Err(bad("drafter.train_exits: list at least one exit layer".into()));
                     }
@@ -361,7 +398,11 @@ impl DrafterKind for Spaf {
                     let n = list.iter().collect::<std::collections::BTreeSet<_>>().len().max(1) as f64;
                     (k..l).map(|e| if list.contains(&e) { 1.0 / n } else { 0.0 }).collect()
                 }
-                (None, None) => vec![1.0 / exits.max(1) as f64; exits],
+                // the exit that drafts, alone: every other exit's loss would only dilute it
+                (None, None) => {
+                    let e = x.exit_layer.unwrap_or(k);
+                    (k..l).map(|l| if l == e { 1.0 } else { 0.0 }).collect()
+                }
             },
             exit_layer: x.exit_layer.unwrap_or(k),
             num_draft_tokens: x.num_draft_tokens,

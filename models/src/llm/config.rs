@@ -315,6 +315,25 @@ impl TargetConfig {
         }
     }
 
+    /// Parameters of the model this config describes (what [`crate::TargetModel::build`]
+    /// creates): embedding, layers, final norm and, untied, the lm_head.
+    pub fn num_parameters(&self) -> i64 {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let bias = |on: bool, n: i64| if on { n } else { 0 };
+        let attn = h * q + 2 * h * kv + q * h + bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, h);
+        let qk_norm = if self.family == Family::Qwen3 {
+            2 * self.head_dim
+        } else {
+            0
+        };
+        let mlp = 3 * h * i + bias(self.mlp_bias, 2 * i + h);
+        let layer = attn + qk_norm + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_layers * layer + h + head
+    }
+
     /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
     pub fn default_aux_layers(&self) -> Vec<i64> {
         let l = self.num_layers;

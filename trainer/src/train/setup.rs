@@ -156,6 +156,7 @@ impl<'a> Trainer<'a> {
         };
         let policy = ParamPolicy::new(drafter.param_groups())?;
         if dp.rank() == 0 {
+            obs.note(&trainable_line(&params, cfg.num_parameters()));
             for g in policy.summary(&params)? {
                 obs.note(&g.to_string());
             }
@@ -238,6 +239,49 @@ pub(crate) fn optimizer(
     )
 }
 
+/// Numbers of parameters as people say them: 52.4M, 8.03B, 960K.
+pub(crate) fn short_count(n: i64) -> String {
+    let x = n as f64;
+    let (v, unit) = if x >= 1e9 {
+        (x / 1e9, "B")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "K")
+    } else {
+        return n.to_string();
+    };
+    // three significant digits
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.decimals$}{unit}")
+}
+
+/// `trainable parameters: 52,428,800 (52.4M; frozen target 8.03B, 0.65%)`: the elements
+/// of every tensor the optimizer updates, printed at the start of every run.
+pub(crate) fn trainable_line(params: &[(String, Tensor)], target_params: i64) -> String {
+    let n: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!(
+        "trainable parameters: {grouped} ({}; frozen target {}, {:.2}% of it)",
+        short_count(n),
+        short_count(target_params),
+        100.0 * n as f64 / target_params.max(1) as f64
+    )
+}
+
 fn schedule_kind(s: Schedule) -> ScheduleKind {
     match s {
         Schedule::Constant => ScheduleKind::Constant,
@@ -252,5 +296,25 @@ pub(crate) fn compute_kind(recipe: &Recipe, device: Device) -> Kind {
         Precision::Auto | Precision::Fp32 => Kind::Float,
         Precision::Bf16 => Kind::BFloat16,
         Precision::Fp16 => Kind::Half,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trainable_line_sums_the_elements_and_groups_digits() {
+        let params = vec![
+            ("a".to_string(), Tensor::zeros([4096, 4096], (Kind::Float, Device::Cpu))),
+            ("b".to_string(), Tensor::zeros([4096], (Kind::Float, Device::Cpu))),
+        ];
+        assert_eq!(
+            trainable_line(&params, 8_030_261_248),
+            "trainable parameters: 16,781,312 (16.8M; frozen target 8.03B, 0.21% of it)"
+        );
+        assert_eq!(short_count(960), "960");
+        assert_eq!(short_count(134_515_008), "135M");
+        assert_eq!(short_count(3_830_000), "3.83M");
     }
 }
