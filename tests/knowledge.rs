@@ -472,7 +472,30 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("knowledge cache on (4 entries"), "{e}");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("with knowledge=off (all files):"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("with knowledge=off (all files):"), "{out}");
+    // the in-cache and out-of-cache lines, each over its two prompts (one turn each), under the
+    // file's line and under the ablation's
+    for group in ["in cache", "not in cache"] {
+        let lines: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with(group)).collect();
+        assert_eq!(lines.len(), 2, "{group}: {out}");
+        for l in lines {
+            assert!(l.contains("turns   2 "), "{l}");
+        }
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let groups = &r["groups"];
+    for (g, n) in [("in cache", 2), ("not in cache", 2)] {
+        assert_eq!(groups[g]["turns"], n, "{groups}");
+        assert_eq!(r["files"][0]["groups"][g]["turns"], n);
+        assert_eq!(r["ablations"]["knowledge=off"]["groups"][g]["turns"], n);
+    }
+    let sum = |k: &str| groups["in cache"][k].as_u64().unwrap_or(0) + groups["not in cache"][k].as_u64().unwrap_or(0);
+    assert_eq!(
+        sum("new_tokens"),
+        r["summary"]["new_tokens"].as_u64().unwrap_or(u64::MAX),
+        "{groups}"
+    );
     assert_eq!(r["summary"]["greedy_mismatches"], 0);
     assert!(
         r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0),

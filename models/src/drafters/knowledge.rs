@@ -196,6 +196,10 @@ impl KnowledgeSpec {
 
 const FINAL_NORM: &str = "model.norm.weight";
 
+/// [`Drafter::prompt_group`]s of the knowledge drafter.
+pub const IN_CACHE: &str = "in cache";
+pub const NOT_IN_CACHE: &str = "not in cache";
+
 /// Cross-attention over the knowledge cache, gated into the stream.
 struct KnowledgeBlock {
     q_norm: RmsNorm,
@@ -1130,6 +1134,18 @@ impl Drafter for Knowledge {
         self.check_option(key, value)?;
         self.use_knowledge = value == "on";
         Ok(())
+    }
+
+    /// `in cache` when the prompt's first user turn is one of the cache's questions, `not in
+    /// cache` otherwise; none for a draft without a cache or one that did not record them.
+    fn prompt_group(&self, first_user_turn: &str) -> Option<&'static str> {
+        let c = self.s.cache.as_ref().filter(|c| !c.questions.is_empty())?;
+        let key = super::knowledge_cache::question_key(first_user_turn);
+        Some(if c.questions.contains(&key) {
+            IN_CACHE
+        } else {
+            NOT_IN_CACHE
+        })
     }
 
     fn describe(&self) -> Vec<String> {
