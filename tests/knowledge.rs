@@ -34,6 +34,7 @@ pub(crate) fn spec(t: &TargetModel, layers: Vec<i64>, cache: Option<(i64, i64)>)
             entries: 1,
             target_fingerprint: String::new(),
             data_hash: String::new(),
+            questions: Vec::new(),
         }),
         num_draft_tokens: 5,
         new_lr_scale: 10.0,
@@ -327,22 +328,46 @@ fn s(p: &std::path::Path) -> &str {
     p.to_str().expect("utf8")
 }
 
-/// The CLI end to end on a tiny target: build the cache (manifest), train (loss falls),
-/// export and reload (the cache travels in the weights), evaluate with and without the cache
-/// (greedy lossless, the draft/target time ratio), refuse a cache built for another target,
-/// name the command when the cache is missing, and train offline from top-k shards.
+/// The first `n` held-out demo questions (recipes/data/demo_eval_prompts.jsonl: none of them
+/// is a demo training conversation) written to `path`.
+fn held_out_questions(path: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let src = forge_tests::root().join("recipes/data/demo_eval_prompts.jsonl");
+    let text = std::fs::read_to_string(&src).expect("demo_eval_prompts.jsonl");
+    let lines: Vec<&str> = text.lines().take(n).collect();
+    assert_eq!(lines.len(), n);
+    std::fs::write(path, lines.join("\n") + "\n").expect("write questions");
+    path.to_path_buf()
+}
+
+/// Lines `lines` (0-based) of a JSONL file written to `path`.
+fn pick_lines(src: &std::path::Path, lines: &[usize], path: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(src).expect("read");
+    let all: Vec<&str> = text.lines().collect();
+    let picked: Vec<&str> = lines.iter().map(|&i| all[i]).collect();
+    std::fs::write(path, picked.join("\n") + "\n").expect("write");
+    path.to_path_buf()
+}
+
+/// The CLI end to end on a tiny target: build the cache from the target's answers to held-out
+/// questions (manifest), train (loss falls), export and reload (the cache travels in the
+/// weights), evaluate with and without the cache (greedy lossless, the draft/target time
+/// ratio, prompts in and out of the cache reported apart), refuse a cache built for another
+/// target, name the command when the cache is missing, and train offline from top-k shards.
 #[test]
 fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_without_it() {
     let run = TinyRun::with_layers("knowledge-cli", "recipes/knowledge-tiny.yaml", true, 4);
+    let questions = held_out_questions(&run.dir.join("questions.jsonl"), 6);
     let cache = run.dir.join("cache.safetensors");
     let o = forge(&[
         "build-knowledge",
         "--target",
         s(&run.target),
         "--in",
-        s(&run.data),
+        s(&questions),
         "--entries",
         "4",
+        "--max-answer-tokens",
+        "16",
         "--cache-dim",
         "32",
         "--out",
@@ -355,11 +380,14 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
         serde_json::from_str(&std::fs::read_to_string(run.dir.join("cache.manifest.json")).expect("manifest"))
             .expect("json");
     assert_eq!(manifest["entries"], 4);
+    assert_eq!(manifest["answers"], "target");
+    assert_eq!(manifest["max_answer_tokens"], 16);
+    assert_eq!(manifest["questions"].as_array().map(Vec::len), Some(4));
     assert_eq!(manifest["cache_dim"], 32);
     assert_eq!(manifest["projection"], "pca");
     assert_eq!(manifest["layers"], serde_json::json!([0, 1, 2, 3]));
     let tokens = manifest["tokens"].as_i64().expect("tokens");
-    assert!(tokens > 20, "{manifest}");
+    assert!(tokens > 20 && tokens <= 4 * 16, "{manifest}");
     // the PCA keeps the states' top directions: the stored states' variance falls along them
     let stored = forge_models::drafters::knowledge_cache::KnowledgeCache::read(&cache).expect("read");
     let l3 = &stored.layers[&3];
@@ -372,7 +400,9 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
             "--set".to_string(),
             format!("drafter.knowledge_cache={}", cache.display()),
             "--set".into(),
-            format!("drafter.knowledge_data={}", run.data.display()),
+            format!("drafter.knowledge_data={}", questions.display()),
+            "--set".into(),
+            "drafter.max_answer_tokens=16".into(),
         ];
         v.extend_from_slice(extra);
         v
@@ -415,7 +445,8 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
         "{e}"
     );
 
-    let prompts = forge_tests::two_turn_questions(&run.dir);
+    // two questions in the cache (entries 0 and 2) and two the cache does not hold (4 and 5)
+    let prompts = pick_lines(&questions, &[0, 4, 2, 5], &run.dir.join("mixed.jsonl"));
     // one run reports tau with the cache and, decoding again with knowledge=off, without it
     let json = run.dir.join("report.json");
     let o = forge(&[
@@ -443,8 +474,29 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
     // the header line (stdout, once) names the draft's cache
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("knowledge cache on (4 entries"), "{out}");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("with knowledge=off (all files):"));
+    assert!(out.contains("with knowledge=off (all files):"), "{out}");
+    // the in-cache and out-of-cache lines, each over its two prompts (one turn each), under the
+    // file's line and under the ablation's
+    for group in ["in cache", "not in cache"] {
+        let lines: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with(group)).collect();
+        assert_eq!(lines.len(), 2, "{group}: {out}");
+        for l in lines {
+            assert!(l.contains("turns   2 "), "{l}");
+        }
+    }
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let groups = &r["groups"];
+    for (g, n) in [("in cache", 2), ("not in cache", 2)] {
+        assert_eq!(groups[g]["turns"], n, "{groups}");
+        assert_eq!(r["files"][0]["groups"][g]["turns"], n);
+        assert_eq!(r["ablations"]["knowledge=off"]["groups"][g]["turns"], n);
+    }
+    let sum = |k: &str| groups["in cache"][k].as_u64().unwrap_or(0) + groups["not in cache"][k].as_u64().unwrap_or(0);
+    assert_eq!(
+        sum("new_tokens"),
+        r["summary"]["new_tokens"].as_u64().unwrap_or(u64::MAX),
+        "{groups}"
+    );
     assert_eq!(r["summary"]["greedy_mismatches"], 0);
     assert!(
         r["summary"]["draft_time_ratio"].as_f64().is_some_and(|x| x > 0.0),
@@ -486,9 +538,11 @@ fn knowledge_builds_its_cache_trains_exports_reloads_and_evaluates_with_and_with
         "--target",
         s(&other),
         "--in",
-        s(&run.data),
+        s(&questions),
         "--entries",
         "4",
+        "--max-answer-tokens",
+        "16",
         "--cache-dim",
         "32",
         "--out",
@@ -680,4 +734,239 @@ fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
         }
         assert!(checked > 40, "{checked}");
     }
+}
+
+/// The shipped demo recipe's cache questions are held out of its training data, its eval
+/// prompts hold questions in the cache and out of it, and the setup it replaced (the first 15
+/// training conversations with their data answers) is refused, naming the leak.
+#[test]
+fn the_demo_recipes_cache_questions_are_held_out_of_training() {
+    use forge_models::drafters::knowledge::AnswerSource;
+    use forge_models::drafters::knowledge_cache::question_key;
+    use forge_trainer::knowledge::{cache_questions, check_disjoint, overlap};
+    use forge_trainer::recipe::{DrafterSection, Recipe};
+    let root = forge_tests::root();
+    let text = std::fs::read_to_string(root.join("recipes/knowledge-smollm2.yaml")).expect("recipe");
+    let r = Recipe::from_str(&text, &[]).expect("the demo recipe reads");
+    let DrafterSection::Knowledge(k) = &r.drafter else {
+        panic!("not a knowledge recipe")
+    };
+    assert_eq!(k.knowledge_answers, AnswerSource::Target);
+    assert!(
+        k.knowledge_cache.is_none(),
+        "train builds the cache under data.cache_dir"
+    );
+    let data = root.join(k.knowledge_data.as_ref().expect("knowledge_data"));
+    let train: Vec<_> = r.data.train.iter().map(|f| root.join(f)).collect();
+    let qs = cache_questions(&data, k.num_knowledge_entries as usize, k.knowledge_answers).expect("questions");
+    assert_eq!(qs.len(), 15);
+    let keys: Vec<String> = qs.iter().map(|(_, q)| question_key(q)).collect();
+    let mut distinct = keys.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 15, "15 different questions");
+    assert!(overlap(&keys, &train).expect("read").is_empty());
+    assert!(check_disjoint(&keys, &train, false).expect("disjoint").is_none());
+    // the eval prompts: 15 in the cache, 7 not
+    let prompts =
+        forge_data::conversation::read_prompts(&root.join("recipes/data/demo_eval_prompts.jsonl")).expect("prompts");
+    let inside = prompts
+        .iter()
+        .filter(|p| {
+            keys.contains(&question_key(
+                forge_trainer::knowledge::first_user_turn(&p.messages).unwrap_or(""),
+            ))
+        })
+        .count();
+    assert_eq!((inside, prompts.len() - inside), (15, 7));
+    // the old setup: the first 15 training conversations, every one a leak
+    let old = cache_questions(
+        &root.join("recipes/data/demo_conversations.jsonl"),
+        15,
+        AnswerSource::Data,
+    )
+    .expect("old");
+    let old_keys: Vec<String> = old.iter().map(|(_, q)| question_key(q)).collect();
+    let both = overlap(&old_keys, &train).expect("read");
+    assert_eq!(both.len(), 15);
+    assert_eq!(both[0].1, old[0].0);
+    let e = check_disjoint(&old_keys, &train, false)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("15 of the knowledge cache's 15 questions are also data.train conversations")
+            && e.contains(&old[0].0)
+            && e.contains("allow_training_overlap"),
+        "{e}"
+    );
+    let w = check_disjoint(&old_keys, &train, true)
+        .expect("allowed")
+        .expect("warned");
+    assert!(w.contains("LOOKUP LEAK"), "{w}");
+}
+
+/// `forge train` on a recipe naming questions but no cache builds it under data.cache_dir from
+/// the target's own answers (the same states as a cache over `forge regenerate`'s output with
+/// the data's answers), reuses it on the next run unchanged, builds another for another
+/// `max_answer_tokens`, and refuses questions that are training conversations unless told.
+#[test]
+fn train_builds_a_missing_cache_from_the_targets_answers_and_reuses_it() {
+    let run = TinyRun::with_layers("knowledge-train-builds", "recipes/knowledge-tiny.yaml", true, 4);
+    let questions = held_out_questions(&run.dir.join("questions.jsonl"), 4);
+    let cache_dir = run.dir.join("cache");
+    let caches = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&cache_dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        v.retain(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("knowledge-") && n.ends_with(".safetensors"))
+        });
+        v.sort();
+        v
+    };
+    let knowledge = format!("drafter.knowledge_data={}", questions.display());
+    let o = run.train(
+        &run.dir.join("first"),
+        &["--set", &knowledge, "--set", "train.max_steps=2"],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("knowledge: built the cache") && e.contains("the target's greedy answers"),
+        "{e}"
+    );
+    let built = caches();
+    assert_eq!(built.len(), 1, "{built:?}");
+    let bytes = std::fs::read(&built[0]).expect("cache");
+    let stamp = std::fs::metadata(&built[0]).and_then(|m| m.modified()).expect("mtime");
+    use forge_models::drafters::knowledge_cache::KnowledgeCache;
+    let c = KnowledgeCache::read(&built[0]).expect("read");
+    assert_eq!(
+        (
+            c.manifest.entries,
+            c.manifest.answers.as_str(),
+            c.manifest.max_answer_tokens
+        ),
+        (4, "target", 16)
+    );
+    assert_eq!(c.manifest.layers, vec![0, 1, 2, 3]);
+
+    // the same answers written by forge regenerate, cached with the data's answers: the same states
+    let regen = run.dir.join("regen.jsonl");
+    let o = forge(&[
+        "regenerate",
+        "--target",
+        s(&run.target),
+        "--in",
+        s(&questions),
+        "--out",
+        s(&regen),
+        "--max-new-tokens",
+        "16",
+        "--chat-template",
+        "chatml",
+        "--progress",
+        "never",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let by_hand = run.dir.join("by-hand.safetensors");
+    let o = forge(&[
+        "build-knowledge",
+        "--target",
+        s(&run.target),
+        "--in",
+        s(&regen),
+        "--answers",
+        "data",
+        "--entries",
+        "4",
+        "--max-answer-tokens",
+        "16",
+        "--max-length",
+        "64",
+        "--chat-template",
+        "chatml",
+        "--out",
+        s(&by_hand),
+        "--progress",
+        "never",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("WARNING: --answers data"), "{e}");
+    let h = KnowledgeCache::read(&by_hand).expect("read");
+    assert_eq!(h.manifest.answers, "data");
+    assert_eq!(h.manifest.questions, c.manifest.questions, "the same questions");
+    assert_eq!(h.manifest.tokens, c.manifest.tokens);
+    for (l, t) in &c.layers {
+        let d = max_abs_diff(t, &h.layers[l]);
+        assert!(d < 1e-4, "layer {l}: the states differ by {d}");
+    }
+
+    // a second run reuses it: the file untouched, no other built
+    let o = run.train(
+        &run.dir.join("second"),
+        &["--set", &knowledge, "--set", "train.max_steps=2"],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("knowledge: reusing the cache") && !e.contains("built the cache"),
+        "{e}"
+    );
+    assert_eq!(caches(), built);
+    assert_eq!(std::fs::read(&built[0]).expect("cache"), bytes);
+    assert_eq!(
+        std::fs::metadata(&built[0]).and_then(|m| m.modified()).expect("mtime"),
+        stamp
+    );
+    // another option, another cache
+    let o = run.train(
+        &run.dir.join("third"),
+        &[
+            "--set",
+            &knowledge,
+            "--set",
+            "drafter.max_answer_tokens=8",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("knowledge: built the cache"));
+    assert_eq!(caches().len(), 2);
+
+    // the training conversations as the cache's questions: refused before the target runs,
+    // naming them; allowed with a loud warning
+    let leak = format!("drafter.knowledge_data={}", run.data.display());
+    let mut args = vec!["train".to_string(), run.recipe.display().to_string()];
+    for x in run.sets() {
+        args.extend(["--set".to_string(), x]);
+    }
+    args.extend([
+        "--set".into(),
+        leak.clone(),
+        "--set".into(),
+        format!("checkpoint.dir={}", run.dir.join("leak").display()),
+    ]);
+    let o = forge(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("4 of the knowledge cache's 4 questions are also data.train conversations")
+            && e.contains("demo-001"),
+        "{e}"
+    );
+    assert_eq!(caches().len(), 2, "nothing built");
+    let o = run.train(
+        &run.dir.join("leak-allowed"),
+        &[
+            "--set",
+            &leak,
+            "--set",
+            "drafter.allow_training_overlap=true",
+            "--set",
+            "train.max_steps=1",
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("LOOKUP LEAK") && e.contains("demo-001"), "{e}");
 }

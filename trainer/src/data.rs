@@ -227,7 +227,10 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
     let t0 = Instant::now();
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
-    let needs = recipe.drafter.to_spec(&cfg, Some(dir))?.feature_needs();
+    // the features a drafter needs never depend on its knowledge cache (built by forge train)
+    let needs = crate::knowledge::section_without_cache(recipe)
+        .to_spec(&cfg, Some(dir))?
+        .feature_needs();
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();
     // the drafter's own top-k need, or more when asked on the command line
     let topk = opts.topk.max(needs.target_topk);

@@ -10,6 +10,7 @@ pub mod engines;
 pub mod error;
 pub mod eval;
 pub mod host_memory;
+pub mod knowledge;
 pub mod launch;
 pub mod metrics;
 pub mod optim;

@@ -208,16 +208,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
                     print_summary(c, t, baseline);
                 }
             }
+            // the drafter's groups of prompts (the knowledge drafter: in cache / not in cache)
+            for (g, t) in &f.groups {
+                print_summary(g, t, baseline);
+            }
         }
-        EvalEvent::Overall(t) => {
+        EvalEvent::Overall(t, groups) => {
             if files > 1 {
                 println!("all files:");
                 print_summary("all", t, baseline);
+                for (g, t) in groups {
+                    print_summary(g, t, baseline);
+                }
             }
         }
         EvalEvent::Ablation(ab) => {
             println!("with {} (all files):", ab.option);
             print_summary("all", &ab.all, baseline);
+            for (g, t) in &ab.groups {
+                print_summary(g, t, baseline);
+            }
         }
     })?;
     if let Some(out) = &a.json {

@@ -69,6 +69,10 @@ pub struct CacheSpec {
     pub entries: i64,
     pub target_fingerprint: String,
     pub data_hash: String,
+    /// [`super::knowledge_cache::question_key`] of each entry's question (empty for caches
+    /// that did not record them): `forge eval` reports prompts in and out of the cache apart.
+    #[serde(default)]
+    pub questions: Vec<String>,
 }
 
 /// The knowledge drafter's hyper-parameters plus the target it is built from.
@@ -192,6 +196,10 @@ impl KnowledgeSpec {
 
 const FINAL_NORM: &str = "model.norm.weight";
 
+/// [`Drafter::prompt_group`]s of the knowledge drafter.
+pub const IN_CACHE: &str = "in cache";
+pub const NOT_IN_CACHE: &str = "not in cache";
+
 /// Cross-attention over the knowledge cache, gated into the stream.
 struct KnowledgeBlock {
     q_norm: RmsNorm,
@@ -263,6 +271,21 @@ forge_schema::choice! {
     pub enum LayerStrategy { Uniform = "uniform", List = "list" }
 }
 
+forge_schema::choice! {
+    /// Where the knowledge cache's answers come from.
+    pub enum AnswerSource { Target = "target", Data = "data" }
+}
+
+impl AnswerSource {
+    /// The manifest's name of the source ([`super::knowledge_cache::ANSWERS_TARGET`] | `DATA`).
+    pub fn manifest_name(self) -> &'static str {
+        match self {
+            AnswerSource::Target => super::knowledge_cache::ANSWERS_TARGET,
+            AnswerSource::Data => super::knowledge_cache::ANSWERS_DATA,
+        }
+    }
+}
+
 forge_schema::section! {
     /// KL-distilled drafter built from sampled target layers, reading a knowledge cache (docs/methods/knowledge.md).
     pub struct KnowledgeSection {
@@ -271,13 +294,19 @@ forge_schema::section! {
         num_sampled_layers: i64 = 6,
         /// Target layers copied into the draft (with strategy: list), ascending.
         layers: Option<Vec<i64>> = None,
-        /// The cache written by forge build-knowledge (unset: no knowledge blocks).
+        /// The cache file: one forge build-knowledge wrote, or where forge train writes it when it is missing (unset with knowledge_data set: data.cache_dir/knowledge-<key>.safetensors, keyed by the data, the target and the options here; both unset: no knowledge blocks).
         knowledge_cache: Option<std::path::PathBuf> = None,
-        /// The question/answer file the cache must have been built from (checked against its manifest).
+        /// The questions the cache is built from (the first num_knowledge_entries records): ShareGPT or prompt file; no question may also be a data.train conversation (checked).
         knowledge_data: Option<std::path::PathBuf> = None,
+        /// Where the cache's answers come from: target (the target answers each question, greedy, as forge regenerate does) or data (the file's own answers; warned).
+        knowledge_answers: AnswerSource = AnswerSource::Target,
+        /// Answer tokens per entry: the most the target generates, and the first ones stored.
+        max_answer_tokens: i64 = 256,
+        /// Train even when cache questions are also data.train conversations (a lookup leak; warned, naming them).
+        allow_training_overlap: bool = false,
         /// Conversations in the cache (checked against its manifest).
         num_knowledge_entries: i64 = 15,
-        /// Width of the cache's states (checked against its manifest; unset: any).
+        /// Width of the cache's states: what forge train builds (unset: the hidden size, no PCA) and what an existing cache must have (unset: any).
         cache_dim: Option<i64> = None,
         /// A residual linear transition layer after each sampled layer.
         transition: bool = true,
@@ -303,20 +332,13 @@ impl DrafterKind for Knowledge {
 
     fn validate(k: &KnowledgeSection, cx: &mut Ctx) {
         cx.positive("drafter.num_sampled_layers", k.num_sampled_layers);
-        if k.knowledge_cache.is_none() {
-            if k.knowledge_data.is_some() {
-                cx.issue_at(
-                    "drafter.knowledge_data",
-                    "names what the knowledge cache was built from, but drafter.knowledge_cache is not set",
-                );
-            }
-            if k.cache_dim.is_some() {
-                cx.issue_at(
-                    "drafter.cache_dim",
-                    "is checked against the knowledge cache, but drafter.knowledge_cache is not set",
-                );
-            }
+        if k.knowledge_cache.is_none() && k.knowledge_data.is_none() && k.cache_dim.is_some() {
+            cx.issue_at(
+                "drafter.cache_dim",
+                "is the width of the knowledge cache, but neither drafter.knowledge_cache nor drafter.knowledge_data is set",
+            );
         }
+        cx.positive("drafter.max_answer_tokens", k.max_answer_tokens);
         if let Some(layers) = &k.layers {
             if layers.is_empty() || layers.iter().any(|&l| l < 0) || layers.windows(2).any(|w| w[0] >= w[1]) {
                 cx.issue_at(
@@ -358,10 +380,20 @@ impl DrafterKind for Knowledge {
     /// A knowledge cache not built yet is a note; the rest of the section is checked without it.
     fn check_notes(k: &mut KnowledgeSection, _target: &TargetConfig) -> Vec<String> {
         match k.knowledge_cache.take_if(|c| !c.exists()) {
-            Some(cache) => vec![format!(
-                "drafter.knowledge_cache {} does not exist (yet): build it with forge build-knowledge before training (the recipe's comment or docs/methods/knowledge.md has the command)",
-                cache.display()
-            )],
+            Some(cache) => {
+                let how = match k.knowledge_data.take() {
+                    Some(data) => format!(
+                        "forge train builds it from drafter.knowledge_data {} ({} answers)",
+                        data.display(),
+                        k.knowledge_answers.as_str()
+                    ),
+                    None => "build it with forge build-knowledge before training, or set drafter.knowledge_data and forge train builds it".into(),
+                };
+                vec![format!(
+                    "drafter.knowledge_cache {} does not exist (yet): {how}",
+                    cache.display()
+                )]
+            }
             None => Vec::new(),
         }
     }
@@ -419,9 +451,15 @@ fn knowledge_spec(x: &KnowledgeSection, cfg: &TargetConfig, target_dir: Option<&
             return Err(bad("drafter.layers: strategy: list needs the list of target layers".into()))
         }
     };
-    let cache = match &x.knowledge_cache {
-        None => None,
-        Some(path) => Some(checked_cache(x, path, &layers, cfg, target_dir)?),
+    let cache = match (&x.knowledge_cache, &x.knowledge_data) {
+        (None, None) => None,
+        (Some(path), _) => Some(checked_cache(x, path, &layers, cfg, target_dir)?),
+        (None, Some(data)) => {
+            return Err(bad(format!(
+                "drafter.knowledge_data {}: the cache built from it lives under data.cache_dir, which forge train and forge check find (or build); set drafter.knowledge_cache to name a file",
+                data.display()
+            )))
+        }
     };
     let spec = KnowledgeSpec {
         layers,
@@ -451,17 +489,26 @@ fn checked_cache(
     let bad = |msg: String| ModelError::Invalid(msg);
     let shown = path.display();
     let build = format!(
-        "forge build-knowledge --target {} --in {} --entries {}{} --out {shown}",
+        "forge build-knowledge --target {} --in {} --entries {}{}{}{} --out {shown}",
         target_dir.map_or("<target>".into(), |d| d.display().to_string()),
         x.knowledge_data
             .as_ref()
-            .map_or("<questions and answers>".into(), |d| d.display().to_string()),
+            .map_or("<questions>".into(), |d| d.display().to_string()),
         x.num_knowledge_entries,
         x.cache_dim.map_or(String::new(), |d| format!(" --cache-dim {d}")),
+        if x.max_answer_tokens == 256 {
+            String::new()
+        } else {
+            format!(" --max-answer-tokens {}", x.max_answer_tokens)
+        },
+        match x.knowledge_answers {
+            AnswerSource::Target => "",
+            AnswerSource::Data => " --answers data",
+        },
     );
     if !path.exists() {
         return Err(bad(format!(
-            "drafter.knowledge_cache: {shown} does not exist: build it with `{build}`"
+            "drafter.knowledge_cache: {shown} does not exist: build it with `{build}`, or set drafter.knowledge_data and forge train builds it"
         )));
     }
     let m = KnowledgeCache::read_manifest(path).map_err(|e| bad(format!("drafter.knowledge_cache: {e}")))?;
@@ -513,6 +560,19 @@ fn checked_cache(
     if let Some(l) = layers.iter().find(|l| !m.layers.contains(l)) {
         problems.push(format!("it has no states of target layer {l}"));
     }
+    if m.answers != x.knowledge_answers.manifest_name() {
+        problems.push(format!(
+            "its answers are the {}'s, drafter.knowledge_answers is {}",
+            m.answers,
+            x.knowledge_answers.as_str()
+        ));
+    }
+    if m.max_answer_tokens > 0 && m.max_answer_tokens != x.max_answer_tokens {
+        problems.push(format!(
+            "it keeps {} answer tokens per entry, drafter.max_answer_tokens is {}",
+            m.max_answer_tokens, x.max_answer_tokens
+        ));
+    }
     if !problems.is_empty() {
         return Err(bad(format!(
             "drafter.knowledge_cache {shown}: {}: rebuild it with `{build}`",
@@ -526,6 +586,7 @@ fn checked_cache(
         entries: m.entries,
         target_fingerprint: m.target_fingerprint,
         data_hash: m.data_hash,
+        questions: m.questions,
     })
 }
 
@@ -1075,6 +1136,18 @@ impl Drafter for Knowledge {
         Ok(())
     }
 
+    /// `in cache` when the prompt's first user turn is one of the cache's questions, `not in
+    /// cache` otherwise; none for a draft without a cache or one that did not record them.
+    fn prompt_group(&self, first_user_turn: &str) -> Option<&'static str> {
+        let c = self.s.cache.as_ref().filter(|c| !c.questions.is_empty())?;
+        let key = super::knowledge_cache::question_key(first_user_turn);
+        Some(if c.questions.contains(&key) {
+            IN_CACHE
+        } else {
+            NOT_IN_CACHE
+        })
+    }
+
     fn describe(&self) -> Vec<String> {
         let mut lines = vec![format!("target layers {:?}", self.s.layers)];
         match &self.s.cache {
@@ -1265,6 +1338,7 @@ mod tests {
                 entries: 1,
                 target_fingerprint: String::new(),
                 data_hash: String::new(),
+                questions: Vec::new(),
             }),
             num_draft_tokens: 5,
             new_lr_scale: 10.0,

@@ -405,6 +405,12 @@ pub trait Drafter {
     fn describe(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The group `forge eval` reports a prompt in besides its file and category, from its
+    /// first user turn: the knowledge drafter's `in cache` / `not in cache` (whether the
+    /// question is one of its knowledge cache's). Default: none (no groups).
+    fn prompt_group(&self, _first_user_turn: &str) -> Option<&'static str> {
+        None
+    }
     /// Formats this drafter can be exported to (besides `forge`).
     /// Default: none (the forge format only).
     fn export_formats(&self) -> &'static [ExportFormat] {

@@ -82,8 +82,9 @@ pub enum EvalEvent<'a> {
     Started(&'a EvalSetup),
     /// A prompt file is done.
     File(&'a FileReport),
-    /// Every prompt file is done (all of them together).
-    Overall(&'a Tally),
+    /// Every prompt file is done (all of them together; per drafter group, e.g. the knowledge
+    /// drafter's `in cache` / `not in cache`, none for most drafters).
+    Overall(&'a Tally, &'a BTreeMap<String, Tally>),
     /// An ablation run is done.
     Ablation(&'a AblationReport),
 }
@@ -264,10 +265,12 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
 
     progress.start("eval", total_turns as u64);
     let mut overall = Tally::default();
+    let mut overall_groups: BTreeMap<String, Tally> = BTreeMap::new();
     let mut file_reports = Vec::new();
     for (path, convs) in &files {
         let mut tally = Tally::default();
         let mut by_cat: BTreeMap<String, Tally> = BTreeMap::new();
+        let mut by_group: BTreeMap<String, Tally> = BTreeMap::new();
         let mut records = Vec::new();
         for conv in convs {
             let mut t = Tally::default();
@@ -276,6 +279,10 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
                 .entry(conv.category.clone().unwrap_or_else(|| "-".into()))
                 .or_default()
                 .merge(&t);
+            if let Some(g) = prompt_group(drafter.as_ref(), conv) {
+                by_group.entry(g.to_string()).or_default().merge(&t);
+                overall_groups.entry(g.to_string()).or_default().merge(&t);
+            }
             tally.merge(&t);
             progress.inc(conv.user_turns() as u64);
             progress.set_message(&format!("tau {:.2}", tally.tau()));
@@ -285,13 +292,14 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
             path: path.clone(),
             all: tally,
             categories: by_cat,
+            groups: by_group,
             prompts: records,
         };
         on_event(EvalEvent::File(&report));
         file_reports.push(report);
     }
     progress.finish();
-    on_event(EvalEvent::Overall(&overall));
+    on_event(EvalEvent::Overall(&overall, &overall_groups));
     // ablations: the same prompts decoded again with one more draft option each; the main
     // run's plain decoding is their baseline
     let stop = ctx.stop.clone();
@@ -309,16 +317,28 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
             stop: stop.clone(),
         };
         let mut t = Tally::default();
+        let mut groups: BTreeMap<String, Tally> = BTreeMap::new();
         for (_, convs) in &files {
             for conv in convs {
-                actx.conversation(conv, &mut t, &mut Vec::new())
+                let mut one = Tally::default();
+                actx.conversation(conv, &mut one, &mut Vec::new())
                     .with_context(|| format!("--ablate {opt}"))?;
+                if let Some(g) = prompt_group(drafter.as_ref(), conv) {
+                    groups.entry(g.to_string()).or_default().merge(&one);
+                }
+                t.merge(&one);
             }
         }
         t.baseline_of(&overall);
+        for (g, gt) in groups.iter_mut() {
+            if let Some(main) = overall_groups.get(g) {
+                gt.baseline_of(main);
+            }
+        }
         let ab = AblationReport {
             option: opt.clone(),
             all: t,
+            groups,
         };
         on_event(EvalEvent::Ablation(&ab));
         ablations.push(ab);
@@ -327,6 +347,16 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
         setup,
         files: file_reports,
         overall,
+        groups: overall_groups,
         ablations,
     })
+}
+
+/// The drafter's group of a prompt ([`forge_models::drafters::Drafter::prompt_group`]), from
+/// its first user turn.
+fn prompt_group(drafter: &dyn forge_models::drafters::Drafter, conv: &InputConversation) -> Option<&'static str> {
+    conv.messages
+        .iter()
+        .find(|m| m.role == Role::User)
+        .and_then(|m| drafter.prompt_group(&m.content))
 }

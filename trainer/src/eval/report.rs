@@ -48,17 +48,22 @@ pub struct FileReport {
     pub all: Tally,
     /// Per category (`-` for prompts without one).
     pub categories: BTreeMap<String, Tally>,
+    /// Per drafter group of prompts (`Drafter::prompt_group`: the knowledge drafter's `in
+    /// cache` / `not in cache`); empty for drafters without groups.
+    pub groups: BTreeMap<String, Tally>,
     pub prompts: Vec<TurnRecord>,
 }
 
 impl FileReport {
     pub fn to_json(&self, baseline: bool) -> Value {
-        json!({
+        let mut v = json!({
             "path": self.path.display().to_string(),
             "summary": self.all.to_json(baseline),
             "categories": self.categories.iter().map(|(c, t)| (c.clone(), t.to_json(baseline))).collect::<serde_json::Map<String, Value>>(),
             "prompts": self.prompts,
-        })
+        });
+        add_groups(&mut v, &self.groups, baseline);
+        v
     }
 }
 
@@ -69,6 +74,17 @@ pub struct AblationReport {
     /// The KEY=VALUE draft option added.
     pub option: String,
     pub all: Tally,
+    /// Per drafter group (as [`FileReport::groups`]), over all files.
+    pub groups: BTreeMap<String, Tally>,
+}
+
+/// Adds `"groups": {name: summary}` to a report object when there are groups (drafters
+/// without groups keep their report as it was).
+fn add_groups(v: &mut Value, groups: &BTreeMap<String, Tally>, baseline: bool) {
+    if let (false, Some(m)) = (groups.is_empty(), v.as_object_mut()) {
+        let g: serde_json::Map<String, Value> = groups.iter().map(|(n, t)| (n.clone(), t.to_json(baseline))).collect();
+        m.insert("groups".into(), Value::Object(g));
+    }
 }
 
 /// What `--verify` found (see [`EvalReport::verify`]).
@@ -90,6 +106,8 @@ pub struct EvalReport {
     pub files: Vec<FileReport>,
     /// All files together.
     pub overall: Tally,
+    /// All files together per drafter group (as [`FileReport::groups`]).
+    pub groups: BTreeMap<String, Tally>,
     pub ablations: Vec<AblationReport>,
 }
 
@@ -102,15 +120,22 @@ impl EvalReport {
         let mut ablations = serde_json::Map::new();
         for ab in &self.ablations {
             let mut v = ab.all.to_json(baseline);
-            if let Some(m) = v.as_object_mut() {
-                // no plain run was compared in this pass
-                for k in ["greedy_compared", "greedy_mismatches", "greedy_mismatches_at_ties"] {
-                    m.remove(k);
+            add_groups(&mut v, &ab.groups, baseline);
+            // no plain run was compared in this pass
+            let strip = |v: &mut Value| {
+                if let Some(m) = v.as_object_mut() {
+                    for k in ["greedy_compared", "greedy_mismatches", "greedy_mismatches_at_ties"] {
+                        m.remove(k);
+                    }
                 }
+            };
+            strip(&mut v);
+            if let Some(Value::Object(g)) = v.get_mut("groups") {
+                g.values_mut().for_each(strip);
             }
             ablations.insert(ab.option.clone(), v);
         }
-        json!({
+        let mut v = json!({
             "draft": {"path": s.source.display().to_string(), "kind": s.kind, "spec": s.spec, "weights": s.weights, "weight_bytes": s.weight_bytes, "options": a.draft_options, "description": s.description},
             "target": s.target.display().to_string(),
             "settings": {
@@ -131,7 +156,16 @@ impl EvalReport {
             "summary": self.overall.to_json(baseline),
             "ablations": ablations,
             "files": self.files.iter().map(|f| f.to_json(baseline)).collect::<Vec<_>>(),
-        })
+        });
+        if let (false, Some(m)) = (self.groups.is_empty(), v.as_object_mut()) {
+            let g: serde_json::Map<String, Value> = self
+                .groups
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_json(baseline)))
+                .collect();
+            m.insert("groups".into(), Value::Object(g));
+        }
+        v
     }
 
     /// With `verify` set: an error unless every greedy speculative output equals plain greedy

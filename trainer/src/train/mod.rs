@@ -34,6 +34,7 @@ use crate::checkpoint::TrainerState;
 use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir};
 use crate::error::{Result, TrainerError};
+use crate::knowledge;
 use crate::parallel::zero::DistAdamW;
 use crate::parallel::Comm;
 use crate::recipe::Recipe;
@@ -156,14 +157,19 @@ pub fn train(
         .ok_or_else(|| TrainerError::Config("checkpoint.dir is not set: set it to the output folder".into()))?;
     let dir = target_dir(recipe)?.to_path_buf();
     let cfg = data::target_config(recipe)?;
-    let spec = recipe.drafter.to_spec(&cfg, Some(&dir))?;
-    if dp.rank() == 0 {
-        for w in spec.warnings() {
-            obs.warn(&w);
-        }
-    }
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume::resume_from(recipe, &opts.resume)?;
+    // a knowledge drafter's cache, built when missing (rank 0; the others wait for it)
+    let prepared = knowledge::prepare_cache(recipe, dp)?;
+    let spec = knowledge::drafter_section(recipe)?.to_spec(&cfg, Some(&dir))?;
+    if dp.rank() == 0 {
+        for line in &prepared.notes {
+            obs.note(line);
+        }
+        for w in prepared.warnings.iter().chain(&spec.warnings()) {
+            obs.warn(w);
+        }
+    }
     let mut trainer = Trainer::new(recipe, &cfg, &spec, &dir, resume_ck.is_none(), opts, dp, obs)?;
     let total = trainer.state.total_steps;
     let checkpointer = Checkpointer::new(recipe, ckpt_dir.clone(), total, spec.clone(), dir, cfg.raw.clone(), dp)?;
