@@ -145,8 +145,8 @@ pub fn build(
                 system: None,
                 opts: GenerateOptions {
                     max_new_tokens: o.max_answer_tokens,
-                    temperature: 0.0,
-                    top_p: 1.0,
+                    // greedy answers
+                    sampling: forge_models::generate::Sampling::greedy(),
                     seed: 0,
                     stop_ids: stop,
                 },
