@@ -681,10 +681,16 @@ fn knowledge_drafter_with_its_cache_on_two_ranks_equals_one() {
         "build-knowledge".into(),
         "--target".into(),
         run.target.display().to_string(),
+        // questions held out of the training conversations (train refuses an overlap)
         "--in".into(),
-        run.data.display().to_string(),
+        root()
+            .join("recipes/data/demo_eval_prompts.jsonl")
+            .display()
+            .to_string(),
         "--entries".into(),
         "4".into(),
+        "--max-answer-tokens".into(),
+        "16".into(),
         "--cache-dim".into(),
         "16".into(),
         "--out".into(),
@@ -700,6 +706,7 @@ fn knowledge_drafter_with_its_cache_on_two_ranks_equals_one() {
         "checkpoint.every_steps=4",
         "drafter.strategy=list",
         "drafter.layers=[0, 1]",
+        "drafter.max_answer_tokens=16",
         c.as_str(),
     ];
     train(&run, 1, &one, &[&sets[..], &["train.grad_accum=2"]].concat(), &[]);

@@ -743,7 +743,7 @@ fn the_chunked_loss_has_the_value_and_gradients_of_the_whole() {
 fn the_demo_recipes_cache_questions_are_held_out_of_training() {
     use forge_models::drafters::knowledge::AnswerSource;
     use forge_models::drafters::knowledge_cache::question_key;
-    use forge_trainer::knowledge::{cache_questions, check_disjoint, overlap};
+    use forge_trainer::artifacts::knowledge::{cache_questions, check_disjoint, overlap};
     use forge_trainer::recipe::{DrafterSection, Recipe};
     let root = forge_tests::root();
     let text = std::fs::read_to_string(root.join("recipes/knowledge-smollm2.yaml")).expect("recipe");
@@ -774,7 +774,7 @@ fn the_demo_recipes_cache_questions_are_held_out_of_training() {
         .iter()
         .filter(|p| {
             keys.contains(&question_key(
-                forge_trainer::knowledge::first_user_turn(&p.messages).unwrap_or(""),
+                forge_trainer::artifacts::knowledge::first_user_turn(&p.messages).unwrap_or(""),
             ))
         })
         .count();

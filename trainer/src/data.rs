@@ -2,6 +2,8 @@
 //! vocabulary mapping, and hidden-state datasets for offline training (`forge prepare-hidden`).
 
 use crate::error::{Result, TrainerError};
+// the recipe's target, used by data preparation and by its callers as data::*
+pub use crate::target::{chat_template, target_config, target_dir, target_placement};
 
 use crate::recipe::{Precision, Recipe};
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
@@ -12,27 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// The target folder of a recipe (validation guarantees it is set).
-pub fn target_dir(recipe: &Recipe) -> Result<&Path> {
-    recipe.target.path.as_deref().ok_or_else(|| {
-        TrainerError::Config("target.path is not set: set it to the target's Hugging Face folder".into())
-    })
-}
-
 pub fn tokenize_options(recipe: &Recipe) -> TokenizeOptions {
     TokenizeOptions {
         max_length: recipe.data.max_length.max(1) as usize,
         train_only_last_turn: recipe.data.train_only_last_turn,
         skip_invalid: recipe.data.skip_invalid,
     }
-}
-
-/// The chat template a recipe asks for (`auto` reads the target's tokenizer_config.json).
-pub fn chat_template(recipe: &Recipe) -> Result<ChatTemplate> {
-    Ok(ChatTemplate::from_name(
-        recipe.data.chat_template.as_str(),
-        target_dir(recipe)?,
-    )?)
 }
 
 /// Tokenised train (and eval) data with the tokenizer and template that made it.
@@ -134,11 +121,6 @@ pub fn load_eval_data(recipe: &Recipe) -> Result<Option<LoadedDataset>> {
     )?))
 }
 
-/// The target's config.json.
-pub fn target_config(recipe: &Recipe) -> Result<TargetConfig> {
-    Ok(TargetConfig::from_file(&target_dir(recipe)?.join("config.json"))?)
-}
-
 /// Loads (or builds and caches beside the token cache) a draft vocabulary of `size` tokens
 /// from the training data (`Drafter::prepare` asks for it through `drafter::Prepare`).
 pub fn vocab_mapping(
@@ -154,39 +136,6 @@ pub fn vocab_mapping(
         cfg.vocab_size as usize,
         size,
     )?)
-}
-
-/// The target dtype and device a recipe asks for (auto: bf16 on CUDA, fp32 on CPU).
-pub fn target_placement(recipe: &Recipe) -> Result<(DType, tch::Device)> {
-    // Under `forge launch --nproc N` the workers are CPU workers: `auto` means the CPU.
-    let cpu_workers = std::env::var(crate::launch::LAUNCH_DEVICE_VAR).as_deref() == Ok("cpu");
-    let mut device = if cpu_workers && recipe.target.device == "auto" {
-        tch::Device::Cpu
-    } else {
-        parse_device(&recipe.target.device)?
-    };
-    // Under `forge launch --gpus N` each worker takes the GPU of its LOCAL_RANK.
-    if device.is_cuda() && matches!(recipe.target.device.as_str(), "auto" | "cuda") {
-        if let Some(local) = std::env::var("LOCAL_RANK")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-        {
-            device = parse_device(&format!("cuda:{local}"))?;
-        }
-    }
-    let dtype = match recipe.target.dtype {
-        Precision::Auto => {
-            if device.is_cuda() {
-                DType::BF16
-            } else {
-                DType::F32
-            }
-        }
-        Precision::Fp32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-        Precision::Fp16 => DType::F16,
-    };
-    Ok((dtype, device))
 }
 
 /// Options of `forge prepare-hidden`.
@@ -228,7 +177,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
     let dir = target_dir(recipe)?;
     let cfg = target_config(recipe)?;
     // the features a drafter needs never depend on its knowledge cache (built by forge train)
-    let needs = crate::knowledge::section_without_cache(recipe)
+    let needs = crate::artifacts::section_without_artifacts(recipe)
         .to_spec(&cfg, Some(dir))?
         .feature_needs();
     let aux_layers: Vec<usize> = needs.aux_layers.iter().map(|&l| l as usize).collect();

@@ -1,6 +1,7 @@
 //! forge-trainer: recipes, the training loop, checkpoints, export, evaluation and launch, as a
 //! library (typed errors, no printing); the `forge` binary (forge/) is its command line.
 
+pub mod artifacts;
 pub mod bench_train;
 pub mod checkpoint;
 pub mod checkpointer;
@@ -10,7 +11,6 @@ pub mod engines;
 pub mod error;
 pub mod eval;
 pub mod host_memory;
-pub mod knowledge;
 pub mod launch;
 pub mod metrics;
 pub mod optim;
@@ -19,5 +19,6 @@ pub mod progress;
 pub mod recipe;
 pub mod regenerate;
 pub mod schedule;
+pub mod target;
 pub mod target_check;
 pub mod train;

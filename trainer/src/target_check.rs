@@ -87,7 +87,7 @@ pub fn check_against_target(recipe: &Recipe, require_target: bool) -> Result<Vec
     let mut problems = Vec::new();
     // the drafter spec resolved against this target: layer indices, head shapes, ...; a
     // knowledge cache not built yet is a note (the spec is checked without it)
-    let mut drafter = crate::knowledge::drafter_section(recipe)?;
+    let mut drafter = crate::artifacts::resolved_section(recipe)?;
     let kind_notes = drafter.check_notes(&cfg);
     if let Err(e) = drafter.to_spec(&cfg, Some(path)) {
         problems.push(e.to_string());

@@ -1,5 +1,5 @@
 //! `forge build-knowledge`: the knowledge drafter's cache (docs/methods/knowledge.md). This
-//! command reads its flags, loads the target and prints; forge_trainer::knowledge answers the
+//! command reads its flags, loads the target and prints; forge_trainer::artifacts::knowledge answers the
 //! questions with the target (or takes the file's answers with `--answers data`) and
 //! forge_models::drafters::knowledge_cache builds the cache itself.
 
@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use forge_data::{ChatTemplate, TextTokenizer};
 use forge_models::drafters::knowledge::AnswerSource;
 use forge_models::{parse_device, TargetModel};
-use forge_trainer::knowledge::{build, BuildOptions};
+use forge_trainer::artifacts::knowledge::{build, BuildOptions};
 use forge_trainer::regenerate::{resolve_dtype, stop_ids};
 use std::path::PathBuf;
 

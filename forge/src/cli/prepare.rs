@@ -133,7 +133,8 @@ pub fn run_prepare_data(a: DataArgs) -> Result<()> {
     // what the drafter prepares from the data (EAGLE-3: its draft vocabulary), cached; the
     // drafter itself is not built
     let cfg = data::target_config(&recipe)?;
-    let spec = forge_trainer::knowledge::section_without_cache(&recipe).to_spec(&cfg, recipe.target.path.as_deref())?;
+    let spec =
+        forge_trainer::artifacts::section_without_artifacts(&recipe).to_spec(&cfg, recipe.target.path.as_deref())?;
     let mut report = |line: &str| eprintln!("{line}");
     let mut prep = drafter::Prepare::new(&recipe, &cfg, drafter::PrepareSource::Tokens(&td.train), &mut report);
     spec.prepare_data(&mut prep)?;

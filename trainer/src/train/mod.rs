@@ -30,11 +30,11 @@ pub use crate::parallel::SingleProcess;
 pub(crate) use features::target_features;
 pub(crate) use setup::{compute_kind, optimizer};
 
+use crate::artifacts;
 use crate::checkpoint::TrainerState;
 use crate::checkpointer::Checkpointer;
 use crate::data::{self, target_dir};
 use crate::error::{Result, TrainerError};
-use crate::knowledge;
 use crate::parallel::zero::DistAdamW;
 use crate::parallel::Comm;
 use crate::recipe::Recipe;
@@ -160,8 +160,8 @@ pub fn train(
     // decided before any expensive loading: refuses to overwrite an earlier run
     let resume_ck = resume::resume_from(recipe, &opts.resume)?;
     // a knowledge drafter's cache, built when missing (rank 0; the others wait for it)
-    let prepared = knowledge::prepare_cache(recipe, dp)?;
-    let spec = knowledge::drafter_section(recipe)?.to_spec(&cfg, Some(&dir))?;
+    let prepared = artifacts::prepare(recipe, dp)?;
+    let spec = artifacts::resolved_section(recipe)?.to_spec(&cfg, Some(&dir))?;
     if dp.rank() == 0 {
         for line in &prepared.notes {
             obs.note(line);

@@ -1,5 +1,7 @@
-//! The knowledge drafter's cache from a question file (docs/methods/knowledge.md), for `forge
-//! build-knowledge` and for `forge train`, which builds a missing cache itself.
+//! The knowledge drafter's artifact: its cache from a question file
+//! (docs/methods/knowledge.md), for `forge build-knowledge` and for `forge train`, which
+//! builds a missing cache itself (through [`super::prepare`], this file's [`ARTIFACTS`] line
+//! in its table).
 //!
 //! - Answers: by default the target answers every question itself (greedy, at most
 //!   `max_answer_tokens` tokens per answer, rendered with its chat template and stopped at its
@@ -14,11 +16,12 @@
 //!   option that changes the states ([`cache_key`]): a second run reuses it, any change builds
 //!   another. [`prepare_cache`] builds a missing cache on rank 0 while the other ranks wait.
 
-use crate::data::{self, target_placement};
+use super::{Artifacts, Prepared};
 use crate::error::{Result, TrainerError};
 use crate::parallel::Comm;
 use crate::recipe::{DrafterSection, Recipe};
 use crate::regenerate::{stop_ids, Regenerator};
+use crate::target::{self, target_placement};
 use forge_data::conversation::{parse_conversations, parse_prompts, Conversation};
 use forge_data::dataset::{tokenize_conversation, Sample};
 use forge_data::hash::{data_hash, target_fingerprint, ContentHash};
@@ -289,7 +292,7 @@ pub fn check_disjoint(cache_keys: &[String], train_files: &[PathBuf], allow: boo
 /// target's fingerprint, the weight format the target runs in, and every option that changes
 /// the stored states.
 pub fn cache_key(recipe: &Recipe, k: &KnowledgeSection, data: &Path) -> Result<String> {
-    let dir = data::target_dir(recipe)?;
+    let dir = target::target_dir(recipe)?;
     let bytes = std::fs::read(data).map_err(|source| TrainerError::Io {
         path: data.to_path_buf(),
         source,
@@ -329,7 +332,7 @@ pub fn cache_path(recipe: &Recipe) -> Result<Option<PathBuf>> {
 
 /// The recipe's drafter section with its knowledge cache's path filled in ([`cache_path`]):
 /// what resolves into the drafter's spec.
-pub fn drafter_section(recipe: &Recipe) -> Result<DrafterSection> {
+fn drafter_section(recipe: &Recipe) -> Result<DrafterSection> {
     let mut section = recipe.drafter.clone();
     if let DrafterSection::Knowledge(k) = &mut section {
         if k.knowledge_cache.is_none() && k.knowledge_data.is_some() {
@@ -339,19 +342,10 @@ pub fn drafter_section(recipe: &Recipe) -> Result<DrafterSection> {
     Ok(section)
 }
 
-/// What [`prepare_cache`] did, for the person running the job.
-#[derive(Debug, Clone, Default)]
-pub struct Prepared {
-    /// Lines of information (the cache built or reused) and warnings (the data's answers, a
-    /// training overlap allowed).
-    pub notes: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
 /// Before training a knowledge drafter: builds its cache when it is missing and the recipe
 /// names its questions (rank 0 builds; the other ranks wait for it), then checks that the
 /// cache's questions are not training conversations. Other drafters: nothing.
-pub fn prepare_cache(recipe: &Recipe, dp: &mut dyn Comm) -> Result<Prepared> {
+fn prepare_cache(recipe: &Recipe, dp: &mut dyn Comm) -> Result<Prepared> {
     let mut out = Prepared::default();
     let DrafterSection::Knowledge(k) = &recipe.drafter else {
         return Ok(out);
@@ -420,11 +414,11 @@ pub fn prepare_cache(recipe: &Recipe, dp: &mut dyn Comm) -> Result<Prepared> {
 /// Rank 0's part of [`prepare_cache`]: loads the target as the recipe runs it, builds the
 /// cache and writes it (and its manifest) at `path`; returns the line saying so.
 fn build_for_recipe(recipe: &Recipe, k: &KnowledgeSection, data: &Path, path: &Path) -> Result<String> {
-    let dir = data::target_dir(recipe)?;
+    let dir = target::target_dir(recipe)?;
     let (dtype, device) = target_placement(recipe)?;
     let model = TargetModel::load(dir, dtype, device)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    let template = data::chat_template(recipe)?;
+    let template = target::chat_template(recipe)?;
     let stop = stop_ids(&model, &tokenizer, &template, recipe.data.chat_template.as_str())?;
     let o = BuildOptions {
         data: data.to_path_buf(),
@@ -468,7 +462,7 @@ fn build_for_recipe(recipe: &Recipe, k: &KnowledgeSection, data: &Path, path: &P
 /// The recipe's drafter section for what never reads a knowledge cache (the target features a
 /// drafter needs, its data preparation): the cache left out, so that one not built yet is no
 /// obstacle.
-pub fn section_without_cache(recipe: &Recipe) -> DrafterSection {
+fn section_without_cache(recipe: &Recipe) -> DrafterSection {
     let mut section = recipe.drafter.clone();
     if let DrafterSection::Knowledge(k) = &mut section {
         k.knowledge_cache = None;
@@ -477,3 +471,11 @@ pub fn section_without_cache(recipe: &Recipe) -> DrafterSection {
     }
     section
 }
+
+/// The knowledge drafter's line in [`super::KINDS`].
+pub(crate) const ARTIFACTS: Artifacts = Artifacts {
+    kind: "knowledge",
+    resolved: drafter_section,
+    without: section_without_cache,
+    prepare: prepare_cache,
+};
