@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The hybrid drafter against all-MLP and all-transformer variants trained identically on the
 # demo target (recipes/hybrid-smollm2.yaml; same data, steps, seed and learning rate), for
-# cost_lambda 0.001 / 0.01 / 0.1: validation top-1 (hard gate) after training, then forge
+# cost_lambda 0.001 / 0.01 / 0.1, and the hard (straight-through) gate: validation top-1 (hard gate) after training, then forge
 # eval on held-out prompts (tau, draft ms per drafted token, block histogram).
 # Usage: scripts/bench/hybrid-variants.sh [STEPS] [OUT] [PHASE]   (needs `make build demo-model`)
 # PHASE: all (default), train (only train the variants) or eval (only evaluate trained ones:
@@ -16,8 +16,10 @@ FORGE=target/release/forge
 RECIPE=recipes/hybrid-smollm2.yaml
 mkdir -p "$OUT"
 [ "$PHASE" = train ] || : > "$OUT/summary.jsonl"
+ONLY=${ONLY:-}   # e.g. ONLY="hybrid-lambda-0.01 hybrid-hard": only these variants
 run() {
   local name=$1; shift
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   local dir="$OUT/$name"
   if [ "$PHASE" != eval ]; then
     rm -rf "$dir"
@@ -57,3 +59,6 @@ run all-transformer --set drafter.num_mlp_blocks=0 --set drafter.num_transformer
 for lam in 0.001 0.01 0.1; do
   run "hybrid-lambda-$lam" --set drafter.cost_lambda="$lam"
 done
+# training runs the one arg-max block decoding runs (straight-through), against the soft
+# mixture of hybrid-lambda-0.01 (docs/methods/hybrid.md, "Training mixes, decoding picks")
+run hybrid-hard --set drafter.cost_lambda=0.01 --set drafter.hard=true

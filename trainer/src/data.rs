@@ -5,11 +5,11 @@ use crate::error::{Result, TrainerError};
 // the recipe's target, used by data preparation and by its callers as data::*
 pub use crate::target::{chat_template, target_config, target_dir, target_placement};
 
-use crate::recipe::{Precision, Recipe};
+use crate::recipe::Recipe;
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
 use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
-use forge_models::{parse_device, Capture, DType, TargetConfig, TargetModel};
+use forge_models::{Capture, TargetConfig, TargetModel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
