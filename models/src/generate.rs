@@ -49,8 +49,9 @@ impl Sampling {
         self.temperature <= 0.0
     }
 
-    /// The values allowed: temperature >= 0 and finite, top_p in (0, 1]; the error names the
-    /// parameter and what it got.
+    /// The values allowed: temperature >= 0 and finite, top_p in (0, 1]; the error starts with
+    /// the parameter's name as the commands' flags spell it (`temperature`, `top-p`), so a
+    /// command prefixes `--`, and says what it got.
     pub fn check(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(ModelError::Invalid(format!(
@@ -91,23 +92,38 @@ impl Sampling {
             let best = logits.argmax(-1, true);
             return logits.zeros_like().scatter_value(-1, &best, 1.0);
         }
-        let mut probs = (&logits / self.temperature).softmax(-1, Kind::Float);
+        if !self.filters(&logits) {
+            return (&logits / self.temperature).softmax(-1, Kind::Float);
+        }
+        let (sorted, idx) = self.sorted_probs(&logits);
+        let kept = &sorted / sorted.sum_dim_intlist(-1, true, Kind::Float);
+        logits.zeros_like().scatter(-1, &idx, &kept)
+    }
+
+    /// Whether top-k or top-p removes anything from rows of `logits`.
+    fn filters(&self, logits: &Tensor) -> bool {
+        let v = logits.size().last().copied().unwrap_or(0);
+        (self.top_k > 0 && (self.top_k as i64) < v) || self.top_p < 1.0
+    }
+
+    /// What [`Sampling::probs`] keeps, in descending order with one sort: (softmax(logits / T)
+    /// through top-k, renormalised, then top-p, not renormalised after it; the token ids).
+    fn sorted_probs(&self, logits: &Tensor) -> (Tensor, Tensor) {
+        let (mut sorted, idx) = (logits / self.temperature).softmax(-1, Kind::Float).sort(-1, true);
         let v = logits.size().last().copied().unwrap_or(0);
         if self.top_k > 0 && (self.top_k as i64) < v {
-            let (top, _) = probs.topk(self.top_k as i64, -1, true, true);
-            let kth = top.narrow(-1, self.top_k as i64 - 1, 1);
-            probs = probs.where_self(&probs.ge_tensor(&kth), &probs.zeros_like());
-            probs = &probs / probs.sum_dim_intlist(-1, true, Kind::Float);
+            // every token tied with the k-th stays
+            let kth = sorted.narrow(-1, self.top_k as i64 - 1, 1);
+            sorted = &sorted * sorted.ge_tensor(&kth).to_kind(Kind::Float);
+            sorted = &sorted / sorted.sum_dim_intlist(-1, true, Kind::Float);
         }
         if self.top_p < 1.0 {
-            let (sorted, idx) = probs.sort(-1, true);
             let cum = sorted.cumsum(-1, Kind::Float);
             // keep tokens whose preceding mass is < top_p (always keeps the top token)
             let keep = (&cum - &sorted).lt(self.top_p).to_kind(Kind::Float);
-            probs = probs.zeros_like().scatter(-1, &idx, &(sorted * keep));
-            probs = &probs / probs.sum_dim_intlist(-1, true, Kind::Float);
+            sorted *= keep;
         }
-        probs
+        (sorted, idx)
     }
 }
 
@@ -201,7 +217,7 @@ pub fn sample_rows(logits: &Tensor, sampling: &Sampling, uniforms: &[f64]) -> Re
                 uniforms.len()
             )));
         }
-        let (sorted, idx) = sampling.probs(&logits).sort(-1, true);
+        let (sorted, idx) = sampling.sorted_probs(&logits);
         let cum = sorted.cumsum(-1, Kind::Float);
         let total = cum.narrow(1, v - 1, 1);
         let u: Vec<f32> = uniforms.iter().map(|&u| u as f32).collect();

@@ -47,8 +47,13 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+    };
+    if let Err(e) = sampling.check() {
+        bail!("--{e}");
     }
     let device = parse_device(&a.device)?;
     let dtype = resolve_dtype(&a.dtype, device)?;
@@ -75,11 +80,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompt_ids = tokenizer.encode(&text)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        sampling: Sampling {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-        },
+        sampling,
         seed: a.seed,
         stop_ids: stop_ids.clone(),
     };

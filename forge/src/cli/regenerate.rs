@@ -53,6 +53,16 @@ pub struct Args {
     pub chat: ChatArgs,
 }
 
+impl Args {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+        }
+    }
+}
+
 fn check_args(a: &Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -60,11 +70,8 @@ fn check_args(a: &Args) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be >= 0 (0 = greedy), got {}", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    if let Err(e) = a.sampling().check() {
+        bail!("--{e}");
     }
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
@@ -151,11 +158,7 @@ pub fn run(a: Args) -> Result<()> {
         system: a.chat.system.clone(),
         opts: GenerateOptions {
             max_new_tokens: a.max_new_tokens,
-            sampling: Sampling {
-                temperature: a.temperature,
-                top_p: a.top_p,
-                top_k: a.top_k,
-            },
+            sampling: a.sampling(),
             seed: a.seed,
             stop_ids,
         },

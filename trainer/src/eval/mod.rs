@@ -107,15 +107,10 @@ pub fn check_options(a: &EvalOptions) -> Result<()> {
     if a.gamma > a.max_gamma {
         return bail(format!("--gamma {} is above --max-gamma {}", a.gamma, a.max_gamma));
     }
-    let t = a.sampling.temperature;
-    if !(t >= 0.0 && t.is_finite()) {
-        return bail(format!("--temperature must be >= 0 (0 = greedy), got {t}"));
+    if let Err(e) = a.sampling.check() {
+        return bail(format!("--{e}"));
     }
-    let top_p = a.sampling.top_p;
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return bail(format!("--top-p must be in (0, 1] (1 = off), got {top_p}"));
-    }
-    if a.sampling.is_greedy() && (top_p < 1.0 || a.sampling.top_k > 0) {
+    if a.sampling.is_greedy() && (a.sampling.top_p < 1.0 || a.sampling.top_k > 0) {
         return bail("--top-p and --top-k filter sampled tokens: give --temperature > 0 with them (greedy decoding ignores them)".into());
     }
     if a.verify && !a.sampling.is_greedy() {
