@@ -7,7 +7,7 @@ use forge_models::drafters::eagle3::{install_vocab_mapping, ttt_attention, ttt_m
 use forge_models::drafters::{Drafter, Features};
 use forge_models::safetensors_io::SafetensorsFile;
 use forge_tests::{eval_ctx, train_ctx, TargetHeads};
-use forge_tests::{forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
+use forge_tests::{export_fp32, forge, losses, metrics_rows, reinit_trainable, TestRng, TinyRun};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -1082,16 +1082,7 @@ fn eagle3_full_vocabulary_and_last_layer_exports_are_what_engines_serve() {
     );
     let export = |fmt: &str| {
         let dir = run.dir.join(fmt);
-        let out = forge(&[
-            "export",
-            ckpt.to_str().expect("utf8"),
-            "--format",
-            fmt,
-            "--dtype",
-            "fp32",
-            "--out",
-            dir.to_str().expect("utf8"),
-        ]);
+        let out = export_fp32(&ckpt, fmt, &dir);
         (dir, out)
     };
     // layer 3 of 4 is the last: SGLang cannot capture its output

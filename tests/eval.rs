@@ -17,7 +17,7 @@ use forge_models::speculative::{
 };
 use forge_models::{Capture, LogitsMode, TargetModel};
 use forge_tests::TargetHeads;
-use forge_tests::{forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
+use forge_tests::{export_fp32, forge, max_abs_diff, random_target, reinit_trainable, TestRng, TinyRun};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -958,16 +958,7 @@ fn engine_format_drafts_load_back_to_the_same_drafter() {
         let want = tch::no_grad(|| trained.drafter.loss(&f, &ctx)).expect("loss");
         for fmt in formats {
             let dir = run.dir.join(format!("{name}-{fmt}"));
-            let out = forge(&[
-                "export",
-                ckpt.to_str().expect("utf8"),
-                "--format",
-                fmt,
-                "--dtype",
-                "fp32",
-                "--out",
-                dir.to_str().expect("utf8"),
-            ]);
+            let out = export_fp32(&ckpt, fmt, &dir);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let loaded = load_drafter_with_target(&dir, Device::Cpu, Kind::Float, Some(&run.target))
                 .unwrap_or_else(|e| panic!("{name} {fmt}: {e}"));

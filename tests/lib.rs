@@ -186,19 +186,24 @@ pub fn saved_tiny_target(model_type: &str, seed: i64, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `forge export CKPT --format forge --dtype fp32 --out OUT`; asserts it succeeds and that the
-/// export holds exactly the checkpoint's weights, bit for bit. Returns them, sorted by name.
-pub fn export_forge_equal_to(ckpt: &Path, out: &Path) -> Vec<(String, Tensor)> {
-    let o = forge(&[
+/// `forge export CKPT --format FORMAT --dtype fp32 --out OUT`, its output unchecked.
+pub fn export_fp32(ckpt: &Path, format: &str, out: &Path) -> Output {
+    forge(&[
         "export",
         ckpt.to_str().expect("utf8"),
         "--format",
-        "forge",
+        format,
         "--dtype",
         "fp32",
         "--out",
         out.to_str().expect("utf8"),
-    ]);
+    ])
+}
+
+/// `forge export CKPT --format forge --dtype fp32 --out OUT`; asserts it succeeds and that the
+/// export holds exactly the checkpoint's weights, bit for bit. Returns them, sorted by name.
+pub fn export_forge_equal_to(ckpt: &Path, out: &Path) -> Vec<(String, Tensor)> {
+    let o = export_fp32(ckpt, "forge", out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a = step_weights(ckpt);
     let b = step_weights(out);
