@@ -21,7 +21,7 @@ use forge_tests::{export_fp32, forge, max_abs_diff, random_target, reinit_traina
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-const V: i64 = 96;
+pub(crate) const V: i64 = 96;
 
 fn tensors(t: &TargetModel) -> TargetHeads {
     TargetHeads {
@@ -30,7 +30,7 @@ fn tensors(t: &TargetModel) -> TargetHeads {
     }
 }
 
-fn medusa(t: &TargetModel) -> Medusa {
+pub(crate) fn medusa(t: &TargetModel) -> Medusa {
     let m = Medusa::new(
         MedusaSpec {
             num_heads: 4,
@@ -57,7 +57,7 @@ fn medusa(t: &TargetModel) -> Medusa {
     m
 }
 
-fn eagle1(t: &TargetModel) -> Eagle1 {
+pub(crate) fn eagle1(t: &TargetModel) -> Eagle1 {
     let m = Eagle1::new(
         Eagle1Spec {
             feature_weight: 1.0,
@@ -77,7 +77,7 @@ fn eagle1(t: &TargetModel) -> Eagle1 {
 }
 
 /// EAGLE-3 over the two tiny layers with a draft vocabulary of the even target ids.
-fn eagle3(t: &TargetModel) -> Eagle3 {
+pub(crate) fn eagle3(t: &TargetModel) -> Eagle3 {
     eagle3_on(t, Device::Cpu)
 }
 
@@ -108,7 +108,7 @@ pub(crate) fn eagle3_on(t: &TargetModel, dev: Device) -> Eagle3 {
 
 /// The hybrid drafter of tests/hybrid.rs (2 MLP and 2 transformer blocks) with a random
 /// (non-uniform) gate; with `draft_vocab`, its head over the even target ids.
-fn hybrid(t: &TargetModel, draft_vocab: bool) -> Hybrid {
+pub(crate) fn hybrid(t: &TargetModel, draft_vocab: bool) -> Hybrid {
     let s = crate::hybrid::spec(t, 2, 2);
     let m = if draft_vocab {
         crate::hybrid::with_even_vocab(t, s, 14)
@@ -125,7 +125,7 @@ fn hybrid(t: &TargetModel, draft_vocab: bool) -> Hybrid {
     m
 }
 
-fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
+pub(crate) fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
     let opts = GenerateOptions {
         max_new_tokens: n,
         stop_ids: stop.to_vec(),
@@ -134,7 +134,7 @@ fn plain(t: &TargetModel, prompt: &[i64], n: usize, stop: &[i64]) -> Vec<i64> {
     generate(t, prompt, &opts, |_| {}).expect("generate").tokens
 }
 
-fn prompts() -> Vec<Vec<i64>> {
+pub(crate) fn prompts() -> Vec<Vec<i64>> {
     vec![
         vec![1, 17, 42, 5, 66, 23],
         vec![1, 9],
@@ -255,7 +255,7 @@ impl DraftSession for Scripted {
     }
 }
 
-fn reference_hidden(t: &TargetModel, seq: &[i64]) -> Tensor {
+pub(crate) fn reference_hidden(t: &TargetModel, seq: &[i64]) -> Tensor {
     let ids = Tensor::from_slice(seq).view([1, -1]);
     let out = tch::no_grad(|| t.forward(&ids, None, None, None, &Capture::logits(LogitsMode::None))).expect("forward");
     out.hidden_normed.get(0)
@@ -407,7 +407,7 @@ pub(crate) fn features(t: &TargetModel, seq: &[i64], aux: &[i64]) -> Features {
     }
 }
 
-fn step_features(f: &Features, len: i64) -> StepFeatures {
+pub(crate) fn step_features(f: &Features, len: i64) -> StepFeatures {
     StepFeatures {
         hidden_normed: f.hidden_normed.as_ref().expect("hidden").get(0).narrow(0, 0, len),
         aux: f.aux_hidden.as_ref().map(|a| a.get(0).narrow(0, 0, len)),
@@ -505,7 +505,7 @@ fn eagle1_decoding_session_computes_what_the_training_forward_computes() {
 
 /// Pearson's chi-square of counts against probabilities, bins with expectation < 5 pooled;
 /// returns (statistic, degrees of freedom).
-fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
+pub(crate) fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
     let n: f64 = counts.iter().sum();
     let (mut stat, mut bins) = (0.0, 0);
     let (mut pool_o, mut pool_e) = (0.0, 0.0);
@@ -527,13 +527,13 @@ fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
 }
 
 /// The chi-square quantile at 1 - 1e-4 (Wilson-Hilferty).
-fn chi_square_critical(dof: usize) -> f64 {
+pub(crate) fn chi_square_critical(dof: usize) -> f64 {
     let k = dof as f64;
     let z = 3.719;
     k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
 }
 
-fn softmax_rows(t: &TargetModel, seqs: &[Vec<i64>]) -> Tensor {
+pub(crate) fn softmax_rows(t: &TargetModel, seqs: &[Vec<i64>]) -> Tensor {
     let ids = Tensor::from_slice(&seqs.concat()).view([seqs.len() as i64, -1]);
     let out = tch::no_grad(|| t.forward(&ids, None, None, None, &Capture::logits(LogitsMode::Last))).expect("forward");
     out.logits.expect("logits").squeeze_dim(1).softmax(-1, Kind::Double)
@@ -543,7 +543,7 @@ fn softmax_rows(t: &TargetModel, seqs: &[Vec<i64>]) -> Tensor {
 /// temperature 1 `[N, V]`: softmax(logits / T) is p^(1/T) renormalised; then the top-k tokens
 /// (with ties at the k-th); then the most likely tokens whose preceding mass is below top-p;
 /// each step renormalised.
-fn filtered(p: &Tensor, s: &Sampling) -> Tensor {
+pub(crate) fn filtered(p: &Tensor, s: &Sampling) -> Tensor {
     let (n, v) = p.size2().expect("[N, V]");
     let rows: Vec<f64> = Vec::try_from(p.to_kind(Kind::Double).view(-1)).expect("probs");
     let norm = |w: &mut [f64]| {
@@ -1257,6 +1257,7 @@ fn eval_options_are_checked_by_the_library() {
         max_gamma: 32,
         sampling: Sampling::greedy(),
         acceptance: Default::default(),
+        tree: None,
         seed: 0,
         verify: true,
         no_baseline: false,
@@ -1275,6 +1276,20 @@ fn eval_options_are_checked_by_the_library() {
     };
     let e = eval::check_options(&hot).unwrap_err().to_string();
     assert!(e.contains("--verify") && e.contains("--temperature 0"), "{e}");
+    let tree = forge_models::spec_tree::TreeSpec::parse("steps=5,topk=4,draft_tokens=8").expect("tree");
+    eval::check_options(&EvalOptions {
+        tree: Some(tree),
+        ..ok.clone()
+    })
+    .expect("a tree with greedy verification");
+    let e = eval::check_options(&EvalOptions {
+        tree: Some(tree),
+        dynamic_gamma: true,
+        ..ok.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--dynamic-gamma") && e.contains("--tree"), "{e}");
     let mut events = 0;
     let e = eval::run(&ok, &mut NoProgress, |_| events += 1)
         .unwrap_err()

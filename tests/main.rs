@@ -17,3 +17,4 @@ mod spaf;
 mod target;
 mod templates;
 mod train;
+mod tree;

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod layers;
 pub mod llm;
 pub mod safetensors_io;
+pub mod spec_tree;
 pub mod speculative;
 
 pub use dtype::{parse_device, synchronize, DType};

@@ -25,6 +25,7 @@ use crate::error::{ModelError, Result};
 use crate::features::FeatureNeeds;
 use crate::generate::{sample_rows, RowRng, Sampling};
 use crate::llm::{Capture, LogitsMode, TargetModel};
+use crate::spec_tree::{build_tree, DraftTree, TreeSpec};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -70,6 +71,20 @@ pub trait DraftSession {
     /// `next` of the latest commit). Greedy (arg-max) when `sampling` is, otherwise each
     /// token drawn from `sampling.probs(logits)` with uniforms from `rng` (see [`pick`]).
     fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal>;
+    /// Whether the draft can branch ([`Self::path_logits`]): tree drafting. Default: chains only.
+    fn can_branch(&self) -> bool {
+        false
+    }
+    /// Tree drafting ([`crate::spec_tree`]): the draft's logits `[V]` over the target
+    /// vocabulary (fp32, -inf outside a reduced draft vocabulary) for the token after the
+    /// committed sequence followed by the drafted tokens `path` (empty: right after it). Calls
+    /// between two commits may follow any paths in any order; what the draft computes past
+    /// the committed positions is dropped at the next commit or proposal.
+    fn path_logits(&mut self, _path: &[i64]) -> Result<Tensor> {
+        Err(ModelError::Invalid(
+            "this draft proposes chains only (no tree drafting)".into(),
+        ))
+    }
     /// Named event counts of this session (the hybrid drafter: how often each block ran),
     /// summed and reported by `forge eval`. Default: none.
     fn counters(&self) -> Vec<(String, u64)> {
@@ -157,6 +172,57 @@ pub fn propose_chain(
     })
 }
 
+/// Tree drafting for a draft that reads its own predicted features (EAGLE-1, EAGLE-3, the
+/// hybrid): the drafted tokens past the committed positions whose keys and values the draft's
+/// caches hold, in order, and the predicted feature after each. Following a new path keeps the
+/// common prefix and recomputes the rest.
+#[derive(Debug, Default)]
+pub struct DraftedPath {
+    tokens: Vec<i64>,
+    /// `features[0]` is the feature after the last committed position; `features[i]` the one
+    /// after `tokens[i - 1]`.
+    features: Vec<Tensor>,
+}
+
+impl DraftedPath {
+    /// Nothing drafted; `first` is the feature after the last committed position.
+    pub fn reset(&mut self, first: &Tensor) {
+        self.tokens.clear();
+        self.features = vec![first.shallow_clone()];
+    }
+
+    /// Keeps the longest common prefix of the drafted tokens and `path`; returns its length:
+    /// the drafted positions whose keys the caches must keep (truncate them to committed + it).
+    pub fn keep_common(&mut self, path: &[i64]) -> Result<usize> {
+        if self.features.is_empty() {
+            return Err(ModelError::Invalid("tree drafting before a commit".into()));
+        }
+        let c = self.tokens.iter().zip(path).take_while(|(a, b)| a == b).count();
+        self.tokens.truncate(c);
+        self.features.truncate(c + 1);
+        Ok(c)
+    }
+
+    /// After [`Self::keep_common`]: runs `advance(feature, token, i)` (the feature after drafted
+    /// token i at position committed + i, as [`propose_chain`] calls it) for the rest of `path`;
+    /// returns the feature after the whole path.
+    pub fn extend(
+        &mut self,
+        path: &[i64],
+        mut advance: impl FnMut(&Tensor, i64, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        for (i, &token) in path.iter().enumerate().skip(self.tokens.len()) {
+            let f = advance(&self.features[i], token, i)?;
+            self.tokens.push(token);
+            self.features.push(f);
+        }
+        self.features
+            .last()
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| ModelError::Invalid("tree drafting before a commit".into()))
+    }
+}
+
 /// Dynamic gamma (AIMD, docs/eval.md): +1 after a round whose proposals were all accepted,
 /// otherwise halved, never below `min_gamma`.
 pub fn next_gamma(gamma: usize, all_accepted: bool, min_gamma: usize) -> usize {
@@ -208,6 +274,8 @@ pub struct SpecOptions {
     pub seed: u64,
     /// How sampled drafts are accepted.
     pub acceptance: Acceptance,
+    /// Draft a tree instead of a chain ([`crate::spec_tree`]; `gamma` is then unused).
+    pub tree: Option<TreeSpec>,
 }
 
 impl Default for SpecOptions {
@@ -221,6 +289,7 @@ impl Default for SpecOptions {
             stop_ids: Vec::new(),
             seed: 0,
             acceptance: Acceptance::Engine,
+            tree: None,
         }
     }
 }
@@ -231,8 +300,12 @@ pub struct Round {
     /// The gamma in force for this round (dynamic gamma's state).
     pub gamma: usize,
     /// Tokens actually proposed (gamma capped by the draft and the tokens left; when a stop
-    /// id among the accepted proposals ends the answer, only those up to it).
+    /// id among the accepted proposals ends the answer, only those up to it). A tree's
+    /// drafted nodes (draft_tokens - 1).
     pub proposed: usize,
+    /// The deepest draft position this round could accept: `proposed` for a chain, the
+    /// tree's depth for a tree (both cut at a stop as `proposed`).
+    pub depth: usize,
     /// Leading proposals the target accepted (up to a stop id, as `proposed`).
     pub accepted: usize,
     /// Tokens this round added to the output (accepted + 1, fewer at a stop or the limit).
@@ -350,6 +423,177 @@ fn features_at(out: &crate::llm::TargetOutput, start: i64, len: i64) -> StepFeat
     }
 }
 
+/// The target's features at `rows` of a verification forward: consecutive rows from 0 (a
+/// chain) as [`features_at`] gives them, otherwise gathered (a tree's accepted path).
+fn features_rows(out: &crate::llm::TargetOutput, rows: &[i64]) -> StepFeatures {
+    let n = rows.len() as i64;
+    if rows.iter().enumerate().all(|(i, &r)| r == i as i64) {
+        return features_at(out, 0, n);
+    }
+    let idx = Tensor::from_slice(rows).to_device(out.hidden_normed.device());
+    StepFeatures {
+        hidden_normed: out.hidden_normed.get(0).index_select(0, &idx),
+        aux: (!out.layers.is_empty()).then(|| Tensor::cat(&out.layers, -1).get(0).index_select(0, &idx)),
+    }
+}
+
+/// What one verification round decided.
+struct Verified {
+    /// Cached positions before the round (the root's, `last`'s, position).
+    start: i64,
+    /// The accepted drafts, in order.
+    drafts: Vec<i64>,
+    /// The target's token after them (the correction, or the bonus token).
+    new: i64,
+    /// Rows of `ver` at the root and the accepted drafts (what the cache now keeps).
+    rows: Vec<i64>,
+    ver: crate::llm::TargetOutput,
+}
+
+/// Verifies a chain (or nothing, when no draft fit) in one target forward over `[last, d_1..]`
+/// and rolls the cache back past the first rejected draft.
+#[allow(clippy::too_many_arguments)]
+fn verify_chain(
+    target: &TargetModel,
+    draft: &mut dyn DraftSession,
+    cache: &mut crate::llm::KvCache,
+    last: i64,
+    proposal: Option<&Proposal>,
+    capture_all: &Capture,
+    opts: &SpecOptions,
+    rng: &mut RowRng,
+) -> Result<Verified> {
+    let sampling = &opts.sampling;
+    let start = cached(draft, cache);
+    let mut input = vec![last];
+    if let Some(p) = proposal {
+        input.extend_from_slice(&p.tokens);
+    }
+    let ver = tch::no_grad(|| target_forward(target, draft, cache, &input, capture_all))?;
+    let logits = ver
+        .logits
+        .as_ref()
+        .ok_or_else(|| ModelError::Invalid("verification gave no logits".into()))?
+        .get(0)
+        .to_kind(Kind::Float); // [g+1, V]
+    let (accepted, new) = match proposal {
+        None => (0, pick(&logits.get(0), sampling, rng)?),
+        Some(p) if sampling.is_greedy() => {
+            let best = Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+            let a = p.tokens.iter().zip(&best).take_while(|(d, b)| d == b).count();
+            (a, best[a])
+        }
+        Some(p) => {
+            let pt = sampling.probs(&logits);
+            let q = match opts.acceptance {
+                // a greedy chain: q is one-hot at each proposal
+                Acceptance::Engine => one_hot(&p.tokens, &pt),
+                Acceptance::Exact => draft_sampling(opts).probs(&p.logits.to_device(target.device())),
+            };
+            accept_sampled(&pt, &q, &p.tokens, rng)?
+        }
+    };
+    // keep `last` and the accepted drafts in the cache
+    truncate(draft, cache, start + accepted as i64 + 1);
+    Ok(Verified {
+        start,
+        drafts: proposal.map(|p| p.tokens[..accepted].to_vec()).unwrap_or_default(),
+        new,
+        rows: (0..=accepted as i64).collect(),
+        ver,
+    })
+}
+
+/// A tree of the root alone (no draft fits in the tokens left).
+fn build_tree_of_root(last: i64) -> DraftTree {
+    DraftTree {
+        tokens: vec![last],
+        parents: vec![0],
+        depths: vec![0],
+        scores: vec![1.0],
+    }
+}
+
+/// Verifies a draft tree in one target forward under its tree mask and keeps the root and the
+/// accepted path in the cache. Greedy: from the root, follow the child whose token is the
+/// target's arg-max at the current node, as long as there is one. Sampled (the engines'
+/// target-only tree sampling, SGLang's `tree_speculative_sampling_target_only` with both
+/// thresholds 1): at the current node draw x from the target's p with one uniform u by
+/// inverse CDF over the children's tokens first: the first child c with u < sum of p over the
+/// children up to c is accepted; when u falls past them all, the next token is drawn from p
+/// without the children's tokens (renormalised). Each emitted token follows p exactly.
+fn verify_tree(
+    target: &TargetModel,
+    cache: &mut crate::llm::KvCache,
+    tree: &DraftTree,
+    capture_all: &Capture,
+    sampling: &Sampling,
+    rng: &mut RowRng,
+) -> Result<Verified> {
+    let start = cache.len();
+    let device = target.device();
+    let ver = tch::no_grad(|| {
+        target.forward_tree(
+            &tree.tokens,
+            &tree.positions(start),
+            &tree.mask(device),
+            cache,
+            capture_all,
+        )
+    })?;
+    let logits = ver
+        .logits
+        .as_ref()
+        .ok_or_else(|| ModelError::Invalid("verification gave no logits".into()))?
+        .get(0)
+        .to_kind(Kind::Float); // [n, V]
+    let mut node = 0;
+    let new = if sampling.is_greedy() {
+        let best = Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+        loop {
+            let want = best[node];
+            match tree.children(node).into_iter().find(|&c| tree.tokens[c] == want) {
+                Some(c) => node = c,
+                None => break want,
+            }
+        }
+    } else {
+        loop {
+            let p = sampling.probs(&logits.get(node as i64)).to_device(tch::Device::Cpu);
+            let children = tree.children(node);
+            let u = rng.next_f64();
+            let mut cum = 0.0;
+            let hit = children.iter().copied().find(|&c| {
+                cum += p.double_value(&[tree.tokens[c]]);
+                u < cum
+            });
+            match hit {
+                Some(c) => node = c,
+                None => {
+                    let ids: Vec<i64> = children.iter().map(|&c| tree.tokens[c]).collect();
+                    let rest = if ids.is_empty() {
+                        p.shallow_clone()
+                    } else {
+                        p.index_fill(0, &Tensor::from_slice(&ids), 0.0)
+                    };
+                    let mass = rest.sum(Kind::Double).double_value(&[]);
+                    break if mass > 0.0 { draw(&rest, rng)? } else { draw(&p, rng)? };
+                }
+            }
+        }
+    };
+    let path = tree.path_nodes(node);
+    let rows: Vec<i64> = std::iter::once(0).chain(path.iter().map(|&n| n as i64)).collect();
+    cache.keep(start, &rows);
+    Ok(Verified {
+        start,
+        drafts: path.iter().map(|&n| tree.tokens[n]).collect(),
+        new,
+        rows,
+        ver,
+    })
+}
+
 /// Speculative decoding of one sequence after `prompt` with a draft session that reads the
 /// target features `needs` says (its spec's `feature_needs()`).
 pub fn speculative_generate(
@@ -369,11 +613,33 @@ pub fn speculative_generate(
         return Err(ModelError::Invalid("the minimum gamma must be at least 1".into()));
     }
     opts.sampling.check()?;
+    if let Some(t) = &opts.tree {
+        t.check().map_err(ModelError::Invalid)?;
+        if !draft.can_branch() {
+            return Err(ModelError::Invalid(format!(
+                "tree {t}: this draft proposes chains only (trees need a draft that can branch: medusa, eagle1, eagle3, hybrid, knowledge)"
+            )));
+        }
+        if draft.shared_target().is_some() {
+            return Err(ModelError::Invalid(format!(
+                "tree {t}: a draft inside the target drafts chains only"
+            )));
+        }
+        if opts.dynamic_min_gamma.is_some() {
+            return Err(ModelError::Invalid(format!(
+                "tree {t}: dynamic gamma applies to chains only"
+            )));
+        }
+        if !opts.sampling.is_greedy() && opts.acceptance == Acceptance::Exact {
+            return Err(ModelError::Invalid(format!(
+                "tree {t}: sampled trees are accepted as the engines do (acceptance engine); exact acceptance is for chains"
+            )));
+        }
+    }
     if opts.max_new_tokens == 0 {
         return Ok(SpecOutput::default());
     }
     let t_start = Instant::now();
-    let device = target.device();
     let sampling = &opts.sampling;
     let mut rng = RowRng::new(opts.seed);
     let cap = draft.max_gamma().unwrap_or(usize::MAX).min(opts.max_gamma).max(1);
@@ -420,63 +686,57 @@ pub fn speculative_generate(
 
     while !out.stopped && out.tokens.len() < opts.max_new_tokens {
         let left = opts.max_new_tokens - out.tokens.len();
-        let g = gamma.min(left - 1);
-        let t = Instant::now();
-        let proposal = if g > 0 {
-            let draft_sampling = draft_sampling(opts);
-            let p = tch::no_grad(|| draft.propose(g, &draft_sampling, &mut rng))?;
-            if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
-                return Err(ModelError::Invalid(format!(
-                    "the draft proposed {} tokens with {:?} logits, {g} were asked for",
-                    p.tokens.len(),
-                    p.logits.size()
-                )));
-            }
-            Some(p)
-        } else {
-            None
-        };
-        draft_s += t.elapsed().as_secs_f64();
-
-        let t = Instant::now();
-        let start = cached(draft, &cache);
-        let mut input = vec![last];
-        if let Some(p) = &proposal {
-            input.extend_from_slice(&p.tokens);
-        }
-        let ver = tch::no_grad(|| target_forward(target, draft, &mut cache, &input, &capture_all))?;
-        let logits = ver
-            .logits
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("verification gave no logits".into()))?
-            .get(0)
-            .to_kind(Kind::Float); // [g+1, V]
-        let (accepted, new) = match &proposal {
-            None => (0, pick(&logits.get(0), sampling, &mut rng)?),
-            Some(p) if sampling.is_greedy() => {
-                let best = Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
-                let a = p.tokens.iter().zip(&best).take_while(|(d, b)| d == b).count();
-                (a, best[a])
-            }
-            Some(p) => {
-                let pt = sampling.probs(&logits);
-                let q = match opts.acceptance {
-                    // a greedy chain: q is one-hot at each proposal
-                    Acceptance::Engine => one_hot(&p.tokens, &pt),
-                    Acceptance::Exact => draft_sampling(opts).probs(&p.logits.to_device(device)),
+        let (v, g, depth, round_gamma) = match &opts.tree {
+            Some(spec) => {
+                let capped = spec.capped(left);
+                let t = Instant::now();
+                let tree = match &capped {
+                    Some(c) => tch::no_grad(|| build_tree(c, last, |path| draft.path_logits(path)))?,
+                    None => build_tree_of_root(last),
                 };
-                accept_sampled(&pt, &q, &p.tokens, &mut rng)?
+                draft_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let v = verify_tree(target, &mut cache, &tree, &capture_all, sampling, &mut rng)?;
+                target_s += t.elapsed().as_secs_f64();
+                let depth = tree.depths.iter().copied().max().unwrap_or(0);
+                (v, tree.len() - 1, depth, spec.steps)
+            }
+            None => {
+                let g = gamma.min(left - 1);
+                let t = Instant::now();
+                let proposal = if g > 0 {
+                    let draft_sampling = draft_sampling(opts);
+                    let p = tch::no_grad(|| draft.propose(g, &draft_sampling, &mut rng))?;
+                    if p.tokens.len() != g || p.logits.size().first() != Some(&(g as i64)) {
+                        return Err(ModelError::Invalid(format!(
+                            "the draft proposed {} tokens with {:?} logits, {g} were asked for",
+                            p.tokens.len(),
+                            p.logits.size()
+                        )));
+                    }
+                    Some(p)
+                } else {
+                    None
+                };
+                draft_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let v = verify_chain(
+                    target,
+                    draft,
+                    &mut cache,
+                    last,
+                    proposal.as_ref(),
+                    &capture_all,
+                    opts,
+                    &mut rng,
+                )?;
+                target_s += t.elapsed().as_secs_f64();
+                (v, g, g, gamma)
             }
         };
-        // keep `last` and the accepted drafts in the cache
-        truncate(draft, &mut cache, start + accepted as i64 + 1);
-        target_s += t.elapsed().as_secs_f64();
-
-        let mut emitted: Vec<i64> = proposal
-            .as_ref()
-            .map(|p| p.tokens[..accepted].to_vec())
-            .unwrap_or_default();
-        emitted.push(new);
+        let accepted = v.drafts.len();
+        let mut emitted = v.drafts.clone();
+        emitted.push(v.new);
         let mut keep = emitted.len().min(left);
         if let Some(i) = emitted[..keep].iter().position(|id| opts.stop_ids.contains(id)) {
             keep = i + 1;
@@ -486,8 +746,9 @@ pub fn speculative_generate(
         // a stop among the accepted drafts ends the answer: the drafts after it do not count
         let stop_in_drafts = out.stopped && keep <= accepted;
         out.rounds.push(Round {
-            gamma,
+            gamma: round_gamma,
             proposed: if stop_in_drafts { keep } else { g },
+            depth: if stop_in_drafts { keep } else { depth },
             accepted: if stop_in_drafts { keep } else { accepted },
             emitted: keep,
         });
@@ -495,9 +756,9 @@ pub fn speculative_generate(
             break;
         }
         let t = Instant::now();
-        tch::no_grad(|| draft.commit(start, &features_at(&ver, 0, accepted as i64 + 1), &emitted))?;
+        tch::no_grad(|| draft.commit(v.start, &features_rows(&v.ver, &v.rows), &emitted))?;
         draft_s += t.elapsed().as_secs_f64();
-        last = new;
+        last = v.new;
         if let Some(min) = opts.dynamic_min_gamma {
             gamma = next_gamma(gamma, g > 0 && accepted == g, min).min(cap);
         }

@@ -5,6 +5,7 @@ use super::chat::ChatArgs;
 use super::progress::{self, Bar};
 use anyhow::{Context, Result};
 use forge_models::generate::Sampling;
+use forge_models::spec_tree::TreeSpec;
 use forge_models::speculative::Acceptance;
 use forge_trainer::eval::{self, ratio, EvalEvent, EvalOptions, Tally, Verified};
 use std::io::Write;
@@ -67,6 +68,13 @@ pub struct EvalArgs {
     /// distribution q, accepted with min(1, p/q). Both follow the target's distribution.
     #[arg(long, value_enum, default_value_t = AcceptanceArg::Engine)]
     pub acceptance: AcceptanceArg,
+    /// Draft a tree as SGLang does instead of a chain: steps=S,topk=K,draft_tokens=N
+    /// (SGLang's --speculative-num-steps, --speculative-eagle-topk,
+    /// --speculative-num-draft-tokens; its Llama default is steps=5,topk=4,draft_tokens=8).
+    /// Verified in one target forward under a tree mask. Medusa, EAGLE-1, EAGLE-3, hybrid,
+    /// knowledge.
+    #[arg(long, value_name = "SPEC", value_parser = TreeSpec::parse)]
+    pub tree: Option<TreeSpec>,
     /// Sampling seed (each prompt turn draws from its own stream: seed, id, turn).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -157,6 +165,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             top_k: a.top_k,
         },
         acceptance: a.acceptance.into(),
+        tree: a.tree,
         seed: a.seed,
         verify: a.verify,
         no_baseline: a.no_baseline,
@@ -181,7 +190,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             baseline = s.baseline();
             // once, on stdout (the report's first line, also when piped), before any progress
             println!(
-                "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), gamma {}{}, {}{}, max {} new tokens",
+                "forge eval: {} draft {} ({:.2} M weights, {:.1} MB{}) against {} ({:?}, {}), {} prompt turns in {} file(s), {}{}, {}{}, max {} new tokens",
                 s.kind,
                 s.source.display(),
                 s.weights as f64 / 1e6,
@@ -192,7 +201,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 s.dtype.name(),
                 s.total_turns,
                 s.files,
-                a.gamma,
+                match &a.tree {
+                    Some(t) => format!("tree {t}"),
+                    None => format!("gamma {}", a.gamma),
+                },
                 if a.dynamic_gamma { format!(" (dynamic, min {}, max {})", a.min_gamma, a.max_gamma) } else { String::new() },
                 opts.sampling.describe(),
                 if opts.sampling.is_greedy() { String::new() } else { format!(" ({} acceptance)", Acceptance::from(a.acceptance).name()) },

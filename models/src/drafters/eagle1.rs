@@ -28,7 +28,7 @@ use crate::error::{ModelError, Result};
 use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, Rotary};
-use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
+use crate::speculative::{propose_chain, DraftSession, DraftedPath, Proposal, StepFeatures};
 use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -377,6 +377,7 @@ impl Drafter for Eagle1 {
             cache: LayerKv::default(),
             committed: 0,
             last: None,
+            drafted: DraftedPath::default(),
         }))
     }
 }
@@ -391,6 +392,8 @@ struct Eagle1Session<'a> {
     committed: i64,
     /// The predicted feature after the last committed position `[1, 1, h]`.
     last: Option<Tensor>,
+    /// Tree drafting: the path whose steps the cache holds past the committed positions.
+    drafted: DraftedPath,
 }
 
 impl Eagle1Session<'_> {
@@ -416,7 +419,9 @@ impl DraftSession for Eagle1Session<'_> {
         let k = next.len() as i64;
         let out = self.step(&features.hidden_normed.unsqueeze(0), next, start)?;
         self.committed = start + k;
-        self.last = Some(out.narrow(1, k - 1, 1));
+        let last = out.narrow(1, k - 1, 1);
+        self.drafted.reset(&last);
+        self.last = Some(last);
         Ok(())
     }
 
@@ -427,6 +432,7 @@ impl DraftSession for Eagle1Session<'_> {
             .ok_or_else(|| ModelError::Invalid("eagle1: propose before commit".into()))?
             .shallow_clone();
         let (m, committed) = (self.m, self.committed);
+        self.drafted.reset(&first);
         // the predicted feature of position committed + i, followed by proposal i
         propose_chain(
             &first,
@@ -436,6 +442,23 @@ impl DraftSession for Eagle1Session<'_> {
             |f| m.readout(f),
             |f, token, i| self.step(f, &[token], committed + i as i64),
         )
+    }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    /// The proposal chain's steps along `path`.
+    fn path_logits(&mut self, path: &[i64]) -> Result<Tensor> {
+        let committed = self.committed;
+        let mut drafted = std::mem::take(&mut self.drafted);
+        let c = drafted.keep_common(path);
+        let feature = c.and_then(|c| {
+            self.cache.truncate(committed + c as i64);
+            drafted.extend(path, |f, token, i| self.step(f, &[token], committed + i as i64))
+        });
+        self.drafted = drafted;
+        Ok(self.m.readout(&feature?.view([1, -1])).view([-1]).to_kind(Kind::Float))
     }
 }
 

@@ -41,7 +41,7 @@ use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 pub use crate::layers::attention::{ttt_attention, ttt_mask};
 use crate::layers::{linear, AttnMask, DecoderLayer, Keys, LayerKv, Linear, ParamInit, RmsNorm, Rotary, TttKv};
-use crate::speculative::{pick, DraftSession, Proposal, StepFeatures};
+use crate::speculative::{pick, DraftSession, DraftedPath, Proposal, StepFeatures};
 use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -900,6 +900,7 @@ impl Drafter for Eagle3 {
             cache: LayerKv::default(),
             committed: 0,
             last: None,
+            drafted: DraftedPath::default(),
         }))
     }
 }
@@ -918,6 +919,21 @@ struct Eagle3Session<'a> {
     committed: i64,
     /// The midlayer output at the last committed position `[1, 1, h]`.
     last: Option<Tensor>,
+    /// Tree drafting: the path whose steps the cache holds past the committed positions.
+    drafted: DraftedPath,
+}
+
+impl Eagle3Session<'_> {
+    /// The draft's logits over the target vocabulary `[V]` (-inf outside the draft vocabulary)
+    /// for a midlayer output `[1, 1, h]`.
+    fn full_logits(&self, hidden: &Tensor) -> Tensor {
+        let draft = self.m.logits(&hidden.view([1, -1])).view([-1]);
+        Tensor::full([self.m.e.vocab_size], f64::NEG_INFINITY, (Kind::Float, draft.device())).index_copy(
+            0,
+            &self.draft_ids,
+            &draft,
+        )
+    }
 }
 
 impl DraftSession for Eagle3Session<'_> {
@@ -937,7 +953,9 @@ impl DraftSession for Eagle3Session<'_> {
         let out = self.m.midlayer_cached(&hidden, next, start, &mut self.cache);
         let k = next.len() as i64;
         self.committed = start + k;
-        self.last = Some(out.narrow(1, k - 1, 1));
+        let last = out.narrow(1, k - 1, 1);
+        self.drafted.reset(&last);
+        self.last = Some(last);
         Ok(())
     }
 
@@ -947,15 +965,10 @@ impl DraftSession for Eagle3Session<'_> {
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("eagle3: propose before commit".into()))?
             .shallow_clone();
-        let v = self.m.e.vocab_size;
+        self.drafted.reset(&hidden);
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
-            let draft = self.m.logits(&hidden.view([1, -1])).view([-1]);
-            let full = Tensor::full([v], f64::NEG_INFINITY, (Kind::Float, draft.device())).index_copy(
-                0,
-                &self.draft_ids,
-                &draft,
-            );
+            let full = self.full_logits(&hidden);
             let token = pick(&full, sampling, rng)?;
             tokens.push(token);
             logits.push(full);
@@ -970,6 +983,22 @@ impl DraftSession for Eagle3Session<'_> {
             tokens,
             logits: Tensor::stack(&logits, 0),
         })
+    }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    /// The proposal loop's steps along `path`: step i at position committed + i.
+    fn path_logits(&mut self, path: &[i64]) -> Result<Tensor> {
+        let (m, committed) = (self.m, self.committed);
+        let c = self.drafted.keep_common(path)?;
+        self.cache.truncate(committed + c as i64);
+        let cache = &mut self.cache;
+        let hidden = self
+            .drafted
+            .extend(path, |h, token, i| Ok(m.midlayer_cached(h, &[token], committed + i as i64, cache)))?;
+        Ok(self.full_logits(&hidden))
     }
 }
 

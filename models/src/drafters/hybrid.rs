@@ -50,7 +50,7 @@ use crate::error::{ModelError, Result};
 use crate::generate::{RowRng, Sampling};
 use crate::layers::attention::build_mask;
 use crate::layers::{linear, project, AttnMask, DecoderLayer, Keys, LayerKv, Linear, Mlp, ParamInit, RmsNorm, Rotary};
-use crate::speculative::{propose_chain, DraftSession, Proposal, StepFeatures};
+use crate::speculative::{propose_chain, DraftSession, DraftedPath, Proposal, StepFeatures};
 use crate::llm::TargetModel;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -990,6 +990,7 @@ impl Drafter for Hybrid {
             committed: 0,
             last: None,
             counts: vec![0; self.s.num_blocks() as usize],
+            drafted: DraftedPath::default(),
         }))
     }
 }
@@ -1010,6 +1011,8 @@ struct HybridSession<'a> {
     last: Option<Tensor>,
     /// Times each block ran.
     counts: Vec<u64>,
+    /// Tree drafting: the path whose steps the caches hold past the committed positions.
+    drafted: DraftedPath,
 }
 
 impl HybridSession<'_> {
@@ -1068,7 +1071,9 @@ impl DraftSession for HybridSession<'_> {
             c.truncate(start);
         }
         let k = next.len() as i64;
-        self.last = Some(self.step(&features.hidden_normed.unsqueeze(0), next, start)?);
+        let last = self.step(&features.hidden_normed.unsqueeze(0), next, start)?;
+        self.drafted.reset(&last);
+        self.last = Some(last);
         self.committed = start + k;
         Ok(())
     }
@@ -1080,6 +1085,7 @@ impl DraftSession for HybridSession<'_> {
             .ok_or_else(|| ModelError::Invalid("hybrid: propose before commit".into()))?
             .shallow_clone();
         let (m, committed) = (self.m, self.committed);
+        self.drafted.reset(&first);
         // the predicted feature of position committed + i, followed by proposal i
         propose_chain(
             &first,
@@ -1089,6 +1095,25 @@ impl DraftSession for HybridSession<'_> {
             |f| m.proposal_logits(f),
             |f, token, i| self.step(f, &[token], committed + i as i64),
         )
+    }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    /// The proposal chain's steps along `path` (each step's gate picks its block, as in a chain).
+    fn path_logits(&mut self, path: &[i64]) -> Result<Tensor> {
+        let committed = self.committed;
+        let mut drafted = std::mem::take(&mut self.drafted);
+        let c = drafted.keep_common(path);
+        let feature = c.and_then(|c| {
+            for cache in &mut self.caches {
+                cache.truncate(committed + c as i64);
+            }
+            drafted.extend(path, |f, token, i| self.step(f, &[token], committed + i as i64))
+        });
+        self.drafted = drafted;
+        Ok(self.m.proposal_logits(&feature?.view([1, -1])).view([-1]))
     }
 
     fn counters(&self) -> Vec<(String, u64)> {

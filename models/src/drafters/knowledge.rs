@@ -1250,6 +1250,22 @@ impl KnowledgeSession<'_> {
         let hn = self.feed(ids)?;
         Ok(self.m.readout(&hn).view([-1]))
     }
+
+    /// The logits `[V]` after the committed sequence followed by `path`: keeps the cache of
+    /// the longest common prefix of what it holds and that sequence, and runs at least its
+    /// last token.
+    fn logits_after(&mut self, path: &[i64]) -> Result<Tensor> {
+        let full: Vec<i64> = self.seq.iter().chain(path).copied().collect();
+        let same = self.inputs.iter().zip(&full).take_while(|(a, b)| a == b).count();
+        let keep = same.min(full.len().saturating_sub(1));
+        self.inputs.truncate(keep);
+        self.cache.truncate(keep as i64);
+        let pending = full[keep..].to_vec();
+        if pending.is_empty() {
+            return Err(ModelError::Invalid("knowledge: propose before begin".into()));
+        }
+        self.next_logits(&pending)
+    }
 }
 
 impl DraftSession for KnowledgeSession<'_> {
@@ -1280,15 +1296,7 @@ impl DraftSession for KnowledgeSession<'_> {
     fn propose(&mut self, gamma: usize, sampling: &Sampling, rng: &mut RowRng) -> Result<Proposal> {
         // keep the cache of the tokens that are still the sequence's (accepted drafts too),
         // and run at least the last committed token for its logits
-        let same = self.inputs.iter().zip(&self.seq).take_while(|(a, b)| a == b).count();
-        let keep = same.min(self.seq.len().saturating_sub(1));
-        self.inputs.truncate(keep);
-        self.cache.truncate(keep as i64);
-        let pending = self.seq[keep..].to_vec();
-        if pending.is_empty() {
-            return Err(ModelError::Invalid("knowledge: propose before begin".into()));
-        }
-        let mut l = self.next_logits(&pending)?;
+        let mut l = self.logits_after(&[])?;
         let (mut tokens, mut logits) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         for i in 0..gamma {
             let token = pick(&l, sampling, rng)?;
@@ -1302,6 +1310,14 @@ impl DraftSession for KnowledgeSession<'_> {
             tokens,
             logits: Tensor::stack(&logits, 0),
         })
+    }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    fn path_logits(&mut self, path: &[i64]) -> Result<Tensor> {
+        self.logits_after(path)
     }
 }
 

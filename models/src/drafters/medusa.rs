@@ -560,6 +560,28 @@ impl DraftSession for MedusaSession<'_> {
             logits: Tensor::stack(&logits, 0),
         })
     }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    /// Head d's distribution for a path of length d: the heads read only the last committed
+    /// position, not the drafted tokens (Medusa's trees combine the heads' top-k the same way).
+    fn path_logits(&mut self, path: &[i64]) -> Result<Tensor> {
+        let h = self
+            .last
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("medusa: tree drafting before commit".into()))?;
+        let d = path.len();
+        if d >= self.m.m.num_heads as usize {
+            return Err(ModelError::Invalid(format!(
+                "medusa has {} heads: a tree of {} steps is too deep (steps <= heads)",
+                self.m.m.num_heads,
+                d + 1
+            )));
+        }
+        Ok(self.m.head_logits(d, h).to_kind(Kind::Float).view([-1]))
+    }
 }
 
 #[cfg(test)]

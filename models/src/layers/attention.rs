@@ -69,6 +69,20 @@ impl LayerKv {
         }
     }
 
+    /// Keeps, of the positions from `start` on, those at offsets `rows` (ascending), moved to
+    /// `start..start + rows.len()`; the rest are dropped (tree verification keeps the
+    /// accepted path).
+    pub fn keep(&mut self, start: i64, rows: &[i64]) {
+        let n = rows.len() as i64;
+        if let (Some(k), Some(v)) = (&self.k, &self.v) {
+            let idx = Tensor::from_slice(rows).to_device(k.device()) + start;
+            let (kk, vv) = (k.index_select(2, &idx), v.index_select(2, &idx));
+            k.narrow(2, start, n).copy_(&kk);
+            v.narrow(2, start, n).copy_(&vv);
+        }
+        self.len = self.len.min(start + n);
+    }
+
     /// Appends `[B, kvh, t, d]` keys/values; returns views of the whole valid cache.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];

@@ -88,6 +88,11 @@ impl KvCache {
     pub fn truncate(&mut self, len: i64) {
         self.layers.iter_mut().for_each(|l| l.truncate(len));
     }
+    /// Keeps, of the positions from `start` on, those at offsets `rows` (ascending), moved to
+    /// `start..`: after a tree verification, the root and the accepted path.
+    pub fn keep(&mut self, start: i64, rows: &[i64]) {
+        self.layers.iter_mut().for_each(|l| l.keep(start, rows));
+    }
 }
 
 /// RoPE and mask for `t` new tokens of `batch` rows after `past` cached positions, for a stack
@@ -362,6 +367,66 @@ impl TargetModel {
         }
         let (b, t) = (size[0], size[1]);
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        self.check_capture(capture)?;
+        let inputs = self.layer_inputs(b, t, past, positions, key_valid)?;
+        self.forward_with(input_ids, &inputs, cache, capture)
+    }
+
+    /// The forward over a draft tree's nodes after the cached positions (tree verification,
+    /// [`crate::spec_tree`]): `ids` at `positions`, node i attending to every cached position
+    /// (within the sliding window) and to the nodes row i of `tree_mask` `[n, n]` marks
+    /// (itself and its ancestors). Appends the nodes to `cache`; a chain's tree mask gives
+    /// exactly [`Self::forward`]'s mask.
+    pub fn forward_tree(
+        &self,
+        ids: &[i64],
+        positions: &[i64],
+        tree_mask: &Tensor,
+        cache: &mut KvCache,
+        capture: &Capture,
+    ) -> Result<TargetOutput> {
+        let n = ids.len() as i64;
+        if positions.len() != ids.len() || tree_mask.size() != [n, n] {
+            return Err(ModelError::Invalid(format!(
+                "tree forward: {n} nodes with {} positions and a {:?} mask",
+                positions.len(),
+                tree_mask.size()
+            )));
+        }
+        self.check_capture(capture)?;
+        let device = self.device();
+        let past = cache.len();
+        let pos = Tensor::from_slice(positions).to_device(device).view([1, n]);
+        let mut mask = Tensor::cat(
+            &[
+                Tensor::ones([n, past], (Kind::Bool, device)),
+                tree_mask.to_device(device).to_kind(Kind::Bool),
+            ],
+            1,
+        );
+        if let Some(w) = self.config.sliding_window {
+            let kpos = Tensor::cat(&[Tensor::arange(past, (Kind::Int64, device)), pos.view([n])], 0).view([1, -1]);
+            let near = (pos.view([n, 1]) - kpos).lt(w);
+            let diag = Tensor::cat(
+                &[
+                    Tensor::zeros([n, past], (Kind::Bool, device)),
+                    Tensor::eye(n, (Kind::Bool, device)),
+                ],
+                1,
+            );
+            mask = mask.logical_and(&near).logical_or(&diag);
+        }
+        let (cos, sin) = self.rotary.cos_sin(&pos, self.kind);
+        let inputs = LayerInputs {
+            cos,
+            sin,
+            mask: AttnMask::Explicit(mask.view([1, 1, n, past + n])),
+        };
+        let ids = Tensor::from_slice(ids).view([1, n]);
+        self.forward_with(&ids, &inputs, Some(cache), capture)
+    }
+
+    fn check_capture(&self, capture: &Capture) -> Result<()> {
         for &l in &capture.layers {
             if l < 0 || l >= self.config.num_layers {
                 return Err(ModelError::Invalid(format!(
@@ -370,7 +435,18 @@ impl TargetModel {
                 )));
             }
         }
-        let inputs = self.layer_inputs(b, t, past, positions, key_valid)?;
+        Ok(())
+    }
+
+    /// Embeddings, every layer with `inputs`, the final norm and what `capture` asks.
+    fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        inputs: &LayerInputs,
+        cache: Option<&mut KvCache>,
+        capture: &Capture,
+    ) -> Result<TargetOutput> {
+        let t = input_ids.size()[1];
         let x = self.embed_tokens.forward(&input_ids.to_device(self.device()));
         let mut captured: Vec<(i64, Tensor)> = Vec::new();
         let mut keep = |i: usize, out: &Tensor| -> Result<Option<Tensor>> {
@@ -379,7 +455,7 @@ impl TargetModel {
             }
             Ok(None)
         };
-        let x = self.run_layers(x, 0..self.layers.len(), &inputs, cache, Some(&mut keep))?;
+        let x = self.run_layers(x, 0..self.layers.len(), inputs, cache, Some(&mut keep))?;
         let layers = capture
             .layers
             .iter()

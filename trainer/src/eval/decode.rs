@@ -67,6 +67,7 @@ impl Ctx<'_> {
             stop_ids: self.stop.clone(),
             seed,
             acceptance: a.acceptance,
+            tree: a.tree,
         }
     }
 

@@ -26,6 +26,7 @@ use decode::Ctx;
 use forge_data::conversation::{read_prompts, PromptConversation as InputConversation};
 use forge_data::{ChatTemplate, Message, Role, TextTokenizer};
 use forge_models::generate::Sampling;
+use forge_models::spec_tree::TreeSpec;
 use forge_models::speculative::Acceptance;
 use forge_models::{parse_device, TargetConfig, TargetModel};
 use serde_json::Value;
@@ -53,6 +54,8 @@ pub struct EvalOptions {
     pub sampling: Sampling,
     /// Sampled acceptance (temperature > 0).
     pub acceptance: Acceptance,
+    /// Draft trees as SGLang does instead of chains (`gamma` unused).
+    pub tree: Option<TreeSpec>,
     pub seed: u64,
     /// Greedy only: [`EvalReport::verify`] fails unless every speculative output equals plain
     /// greedy output.
@@ -109,6 +112,19 @@ pub fn check_options(a: &EvalOptions) -> Result<()> {
     }
     if let Err(e) = a.sampling.check() {
         return bail(format!("--{e}"));
+    }
+    if let Some(t) = &a.tree {
+        if let Err(e) = t.check() {
+            return bail(format!("--tree: {e}"));
+        }
+        if a.dynamic_gamma {
+            return bail("--dynamic-gamma applies to chains: leave it out with --tree".into());
+        }
+        if !a.sampling.is_greedy() && a.acceptance == Acceptance::Exact {
+            return bail(
+                "--tree accepts sampled trees as the engines do: use --acceptance engine (exact is for chains)".into(),
+            );
+        }
     }
     if a.sampling.is_greedy() && (a.sampling.top_p < 1.0 || a.sampling.top_k > 0) {
         return bail("--top-p and --top-k filter sampled tokens: give --temperature > 0 with them (greedy decoding ignores them)".into());

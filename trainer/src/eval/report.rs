@@ -140,6 +140,7 @@ impl EvalReport {
             "target": s.target.display().to_string(),
             "settings": {
                 "gamma": a.gamma,
+                "tree": a.tree.map(|t| t.to_string()),
                 "dynamic_gamma": a.dynamic_gamma,
                 "min_gamma": a.min_gamma,
                 "max_gamma": a.max_gamma,

@@ -11,8 +11,8 @@ pub struct Tally {
     pub spec_tokens: usize,
     pub rounds: usize,
     pub round_tokens: usize,
-    /// Per draft position i: rounds that proposed it, that reached it (every earlier proposal
-    /// accepted) and that accepted it.
+    /// Per draft position (depth) i: rounds that drafted it, that reached it (every earlier
+    /// position accepted) and that accepted it.
     pub proposed: Vec<usize>,
     pub reached: Vec<usize>,
     pub accepted: Vec<usize>,
@@ -44,12 +44,12 @@ impl Tally {
             self.round_tokens += r.emitted;
             *self.gammas.entry(r.proposed).or_default() += 1;
             self.drafted += r.proposed;
-            if self.proposed.len() < r.proposed {
-                self.proposed.resize(r.proposed, 0);
-                self.reached.resize(r.proposed, 0);
-                self.accepted.resize(r.proposed, 0);
+            if self.proposed.len() < r.depth {
+                self.proposed.resize(r.depth, 0);
+                self.reached.resize(r.depth, 0);
+                self.accepted.resize(r.depth, 0);
             }
-            for i in 0..r.proposed {
+            for i in 0..r.depth {
                 self.proposed[i] += 1;
                 if i <= r.accepted {
                     self.reached[i] += 1;

@@ -1,0 +1,392 @@
+//! Tree drafting (models/src/spec_tree.rs) in speculative decoding: greedy trees give the
+//! target's greedy output for every drafter that branches; a tree of topk 1 decodes exactly
+//! as the chain; the accepted path's keys and values are what a full forward computes;
+//! sampled trees follow the target's distribution.
+
+use crate::eval::{
+    chi_square, chi_square_critical, eagle1, eagle3, filtered, hybrid, medusa, plain, prompts, reference_hidden,
+    softmax_rows, V,
+};
+use forge_models::drafters::Drafter;
+use forge_models::generate::{RowRng, Sampling};
+use forge_models::spec_tree::TreeSpec;
+use forge_models::speculative::{speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
+use forge_models::TargetModel;
+use forge_tests::{max_abs_diff, random_target, random_target_from, tiny_config};
+use tch::{Device, Kind, Tensor};
+
+fn tree(s: &str) -> TreeSpec {
+    TreeSpec::parse(s).expect("tree spec")
+}
+
+/// A 4-layer tiny target (the knowledge drafter samples layers 0 and 3).
+fn target4(seed: i64) -> TargetModel {
+    let mut cfg = tiny_config("llama");
+    cfg["num_hidden_layers"] = 4.into();
+    random_target_from(cfg, seed)
+}
+
+fn drafters(t: &TargetModel) -> Vec<(&'static str, Box<dyn Drafter>)> {
+    vec![
+        ("medusa", Box::new(medusa(t))),
+        ("eagle1", Box::new(eagle1(t))),
+        ("eagle3", Box::new(eagle3(t))),
+        ("hybrid", Box::new(hybrid(t, false))),
+        ("hybrid-draft-vocab", Box::new(hybrid(t, true))),
+        (
+            "knowledge",
+            Box::new(crate::knowledge::with_random_cache(t, vec![0, 3])),
+        ),
+    ]
+}
+
+fn decode(
+    t: &TargetModel,
+    d: &dyn Drafter,
+    prompt: &[i64],
+    opts: &SpecOptions,
+) -> forge_models::speculative::SpecOutput {
+    let mut s = d.session(t).expect("session");
+    speculative_generate(t, s.as_mut(), &d.spec().feature_needs(), prompt, opts).expect("speculative")
+}
+
+#[test]
+fn greedy_trees_give_the_targets_greedy_output_for_every_drafter_that_branches() {
+    let t = target4(21);
+    for (name, d) in drafters(&t) {
+        // Medusa's 4 heads bound the depth
+        for spec in [
+            "steps=3,topk=2,draft_tokens=6",
+            "steps=4,topk=4,draft_tokens=8",
+            "steps=2,topk=5,draft_tokens=16",
+        ] {
+            let spec = tree(spec);
+            for (i, p) in prompts().iter().enumerate() {
+                let want = plain(&t, p, 40, &[]);
+                let opts = SpecOptions {
+                    tree: Some(spec),
+                    max_new_tokens: 40,
+                    ..Default::default()
+                };
+                let got = decode(&t, d.as_ref(), p, &opts);
+                assert_eq!(got.tokens, want, "{name} tree {spec} prompt {i}");
+                let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();
+                assert_eq!(
+                    emitted + 1,
+                    got.tokens.len(),
+                    "{name}: the prefill token plus every round's"
+                );
+                for r in &got.rounds {
+                    assert!(
+                        r.accepted <= spec.steps && r.proposed < spec.draft_tokens,
+                        "{name} {spec}: {r:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tree_of_topk_one_decodes_exactly_as_the_chain() {
+    let t = target4(22);
+    for (name, d) in drafters(&t) {
+        for n in [1, 3, 4] {
+            for (i, p) in prompts().iter().enumerate() {
+                let chain = SpecOptions {
+                    gamma: n,
+                    max_new_tokens: 30,
+                    ..Default::default()
+                };
+                let as_tree = SpecOptions {
+                    tree: Some(TreeSpec::chain(n)),
+                    ..chain.clone()
+                };
+                let (a, b) = (decode(&t, d.as_ref(), p, &chain), decode(&t, d.as_ref(), p, &as_tree));
+                assert_eq!(a.tokens, b.tokens, "{name} n {n} prompt {i}");
+                let rounds = |o: &forge_models::speculative::SpecOutput| -> Vec<(usize, usize, usize)> {
+                    o.rounds.iter().map(|r| (r.proposed, r.accepted, r.emitted)).collect()
+                };
+                assert_eq!(rounds(&a), rounds(&b), "{name} n {n} prompt {i}: round for round");
+            }
+        }
+    }
+}
+
+/// A branching draft that knows the target's greedy answer: after a path that follows the
+/// answer it ranks the right next token at a rank that changes from call to call (0, 1, 2:
+/// first, second or third child, so accepted paths run through later siblings and the kept
+/// keys are not the first rows of the tree), every other token below. Checks the committed
+/// features against one full forward of the final sequence.
+struct ScriptedTree {
+    prompt: Vec<i64>,
+    answer: Vec<i64>,
+    reference: Tensor,
+    committed: i64,
+    calls: usize,
+    max_feature_diff: f64,
+}
+
+impl ScriptedTree {
+    fn token_at(&self, pos: usize) -> Option<i64> {
+        if pos < self.prompt.len() {
+            Some(self.prompt[pos])
+        } else {
+            self.answer.get(pos - self.prompt.len()).copied()
+        }
+    }
+}
+
+impl DraftSession for ScriptedTree {
+    fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
+        assert_eq!(start, self.committed, "commits are consecutive");
+        for (i, &n) in next.iter().enumerate() {
+            assert_eq!(
+                Some(n),
+                self.token_at(start as usize + i + 1),
+                "next token of position {}",
+                start as usize + i
+            );
+        }
+        let k = next.len() as i64;
+        let want = self.reference.narrow(0, start, k);
+        self.max_feature_diff = self.max_feature_diff.max(max_abs_diff(&f.hidden_normed, &want));
+        self.committed = start + k;
+        Ok(())
+    }
+
+    fn propose(&mut self, _g: usize, _s: &Sampling, _rng: &mut RowRng) -> forge_models::Result<Proposal> {
+        unreachable!("trees only")
+    }
+
+    fn can_branch(&self) -> bool {
+        true
+    }
+
+    fn path_logits(&mut self, path: &[i64]) -> forge_models::Result<Tensor> {
+        self.calls += 1;
+        // the committed sequence ends with token `committed` (the root, not yet cached)
+        let base = self.committed as usize + 1;
+        let on_answer = path
+            .iter()
+            .enumerate()
+            .all(|(i, &d)| self.token_at(base + i) == Some(d));
+        let right = self.token_at(base + path.len()).filter(|_| on_answer);
+        // a fixed descending ladder over tokens, rotated per call
+        let rank_of_right = self.calls % 3;
+        let mut logits = vec![0f32; V as usize];
+        let mut order: Vec<i64> = (0..V).map(|i| (i * 7 + self.calls as i64) % V).collect();
+        if let Some(r) = right {
+            order.retain(|&x| x != r);
+            order.insert(rank_of_right, r);
+        }
+        for (rank, &tok) in order.iter().enumerate() {
+            logits[tok as usize] = -(rank as f32) * 0.5;
+        }
+        Ok(Tensor::from_slice(&logits))
+    }
+}
+
+#[test]
+fn accepted_paths_through_later_siblings_keep_the_targets_cache_exact() {
+    let t = random_target("llama", 23);
+    for spec in [
+        "steps=4,topk=3,draft_tokens=12",
+        "steps=3,topk=2,draft_tokens=5",
+        "steps=5,topk=4,draft_tokens=8",
+    ] {
+        let spec = tree(spec);
+        for p in prompts() {
+            let answer = plain(&t, &p, 40, &[]);
+            let seq: Vec<i64> = p.iter().chain(&answer).copied().collect();
+            let mut s = ScriptedTree {
+                reference: reference_hidden(&t, &seq),
+                prompt: p.clone(),
+                answer: answer.clone(),
+                committed: 0,
+                calls: 0,
+                max_feature_diff: 0.0,
+            };
+            let opts = SpecOptions {
+                tree: Some(spec),
+                max_new_tokens: 40,
+                ..Default::default()
+            };
+            let got = speculative_generate(&t, &mut s, &Default::default(), &p, &opts).expect("speculative");
+            assert_eq!(got.tokens, answer, "tree {spec}");
+            assert!(
+                s.max_feature_diff < 1e-4,
+                "tree {spec}: committed features off by {}",
+                s.max_feature_diff
+            );
+            // the right token ranks first, second or third: accepted paths, some deep, many
+            // through a later sibling (rows of the tree that the cache must move)
+            let accepted: usize = got.rounds.iter().map(|r| r.accepted).sum();
+            assert!(
+                accepted * 2 >= got.rounds.len() && got.rounds.iter().any(|r| r.accepted >= 2),
+                "tree {spec}: {:?}",
+                got.rounds
+            );
+        }
+    }
+}
+
+/// The 2nd and 3rd tokens of sampled tree decoding follow the target's sampled distribution
+/// (temperature, top-k, top-p), as the chain test in tests/eval.rs checks for chains.
+#[test]
+fn sampled_trees_follow_the_target_distribution() {
+    let t = random_target("llama", 25);
+    let m = eagle1(&t);
+    let prompt: Vec<i64> = vec![1, 17, 42, 5];
+    let p1_raw = softmax_rows(&t, std::slice::from_ref(&prompt));
+    let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
+    let p2_raw = softmax_rows(&t, &ctx1);
+    let ctx2: Vec<Vec<i64>> = (0..V * V)
+        .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
+        .collect();
+    let p3_raw = softmax_rows(&t, &ctx2);
+    let sampling = Sampling {
+        temperature: 0.5,
+        top_p: 0.8,
+        top_k: 24,
+    };
+    let p1 = filtered(&p1_raw, &sampling).get(0);
+    let p2_given = filtered(&p2_raw, &sampling);
+    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
+    let p3_given = filtered(&p3_raw, &sampling).view([V, V, V]);
+    let p12 = p1.unsqueeze(1) * &p2_given;
+    let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
+    let unfiltered: Vec<f64> = {
+        let p = p1_raw.get(0);
+        Vec::<f64>::try_from(p.unsqueeze(0).matmul(&p2_raw).squeeze_dim(0)).expect("unfiltered")
+    };
+    // wide trees so that their children hold much of the target's mass
+    let spec = tree("steps=2,topk=8,draft_tokens=20");
+    let samples = 3000;
+    let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
+    let (mut accepted, mut rejected) = (0, 0);
+    for seed in 0..samples {
+        let opts = SpecOptions {
+            tree: Some(spec),
+            sampling,
+            max_new_tokens: 3,
+            seed: seed as u64,
+            ..Default::default()
+        };
+        let out = decode(&t, &m, &prompt, &opts);
+        assert_eq!(out.tokens.len(), 3);
+        c2[out.tokens[1] as usize] += 1.0;
+        c3[out.tokens[2] as usize] += 1.0;
+        for r in &out.rounds {
+            accepted += r.accepted;
+            rejected += usize::from(r.accepted < 2);
+        }
+    }
+    assert!(
+        accepted > samples / 10 && rejected > samples / 10,
+        "both acceptance and resampling happen: {accepted} accepted, {rejected} rounds short of the depth"
+    );
+    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
+    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
+    for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
+        let (stat, dof) = chi_square(counts, probs);
+        assert!(
+            stat < chi_square_critical(dof),
+            "{what}: chi-square {stat:.1} with {dof} dof exceeds {:.1}",
+            chi_square_critical(dof)
+        );
+    }
+    let (stat, dof) = chi_square(&c2, &unfiltered);
+    assert!(
+        stat > 3.0 * chi_square_critical(dof),
+        "the unfiltered distribution should be rejected: {stat:.1}"
+    );
+}
+
+#[test]
+fn trees_are_refused_where_they_cannot_be_served() {
+    let t = random_target("llama", 26);
+    let d = eagle1(&t);
+    let p = &prompts()[0];
+    let run = |opts: SpecOptions| {
+        let mut s = d.session(&t).expect("session");
+        speculative_generate(&t, s.as_mut(), &d.spec().feature_needs(), p, &opts)
+            .expect_err("refused")
+            .to_string()
+    };
+    let spec = tree("steps=3,topk=2,draft_tokens=6");
+    let e = run(SpecOptions {
+        tree: Some(spec),
+        dynamic_min_gamma: Some(2),
+        ..Default::default()
+    });
+    assert!(e.contains("dynamic gamma"), "{e}");
+    let e = run(SpecOptions {
+        tree: Some(spec),
+        sampling: Sampling::at(0.7),
+        acceptance: forge_models::speculative::Acceptance::Exact,
+        ..Default::default()
+    });
+    assert!(e.contains("acceptance engine"), "{e}");
+    // Medusa's heads bound the depth
+    let m = medusa(&t);
+    let mut s = m.session(&t).expect("session");
+    let e = speculative_generate(
+        &t,
+        s.as_mut(),
+        &m.spec().feature_needs(),
+        p,
+        &SpecOptions {
+            tree: Some(tree("steps=5,topk=2,draft_tokens=6")),
+            ..Default::default()
+        },
+    )
+    .expect_err("too deep")
+    .to_string();
+    assert!(e.contains("4 heads") && e.contains("steps <= heads"), "{e}");
+    let _ = Device::Cpu;
+}
+
+/// On the demo target (SmolLM2-135M-Instruct, fp32): a knowledge drafter made of 29 of its
+/// 30 layers (untrained: the sampled layers are the target's own, so it is mostly right and
+/// sometimes wrong) decodes chat prompts with SGLang's default Llama tree; greedy output
+/// equals the target's plain greedy output token for token, with deep paths accepted (their
+/// rows are not the tree's first rows: the cache moves them) and some rejected.
+#[test]
+fn greedy_trees_on_the_demo_target_give_its_greedy_output() {
+    use forge_models::drafters::knowledge::Knowledge;
+    use forge_models::drafters::TargetAccess;
+    use forge_models::DType;
+    let t = TargetModel::load(&forge_tests::demo_model(), DType::F32, Device::Cpu).expect("demo target");
+    let layers: Vec<i64> = (0..30).filter(|&l| l != 14).collect();
+    let d = Knowledge::new(
+        crate::knowledge::spec(&t, layers, None),
+        &TargetAccess::Model(&t),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .expect("knowledge drafter");
+    let tok = forge_data::TextTokenizer::from_dir(&forge_tests::demo_model()).expect("tokenizer");
+    let prompts: Vec<Vec<i64>> = [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nList three colours.<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    .iter()
+    .map(|p| tok.encode(p).expect("encode"))
+    .collect();
+    let spec = tree("steps=5,topk=4,draft_tokens=8");
+    let (mut deep, mut short) = (0, 0);
+    for p in &prompts {
+        let want = plain(&t, p, 32, &[]);
+        let opts = SpecOptions {
+            tree: Some(spec),
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let got = decode(&t, &d, p, &opts);
+        assert_eq!(got.tokens, want, "tree {spec}");
+        deep += got.rounds.iter().filter(|r| r.accepted >= 2).count();
+        short += got.rounds.iter().filter(|r| r.accepted < r.depth).count();
+    }
+    assert!(deep >= 2 && short >= 1, "{deep} rounds accepted two drafts or more, {short} stopped short");
+}
