@@ -11,6 +11,7 @@ mod eval;
 mod hybrid;
 mod knowledge;
 mod layout;
+mod predict;
 mod recipes;
 mod regenerate;
 mod spaf;

@@ -62,6 +62,9 @@ enum Command {
     BuildKnowledge(cli::build_knowledge::Args),
     /// Answer every user turn of a conversation set with the target itself (batched), as ShareGPT JSONL.
     Regenerate(cli::regenerate::Args),
+    /// Predict the speedup a draft with a measured tau gives on real GPUs (a roofline model;
+    /// `--gpus` lists the GPUs and their sources).
+    Predict(cli::predict::PredictArgs),
 }
 
 fn main() {
@@ -83,6 +86,7 @@ fn main() {
         Command::Regenerate(a) => cli::regenerate::run(a),
         Command::BuildKnowledge(a) => cli::build_knowledge::run(a),
         Command::PrepareHidden(a) => prepare::run_prepare_hidden(a),
+        Command::Predict(a) => cli::predict::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", cli::error_chain(&e));

@@ -15,6 +15,7 @@ pub mod launch;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod predict;
 pub mod progress;
 pub mod recipe;
 pub mod regenerate;

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod launch;
+pub mod predict;
 pub mod prepare;
 pub mod progress;
 pub mod recipe_reference;
