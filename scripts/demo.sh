@@ -22,14 +22,21 @@ echo "== forge prepare-data $RECIPE (token cache)"
 "$FORGE" prepare-data "$RECIPE"
 echo
 echo "== forge train $RECIPE (EAGLE-3, training-time test; resumes if interrupted)"
-"$FORGE" train "$RECIPE" --resume auto
+echo "   each evaluation also decodes 4 held-out prompts as served: a chain of 5 and SGLang's Llama tree"
+"$FORGE" train "$RECIPE" --resume auto \
+  --set 'train.eval_decode=[chain:5, "tree:steps=5,topk=4,draft_tokens=8"]' --set train.eval_decode_prompts=4
 echo
 echo "== forge export $RUN --format sglang (the same folder serves vLLM: both engines' keys are in it)"
 "$FORGE" export "$RUN" --format sglang --out "$EXPORT"
 echo
-echo "== forge eval: the exported folder, read back as the engines read it, speculative vs plain decoding (held-out prompts)"
+echo "== forge eval: the exported folder, read back as the engines read it, speculative vs plain decoding (held-out prompts),"
+echo "   the speedup that tau predicts on H100 and H200 at batch 1, and a sweep of chains and trees for the serving flags"
+echo "   (six settings: the full default sweep, wider trees included, is forge eval --sweep alone)"
 "$FORGE" eval --draft "$EXPORT" --target "$MODEL" --prompts recipes/data/demo_eval_prompts.jsonl --limit 4 \
-  --max-new-tokens 64 --verify --json "$RUN/eval.json"
+  --max-new-tokens 64 --verify --predict h100,h200 --batch 1 --json "$RUN/eval.json" \
+  --sweep --sweep-setting chain:3 --sweep-setting chain:5 --sweep-setting chain:7 \
+  --sweep-setting tree:steps=4,topk=2,draft_tokens=8 --sweep-setting tree:steps=5,topk=4,draft_tokens=8 \
+  --sweep-setting tree:steps=5,topk=4,draft_tokens=16
 echo
 echo "demo: done."
 echo "  checkpoints:   $RUN/step_*/"

@@ -733,3 +733,66 @@ fn every_run_prints_its_trainable_parameter_count() {
         }
     }
 }
+
+/// `train.eval_decode`: at every evaluation the draft decodes held-out prompts greedily as it
+/// will be served, one curve per setting (a chain and an SGLang tree), in metrics.jsonl (and
+/// TensorBoard); a setting that does not parse is a recipe error naming its field.
+#[test]
+fn evaluation_decodes_held_out_prompts_with_the_served_settings() {
+    let run = TinyRun::new("train-served", "recipes/eagle3-tiny.yaml", true);
+    let eval = forge_tests::demo_conversations_subset(&run.dir.join("eval.jsonl"), 6);
+    let ckpt = run.dir.join("run");
+    let ev = format!("data.eval=[{}]", eval.display());
+    let tree = "tree:steps=3,topk=2,draft_tokens=5";
+    let settings = format!("train.eval_decode=[chain:3, \"{tree}\"]");
+    let out = run.train(
+        &ckpt,
+        &[
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            &ev,
+            "--set",
+            &settings,
+            "--set",
+            "train.eval_decode_prompts=3",
+            "--set",
+            "train.eval_decode_tokens=12",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = metrics_rows(&ckpt.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|r| r.get("eval/sim_tau").is_some())
+        .collect();
+    assert_eq!(rows.len(), 3, "evaluations at steps 0, 2 and 4: {rows:?}");
+    for r in &rows {
+        for (key, most) in [("eval/tau/chain:3".to_string(), 4.0), (format!("eval/tau/{tree}"), 4.0)] {
+            let t = r[&key].as_f64().unwrap_or_else(|| panic!("{key} missing in {r}"));
+            assert!((1.0..=most).contains(&t), "{key} = {t}");
+        }
+    }
+    // the same keys in the resolved recipe's record of what ran
+    let resolved = std::fs::read_to_string(ckpt.join("recipe.resolved.yaml")).expect("resolved recipe");
+    assert!(
+        resolved.contains("eval_decode") && resolved.contains(tree),
+        "{resolved}"
+    );
+    let _ = out;
+    // a bad setting is reported with its field before anything runs
+    let bad = forge(&[
+        "check",
+        run.recipe.to_str().expect("utf8"),
+        "--recipe-only",
+        "--set",
+        &ev,
+        "--set",
+        "train.eval_decode=[\"tree:steps=5,topk=4\"]",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("train.eval_decode[0]") && err.contains("draft_tokens"),
+        "{err}"
+    );
+}

@@ -388,5 +388,8 @@ fn greedy_trees_on_the_demo_target_give_its_greedy_output() {
         deep += got.rounds.iter().filter(|r| r.accepted >= 2).count();
         short += got.rounds.iter().filter(|r| r.accepted < r.depth).count();
     }
-    assert!(deep >= 2 && short >= 1, "{deep} rounds accepted two drafts or more, {short} stopped short");
+    assert!(
+        deep >= 2 && short >= 1,
+        "{deep} rounds accepted two drafts or more, {short} stopped short"
+    );
 }

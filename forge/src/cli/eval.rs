@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use forge_models::generate::Sampling;
 use forge_models::spec_tree::TreeSpec;
 use forge_models::speculative::Acceptance;
+use forge_trainer::eval::sweep::PredictOptions;
 use forge_trainer::eval::{self, ratio, EvalEvent, EvalOptions, Tally, Verified};
+use forge_trainer::predict::Setting;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -75,6 +77,27 @@ pub struct EvalArgs {
     /// knowledge.
     #[arg(long, value_name = "SPEC", value_parser = TreeSpec::parse)]
     pub tree: Option<TreeSpec>,
+    /// Predict the speedup of the measured acceptance on these GPUs (comma-separated: a100,
+    /// h100, h200, b200, l40s; `forge predict --gpus` lists them) with the roofline model of
+    /// docs/eval.md, for the draft as SGLang / vLLM serve it.
+    #[arg(long, value_name = "GPU", value_delimiter = ',')]
+    pub predict: Vec<String>,
+    /// Batch sizes (concurrent sequences) for --predict, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<i64>,
+    /// Mean context per sequence (tokens) for --predict.
+    #[arg(long, default_value_t = 2048)]
+    pub context: i64,
+    /// After the main run, decode the prompts once per serving setting (chains of 3 to 8;
+    /// trees of topk 2 to 8 with 4 to 64 nodes for drafts that branch) and print, per --predict
+    /// GPU and --batch size, the setting with the best predicted speedup and its SGLang and vLLM
+    /// flags.
+    #[arg(long, requires = "predict")]
+    pub sweep: bool,
+    /// A setting for --sweep instead of the defaults (repeatable): chain:N or
+    /// tree:steps=S,topk=K,draft_tokens=D.
+    #[arg(long = "sweep-setting", value_name = "SETTING", value_parser = parse_setting, requires = "sweep")]
+    pub sweep_settings: Vec<Setting>,
     /// Sampling seed (each prompt turn draws from its own stream: seed, id, turn).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -101,6 +124,75 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub chat: ChatArgs,
+}
+
+fn parse_setting(s: &str) -> std::result::Result<Setting, String> {
+    Setting::parse(s).map_err(|e| e.to_string())
+}
+
+/// The speedups `--predict` gives for the main run, and the `--sweep` recommendations with
+/// their engine flags.
+fn print_predictions(report: &eval::EvalReport, a: &EvalArgs) {
+    let setting = match &a.tree {
+        Some(t) => format!("tree {t}"),
+        None => format!("chain of {}", a.gamma),
+    };
+    if !report.predictions.is_empty() {
+        println!(
+            "predicted on GPUs (tau {:.3}, {setting}, context {}; roofline of docs/eval.md, not measured):",
+            report.overall.tau(),
+            a.context
+        );
+        for (g, batch, p) in &report.predictions {
+            println!(
+                "  {:<26} batch {:>4}: {:.2}x ({:.0} -> {:.0} tok/s; draft {:.3} ms + verify {:.3} ms per round)",
+                g.label,
+                batch,
+                p.speedup,
+                p.plain_tokens_per_s,
+                p.tokens_per_s,
+                p.draft_s * 1e3,
+                p.verify_s * 1e3
+            );
+        }
+    }
+    let Some(shape) = &report.serving_shape else {
+        return;
+    };
+    if report.recommendations.is_empty() {
+        return;
+    }
+    println!("recommended serving settings (best predicted speedup of the sweep):");
+    let draft = a.draft.display().to_string();
+    for r in &report.recommendations {
+        let (s, _) = &report.sweep[r.best];
+        let speedup = r.predictions[r.best].as_ref().map(|p| p.speedup).unwrap_or(f64::NAN);
+        println!("  {:<26} batch {:>4}: {s} ({speedup:.2}x)", r.gpu.label, r.batch);
+        if speedup < 1.0 {
+            println!("      no setting of the sweep beats plain decoding here: serve the target without this draft (or raise tau: train longer, on more data)");
+            continue;
+        }
+        let sglang = eval::sweep::engine_flags(s, shape, &draft).0;
+        if let Some(f) = sglang {
+            println!("      {f}");
+        }
+        // vLLM drafts chains: the best chain of the sweep
+        let best_chain = r
+            .predictions
+            .iter()
+            .zip(&report.sweep)
+            .filter(|(p, (s, _))| p.is_some() && matches!(s, Setting::Chain { .. }))
+            .max_by(|x, y| {
+                let sp = |p: &Option<forge_trainer::predict::Prediction>| p.as_ref().map(|p| p.speedup).unwrap_or(0.0);
+                sp(x.0).total_cmp(&sp(y.0))
+            });
+        if let Some((p, (chain, _))) = best_chain {
+            if let Some(f) = eval::sweep::engine_flags(chain, shape, &draft).1 {
+                let sp = p.as_ref().map(|p| p.speedup).unwrap_or(f64::NAN);
+                println!("      {f}   ({chain}, {sp:.2}x)");
+            }
+        }
+    }
 }
 
 /// One summary line of the printed report.
@@ -166,6 +258,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         },
         acceptance: a.acceptance.into(),
         tree: a.tree,
+        predict: (!a.predict.is_empty()).then(|| PredictOptions {
+            gpus: a.predict.clone(),
+            batches: a.batch.clone(),
+            context: a.context,
+        }),
+        sweep: a.sweep,
+        sweep_settings: a.sweep_settings.clone(),
         seed: a.seed,
         verify: a.verify,
         no_baseline: a.no_baseline,
@@ -184,6 +283,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     );
     let mut files = 0;
     let mut baseline = true;
+    let mut swept = false;
     let report = eval::run(&opts, &mut bar, |e| match e {
         EvalEvent::Started(s) => {
             files = s.files;
@@ -241,7 +341,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 print_summary(g, t, baseline);
             }
         }
+        EvalEvent::Sweep(setting, t) => {
+            if !swept {
+                println!("sweep (all files, one run per setting):");
+                swept = true;
+            }
+            print_summary(&setting.to_string(), t, false);
+        }
     })?;
+    print_predictions(&report, &a);
     if let Some(out) = &a.json {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("--json: cannot create {}", dir.display()))?;

@@ -315,6 +315,21 @@ impl Drafter for Eagle1 {
         &[ExportFormat::Sglang, ExportFormat::Vllm]
     }
 
+    /// fc and the layer, plus the target's lm_head it reads (shared, frozen).
+    fn serving_shape(&self) -> Option<super::ServingShape> {
+        let l = &self.e.layer;
+        Some(super::ServingShape {
+            params_per_forward: super::float_params(&self.vs) + self.lm_head.numel() as f64,
+            layers: 1,
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            q_dim: l.num_heads * l.head_dim,
+            one_forward: false,
+            sglang_algorithm: Some("EAGLE"),
+            vllm_method: Some(("eagle", "vLLM 0.33 / 0.34")),
+        })
+    }
+
     fn serving(&self, format: ExportFormat) -> Option<&'static str> {
         match format {
             ExportFormat::Sglang => Some(

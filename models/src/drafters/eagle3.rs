@@ -783,6 +783,22 @@ impl Drafter for Eagle3 {
         &[ExportFormat::Sglang, ExportFormat::Vllm, ExportFormat::Speculators]
     }
 
+    /// fc, the midlayer, its norm and the draft-vocabulary lm_head (all its own weights; the
+    /// embedding is the target's, gathered).
+    fn serving_shape(&self) -> Option<super::ServingShape> {
+        let l = &self.e.layer;
+        Some(super::ServingShape {
+            params_per_forward: super::float_params(&self.vs),
+            layers: 1,
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            q_dim: l.num_heads * l.head_dim,
+            one_forward: false,
+            sglang_algorithm: Some("EAGLE3"),
+            vllm_method: Some(("eagle3", "vLLM 0.33 / 0.34")),
+        })
+    }
+
     fn serving(&self, format: ExportFormat) -> Option<&'static str> {
         match format {
             // every folder carries both engines' aux-layer keys (docs/export.md)

@@ -380,6 +380,26 @@ impl Drafter for Medusa {
         &[ExportFormat::Vllm, ExportFormat::FasterDecoding]
     }
 
+    /// Every head's blocks and lm_head (a shared target lm_head read once per head) in one
+    /// forward over the last position; no attention.
+    fn serving_shape(&self) -> Option<super::ServingShape> {
+        let shared = self
+            .shared_lm_head
+            .as_ref()
+            .map(|(w, _)| (w.numel() as i64 * self.m.num_heads) as f64)
+            .unwrap_or(0.0);
+        Some(super::ServingShape {
+            params_per_forward: super::float_params(&self.vs) + shared,
+            layers: 0,
+            kv_heads: 1,
+            head_dim: 1,
+            q_dim: self.m.hidden_size,
+            one_forward: true,
+            sglang_algorithm: None,
+            vllm_method: Some(("medusa", "vLLM 0.32 and earlier (removed in 0.33)")),
+        })
+    }
+
     fn serving(&self, format: ExportFormat) -> Option<&'static str> {
         match format {
             ExportFormat::Vllm => Some(

@@ -429,6 +429,12 @@ pub trait Drafter {
     fn serving(&self, _format: ExportFormat) -> Option<&'static str> {
         None
     }
+    /// What one draft forward reads when an engine serves this drafter, and the engines'
+    /// names for it: the speedup model's input (`forge eval --predict`, `--sweep`).
+    /// Default: none (no engine serves this kind).
+    fn serving_shape(&self) -> Option<ServingShape> {
+        None
+    }
     /// Why no engine format can hold this drafter, for drafters with none (shown when one is
     /// asked for).
     fn engines_note(&self) -> Option<&'static str> {
@@ -449,6 +455,36 @@ pub trait Drafter {
     /// sequence, are left out, and attention grows with `seq_len`). `forge bench train`
     /// turns it into the step's useful FLOPs and utilisation.
     fn token_macs(&self, seq_len: i64) -> TokenMacs;
+}
+
+/// What an engine's draft forward reads ([`Drafter::serving_shape`]), for the speedup model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServingShape {
+    /// Weights one draft forward reads: its own and the target's it shares (an lm_head), not
+    /// the embedding tables it gathers rows from.
+    pub params_per_forward: f64,
+    /// Decoder layers with a KV cache (0: none).
+    pub layers: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    /// Width of the attention queries (heads x head_dim).
+    pub q_dim: i64,
+    /// One draft forward proposes the whole chain (Medusa's heads), rather than one forward per
+    /// drafted position (EAGLE).
+    pub one_forward: bool,
+    /// SGLang's `--speculative-algorithm` for it (None: SGLang does not serve it).
+    pub sglang_algorithm: Option<&'static str>,
+    /// vLLM's `method` in `--speculative-config`, with the versions that serve it.
+    pub vllm_method: Option<(&'static str, &'static str)>,
+}
+
+/// Float weights of a VarStore (integer buffers such as EAGLE-3's vocabulary maps left out).
+pub fn float_params(vs: &tch::nn::VarStore) -> f64 {
+    vs.variables()
+        .values()
+        .filter(|t| t.is_floating_point())
+        .map(|t| t.numel() as f64)
+        .sum()
 }
 
 /// Checks exported names and shapes against an expectation computed independently from the

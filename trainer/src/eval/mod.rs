@@ -12,6 +12,7 @@
 
 mod decode;
 mod report;
+pub mod sweep;
 mod tally;
 
 pub use decode::TurnRecord;
@@ -56,6 +57,12 @@ pub struct EvalOptions {
     pub acceptance: Acceptance,
     /// Draft trees as SGLang does instead of chains (`gamma` unused).
     pub tree: Option<TreeSpec>,
+    /// Predict the speedup of the measured acceptance on these GPUs and batch sizes.
+    pub predict: Option<sweep::PredictOptions>,
+    /// After the main run, decode the prompts once more per serving setting (empty: the
+    /// defaults of [`sweep::default_candidates`]) and recommend one per GPU and batch size.
+    pub sweep: bool,
+    pub sweep_settings: Vec<crate::predict::Setting>,
     pub seed: u64,
     /// Greedy only: [`EvalReport::verify`] fails unless every speculative output equals plain
     /// greedy output.
@@ -90,6 +97,8 @@ pub enum EvalEvent<'a> {
     Overall(&'a Tally, &'a BTreeMap<String, Tally>),
     /// An ablation run is done.
     Ablation(&'a AblationReport),
+    /// A sweep setting is decoded (its tally over all files).
+    Sweep(&'a crate::predict::Setting, &'a Tally),
 }
 
 /// The options' own consistency (before anything is loaded); errors name the flag.
@@ -137,6 +146,25 @@ pub fn check_options(a: &EvalOptions) -> Result<()> {
     }
     if a.limit == Some(0) {
         return bail("--limit must be at least 1".into());
+    }
+    if a.predict.is_some() && a.dynamic_gamma {
+        return bail("--predict needs one serving setting: leave out --dynamic-gamma".into());
+    }
+    if a.sweep && a.predict.is_none() {
+        return bail("--sweep recommends a setting per GPU and batch size: give --predict GPU[,GPU] (e.g. h100,h200) and --batch".into());
+    }
+    if let Some(p) = &a.predict {
+        if p.gpus.is_empty() || p.batches.is_empty() || p.batches.iter().any(|&b| b < 1) || p.context < 0 {
+            return bail(format!(
+                "--predict {:?} --batch {:?} --context {}: give at least one GPU, batch sizes >= 1 and a context >= 0",
+                p.gpus, p.batches, p.context
+            ));
+        }
+    }
+    for s in &a.sweep_settings {
+        if matches!(s, crate::predict::Setting::Block { .. }) {
+            return bail(format!("--sweep-setting {s}: block drafters are not among the kinds forge eval decodes yet (chain:N or tree:...)"));
+        }
     }
     Ok(())
 }
@@ -354,12 +382,81 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
         on_event(EvalEvent::Ablation(&ab));
         ablations.push(ab);
     }
+    // the speedup the measured acceptance predicts on GPUs, then the sweep over settings
+    let shape = drafter.serving_shape();
+    let need_shape = || {
+        shape.ok_or_else(|| {
+            TrainerError::Config(format!(
+                "--predict: no engine serves a {} draft (the speedup model knows eagle3, eagle1 and medusa drafts)",
+                loaded.spec.kind()
+            ))
+        })
+    };
+    let mut predictions = Vec::new();
+    if let Some(p) = &a.predict {
+        let setting = sweep::decoded_setting(a.tree, a.gamma);
+        predictions = sweep::predict_all(&model.config, &need_shape()?, &setting, overall.tau(), p)?;
+    }
+    let mut sweep_rows = Vec::new();
+    let mut recommendations = Vec::new();
+    if a.sweep {
+        let (max_depth, can_branch) = {
+            let s = drafter.session(&model)?;
+            (s.max_gamma().unwrap_or(usize::MAX).min(a.max_gamma), s.can_branch())
+        };
+        let candidates = if a.sweep_settings.is_empty() {
+            sweep::default_candidates(max_depth, can_branch)
+        } else {
+            a.sweep_settings.clone()
+        };
+        for setting in candidates {
+            // the main run is the one compared with plain decoding (`--verify`)
+            let mut args = a.clone();
+            args.no_baseline = true;
+            args.verify = false;
+            args.dynamic_gamma = false;
+            match setting {
+                crate::predict::Setting::Chain { n } => {
+                    args.tree = None;
+                    args.gamma = n as usize;
+                    args.max_gamma = args.max_gamma.max(args.gamma);
+                }
+                crate::predict::Setting::Tree(t) => args.tree = Some(t),
+                crate::predict::Setting::Block { .. } => continue,
+            }
+            check_options(&args).with_context(|| format!("--sweep {setting}"))?;
+            let sctx = Ctx {
+                a: &args,
+                model: &model,
+                drafter: drafter.as_ref(),
+                tokenizer: &tokenizer,
+                template: &template,
+                stop: stop.clone(),
+            };
+            let mut t = Tally::default();
+            for (_, convs) in &files {
+                for conv in convs {
+                    sctx.conversation(conv, &mut t, &mut Vec::new())
+                        .with_context(|| format!("--sweep {setting}"))?;
+                }
+            }
+            on_event(EvalEvent::Sweep(&setting, &t));
+            sweep_rows.push((setting, t));
+        }
+        if let Some(p) = &a.predict {
+            recommendations = sweep::recommend(&model.config, &need_shape()?, &sweep_rows, p)?;
+        }
+    }
     Ok(EvalReport {
         setup,
         files: file_reports,
         overall,
         groups: overall_groups,
         ablations,
+        serving_shape: shape,
+        predictions,
+        sweep: sweep_rows,
+        recommendations,
     })
 }
 

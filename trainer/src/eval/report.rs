@@ -109,6 +109,14 @@ pub struct EvalReport {
     /// All files together per drafter group (as [`FileReport::groups`]).
     pub groups: BTreeMap<String, Tally>,
     pub ablations: Vec<AblationReport>,
+    /// What an engine's draft forward reads (None: no engine serves this kind).
+    pub serving_shape: Option<forge_models::drafters::ServingShape>,
+    /// `--predict`: the main run's tau on each GPU and batch size.
+    pub predictions: Vec<(&'static crate::predict::Gpu, i64, crate::predict::Prediction)>,
+    /// `--sweep`: each setting decoded and its figures.
+    pub sweep: Vec<(crate::predict::Setting, Tally)>,
+    /// `--sweep` with `--predict`: the best setting per GPU and batch size.
+    pub recommendations: Vec<super::sweep::Recommendation>,
 }
 
 impl EvalReport {
@@ -156,6 +164,16 @@ impl EvalReport {
             },
             "summary": self.overall.to_json(baseline),
             "ablations": ablations,
+            "predicted": self.predictions.iter().map(|(g, b, p)| json!({
+                "gpu": g.name, "batch": b, "speedup": p.speedup, "tokens_per_s": p.tokens_per_s,
+                "plain_tokens_per_s": p.plain_tokens_per_s, "draft_ms": p.draft_s * 1e3, "verify_ms": p.verify_s * 1e3,
+            })).collect::<Vec<_>>(),
+            "sweep": self.sweep.iter().map(|(s, t)| json!({"setting": s.to_string(), "summary": t.to_json(false)})).collect::<Vec<_>>(),
+            "recommended": self.recommendations.iter().map(|r| json!({
+                "gpu": r.gpu.name, "batch": r.batch, "setting": self.sweep[r.best].0.to_string(),
+                "speedup": r.predictions[r.best].as_ref().map(|p| p.speedup),
+                "speedups": r.predictions.iter().zip(&self.sweep).map(|(p, (s, _))| (s.to_string(), json!(p.as_ref().map(|p| p.speedup)))).collect::<serde_json::Map<String, Value>>(),
+            })).collect::<Vec<_>>(),
             "files": self.files.iter().map(|f| f.to_json(baseline)).collect::<Vec<_>>(),
         });
         if let (false, Some(m)) = (self.groups.is_empty(), v.as_object_mut()) {

@@ -14,6 +14,7 @@ pub mod gpus;
 
 pub use gpus::{gpu, Gpu, GPUS};
 
+use forge_models::spec_tree::TreeSpec;
 use forge_models::TargetConfig;
 use std::fmt;
 
@@ -46,7 +47,7 @@ pub enum Setting {
     Chain { n: u32 },
     /// SGLang's EAGLE tree: `steps` sequential draft forwards, each after the first over `topk`
     /// tokens per sequence; the target verifies `draft_tokens` tree nodes in one forward.
-    Tree { steps: u32, topk: u32, draft_tokens: u32 },
+    Tree(TreeSpec),
     /// One draft forward over a block of `size` positions (a DFlash-style block drafter, or
     /// Medusa with `size - 1` heads); the target verifies the `size` tokens.
     Block { size: u32 },
@@ -78,34 +79,7 @@ impl Setting {
             "block" => Setting::Block {
                 size: number("block", rest)?,
             },
-            "tree" => {
-                let (mut steps, mut topk, mut draft_tokens) = (None, None, None);
-                for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    let Some((key, value)) = part.split_once('=') else {
-                        return Err(err(format!(
-                            "'{part}' is not KEY=VALUE (keys: steps, topk, draft_tokens)"
-                        )));
-                    };
-                    let slot = match key.trim() {
-                        "steps" => &mut steps,
-                        "topk" => &mut topk,
-                        "draft_tokens" => &mut draft_tokens,
-                        other => return Err(err(format!("unknown key '{other}' (keys: steps, topk, draft_tokens)"))),
-                    };
-                    if slot.is_some() {
-                        return Err(err(format!("'{}' is given twice", key.trim())));
-                    }
-                    *slot = Some(number(key.trim(), value)?);
-                }
-                match (steps, topk, draft_tokens) {
-                    (Some(steps), Some(topk), Some(draft_tokens)) => Setting::Tree {
-                        steps,
-                        topk,
-                        draft_tokens,
-                    },
-                    _ => return Err(err("a tree needs steps=S,topk=K,draft_tokens=D".into())),
-                }
-            }
+            "tree" => Setting::Tree(TreeSpec::parse(rest).map_err(err)?),
             _ => {
                 return Err(err(
                     "expected chain:N, tree:steps=S,topk=K,draft_tokens=D or block:N".into()
@@ -118,22 +92,12 @@ impl Setting {
 
     /// Whether the engine can run this setting (SGLang's own rules for trees).
     fn check(&self) -> Result<(), String> {
-        if let Setting::Tree {
-            steps,
-            topk,
-            draft_tokens,
-        } = *self
-        {
-            if topk == 1 && draft_tokens != steps + 1 {
+        if let Setting::Tree(t) = self {
+            if t.topk == 1 && t.draft_tokens != t.steps + 1 {
                 return Err(format!(
-                    "with topk=1 the tree is a chain of {steps}: draft_tokens must be {}",
-                    steps + 1
-                ));
-            }
-            let nodes = 1 + u64::from(topk) * u64::from(steps.saturating_sub(1)) * u64::from(topk) + u64::from(topk);
-            if draft_tokens < 2 || u64::from(draft_tokens) > nodes {
-                return Err(format!(
-                    "draft_tokens {draft_tokens} must be at least 2 and at most the {nodes} nodes steps x topk can draft"
+                    "with topk=1 the tree is a chain of {}: draft_tokens must be {}",
+                    t.steps,
+                    t.steps + 1
                 ));
             }
         }
@@ -148,9 +112,7 @@ impl Setting {
     pub fn draft_forwards(&self, tau: f64) -> Vec<f64> {
         match *self {
             Setting::Chain { n } => (0..n).map(|i| if i == 0 { tau } else { 1.0 }).collect(),
-            Setting::Tree { steps, topk, .. } => {
-                (0..steps).map(|i| if i == 0 { tau } else { f64::from(topk) }).collect()
-            }
+            Setting::Tree(t) => (0..t.steps).map(|i| if i == 0 { tau } else { t.topk as f64 }).collect(),
             Setting::Block { size } => vec![f64::from(size) + tau],
         }
     }
@@ -159,7 +121,7 @@ impl Setting {
     pub fn verify_tokens(&self) -> u32 {
         match *self {
             Setting::Chain { n } => n + 1,
-            Setting::Tree { draft_tokens, .. } => draft_tokens,
+            Setting::Tree(t) => t.draft_tokens as u32,
             Setting::Block { size } => size,
         }
     }
@@ -169,9 +131,7 @@ impl Setting {
     pub fn max_tau(&self) -> u32 {
         match *self {
             Setting::Chain { n } => n + 1,
-            Setting::Tree {
-                steps, draft_tokens, ..
-            } => steps.min(draft_tokens.saturating_sub(1)) + 1,
+            Setting::Tree(t) => t.steps.min(t.draft_tokens.saturating_sub(1)) as u32 + 1,
             Setting::Block { size } => size,
         }
     }
@@ -181,11 +141,7 @@ impl fmt::Display for Setting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Setting::Chain { n } => write!(f, "chain:{n}"),
-            Setting::Tree {
-                steps,
-                topk,
-                draft_tokens,
-            } => write!(f, "tree:steps={steps},topk={topk},draft_tokens={draft_tokens}"),
+            Setting::Tree(t) => write!(f, "tree:{t}"),
             Setting::Block { size } => write!(f, "block:{size}"),
         }
     }

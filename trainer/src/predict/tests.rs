@@ -28,11 +28,11 @@ fn settings_parse_and_print_back() {
     assert_eq!(Setting::parse(" Chain 3 ").expect("space"), Setting::Chain { n: 3 });
     assert_eq!(
         Setting::parse("tree:draft_tokens=8, topk=4, steps=5").expect("any order"),
-        Setting::Tree {
+        Setting::Tree(TreeSpec {
             steps: 5,
             topk: 4,
             draft_tokens: 8
-        }
+        })
     );
 }
 
@@ -42,11 +42,11 @@ fn bad_settings_say_what_is_wrong() {
     assert!(msg("chain:0").contains("whole number >= 1"), "{}", msg("chain:0"));
     assert!(msg("chain:x").contains("'x'"));
     assert!(msg("ladder:3").contains("expected chain:N"));
-    assert!(msg("tree:steps=5,topk=4").contains("draft_tokens=D"));
-    assert!(msg("tree:steps=5,width=4,draft_tokens=8").contains("unknown key 'width'"));
+    assert!(msg("tree:steps=5,topk=4").contains("draft_tokens is missing"));
+    assert!(msg("tree:steps=5,width=4,draft_tokens=8").contains("unknown key `width`"));
     assert!(msg("tree:steps=5,steps=4,topk=1,draft_tokens=8").contains("given twice"));
-    assert!(msg("tree:steps=3,topk=1,draft_tokens=8").contains("must be 4"));
-    assert!(msg("tree:steps=2,topk=2,draft_tokens=9").contains("at most the 7 nodes"));
+    assert!(msg("tree:steps=3,topk=1,draft_tokens=3").contains("must be 4"));
+    assert!(msg("tree:steps=2,topk=2,draft_tokens=9").contains("draft_tokens must be 2..=7"));
 }
 
 #[test]
@@ -54,11 +54,11 @@ fn setting_costs() {
     let chain = Setting::Chain { n: 3 };
     assert_eq!(chain.draft_forwards(2.5), vec![2.5, 1.0, 1.0]);
     assert_eq!((chain.verify_tokens(), chain.max_tau()), (4, 4));
-    let tree = Setting::Tree {
+    let tree = Setting::Tree(TreeSpec {
         steps: 5,
         topk: 4,
         draft_tokens: 8,
-    };
+    });
     assert_eq!(tree.draft_forwards(2.0), vec![2.0, 4.0, 4.0, 4.0, 4.0]);
     assert_eq!((tree.verify_tokens(), tree.max_tau()), (8, 6));
     let block = Setting::Block { size: 16 };

@@ -95,6 +95,12 @@ section! {
         seed: u64 = 0,
         /// Evaluate on data.eval every this many steps.
         eval_every: Option<u64> = None,
+        /// At each evaluation, also decode held-out prompts (the first user turns of data.eval) speculatively, greedy, as the engines will serve the draft: `chain:N` or `tree:steps=S,topk=K,draft_tokens=D`, one TensorBoard curve each (`eval/tau/<setting>`: tokens per target forward). Needs a target (online, or offline with the target folder).
+        eval_decode: Vec<String> = Vec::new(),
+        /// Prompts eval_decode decodes (the first of data.eval).
+        eval_decode_prompts: u64 = 8,
+        /// New tokens per prompt in eval_decode.
+        eval_decode_tokens: u64 = 64,
         /// Start from this draft's weights (a forge checkpoint or export, or an engine-format folder: SGLang/vLLM EAGLE-3 or EAGLE-1, vLLM or FasterDecoding Medusa): same kind, shapes and target features as the recipe's drafter.
         init_from: Option<std::path::PathBuf> = None,
     }
@@ -379,6 +385,31 @@ impl Recipe {
         }
         if t.eval_every.is_some() && d.eval.is_empty() {
             cx.issue_at("train.eval_every", "is set but data.eval lists no files to evaluate on");
+        }
+        for (i, s) in t.eval_decode.iter().enumerate() {
+            if let Err(e) = crate::predict::Setting::parse(s) {
+                cx.issue_at(
+                    &format!("train.eval_decode[{i}]"),
+                    format!("{e} (write chain:5 or tree:steps=5,topk=4,draft_tokens=8)"),
+                );
+            } else if matches!(
+                crate::predict::Setting::parse(s),
+                Ok(crate::predict::Setting::Block { .. })
+            ) {
+                cx.issue_at(
+                    &format!("train.eval_decode[{i}]"),
+                    "block drafters are not decoded yet: chain:N or tree:...",
+                );
+            }
+        }
+        if !t.eval_decode.is_empty() && d.eval.is_empty() {
+            cx.issue_at("train.eval_decode", "is set but data.eval lists no prompts to decode");
+        }
+        if t.eval_decode_prompts == 0 || t.eval_decode_tokens == 0 {
+            cx.issue_at(
+                "train.eval_decode_prompts",
+                "eval_decode_prompts and eval_decode_tokens must be at least 1",
+            );
         }
         if self.dist.zero_stage > 2 {
             cx.issue_at(

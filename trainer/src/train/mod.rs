@@ -17,6 +17,7 @@ mod features;
 mod rank_checks;
 mod resume;
 mod runlog;
+mod served;
 mod setup;
 mod step;
 mod validator;

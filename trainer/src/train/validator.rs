@@ -118,6 +118,7 @@ impl Trainer<'_> {
         if let Some(t) = forge_models::drafters::sim_tau(&rows, "eval/") {
             rows.insert(SIM_TAU.into(), t);
         }
+        rows.extend(self.served_acceptance(dp, target, eval)?);
         Ok(Some(rows))
     }
 }
