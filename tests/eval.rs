@@ -579,6 +579,44 @@ pub(crate) fn filtered(p: &Tensor, s: &Sampling) -> Tensor {
     Tensor::from_slice(&out).view([n, v])
 }
 
+/// The exact marginals of the 1st, 2nd and 3rd tokens sampled from `t` after `prompt` with
+/// `sampling` (the engines' filters, [`filtered`]), and of the 2nd without the filters (what
+/// a broken verifier would follow).
+pub(crate) struct Marginals {
+    pub p1: Tensor,
+    pub p2: Vec<f64>,
+    pub p3: Vec<f64>,
+    pub unfiltered: Vec<f64>,
+}
+
+pub(crate) fn marginals(t: &TargetModel, prompt: &[i64], sampling: &Sampling) -> Marginals {
+    let p1_raw = softmax_rows(t, &[prompt.to_vec()]);
+    let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
+    let p2_raw = softmax_rows(t, &ctx1); // [V, V]
+    let ctx2: Vec<Vec<i64>> = (0..V * V)
+        .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
+        .collect();
+    let p3_raw = softmax_rows(t, &ctx2); // [V*V, V]
+    let p1 = filtered(&p1_raw, sampling).get(0);
+    let p2_given = filtered(&p2_raw, sampling);
+    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
+    let p3_given = filtered(&p3_raw, sampling).view([V, V, V]);
+    let p12 = p1.unsqueeze(1) * &p2_given; // [V, V]
+    let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
+    let kept = p2_given.gt(0.0).sum(Kind::Int64).double_value(&[]) / V as f64;
+    assert!(
+        kept > 4.0 && kept < sampling.top_k as f64,
+        "{sampling:?} keeps {kept:.1} tokens per row: the filters must both act"
+    );
+    let unfiltered = p1_raw.get(0).unsqueeze(0).matmul(&p2_raw).squeeze_dim(0);
+    Marginals {
+        p1,
+        p2: Vec::<f64>::try_from(&p2).expect("p2"),
+        p3: Vec::<f64>::try_from(&p3).expect("p3"),
+        unfiltered: Vec::<f64>::try_from(&unfiltered).expect("unfiltered"),
+    }
+}
+
 /// The 2nd and 3rd tokens of speculative sampling (gamma 2, so both pass verification)
 /// follow the target's sampled distribution with the engines' temperature, top-k and top-p:
 /// chi-square against the exact marginals, for both acceptance rules.
@@ -587,32 +625,19 @@ fn speculative_sampling_follows_the_target_distribution() {
     let t = random_target("llama", 25);
     let m = eagle1(&t);
     let prompt: Vec<i64> = vec![1, 17, 42, 5];
-    let p1_raw = softmax_rows(&t, std::slice::from_ref(&prompt));
-    let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
-    let p2_raw = softmax_rows(&t, &ctx1); // [V, V]
-    let ctx2: Vec<Vec<i64>> = (0..V * V)
-        .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
-        .collect();
-    let p3_raw = softmax_rows(&t, &ctx2); // [V*V, V]
-                                          // the nearly flat random target at T 0.5: top-k 24, then top-p 0.8 cuts a few more (T 1
-                                          // without filters is the same code with the filters off, and sample_rows' own test)
+    // the nearly flat random target at T 0.5: top-k 24, then top-p 0.8 cuts a few more (T 1
+    // without filters is the same code with the filters off, and sample_rows' own test)
     let sampling = Sampling {
         temperature: 0.5,
         top_p: 0.8,
         top_k: 24,
     };
-    // exact marginals of the 2nd and 3rd sampled tokens under the target
-    let p1 = filtered(&p1_raw, &sampling).get(0);
-    let p2_given = filtered(&p2_raw, &sampling);
-    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
-    let p3_given = filtered(&p3_raw, &sampling).view([V, V, V]);
-    let p12 = p1.unsqueeze(1) * &p2_given; // [V, V]
-    let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
-    let kept = p2_given.gt(0.0).sum(Kind::Int64).double_value(&[]) / V as f64;
-    assert!(
-        kept > 4.0 && kept < sampling.top_k as f64,
-        "{sampling:?} keeps {kept:.1} tokens per row: the filters must both act"
-    );
+    let Marginals {
+        p1,
+        p2: p2v,
+        p3: p3v,
+        unfiltered,
+    } = marginals(&t, &prompt, &sampling);
     // what a broken verifier would emit: the draft's own marginal of its first proposal
     // (as exact acceptance samples it: temperature, no filters), or the target's
     // distribution without the filters
@@ -630,14 +655,8 @@ fn speculative_sampling_follows_the_target_distribution() {
         }
         Vec::<f64>::try_from(&q).expect("q")
     };
-    let unfiltered: Vec<f64> = {
-        let p = p1_raw.get(0);
-        Vec::<f64>::try_from(p.unsqueeze(0).matmul(&p2_raw).squeeze_dim(0)).expect("unfiltered")
-    };
 
     let samples = 3000;
-    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
-    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
     for acceptance in [Acceptance::Exact, Acceptance::Engine] {
         let (mut c2, mut c3) = (vec![0.0; V as usize], vec![0.0; V as usize]);
         let (mut accepted, mut rejected) = (0, 0);
@@ -763,13 +782,13 @@ fn acceptance_of_a_known_pair_of_distributions_is_unbiased() {
     }
 }
 
-fn run_eval(args: &[&str]) -> std::process::Output {
+pub(crate) fn run_eval(args: &[&str]) -> std::process::Output {
     let mut all = vec!["eval"];
     all.extend_from_slice(args);
     forge(&all)
 }
 
-fn read_json(p: &Path) -> serde_json::Value {
+pub(crate) fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("read")).expect("json")
 }
 

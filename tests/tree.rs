@@ -4,8 +4,7 @@
 //! sampled trees follow the target's distribution.
 
 use crate::eval::{
-    chi_square, chi_square_critical, eagle1, eagle3, filtered, hybrid, medusa, plain, prompts, reference_hidden,
-    softmax_rows, V,
+    chi_square, chi_square_critical, eagle1, eagle3, hybrid, marginals, medusa, plain, prompts, reference_hidden, V,
 };
 use forge_models::drafters::Drafter;
 use forge_models::generate::{RowRng, Sampling};
@@ -238,28 +237,12 @@ fn sampled_trees_follow_the_target_distribution() {
     let t = random_target("llama", 25);
     let m = eagle1(&t);
     let prompt: Vec<i64> = vec![1, 17, 42, 5];
-    let p1_raw = softmax_rows(&t, std::slice::from_ref(&prompt));
-    let ctx1: Vec<Vec<i64>> = (0..V).map(|a| prompt.iter().copied().chain([a]).collect()).collect();
-    let p2_raw = softmax_rows(&t, &ctx1);
-    let ctx2: Vec<Vec<i64>> = (0..V * V)
-        .map(|i| prompt.iter().copied().chain([i / V, i % V]).collect())
-        .collect();
-    let p3_raw = softmax_rows(&t, &ctx2);
     let sampling = Sampling {
         temperature: 0.5,
         top_p: 0.8,
         top_k: 24,
     };
-    let p1 = filtered(&p1_raw, &sampling).get(0);
-    let p2_given = filtered(&p2_raw, &sampling);
-    let p2 = p1.unsqueeze(0).matmul(&p2_given).squeeze_dim(0);
-    let p3_given = filtered(&p3_raw, &sampling).view([V, V, V]);
-    let p12 = p1.unsqueeze(1) * &p2_given;
-    let p3 = (p12.unsqueeze(2) * p3_given).sum_dim_intlist([0, 1].as_slice(), false, Kind::Double);
-    let unfiltered: Vec<f64> = {
-        let p = p1_raw.get(0);
-        Vec::<f64>::try_from(p.unsqueeze(0).matmul(&p2_raw).squeeze_dim(0)).expect("unfiltered")
-    };
+    let want = marginals(&t, &prompt, &sampling);
     // wide trees so that their children hold much of the target's mass
     let spec = tree("steps=2,topk=8,draft_tokens=20");
     let samples = 3000;
@@ -286,9 +269,7 @@ fn sampled_trees_follow_the_target_distribution() {
         accepted > samples / 10 && rejected > samples / 10,
         "both acceptance and resampling happen: {accepted} accepted, {rejected} rounds short of the depth"
     );
-    let p2v = Vec::<f64>::try_from(&p2).expect("p2");
-    let p3v = Vec::<f64>::try_from(&p3).expect("p3");
-    for (what, counts, probs) in [("2nd token", &c2, &p2v), ("3rd token", &c3, &p3v)] {
+    for (what, counts, probs) in [("2nd token", &c2, &want.p2), ("3rd token", &c3, &want.p3)] {
         let (stat, dof) = chi_square(counts, probs);
         assert!(
             stat < chi_square_critical(dof),
@@ -296,7 +277,7 @@ fn sampled_trees_follow_the_target_distribution() {
             chi_square_critical(dof)
         );
     }
-    let (stat, dof) = chi_square(&c2, &unfiltered);
+    let (stat, dof) = chi_square(&c2, &want.unfiltered);
     assert!(
         stat > 3.0 * chi_square_critical(dof),
         "the unfiltered distribution should be rejected: {stat:.1}"
@@ -391,5 +372,93 @@ fn greedy_trees_on_the_demo_target_give_its_greedy_output() {
     assert!(
         deep >= 2 && short >= 1,
         "{deep} rounds accepted two drafts or more, {short} stopped short"
+    );
+}
+
+/// `forge eval --tree ... --predict ... --sweep` on a trained tiny EAGLE-3: the tree run is
+/// verified against plain greedy decoding, every GPU and batch gets a prediction, each sweep
+/// setting its tau, and each recommendation is the sweep's best predicted speedup, printed
+/// with SGLang's flags for it.
+#[test]
+fn forge_eval_drafts_trees_predicts_and_recommends_settings() {
+    use crate::eval::{read_json, run_eval};
+    let run = forge_tests::TinyRun::new("eval-tree-cli", "recipes/eagle3-tiny.yaml", true);
+    let ckpt = run.dir.join("run");
+    run.train(
+        &ckpt,
+        &["--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
+    );
+    let prompts = run.dir.join("questions.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Write a haiku about rain.\"]}\n{\"question_id\": 2, \"category\": \"math\", \"turns\": [\"What is 12 times 7?\"]}\n",
+    )
+    .expect("write");
+    let json = run.dir.join("report.json");
+    let target = run.target.display().to_string();
+    let out = run_eval(&[
+        "--target",
+        &target,
+        "--draft",
+        ckpt.to_str().expect("utf8"),
+        "--prompts",
+        prompts.to_str().expect("utf8"),
+        "--max-new-tokens",
+        "12",
+        "--tree",
+        "steps=3,topk=2,draft_tokens=5",
+        "--verify",
+        "--predict",
+        "h100,h200",
+        "--batch",
+        "1,64",
+        "--sweep",
+        "--sweep-setting",
+        "chain:2",
+        "--sweep-setting",
+        "tree:steps=2,topk=2,draft_tokens=4",
+        "--json",
+        json.to_str().expect("utf8"),
+        "--progress",
+        "never",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = read_json(&json);
+    assert_eq!(r["settings"]["tree"], "steps=3,topk=2,draft_tokens=5");
+    assert_eq!(r["summary"]["greedy_mismatches"], 0);
+    let predicted = r["predicted"].as_array().expect("predicted");
+    assert_eq!(predicted.len(), 4, "2 GPUs x 2 batch sizes: {predicted:?}");
+    assert!(predicted.iter().all(|p| p["speedup"].as_f64().is_some_and(|s| s > 0.0)));
+    let sweep = r["sweep"].as_array().expect("sweep");
+    let names: Vec<&str> = sweep.iter().map(|s| s["setting"].as_str().expect("setting")).collect();
+    assert_eq!(names, ["chain:2", "tree:steps=2,topk=2,draft_tokens=4"]);
+    for s in sweep {
+        let tau = s["summary"]["tau"].as_f64().expect("tau");
+        assert!((1.0..=3.0).contains(&tau), "{s}");
+    }
+    let recs = r["recommended"].as_array().expect("recommended");
+    assert_eq!(recs.len(), 4);
+    for rec in recs {
+        let speedups = rec["speedups"].as_object().expect("speedups");
+        let best = speedups.values().filter_map(|v| v.as_f64()).fold(f64::MIN, f64::max);
+        assert_eq!(rec["speedup"].as_f64(), Some(best), "{rec}");
+        assert_eq!(speedups[rec["setting"].as_str().expect("setting")].as_f64(), Some(best));
+    }
+    // flags for a setting that beats plain decoding; otherwise the advice to serve the
+    // target alone (a 2-step draft accepts little)
+    let beats = recs.iter().any(|rec| rec["speedup"].as_f64().is_some_and(|s| s >= 1.0));
+    let says = if beats {
+        "--speculative-algorithm EAGLE3"
+    } else {
+        "no setting of the sweep beats plain decoding here"
+    };
+    assert!(
+        stdout.contains("recommended serving settings") && stdout.contains(says),
+        "{stdout}"
     );
 }

@@ -355,19 +355,12 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
             template: &template,
             stop: stop.clone(),
         };
-        let mut t = Tally::default();
         let mut groups: BTreeMap<String, Tally> = BTreeMap::new();
-        for (_, convs) in &files {
-            for conv in convs {
-                let mut one = Tally::default();
-                actx.conversation(conv, &mut one, &mut Vec::new())
-                    .with_context(|| format!("--ablate {opt}"))?;
-                if let Some(g) = prompt_group(drafter.as_ref(), conv) {
-                    groups.entry(g.to_string()).or_default().merge(&one);
-                }
-                t.merge(&one);
+        let mut t = decode_files(&actx, &files, &format!("--ablate {opt}"), |conv, one| {
+            if let Some(g) = prompt_group(drafter.as_ref(), conv) {
+                groups.entry(g.to_string()).or_default().merge(one);
             }
-        }
+        })?;
         t.baseline_of(&overall);
         for (g, gt) in groups.iter_mut() {
             if let Some(main) = overall_groups.get(g) {
@@ -433,13 +426,7 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
                 template: &template,
                 stop: stop.clone(),
             };
-            let mut t = Tally::default();
-            for (_, convs) in &files {
-                for conv in convs {
-                    sctx.conversation(conv, &mut t, &mut Vec::new())
-                        .with_context(|| format!("--sweep {setting}"))?;
-                }
-            }
+            let t = decode_files(&sctx, &files, &format!("--sweep {setting}"), |_, _| {})?;
             on_event(EvalEvent::Sweep(&setting, &t));
             sweep_rows.push((setting, t));
         }
@@ -458,6 +445,27 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
         sweep: sweep_rows,
         recommendations,
     })
+}
+
+/// Every prompt turn of `files` decoded with `ctx` (no per-prompt records), summed; `each` sees
+/// each conversation and its own tally. Errors name `what` (the flag of the run).
+fn decode_files(
+    ctx: &Ctx,
+    files: &[(PathBuf, Vec<InputConversation>)],
+    what: &str,
+    mut each: impl FnMut(&InputConversation, &Tally),
+) -> Result<Tally> {
+    let mut total = Tally::default();
+    for (_, convs) in files {
+        for conv in convs {
+            let mut one = Tally::default();
+            ctx.conversation(conv, &mut one, &mut Vec::new())
+                .with_context(|| what.to_string())?;
+            each(conv, &one);
+            total.merge(&one);
+        }
+    }
+    Ok(total)
 }
 
 /// The drafter's group of a prompt ([`forge_models::drafters::Drafter::prompt_group`]), from
