@@ -180,46 +180,41 @@ fn greedy_speculative_output_equals_plain_greedy_output_for_every_drafter() {
     }
 }
 
-/// A draft that proposes the known greedy continuation with one wrong token at a position
-/// chosen per round (or none), and checks everything the engine commits against a full
-/// forward of the final sequence.
-struct Scripted {
-    prompt: Vec<i64>,
-    answer: Vec<i64>,
+/// The known greedy answer of a scripted draft session and its checks of what the engine
+/// commits against a full forward of the final sequence (tests/tree.rs scripts trees with it).
+pub(crate) struct Script {
+    pub prompt: Vec<i64>,
+    pub answer: Vec<i64>,
     /// The target's normed hidden states over prompt + answer `[T, H]` (one full forward).
-    reference: Tensor,
-    committed: i64,
-    round: usize,
-    /// Per round, the index of the wrong proposal (>= gamma: all right).
-    errors: Vec<usize>,
-    max_feature_diff: f64,
+    pub reference: Tensor,
+    /// Committed positions; the committed sequence ends with token `committed` (not yet cached).
+    pub committed: i64,
+    pub max_feature_diff: f64,
 }
 
-impl Scripted {
-    fn new(t: &TargetModel, prompt: &[i64], answer: &[i64], errors: Vec<usize>) -> Scripted {
+impl Script {
+    pub fn new(t: &TargetModel, prompt: &[i64], answer: &[i64]) -> Script {
         let seq: Vec<i64> = prompt.iter().chain(answer).copied().collect();
-        Scripted {
+        Script {
             reference: reference_hidden(t, &seq),
             prompt: prompt.to_vec(),
             answer: answer.to_vec(),
             committed: 0,
-            round: 0,
-            errors,
             max_feature_diff: 0.0,
         }
     }
 
-    fn token_at(&self, pos: usize) -> Option<i64> {
+    pub fn token_at(&self, pos: usize) -> Option<i64> {
         if pos < self.prompt.len() {
             Some(self.prompt[pos])
         } else {
             self.answer.get(pos - self.prompt.len()).copied()
         }
     }
-}
 
-impl DraftSession for Scripted {
-    fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
+    /// `DraftSession::commit`'s checks: consecutive commits, the right next tokens, features
+    /// as the full forward computes them.
+    pub fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) {
         assert_eq!(start, self.committed, "commits are consecutive");
         for (i, &n) in next.iter().enumerate() {
             assert_eq!(
@@ -233,6 +228,31 @@ impl DraftSession for Scripted {
         let want = self.reference.narrow(0, start, k);
         self.max_feature_diff = self.max_feature_diff.max(max_abs_diff(&f.hidden_normed, &want));
         self.committed = start + k;
+    }
+}
+
+/// A draft that proposes the known greedy continuation with one wrong token at a position
+/// chosen per round (or none), and checks everything the engine commits ([`Script`]).
+struct Scripted {
+    script: Script,
+    round: usize,
+    /// Per round, the index of the wrong proposal (>= gamma: all right).
+    errors: Vec<usize>,
+}
+
+impl Scripted {
+    fn new(t: &TargetModel, prompt: &[i64], answer: &[i64], errors: Vec<usize>) -> Scripted {
+        Scripted {
+            script: Script::new(t, prompt, answer),
+            round: 0,
+            errors,
+        }
+    }
+}
+
+impl DraftSession for Scripted {
+    fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
+        self.script.commit(start, f, next);
         Ok(())
     }
 
@@ -242,7 +262,10 @@ impl DraftSession for Scripted {
         // the committed sequence ends with token `committed` (not yet in the cache)
         let tokens: Vec<i64> = (0..gamma)
             .map(|i| {
-                let right = self.token_at(self.committed as usize + 1 + i).unwrap_or(0);
+                let right = self
+                    .script
+                    .token_at(self.script.committed as usize + 1 + i)
+                    .unwrap_or(0);
                 if i == wrong {
                     (right + 1) % V
                 } else {
@@ -292,9 +315,9 @@ fn acceptance_rollback_and_bonus_tokens_follow_the_script_and_keep_the_cache_exa
         "some rounds accept everything (bonus token)"
     );
     assert!(
-        s.max_feature_diff < 1e-4,
+        s.script.max_feature_diff < 1e-4,
         "features after rollback differ from a full forward by {}",
-        s.max_feature_diff
+        s.script.max_feature_diff
     );
     // tau = tokens per verification forward
     let emitted: usize = got.rounds.iter().map(|r| r.emitted).sum();

@@ -4,14 +4,14 @@
 //! sampled trees follow the target's distribution.
 
 use crate::eval::{
-    chi_square, chi_square_critical, eagle1, eagle3, hybrid, marginals, medusa, plain, prompts, reference_hidden, V,
+    chi_square, chi_square_critical, eagle1, eagle3, hybrid, marginals, medusa, plain, prompts, Script, V,
 };
 use forge_models::drafters::Drafter;
 use forge_models::generate::{RowRng, Sampling};
 use forge_models::spec_tree::TreeSpec;
 use forge_models::speculative::{speculative_generate, DraftSession, Proposal, SpecOptions, StepFeatures};
 use forge_models::TargetModel;
-use forge_tests::{max_abs_diff, random_target, random_target_from, tiny_config};
+use forge_tests::{random_target, random_target_from, tiny_config};
 use tch::{Device, Kind, Tensor};
 
 fn tree(s: &str) -> TreeSpec {
@@ -118,39 +118,13 @@ fn a_tree_of_topk_one_decodes_exactly_as_the_chain() {
 /// keys are not the first rows of the tree), every other token below. Checks the committed
 /// features against one full forward of the final sequence.
 struct ScriptedTree {
-    prompt: Vec<i64>,
-    answer: Vec<i64>,
-    reference: Tensor,
-    committed: i64,
+    script: Script,
     calls: usize,
-    max_feature_diff: f64,
-}
-
-impl ScriptedTree {
-    fn token_at(&self, pos: usize) -> Option<i64> {
-        if pos < self.prompt.len() {
-            Some(self.prompt[pos])
-        } else {
-            self.answer.get(pos - self.prompt.len()).copied()
-        }
-    }
 }
 
 impl DraftSession for ScriptedTree {
     fn commit(&mut self, start: i64, f: &StepFeatures, next: &[i64]) -> forge_models::Result<()> {
-        assert_eq!(start, self.committed, "commits are consecutive");
-        for (i, &n) in next.iter().enumerate() {
-            assert_eq!(
-                Some(n),
-                self.token_at(start as usize + i + 1),
-                "next token of position {}",
-                start as usize + i
-            );
-        }
-        let k = next.len() as i64;
-        let want = self.reference.narrow(0, start, k);
-        self.max_feature_diff = self.max_feature_diff.max(max_abs_diff(&f.hidden_normed, &want));
-        self.committed = start + k;
+        self.script.commit(start, f, next);
         Ok(())
     }
 
@@ -165,12 +139,12 @@ impl DraftSession for ScriptedTree {
     fn path_logits(&mut self, path: &[i64]) -> forge_models::Result<Tensor> {
         self.calls += 1;
         // the committed sequence ends with token `committed` (the root, not yet cached)
-        let base = self.committed as usize + 1;
+        let base = self.script.committed as usize + 1;
         let on_answer = path
             .iter()
             .enumerate()
-            .all(|(i, &d)| self.token_at(base + i) == Some(d));
-        let right = self.token_at(base + path.len()).filter(|_| on_answer);
+            .all(|(i, &d)| self.script.token_at(base + i) == Some(d));
+        let right = self.script.token_at(base + path.len()).filter(|_| on_answer);
         // a fixed descending ladder over tokens, rotated per call
         let rank_of_right = self.calls % 3;
         let mut logits = vec![0f32; V as usize];
@@ -197,14 +171,9 @@ fn accepted_paths_through_later_siblings_keep_the_targets_cache_exact() {
         let spec = tree(spec);
         for p in prompts() {
             let answer = plain(&t, &p, 40, &[]);
-            let seq: Vec<i64> = p.iter().chain(&answer).copied().collect();
             let mut s = ScriptedTree {
-                reference: reference_hidden(&t, &seq),
-                prompt: p.clone(),
-                answer: answer.clone(),
-                committed: 0,
+                script: Script::new(&t, &p, &answer),
                 calls: 0,
-                max_feature_diff: 0.0,
             };
             let opts = SpecOptions {
                 tree: Some(spec),
@@ -214,9 +183,9 @@ fn accepted_paths_through_later_siblings_keep_the_targets_cache_exact() {
             let got = speculative_generate(&t, &mut s, &Default::default(), &p, &opts).expect("speculative");
             assert_eq!(got.tokens, answer, "tree {spec}");
             assert!(
-                s.max_feature_diff < 1e-4,
+                s.script.max_feature_diff < 1e-4,
                 "tree {spec}: committed features off by {}",
-                s.max_feature_diff
+                s.script.max_feature_diff
             );
             // the right token ranks first, second or third: accepted paths, some deep, many
             // through a later sibling (rows of the tree that the cache must move)
