@@ -304,7 +304,7 @@ impl HiddenWriter {
         }
         let h = s.hidden_size;
         let a = s.aux_layers.len() * h;
-        let (vb, fp8) = (s.dtype.value_bytes(), s.dtype == HiddenDtype::Fp8);
+        let (vb, is_fp8) = (s.dtype.value_bytes(), s.dtype == HiddenDtype::Fp8);
         let mut ids = Vec::new();
         let mut mask = Vec::new();
         let mut offsets = vec![0u64];
@@ -336,9 +336,9 @@ impl HiddenWriter {
             want(
                 "hidden_state scales",
                 r.hidden_scale.len(),
-                usize::from(fp8 && s.last_hidden),
+                usize::from(is_fp8 && s.last_hidden),
             )?;
-            want("aux_hidden_state scales", r.aux_scale.len(), usize::from(fp8 && a > 0))?;
+            want("aux_hidden_state scales", r.aux_scale.len(), usize::from(is_fp8 && a > 0))?;
             want("topk_ids", r.topk_ids.len(), s.topk)?;
             want("topk_logprobs bytes", r.topk_logprobs.len(), 2 * s.topk)?;
             ids.extend_from_slice(&r.input_ids);
@@ -364,13 +364,13 @@ impl HiddenWriter {
         let state = s.dtype.tensor_dtype();
         if s.last_hidden {
             tensors.push(("hidden_state", state, vec![tcount, h], &hidden));
-            if fp8 {
+            if is_fp8 {
                 tensors.push(("hidden_state_scale", Dtype::F32, vec![tcount, 1], &hidden_scale));
             }
         }
         if a > 0 {
             tensors.push(("aux_hidden_state", state, vec![tcount, a], &aux));
-            if fp8 {
+            if is_fp8 {
                 tensors.push(("aux_hidden_state_scale", Dtype::F32, vec![tcount, 1], &aux_scale));
             }
         }
@@ -382,7 +382,7 @@ impl HiddenWriter {
         meta.insert("format".into(), HIDDEN_FORMAT.into());
         meta.insert("first_sample".into(), range.start.to_string());
         meta.insert("dtype".into(), s.dtype.as_str().into());
-        if fp8 {
+        if is_fp8 {
             meta.insert(
                 "scale".into(),
                 "per token: <tensor>_scale f32 [T, 1] = max(amax(|row|) / 448, 1e-12); value = e4m3fn * scale".into(),
