@@ -24,7 +24,7 @@ fn header(path: &Path) -> (serde_json::Value, Vec<u8>) {
 /// Rewrites a safetensors file with another header (same data bytes).
 fn rewrite_header(path: &Path, json: &serde_json::Value, data: &[u8]) {
     let mut h = serde_json::to_vec(json).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -56,6 +56,14 @@ fn fp8_conversion_matches_torch_float8_e4m3fn() {
         })
         .collect();
     assert!(xs.len() > 100_000, "{}", xs.len());
+    // past 448 both saturate (libtorch 2.13's CPU cast included), so every value agrees
+    let edge = [464f32, 479.0, 480.0, 1e6, -1e6];
+    let t = Tensor::from_slice(&edge)
+        .to_kind(Kind::Float8e4m3fn)
+        .to_kind(Kind::Float);
+    let torch_edge: Vec<f32> = Vec::try_from(&t).expect("f32");
+    assert_eq!(torch_edge, [448.0, 448.0, 448.0, 448.0, -448.0]);
+    assert!(edge.iter().all(|&x| e4m3_to_f32(f32_to_e4m3(x)) == x.signum() * 448.0));
     assert!(
         bad.is_empty(),
         "{} of {} differ from torch's cast: {:?}",

@@ -8,8 +8,8 @@
 //!
 //! A row `x` is stored as `scale = max(amax(|x|) / 448, 1e-12)` (f32) and the codes
 //! `e4m3(x_i / scale)`; it reads back as `e4m3_to_f32(code) * scale`. Rounding is to nearest,
-//! ties to even (what torch's cast does); values past ±448 saturate to ±448 (torch's cast
-//! would give NaN from 480 up, which `x / scale` never reaches).
+//! ties to even, and values past ±448 saturate to ±448, as libtorch 2.13's CPU cast does
+//! (`x / scale` stays within ±448 anyway).
 //!
 //! Error of one element (derivation in docs/data.md): with `y = x / scale`, `|y| <= 448`;
 //! a normal `y` is off by at most half a step of its binade, `2^-4 |y|`, a subnormal one by at

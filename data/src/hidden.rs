@@ -338,7 +338,11 @@ impl HiddenWriter {
                 r.hidden_scale.len(),
                 usize::from(is_fp8 && s.last_hidden),
             )?;
-            want("aux_hidden_state scales", r.aux_scale.len(), usize::from(is_fp8 && a > 0))?;
+            want(
+                "aux_hidden_state scales",
+                r.aux_scale.len(),
+                usize::from(is_fp8 && a > 0),
+            )?;
             want("topk_ids", r.topk_ids.len(), s.topk)?;
             want("topk_logprobs bytes", r.topk_logprobs.len(), 2 * s.topk)?;
             ids.extend_from_slice(&r.input_ids);
