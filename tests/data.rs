@@ -414,7 +414,7 @@ fn settings(n: usize, per_shard: usize, h: usize, aux: Vec<usize>, topk: usize) 
         last_hidden: true,
         aux_layers: aux,
         topk,
-        dtype: "bf16".into(),
+        dtype: forge_data::HiddenDtype::Bf16,
         samples_per_shard: per_shard,
         num_samples: n,
     }
@@ -437,6 +437,7 @@ fn hidden_shards_round_trip_bit_exact_and_resume() {
             aux_hidden_state: f32_to_bf16_bytes(&g),
             topk_ids: (0..(t * k) as i32).collect(),
             topk_logprobs: f32_to_bf16_bytes(&vec![-0.5; t * k]),
+            ..Default::default()
         });
     }
     let st = settings(n, 3, h, vec![1, 4], k);

@@ -8,6 +8,7 @@ mod device_check;
 mod dist;
 mod eagle;
 mod eval;
+mod fp8;
 mod hybrid;
 mod knowledge;
 mod layout;

@@ -4,10 +4,16 @@
 //!
 //! Shard tensors (only those the drafter needs):
 //! - `input_ids` u32 `[T]`, `loss_mask` u8 `[T]`, `offsets` u64 `[n+1]` (always)
-//! - `hidden_state` bf16 `[T, H]`: the target's last hidden state after the final norm (what
+//! - `hidden_state` `[T, H]`: the target's last hidden state after the final norm (what
 //!   its lm_head reads; target logits are recomputed from it with the lm_head alone)
-//! - `aux_hidden_state` bf16 `[T, A*H]`: outputs of the captured layers, concatenated
+//! - `aux_hidden_state` `[T, A*H]`: outputs of the captured layers, concatenated
 //! - `topk_ids` i32 `[T, k]` and `topk_logprobs` bf16 `[T, k]`: optional target top-k
+//!
+//! The two states are stored as the folder's [`HiddenDtype`] says (manifest `settings.dtype`,
+//! and each shard's header metadata `dtype`): bf16, or float8 e4m3fn with one f32 scale per
+//! token in `hidden_state_scale` / `aux_hidden_state_scale` `[T, 1]` (see [`crate::fp8`]).
+//! Reading gives bf16 bytes either way (fp8 dequantised), so training does not see the
+//! difference. Shards without a `dtype` in their header (written before fp8 existed) are bf16.
 //!
 //! A shard file is written under a temporary name and renamed; the manifest is rewritten after
 //! every shard, so an interrupted run keeps its finished shards and continues from them.
@@ -16,12 +22,76 @@
 
 use crate::dataset::{tensor_bytes, u32s, u64s, with_tensors, write_tensors};
 use crate::error::{DataError, Result};
+use crate::fp8;
 use safetensors::tensor::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const HIDDEN_FORMAT: &str = "forge-hidden-v1";
 pub const MANIFEST: &str = "manifest.json";
+
+/// How `hidden_state` and `aux_hidden_state` are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HiddenDtype {
+    /// bfloat16, 2 bytes per value.
+    #[default]
+    Bf16,
+    /// float8 e4m3fn, 1 byte per value, plus one f32 scale per token and tensor.
+    Fp8,
+}
+
+impl HiddenDtype {
+    pub const NAMES: &'static [&'static str] = &["bf16", "fp8"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HiddenDtype::Bf16 => "bf16",
+            HiddenDtype::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            HiddenDtype::Bf16 => 2,
+            HiddenDtype::Fp8 => 1,
+        }
+    }
+
+    fn tensor_dtype(self) -> Dtype {
+        match self {
+            HiddenDtype::Bf16 => Dtype::BF16,
+            HiddenDtype::Fp8 => Dtype::F8_E4M3,
+        }
+    }
+}
+
+impl std::fmt::Display for HiddenDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HiddenDtype {
+    type Err = DataError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bf16" => Ok(HiddenDtype::Bf16),
+            "fp8" => Ok(HiddenDtype::Fp8),
+            other => Err(DataError::Invalid(format!(
+                "hidden-state dtype '{other}' is not one of {}",
+                Self::NAMES.join(", ")
+            ))),
+        }
+    }
+}
+
+/// The scale tensor stored beside an fp8 state tensor.
+fn scale_name(name: &str) -> String {
+    format!("{name}_scale")
+}
 
 /// What a hidden-state dataset holds and where it came from. Two runs with equal settings
 /// produce identical shards; resuming requires equal settings.
@@ -41,7 +111,8 @@ pub struct HiddenSettings {
     pub aux_layers: Vec<usize>,
     /// Target top-k logits stored per token (0 = none).
     pub topk: usize,
-    pub dtype: String,
+    /// Storage of `hidden_state` and `aux_hidden_state` (top-k log-probabilities stay bf16).
+    pub dtype: HiddenDtype,
     pub samples_per_shard: usize,
     pub num_samples: usize,
 }
@@ -132,16 +203,21 @@ pub struct HiddenWriter {
     manifest: HiddenManifest,
 }
 
-/// The rows of one sample to store, bf16 data as raw little-endian bytes.
+/// The rows of one sample to store, as raw little-endian bytes in the dataset's
+/// [`HiddenDtype`] (bf16 bytes, or e4m3fn codes with their per-token scales).
 #[derive(Debug, Clone, Default)]
 pub struct SampleRows {
     pub id: String,
     pub input_ids: Vec<u32>,
     pub loss_mask: Vec<u8>,
-    /// `[T, H]` bf16 bytes (empty when not stored).
+    /// `[T, H]` bf16 bytes or e4m3fn codes (empty when not stored).
     pub hidden_state: Vec<u8>,
-    /// `[T, A*H]` bf16 bytes.
+    /// `[T]` scales of `hidden_state` (fp8 only).
+    pub hidden_scale: Vec<f32>,
+    /// `[T, A*H]` bf16 bytes or e4m3fn codes.
     pub aux_hidden_state: Vec<u8>,
+    /// `[T]` scales of `aux_hidden_state` (fp8 only).
+    pub aux_scale: Vec<f32>,
     /// `[T, k]` i32 ids and bf16 log-probabilities.
     pub topk_ids: Vec<i32>,
     pub topk_logprobs: Vec<u8>,
@@ -228,11 +304,14 @@ impl HiddenWriter {
         }
         let h = s.hidden_size;
         let a = s.aux_layers.len() * h;
+        let (vb, is_fp8) = (s.dtype.value_bytes(), s.dtype == HiddenDtype::Fp8);
         let mut ids = Vec::new();
         let mut mask = Vec::new();
         let mut offsets = vec![0u64];
         let mut hidden = Vec::new();
+        let mut hidden_scale = Vec::new();
         let mut aux = Vec::new();
+        let mut aux_scale = Vec::new();
         let mut topk_ids = Vec::new();
         let mut topk_lp = Vec::new();
         let mut lengths = Vec::with_capacity(samples.len());
@@ -251,16 +330,28 @@ impl HiddenWriter {
             want(
                 "hidden_state bytes",
                 r.hidden_state.len(),
-                if s.last_hidden { 2 * h } else { 0 },
+                if s.last_hidden { vb * h } else { 0 },
             )?;
-            want("aux_hidden_state bytes", r.aux_hidden_state.len(), 2 * a)?;
+            want("aux_hidden_state bytes", r.aux_hidden_state.len(), vb * a)?;
+            want(
+                "hidden_state scales",
+                r.hidden_scale.len(),
+                usize::from(is_fp8 && s.last_hidden),
+            )?;
+            want(
+                "aux_hidden_state scales",
+                r.aux_scale.len(),
+                usize::from(is_fp8 && a > 0),
+            )?;
             want("topk_ids", r.topk_ids.len(), s.topk)?;
             want("topk_logprobs bytes", r.topk_logprobs.len(), 2 * s.topk)?;
             ids.extend_from_slice(&r.input_ids);
             mask.extend_from_slice(&r.loss_mask);
             offsets.push(ids.len() as u64);
             hidden.extend_from_slice(&r.hidden_state);
+            hidden_scale.extend(r.hidden_scale.iter().flat_map(|x| x.to_le_bytes()));
             aux.extend_from_slice(&r.aux_hidden_state);
+            aux_scale.extend(r.aux_scale.iter().flat_map(|x| x.to_le_bytes()));
             topk_ids.extend_from_slice(&r.topk_ids);
             topk_lp.extend_from_slice(&r.topk_logprobs);
             lengths.push(t);
@@ -274,11 +365,18 @@ impl HiddenWriter {
             ("loss_mask", Dtype::U8, vec![tcount], &mask),
             ("offsets", Dtype::U64, vec![offsets.len()], &off_b),
         ];
+        let state = s.dtype.tensor_dtype();
         if s.last_hidden {
-            tensors.push(("hidden_state", Dtype::BF16, vec![tcount, h], &hidden));
+            tensors.push(("hidden_state", state, vec![tcount, h], &hidden));
+            if is_fp8 {
+                tensors.push(("hidden_state_scale", Dtype::F32, vec![tcount, 1], &hidden_scale));
+            }
         }
         if a > 0 {
-            tensors.push(("aux_hidden_state", Dtype::BF16, vec![tcount, a], &aux));
+            tensors.push(("aux_hidden_state", state, vec![tcount, a], &aux));
+            if is_fp8 {
+                tensors.push(("aux_hidden_state_scale", Dtype::F32, vec![tcount, 1], &aux_scale));
+            }
         }
         if s.topk > 0 {
             tensors.push(("topk_ids", Dtype::I32, vec![tcount, s.topk], &tk_b));
@@ -287,6 +385,13 @@ impl HiddenWriter {
         let mut meta = HashMap::new();
         meta.insert("format".into(), HIDDEN_FORMAT.into());
         meta.insert("first_sample".into(), range.start.to_string());
+        meta.insert("dtype".into(), s.dtype.as_str().into());
+        if is_fp8 {
+            meta.insert(
+                "scale".into(),
+                "per token: <tensor>_scale f32 [T, 1] = max(amax(|row|) / 448, 1e-12); value = e4m3fn * scale".into(),
+            );
+        }
         let sample_ids: Vec<&str> = samples.iter().map(|r| r.id.as_str()).collect();
         meta.insert("ids".into(), serde_json::to_string(&sample_ids).unwrap_or_default());
         let file = HiddenManifest::shard_file(k);
@@ -329,9 +434,9 @@ pub struct SampleView<'a> {
     pub id: &'a str,
     pub input_ids: &'a [u32],
     pub loss_mask: &'a [u8],
-    /// bf16 bytes `[T, H]` (empty if not stored).
+    /// bf16 bytes `[T, H]` (empty if not stored; fp8 shards dequantised).
     pub hidden_state: &'a [u8],
-    /// bf16 bytes `[T, A*H]` (empty if not stored).
+    /// bf16 bytes `[T, A*H]` (empty if not stored; fp8 shards dequantised).
     pub aux_hidden_state: &'a [u8],
     pub topk_ids: &'a [i32],
     pub topk_logprobs: &'a [u8],
@@ -438,6 +543,45 @@ impl HiddenDataset {
                 .and_then(|m| m.get("ids"))
                 .and_then(|v| serde_json::from_str(v).ok())
                 .unwrap_or_default();
+            // the shard's own header says how its states are stored (none: bf16, from before
+            // fp8); one folder holds one dtype
+            let dtype = match meta.and_then(|m| m.get("dtype")) {
+                None => HiddenDtype::Bf16,
+                Some(d) => d.parse().map_err(|e: DataError| DataError::Safetensors {
+                    path: path.clone(),
+                    msg: format!("header metadata 'dtype': {e}"),
+                })?,
+            };
+            if dtype != s.dtype {
+                return Err(DataError::Safetensors {
+                    path: path.clone(),
+                    msg: format!(
+                        "holds {dtype} hidden states but {} says {}: a folder holds one dtype, prepare it again into an empty --out folder",
+                        self.dir.join(MANIFEST).display(),
+                        s.dtype
+                    ),
+                });
+            }
+            // bf16 bytes of a state tensor: as stored, or dequantised from fp8
+            let states = |name: &str, width: usize, on: bool| -> Result<Vec<u8>> {
+                if !on {
+                    return Ok(Vec::new());
+                }
+                let (_, data) = tensor_bytes(&path, st, name, dtype.tensor_dtype())?;
+                if dtype == HiddenDtype::Bf16 {
+                    return Ok(data.to_vec());
+                }
+                let (_, sc) = tensor_bytes(&path, st, &scale_name(name), Dtype::F32)?;
+                let scales: Vec<f32> = sc
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let values = fp8::dequantize_rows(data, &scales, width).map_err(|e| DataError::Safetensors {
+                    path: path.clone(),
+                    msg: format!("tensor '{name}': {e}"),
+                })?;
+                Ok(f32_to_bf16_bytes(&values))
+            };
             let (_, input_ids) = tensor_bytes(&path, st, "input_ids", Dtype::U32)?;
             let (_, loss_mask) = tensor_bytes(&path, st, "loss_mask", Dtype::U8)?;
             let (_, offsets) = tensor_bytes(&path, st, "offsets", Dtype::U64)?;
@@ -453,8 +597,12 @@ impl HiddenDataset {
                 input_ids: u32s(input_ids),
                 loss_mask: loss_mask.to_vec(),
                 offsets: u64s(offsets),
-                hidden_state: opt_bytes("hidden_state", Dtype::BF16, s.last_hidden)?,
-                aux_hidden_state: opt_bytes("aux_hidden_state", Dtype::BF16, !s.aux_layers.is_empty())?,
+                hidden_state: states("hidden_state", s.hidden_size, s.last_hidden)?,
+                aux_hidden_state: states(
+                    "aux_hidden_state",
+                    s.aux_layers.len() * s.hidden_size,
+                    !s.aux_layers.is_empty(),
+                )?,
                 topk_ids: opt_bytes("topk_ids", Dtype::I32, s.topk > 0)?
                     .chunks_exact(4)
                     .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))

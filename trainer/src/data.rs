@@ -7,7 +7,7 @@ pub use crate::target::{chat_template, target_config, target_dir, target_placeme
 
 use crate::recipe::Recipe;
 use forge_data::dataset::{load_dataset, CacheStatus, LoadedDataset, TokenizeOptions};
-use forge_data::hidden::{HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
+use forge_data::hidden::{HiddenDtype, HiddenSettings, HiddenWriter, SampleRows, HIDDEN_FORMAT};
 use forge_data::{ChatTemplate, TextTokenizer, VocabMapping};
 use forge_models::{Capture, TargetConfig, TargetModel};
 use std::path::{Path, PathBuf};
@@ -145,6 +145,16 @@ pub struct HiddenOptions {
     pub batch_size: usize,
     pub samples_per_shard: usize,
     pub topk: usize,
+    /// How the states are stored (`--dtype`); `None`: the recipe's `data.hidden_dtype`.
+    pub dtype: Option<HiddenDtype>,
+}
+
+/// The storage `prepare-hidden` uses: `--dtype` when given, else `data.hidden_dtype`.
+pub fn hidden_dtype(recipe: &Recipe, opts: &HiddenOptions) -> HiddenDtype {
+    opts.dtype.unwrap_or(match recipe.data.hidden_dtype {
+        crate::recipe::HiddenDtype::Bf16 => HiddenDtype::Bf16,
+        crate::recipe::HiddenDtype::Fp8 => HiddenDtype::Fp8,
+    })
 }
 
 /// What `prepare-hidden` did.
@@ -158,6 +168,7 @@ pub struct HiddenReport {
     pub bytes_total: u64,
     pub tokens_total: u64,
     pub bytes_per_token: f64,
+    pub dtype: HiddenDtype,
 }
 
 /// bf16 bytes of a tensor (any float kind), row-major.
@@ -167,6 +178,19 @@ pub fn bf16_bytes(t: &Tensor) -> Vec<u8> {
     let mut out = vec![0u8; n * 2];
     t.copy_data_u8(&mut out, n);
     out
+}
+
+/// A state tensor's rows (`[T, width]`, any float kind) in the dataset's storage: bf16 bytes
+/// and no scales, or e4m3fn codes and one f32 scale per row (`what` names it in errors).
+fn state_rows(t: &Tensor, dtype: HiddenDtype, what: &str) -> Result<(Vec<u8>, Vec<f32>)> {
+    match dtype {
+        HiddenDtype::Bf16 => Ok((bf16_bytes(t), Vec::new())),
+        HiddenDtype::Fp8 => {
+            let width = t.size().last().copied().unwrap_or(0).max(0) as usize;
+            let values = Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1]))?;
+            Ok(forge_data::fp8::quantize_rows(&values, width, what)?)
+        }
+    }
 }
 
 /// Runs the frozen target over the recipe's tokenised data and writes hidden-state shards.
@@ -185,6 +209,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
     let topk = opts.topk.max(needs.target_topk);
     let data = load_token_data(recipe, progress)?;
     let ds = &data.train.dataset;
+    let storage = hidden_dtype(recipe, opts);
     let settings = HiddenSettings {
         format: HIDDEN_FORMAT.into(),
         target: dir.display().to_string(),
@@ -194,7 +219,7 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
         last_hidden: needs.last_hidden,
         aux_layers,
         topk,
-        dtype: "bf16".into(),
+        dtype: storage,
         samples_per_shard: opts.samples_per_shard.max(1),
         num_samples: ds.len(),
     };
@@ -251,10 +276,12 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
                         ..Default::default()
                     };
                     if needs.last_hidden {
-                        s.hidden_state = bf16_bytes(&row(&out.hidden_normed));
+                        let what = format!("sample {}: hidden_state", s.id);
+                        (s.hidden_state, s.hidden_scale) = state_rows(&row(&out.hidden_normed), storage, &what)?;
                     }
                     if let Some(a) = &aux {
-                        s.aux_hidden_state = bf16_bytes(&row(a));
+                        let what = format!("sample {}: aux_hidden_state", s.id);
+                        (s.aux_hidden_state, s.aux_scale) = state_rows(&row(a), storage, &what)?;
                     }
                     if let Some((vals, idx)) = &topk {
                         s.topk_logprobs = bf16_bytes(&row(vals));
@@ -281,5 +308,6 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
         bytes_total: m.bytes,
         tokens_total: m.tokens,
         bytes_per_token: m.bytes_per_token,
+        dtype: m.settings.dtype,
     })
 }

@@ -37,6 +37,10 @@ pub struct HiddenArgs {
     /// Also store the target's top-k log-probabilities per token (0 = no).
     #[arg(long, default_value_t = 0)]
     topk: usize,
+    /// How to store the hidden states: bf16, or fp8 (float8 e4m3fn with one f32 scale per
+    /// token, about half the bytes). Default: the recipe's data.hidden_dtype (bf16).
+    #[arg(long, value_parser = ["bf16", "fp8"])]
+    dtype: Option<String>,
 }
 
 fn status_json(s: &CacheStatus) -> serde_json::Value {
@@ -188,6 +192,7 @@ pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
         batch_size: a.batch_size,
         samples_per_shard: a.samples_per_shard,
         topk: a.topk,
+        dtype: a.dtype.as_deref().map(str::parse).transpose()?,
     };
     let steps = Steps::new(progress::for_recipe(&recipe));
     let r = data::prepare_hidden(&recipe, &opts, &|what, done, total| steps.update(what, done, total))
@@ -195,7 +200,7 @@ pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
     drop(steps);
     let already = r.shards_total - r.shards_written;
     println!(
-        "{}: {} samples in {} shard(s) ({} written now, {} already there), {} tokens, {:.1} MB, {:.0} bytes/token",
+        "{}: {} samples in {} shard(s) ({} written now, {} already there), {} tokens, {:.1} MB, {:.0} bytes/token ({})",
         opts.out.display(),
         r.samples,
         r.shards_total,
@@ -203,7 +208,8 @@ pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
         already,
         r.tokens_total,
         r.bytes_total as f64 / 1e6,
-        r.bytes_per_token
+        r.bytes_per_token,
+        r.dtype
     );
     if r.tokens_written > 0 {
         println!(

@@ -24,6 +24,10 @@ choice! {
     pub enum DataMode { Online = "online", Offline = "offline" }
 }
 choice! {
+    /// How `forge prepare-hidden` stores hidden states: bf16, or float8 e4m3fn with one scale per token.
+    pub enum HiddenDtype { Bf16 = "bf16", Fp8 = "fp8" }
+}
+choice! {
     /// Chat template used to render conversations.
     pub enum TemplateName { Auto = "auto", Chatml = "chatml", Llama3 = "llama3", Qwen3 = "qwen3" }
 }
@@ -61,6 +65,8 @@ section! {
         mode: DataMode = DataMode::Online,
         /// Hidden-state shards from `forge prepare-hidden` (offline mode).
         hidden_dir: Option<PathBuf> = None,
+        /// How `forge prepare-hidden` stores the hidden states when its --dtype is not given: bf16, or fp8 (float8 e4m3fn with one f32 scale per token, about half the bytes). Training reads what the shards' headers say, whatever this is.
+        hidden_dtype: HiddenDtype = HiddenDtype::Bf16,
         /// Token cache folder.
         cache_dir: PathBuf = PathBuf::from(".forge/cache"),
     }

@@ -68,10 +68,11 @@ pub fn markdown() -> String {
     section!("checkpoint", CheckpointSection, "`dir` is required.\n\n");
     section!("log", LogSection, "");
     o.push_str("## Choices\n\n");
-    let common: [(&str, &[&str]); 5] = [
+    let common: [(&str, &[&str]); 6] = [
         ("precision (`target.dtype`, `train.dtype`)", Precision::NAMES),
         ("`train.schedule`", Schedule::NAMES),
         ("`data.mode`", DataMode::NAMES),
+        ("`data.hidden_dtype`", HiddenDtype::NAMES),
         ("`data.chat_template`", TemplateName::NAMES),
         ("`dist.backend`", Backend::NAMES),
     ];
