@@ -393,19 +393,16 @@ impl Recipe {
             cx.issue_at("train.eval_every", "is set but data.eval lists no files to evaluate on");
         }
         for (i, s) in t.eval_decode.iter().enumerate() {
-            if let Err(e) = crate::predict::Setting::parse(s) {
-                cx.issue_at(
-                    &format!("train.eval_decode[{i}]"),
+            let field = format!("train.eval_decode[{i}]");
+            match crate::predict::Setting::parse(s) {
+                Err(e) => cx.issue_at(
+                    &field,
                     format!("{e} (write chain:5 or tree:steps=5,topk=4,draft_tokens=8)"),
-                );
-            } else if matches!(
-                crate::predict::Setting::parse(s),
-                Ok(crate::predict::Setting::Block { .. })
-            ) {
-                cx.issue_at(
-                    &format!("train.eval_decode[{i}]"),
-                    "block drafters are not decoded yet: chain:N or tree:...",
-                );
+                ),
+                Ok(crate::predict::Setting::Block { .. }) => {
+                    cx.issue_at(&field, "block drafters are not decoded yet: chain:N or tree:...")
+                }
+                Ok(_) => {}
             }
         }
         if !t.eval_decode.is_empty() && d.eval.is_empty() {
