@@ -844,3 +844,127 @@ fn tensor_parallel_composes_with_data_parallel_and_zero() {
         "{err}"
     );
 }
+
+/// `forge <args>` through `forge launch --nproc 2` (every rank one target shard), checked.
+fn launched_tp2(args: &[String]) -> String {
+    let out = run_forge(&launch_args(2, args));
+    ok(&out, &format!("forge launch --nproc 2 -- {}", args.join(" ")))
+}
+
+#[test]
+fn a_split_target_prepares_hidden_states_regenerates_and_evaluates_as_the_whole_one() {
+    let mut run = setup("dist-tp-commands");
+    run.recipe = root().join("recipes/eagle3-tiny.yaml");
+    let data_sets = [
+        format!("target.path={}", run.target.display()),
+        format!("data.train=[{}]", run.data.display()),
+        format!("data.cache_dir={}", run.dir.join("cache").display()),
+    ];
+    let with_sets = |mut args: Vec<String>, extra: &[&str]| -> Vec<String> {
+        for s in data_sets.iter().map(String::as_str).chain(extra.iter().copied()) {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        args
+    };
+    // prepare-hidden: the shards of a split target train the draft as the whole target's do
+    let hidden = |name: &str| -> Vec<String> {
+        vec![
+            "prepare-hidden".into(),
+            run.recipe.display().to_string(),
+            "--out".into(),
+            run.dir.join(name).display().to_string(),
+        ]
+    };
+    ok(&run_forge(&with_sets(hidden("hidden1"), &[])), "prepare-hidden");
+    let out = launched_tp2(&with_sets(hidden("hidden2"), &["target.tensor_parallel=2"]));
+    assert!(out.contains("[rank 0]") && !out.contains("[rank 1]"), "{out}");
+    let offline = |name: &str, shards: &str| -> Vec<(u64, f64)> {
+        let ck = run.dir.join(name);
+        let hd = format!("data.hidden_dir={}", run.dir.join(shards).display());
+        train(&run, 1, &ck, &["train.max_steps=3", "data.mode=offline", &hd], &[]);
+        losses(&ck)
+    };
+    let (a, b) = (offline("off1", "hidden1"), offline("off2", "hidden2"));
+    assert_eq!(a.len(), 3);
+    for ((_, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-3 * x.abs(),
+            "whole target {x} vs split {y} (bf16 shards)"
+        );
+    }
+
+    // regenerate: the same greedy answers, written once
+    let prompts = forge_tests::two_turn_questions(&run.dir);
+    let regen = |out: &str, tp: &str| -> Vec<String> {
+        [
+            "regenerate",
+            "--target",
+            &run.target.display().to_string(),
+            "--in",
+            &prompts.display().to_string(),
+            "--out",
+            &run.dir.join(out).display().to_string(),
+            "--max-new-tokens",
+            "8",
+            "--tensor-parallel",
+            tp,
+            "--progress",
+            "never",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    ok(&run_forge(&regen("regen1.jsonl", "1")), "regenerate");
+    launched_tp2(&regen("regen2.jsonl", "2"));
+    let read = |f: &str| std::fs::read_to_string(run.dir.join(f)).expect("regenerated");
+    assert_eq!(read("regen1.jsonl"), read("regen2.jsonl"));
+
+    // eval: the draft decodes losslessly against the split target, with the whole one's tau
+    let ck = run.dir.join("online");
+    train(&run, 1, &ck, &["train.max_steps=3"], &[]);
+    let eval = |json: &str, tp: &str| -> Vec<String> {
+        [
+            "eval",
+            "--target",
+            &run.target.display().to_string(),
+            "--draft",
+            &ck.join("step_3").display().to_string(),
+            "--prompts",
+            &prompts.display().to_string(),
+            "--max-new-tokens",
+            "12",
+            "--gamma",
+            "3",
+            "--verify",
+            "--json",
+            &run.dir.join(json).display().to_string(),
+            "--tensor-parallel",
+            tp,
+            "--progress",
+            "never",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    ok(&run_forge(&eval("eval1.json", "1")), "eval");
+    let out = launched_tp2(&eval("eval2.json", "2"));
+    assert!(!out.contains("[rank 1] forge eval:"), "rank 0 alone reports: {out}");
+    let summary = |f: &str| -> serde_json::Value {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.dir.join(f)).expect("report")).expect("json");
+        r["summary"].clone()
+    };
+    let (s1, s2) = (summary("eval1.json"), summary("eval2.json"));
+    assert_eq!(s2["greedy_mismatches"], 0, "{s2}");
+    assert_eq!(s2["greedy_compared"], 2, "{s2}");
+    assert_eq!(s1["new_tokens"], s2["new_tokens"]);
+    assert_eq!(s1["tau"], s2["tau"], "{s1} vs {s2}");
+    // a split over more ranks than were launched is refused with the fix
+    let e = run_forge(&eval("eval3.json", "2"));
+    assert!(!e.status.success());
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(err.contains("forge launch --nproc 2"), "{err}");
+}

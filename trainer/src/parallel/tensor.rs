@@ -92,6 +92,48 @@ pub fn split(world: Box<dyn Comm>, tp: usize) -> Result<Groups> {
     })
 }
 
+/// For the commands that split only the target (`forge eval`, `forge regenerate`,
+/// `forge prepare-hidden`): the group of every launched rank when `tp` > 1, which must be the
+/// whole launch (`forge launch --nproc tp -- <command>`); None for 1. Every rank runs the
+/// command in lockstep; rank 0 writes and reports.
+pub fn target_group(
+    tp: usize,
+    backend: crate::recipe::Backend,
+    device: tch::Device,
+    timeout_s: u64,
+) -> Result<Option<Arc<TensorParallel>>> {
+    if tp <= 1 {
+        return Ok(None);
+    }
+    let launched = super::DistEnv::from_env()?.map(|e| e.world);
+    if launched != Some(tp) {
+        return Err(TrainerError::Config(format!(
+            "tensor parallel {tp} needs exactly {tp} launched ranks ({}): run it as forge launch --nproc {tp} -- <command> (or --gpus {tp})",
+            match launched {
+                None => "this is a single process".to_string(),
+                Some(w) => format!("{w} were launched"),
+            }
+        )));
+    }
+    let world = super::from_env(backend, device, timeout_s)?;
+    Ok(split(world, tp)?.tp)
+}
+
+/// The device of this rank of a command launched for tensor parallelism: a CUDA device is the
+/// GPU of the rank's LOCAL_RANK (`forge launch --gpus N`), anything else stays.
+pub fn rank_device(device: tch::Device, tp: &Option<Arc<TensorParallel>>) -> tch::Device {
+    match (
+        device,
+        tp,
+        std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok()),
+    ) {
+        (tch::Device::Cuda(_), Some(_), Some(local)) => tch::Device::Cuda(local),
+        _ => device,
+    }
+}
+
 /// A target's tensor-parallel group for the model ([`TpComm`]).
 struct TargetGroup {
     comm: Mutex<Box<dyn Comm>>,
