@@ -1313,6 +1313,7 @@ fn eval_options_are_checked_by_the_library() {
         chat_template: "auto".into(),
         dtype: "auto".into(),
         device: "cpu".into(),
+        tensor_parallel: None,
     };
     eval::check_options(&ok).expect("valid options");
     let hot = EvalOptions {

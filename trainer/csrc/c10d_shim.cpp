@@ -7,6 +7,7 @@
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #ifdef USE_C10D_NCCL
@@ -32,6 +33,9 @@ struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
+  // what a subgroup needs to create its own backend of the same kind
+  std::string host;
+  int kind;
 };
 
 c10d::ReduceOp reduce_op(int op) {
@@ -49,6 +53,53 @@ c10d::ReduceOp reduce_op(int op) {
 
 void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(g->timeout);
+}
+
+// The backend of one group over `store` (the rendezvous store, or a prefix of it for a
+// subgroup). backend: 0 = gloo, 1 = nccl.
+c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                               int world, std::chrono::milliseconds timeout, int backend,
+                                               const std::string& host) {
+  if (backend == 0) {
+    auto o = c10d::ProcessGroupGloo::Options::create(timeout);
+    // The interface(s) Gloo binds to: GLOO_SOCKET_IFNAME (comma-separated) as in PyTorch;
+    // else MASTER_ADDR when it is an address of this machine (node 0, or one node);
+    // else the address this machine's hostname resolves to (the other nodes).
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    if (ifname != nullptr && ifname[0] != '\0') {
+      std::string names(ifname);
+      std::size_t begin = 0;
+      while (begin <= names.size()) {
+        std::size_t end = names.find(',', begin);
+        if (end == std::string::npos) end = names.size();
+        if (end > begin) {
+          o->devices.push_back(
+              c10d::ProcessGroupGloo::createDeviceForInterface(names.substr(begin, end - begin)));
+        }
+        begin = end + 1;
+      }
+    }
+    if (o->devices.empty()) {
+      try {
+        o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      } catch (const std::exception&) {
+        o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+    }
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, o);
+  } else if (backend == 1) {
+#ifdef USE_C10D_NCCL
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = timeout;
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, o);
+#else
+    throw std::runtime_error(
+        "this forge build has no NCCL backend (built against a libtorch without "
+        "libtorch_cuda/NCCL headers): use dist.backend gloo");
+#endif
+  } else {
+    throw std::invalid_argument("unknown backend " + std::to_string(backend));
+  }
 }
 
 }  // namespace
@@ -83,51 +134,31 @@ char* forge_c10d_new(const char* host, int port, int rank, int world, long long 
     auto g = std::make_unique<Group>();
     g->store = store;
     g->timeout = timeout;
-    if (backend == 0) {
-      auto o = c10d::ProcessGroupGloo::Options::create(timeout);
-      // The interface(s) Gloo binds to: GLOO_SOCKET_IFNAME (comma-separated) as in PyTorch;
-      // else MASTER_ADDR when it is an address of this machine (node 0, or one node);
-      // else the address this machine's hostname resolves to (the other nodes).
-      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-      if (ifname != nullptr && ifname[0] != '\0') {
-        std::string names(ifname);
-        std::size_t begin = 0;
-        while (begin <= names.size()) {
-          std::size_t end = names.find(',', begin);
-          if (end == std::string::npos) end = names.size();
-          if (end > begin) {
-            o->devices.push_back(
-                c10d::ProcessGroupGloo::createDeviceForInterface(names.substr(begin, end - begin)));
-          }
-          begin = end + 1;
-        }
-      }
-      if (o->devices.empty()) {
-        try {
-          o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
-        } catch (const std::exception&) {
-          o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-        }
-      }
-      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, o);
-    } else if (backend == 1) {
-#ifdef USE_C10D_NCCL
-      auto o = c10d::ProcessGroupNCCL::Options::create();
-      o->timeout = timeout;
-      g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, o);
-#else
-      throw std::runtime_error(
-          "this forge build has no NCCL backend (built against a libtorch without "
-          "libtorch_cuda/NCCL headers): use dist.backend gloo");
-#endif
-    } else {
-      throw std::invalid_argument("unknown backend " + std::to_string(backend));
-    }
+    g->host = host;
+    g->kind = backend;
+    g->backend = make_backend(store, rank, world, timeout, backend, g->host);
     *out = g.release();
   });
 }
 
 void forge_c10d_free(void* group) { delete static_cast<Group*>(group); }
+
+// A group of some of the parent's ranks (torch.distributed.new_group): every member calls
+// it with the same `name`, its own rank in the subgroup and the subgroup's size; the
+// subgroup rendezvouses through the parent's store under the prefix `name`.
+char* forge_c10d_subgroup(void* parent, const char* name, int rank, int world, void** out) {
+  return guarded([&] {
+    auto p = static_cast<Group*>(parent);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(name), p->store);
+    auto g = std::make_unique<Group>();
+    g->store = store;
+    g->timeout = p->timeout;
+    g->host = p->host;
+    g->kind = p->kind;
+    g->backend = make_backend(store, rank, world, p->timeout, p->kind, p->host);
+    *out = g.release();
+  });
+}
 
 char* forge_c10d_all_reduce(void* group, at::Tensor* t, int op) {
   return guarded([&] {

@@ -84,7 +84,9 @@ impl Checkpointer {
         opt: &DistAdamW,
     ) -> Result<Option<PathBuf>> {
         let (rank, world) = (dp.rank(), dp.world());
-        let rank0 = rank == 0;
+        // a tensor-parallel run's other target shards compute the same state: one group writes
+        let writes = dp.writes();
+        let rank0 = rank == 0 && writes;
         // sharded state: every rank writes its shard into rank 0's temporary folder
         let sharded = opt.stage() > 0;
         let tmp = checkpoint::tmp_dir(&self.dir, state.step, self.tag);
@@ -93,7 +95,9 @@ impl Checkpointer {
         }
         if sharded {
             dp.barrier()?;
-            checkpoint::write_shard(&tmp, rank, state.step, &opt.state_tensors())?;
+            if writes {
+                checkpoint::write_shard(&tmp, rank, state.step, &opt.state_tensors())?;
+            }
             dp.barrier()?;
         }
         let mut saved = None;
@@ -145,7 +149,7 @@ impl Checkpointer {
         metric: &str,
         value: f64,
     ) -> Result<()> {
-        if dp.rank() != 0 {
+        if !crate::parallel::leads(dp) {
             return Ok(());
         }
         let tmp = self.dir.join(format!(".best.tmp.{}", self.tag));

@@ -147,6 +147,9 @@ pub struct HiddenOptions {
     pub topk: usize,
     /// How the states are stored (`--dtype`); `None`: the recipe's `data.hidden_dtype`.
     pub dtype: Option<HiddenDtype>,
+    /// The target's tensor-parallel group (`target.tensor_parallel` > 1): every rank runs
+    /// the target, rank 0 writes the shards.
+    pub tensor_parallel: Option<std::sync::Arc<forge_models::layers::TensorParallel>>,
 }
 
 /// The storage `prepare-hidden` uses: `--dtype` when given, else `data.hidden_dtype`.
@@ -223,14 +226,25 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
         samples_per_shard: opts.samples_per_shard.max(1),
         num_samples: ds.len(),
     };
+    // under tensor parallelism rank 0 opens the folder (dropping a killed run's temporaries)
+    // before the others read which shards are pending; it writes nothing before they join
+    // its first forward
+    let tp = opts.tensor_parallel.clone();
+    let writes = tp.as_ref().is_none_or(|t| t.rank() == 0);
+    if let (Some(t), false) = (&tp, writes) {
+        t.sync()?;
+    }
     let mut writer = HiddenWriter::open(&opts.out, settings)?;
+    if let (Some(t), true) = (&tp, writes) {
+        t.sync()?;
+    }
     let pending = writer.pending_shards();
     let shards_total = writer.manifest().num_shards();
     let mut tokens_written = 0u64;
     let mut shards_written = 0usize;
     if !pending.is_empty() {
         let (dtype, device) = target_placement(recipe)?;
-        let model = TargetModel::load(dir, dtype, device)?;
+        let model = TargetModel::load_parallel(dir, dtype, device, tp)?;
         let todo: u64 = pending
             .iter()
             .map(|&k| writer.shard_range(k).map(|i| ds.sample_len(i) as u64).sum::<u64>())
@@ -294,7 +308,9 @@ pub fn prepare_hidden(recipe: &Recipe, opts: &HiddenOptions, progress: PhaseRepo
                     rows[i - range.start] = s;
                 }
             }
-            writer.write_shard(k, &rows)?;
+            if writes {
+                writer.write_shard(k, &rows)?;
+            }
             shards_written += 1;
         }
     }

@@ -110,6 +110,9 @@ pub struct EvalArgs {
     /// Skip plain decoding (no speedup, no verification).
     #[arg(long)]
     pub no_baseline: bool,
+    /// Split the target over N ranks (tensor parallelism): run as forge launch --nproc N (or --gpus N) -- eval ... --tensor-parallel N; rank 0 reports.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
     /// A draft option, KEY=VALUE (repeatable), e.g. knowledge=off: the knowledge drafter
     /// without its knowledge cache.
     #[arg(long = "draft-option", value_name = "KEY=VALUE")]
@@ -242,6 +245,15 @@ fn print_summary(name: &str, t: &Tally, baseline: bool) {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    let device = forge_models::parse_device(&a.chat.device).context("--device")?;
+    let tp = forge_trainer::parallel::tensor::target_group(
+        a.tensor_parallel,
+        forge_trainer::recipe::Backend::Auto,
+        device,
+        1800,
+    )
+    .context("--tensor-parallel")?;
+    let device = forge_trainer::parallel::tensor::rank_device(device, &tp);
     let opts = EvalOptions {
         target: a.target.clone(),
         draft: a.draft.clone(),
@@ -274,8 +286,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         system: a.chat.system.clone(),
         chat_template: a.chat.chat_template.clone(),
         dtype: a.chat.dtype.clone(),
-        device: a.chat.device.clone(),
+        device: match device {
+            tch::Device::Cuda(i) => format!("cuda:{i}"),
+            _ => a.chat.device.clone(),
+        },
+        tensor_parallel: tp.clone(),
     };
+    if tp.as_ref().is_some_and(|t| t.rank() != 0) {
+        // the other ranks of a tensor-parallel target decode the same prompts; rank 0 reports
+        eval::run(&opts, &mut forge_trainer::progress::NoProgress, |_| {})?;
+        return Ok(());
+    }
     let mut bar = Bar::new(
         progress::show(&a.chat.progress),
         "eval [{bar:30}] {pos}/{len} turns {msg} eta {eta}",

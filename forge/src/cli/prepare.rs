@@ -187,17 +187,30 @@ pub fn run_prepare_data(a: DataArgs) -> Result<()> {
 /// `forge prepare-hidden`.
 pub fn run_prepare_hidden(a: HiddenArgs) -> Result<()> {
     let recipe = load_recipe(&a.recipe, &a.set)?;
+    let (_, device) = data::target_placement(&recipe)?;
+    let tensor_parallel = forge_trainer::parallel::tensor::target_group(
+        recipe.target.tensor_parallel,
+        recipe.dist.backend,
+        device,
+        recipe.dist.timeout_s,
+    )
+    .with_context(|| format!("{}: target.tensor_parallel", a.recipe.display()))?;
+    let reports = tensor_parallel.as_ref().is_none_or(|t| t.rank() == 0);
     let opts = HiddenOptions {
         out: a.out,
         batch_size: a.batch_size,
         samples_per_shard: a.samples_per_shard,
         topk: a.topk,
         dtype: a.dtype.as_deref().map(str::parse).transpose()?,
+        tensor_parallel,
     };
-    let steps = Steps::new(progress::for_recipe(&recipe));
+    let steps = Steps::new(reports && progress::for_recipe(&recipe));
     let r = data::prepare_hidden(&recipe, &opts, &|what, done, total| steps.update(what, done, total))
         .with_context(|| format!("preparing hidden states for {}", a.recipe.display()))?;
     drop(steps);
+    if !reports {
+        return Ok(());
+    }
     let already = r.shards_total - r.shards_written;
     println!(
         "{}: {} samples in {} shard(s) ({} written now, {} already there), {} tokens, {:.1} MB, {:.0} bytes/token ({})",

@@ -8,6 +8,7 @@ use forge_data::conversation::{read_prompts, PromptConversation};
 use forge_data::{ChatTemplate, TextTokenizer};
 use forge_models::generate::{GenerateOptions, Sampling};
 use forge_models::{parse_device, TargetModel};
+use forge_trainer::recipe::Backend;
 use forge_trainer::regenerate::{
     open_output, resolve_dtype, resume, stop_ids, RegenerateProgress, RegenerateReport, Regenerator,
 };
@@ -49,6 +50,9 @@ pub struct Args {
     /// Only the first N input conversations.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Split the target over N ranks (tensor parallelism): run as forge launch --nproc N (or --gpus N) -- regenerate ... --tensor-parallel N; rank 0 writes.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
     #[command(flatten)]
     pub chat: ChatArgs,
 }
@@ -118,13 +122,25 @@ impl RegenerateProgress for Progress {
 /// `forge regenerate`.
 pub fn run(a: Args) -> Result<()> {
     check_args(&a)?;
+    let device = parse_device(&a.chat.device).context("--device")?;
+    let tp = forge_trainer::parallel::tensor::target_group(a.tensor_parallel, Backend::Auto, device, 1800)
+        .context("--tensor-parallel")?;
+    let device = forge_trainer::parallel::tensor::rank_device(device, &tp);
+    // rank 0 writes the output: it drops an interrupted record before the others read it
+    let writes = tp.as_ref().is_none_or(|t| t.rank() == 0);
+    if let (Some(t), false) = (&tp, writes) {
+        t.sync()?;
+    }
     let mut convs = read_prompts(&a.input).context("--in")?;
     let total_input = convs.len();
     if let Some(n) = a.limit {
         convs.truncate(n);
     }
     let done = resume(&a.out).context("--out")?;
-    if let Some(line) = done.dropped_incomplete_line {
+    if let (Some(t), true) = (&tp, writes) {
+        t.sync()?;
+    }
+    if let (Some(line), true) = (done.dropped_incomplete_line, writes) {
         eprintln!(
             "forge regenerate: {}:{line}: dropped an incomplete last record (an interrupted write; it is regenerated)",
             a.out.display()
@@ -133,6 +149,9 @@ pub fn run(a: Args) -> Result<()> {
     let pending: Vec<&PromptConversation> = convs.iter().filter(|c| !done.ids.contains(&c.id)).collect();
     let skipped = convs.len() - pending.len();
     if pending.is_empty() {
+        if !writes {
+            return Ok(());
+        }
         eprintln!(
             "forge regenerate: nothing to do: all {} conversations are already in {}",
             convs.len(),
@@ -141,13 +160,12 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
 
-    let device = parse_device(&a.chat.device).context("--device")?;
     let dtype = resolve_dtype(&a.chat.dtype, device)?;
     let tokenizer = TextTokenizer::from_dir(&a.target)?;
     let template = ChatTemplate::from_name(&a.chat.chat_template, &a.target)
         .with_context(|| format!("--chat-template {}", a.chat.chat_template))?;
     let t_load = Instant::now();
-    let model = TargetModel::load(&a.target, dtype, device)
+    let model = TargetModel::load_parallel(&a.target, dtype, device, tp)
         .with_context(|| format!("loading target {}", a.target.display()))?;
     let load_s = t_load.elapsed().as_secs_f64();
     let stop_ids = stop_ids(&model, &tokenizer, &template, &a.chat.chat_template)?;
@@ -163,9 +181,14 @@ pub fn run(a: Args) -> Result<()> {
             stop_ids,
         },
     };
-    let mut file = open_output(&a.out).context("--out")?;
+    // the other ranks of a tensor-parallel target decode the same answers and write nothing
+    let mut file: Box<dyn std::io::Write> = if writes {
+        Box::new(open_output(&a.out).context("--out")?)
+    } else {
+        Box::new(std::io::sink())
+    };
 
-    let show = progress::show(&a.chat.progress);
+    let show = writes && progress::show(&a.chat.progress);
     let mut bar = Progress {
         pb: progress::bar(
             pending.len() as u64,
@@ -175,21 +198,26 @@ pub fn run(a: Args) -> Result<()> {
         show,
         pending: pending.len(),
     };
-    eprintln!(
-        "forge regenerate: {} conversations to answer ({} in {}, {} already in {}), batch {}, {} on {:?} ({}), load {:.1}s",
-        pending.len(),
-        total_input,
-        a.input.display(),
-        skipped,
-        a.out.display(),
-        a.batch_size,
-        a.target.display(),
-        device,
-        dtype.name(),
-        load_s
-    );
-    let r = regen.run_all(&pending, a.batch_size, &mut file, &a.out, &mut bar)?;
+    if writes {
+        eprintln!(
+            "forge regenerate: {} conversations to answer ({} in {}, {} already in {}), batch {}, {} on {:?} ({}), load {:.1}s",
+            pending.len(),
+            total_input,
+            a.input.display(),
+            skipped,
+            a.out.display(),
+            a.batch_size,
+            a.target.display(),
+            device,
+            dtype.name(),
+            load_s
+        );
+    }
+    let r = regen.run_all(&pending, a.batch_size, file.as_mut(), &a.out, &mut bar)?;
     bar.pb.finish_and_clear();
+    if !writes {
+        return Ok(());
+    }
     eprintln!(
         "forge regenerate: done: {} conversations ({skipped} skipped, already in {}), {} answers, {} generated tokens in {:.1}s ({:.1} tokens/s), {} answers hit --max-new-tokens {}, {} empty; wrote {}",
         r.written,

@@ -72,24 +72,28 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
     let show_progress = super::progress::for_recipe(&recipe);
     let data = Arc::new(Steps::new(show_progress));
     let shown = data.clone();
+    // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks;
+    // with target.tensor_parallel the world splits into target groups and data-parallel groups.
+    let (_, device) = forge_trainer::data::target_placement(&recipe)?;
+    let world = forge_trainer::parallel::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
+        .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
+    let mut groups = forge_trainer::parallel::tensor::split(world, recipe.target.tensor_parallel)
+        .with_context(|| format!("{}: target.tensor_parallel", path.display()))?;
     let opts = forge_trainer::train::TrainOptions {
         resume,
         data_progress: Some(Arc::new(move |what: &str, done: u64, total: u64| {
             shown.update(what, done, total)
         })),
+        tensor_parallel: groups.tp.clone(),
     };
-    // Under `forge launch` (or torchrun-style variables) this rendezvouses with the other ranks.
-    let (_, device) = forge_trainer::data::target_placement(&recipe)?;
-    let mut comm = forge_trainer::parallel::from_env(recipe.dist.backend, device, recipe.dist.timeout_s)
-        .context("joining the distributed run (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")?;
     let mut terminal = Terminal {
         show_progress,
         pb: None,
         data,
     };
-    let s = forge_trainer::train::train(&recipe, &opts, comm.as_mut(), &mut terminal)
+    let s = forge_trainer::train::train(&recipe, &opts, groups.dp.as_mut(), &mut terminal)
         .with_context(|| format!("training {}", path.display()))?;
-    if s.rank != 0 {
+    if !s.reports {
         // rank 0 reports for everyone
         return Ok(());
     }
@@ -112,10 +116,13 @@ pub fn run_train(path: PathBuf, set: Vec<String>, resume: Option<String>) -> Res
         s.tokens as f64 / s.seconds.max(1e-9),
         s.peak_rss_mb
     );
+    let world = match groups.placement.tp {
+        1 => format!("world {}", s.world),
+        tp => format!("data-parallel world {}, target split over {tp} ranks", s.world),
+    };
     println!(
-        "optimizer state: {} bytes per rank (world {}, dist.zero_stage {}), {:.3}s per step",
+        "optimizer state: {} bytes per rank ({world}, dist.zero_stage {}), {:.3}s per step",
         s.optimizer_state_bytes,
-        s.world,
         recipe.dist.zero_stage,
         s.step_seconds / ran.max(1) as f64
     );

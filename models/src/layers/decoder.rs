@@ -1,4 +1,5 @@
-use super::{Attention, AttentionConfig, AttnMask, Keys, LayerKv, Mlp, ParamInit, RmsNorm};
+use super::{Attention, AttentionConfig, AttnMask, Keys, LayerKv, Mlp, ParamInit, RmsNorm, TensorParallel};
+use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
 
 /// A pre-norm Llama decoder layer: h = residual + attn(attention input), then
@@ -15,6 +16,10 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// A tensor-parallel target's layer: the attention and the MLP hold this rank's share
+    /// of heads and width, and their outputs are summed over the group
+    /// ([`crate::layers::tp`]).
+    pub tp: Option<Arc<TensorParallel>>,
 }
 
 pub struct DecoderLayerConfig {
@@ -41,6 +46,7 @@ impl DecoderLayer {
             self_attn,
             post_attention_layernorm,
             mlp,
+            tp: None,
         }
     }
 
@@ -72,9 +78,18 @@ impl DecoderLayer {
         mask: &AttnMask,
         keys: Keys,
     ) -> Tensor {
-        let h = residual + self.self_attn.forward(attn_input, cos, sin, mask, keys);
+        let attn = self.self_attn.forward(attn_input, cos, sin, mask, keys);
+        let h = residual + self.group_sum(attn);
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
-        h + out
+        h + self.group_sum(out)
+    }
+
+    /// A row-parallel output summed over the tensor-parallel group (itself without one).
+    fn group_sum(&self, t: Tensor) -> Tensor {
+        match &self.tp {
+            Some(tp) => tp.reduce(t),
+            None => t,
+        }
     }
 }
 

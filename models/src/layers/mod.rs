@@ -11,12 +11,14 @@ pub mod decoder;
 pub mod mlp;
 pub mod norm;
 pub mod rotary;
+pub mod tp;
 
 pub use attention::{Attention, AttentionConfig, AttnMask, Keys, LayerKv, TttKv};
 pub use decoder::{DecoderLayer, DecoderLayerConfig};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use rotary::{RopeScaling, Rotary};
+pub use tp::{TensorParallel, TpComm};
 
 use tch::{nn, Kind, Tensor};
 

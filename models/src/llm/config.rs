@@ -334,6 +334,31 @@ impl TargetConfig {
         embed + self.num_layers * layer + h + head
     }
 
+    /// The per-rank shape of this config split `size` ways (tensor parallelism,
+    /// [`crate::layers::tp`]): heads, KV heads, MLP width and vocabulary divided (what each
+    /// rank's layers are built with); errors name the config field that does not divide.
+    pub fn tensor_parallel_shard(&self, size: usize) -> std::result::Result<TargetConfig, String> {
+        let n = size as i64;
+        for (field, v) in [
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if n < 1 || v % n != 0 {
+                return Err(format!(
+                    "target.tensor_parallel {size}: the target's {field} {v} does not divide into {size} equal parts (pick a tensor_parallel that divides it)"
+                ));
+            }
+        }
+        let mut local = self.clone();
+        local.num_heads /= n;
+        local.num_kv_heads /= n;
+        local.intermediate_size /= n;
+        local.vocab_size /= n;
+        Ok(local)
+    }
+
     /// EAGLE-3's default auxiliary layers: outputs of layers 1, L/2-1 and L-4.
     pub fn default_aux_layers(&self) -> Vec<i64> {
         let l = self.num_layers;

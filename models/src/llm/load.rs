@@ -42,7 +42,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Fills every variable of `vs` from the safetensors files, converting dtype and moving to
 /// the store's device. Tensors on disk that the model does not use are listed in the
 /// returned vector (ignored); variables with no tensor on disk are an error.
-pub fn load_var_store(vs: &mut VarStore, dir: &Path, files: &[PathBuf], ignore: &[&str]) -> Result<Vec<String>> {
+/// Each tensor passes through `cut` (its name and the tensor on disk) before it is compared
+/// with the variable: a tensor-parallel rank's slice, or the tensor itself.
+pub fn load_var_store_with(
+    vs: &mut VarStore,
+    dir: &Path,
+    files: &[PathBuf],
+    ignore: &[&str],
+    cut: &dyn Fn(&str, tch::Tensor) -> Result<tch::Tensor>,
+) -> Result<Vec<String>> {
     let vars: HashMap<String, tch::Tensor> = vs.variables();
     let mut remaining: BTreeSet<String> = vars.keys().cloned().collect();
     let mut unused = Vec::new();
@@ -52,7 +60,7 @@ pub fn load_var_store(vs: &mut VarStore, dir: &Path, files: &[PathBuf], ignore: 
             for name in st.names()? {
                 match vars.get(&name) {
                     Some(var) => {
-                        let t = st.tensor(&name)?;
+                        let t = cut(&name, st.tensor(&name)?)?;
                         if t.size() != var.size() {
                             return Err(ModelError::Shape {
                                 path: file.clone(),

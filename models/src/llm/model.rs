@@ -2,15 +2,17 @@
 //! One file over ~500 lines: loading, forward, cache and capture share one layer walk.
 
 use super::config::TargetConfig;
-use super::load::{load_var_store, weight_files};
+use super::load::{load_var_store_with, weight_files};
 use crate::dtype::DType;
 use crate::error::{ModelError, Result};
 use crate::layers::attention::build_mask;
-use crate::layers::{AttnMask, DecoderLayer, Keys, LayerKv, ParamInit, RmsNorm, Rotary};
+use crate::layers::tp::shard;
+use crate::layers::{AttnMask, DecoderLayer, Keys, LayerKv, ParamInit, RmsNorm, Rotary, TensorParallel};
 use crate::safetensors_io::write_safetensors;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// What every layer of one forward shares: RoPE tables for the new positions and the mask.
@@ -146,11 +148,40 @@ pub struct TargetModel {
     lm_head: Option<Tensor>,
     rotary: Rotary,
     kind: Kind,
+    /// The tensor-parallel group this rank's share of the target runs in (None: whole).
+    tp: Option<Arc<TensorParallel>>,
 }
 
 impl TargetModel {
     /// Builds the module tree under a fresh VarStore (weights zero or randomly initialised).
     pub fn build(config: TargetConfig, dtype: DType, device: Device, init: ParamInit) -> Self {
+        Self::build_shape(config.clone(), config, dtype, device, init, None)
+    }
+
+    /// This rank's share of the target split over the tensor-parallel group `tp`
+    /// ([`crate::layers::tp`]): the layers hold `1/size` of the heads and MLP width, the
+    /// embedding and lm_head `1/size` of the vocabulary. Errors name the config field that
+    /// does not divide.
+    pub fn build_parallel(
+        config: TargetConfig,
+        dtype: DType,
+        device: Device,
+        init: ParamInit,
+        tp: Arc<TensorParallel>,
+    ) -> std::result::Result<Self, String> {
+        let local = config.tensor_parallel_shard(tp.size())?;
+        Ok(Self::build_shape(config, local, dtype, device, init, Some(tp)))
+    }
+
+    /// The module tree of `local` (`config`'s shape, or one rank's share of it).
+    fn build_shape(
+        config: TargetConfig,
+        local: TargetConfig,
+        dtype: DType,
+        device: Device,
+        init: ParamInit,
+        tp: Option<Arc<TensorParallel>>,
+    ) -> Self {
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(dtype.kind());
         let root = vs.root();
@@ -165,21 +196,20 @@ impl TargetModel {
                 ..Default::default()
             },
         };
-        let embed_tokens = nn::embedding(
-            &model / "embed_tokens",
-            config.vocab_size,
-            config.hidden_size,
-            embed_cfg,
-        );
+        let embed_tokens = nn::embedding(&model / "embed_tokens", local.vocab_size, config.hidden_size, embed_cfg);
         let layers = (0..config.num_layers)
-            .map(|i| DecoderLayer::new(&model / "layers" / i, config.layer_config(dtype.kind()), init))
+            .map(|i| {
+                let mut l = DecoderLayer::new(&model / "layers" / i, local.layer_config(dtype.kind()), init);
+                l.tp = tp.clone();
+                l
+            })
             .collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, init);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             crate::layers::linear(
                 &root / "lm_head",
                 config.hidden_size,
-                config.vocab_size,
+                local.vocab_size,
                 false,
                 init,
                 dtype.kind(),
@@ -197,21 +227,43 @@ impl TargetModel {
             lm_head,
             rotary,
             kind: dtype.kind(),
+            tp,
         }
     }
 
     /// Loads a HF model folder (config.json + safetensors, single or sharded).
     pub fn load(dir: &Path, dtype: DType, device: Device) -> Result<Self> {
+        Self::load_parallel(dir, dtype, device, None)
+    }
+
+    /// Loads this rank's share of a HF model folder for the tensor-parallel group `tp`
+    /// (the whole model without one): each weight is read and cut to the rank's slice.
+    pub fn load_parallel(dir: &Path, dtype: DType, device: Device, tp: Option<Arc<TensorParallel>>) -> Result<Self> {
         let config = TargetConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
-        let mut model = Self::build(config, dtype, device, ParamInit::Zeros);
+        let mut model = match tp {
+            None => Self::build(config, dtype, device, ParamInit::Zeros),
+            Some(tp) => {
+                Self::build_parallel(config, dtype, device, ParamInit::Zeros, tp).map_err(|msg| ModelError::Config {
+                    path: dir.join("config.json"),
+                    msg,
+                })?
+            }
+        };
         // Tied checkpoints sometimes still carry lm_head.weight; rotary buffers are derived.
         let ignore: &[&str] = if model.config.tie_word_embeddings {
             &["rotary_emb.inv_freq", "lm_head.weight"]
         } else {
             &["rotary_emb.inv_freq"]
         };
-        let unused = load_var_store(&mut model.vs, dir, &files, ignore)?;
+        let cut = model.tp.as_ref().map(|tp| (tp.rank(), tp.size()));
+        let slice = |name: &str, t: Tensor| -> Result<Tensor> {
+            match cut {
+                Some((rank, size)) => shard(name, &t, rank, size),
+                None => Ok(t),
+            }
+        };
+        let unused = load_var_store_with(&mut model.vs, dir, &files, ignore, &slice)?;
         if !unused.is_empty() {
             return Err(ModelError::Config {
                 path: dir.to_path_buf(),
@@ -254,9 +306,41 @@ impl TargetModel {
         KvCache::new(self.config.num_layers)
     }
 
-    /// Token embeddings `[B, T, H]`.
+    /// Token embeddings `[B, T, H]` (tensor-parallel: each rank embeds the ids of its
+    /// vocabulary slice, zeros for the others, summed over the group).
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        self.embed_tokens.forward(input_ids)
+        match &self.tp {
+            None => self.embed_tokens.forward(input_ids),
+            Some(tp) => {
+                let n = self.embed_tokens.ws.size()[0];
+                let local = input_ids - n * tp.rank() as i64;
+                let mine = local.ge(0).logical_and(&local.lt(n));
+                let e = self.embed_tokens.forward(&local.clamp(0, n - 1));
+                tp.reduce(e * mine.unsqueeze(-1).to_kind(self.kind))
+            }
+        }
+    }
+    /// The tensor-parallel group this target is split over, if any.
+    pub fn tensor_parallel(&self) -> Option<&Arc<TensorParallel>> {
+        self.tp.as_ref()
+    }
+    /// Parameters of the decoder layers this rank holds, and of the whole target's layers
+    /// (equal without tensor parallelism).
+    pub fn layer_parameters(&self) -> (i64, i64) {
+        let held: i64 = self
+            .vs
+            .variables()
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.layers."))
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        // the whole target's layers: all of its parameters but the embedding, the lm_head
+        // and the final norm
+        let c = &self.config;
+        let embed = c.vocab_size * c.hidden_size;
+        let head = if c.tie_word_embeddings { 0 } else { embed };
+        let full = c.num_parameters() - embed - head - c.hidden_size;
+        (held, full)
     }
     /// The embedding matrix `[V, H]`.
     pub fn embed_weight(&self) -> &Tensor {
@@ -269,9 +353,14 @@ impl TargetModel {
             None => &self.embed_tokens.ws,
         }
     }
-    /// Logits for already-normed hidden states `[.., H]` -> `[.., V]`.
+    /// Logits for already-normed hidden states `[.., H]` -> `[.., V]` (tensor-parallel:
+    /// each rank's vocabulary slice, gathered).
     pub fn logits(&self, hidden_normed: &Tensor) -> Tensor {
-        hidden_normed.matmul(&self.lm_head_weight().tr())
+        let local = hidden_normed.matmul(&self.lm_head_weight().tr());
+        match &self.tp {
+            None => local,
+            Some(tp) => tp.gather_last(&local),
+        }
     }
     /// The final norm.
     pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
@@ -336,6 +425,9 @@ impl TargetModel {
                 None => Keys::Own,
             };
             x = self.layers[i].forward(&x, &inputs.cos, &inputs.sin, &inputs.mask, keys);
+            if let Some(tp) = &self.tp {
+                tp.check()?;
+            }
             if let Some(h) = hook.as_mut() {
                 if let Some(replaced) = h(i, &x)? {
                     x = replaced;
@@ -447,7 +539,7 @@ impl TargetModel {
         capture: &Capture,
     ) -> Result<TargetOutput> {
         let t = input_ids.size()[1];
-        let x = self.embed_tokens.forward(&input_ids.to_device(self.device()));
+        let x = self.embed(&input_ids.to_device(self.device()));
         let mut captured: Vec<(i64, Tensor)> = Vec::new();
         let mut keep = |i: usize, out: &Tensor| -> Result<Option<Tensor>> {
             if capture.layers.contains(&(i as i64)) {
@@ -467,6 +559,9 @@ impl TargetModel {
             LogitsMode::All => Some(self.logits(&hidden_normed)),
             LogitsMode::Last => Some(self.logits(&hidden_normed.narrow(1, t - 1, 1))),
         };
+        if let Some(tp) = &self.tp {
+            tp.check()?;
+        }
         Ok(TargetOutput {
             logits,
             hidden: x,

@@ -373,7 +373,7 @@ fn prepare_cache(recipe: &Recipe, dp: &mut dyn Comm) -> Result<Prepared> {
         if let Some(w) = check_disjoint(&keys, &recipe.data.train, k.allow_training_overlap)? {
             out.warnings.push(w);
         }
-        let built = if dp.rank() == 0 {
+        let built = if crate::parallel::leads(dp) {
             build_for_recipe(recipe, k, data, &path)
         } else {
             Ok(String::new())
@@ -381,9 +381,10 @@ fn prepare_cache(recipe: &Recipe, dp: &mut dyn Comm) -> Result<Prepared> {
         // every rank waits for rank 0's file (its error, if any, is rank 0's to report)
         dp.barrier()?;
         let line = built?;
-        if dp.rank() == 0 {
+        if crate::parallel::leads(dp) {
             out.notes.push(line);
-        } else if !path.exists() {
+        } else if dp.writes() && !path.exists() {
+            // (a tensor-parallel run's other target shards wait for it in `train`)
             return Err(TrainerError::Config(format!(
                 "the knowledge cache {} was not built on rank 0 (see rank 0's error)",
                 path.display()

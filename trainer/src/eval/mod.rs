@@ -83,6 +83,9 @@ pub struct EvalOptions {
     pub dtype: String,
     /// auto, cpu, cuda, cuda:N.
     pub device: String,
+    /// The target's tensor-parallel group (`--tensor-parallel N` under `forge launch`): every
+    /// rank decodes the same prompts in lockstep over its share of the target.
+    pub tensor_parallel: Option<std::sync::Arc<forge_models::layers::TensorParallel>>,
 }
 
 /// What [`run`] reports as it goes, before it returns the whole [`EvalReport`].
@@ -236,7 +239,7 @@ pub fn run(a: &EvalOptions, progress: &mut dyn Progress, mut on_event: impl FnMu
     let loaded = load_drafter_with_target(&a.draft, device, dtype.kind(), a.target.as_deref())
         .with_context(|| format!("--draft {}", a.draft.display()))?;
     let target_dir = a.target.clone().unwrap_or_else(|| loaded.target.clone());
-    let model = TargetModel::load(&target_dir, dtype, device)
+    let model = TargetModel::load_parallel(&target_dir, dtype, device, a.tensor_parallel.clone())
         .with_context(|| format!("loading target {}", target_dir.display()))?;
     check_fit(&loaded.target_config, &loaded.source, &model.config, &target_dir)?;
     let mut drafter = loaded.drafter;

@@ -23,6 +23,13 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn forge_c10d_free(group: *mut c_void);
+    fn forge_c10d_subgroup(
+        parent: *mut c_void,
+        name: *const c_char,
+        rank: c_int,
+        world: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
     fn forge_c10d_all_reduce(group: *mut c_void, t: *mut C_tensor, op: c_int) -> *mut c_char;
     fn forge_c10d_broadcast(group: *mut c_void, t: *mut C_tensor, root: c_int) -> *mut c_char;
     fn forge_c10d_all_gather(group: *mut c_void, out: *mut C_tensor, input: *mut C_tensor) -> *mut c_char;
@@ -175,7 +182,52 @@ impl ProcessGroup {
     pub fn backend(&self) -> BackendKind {
         self.kind
     }
+
+    /// The group of `members` (ranks of this group, ascending; this rank among them), named
+    /// `name`: every member calls it with the same name and members (the non-members create
+    /// their own groups meanwhile), as `torch.distributed.new_group` does.
+    pub fn subgroup(&self, name: &str, members: &[usize]) -> Result<ProcessGroup> {
+        let fail = |message: String| TrainerError::Dist {
+            op: format!("subgroup {name}"),
+            message,
+        };
+        let rank = members
+            .iter()
+            .position(|&m| m == self.rank)
+            .ok_or_else(|| fail(format!("rank {} is not one of the members {members:?}", self.rank)))?;
+        if members.windows(2).any(|w| w[0] >= w[1]) || members.iter().any(|&m| m >= self.world) {
+            return Err(fail(format!(
+                "members {members:?} must be ascending ranks below {}",
+                self.world
+            )));
+        }
+        let c_name = CString::new(format!("{name}/")).map_err(|_| fail("the name contains a NUL byte".into()))?;
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        // SAFETY: live parent handle, valid C string and out-pointer; the shim catches every
+        // C++ exception.
+        let err = unsafe {
+            forge_c10d_subgroup(
+                self.handle,
+                c_name.as_ptr(),
+                rank as c_int,
+                members.len() as c_int,
+                &mut handle,
+            )
+        };
+        check(&format!("subgroup {name}"), err)?;
+        Ok(ProcessGroup {
+            handle,
+            rank,
+            world: members.len(),
+            kind: self.kind,
+            device: self.device,
+        })
+    }
 }
+
+// SAFETY: the handle is owned by this value alone and every call through it comes from the
+// thread that holds the value (c10d backends may be used from any one thread at a time).
+unsafe impl Send for ProcessGroup {}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
@@ -247,6 +299,12 @@ impl Comm for ProcessGroup {
     }
     fn describe(&self) -> String {
         format!("{}, rank {} of {}", self.kind.name(), self.rank, self.world)
+    }
+    fn subgroup(&self, name: &str, members: &[usize]) -> Result<Box<dyn Comm>> {
+        if members == [self.rank] {
+            return Ok(Box::new(super::SingleProcess));
+        }
+        Ok(Box::new(ProcessGroup::subgroup(self, name, members)?))
     }
     fn device(&self) -> tch::Device {
         self.device

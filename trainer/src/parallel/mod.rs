@@ -9,6 +9,7 @@ pub mod bench;
 pub mod c10d;
 pub mod keys;
 pub mod layout;
+pub mod tensor;
 pub mod zero;
 
 use crate::error::{Result, TrainerError};
@@ -25,7 +26,7 @@ pub enum ReduceOp {
 
 /// Collectives over the ranks of a data-parallel group. Every rank must call the same
 /// collectives in the same order with tensors of the same shape and kind.
-pub trait Comm {
+pub trait Comm: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Reduces `t` over ranks, in place, on every rank.
@@ -46,6 +47,22 @@ pub trait Comm {
     fn device(&self) -> tch::Device {
         tch::Device::Cpu
     }
+    /// The group of `members` (ascending ranks of this group, this rank among them) named
+    /// `name`, as `torch.distributed.new_group`: every member calls it with the same name and
+    /// members. A group of one is the single process.
+    fn subgroup(&self, name: &str, members: &[usize]) -> Result<Box<dyn Comm>>;
+    /// Whether this group writes the run's files (checkpoints, metrics, reports). False for
+    /// the data-parallel groups of a tensor-parallel run's other target shards
+    /// ([`tensor::split`]): they compute what the writing group computes.
+    fn writes(&self) -> bool {
+        true
+    }
+}
+
+/// Whether this rank writes the run's files and reports: rank 0 of the group that writes
+/// ([`Comm::writes`]).
+pub fn leads(comm: &dyn Comm) -> bool {
+    comm.rank() == 0 && comm.writes()
 }
 
 /// Checks the shapes of a reduce-scatter / all-gather pair: `big` has `world` times the
@@ -103,6 +120,15 @@ impl Comm for SingleProcess {
     }
     fn describe(&self) -> String {
         "single process".into()
+    }
+    fn subgroup(&self, name: &str, members: &[usize]) -> Result<Box<dyn Comm>> {
+        if members != [0] {
+            return Err(TrainerError::Dist {
+                op: format!("subgroup {name}"),
+                message: format!("members {members:?} of a single process (only [0] exists)"),
+            });
+        }
+        Ok(Box::new(SingleProcess))
     }
 }
 

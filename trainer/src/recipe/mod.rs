@@ -45,6 +45,8 @@ section! {
         dtype: Precision = Precision::Auto,
         /// auto, cpu, cuda or cuda:N (under `forge launch`, the local rank's GPU).
         device: String = "auto".into(),
+        /// Ranks the frozen target is split over (Megatron-style tensor parallelism: heads, MLP width and vocabulary). The launched world is tensor_parallel x data-parallel ranks; consecutive ranks share one target. Must divide the target's heads, KV heads, intermediate size and vocabulary.
+        tensor_parallel: usize = 1,
     }
 }
 
@@ -302,6 +304,21 @@ impl Recipe {
     fn validate(&self, cx: &mut Ctx) {
         self.validate_common(cx);
         self.drafter.validate(cx);
+        if self.target.tensor_parallel == 0 {
+            cx.issue_at(
+                "target.tensor_parallel",
+                "must be at least 1 (1 = the whole target on every rank)",
+            );
+        }
+        if let (true, Some(why)) = (self.target.tensor_parallel > 1, self.drafter.online_only()) {
+            cx.issue_at(
+                "target.tensor_parallel",
+                format!(
+                    "{} {why}: its gradients pass through the target's layers, which a tensor-parallel target does not support; set target.tensor_parallel: 1",
+                    self.drafter.kind()
+                ),
+            );
+        }
         if let Some(why) = self.drafter.online_only() {
             if self.data.mode == DataMode::Offline {
                 cx.issue_at(

@@ -62,6 +62,9 @@ pub struct TrainOptions {
     pub resume: Option<String>,
     /// Told how loading the data goes, on rank 0 (the command draws it).
     pub data_progress: Option<DataProgress>,
+    /// The target's tensor-parallel group (`target.tensor_parallel` > 1, from
+    /// [`crate::parallel::tensor::split`]); `dp` is then the draft's data-parallel group.
+    pub tensor_parallel: Option<std::sync::Arc<forge_models::layers::TensorParallel>>,
 }
 
 /// Where a run stands after an optimizer step (what a progress display shows).
@@ -112,6 +115,8 @@ pub struct TrainSummary {
     pub optimizer_state_bytes: u64,
     pub rank: usize,
     pub world: usize,
+    /// Whether this rank reports for the run (rank 0 of the group that writes).
+    pub reports: bool,
 }
 
 /// Where the features of a micro-batch come from.
@@ -162,8 +167,12 @@ pub fn train(
     let resume_ck = resume::resume_from(recipe, &opts.resume)?;
     // a knowledge drafter's cache, built when missing (rank 0; the others wait for it)
     let prepared = artifacts::prepare(recipe, dp)?;
+    if let Some(tp) = &opts.tensor_parallel {
+        // the other shards of a target wait for what its first shard's group prepared
+        tp.sync()?;
+    }
     let spec = artifacts::resolved_section(recipe)?.to_spec(&cfg, Some(&dir))?;
-    if dp.rank() == 0 {
+    if crate::parallel::leads(dp) {
         for line in &prepared.notes {
             obs.note(line);
         }
@@ -180,7 +189,7 @@ pub fn train(
     let start_step = trainer.state.step;
     same_start_on_every_rank(dp, &trainer.state)?;
 
-    let rank0 = dp.rank() == 0;
+    let rank0 = crate::parallel::leads(dp);
     if rank0 {
         write_run_folder(recipe, &ckpt_dir)?;
     }
@@ -220,5 +229,6 @@ pub fn train(
         optimizer_state_bytes: trainer.opt.state_bytes(),
         rank: dp.rank(),
         world: dp.world(),
+        reports: crate::parallel::leads(dp),
     })
 }

@@ -48,7 +48,7 @@ impl Trainer<'_> {
         dp: &mut dyn Comm,
         obs: &mut dyn TrainObserver,
     ) -> Result<()> {
-        let (world, rank) = (dp.world(), dp.rank());
+        let world = dp.world();
         let loaded = checkpoint::load(ck)?;
         if &loaded.manifest.drafter != spec {
             return Err(TrainerError::Config(format!(
@@ -66,7 +66,7 @@ impl Trainer<'_> {
                 reshard_position(resumed.batch_in_epoch, resumed.epoch, old_world, world, plan_len)
                     .map_err(|e| e.at(ck))?;
             resumed.world_size = world;
-            if rank == 0 {
+            if crate::parallel::leads(dp) {
                 obs.note(&format!(
                     "re-sharding {} from {old_world} to {world} rank(s) (optimizer state and data position)",
                     ck.display()
@@ -80,7 +80,7 @@ impl Trainer<'_> {
         resumed.total_steps = self.state.total_steps;
         self.state = resumed;
         self.epoch_plan = self.plan(self.state.epoch, dp);
-        if dp.rank() == 0 {
+        if crate::parallel::leads(dp) {
             obs.note(&format!("resuming from {} (step {})", ck.display(), self.state.step));
         }
         Ok(())

@@ -48,17 +48,16 @@ impl<'a> Trainer<'a> {
         let eval_tokens;
         let train_data = match recipe.data.mode {
             DataMode::Online => {
-                let shown = opts.data_progress.as_ref().filter(|_| dp.rank() == 0);
+                let shown = opts.data_progress.as_ref().filter(|_| crate::parallel::leads(dp));
                 let td = data::load_token_data(recipe, &|w: &str, d: u64, t: u64| {
                     if let Some(p) = shown {
                         p(w, d, t)
                     }
                 })?;
                 eval_tokens = td.eval.map(|e| e.dataset);
-                TrainData::Tokens(
-                    Box::new(td.train),
-                    Box::new(TargetModel::load(dir, target_dtype, device)?),
-                )
+                let target = TargetModel::load_parallel(dir, target_dtype, device, opts.tensor_parallel.clone())?;
+                shard_note(&target, dp, obs)?;
+                TrainData::Tokens(Box::new(td.train), Box::new(target))
             }
             DataMode::Offline => {
                 let hd = recipe.data.hidden_dir.as_ref().ok_or_else(|| {
@@ -128,7 +127,7 @@ impl<'a> Trainer<'a> {
                     "train.init_from: {e} (the recipe's drafter must have the same weights and shapes: check its keys, e.g. drafter.fc_bias, draft_vocab_size, the block counts)"
                 ))
             })?;
-            if dp.rank() == 0 {
+            if crate::parallel::leads(dp) {
                 obs.note(&format!(
                     "train.init_from: {} weights from {} ({})",
                     w.len(),
@@ -155,7 +154,7 @@ impl<'a> Trainer<'a> {
             v
         };
         let policy = ParamPolicy::new(drafter.param_groups())?;
-        if dp.rank() == 0 {
+        if crate::parallel::leads(dp) {
             obs.note(&trainable_line(&params, cfg.num_parameters()));
             for g in policy.summary(&params)? {
                 obs.note(&g.to_string());
@@ -163,7 +162,9 @@ impl<'a> Trainer<'a> {
         }
         let opt = optimizer(recipe, &params, &policy, recipe.dist.zero_stage, dp)?;
         let eval_target = if matches!(source, Source::Offline { .. }) && eval_tokens.is_some() {
-            Some(TargetModel::load(dir, target_dtype, device)?)
+            let target = TargetModel::load_parallel(dir, target_dtype, device, opts.tensor_parallel.clone())?;
+            shard_note(&target, dp, obs)?;
+            Some(target)
         } else {
             None
         };
@@ -297,6 +298,31 @@ pub(crate) fn compute_kind(recipe: &Recipe, device: Device) -> Kind {
         Precision::Bf16 => Kind::BFloat16,
         Precision::Fp16 => Kind::Half,
     }
+}
+
+/// Reports, for a tensor-parallel target, the layer parameters each rank of the target's
+/// group holds against the whole target's (every rank's count, gathered over the group).
+fn shard_note(target: &TargetModel, dp: &dyn Comm, obs: &mut dyn TrainObserver) -> Result<()> {
+    let Some(tp) = target.tensor_parallel() else {
+        return Ok(());
+    };
+    let (held, full) = target.layer_parameters();
+    let counts = tp.gather_last(&Tensor::from_slice(&[held as f64]));
+    tp.check()?;
+    let counts: Vec<f64> = Vec::<f64>::try_from(&counts).map_err(TrainerError::from)?;
+    if crate::parallel::leads(dp) {
+        let shares: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(r, &c)| format!("rank {r} {} ({:.1}%)", c as i64, 100.0 * c / full as f64))
+            .collect();
+        obs.note(&format!(
+            "tensor parallel: the target's {full} layer parameters split over {} ranks: {}",
+            tp.size(),
+            shares.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
